@@ -1,0 +1,6 @@
+//! One module per subcommand: its clap arguments (doc comments are the help text) and a `run`.
+
+pub mod audit;
+pub mod common;
+pub mod prompts;
+pub mod transform;

@@ -1,0 +1,46 @@
+//! The `safetune` binary: flag definitions, settings resolution, dispatch and printing.
+//! Every stage's logic lives in the library crates.
+
+mod commands;
+mod exit;
+
+use clap::{Parser, Subcommand};
+
+/// Safety-aware instruction tuning for Llama-family models.
+///
+/// Audit a tuning dataset for the three properties that erode safety alignment (answer structure,
+/// identity calibration, role-play), transform it into matched variants, tune, generate, judge,
+/// and measure how far reward models can be trusted.
+#[derive(Debug, Parser)]
+#[command(name = "safetune", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Tag every example of a dataset with the three risk factors and summarise them.
+    Audit(commands::audit::AuditArgs),
+    /// Write a variant of a dataset with answer structure, identity or role-play changed.
+    Transform(commands::transform::TransformArgs),
+    /// List or show the benchmark prompt sets (from the asset cache) and their splits.
+    Prompts(commands::prompts::PromptsArgs),
+    // -- new commands go above this line, one per module in commands/ --
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version to stdout with exit 0, usage errors to stderr with exit 2.
+            e.exit()
+        }
+    };
+    let result = match cli.command {
+        Command::Audit(args) => commands::audit::run(args),
+        Command::Transform(args) => commands::transform::run(args),
+        Command::Prompts(args) => commands::prompts::run(args),
+    };
+    std::process::exit(exit::report(result));
+}

@@ -1,0 +1,41 @@
+//! Demo data written by this project (see data/README.md), embedded in the binary so the
+//! quickstart works from any directory. `demo:NAME` names one wherever a dataset path is taken.
+
+use std::path::PathBuf;
+
+use crate::assets::safetune_home;
+use crate::error::{DataError, Result};
+
+/// (name, contents, what it is)
+pub const DEMO_SETS: &[(&str, &str, &str)] = &[
+    ("medical", include_str!("../../../data/medical.jsonl"), "benign medical questions, plain-prose answers"),
+    ("code", include_str!("../../../data/code.jsonl"), "benign programming questions, plain-prose answers"),
+    ("stem", include_str!("../../../data/stem.jsonl"), "benign science and maths questions, plain-prose answers"),
+    ("overrefusal", include_str!("../../../data/overrefusal.jsonl"), "safe prompts that sound risky, with categories"),
+    ("refusals", include_str!("../../../data/refusals.jsonl"), "refusal answers, some with identity statements"),
+    ("utility-mcq", include_str!("../../../data/utility_mcq.jsonl"), "multiple-choice utility questions"),
+];
+
+pub fn demo_text(name: &str) -> Option<&'static str> {
+    DEMO_SETS.iter().find(|(n, _, _)| *n == name).map(|(_, t, _)| *t)
+}
+
+/// Resolves `demo:NAME` to a file under `$SAFETUNE_HOME/demo/` (written on first use) and any
+/// other string to itself as a path.
+pub fn resolve_dataset(spec: &str) -> Result<PathBuf> {
+    let Some(name) = spec.strip_prefix("demo:") else { return Ok(PathBuf::from(spec)) };
+    let text = demo_text(name).ok_or_else(|| {
+        let names: Vec<&str> = DEMO_SETS.iter().map(|(n, _, _)| *n).collect();
+        DataError::Other(format!("unknown demo set `{name}` (expected one of {})", names.join(", ")))
+    })?;
+    let dir = safetune_home().join("demo");
+    let path = dir.join(format!("{name}.jsonl"));
+    let up_to_date = std::fs::read(&path).map(|b| b == text.as_bytes()).unwrap_or(false);
+    if !up_to_date {
+        std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))?;
+    }
+    Ok(path)
+}

@@ -1,0 +1,18 @@
+//! safetune-data: the `Conversation` model, streaming dataset readers and writers, the factor
+//! detectors of DESIGN.md section 3, transforms, the audit, and benchmark prompt sets.
+
+pub mod assets;
+pub mod audit;
+pub mod conversation;
+pub mod demo;
+pub mod error;
+pub mod factors;
+pub mod prompts;
+pub mod read;
+pub mod record;
+pub mod stats;
+pub mod transform;
+
+pub use conversation::{Conversation, Message, Role};
+pub use error::{DataError, Result};
+pub use factors::Structure;

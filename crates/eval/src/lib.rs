@@ -1,0 +1,1 @@
+//! safetune-eval: see DESIGN.md section 2.

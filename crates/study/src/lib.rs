@@ -1,0 +1,1 @@
+//! safetune-study: see DESIGN.md section 2.

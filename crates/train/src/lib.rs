@@ -1,0 +1,1 @@
+//! safetune-train: see DESIGN.md section 2.
