@@ -1,0 +1,106 @@
+//! The one interface every text generator implements: the local engine, an OpenAI-compatible
+//! HTTP server, or a test double. `safetune serve`, `generate`, judges and reward models talk to
+//! this trait only.
+
+use safetune_data::Message;
+
+/// Sampling settings for one request. `temperature == 0.0` means greedy decoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: u64,
+    /// Extra stop strings; the model's own end-of-turn tokens always stop.
+    pub stop: Vec<String>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            max_new_tokens: 256,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// What to generate from: a chat (rendered with the model's chat template) or a raw prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Chat(Vec<Message>),
+    Text(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenRequest {
+    pub prompt: Prompt,
+    pub sampling: Sampling,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-turn token or a stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenOutput {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The request itself is wrong (too long, bad settings): do not retry.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// A transient failure (overload, timeout, 5xx): worth retrying.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Receives text pieces as they are decoded: `(index of the request in the batch, piece)`.
+pub type TokenSink<'a> = &'a mut (dyn FnMut(usize, &str) + Send);
+
+/// A text generator. Implementations batch the requests they are given as they see fit.
+pub trait Generator: Send + Sync {
+    /// A name for logs and for `/v1/models`.
+    fn model_id(&self) -> &str;
+
+    /// Generates one output per request, in order.
+    fn generate(&self, requests: &[GenRequest]) -> Result<Vec<GenOutput>, BackendError> {
+        self.generate_streaming(requests, &mut |_, _| {})
+    }
+
+    /// Like `generate`, calling `sink` with every decoded piece as soon as it is known.
+    fn generate_streaming(
+        &self,
+        requests: &[GenRequest],
+        sink: TokenSink<'_>,
+    ) -> Result<Vec<GenOutput>, BackendError>;
+
+    /// The most requests this backend wants in one call (the local engine's batch size).
+    fn max_batch(&self) -> usize {
+        1
+    }
+}

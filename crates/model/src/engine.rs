@@ -1,0 +1,242 @@
+//! The local engine: a loaded model (decoder, tokenizer, chat template) behind the
+//! [`Generator`] trait.
+
+use std::path::Path;
+
+use safetune_data::Message;
+
+use crate::backend::{
+    BackendError, FinishReason, GenOutput, GenRequest, Generator, Prompt, TokenSink,
+};
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::generate::{generate_batch, SeqRequest};
+use crate::gguf::GgufFile;
+use crate::llama::Llama;
+use crate::spec::ModelSpec;
+use crate::template::{ChatTemplate, CHATML_TEMPLATE};
+use crate::tokenizer::Tok;
+use crate::weights::{SafetensorsFiles, Weights};
+
+/// How to load a local model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// GGUF only: keep matrices quantized (QMatMul) instead of dequantizing to f32. Faster
+    /// decoding at batch 1, a little less exact.
+    pub quantized: bool,
+    /// The most requests decoded together.
+    pub batch_size: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            quantized: false,
+            batch_size: 8,
+        }
+    }
+}
+
+/// A model loaded in this process.
+pub struct LocalEngine {
+    pub model: Llama,
+    pub tok: Tok,
+    pub template: ChatTemplate,
+    pub model_id: String,
+    pub batch_size: usize,
+}
+
+impl std::fmt::Debug for LocalEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalEngine")
+            .field("model_id", &self.model_id)
+            .field("cfg", &self.model.cfg)
+            .finish()
+    }
+}
+
+impl LocalEngine {
+    /// Loads a model named by a spec. `hf:` and `openai:` specs are not local files: resolve
+    /// `hf:` with [`crate::hub`] first; `openai:` models are served by the OpenAI client crate.
+    pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LocalEngine> {
+        let mut e = match spec {
+            ModelSpec::Gguf(p) => Self::load_gguf(p, opts)?,
+            ModelSpec::HfDir(d) => Self::load_hf_dir(d, opts)?,
+            ModelSpec::Hub { .. } => {
+                return Err(ModelError::Spec {
+                    spec: spec.to_string(),
+                    message:
+                        "hub models must be downloaded first (not supported in this build yet)"
+                            .into(),
+                })
+            }
+            ModelSpec::OpenAi { .. } => {
+                return Err(ModelError::Spec {
+                    spec: spec.to_string(),
+                    message: "an openai: model is remote; use the OpenAI-compatible client backend"
+                        .into(),
+                })
+            }
+        };
+        e.model_id = spec.model_id();
+        Ok(e)
+    }
+
+    /// A GGUF file: config, tokenizer and template from its metadata.
+    pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LocalEngine> {
+        let g = GgufFile::open(path)?;
+        let cfg = g.config()?;
+        let tok = Tok::from_gguf(&g)?;
+        let w = Weights::from_gguf(
+            g,
+            (cfg.num_attention_heads, cfg.num_key_value_heads),
+            opts.quantized,
+        );
+        let model = Llama::load(&w, &cfg)?;
+        Self::assemble(model, tok, path, opts)
+    }
+
+    /// A Hugging Face directory.
+    pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LocalEngine> {
+        let cfg = Config::from_hf_file(&dir.join("config.json"))?;
+        let tok = Tok::from_hf_dir(dir, &cfg.eos_token_ids)?;
+        let files = SafetensorsFiles::open(&SafetensorsFiles::find_in_dir(dir)?)?;
+        let model = Llama::load(&Weights::from_safetensors(files), &cfg)?;
+        Self::assemble(model, tok, dir, opts)
+    }
+
+    fn assemble(
+        model: Llama,
+        mut tok: Tok,
+        path: &Path,
+        opts: &LoadOptions,
+    ) -> Result<LocalEngine> {
+        for id in &model.cfg.eos_token_ids {
+            if !tok.stop_ids.contains(id) {
+                tok.stop_ids.push(*id);
+            }
+        }
+        let template = ChatTemplate::new(tok.chat_template.as_deref().unwrap_or(CHATML_TEMPLATE))?;
+        let model_id = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(LocalEngine {
+            model,
+            tok,
+            template,
+            model_id,
+            batch_size: opts.batch_size.max(1),
+        })
+    }
+
+    /// The prompt text for a chat: the template with the generation prompt appended.
+    pub fn render_chat(&self, messages: &[Message]) -> Result<String> {
+        let bos = self.tok.bos.as_ref().map(|(t, _)| t.as_str()).unwrap_or("");
+        let eos = self.tok.eos.as_ref().map(|(t, _)| t.as_str()).unwrap_or("");
+        self.template.render(messages, true, bos, eos)
+    }
+
+    /// Token ids of a prompt. A rendered chat already holds its special tokens; raw text gets
+    /// what the tokenizer adds (e.g. bos).
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        match prompt {
+            Prompt::Chat(messages) => {
+                let text = self.render_chat(messages)?;
+                let mut ids = self.tok.encode(&text, false)?;
+                // Templates that do not write bos themselves rely on the tokenizer adding it.
+                if let Some((bos_text, bos_id)) = &self.tok.bos {
+                    let adds_bos = self.tok.encode("a", true)?.first() == Some(bos_id);
+                    if adds_bos && !text.starts_with(bos_text.as_str()) {
+                        ids.insert(0, *bos_id);
+                    }
+                }
+                Ok(ids)
+            }
+            Prompt::Text(t) => self.tok.encode(t, true),
+        }
+    }
+}
+
+fn to_backend(e: ModelError) -> BackendError {
+    match e {
+        ModelError::Template(_) | ModelError::Tokenizer(_) => BackendError::Invalid(e.to_string()),
+        other => BackendError::Other(other.to_string()),
+    }
+}
+
+impl Generator for LocalEngine {
+    fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    fn max_batch(&self) -> usize {
+        self.batch_size
+    }
+
+    fn generate_streaming(
+        &self,
+        requests: &[GenRequest],
+        sink: TokenSink<'_>,
+    ) -> Result<Vec<GenOutput>, BackendError> {
+        let max_pos = self.model.cfg.max_position_embeddings;
+        let mut seqs = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            let ids = self.prompt_ids(&r.prompt).map_err(to_backend)?;
+            if ids.is_empty() {
+                return Err(BackendError::Invalid(format!(
+                    "request {i}: the prompt is empty"
+                )));
+            }
+            if ids.len() >= max_pos {
+                return Err(BackendError::Invalid(format!(
+                    "request {i}: the prompt has {} tokens, the model's context is {max_pos}",
+                    ids.len()
+                )));
+            }
+            let mut sampling = r.sampling.clone();
+            sampling.max_new_tokens = sampling.max_new_tokens.min(max_pos - ids.len());
+            if !(sampling.temperature >= 0.0) || !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+                return Err(BackendError::Invalid(format!(
+                    "request {i}: temperature must be >= 0 and top_p in (0, 1], got {} and {}",
+                    sampling.temperature, sampling.top_p
+                )));
+            }
+            seqs.push(SeqRequest {
+                prompt_ids: ids,
+                sampling,
+            });
+        }
+        // Batch prompts of similar length together: less padding.
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by_key(|&i| seqs[i].prompt_ids.len());
+        let mut out: Vec<Option<GenOutput>> = vec![None; seqs.len()];
+        for chunk in order.chunks(self.batch_size) {
+            let batch: Vec<SeqRequest> = chunk.iter().map(|&i| seqs[i].clone()).collect();
+            let results = generate_batch(&self.model, &self.tok, &batch, &mut |k, piece| {
+                sink(chunk[k], piece)
+            })
+            .map_err(to_backend)?;
+            for (k, r) in results.into_iter().enumerate() {
+                let i = chunk[k];
+                out[i] = Some(GenOutput {
+                    text: r.text,
+                    prompt_tokens: seqs[i].prompt_ids.len(),
+                    completion_tokens: r.ids.len(),
+                    finish_reason: r.finish_reason,
+                });
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or(GenOutput {
+                    text: String::new(),
+                    prompt_tokens: 0,
+                    completion_tokens: 0,
+                    finish_reason: FinishReason::Length,
+                })
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,378 @@
+//! Batched generation with a KV cache: prompts are left-padded into one batch, each row keeps its
+//! own positions and an attention mask over its real tokens, rows leave the batch as they finish
+//! (end-of-turn token, stop string or length), and every row samples with its own seeded RNG, so
+//! results do not depend on what else is in the batch.
+
+use candle_core::{Device, Tensor};
+
+use crate::backend::{FinishReason, Sampling};
+use crate::error::{CandleContext, ModelError, Result};
+use crate::llama::{KvCache, Llama, MASK_VALUE};
+use crate::tokenizer::Tok;
+
+/// One sequence to continue.
+#[derive(Debug, Clone)]
+pub struct SeqRequest {
+    pub prompt_ids: Vec<u32>,
+    pub sampling: Sampling,
+}
+
+/// What one sequence produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqOutput {
+    /// Generated token ids (the stop token included when one ended the row).
+    pub ids: Vec<u32>,
+    /// Decoded text without special tokens, cut before any stop string.
+    pub text: String,
+    pub finish_reason: FinishReason,
+}
+
+/// A small, fast, seedable generator (SplitMix64); one per row.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Index of the largest logit (the first on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Picks the next token: greedy when `temperature <= 0`, else softmax at `temperature`
+/// restricted to the `top_k` most likely tokens (0: all) and the smallest set whose
+/// probability reaches `top_p`.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut Rng) -> u32 {
+    if s.temperature <= 0.0 || logits.is_empty() {
+        return argmax(logits);
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    if s.top_k > 0 && s.top_k < idx.len() {
+        idx.select_nth_unstable_by(s.top_k - 1, by_logit_desc);
+        idx.truncate(s.top_k);
+    }
+    idx.sort_unstable_by(by_logit_desc);
+    let max = logits[idx[0] as usize];
+    let t = s.temperature as f64;
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i as usize] - max) as f64 / t).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if s.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= s.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        idx.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.next_f64() * total;
+    for (i, p) in probs.iter().enumerate() {
+        if u < *p {
+            return idx[i];
+        }
+        u -= p;
+    }
+    idx[idx.len() - 1]
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of some stop string: text that
+/// must be held back from streaming until we know it does not start a stop string.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut best = 0;
+    for s in stops {
+        for (i, _) in s.char_indices().skip(1) {
+            if i > best && text.ends_with(&s[..i]) {
+                best = i;
+            }
+        }
+    }
+    best
+}
+
+struct Row {
+    /// Index in the caller's request list.
+    req: usize,
+    ids: Vec<u32>,
+    /// Text already handed to the sink.
+    emitted: usize,
+    rng: Rng,
+    /// Position of the next token.
+    next_pos: u32,
+    done: Option<FinishReason>,
+    text: String,
+}
+
+/// Continues every request in one batch. `sink(i, piece)` receives text as it is decoded.
+pub fn generate_batch(
+    model: &Llama,
+    tok: &Tok,
+    reqs: &[SeqRequest],
+    sink: &mut dyn FnMut(usize, &str),
+) -> Result<Vec<SeqOutput>> {
+    let b = reqs.len();
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    if let Some(i) = reqs.iter().position(|r| r.prompt_ids.is_empty()) {
+        return Err(ModelError::Other(format!(
+            "request {i}: the prompt has no tokens"
+        )));
+    }
+    let l = reqs.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
+    let max_new = reqs
+        .iter()
+        .map(|r| r.sampling.max_new_tokens)
+        .max()
+        .unwrap_or(0);
+    let mut outputs: Vec<Option<SeqOutput>> = vec![None; b];
+    let mut rows: Vec<Row> = reqs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Row {
+            req: i,
+            ids: Vec::new(),
+            emitted: 0,
+            rng: Rng::new(r.sampling.seed),
+            next_pos: r.prompt_ids.len() as u32,
+            done: if r.sampling.max_new_tokens == 0 {
+                Some(FinishReason::Length)
+            } else {
+                None
+            },
+            text: String::new(),
+        })
+        .collect();
+    if max_new == 0 {
+        return Ok(rows
+            .iter()
+            .map(|_| SeqOutput {
+                ids: vec![],
+                text: String::new(),
+                finish_reason: FinishReason::Length,
+            })
+            .collect());
+    }
+
+    // Prefill: left-padded ids (B, L), per-row positions (B, L), mask (B, 1, L, L).
+    let pads: Vec<usize> = reqs.iter().map(|r| l - r.prompt_ids.len()).collect();
+    let mut ids = vec![0u32; b * l];
+    let mut pos = vec![0u32; b * l];
+    let mut mask = vec![0f32; b * l * l];
+    let window = model.cfg.sliding_window;
+    for (r, req) in reqs.iter().enumerate() {
+        let pad = pads[r];
+        for (j, &id) in req.prompt_ids.iter().enumerate() {
+            ids[r * l + pad + j] = id;
+            pos[r * l + pad + j] = j as u32;
+        }
+        for i in 0..l {
+            for j in 0..l {
+                let hidden = j < pad || j > i || window.is_some_and(|w| i - j.min(i) >= w);
+                if hidden {
+                    mask[(r * l + i) * l + j] = MASK_VALUE;
+                }
+            }
+        }
+    }
+    // Which cache columns hold real tokens, per row: grows by one column each step.
+    let mut key_valid: Vec<Vec<bool>> = pads
+        .iter()
+        .map(|&p| (0..l).map(|j| j >= p).collect())
+        .collect();
+    let dev = Device::Cpu;
+    let mut cache =
+        KvCache::new(&model.cfg, b, l + max_new).ctx(|| "allocating the KV cache".into())?;
+    let ids_t = Tensor::from_vec(ids, (b, l), &dev)?;
+    let pos_t = Tensor::from_vec(pos, (b, l), &dev)?;
+    let mask_t = Tensor::from_vec(mask, (b, 1, l, l), &dev)?;
+    let hidden = model
+        .hidden_states(&ids_t, &pos_t, Some(&mask_t), Some(&mut cache))
+        .ctx(|| "prefill".into())?;
+    let last = hidden.narrow(1, l - 1, 1)?; // (B, 1, C)
+    let mut logits: Vec<Vec<f32>> = model.logits(&last)?.squeeze(1)?.to_vec2::<f32>()?; // (B, V)
+
+    // `active[k]` is the index in `rows` of batch row k.
+    let mut active: Vec<usize> = (0..b).collect();
+    loop {
+        // Sample, decode, check stops for every active row.
+        for (k, &ri) in active.iter().enumerate() {
+            let row = &mut rows[ri];
+            if row.done.is_some() {
+                continue;
+            }
+            let s = &reqs[row.req].sampling;
+            let next = sample(&logits[k], s, &mut row.rng);
+            row.ids.push(next);
+            let stop_token = tok.stop_ids.contains(&next);
+            let gen_ids: &[u32] = if stop_token {
+                &row.ids[..row.ids.len() - 1]
+            } else {
+                &row.ids
+            };
+            let mut text = tok.decode(gen_ids, true)?;
+            let mut finished = None;
+            if let Some(cut) = s
+                .stop
+                .iter()
+                .filter(|st| !st.is_empty())
+                .filter_map(|st| text.find(st.as_str()))
+                .min()
+            {
+                text.truncate(cut);
+                finished = Some(FinishReason::Stop);
+            } else if stop_token {
+                finished = Some(FinishReason::Stop);
+            } else if row.ids.len() >= s.max_new_tokens {
+                finished = Some(FinishReason::Length);
+            }
+            // Stream what is certain: complete characters, not a possible start of a stop string.
+            let safe = if finished.is_some() {
+                text.len()
+            } else if text.ends_with('\u{FFFD}') {
+                row.emitted
+            } else {
+                text.len() - held_back(&text, &s.stop)
+            };
+            if safe > row.emitted
+                && text.is_char_boundary(row.emitted)
+                && text.is_char_boundary(safe)
+            {
+                sink(row.req, &text[row.emitted..safe]);
+                row.emitted = safe;
+            }
+            row.text = text;
+            row.done = finished;
+        }
+        // Drop finished rows from the batch.
+        let keep: Vec<usize> = (0..active.len())
+            .filter(|&k| rows[active[k]].done.is_none())
+            .collect();
+        for &ri in active.iter() {
+            if let Some(reason) = rows[ri].done {
+                let r = &rows[ri];
+                outputs[r.req] = Some(SeqOutput {
+                    ids: r.ids.clone(),
+                    text: r.text.clone(),
+                    finish_reason: reason,
+                });
+            }
+        }
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() < active.len() {
+            let sel: Vec<u32> = keep.iter().map(|&k| k as u32).collect();
+            cache
+                .select_rows(&sel)
+                .ctx(|| "shrinking the KV cache".into())?;
+            key_valid = keep
+                .iter()
+                .map(|&k| std::mem::take(&mut key_valid[k]))
+                .collect();
+            active = keep.iter().map(|&k| active[k]).collect();
+        }
+        // One decode step for the remaining rows: ids (B', 1), positions (B', 1), mask (B', 1, 1, S).
+        let bb = active.len();
+        let s_len = cache.len() + 1;
+        let step_ids: Vec<u32> = active
+            .iter()
+            .map(|&ri| *rows[ri].ids.last().unwrap_or(&0))
+            .collect();
+        let step_pos: Vec<u32> = active.iter().map(|&ri| rows[ri].next_pos).collect();
+        let mut step_mask = vec![0f32; bb * s_len];
+        for (k, kv) in key_valid.iter_mut().enumerate() {
+            kv.push(true);
+            for (j, &valid) in kv.iter().enumerate() {
+                let hidden = !valid || window.is_some_and(|w| s_len - 1 - j >= w);
+                if hidden {
+                    step_mask[k * s_len + j] = MASK_VALUE;
+                }
+            }
+        }
+        for &ri in &active {
+            rows[ri].next_pos += 1;
+        }
+        let ids_t = Tensor::from_vec(step_ids, (bb, 1), &dev)?;
+        let pos_t = Tensor::from_vec(step_pos, (bb, 1), &dev)?;
+        let mask_t = Tensor::from_vec(step_mask, (bb, 1, 1, s_len), &dev)?;
+        let hidden = model
+            .hidden_states(&ids_t, &pos_t, Some(&mask_t), Some(&mut cache))
+            .ctx(|| "decode step".into())?;
+        logits = model.logits(&hidden)?.squeeze(1)?.to_vec2::<f32>()?; // (B', V)
+    }
+    outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| o.ok_or_else(|| ModelError::Other(format!("request {i} produced no output"))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_is_deterministic_and_respects_top_k() {
+        let logits = vec![1.0, 3.0, 2.0, 0.5, 2.9];
+        let s = Sampling {
+            temperature: 1.0,
+            top_k: 2,
+            seed: 7,
+            ..Sampling::default()
+        };
+        let draw = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..50)
+                .map(|_| sample(&logits, &s, &mut rng))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+        assert!(draw(7).iter().all(|&t| t == 1 || t == 4));
+        let greedy = Sampling::default();
+        assert_eq!(sample(&logits, &greedy, &mut Rng::new(0)), 1);
+        let tight_p = Sampling {
+            temperature: 1.0,
+            top_p: 0.01,
+            ..Sampling::default()
+        };
+        assert!((0..20).all(|i| sample(&logits, &tight_p, &mut Rng::new(i)) == 1));
+    }
+
+    #[test]
+    fn held_back_text_is_a_prefix_of_a_stop_string() {
+        let stops = vec!["\nUser:".to_string()];
+        assert_eq!(held_back("hello\nUs", &stops), 3);
+        assert_eq!(held_back("hello", &stops), 0);
+    }
+}

@@ -1,0 +1,50 @@
+//! safetune-model: Llama-family models (configs, weights, tokenizers, chat templates, decoder,
+//! generation) and the `Generator` interface that every text backend implements.
+//!
+//! Load a model and generate:
+//! ```no_run
+//! use safetune_model::{LocalEngine, LoadOptions, ModelSpec, Generator, GenRequest, Prompt, Sampling};
+//! let spec = ModelSpec::parse("model.gguf")?;
+//! let engine = LocalEngine::load(&spec, &LoadOptions::default())?;
+//! let out = engine.generate(&[GenRequest {
+//!     prompt: Prompt::Chat(vec![safetune_data::Message::user("Hi!")]),
+//!     sampling: Sampling::default(),
+//! }])?;
+//! println!("{}", out[0].text);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod job;
+pub mod llama;
+pub mod spec;
+pub mod template;
+pub mod testing;
+pub mod tokenizer;
+pub mod weights;
+
+pub use backend::{
+    BackendError, FinishReason, GenOutput, GenRequest, Generator, Prompt, Sampling, TokenSink,
+};
+pub use config::{Config, HfConfig};
+pub use engine::{LoadOptions, LocalEngine};
+pub use error::{ModelError, Result};
+pub use llama::{KvCache, Llama};
+pub use spec::ModelSpec;
+pub use template::ChatTemplate;
+pub use tokenizer::Tok;
+pub use weights::{Linear, LinearWeight, Weights};
+
+/// `$SAFETUNE_HOME` or `~/.cache/safetune`: where assets (models, datasets) are cached.
+pub fn safetune_home() -> std::path::PathBuf {
+    if let Some(h) = std::env::var_os("SAFETUNE_HOME").filter(|h| !h.is_empty()) {
+        return h.into();
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    std::path::Path::new(&home).join(".cache").join("safetune")
+}

@@ -1,0 +1,180 @@
+//! Chat templates: the Jinja template a model ships (tokenizer_config.json or GGUF
+//! `tokenizer.chat_template`) rendered with minijinja, with Python string methods (pycompat),
+//! `raise_exception` and `strftime_now`, as transformers renders them.
+
+use minijinja::{Environment, Error, ErrorKind};
+use safetune_data::Message;
+use serde::Serialize;
+
+use crate::error::{ModelError, Result};
+
+/// ChatML, used when a model ships no template.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    pub source: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+#[derive(Serialize)]
+struct Ctx<'a> {
+    messages: Vec<MsgCtx<'a>>,
+    add_generation_prompt: bool,
+    bos_token: &'a str,
+    eos_token: &'a str,
+}
+
+#[derive(Serialize)]
+struct MsgCtx<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+impl ChatTemplate {
+    /// Compiles a template; syntax errors name the line.
+    pub fn new(source: &str) -> Result<ChatTemplate> {
+        let mut env = Environment::new();
+        // transformers renders with trim_blocks and lstrip_blocks.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
+        env.add_function("strftime_now", |fmt: String| -> String {
+            strftime_today(&fmt)
+        });
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| ModelError::Template(format!("cannot compile: {e:#}")))?;
+        Ok(ChatTemplate {
+            env,
+            source: source.to_string(),
+        })
+    }
+
+    /// Renders a conversation. `add_generation_prompt` appends the opening of an assistant turn.
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        bos: &str,
+        eos: &str,
+    ) -> Result<String> {
+        let ctx = Ctx {
+            messages: messages
+                .iter()
+                .map(|m| MsgCtx {
+                    role: m.role.as_str(),
+                    content: &m.content,
+                })
+                .collect(),
+            add_generation_prompt,
+            bos_token: bos,
+            eos_token: eos,
+        };
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ModelError::Template(e.to_string()))?;
+        tmpl.render(ctx)
+            .map_err(|e| ModelError::Template(format!("cannot render: {e:#}")))
+    }
+}
+
+/// Today's date (UTC) for the few `strftime` codes chat templates use (`%d %b %Y`, `%Y-%m-%d`).
+fn strftime_today(fmt: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    const FULL: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    fmt.replace("%d", &format!("{d:02}"))
+        .replace("%m", &format!("{m:02}"))
+        .replace("%Y", &y.to_string())
+        .replace("%b", MONTHS[(m - 1) as usize])
+        .replace("%B", FULL[(m - 1) as usize])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SmolLM2-Instruct's template (as in its GGUF and tokenizer_config.json).
+    pub const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn chatml_system_user_with_generation_prompt() {
+        let t = ChatTemplate::new(SMOLLM2_TEMPLATE).unwrap();
+        let msgs = vec![
+            Message::system("You are terse."),
+            Message::user("Hi there!"),
+        ];
+        let out = t.render(&msgs, true, "", "").unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let no_gen = t.render(&msgs, false, "", "").unwrap();
+        assert!(!no_gen.ends_with("assistant\n"));
+    }
+
+    #[test]
+    fn pycompat_methods_and_raise_exception() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% if m['role'] == 'assistant' %}{{ raise_exception('no assistant turns') }}{% endif %}[{{ m['content'].strip() | upper }}]{% endfor %}",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[Message::user("  hi  ")], false, "", "").unwrap(),
+            "[HI]"
+        );
+        let err = t
+            .render(&[Message::assistant("x")], false, "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no assistant turns"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        assert!(ChatTemplate::new("{% for %}").is_err());
+    }
+}

@@ -1,0 +1,271 @@
+//! Test fixtures other crates can use too: a tiny random-weight Llama written as a Hugging Face
+//! directory (config.json, model.safetensors, tokenizer.json, tokenizer_config.json), and the
+//! path of the real SmolLM2 asset.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+use crate::generate::Rng;
+use crate::template::CHATML_TEMPLATE;
+use crate::tokenizer::{byte_level_alphabet, byte_level_bpe_json};
+
+/// Sizes of the tiny model.
+#[derive(Debug, Clone)]
+pub struct TinyModel {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub seed: u64,
+    /// Split the weights over two shards with `model.safetensors.index.json`.
+    pub sharded: bool,
+}
+
+impl Default for TinyModel {
+    fn default() -> Self {
+        TinyModel {
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            seed: 1,
+            sharded: false,
+        }
+    }
+}
+
+/// The tiny vocabulary: the 256 byte tokens, a few merges, then the ChatML specials.
+pub const TINY_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+const TINY_MERGES: [&str; 6] = ["h e", "l l", "i s", "\u{120} t", "\u{120}t h", "o u"];
+
+fn randn(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+    // Box-Muller.
+    (0..n)
+        .map(|_| {
+            let u1 = rng.next_f64().max(1e-12);
+            let u2 = rng.next_f64();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32 * std
+        })
+        .collect()
+}
+
+impl TinyModel {
+    /// Writes the model directory; returns its path (`dir` itself).
+    pub fn write(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        let err = |e: candle_core::Error| std::io::Error::other(e.to_string());
+        std::fs::create_dir_all(dir)?;
+        // Tokenizer.
+        let mut tokens = byte_level_alphabet();
+        for m in TINY_MERGES {
+            tokens.push(m.replace(' ', ""));
+        }
+        let mut added = Vec::new();
+        for s in TINY_SPECIALS {
+            added.push((tokens.len() as u32, s.to_string(), true));
+            tokens.push(s.to_string());
+        }
+        let merges: Vec<String> = TINY_MERGES.iter().map(|s| s.to_string()).collect();
+        let tj = byte_level_bpe_json(&tokens, &merges, &added, "smollm", None);
+        std::fs::write(
+            dir.join("tokenizer.json"),
+            serde_json::to_string_pretty(&tj)?,
+        )?;
+        let tc = json!({"bos_token": null, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                        "chat_template": CHATML_TEMPLATE});
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            serde_json::to_string_pretty(&tc)?,
+        )?;
+        let vocab = tokens.len();
+        let im_end = vocab as u32 - 1;
+        let (c, i, h, k) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+        );
+        let d = c / h;
+        let config = json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": c, "intermediate_size": i, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": h, "num_key_value_heads": k, "vocab_size": vocab,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "bos_token_id": null, "eos_token_id": im_end, "torch_dtype": "float32",
+        });
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&config)?,
+        )?;
+        // Weights: std 1/sqrt(fan_in) so logits are far from uniform (clear argmax).
+        let mut rng = Rng::new(self.seed);
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        let put = |tensors: &mut HashMap<String, Tensor>,
+                   name: String,
+                   shape: Vec<usize>,
+                   std: f32,
+                   rng: &mut Rng|
+         -> std::io::Result<()> {
+            let n: usize = shape.iter().product();
+            let t = Tensor::from_vec(randn(rng, n, std), shape, &Device::Cpu).map_err(err)?;
+            tensors.insert(name, t);
+            Ok(())
+        };
+        let ones = |n: usize, rng: &mut Rng| -> Vec<f32> {
+            randn(rng, n, 0.1).into_iter().map(|x| 1.0 + x).collect()
+        };
+        put(
+            &mut tensors,
+            "model.embed_tokens.weight".into(),
+            vec![vocab, c],
+            1.0,
+            &mut rng,
+        )?;
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let ws = (c as f32).powf(-0.5);
+            put(
+                &mut tensors,
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![h * d, c],
+                ws,
+                &mut rng,
+            )?;
+            put(
+                &mut tensors,
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![k * d, c],
+                ws,
+                &mut rng,
+            )?;
+            put(
+                &mut tensors,
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![k * d, c],
+                ws,
+                &mut rng,
+            )?;
+            put(
+                &mut tensors,
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![c, h * d],
+                ws,
+                &mut rng,
+            )?;
+            if self.attention_bias {
+                put(
+                    &mut tensors,
+                    format!("{p}.self_attn.q_proj.bias"),
+                    vec![h * d],
+                    0.1,
+                    &mut rng,
+                )?;
+                put(
+                    &mut tensors,
+                    format!("{p}.self_attn.k_proj.bias"),
+                    vec![k * d],
+                    0.1,
+                    &mut rng,
+                )?;
+                put(
+                    &mut tensors,
+                    format!("{p}.self_attn.v_proj.bias"),
+                    vec![k * d],
+                    0.1,
+                    &mut rng,
+                )?;
+            }
+            put(
+                &mut tensors,
+                format!("{p}.mlp.gate_proj.weight"),
+                vec![i, c],
+                ws,
+                &mut rng,
+            )?;
+            put(
+                &mut tensors,
+                format!("{p}.mlp.up_proj.weight"),
+                vec![i, c],
+                ws,
+                &mut rng,
+            )?;
+            put(
+                &mut tensors,
+                format!("{p}.mlp.down_proj.weight"),
+                vec![c, i],
+                (i as f32).powf(-0.5),
+                &mut rng,
+            )?;
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                let v = ones(c, &mut rng);
+                tensors.insert(
+                    format!("{p}.{norm}.weight"),
+                    Tensor::from_vec(v, c, &Device::Cpu).map_err(err)?,
+                );
+            }
+        }
+        let v = ones(c, &mut rng);
+        tensors.insert(
+            "model.norm.weight".into(),
+            Tensor::from_vec(v, c, &Device::Cpu).map_err(err)?,
+        );
+        if !self.tie_word_embeddings {
+            put(
+                &mut tensors,
+                "lm_head.weight".into(),
+                vec![vocab, c],
+                (c as f32).powf(-0.5) * 4.0,
+                &mut rng,
+            )?;
+        }
+        if self.sharded {
+            let mut names: Vec<String> = tensors.keys().cloned().collect();
+            names.sort();
+            let (a, b) = names.split_at(names.len() / 2);
+            let mut weight_map = serde_json::Map::new();
+            for (shard, part) in [
+                ("model-00001-of-00002.safetensors", a),
+                ("model-00002-of-00002.safetensors", b),
+            ] {
+                let sub: HashMap<String, Tensor> = part
+                    .iter()
+                    .map(|n| (n.clone(), tensors[n].clone()))
+                    .collect();
+                candle_core::safetensors::save(&sub, dir.join(shard)).map_err(err)?;
+                for n in part {
+                    weight_map.insert(n.clone(), json!(shard));
+                }
+            }
+            let index = json!({"metadata": {}, "weight_map": weight_map});
+            std::fs::write(
+                dir.join("model.safetensors.index.json"),
+                serde_json::to_string_pretty(&index)?,
+            )?;
+        } else {
+            candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).map_err(err)?;
+        }
+        Ok(dir.to_path_buf())
+    }
+}
+
+/// Where tests find SmolLM2-135M-Instruct (Q4_1 GGUF). Panics with instructions if it is missing:
+/// tests that need the real model fail rather than skip.
+pub fn smollm2_gguf() -> PathBuf {
+    let p = crate::safetune_home().join("assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !p.is_file() {
+        panic!(
+            "the SmolLM2 asset is missing: {}\nhint: run scripts/fetch-assets (or set SAFETUNE_HOME to a cache that has it)",
+            p.display()
+        );
+    }
+    p
+}
