@@ -1,0 +1,54 @@
+//! safetune-openai: the OpenAI-compatible protocol, spoken both ways.
+//!
+//! - [`server`]: `safetune serve`, an OpenAI-compatible HTTP server over any [`Generator`], with
+//!   request batching, server-sent-event streaming, a bounded queue (429 when full) and graceful
+//!   shutdown;
+//! - [`client`]: [`OpenAiClient`], a [`Generator`] for `openai:BASE_URL#MODEL` specs, with
+//!   concurrency, retries with backoff and jitter, a request timeout and an API key from the
+//!   environment that is never shown;
+//! - [`rows`]: a resumable row runner writing JSONL, for judges and other stages;
+//! - [`protocol`]: the serde wire types.
+//!
+//! [`load_generator`] turns any model spec into a generator: remote specs become an
+//! [`OpenAiClient`], local ones a [`LocalEngine`].
+
+pub mod client;
+pub mod protocol;
+pub mod rows;
+pub mod server;
+
+use std::sync::Arc;
+
+pub use client::{ClientConfig, OpenAiClient, OpenAiSpec};
+pub use rows::{run_rows, RowInput, RunError, RunOptions, RunProgress};
+pub use server::{serve, start, ServeConfig, ServeError, ServerHandle, ServerStats};
+
+use safetune_model::backend::Generator;
+use safetune_model::{LoadOptions, LocalEngine, ModelError, ModelSpec};
+
+/// A generator for any model spec: `openai:` specs get an [`OpenAiClient`] with `client`,
+/// local ones are loaded with [`LocalEngine::load`] and `load`.
+pub fn load_generator(
+    spec: &ModelSpec,
+    load: &LoadOptions,
+    client: &ClientConfig,
+) -> Result<Arc<dyn Generator>, ModelError> {
+    match OpenAiSpec::from_model_spec(spec) {
+        Some(remote) => Ok(Arc::new(OpenAiClient::new(remote, client.clone()))),
+        None => Ok(Arc::new(LocalEngine::load(spec, load)?)),
+    }
+}
+
+/// A random number from the standard library's per-process hash keys and a counter: enough
+/// for retry jitter, request ids and default seeds, without a `rand` dependency.
+pub(crate) fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    if let Ok(d) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(d.as_nanos());
+    }
+    h.finish()
+}
