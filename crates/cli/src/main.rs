@@ -26,6 +26,8 @@ enum Command {
     Transform(commands::transform::TransformArgs),
     /// List or show the benchmark prompt sets (from the asset cache) and their splits.
     Prompts(commands::prompts::PromptsArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (chat, completions, models; streaming).
+    Serve(commands::serve::ServeArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -41,6 +43,7 @@ fn main() {
         Command::Audit(args) => commands::audit::run(args),
         Command::Transform(args) => commands::transform::run(args),
         Command::Prompts(args) => commands::prompts::run(args),
+        Command::Serve(args) => commands::serve::run(args),
     };
     std::process::exit(exit::report(result));
 }

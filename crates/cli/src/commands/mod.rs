@@ -3,4 +3,5 @@
 pub mod audit;
 pub mod common;
 pub mod prompts;
+pub mod serve;
 pub mod transform;
