@@ -12,7 +12,12 @@ use clap::{Parser, Subcommand};
 /// identity calibration, role-play), transform it into matched variants, tune, generate, judge,
 /// and measure how far reward models can be trusted.
 #[derive(Debug, Parser)]
-#[command(name = "safetune", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "safetune",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,6 +33,8 @@ enum Command {
     Prompts(commands::prompts::PromptsArgs),
     /// Serve a model over an OpenAI-compatible HTTP API (chat, completions, models; streaming).
     Serve(commands::serve::ServeArgs),
+    /// Generate answers for a prompt file into JSONL (resumable; local or openai: models).
+    Generate(commands::generate::GenerateArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -44,6 +51,7 @@ fn main() {
         Command::Transform(args) => commands::transform::run(args),
         Command::Prompts(args) => commands::prompts::run(args),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Generate(args) => commands::generate::run(args),
     };
     std::process::exit(exit::report(result));
 }

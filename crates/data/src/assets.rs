@@ -9,7 +9,9 @@ pub fn safetune_home() -> PathBuf {
     if let Some(h) = std::env::var_os("SAFETUNE_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(h);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("safetune")
 }
 

@@ -54,8 +54,12 @@ impl Auditor {
         self.affirmative += t.affirmative as u64;
         self.no_answer += (t.assistant_turns == 0) as u64;
         self.multi_turn += (t.assistant_turns > 1) as u64;
-        *self.combos.entry((t.structure, t.identity, t.roleplay)).or_default() += 1;
-        self.words.push(t.answer_words.min(u32::MAX as usize) as u32);
+        *self
+            .combos
+            .entry((t.structure, t.identity, t.roleplay))
+            .or_default() += 1;
+        self.words
+            .push(t.answer_words.min(u32::MAX as usize) as u32);
     }
 
     pub fn summary(mut self) -> AuditSummary {
@@ -68,12 +72,30 @@ impl Auditor {
                 self.words[((self.words.len() - 1) as f64 * p).round() as usize]
             }
         };
-        let mean = if self.words.is_empty() { 0.0 } else { self.words.iter().map(|&w| w as f64).sum::<f64>() / self.words.len() as f64 };
-        let structure = Structure::ALL.iter().map(|s| (s.as_str().to_string(), Proportion::new(self.structure[*s as usize], n))).collect();
+        let mean = if self.words.is_empty() {
+            0.0
+        } else {
+            self.words.iter().map(|&w| w as f64).sum::<f64>() / self.words.len() as f64
+        };
+        let structure = Structure::ALL
+            .iter()
+            .map(|s| {
+                (
+                    s.as_str().to_string(),
+                    Proportion::new(self.structure[*s as usize], n),
+                )
+            })
+            .collect();
         let mut combinations: Vec<Combination> = self
             .combos
             .iter()
-            .map(|(&(structure, identity, roleplay), &count)| Combination { structure, identity, roleplay, count, share: count as f64 / n.max(1) as f64 })
+            .map(|(&(structure, identity, roleplay), &count)| Combination {
+                structure,
+                identity,
+                roleplay,
+                count,
+                share: count as f64 / n.max(1) as f64,
+            })
             .collect();
         combinations.sort_by(|a, b| b.count.cmp(&a.count));
         let mut s = AuditSummary {
@@ -84,7 +106,13 @@ impl Auditor {
             affirmative: Proportion::new(self.affirmative, n),
             without_answer: self.no_answer,
             multi_turn: self.multi_turn,
-            answer_words: LengthStats { mean, median: q(0.5), p10: q(0.1), p90: q(0.9), max: q(1.0) },
+            answer_words: LengthStats {
+                mean,
+                median: q(0.5),
+                p10: q(0.1),
+                p90: q(0.9),
+                max: q(1.0),
+            },
             combinations,
             risk: Vec::new(),
         };
@@ -196,9 +224,17 @@ impl AuditSummary {
         let _ = writeln!(o, "  roleplay     {}", self.roleplay);
         let _ = writeln!(o, "  affirmative  {}", self.affirmative);
         let l = &self.answer_words;
-        let _ = writeln!(o, "  answer words mean {:.0}, median {}, p10 {}, p90 {}, max {}", l.mean, l.median, l.p10, l.p90, l.max);
+        let _ = writeln!(
+            o,
+            "  answer words mean {:.0}, median {}, p10 {}, p90 {}, max {}",
+            l.mean, l.median, l.p10, l.p90, l.max
+        );
         if self.without_answer > 0 || self.multi_turn > 0 {
-            let _ = writeln!(o, "  without an answer {}, multi-turn {}", self.without_answer, self.multi_turn);
+            let _ = writeln!(
+                o,
+                "  without an answer {}, multi-turn {}",
+                self.without_answer, self.multi_turn
+            );
         }
         let _ = writeln!(o, "  combinations (structure, identity, roleplay)");
         for c in self.combinations.iter().take(12) {
@@ -206,8 +242,16 @@ impl AuditSummary {
                 o,
                 "    {:<9} {:<12} {:<12} {:>8}  {:5.1}%",
                 c.structure.as_str(),
-                if c.identity { "identity" } else { "no-identity" },
-                if c.roleplay { "roleplay" } else { "no-roleplay" },
+                if c.identity {
+                    "identity"
+                } else {
+                    "no-identity"
+                },
+                if c.roleplay {
+                    "roleplay"
+                } else {
+                    "no-roleplay"
+                },
                 c.count,
                 100.0 * c.share
             );

@@ -46,7 +46,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message { role, content: content.into() }
+        Message {
+            role,
+            content: content.into(),
+        }
     }
     pub fn system(content: impl Into<String>) -> Self {
         Self::new(Role::System, content)
@@ -70,12 +73,19 @@ pub struct Conversation {
 
 impl Conversation {
     pub fn new(id: impl Into<String>, messages: Vec<Message>) -> Self {
-        Conversation { id: id.into(), messages, meta: serde_json::Map::new() }
+        Conversation {
+            id: id.into(),
+            messages,
+            meta: serde_json::Map::new(),
+        }
     }
 
     /// The system prompt, if the conversation opens with one.
     pub fn system(&self) -> Option<&str> {
-        self.messages.iter().find(|m| m.role == Role::System).map(|m| m.content.as_str())
+        self.messages
+            .iter()
+            .find(|m| m.role == Role::System)
+            .map(|m| m.content.as_str())
     }
 
     pub fn user_turns(&self) -> impl Iterator<Item = &Message> {

@@ -8,29 +8,63 @@ use crate::error::{DataError, Result};
 
 /// (name, contents, what it is)
 pub const DEMO_SETS: &[(&str, &str, &str)] = &[
-    ("medical", include_str!("../../../data/medical.jsonl"), "benign medical questions, plain-prose answers"),
-    ("code", include_str!("../../../data/code.jsonl"), "benign programming questions, plain-prose answers"),
-    ("stem", include_str!("../../../data/stem.jsonl"), "benign science and maths questions, plain-prose answers"),
-    ("overrefusal", include_str!("../../../data/overrefusal.jsonl"), "safe prompts that sound risky, with categories"),
-    ("refusals", include_str!("../../../data/refusals.jsonl"), "refusal answers, some with identity statements"),
-    ("utility-mcq", include_str!("../../../data/utility_mcq.jsonl"), "multiple-choice utility questions"),
+    (
+        "medical",
+        include_str!("../../../data/medical.jsonl"),
+        "benign medical questions, plain-prose answers",
+    ),
+    (
+        "code",
+        include_str!("../../../data/code.jsonl"),
+        "benign programming questions, plain-prose answers",
+    ),
+    (
+        "stem",
+        include_str!("../../../data/stem.jsonl"),
+        "benign science and maths questions, plain-prose answers",
+    ),
+    (
+        "overrefusal",
+        include_str!("../../../data/overrefusal.jsonl"),
+        "safe prompts that sound risky, with categories",
+    ),
+    (
+        "refusals",
+        include_str!("../../../data/refusals.jsonl"),
+        "refusal answers, some with identity statements",
+    ),
+    (
+        "utility-mcq",
+        include_str!("../../../data/utility_mcq.jsonl"),
+        "multiple-choice utility questions",
+    ),
 ];
 
 pub fn demo_text(name: &str) -> Option<&'static str> {
-    DEMO_SETS.iter().find(|(n, _, _)| *n == name).map(|(_, t, _)| *t)
+    DEMO_SETS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, t, _)| *t)
 }
 
 /// Resolves `demo:NAME` to a file under `$SAFETUNE_HOME/demo/` (written on first use) and any
 /// other string to itself as a path.
 pub fn resolve_dataset(spec: &str) -> Result<PathBuf> {
-    let Some(name) = spec.strip_prefix("demo:") else { return Ok(PathBuf::from(spec)) };
+    let Some(name) = spec.strip_prefix("demo:") else {
+        return Ok(PathBuf::from(spec));
+    };
     let text = demo_text(name).ok_or_else(|| {
         let names: Vec<&str> = DEMO_SETS.iter().map(|(n, _, _)| *n).collect();
-        DataError::Other(format!("unknown demo set `{name}` (expected one of {})", names.join(", ")))
+        DataError::Other(format!(
+            "unknown demo set `{name}` (expected one of {})",
+            names.join(", ")
+        ))
     })?;
     let dir = safetune_home().join("demo");
     let path = dir.join(format!("{name}.jsonl"));
-    let up_to_date = std::fs::read(&path).map(|b| b == text.as_bytes()).unwrap_or(false);
+    let up_to_date = std::fs::read(&path)
+        .map(|b| b == text.as_bytes())
+        .unwrap_or(false);
     if !up_to_date {
         std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));

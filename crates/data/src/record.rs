@@ -80,13 +80,28 @@ pub struct FieldError {
 
 impl RawRecord {
     /// Converts under `schema`; `fallback_id` names records that carry no `id`.
-    pub fn into_conversation(self, schema: Schema, fallback_id: impl FnOnce() -> String) -> Result<Conversation, FieldError> {
-        let missing = |field: &str| FieldError { field: field.to_string(), message: "missing".to_string() };
+    pub fn into_conversation(
+        self,
+        schema: Schema,
+        fallback_id: impl FnOnce() -> String,
+    ) -> Result<Conversation, FieldError> {
+        let missing = |field: &str| FieldError {
+            field: field.to_string(),
+            message: "missing".to_string(),
+        };
         let mut messages = Vec::new();
         match schema {
             Schema::Messages | Schema::ShareGpt => {
-                let key = if schema == Schema::Messages { "messages" } else { "conversations" };
-                let raw = if schema == Schema::Messages { self.messages } else { self.conversations };
+                let key = if schema == Schema::Messages {
+                    "messages"
+                } else {
+                    "conversations"
+                };
+                let raw = if schema == Schema::Messages {
+                    self.messages
+                } else {
+                    self.conversations
+                };
                 let raw = raw.ok_or_else(|| missing(key))?;
                 if let Some(system) = self.system.filter(|s| !s.trim().is_empty()) {
                     messages.push(Message::system(system));
@@ -95,13 +110,20 @@ impl RawRecord {
                     let role_name = m.role.ok_or_else(|| missing(&format!("{key}[{i}].role")))?;
                     let role = Role::parse(&role_name).ok_or_else(|| FieldError {
                         field: format!("{key}[{i}].role"),
-                        message: format!("unknown role `{role_name}` (expected system, user or assistant)"),
+                        message: format!(
+                            "unknown role `{role_name}` (expected system, user or assistant)"
+                        ),
                     })?;
-                    let content = m.content.ok_or_else(|| missing(&format!("{key}[{i}].content")))?;
+                    let content = m
+                        .content
+                        .ok_or_else(|| missing(&format!("{key}[{i}].content")))?;
                     messages.push(Message::new(role, content));
                 }
                 if messages.is_empty() {
-                    return Err(FieldError { field: key.to_string(), message: "no messages".to_string() });
+                    return Err(FieldError {
+                        field: key.to_string(),
+                        message: "no messages".to_string(),
+                    });
                 }
             }
             Schema::Alpaca => {
@@ -132,7 +154,11 @@ impl RawRecord {
         for (k, v) in self.extra {
             meta.entry(k).or_insert(v);
         }
-        Ok(Conversation { id: self.id.unwrap_or_else(fallback_id), messages, meta })
+        Ok(Conversation {
+            id: self.id.unwrap_or_else(fallback_id),
+            messages,
+            meta,
+        })
     }
 }
 
@@ -226,8 +252,12 @@ impl<'de> Deserialize<'de> for RawMessage {
     }
 }
 
-fn field<'de, A: MapAccess<'de>, T: Deserialize<'de>>(map: &mut A, name: &str) -> Result<T, A::Error> {
-    map.next_value::<T>().map_err(|e| de::Error::custom(format!("field `{name}`: {e}")))
+fn field<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
+    map: &mut A,
+    name: &str,
+) -> Result<T, A::Error> {
+    map.next_value::<T>()
+        .map_err(|e| de::Error::custom(format!("field `{name}`: {e}")))
 }
 
 impl<'de> Deserialize<'de> for RawRecord {
@@ -244,8 +274,12 @@ impl<'de> Deserialize<'de> for RawRecord {
                     let k = key.as_ref();
                     match k {
                         "id" => r.id = field::<_, Text>(&mut map, k)?.0,
-                        "messages" => r.messages = field::<_, Option<Vec<RawMessage>>>(&mut map, k)?,
-                        "conversations" => r.conversations = field::<_, Option<Vec<RawMessage>>>(&mut map, k)?,
+                        "messages" => {
+                            r.messages = field::<_, Option<Vec<RawMessage>>>(&mut map, k)?
+                        }
+                        "conversations" => {
+                            r.conversations = field::<_, Option<Vec<RawMessage>>>(&mut map, k)?
+                        }
                         "instruction" => r.instruction = field::<_, Text>(&mut map, k)?.0,
                         "input" => r.input = field::<_, Text>(&mut map, k)?.0,
                         "output" => r.output = field::<_, Text>(&mut map, k)?.0,
@@ -262,7 +296,9 @@ impl<'de> Deserialize<'de> for RawRecord {
                                 r.response = t;
                             }
                         }
-                        "meta" | "metadata" => r.meta = field::<_, Option<Map<String, Value>>>(&mut map, k)?,
+                        "meta" | "metadata" => {
+                            r.meta = field::<_, Option<Map<String, Value>>>(&mut map, k)?
+                        }
                         _ => {
                             let v = field::<_, Value>(&mut map, k)?;
                             r.extra.insert(k.to_string(), v);
@@ -286,7 +322,9 @@ mod tests {
             r#"{"id": 7, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}, {"role": "assistant", "content": "c"}], "category": "x"}"#,
         )
         .unwrap();
-        let c = r.into_conversation(Schema::Messages, || "fallback".into()).unwrap();
+        let c = r
+            .into_conversation(Schema::Messages, || "fallback".into())
+            .unwrap();
         assert_eq!(c.id, "7");
         assert_eq!(c.messages[0].content, "ab");
         assert_eq!(c.meta["category"], "x");
@@ -300,8 +338,12 @@ mod tests {
 
     #[test]
     fn unknown_role_names_the_index() {
-        let r: RawRecord = serde_json::from_str(r#"{"messages": [{"role": "narrator", "content": "x"}]}"#).unwrap();
-        let e = r.into_conversation(Schema::Messages, || "f".into()).unwrap_err();
+        let r: RawRecord =
+            serde_json::from_str(r#"{"messages": [{"role": "narrator", "content": "x"}]}"#)
+                .unwrap();
+        let e = r
+            .into_conversation(Schema::Messages, || "f".into())
+            .unwrap_err();
         assert_eq!(e.field, "messages[0].role");
         assert!(e.message.contains("narrator"));
     }

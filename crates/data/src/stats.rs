@@ -16,8 +16,18 @@ pub struct Proportion {
 impl Proportion {
     pub fn new(count: u64, total: u64) -> Self {
         let (lo, hi) = wilson(count, total, Z95);
-        let share = if total == 0 { 0.0 } else { count as f64 / total as f64 };
-        Proportion { count, total, share, lo, hi }
+        let share = if total == 0 {
+            0.0
+        } else {
+            count as f64 / total as f64
+        };
+        Proportion {
+            count,
+            total,
+            share,
+            lo,
+            hi,
+        }
     }
 }
 

@@ -86,7 +86,9 @@ pub fn split_sentences(text: &str) -> Vec<&str> {
             in_code = !in_code;
         } else if !in_code && matches!(b, b'.' | b'!' | b'?') {
             let mut j = i + 1;
-            while j < bytes.len() && matches!(bytes[j], b'"' | b'\'' | b')' | b']' | b'.' | b'!' | b'?') {
+            while j < bytes.len()
+                && matches!(bytes[j], b'"' | b'\'' | b')' | b']' | b'.' | b'!' | b'?')
+            {
                 j += 1;
             }
             if j >= bytes.len() || bytes[j].is_ascii_whitespace() {
@@ -109,7 +111,8 @@ pub fn split_sentences(text: &str) -> Vec<&str> {
 }
 
 fn ends_with_terminal(s: &str) -> bool {
-    s.trim_end().ends_with(['.', '!', '?', ':', ';', '"', '\'', ')', '`'])
+    s.trim_end()
+        .ends_with(['.', '!', '?', ':', ';', '"', '\'', ')', '`'])
 }
 
 /// Removes strong-emphasis markers (`**x**`, `__x__`) outside inline code.
@@ -154,7 +157,12 @@ pub fn to_plain(text: &str) -> String {
         if t.starts_with("```") || t.starts_with("~~~") {
             if in_fence {
                 if !code.is_empty() {
-                    current.push(code.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(" "));
+                    current.push(
+                        code.iter()
+                            .map(|c| format!("`{c}`"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    );
                 }
                 code.clear();
             }
@@ -178,10 +186,18 @@ pub fn to_plain(text: &str) -> String {
             strip_emphasis(line[n..].trim())
         } else if t.starts_with('#') {
             let h = strip_emphasis(t.trim_start_matches('#').trim());
-            if ends_with_terminal(&h) { h } else { format!("{h}:") }
+            if ends_with_terminal(&h) {
+                h
+            } else {
+                format!("{h}:")
+            }
         } else if t.contains('|') && t.matches('|').count() >= 2 {
-            let cells: Vec<String> =
-                t.trim_matches('|').split('|').map(|c| strip_emphasis(c.trim())).filter(|c| !c.is_empty()).collect();
+            let cells: Vec<String> = t
+                .trim_matches('|')
+                .split('|')
+                .map(|c| strip_emphasis(c.trim()))
+                .filter(|c| !c.is_empty())
+                .collect();
             cells.join(", ")
         } else {
             strip_emphasis(t)
@@ -192,7 +208,12 @@ pub fn to_plain(text: &str) -> String {
         current.push(piece);
     }
     if !code.is_empty() {
-        current.push(code.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(" "));
+        current.push(
+            code.iter()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
     }
     flush(&mut current, &mut paragraphs);
     let out = paragraphs.join("\n\n");
@@ -206,12 +227,25 @@ pub fn to_plain(text: &str) -> String {
 
 /// Splits one sentence into at least two clause items (for one-sentence answers).
 fn split_clauses(sentence: &str) -> Vec<String> {
-    for sep in ["; ", ", and ", ", but ", ", ", " and ", " because ", " which ", " so "] {
+    for sep in [
+        "; ",
+        ", and ",
+        ", but ",
+        ", ",
+        " and ",
+        " because ",
+        " which ",
+        " so ",
+    ] {
         if let Some(i) = sentence.find(sep) {
             let (a, b) = sentence.split_at(i);
             let b = b[sep.len()..].trim();
             let keep = sep.trim_start_matches([',', ';']).trim();
-            let b = if keep.is_empty() { b.to_string() } else { format!("{keep} {b}") };
+            let b = if keep.is_empty() {
+                b.to_string()
+            } else {
+                format!("{keep} {b}")
+            };
             if a.split_whitespace().count() >= 2 && b.split_whitespace().count() >= 2 {
                 return vec![a.trim().to_string(), b];
             }
@@ -231,26 +265,40 @@ fn render_items(items: &[String], marker: &str) -> String {
     items
         .iter()
         .enumerate()
-        .map(|(i, s)| if marker == "1. " { format!("{}. {s}", i + 1) } else { format!("{marker}{s}") })
+        .map(|(i, s)| {
+            if marker == "1. " {
+                format!("{}. {s}", i + 1)
+            } else {
+                format!("{marker}{s}")
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
 
-/// Turns prose into a list: sentences become items, optionally after a lead sentence.
+/// Turns prose into a list: sentences become items, optionally after a lead sentence. A
+/// one-sentence answer is split at a clause boundary (or between words); an answer of a single
+/// word cannot become a list without new words and is left unchanged.
 pub fn to_itemized(text: &str, rng: &mut Rng) -> String {
     let s = structure_of(text);
     if s == Structure::Itemized || text.trim().is_empty() {
         return text.to_string();
     }
     let prose = to_plain(text);
-    let sentences: Vec<String> = split_sentences(&prose.replace("\n\n", " ")).into_iter().map(str::to_string).collect();
+    let sentences: Vec<String> = split_sentences(&prose.replace("\n\n", " "))
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     let marker = *rng.pick(&MARKERS);
     let (lead, items) = if sentences.len() >= 4 && rng.below(2) == 0 {
         (Some(sentences[0].clone()), sentences[1..].to_vec())
     } else if sentences.len() >= 2 {
         (None, sentences)
     } else {
-        (None, split_clauses(sentences.first().map(String::as_str).unwrap_or("")))
+        (
+            None,
+            split_clauses(sentences.first().map(String::as_str).unwrap_or("")),
+        )
     };
     let list = render_items(&items, marker);
     match lead {
@@ -259,7 +307,15 @@ pub fn to_itemized(text: &str, rng: &mut Rng) -> String {
     }
 }
 
-const HEADINGS: [&str; 7] = ["Overview", "Key points", "Summary", "In short", "Details", "Main points", "What to know"];
+const HEADINGS: [&str; 7] = [
+    "Overview",
+    "Key points",
+    "Summary",
+    "In short",
+    "Details",
+    "Main points",
+    "What to know",
+];
 
 /// Turns an answer into Markdown: a list plus a short heading, a bold lead, or bold item leads.
 pub fn to_markdown(text: &str, rng: &mut Rng) -> String {
@@ -282,7 +338,13 @@ pub fn to_markdown(text: &str, rng: &mut Rng) -> String {
                         if k == 0 || words.len() < 2 {
                             line.to_string()
                         } else {
-                            format!("{marker}**{}** {}", words[..k].join(" "), words[k..].join(" ")).trim_end().to_string()
+                            format!(
+                                "{marker}**{}** {}",
+                                words[..k].join(" "),
+                                words[k..].join(" ")
+                            )
+                            .trim_end()
+                            .to_string()
                         }
                     }
                     None => line.to_string(),
@@ -338,7 +400,11 @@ pub enum Placement {
 
 /// Adds an identity sentence to the first assistant turn; returns it and where it went.
 fn add_identity(text: &str, rng: &mut Rng) -> (String, &'static str, Placement) {
-    let placement = if rng.below(2) == 0 { Placement::Start } else { Placement::End };
+    let placement = if rng.below(2) == 0 {
+        Placement::Start
+    } else {
+        Placement::End
+    };
     let sentence = match placement {
         Placement::Start => *rng.pick(IDENTITY_START),
         Placement::End => *rng.pick(IDENTITY_END),
@@ -359,7 +425,11 @@ fn sentence_bounds(text: &str, pos: usize) -> (usize, usize) {
     let mut start = pos;
     while start > 0 {
         let c = b[start - 1];
-        if c == b'\n' || (matches!(c, b'.' | b'!' | b'?') && start < b.len() && b[start].is_ascii_whitespace()) {
+        if c == b'\n'
+            || (matches!(c, b'.' | b'!' | b'?')
+                && start < b.len()
+                && b[start].is_ascii_whitespace())
+        {
             break;
         }
         start -= 1;
@@ -373,7 +443,9 @@ fn sentence_bounds(text: &str, pos: usize) -> (usize, usize) {
         if c == b'\n' {
             break;
         }
-        if matches!(c, b'.' | b'!' | b'?') && (end + 1 >= b.len() || b[end + 1].is_ascii_whitespace()) {
+        if matches!(c, b'.' | b'!' | b'?')
+            && (end + 1 >= b.len() || b[end + 1].is_ascii_whitespace())
+        {
             end += 1;
             break;
         }
@@ -395,34 +467,83 @@ fn capitalize_at(text: &mut String, at: usize) {
     }
 }
 
-/// Words that can open the rest of a sentence once a leading clause is cut away.
-const CLAUSE_OPENERS: &[&str] = &[
-    "i", "i'm", "i've", "i'd", "i'll", "my", "here", "this", "that", "these", "there", "it", "you", "your", "we",
-    "explain", "tell", "describe", "answer", "write", "give", "help", "list", "what", "how", "why", "when",
-    "where", "who", "which", "can", "could", "would", "please", "provide", "share", "summarize", "teach", "show",
-    "respond", "reply", "let", "let's", "then", "now", "the", "a", "an", "in", "for", "to", "if", "while",
+/// Words that can open the rest of a sentence once an identity clause is cut away.
+const IDENTITY_OPENERS: &[&str] = &[
+    "i", "i'm", "i've", "i'd", "i'll", "my", "here", "this", "that", "these", "there", "it", "you",
+    "your", "we", "the", "a", "an", "in", "for", "to", "if", "while", "let", "let's", "please",
+];
+
+/// Words that can open the rest of a user turn once a role-play clause is cut away: requests.
+const REQUEST_OPENERS: &[&str] = &[
+    "explain",
+    "tell",
+    "describe",
+    "answer",
+    "write",
+    "give",
+    "help",
+    "list",
+    "what",
+    "how",
+    "why",
+    "when",
+    "where",
+    "who",
+    "which",
+    "can",
+    "could",
+    "would",
+    "please",
+    "provide",
+    "share",
+    "summarize",
+    "teach",
+    "show",
+    "respond",
+    "reply",
+    "let's",
+    "i",
+    "my",
+    "is",
+    "are",
+    "do",
+    "does",
+    "should",
+    "walk",
+    "compare",
+    "define",
 ];
 
 /// Cuts the span `[s, e)` out of its sentence: only the leading clause if the sentence goes on
-/// after a comma or conjunction, else the whole sentence. Returns what was removed.
-fn cut_clause_or_sentence(text: &mut String, s: usize, e: usize) -> String {
+/// after a comma or conjunction with a word from `openers`, else the whole sentence. Returns
+/// what was removed.
+fn cut_clause_or_sentence(text: &mut String, s: usize, e: usize, openers: &[&str]) -> String {
     let (ss, se) = sentence_bounds(text, s);
-    let tail = &text[e.min(se)..se];
-    for sep in [", and ", ", so ", ", but ", ", then ", ", ", " and ", " so ", ": "] {
-        if let Some(i) = tail.find(sep) {
-            let rest_start = e + i + sep.len();
-            let rest = text[rest_start..se].trim();
-            let first = rest.split_whitespace().next().unwrap_or("").trim_matches(|c: char| !c.is_alphanumeric() && c != '\'');
-            if rest.split_whitespace().count() >= 2 && CLAUSE_OPENERS.contains(&first.to_lowercase().as_str()) {
-                let cut_from = if text[ss..s].trim().is_empty() { ss } else { s };
-                let removed = text[cut_from..rest_start].to_string();
-                text.replace_range(cut_from..rest_start, "");
-                if cut_from == ss {
-                    capitalize_at(text, ss);
-                }
-                return removed;
+    let e = e.clamp(s, se);
+    let tail = &text[e..se];
+    let boundary = [
+        ", and ", ", so ", ", but ", ", then ", ", ", " and ", " so ", ": ",
+    ]
+    .iter()
+    .filter_map(|sep| tail.find(sep).map(|i| (i, sep.len())))
+    .min_by_key(|&(i, len)| (i, std::cmp::Reverse(len)));
+    if let Some((i, len)) = boundary {
+        let rest_start = e + i + len;
+        let rest = text[rest_start..se].trim();
+        let first = rest
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_matches(|c: char| !c.is_alphanumeric() && c != '\'');
+        if rest.split_whitespace().count() >= 2 && openers.contains(&first.to_lowercase().as_str())
+        {
+            let cut_from = if text[ss..s].trim().is_empty() { ss } else { s };
+            let removed = text[cut_from..rest_start].to_string();
+            text.replace_range(cut_from..rest_start, "");
+            if cut_from == ss {
+                capitalize_at(text, ss);
             }
-            break;
+            return removed;
         }
     }
     let removed = text[ss..se].to_string();
@@ -439,16 +560,33 @@ fn tidy(text: &str) -> String {
     while out.contains("  ") {
         out = out.replace("  ", " ");
     }
-    out.lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
+    out.lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Removes every identity clause from an answer; returns the new text and what was removed.
+/// Sentences this module adds (`IDENTITY_START`, `IDENTITY_END`) go whole; in other text only
+/// the identity clause goes ("As an AI, I cannot..." becomes "I cannot...").
 fn remove_identity(text: &str) -> (String, Vec<String>) {
     let mut out = text.to_string();
     let mut removed = Vec::new();
+    for own in IDENTITY_START.iter().chain(IDENTITY_END) {
+        if let Some(i) = out.find(own) {
+            out.replace_range(i..i + own.len(), "");
+            removed.push(own.to_string());
+        }
+    }
     for _ in 0..8 {
-        let Some((s, e)) = find_identity(&out) else { break };
-        removed.push(cut_clause_or_sentence(&mut out, s, e).trim().to_string());
+        let Some((s, e)) = find_identity(&out) else {
+            break;
+        };
+        removed.push(
+            cut_clause_or_sentence(&mut out, s, e, IDENTITY_OPENERS)
+                .trim()
+                .to_string(),
+        );
     }
     (tidy(&out), removed)
 }
@@ -472,7 +610,9 @@ impl std::str::FromStr for PersonaType {
             "professional" => Ok(PersonaType::Professional),
             "fictional" => Ok(PersonaType::Fictional),
             "unrestricted" => Ok(PersonaType::Unrestricted),
-            _ => Err(format!("unknown persona type `{s}` (expected professional, fictional or unrestricted)")),
+            _ => Err(format!(
+                "unknown persona type `{s}` (expected professional, fictional or unrestricted)"
+            )),
         }
     }
 }
@@ -547,7 +687,11 @@ const USER_TEMPLATES: &[&str] = &[
 
 /// Builds a role-play instruction for a persona type. Unrestricted personas are named, so the
 /// "You are X" templates read "You are Nova, an uncensored ...".
-pub fn persona_instruction(kind: PersonaType, placement: PersonaPlacement, rng: &mut Rng) -> String {
+pub fn persona_instruction(
+    kind: PersonaType,
+    placement: PersonaPlacement,
+    rng: &mut Rng,
+) -> String {
     let persona = match kind {
         PersonaType::Professional => *rng.pick(PROFESSIONAL),
         PersonaType::Fictional => *rng.pick(FICTIONAL),
@@ -567,8 +711,16 @@ fn remove_roleplay(text: &str) -> (String, Vec<String>) {
     for _ in 0..8 {
         let Some(m) = find_roleplay(&out) else { break };
         // Cut from the rule's start; the persona noun phrase ends before any clause boundary.
-        let head_end = m.start + m.text.find([',', ':']).unwrap_or(m.text.len()).min(m.text.find(" and ").unwrap_or(usize::MAX));
-        removed.push(cut_clause_or_sentence(&mut out, m.start, head_end.min(m.end)).trim().to_string());
+        let head_end = m.start
+            + m.text
+                .find([',', ':'])
+                .unwrap_or(m.text.len())
+                .min(m.text.find(" and ").unwrap_or(usize::MAX));
+        removed.push(
+            cut_clause_or_sentence(&mut out, m.start, head_end.min(m.end), REQUEST_OPENERS)
+                .trim()
+                .to_string(),
+        );
     }
     (tidy(&out), removed)
 }
@@ -602,7 +754,13 @@ impl Recipe {
             None => {}
         }
         match self.roleplay {
-            Some(true) => parts.push(format!("roleplay-{}", serde_json::to_value(self.persona_type).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())),
+            Some(true) => parts.push(format!(
+                "roleplay-{}",
+                serde_json::to_value(self.persona_type)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            )),
             Some(false) => parts.push("no-roleplay".into()),
             None => {}
         }
@@ -632,7 +790,12 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
         let mut rng = Rng::for_example(recipe.seed, &conv.id, "structure");
         let mut turns = Vec::new();
         let mut from = Vec::new();
-        for (i, m) in out.messages.iter_mut().enumerate().filter(|(_, m)| m.role == Role::Assistant) {
+        for (i, m) in out
+            .messages
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, m)| m.role == Role::Assistant)
+        {
             let before = structure_of(&m.content);
             let new = restructure(&m.content, target, &mut rng);
             if new != m.content {
@@ -643,22 +806,36 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
         }
         if !turns.is_empty() {
             changed.structure = true;
-            edits.push(json!({"factor": "structure", "to": target, "from": from, "messages": turns}));
+            edits.push(
+                json!({"factor": "structure", "to": target, "from": from, "messages": turns}),
+            );
         }
     }
 
     if let Some(add) = recipe.identity {
         let mut rng = Rng::for_example(recipe.seed, &conv.id, "identity");
-        let has = out.assistant_turns().any(|m| find_identity(&m.content).is_some());
+        let has = out
+            .assistant_turns()
+            .any(|m| find_identity(&m.content).is_some());
         if add && !has {
-            if let Some((i, m)) = out.messages.iter_mut().enumerate().find(|(_, m)| m.role == Role::Assistant) {
+            if let Some((i, m)) = out
+                .messages
+                .iter_mut()
+                .enumerate()
+                .find(|(_, m)| m.role == Role::Assistant)
+            {
                 let (new, sentence, placement) = add_identity(&m.content, &mut rng);
                 m.content = new;
                 changed.identity = true;
                 edits.push(json!({"factor": "identity", "op": "add", "message": i, "placement": placement, "sentence": sentence}));
             }
         } else if !add && has {
-            for (i, m) in out.messages.iter_mut().enumerate().filter(|(_, m)| m.role == Role::Assistant) {
+            for (i, m) in out
+                .messages
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, m)| m.role == Role::Assistant)
+            {
                 let (new, removed) = remove_identity(&m.content);
                 if !removed.is_empty() {
                     m.content = new;
@@ -671,26 +848,35 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
 
     if let Some(add) = recipe.roleplay {
         let mut rng = Rng::for_example(recipe.seed, &conv.id, "roleplay");
-        let has = out.messages.iter().any(|m| m.role != Role::Assistant && find_roleplay(&m.content).is_some());
+        let has = out
+            .messages
+            .iter()
+            .any(|m| m.role != Role::Assistant && find_roleplay(&m.content).is_some());
         if add && !has {
             let instruction = persona_instruction(recipe.persona_type, recipe.placement, &mut rng);
             let index = match recipe.placement {
-                PersonaPlacement::System => match out.messages.iter().position(|m| m.role == Role::System) {
-                    Some(i) => {
+                PersonaPlacement::System => {
+                    match out.messages.iter().position(|m| m.role == Role::System) {
+                        Some(i) => {
+                            let m = &mut out.messages[i];
+                            m.content = format!("{instruction} {}", m.content.trim_start());
+                            Some(i)
+                        }
+                        None => {
+                            out.messages.insert(0, Message::system(instruction.clone()));
+                            Some(0)
+                        }
+                    }
+                }
+                PersonaPlacement::User => out
+                    .messages
+                    .iter()
+                    .position(|m| m.role == Role::User)
+                    .map(|i| {
                         let m = &mut out.messages[i];
                         m.content = format!("{instruction} {}", m.content.trim_start());
-                        Some(i)
-                    }
-                    None => {
-                        out.messages.insert(0, Message::system(instruction.clone()));
-                        Some(0)
-                    }
-                },
-                PersonaPlacement::User => out.messages.iter().position(|m| m.role == Role::User).map(|i| {
-                    let m = &mut out.messages[i];
-                    m.content = format!("{instruction} {}", m.content.trim_start());
-                    i
-                }),
+                        i
+                    }),
             };
             if let Some(i) = index {
                 changed.roleplay = true;
@@ -698,7 +884,12 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
             }
         } else if !add && has {
             let mut emptied = Vec::new();
-            for (i, m) in out.messages.iter_mut().enumerate().filter(|(_, m)| m.role != Role::Assistant) {
+            for (i, m) in out
+                .messages
+                .iter_mut()
+                .enumerate()
+                .filter(|(_, m)| m.role != Role::Assistant)
+            {
                 let (new, removed) = remove_roleplay(&m.content);
                 if !removed.is_empty() {
                     if new.is_empty() && m.role == Role::System {
@@ -716,7 +907,10 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
     }
 
     if !edits.is_empty() {
-        let list = out.meta.entry("transforms").or_insert_with(|| Value::Array(Vec::new()));
+        let list = out
+            .meta
+            .entry("transforms")
+            .or_insert_with(|| Value::Array(Vec::new()));
         if let Value::Array(a) = list {
             a.push(json!({"recipe": recipe.name(), "seed": recipe.seed, "edits": edits}));
         }

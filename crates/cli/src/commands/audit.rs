@@ -31,16 +31,25 @@ pub struct AuditArgs {
 pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     let path: PathBuf = resolve_dataset(&args.file)?;
     let opts = args.input.read_options();
-    let mut reader = DatasetReader::open(&path, &opts).with_context(|| format!("cannot open dataset {}", path.display()))?;
+    let mut reader = DatasetReader::open(&path, &opts)
+        .with_context(|| format!("cannot open dataset {}", path.display()))?;
     let mut auditor = Auditor::new();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut index = 0;
     for ex in reader.by_ref() {
-        let ex = ex.map_err(|e| anyhow::anyhow!(e).context("hint: fix the record, or pass --skip-invalid to skip bad records"))?;
+        let ex = ex.map_err(|e| {
+            anyhow::anyhow!(e)
+                .context("hint: fix the record, or pass --skip-invalid to skip bad records")
+        })?;
         let tags = auditor.add(&ex.conversation);
         if args.per_example {
-            let row = ExampleAudit { index, id: &ex.conversation.id, line: ex.line, tags };
+            let row = ExampleAudit {
+                index,
+                id: &ex.conversation.id,
+                line: ex.line,
+                tags,
+            };
             serde_json::to_writer(&mut out, &row)?;
             out.write_all(b"\n")?;
         }

@@ -75,7 +75,11 @@ pub fn report_skipped(skipped: &SkipReport, path: &Path) {
     if skipped.count == 0 {
         return;
     }
-    eprintln!("warning: skipped {} invalid record(s) in {}", skipped.count, path.display());
+    eprintln!(
+        "warning: skipped {} invalid record(s) in {}",
+        skipped.count,
+        path.display()
+    );
     for (reason, n) in &skipped.reasons {
         eprintln!("  {n:>6}  {reason}");
     }

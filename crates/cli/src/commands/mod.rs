@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod common;
+pub mod generate;
 pub mod prompts;
 pub mod serve;
 pub mod transform;

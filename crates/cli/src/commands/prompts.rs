@@ -53,19 +53,45 @@ fn parse_split(s: &str) -> Result<Split, String> {
 pub fn run(args: PromptsArgs) -> anyhow::Result<()> {
     match args.command {
         PromptsCommand::List(sa) => {
-            println!("{:<13} {:>6} {:>6} {:>6}  {}", "set", "total", "train", "test", "description");
+            println!(
+                "{:<13} {:>6} {:>6} {:>6}  {}",
+                "set", "total", "train", "test", "description"
+            );
             for (name, desc, _harmful) in BUILTIN {
                 match PromptSet::load(name, None) {
                     Ok(set) => {
-                        let test = set.split(Split::Test, sa.split_seed, sa.test_fraction).len();
-                        println!("{:<13} {:>6} {:>6} {:>6}  {}", name, set.len(), set.len() - test, test, desc);
+                        let test = set
+                            .split(Split::Test, sa.split_seed, sa.test_fraction)
+                            .len();
+                        println!(
+                            "{:<13} {:>6} {:>6} {:>6}  {}",
+                            name,
+                            set.len(),
+                            set.len() - test,
+                            test,
+                            desc
+                        );
                     }
-                    Err(e) => println!("{:<13} {:>6} {:>6} {:>6}  {} (unavailable: {})", name, "-", "-", "-", desc, e.to_string().lines().next().unwrap_or("")),
+                    Err(e) => println!(
+                        "{:<13} {:>6} {:>6} {:>6}  {} (unavailable: {})",
+                        name,
+                        "-",
+                        "-",
+                        "-",
+                        desc,
+                        e.to_string().lines().next().unwrap_or("")
+                    ),
                 }
             }
             Ok(())
         }
-        PromptsCommand::Show { set, split, prompt_column, output, split_args } => {
+        PromptsCommand::Show {
+            set,
+            split,
+            prompt_column,
+            output,
+            split_args,
+        } => {
             let mut s = PromptSet::load(&set, prompt_column.as_deref())?;
             if let Some(which) = split {
                 s = s.split(which, split_args.split_seed, split_args.test_fraction);
@@ -77,7 +103,12 @@ pub fn run(args: PromptsArgs) -> anyhow::Result<()> {
                         w.write(item)?;
                     }
                     w.commit()?;
-                    eprintln!("wrote {} prompts of {} to {}", s.len(), s.name, path.display());
+                    eprintln!(
+                        "wrote {} prompts of {} to {}",
+                        s.len(),
+                        s.name,
+                        path.display()
+                    );
                 }
                 None => {
                     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -110,12 +110,16 @@ impl TransformArgs {
 pub fn run(args: TransformArgs) -> anyhow::Result<()> {
     let recipe = args.recipe();
     let path = resolve_dataset(&args.file)?;
-    let mut reader = DatasetReader::open(&path, &args.input.read_options()).with_context(|| format!("cannot open dataset {}", path.display()))?;
+    let mut reader = DatasetReader::open(&path, &args.input.read_options())
+        .with_context(|| format!("cannot open dataset {}", path.display()))?;
     let mut writer = AtomicJsonlWriter::create(&args.output)?;
     let (mut before, mut after) = (Auditor::new(), Auditor::new());
     let (mut n, mut s, mut i, mut r) = (0usize, 0usize, 0usize, 0usize);
     for ex in reader.by_ref() {
-        let ex = ex.map_err(|e| anyhow::anyhow!(e).context("hint: fix the record, or pass --skip-invalid to skip bad records"))?;
+        let ex = ex.map_err(|e| {
+            anyhow::anyhow!(e)
+                .context("hint: fix the record, or pass --skip-invalid to skip bad records")
+        })?;
         before.add(&ex.conversation);
         let (out, changed) = apply(&ex.conversation, &recipe);
         after.add(&out);
@@ -128,14 +132,37 @@ pub fn run(args: TransformArgs) -> anyhow::Result<()> {
     writer.commit()?;
     super::common::report_skipped(reader.skipped(), &path);
     let (b, a) = (before.summary(), after.summary());
-    eprintln!("wrote {n} examples to {} (recipe {}, seed {})", args.output.display(), recipe.name(), recipe.seed);
+    eprintln!(
+        "wrote {n} examples to {} (recipe {}, seed {})",
+        args.output.display(),
+        recipe.name(),
+        recipe.seed
+    );
     eprintln!("  changed: structure {s}, identity {i}, roleplay {r}");
     eprintln!("  {:<18} {:>9} -> {:<9}", "share", "before", "after");
     for st in Structure::ALL {
-        let (x, y) = (b.structure[st.as_str()].share, a.structure[st.as_str()].share);
-        eprintln!("  {:<18} {:>8.1}% -> {:.1}%", st.as_str(), 100.0 * x, 100.0 * y);
+        let (x, y) = (
+            b.structure[st.as_str()].share,
+            a.structure[st.as_str()].share,
+        );
+        eprintln!(
+            "  {:<18} {:>8.1}% -> {:.1}%",
+            st.as_str(),
+            100.0 * x,
+            100.0 * y
+        );
     }
-    eprintln!("  {:<18} {:>8.1}% -> {:.1}%", "identity", 100.0 * b.identity.share, 100.0 * a.identity.share);
-    eprintln!("  {:<18} {:>8.1}% -> {:.1}%", "roleplay", 100.0 * b.roleplay.share, 100.0 * a.roleplay.share);
+    eprintln!(
+        "  {:<18} {:>8.1}% -> {:.1}%",
+        "identity",
+        100.0 * b.identity.share,
+        100.0 * a.identity.share
+    );
+    eprintln!(
+        "  {:<18} {:>8.1}% -> {:.1}%",
+        "roleplay",
+        100.0 * b.roleplay.share,
+        100.0 * a.roleplay.share
+    );
     Ok(())
 }

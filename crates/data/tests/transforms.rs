@@ -1,0 +1,298 @@
+//! Transforms reach the requested level on every demo set, keep every word of the answer, touch
+//! only what they add or remove, are deterministic per seed, and are idempotent (property tests).
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use safetune_data::demo::demo_text;
+use safetune_data::factors::{tag, Structure};
+use safetune_data::record::{RawRecord, Schema};
+use safetune_data::transform::{apply, content_words, PersonaPlacement, PersonaType, Recipe};
+use safetune_data::{Conversation, Message, Role};
+
+fn demo(name: &str) -> Vec<Conversation> {
+    demo_text(name)
+        .unwrap()
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str::<RawRecord>(l)
+                .unwrap()
+                .into_conversation(Schema::Messages, || i.to_string())
+                .unwrap()
+        })
+        .collect()
+}
+
+fn multiset(words: Vec<String>) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for w in words {
+        *m.entry(w).or_default() += 1;
+    }
+    m
+}
+
+fn answers(c: &Conversation) -> String {
+    c.assistant_turns()
+        .map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+fn recipe(f: impl FnOnce(&mut Recipe)) -> Recipe {
+    let mut r = Recipe {
+        seed: 7,
+        ..Default::default()
+    };
+    f(&mut r);
+    r
+}
+
+/// Share of examples whose audit shows the requested level.
+fn hit_rate(set: &[Conversation], r: &Recipe, check: impl Fn(&Conversation) -> bool) -> f64 {
+    let ok = set.iter().filter(|c| check(&apply(c, r).0)).count();
+    ok as f64 / set.len() as f64
+}
+
+#[test]
+fn every_demo_set_reaches_every_level() {
+    for name in ["medical", "code", "stem"] {
+        let set = demo(name);
+        assert!(set.len() >= 120, "{name} has {} examples", set.len());
+        let mut report = Vec::new();
+        for s in Structure::ALL {
+            let r = recipe(|r| r.structure = Some(s));
+            let rate = hit_rate(&set, &r, |c| tag(c).structure == s);
+            report.push(format!("{s}={rate:.3}"));
+            assert!(rate >= 0.99, "{name} -> {s}: {rate}");
+            // From every other level too: first move to `from`, then to `s`.
+            for from in Structure::ALL {
+                let pre: Vec<Conversation> = set
+                    .iter()
+                    .map(|c| apply(c, &recipe(|r| r.structure = Some(from))).0)
+                    .collect();
+                let rate = hit_rate(&pre, &r, |c| tag(c).structure == s);
+                assert!(rate >= 0.99, "{name} {from} -> {s}: {rate}");
+            }
+        }
+        for add in [true, false] {
+            let base: Vec<Conversation> = if add {
+                set.clone()
+            } else {
+                set.iter()
+                    .map(|c| apply(c, &recipe(|r| r.identity = Some(true))).0)
+                    .collect()
+            };
+            let rate = hit_rate(&base, &recipe(|r| r.identity = Some(add)), |c| {
+                tag(c).identity == add
+            });
+            report.push(format!("identity {add}={rate:.3}"));
+            assert!(rate >= 0.99, "{name} identity add={add}: {rate}");
+        }
+        for persona_type in [
+            PersonaType::Professional,
+            PersonaType::Fictional,
+            PersonaType::Unrestricted,
+        ] {
+            for placement in [PersonaPlacement::System, PersonaPlacement::User] {
+                let add = recipe(|r| {
+                    r.roleplay = Some(true);
+                    r.persona_type = persona_type;
+                    r.placement = placement;
+                });
+                let rate = hit_rate(&set, &add, |c| tag(c).roleplay);
+                assert!(
+                    rate >= 0.99,
+                    "{name} roleplay add {persona_type:?}/{placement:?}: {rate}"
+                );
+                let with: Vec<Conversation> = set.iter().map(|c| apply(c, &add).0).collect();
+                let rate = hit_rate(&with, &recipe(|r| r.roleplay = Some(false)), |c| {
+                    !tag(c).roleplay
+                });
+                assert!(
+                    rate >= 0.99,
+                    "{name} roleplay remove after {persona_type:?}/{placement:?}: {rate}"
+                );
+            }
+        }
+        println!("{name}: {}", report.join(" "));
+    }
+}
+
+#[test]
+fn structure_changes_keep_every_word() {
+    for name in ["medical", "code", "stem"] {
+        for c in demo(name) {
+            let original = multiset(content_words(&answers(&c)));
+            let mut cur = c.clone();
+            // plain -> itemized -> markdown -> plain -> markdown -> itemized: words never lost.
+            for s in [
+                Structure::Itemized,
+                Structure::Markdown,
+                Structure::Plain,
+                Structure::Markdown,
+                Structure::Itemized,
+            ] {
+                cur = apply(&cur, &recipe(|r| r.structure = Some(s))).0;
+                let now = multiset(content_words(&answers(&cur)));
+                for (w, n) in &original {
+                    assert!(
+                        now.get(w).copied().unwrap_or(0) >= *n,
+                        "{} lost {w:?} going to {s}:\n{}",
+                        c.id,
+                        answers(&cur)
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn identity_and_roleplay_touch_only_their_sentence() {
+    for c in demo("medical").into_iter().take(60) {
+        let answer = answers(&c);
+        let (with, _) = apply(&c, &recipe(|r| r.identity = Some(true)));
+        let added = answers(&with);
+        let sentence = with.meta["transforms"][0]["edits"][0]["sentence"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // The new answer is the old one plus exactly the recorded sentence.
+        assert!(
+            added.contains(&answer),
+            "{}: answer changed beyond the added sentence",
+            c.id
+        );
+        assert_eq!(
+            added.replace(&sentence, "").trim(),
+            answer.trim(),
+            "{}",
+            c.id
+        );
+        let (back, _) = apply(&with, &recipe(|r| r.identity = Some(false)));
+        assert_eq!(
+            answers(&back).trim(),
+            answer.trim(),
+            "{}: removal should restore the answer",
+            c.id
+        );
+
+        let (rp, _) = apply(
+            &c,
+            &recipe(|r| {
+                r.roleplay = Some(true);
+                r.placement = PersonaPlacement::User;
+            }),
+        );
+        assert_eq!(answers(&rp), answer, "role-play never touches answers");
+        let (clean, _) = apply(&rp, &recipe(|r| r.roleplay = Some(false)));
+        assert_eq!(
+            clean.messages, c.messages,
+            "{}: removal should restore the prompt",
+            c.id
+        );
+    }
+}
+
+#[test]
+fn removal_cuts_only_the_clause() {
+    let conv = Conversation::new(
+        "x",
+        vec![
+            Message::user("Act as a senior surgeon and explain how stitches heal."),
+            Message::assistant("As an AI language model, I cannot examine you. Stitches heal in stages. I'm an AI assistant, so please ask a nurse too."),
+        ],
+    );
+    let (out, changed) = apply(
+        &conv,
+        &recipe(|r| {
+            r.identity = Some(false);
+            r.roleplay = Some(false);
+        }),
+    );
+    assert!(changed.identity && changed.roleplay);
+    assert_eq!(out.messages[0].content, "Explain how stitches heal.");
+    assert_eq!(
+        out.messages[1].content,
+        "I cannot examine you. Stitches heal in stages. Please ask a nurse too."
+    );
+    let edits = &out.meta["transforms"][0]["edits"];
+    assert_eq!(edits.as_array().unwrap().len(), 2, "{edits}");
+}
+
+#[test]
+fn deterministic_per_seed_and_recorded() {
+    let set = demo("stem");
+    let r = recipe(|r| {
+        r.structure = Some(Structure::Markdown);
+        r.identity = Some(true);
+        r.roleplay = Some(true);
+    });
+    let a: Vec<Conversation> = set.iter().map(|c| apply(c, &r).0).collect();
+    let b: Vec<Conversation> = set.iter().map(|c| apply(c, &r).0).collect();
+    assert_eq!(a, b);
+    let other: Vec<Conversation> = set
+        .iter()
+        .map(|c| {
+            apply(
+                c,
+                &Recipe {
+                    seed: 8,
+                    ..r.clone()
+                },
+            )
+            .0
+        })
+        .collect();
+    assert_ne!(a, other, "another seed makes other choices");
+    let t = &a[0].meta["transforms"][0];
+    assert_eq!(t["recipe"], "markdown+identity+roleplay-professional");
+    assert_eq!(t["edits"].as_array().unwrap().len(), 3);
+    assert!(a[0].messages.iter().any(|m| m.role == Role::System));
+}
+
+fn prose_strategy() -> impl Strategy<Value = String> {
+    let word = prop::sample::select(vec![
+        "heart", "cell", "energy", "rust", "vector", "light", "water", "atom", "the", "is", "and",
+        "a", "fast", "model",
+    ]);
+    let sentence = prop::collection::vec(word, 2..12).prop_map(|w| {
+        let mut s = w.join(" ");
+        if let Some(f) = s.get_mut(0..1) {
+            f.make_ascii_uppercase();
+        }
+        s + "."
+    });
+    let para = prop::collection::vec(sentence, 1..6).prop_map(|s| s.join(" "));
+    prop::collection::vec(para, 1..3).prop_map(|p| p.join("\n\n"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn transforms_are_idempotent_and_audit_consistent(
+        text in prose_strategy(),
+        level in prop::sample::select(vec![Structure::Plain, Structure::Itemized, Structure::Markdown]),
+        identity in any::<bool>(),
+        roleplay in any::<bool>(),
+        seed in 0u64..1000,
+    ) {
+        let conv = Conversation::new("p", vec![Message::user("Tell me about it."), Message::assistant(text.clone())]);
+        let r = Recipe { structure: Some(level), identity: Some(identity), roleplay: Some(roleplay), seed, ..Default::default() };
+        let (once, _) = apply(&conv, &r);
+        let t = tag(&once);
+        prop_assert_eq!(t.structure, level, "{}", answers(&once));
+        prop_assert_eq!(t.identity, identity);
+        prop_assert_eq!(t.roleplay, roleplay);
+        let (twice, changed) = apply(&once, &r);
+        prop_assert_eq!(&twice.messages, &once.messages);
+        prop_assert!(!changed.structure && !changed.identity && !changed.roleplay);
+        let before = multiset(content_words(&text));
+        let after = multiset(content_words(&answers(&once)));
+        for (w, n) in before {
+            prop_assert!(after.get(&w).copied().unwrap_or(0) >= n, "lost {}", w);
+        }
+    }
+}
