@@ -35,6 +35,8 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// Generate answers for a prompt file into JSONL (resumable; local or openai: models).
     Generate(commands::generate::GenerateArgs),
+    /// A first real look: audit the demo sets and benchmarks, write matched variants.
+    Quickstart(commands::quickstart::QuickstartArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -48,6 +50,7 @@ fn main() {
     };
     let result = match cli.command {
         Command::Audit(args) => commands::audit::run(args),
+        Command::Quickstart(args) => commands::quickstart::run(args),
         Command::Transform(args) => commands::transform::run(args),
         Command::Prompts(args) => commands::prompts::run(args),
         Command::Serve(args) => commands::serve::run(args),

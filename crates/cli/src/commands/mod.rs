@@ -4,5 +4,6 @@ pub mod audit;
 pub mod common;
 pub mod generate;
 pub mod prompts;
+pub mod quickstart;
 pub mod serve;
 pub mod transform;
