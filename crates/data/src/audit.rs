@@ -163,7 +163,7 @@ pub struct RiskNote {
     pub note: String,
 }
 
-const STUDY: &str = "Picky LLMs and Unreliable RMs (arXiv 2502.01116)";
+const STUDY: &str = "\"Picky LLMs and Unreliable RMs\" (arXiv 2502.01116)";
 
 fn level(share: f64, high: f64, medium: f64) -> &'static str {
     if share >= high {
@@ -184,7 +184,7 @@ fn risk_summary(s: &AuditSummary) -> Vec<RiskNote> {
             factor: "structure",
             level: level(plain, 0.5, 0.2),
             note: format!(
-                "{:.0}% of answers are plain prose. The study ({STUDY}) found that tuning on plain-text answers erodes safety alignment more than tuning on Markdown or itemized answers that resemble what the aligned model writes itself; consider `safetune transform --structure markdown`.",
+                "{:.0}% of answers are plain prose. The study {STUDY} found that tuning on plain-text answers erodes safety alignment more than tuning on Markdown or itemized answers that resemble what the aligned model writes itself; consider `safetune transform --structure markdown`.",
                 100.0 * plain
             ),
         },

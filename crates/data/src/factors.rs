@@ -398,7 +398,8 @@ static ROLEPLAY_RULES: LazyLock<Vec<RoleplayRule>> = LazyLock::new(|| {
             format!(r"(?:^|[.!?:;\n]\s*|\bplease,?\s+|\byou\s+to\s+|\byou\s+(?:will|should|must|shall|can|could|would)\s+|\bcan\s+you\s+|\bcould\s+you\s+|\bnow,?\s+|\bwill\s+you\s+)(?:act|behave)\s+(?:as|like)\s+(?:if\s+you\s+were\s+|though\s+you\s+were\s+)?{persona}"),
             true,
         ),
-        rule("pretend", r"\b(?:pretend|pretending)\s+(?:to\s+be|you\s+are|you['’]re|that\s+you\s+are|that\s+you['’]re|you\s+were|to\s+act)\b".to_string(), false),
+        // Addressed to the model ("Pretend you are", "can you pretend to be"), not "they pretend to be".
+        rule("pretend", r"(?:^|[.!?:;\n]\s*|\bplease,?\s+|\byou\s+to\s+|\byou\s+(?:will|should|must|shall|can|could|would)\s+|\bcan\s+you\s+|\bcould\s+you\s+|\bwill\s+you\s+|\bnow,?\s+|\band\s+|\bjust\s+)pretend\s+(?:to\s+be|you\s+are|you['’]re|that\s+you\s+are|that\s+you['’]re|you\s+were|to\s+act)\b".to_string(), false),
         rule("lets-pretend", r"\blet['’]?s\s+(?:pretend|roleplay|role-play|role\s+play|play\s+a\s+game\s+where\s+you)\b".to_string(), false),
         rule(
             "imagine-you-are",

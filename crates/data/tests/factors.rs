@@ -122,6 +122,7 @@ fn roleplay_positive() {
         ("Please act like my late grandmother.", "act-as"),
         ("Pretend you are a hacker in a movie.", "pretend"),
         ("Pretend to be my lawyer.", "pretend"),
+        ("Can you pretend you're my boss?", "pretend"),
         ("Imagine you are a medieval knight.", "imagine-you-are"),
         ("Roleplay as an elf from the forest.", "roleplay-as"),
         ("Play the role of a strict teacher.", "play-the-role"),
@@ -170,6 +171,7 @@ fn roleplay_negative_includes_every_design_exception() {
         "Explain how actors play the role they are given.",
         "You are tasked with summarising this article.",
         "Write a story about a pirate.",
+        "Write a post claiming the country is just pretending to be at war.",
     ];
     for text in cases {
         assert!(
