@@ -11,6 +11,9 @@
 //! stop accepting, answer requests that were accepted but not yet queued with 503, let the
 //! scheduler finish every queued job, wait for in-flight responses to be written, then return.
 
+// Errors here become HTTP answers once per request; their size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -154,16 +157,29 @@ impl ServerHandle {
         self.join()
     }
 
-    /// Blocks until SIGINT or SIGTERM (or the stop flag is set otherwise), then shuts down
-    /// gracefully. A second signal during the shutdown exits the process at once with status 1.
-    pub fn wait_for_signal(mut self) -> Result<(), ServeError> {
+    /// Makes SIGINT and SIGTERM set the stop flag. A second signal (once the flag is set) exits
+    /// the process at once with status 1.
+    pub fn install_signal_handlers(&self) -> Result<(), ServeError> {
         use signal_hook::consts::{SIGINT, SIGTERM};
         for sig in [SIGINT, SIGTERM] {
             signal_hook::flag::register_conditional_shutdown(sig, 1, self.stop.clone())
                 .map_err(ServeError::Signal)?;
             signal_hook::flag::register(sig, self.stop.clone()).map_err(ServeError::Signal)?;
         }
+        Ok(())
+    }
+
+    /// Blocks until the stop flag is set (by a signal handler or another thread), then shuts
+    /// down gracefully as [`ServerHandle::shutdown`] does.
+    pub fn wait(mut self) -> Result<(), ServeError> {
         self.join()
+    }
+
+    /// [`ServerHandle::install_signal_handlers`], then [`ServerHandle::wait`]: serves until
+    /// SIGINT or SIGTERM, then shuts down gracefully.
+    pub fn wait_for_signal(self) -> Result<(), ServeError> {
+        self.install_signal_handlers()?;
+        self.wait()
     }
 
     fn join(&mut self) -> Result<(), ServeError> {

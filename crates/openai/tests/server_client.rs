@@ -32,6 +32,8 @@ struct Fake {
     seen: Mutex<Vec<String>>,
     fail_first: AtomicUsize,
     fail_boom: AtomicBool,
+    /// While closed, generation waits (at most 5 s) for it to open.
+    gate: (Mutex<bool>, std::sync::Condvar),
 }
 
 impl Fake {
@@ -43,7 +45,12 @@ impl Fake {
             seen: Mutex::new(Vec::new()),
             fail_first: AtomicUsize::new(0),
             fail_boom: AtomicBool::new(false),
+            gate: (Mutex::new(true), std::sync::Condvar::new()),
         }
+    }
+    fn set_gate(&self, open: bool) {
+        *self.gate.0.lock().unwrap() = open;
+        self.gate.1.notify_all();
     }
     fn with_delay(mut self, ms: u64) -> Fake {
         self.delay = Duration::from_millis(ms);
@@ -98,6 +105,13 @@ impl Generator for Fake {
             .unwrap()
             .extend(requests.iter().map(|r| prompt_text(&r.prompt)));
         std::thread::sleep(self.delay);
+        let open = self.gate.0.lock().unwrap();
+        drop(
+            self.gate
+                .1
+                .wait_timeout_while(open, Duration::from_secs(5), |open| !*open)
+                .unwrap(),
+        );
         if self.fail_first.load(Ordering::SeqCst) > 0 {
             self.fail_first.fetch_sub(1, Ordering::SeqCst);
             return Err(BackendError::Unavailable("failing on purpose".into()));
@@ -152,6 +166,8 @@ fn client_config() -> ClientConfig {
         max_retries: 4,
         initial_backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(50),
+        // The server's Retry-After of 1 s is cut to this, to keep the suite fast.
+        max_retry_after: Duration::from_millis(50),
         request_timeout: Duration::from_secs(10),
         api_key_env: "SAFETUNE_TEST_UNSET_KEY".into(),
         ..Default::default()
@@ -393,7 +409,8 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[test]
 fn full_queue_answers_429_with_openai_error() {
-    let fake = Arc::new(Fake::new().with_delay(400).with_max_batch(1));
+    let fake = Arc::new(Fake::new().with_max_batch(1));
+    fake.set_gate(false);
     let h = server(fake.clone(), |c| {
         c.max_queue = 1;
         c.batch_wait_ms = 0;
@@ -414,6 +431,7 @@ fn full_queue_answers_429_with_openai_error() {
     let e = error_of(&text);
     assert_eq!(e.error.code.as_deref(), Some("queue_full"));
     assert!(e.error.message.contains("queue is full"));
+    fake.set_gate(true);
     assert_eq!(first.join().unwrap(), 200);
     assert_eq!(second.join().unwrap(), 200);
     assert_eq!(h.stats().rejected_queue_full, 1);
@@ -483,6 +501,30 @@ fn shutdown_finishes_in_flight_requests_then_stops_listening() {
     let (status, _, text) = inflight.join().unwrap();
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("echo: last words"));
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(),
+        "still listening"
+    );
+}
+
+#[test]
+fn sigterm_stops_the_server_after_in_flight_requests() {
+    let fake = Arc::new(Fake::new().with_delay(300));
+    let h = server(fake, |_| {});
+    // Installed before raising: without a handler SIGTERM would end the test process.
+    h.install_signal_handlers().unwrap();
+    let url = format!("{}/chat/completions", h.base_url());
+    let body = json!({"messages": [{"role": "user", "content": "bye"}]}).to_string();
+    let inflight = std::thread::spawn(move || http("POST", &url, Some(&body)));
+    wait_until("the request to start generating", || h.stats().batches >= 1);
+    let addr = h.addr();
+    let stop = h.stop_flag();
+    let waiter = std::thread::spawn(move || h.wait());
+    signal_hook::low_level::raise(signal_hook::consts::SIGTERM).unwrap();
+    wait_until("the stop flag", || stop.load(Ordering::SeqCst));
+    waiter.join().unwrap().unwrap();
+    let (status, _, text) = inflight.join().unwrap();
+    assert_eq!(status, 200, "{text}");
     assert!(
         std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(),
         "still listening"
@@ -609,7 +651,11 @@ impl Drop for Flaky {
 #[test]
 fn client_honours_retry_after_on_429() {
     let flaky = Flaky::start(2, 429, Some("0.3"), "slow down");
-    let c = OpenAiClient::from_spec(&format!("openai:{}#m", flaky.url), client_config()).unwrap();
+    let cfg = ClientConfig {
+        max_retry_after: Duration::from_secs(5),
+        ..client_config()
+    };
+    let c = OpenAiClient::from_spec(&format!("openai:{}#m", flaky.url), cfg).unwrap();
     let t = Instant::now();
     let out = c.generate(&[chat("x", 4)]).unwrap();
     assert_eq!(out[0].text, "fine");
