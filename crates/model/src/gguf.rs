@@ -55,23 +55,25 @@ impl GgufFile {
         let file_len = std::fs::metadata(path)
             .map_err(|e| ModelError::io(path, e))?
             .len();
+        let mut first_cut: Option<(u64, &String, u64)> = None;
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
             let block = info.ggml_dtype.block_size();
             let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-            let end = content
-                .tensor_data_offset
-                .saturating_add(info.offset)
-                .saturating_add(bytes);
-            if end > file_len {
-                return Err(ModelError::format(
-                    path,
-                    format!(
-                        "file is truncated: tensor `{name}` needs bytes up to {end}, the file has {file_len} \
-                         (hint: download it again)"
-                    ),
-                ));
+            let start = content.tensor_data_offset.saturating_add(info.offset);
+            let end = start.saturating_add(bytes);
+            if end > file_len && first_cut.map_or(true, |(s, _, _)| start < s) {
+                first_cut = Some((start, name, end));
             }
+        }
+        if let Some((_, name, end)) = first_cut {
+            return Err(ModelError::format(
+                path,
+                format!(
+                    "file is truncated: tensor `{name}` needs bytes up to {end}, the file has {file_len} \
+                     (hint: download it again)"
+                ),
+            ));
         }
         Ok(GgufFile {
             path: path.to_path_buf(),

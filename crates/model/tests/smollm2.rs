@@ -171,3 +171,26 @@ fn quantized_and_dequantized_agree_on_next_token() {
         "too few decided prompts ({decided}) for the check to mean anything"
     );
 }
+
+#[test]
+fn truncated_gguf_is_a_clear_error() {
+    let src = std::fs::read(smollm2_gguf()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (name, len) in [
+        ("header-only.gguf", 2_000_000),
+        ("half.gguf", src.len() / 2),
+        ("tiny.gguf", 100),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, &src[..len]).unwrap();
+        let err = LocalEngine::load_gguf(&p, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        println!("{name}: {err}");
+        assert!(err.contains(name), "{err}");
+        assert!(
+            err.contains("truncated") || err.contains("not a readable GGUF"),
+            "{err}"
+        );
+    }
+}

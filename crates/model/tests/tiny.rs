@@ -278,3 +278,44 @@ fn wrong_shapes_and_missing_tensors_are_named() {
         .to_string();
     assert!(e.contains("config.json") && e.contains("GGUF"), "{e}");
 }
+
+#[test]
+fn generation_job_resumes_with_the_local_engine() {
+    use safetune_model::job::{read_prompts, run_generation, JobOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let e = tiny(&dir.path().join("m"), TinyModel::default());
+    let prompts_path = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts_path,
+        "{\"id\": \"a\", \"prompt\": \"hello\"}\n{\"id\": \"b\", \"prompt\": \"the cat\", \"system\": \"Be brief.\"}\n{\"id\": \"c\", \"messages\": [{\"role\": \"user\", \"content\": \"is it?\"}]}\n",
+    )
+    .unwrap();
+    let prompts = read_prompts(&prompts_path).unwrap();
+    let out = dir.path().join("gen.jsonl");
+    let opts = JobOptions {
+        sampling: Sampling {
+            max_new_tokens: 6,
+            temperature: 0.7,
+            seed: 3,
+            ..Sampling::default()
+        },
+        batch_size: 2,
+        raw: false,
+    };
+    let full = run_generation(&e, &prompts, &out, &opts, &mut |_| {}).unwrap();
+    assert_eq!(full.done, 3);
+    let all = std::fs::read_to_string(&out).unwrap();
+    // Keep the first row only, as if killed after it; the rerun must write the same rows.
+    let first = all.lines().next().unwrap().to_string() + "\n";
+    std::fs::write(&out, &first).unwrap();
+    let resumed = run_generation(&e, &prompts, &out, &opts, &mut |_| {}).unwrap();
+    assert_eq!((resumed.skipped, resumed.done), (1, 2));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        all,
+        "a resumed run writes what an uninterrupted one did"
+    );
+    let row: serde_json::Value = serde_json::from_str(all.lines().next().unwrap()).unwrap();
+    assert_eq!(row["id"], "a");
+    assert!(row["completion_tokens"].as_u64().unwrap() >= 1);
+}
