@@ -421,6 +421,13 @@ fn run_batch(shared: &Shared, generator: &dyn Generator, batch: Vec<Job>) {
                 let _ = job.events.send(Event::Done(Ok(mine)));
             }
         }
+        // One request's own fault (too long, bad settings) must not fail the others it was
+        // batched with: run each job alone so only the faulty one gets the 400.
+        Err(BackendError::Invalid(_)) if batch.len() > 1 => {
+            for job in batch {
+                run_batch(shared, generator, vec![job]);
+            }
+        }
         Err(e) => {
             for job in &batch {
                 let copy = match &e {

@@ -123,6 +123,14 @@ impl Generator for Fake {
         {
             return Err(BackendError::Unavailable("boom".into()));
         }
+        if let Some(i) = requests
+            .iter()
+            .position(|r| prompt_text(&r.prompt).contains("invalid"))
+        {
+            return Err(BackendError::Invalid(format!(
+                "request {i}: asked to be invalid"
+            )));
+        }
         let mut outs = Vec::new();
         for (i, r) in requests.iter().enumerate() {
             let (text, finish_reason) = echo(&r.prompt, r.sampling.max_new_tokens);
@@ -435,6 +443,32 @@ fn full_queue_answers_429_with_openai_error() {
     assert_eq!(first.join().unwrap(), 200);
     assert_eq!(second.join().unwrap(), 200);
     assert_eq!(h.stats().rejected_queue_full, 1);
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn a_request_the_model_rejects_does_not_fail_its_batch_mates() {
+    let fake = Arc::new(Fake::new().with_delay(20).with_max_batch(4));
+    let h = server(fake.clone(), |c| c.batch_wait_ms = 150);
+    let url = format!("{}/chat/completions", h.base_url());
+    let threads: Vec<_> = ["fine", "invalid please", "also fine"]
+        .iter()
+        .map(|p| {
+            let (url, body) = (
+                url.clone(),
+                json!({"messages": [{"role": "user", "content": p}]}).to_string(),
+            );
+            std::thread::spawn(move || http("POST", &url, Some(&body)))
+        })
+        .collect();
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(results[0].0, 200, "{}", results[0].2);
+    assert_eq!(results[2].0, 200, "{}", results[2].2);
+    assert_eq!(results[1].0, 400, "{}", results[1].2);
+    assert!(error_of(&results[1].2)
+        .error
+        .message
+        .contains("asked to be invalid"));
     h.shutdown().unwrap();
 }
 
