@@ -56,19 +56,15 @@ impl std::fmt::Debug for LocalEngine {
 }
 
 impl LocalEngine {
-    /// Loads a model named by a spec. `hf:` and `openai:` specs are not local files: resolve
-    /// `hf:` with [`crate::hub`] first; `openai:` models are served by the OpenAI client crate.
+    /// Loads a model named by a spec; `hf:` repositories are downloaded first (see
+    /// [`crate::hub`]). `openai:` models are remote: the OpenAI client crate serves them.
     pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LocalEngine> {
         let mut e = match spec {
             ModelSpec::Gguf(p) => Self::load_gguf(p, opts)?,
             ModelSpec::HfDir(d) => Self::load_hf_dir(d, opts)?,
-            ModelSpec::Hub { .. } => {
-                return Err(ModelError::Spec {
-                    spec: spec.to_string(),
-                    message:
-                        "hub models must be downloaded first (not supported in this build yet)"
-                            .into(),
-                })
+            ModelSpec::Hub { repo, revision } => {
+                let dir = crate::hub::download_model(repo, revision.as_deref())?;
+                Self::load_hf_dir(&dir, opts)?
             }
             ModelSpec::OpenAi { .. } => {
                 return Err(ModelError::Spec {

@@ -20,6 +20,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod hub;
 pub mod job;
 pub mod llama;
 pub mod spec;
