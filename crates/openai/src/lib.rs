@@ -11,6 +11,29 @@
 //!
 //! [`load_generator`] turns any model spec into a generator: remote specs become an
 //! [`OpenAiClient`], local ones a [`LocalEngine`].
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use safetune_model::{GenRequest, Generator, LoadOptions, ModelSpec, Prompt, Sampling};
+//! use safetune_openai::*;
+//!
+//! // Serve a local model on a free port...
+//! let spec = ModelSpec::parse("model.gguf")?;
+//! let model = load_generator(&spec, &LoadOptions::default(), &ClientConfig::default())?;
+//! let server = start(model, ServeConfig { port: 0, ..Default::default() })?;
+//!
+//! // ...and use it (or any OpenAI-compatible server) as a Generator.
+//! let client = OpenAiClient::from_spec(&format!("openai:{}#model", server.base_url()), ClientConfig::default())?;
+//! let rows = vec![RowInput {
+//!     id: "q1".into(),
+//!     request: GenRequest { prompt: Prompt::Chat(vec![safetune_data::Message::user("Hi!")]), sampling: Sampling::default() },
+//! }];
+//! // Resumable: rerunning skips ids already in out.jsonl.
+//! run_rows(&client, &rows, "out.jsonl".as_ref(), &RunOptions::default(),
+//!     &mut |_, out| serde_json::json!({"response": out.text}), &mut |_| {})?;
+//! server.shutdown()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod client;
 pub mod protocol;
