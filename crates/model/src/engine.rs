@@ -192,7 +192,9 @@ impl Generator for LocalEngine {
             }
             let mut sampling = r.sampling.clone();
             sampling.max_new_tokens = sampling.max_new_tokens.min(max_pos - ids.len());
-            if !(sampling.temperature >= 0.0) || !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+            let temperature_ok = sampling.temperature.is_finite() && sampling.temperature >= 0.0;
+            let top_p_ok = sampling.top_p > 0.0 && sampling.top_p <= 1.0;
+            if !temperature_ok || !top_p_ok {
                 return Err(BackendError::Invalid(format!(
                     "request {i}: temperature must be >= 0 and top_p in (0, 1], got {} and {}",
                     sampling.temperature, sampling.top_p

@@ -62,7 +62,8 @@ impl GgufFile {
             let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
             let start = content.tensor_data_offset.saturating_add(info.offset);
             let end = start.saturating_add(bytes);
-            if end > file_len && first_cut.map_or(true, |(s, _, _)| start < s) {
+            if end > file_len && first_cut.is_none() || first_cut.is_some_and(|(s, _, _)| start < s)
+            {
                 first_cut = Some((start, name, end));
             }
         }
