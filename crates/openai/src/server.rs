@@ -10,6 +10,12 @@
 //! Shutdown ([`ServerHandle::shutdown`], or SIGINT/SIGTERM through [`ServerHandle::wait_for_signal`]):
 //! stop accepting, answer requests that were accepted but not yet queued with 503, let the
 //! scheduler finish every queued job, wait for in-flight responses to be written, then return.
+//!
+//! Request defaults follow OpenAI's API: `temperature` 1.0, `top_p` 1.0, `n` 1, a random seed
+//! when none is given, `max_tokens` from [`ServeConfig::default_max_tokens`] (chat) or 16
+//! (completions). The request's `model` is not checked: a server serves one model, and answers
+//! name it. A request the model rejects (`BackendError::Invalid`) is retried alone, so it does not
+//! fail the requests it was batched with.
 
 // Errors here become HTTP answers once per request; their size does not matter.
 #![allow(clippy::result_large_err)]
