@@ -175,6 +175,108 @@ pub fn structure_of(text: &str) -> Structure {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Word prefilters: a byte scan that finds whether any word (ASCII letters lowercased; non-ASCII
+// bytes count as letters) satisfies a predicate on (previous word, word). Each detector's regexes
+// all require one of a few words, so most texts are settled by this scan alone; the regexes run
+// only on candidates. The predicates are necessary conditions: they never reject a match.
+
+/// Bytes that belong to words: ASCII letters and digits, and every non-ASCII byte.
+const WORD_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric() || b >= 0x80;
+        i += 1;
+    }
+    t
+};
+
+fn any_word(text: &str, mut pred: impl FnMut(&[u8], &[u8]) -> bool) -> bool {
+    let bytes = text.as_bytes();
+    let mut prev: &[u8] = &[];
+    let mut i = 0;
+    while i < bytes.len() {
+        if !WORD_BYTE[bytes[i] as usize] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && WORD_BYTE[bytes[i] as usize] {
+            i += 1;
+        }
+        let word = &bytes[start..i];
+        if pred(prev, word) {
+            return true;
+        }
+        prev = word;
+    }
+    false
+}
+
+/// Lowercases a short word into `buf`; `None` for words longer than any keyword.
+#[inline]
+fn lower<'a>(word: &[u8], buf: &'a mut [u8; 12]) -> Option<&'a [u8]> {
+    if word.len() > buf.len() {
+        return None;
+    }
+    for (d, s) in buf.iter_mut().zip(word) {
+        *d = s.to_ascii_lowercase();
+    }
+    Some(&buf[..word.len()])
+}
+
+/// The head nouns every identity statement contains, found with a SIMD-prefiltered automaton and
+/// checked for word boundaries.
+static IDENTITY_NOUNS: LazyLock<aho_corasick::AhoCorasick> = LazyLock::new(|| {
+    aho_corasick::AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .match_kind(aho_corasick::MatchKind::LeftmostFirst)
+        .build([
+            "chatbot",
+            "chat",
+            "artificial",
+            "assistant",
+            "language",
+            "computer",
+            "machine",
+            "virtual",
+            "llm",
+            "bot",
+            "ai",
+            "a.i",
+        ])
+        .expect("identity nouns")
+});
+
+fn identity_candidate(text: &str) -> bool {
+    let b = text.as_bytes();
+    IDENTITY_NOUNS.find_iter(text).any(|m| {
+        (m.start() == 0 || !WORD_BYTE[b[m.start() - 1] as usize])
+            && (m.end() == b.len() || !WORD_BYTE[b[m.end()] as usize])
+    })
+}
+
+fn roleplay_candidate(text: &str) -> bool {
+    let mut buf = [0u8; 12];
+    any_word(text, |prev, w| match lower(w, &mut buf) {
+        Some(
+            b"act" | b"behave" | b"pretend" | b"let" | b"lets" | b"imagine" | b"suppose"
+            | b"assume" | b"role" | b"roleplay" | b"roleplaying" | b"part" | b"persona"
+            | b"character" | b"now" | b"impersonate" | b"respond" | b"answer" | b"reply" | b"speak"
+            | b"talk" | b"write" | b"explain",
+        ) => true,
+        Some(b"are" | b"re" | b"will" | b"shall") => prev.eq_ignore_ascii_case(b"you"),
+        // "you’re", "let’s" with a typographic apostrophe (non-ASCII bytes are word bytes).
+        _ => {
+            w.len() > 3
+                && (w[..3].eq_ignore_ascii_case(b"you") || w[..3].eq_ignore_ascii_case(b"let"))
+                && w[3] >= 0x80
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Identity
 
 /// Modifiers allowed between the article and the head noun of an identity statement:
@@ -247,6 +349,9 @@ const HUMAN_COMPOUNDS: &[&str] = &[
 
 /// Byte span of the first first-person AI identity statement in `text`, if any.
 pub fn find_identity(text: &str) -> Option<(usize, usize)> {
+    if !identity_candidate(text) {
+        return None;
+    }
     for m in IDENTITY_RE.find_iter(text) {
         let next_word: String = text[m.end()..]
             .trim_start_matches([' ', '\t', '-'])
@@ -480,10 +585,23 @@ fn persona_is_roleplay(rule: &str, phrase: &str) -> bool {
     true
 }
 
+/// All role-play rules as one set: a single pass tells which rules can match at all, so most
+/// texts (which match none) cost one scan instead of one per rule.
+static ROLEPLAY_SET: LazyLock<regex::RegexSet> = LazyLock::new(|| {
+    regex::RegexSet::new(ROLEPLAY_RULES.iter().map(|r| r.re.as_str())).expect("role-play set")
+});
+
 /// The first role-play instruction in one text (system prompt or user turn), if any.
 pub fn find_roleplay(text: &str) -> Option<RoleplayMatch> {
+    if !roleplay_candidate(text) {
+        return None;
+    }
+    let candidates = ROLEPLAY_SET.matches(text);
+    if !candidates.matched_any() {
+        return None;
+    }
     let mut best: Option<RoleplayMatch> = None;
-    for rule in ROLEPLAY_RULES.iter() {
+    for rule in candidates.iter().map(|i| &ROLEPLAY_RULES[i]) {
         for caps in rule.re.captures_iter(text) {
             let whole = caps.get(0).expect("group 0");
             if rule.check_persona {
@@ -557,6 +675,19 @@ pub struct FactorTags {
     pub roleplay_rule: Option<&'static str>,
 }
 
+/// Whitespace-separated words, counted over bytes (ASCII whitespace separates; the same count as
+/// `split_whitespace` for text without Unicode spaces, and much faster).
+fn count_words(text: &str) -> usize {
+    let mut n = 0;
+    let mut in_word = false;
+    for &b in text.as_bytes() {
+        let space = b.is_ascii_whitespace();
+        n += (!space && !in_word) as usize;
+        in_word = !space;
+    }
+    n
+}
+
 pub fn tag(conv: &Conversation) -> FactorTags {
     let mut structure = Structure::Plain;
     let mut identity = false;
@@ -569,7 +700,7 @@ pub fn tag(conv: &Conversation) -> FactorTags {
         structure = structure.max(structure_of(&m.content));
         identity = identity || has_identity(&m.content);
         answer_chars += m.content.chars().count();
-        answer_words += m.content.split_whitespace().count();
+        answer_words += count_words(&m.content);
         affirmative.get_or_insert_with(|| is_affirmative_opener(&m.content));
     }
     let rp = conversation_roleplay(conv);
