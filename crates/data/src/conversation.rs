@@ -22,11 +22,16 @@ impl Role {
 
     /// Parses the role names used by OpenAI messages and ShareGPT (`human`, `gpt`, ...).
     pub fn parse(name: &str) -> Option<Role> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "system" => Some(Role::System),
-            "user" | "human" | "prompter" => Some(Role::User),
-            "assistant" | "gpt" | "bot" | "model" | "chatgpt" => Some(Role::Assistant),
-            _ => None,
+        let name = name.trim();
+        let is = |k: &str| name.eq_ignore_ascii_case(k);
+        if is("system") {
+            Some(Role::System)
+        } else if is("user") || is("human") || is("prompter") {
+            Some(Role::User)
+        } else if is("assistant") || is("gpt") || is("bot") || is("model") || is("chatgpt") {
+            Some(Role::Assistant)
+        } else {
+            None
         }
     }
 }

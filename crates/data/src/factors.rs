@@ -111,7 +111,9 @@ fn is_table_separator(line: &str) -> bool {
 
 /// `**x**` or `__x__` with non-space content right inside the markers, outside inline code.
 pub fn has_strong_emphasis(text: &str) -> bool {
-    if !text.contains("**") && !text.contains("__") {
+    let b = text.as_bytes();
+    let doubled = |c: u8| memchr::memchr_iter(c, b).any(|i| b.get(i + 1) == Some(&c));
+    if !doubled(b'*') && !doubled(b'_') {
         return false;
     }
     if text.contains('`') {
@@ -150,16 +152,27 @@ fn strong_outside_code(text: &str) -> bool {
 
 /// Structure of one answer text (DESIGN.md section 3).
 pub fn structure_of(text: &str) -> Structure {
+    let bytes = text.as_bytes();
+    // Without a pipe there is no table, so a line only matters if it starts with a marker byte.
+    let pipes = memchr::memchr(b'|', bytes).is_some();
     let mut items = 0usize;
     let mut prev_table_row = false;
     for line in text.lines() {
+        if !pipes {
+            let first = line.bytes().find(|b| *b != b' ' && *b != b'\t');
+            match first {
+                Some(b'#' | b'`' | b'~' | b'-' | b'*' | b'+' | b'0'..=b'9') => {}
+                Some(b) if b >= 0x80 => {}
+                _ => continue,
+            }
+        }
         if is_heading(line) || is_fence(line) {
             return Structure::Markdown;
         }
         if prev_table_row && is_table_separator(line) {
             return Structure::Markdown;
         }
-        prev_table_row = line.trim().contains('|');
+        prev_table_row = pipes && line.trim().contains('|');
         if list_marker_len(line).is_some() {
             items += 1;
         }

@@ -48,10 +48,11 @@ impl Schema {
     }
 }
 
-/// A message as written in a file: `role`/`from` and `content`/`value`/`text`.
+/// A message as written in a file: `role`/`from` and `content`/`value`/`text`. A known role is
+/// parsed while reading (no allocation); an unknown one is kept for the error message.
 #[derive(Debug, Default, Clone)]
 pub struct RawMessage {
-    pub role: Option<String>,
+    pub role: Option<Result<Role, String>>,
     pub content: Option<String>,
 }
 
@@ -107,11 +108,11 @@ impl RawRecord {
                     messages.push(Message::system(system));
                 }
                 for (i, m) in raw.into_iter().enumerate() {
-                    let role_name = m.role.ok_or_else(|| missing(&format!("{key}[{i}].role")))?;
-                    let role = Role::parse(&role_name).ok_or_else(|| FieldError {
+                    let role = m.role.ok_or_else(|| missing(&format!("{key}[{i}].role")))?;
+                    let role = role.map_err(|name| FieldError {
                         field: format!("{key}[{i}].role"),
                         message: format!(
-                            "unknown role `{role_name}` (expected system, user or assistant)"
+                            "unknown role `{name}` (expected system, user or assistant)"
                         ),
                     })?;
                     let content = m
@@ -221,6 +222,31 @@ impl<'de> Deserialize<'de> for Text {
     }
 }
 
+/// A role name, parsed without allocating when it is a known one.
+struct RoleText(Option<Result<Role, String>>);
+
+impl<'de> Deserialize<'de> for RoleText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RoleText;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a role name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RoleText, E> {
+                Ok(RoleText(Some(Role::parse(v).ok_or_else(|| v.to_string()))))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<RoleText, E> {
+                Ok(RoleText(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<RoleText, E> {
+                Ok(RoleText(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 impl<'de> Deserialize<'de> for RawMessage {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -233,7 +259,9 @@ impl<'de> Deserialize<'de> for RawMessage {
                 let mut msg = RawMessage::default();
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
                     match key.as_ref() {
-                        "role" | "from" => msg.role = map.next_value::<Text>()?.0,
+                        "role" | "from" => {
+                            msg.role = map.next_value::<RoleText>()?.0;
+                        }
                         "content" | "value" | "text" => {
                             let t = map.next_value::<Text>()?.0;
                             if msg.content.is_none() {
