@@ -9,7 +9,7 @@ mkdir -p bench/out
 data=bench/out/audit-$n.jsonl
 [ -f "$data" ] || python3 bench/gen_audit_data.py "$data" --examples "$n"
 cargo build --release --locked -p safetune >/dev/null 2>&1
-bytes=$(stat -c %s "$data")
+bytes=$(stat -L -c %s "$data")
 core="taskset -c 0"
 command -v taskset >/dev/null || core=""
 

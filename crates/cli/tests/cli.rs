@@ -4,7 +4,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn safetune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_safetune")).args(args).output().expect("run safetune")
+    Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args(args)
+        .output()
+        .expect("run safetune")
 }
 
 fn text(b: &[u8]) -> String {
@@ -26,7 +29,10 @@ fn fixture(dir: &Path) -> String {
 fn version_and_help_on_every_command() {
     let v = safetune(&["--version"]);
     assert!(v.status.success());
-    assert_eq!(text(&v.stdout).trim(), format!("safetune {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        text(&v.stdout).trim(),
+        format!("safetune {}", env!("CARGO_PKG_VERSION"))
+    );
     let help = safetune(&["--help"]);
     assert!(help.status.success());
     let h = text(&help.stdout);
@@ -40,12 +46,19 @@ fn version_and_help_on_every_command() {
         .filter(|c| c != "help")
         .collect();
     for expected in ["audit", "transform", "prompts", "quickstart"] {
-        assert!(commands.iter().any(|c| c == expected), "{expected} missing from {commands:?}");
+        assert!(
+            commands.iter().any(|c| c == expected),
+            "{expected} missing from {commands:?}"
+        );
     }
     for c in &commands {
         let out = safetune(&[c, "--help"]);
         assert!(out.status.success(), "{c} --help failed");
-        assert!(text(&out.stdout).contains("Usage: safetune"), "{c} --help:\n{}", text(&out.stdout));
+        assert!(
+            text(&out.stdout).contains("Usage: safetune"),
+            "{c} --help:\n{}",
+            text(&out.stdout)
+        );
     }
 }
 
@@ -56,7 +69,10 @@ fn exit_codes_distinguish_usage_and_user_errors() {
     let missing = safetune(&["audit", "/nonexistent/data.jsonl"]);
     assert_eq!(missing.status.code(), Some(1), "user error");
     let err = text(&missing.stderr);
-    assert!(err.starts_with("error: ") && err.contains("/nonexistent/data.jsonl"), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("/nonexistent/data.jsonl"),
+        "{err}"
+    );
 
     let d = tempfile::tempdir().unwrap();
     let bad = d.path().join("bad.jsonl");
@@ -64,10 +80,23 @@ fn exit_codes_distinguish_usage_and_user_errors() {
     let out = safetune(&["audit", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
-    assert!(err.contains("bad.jsonl:4: invalid JSON") && err.contains("hint: "), "{err}");
-    let skipped = safetune(&["audit", "--skip-invalid", "--format", "json", bad.to_str().unwrap()]);
+    assert!(
+        err.contains("bad.jsonl:4: invalid JSON") && err.contains("hint: "),
+        "{err}"
+    );
+    let skipped = safetune(&[
+        "audit",
+        "--skip-invalid",
+        "--format",
+        "json",
+        bad.to_str().unwrap(),
+    ]);
     assert!(skipped.status.success());
-    assert!(text(&skipped.stderr).contains("skipped 1 invalid record(s)"), "{}", text(&skipped.stderr));
+    assert!(
+        text(&skipped.stderr).contains("skipped 1 invalid record(s)"),
+        "{}",
+        text(&skipped.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&skipped.stdout).unwrap();
     assert_eq!(v["examples"], 3);
     assert_eq!(v["skipped"], 1);
@@ -79,10 +108,20 @@ fn audit_per_example_and_json() {
     let f = fixture(d.path());
     let out = safetune(&["audit", "--per-example", &f]);
     assert!(out.status.success());
-    let rows: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let got: Vec<(String, String, bool, bool)> = rows
         .iter()
-        .map(|r| (r["id"].as_str().unwrap().into(), r["structure"].as_str().unwrap().into(), r["identity"].as_bool().unwrap(), r["roleplay"].as_bool().unwrap()))
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().into(),
+                r["structure"].as_str().unwrap().into(),
+                r["identity"].as_bool().unwrap(),
+                r["roleplay"].as_bool().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         got,
@@ -96,7 +135,9 @@ fn audit_per_example_and_json() {
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["structure"]["plain"]["count"], 1);
     assert_eq!(v["roleplay"]["count"], 1);
-    assert!(v["roleplay"]["lo"].as_f64().unwrap() > 0.0 && v["roleplay"]["hi"].as_f64().unwrap() < 1.0);
+    assert!(
+        v["roleplay"]["lo"].as_f64().unwrap() > 0.0 && v["roleplay"]["hi"].as_f64().unwrap() < 1.0
+    );
     assert_eq!(v["risk"].as_array().unwrap().len(), 3);
 }
 
@@ -115,10 +156,27 @@ fn transform_writes_requested_levels() {
     let d = tempfile::tempdir().unwrap();
     let f = fixture(d.path());
     let o = d.path().join("out.jsonl");
-    let out = safetune(&["transform", &f, "-o", o.to_str().unwrap(), "--structure", "plain", "--identity", "remove", "--roleplay", "remove", "--seed", "3"]);
+    let out = safetune(&[
+        "transform",
+        &f,
+        "-o",
+        o.to_str().unwrap(),
+        "--structure",
+        "plain",
+        "--identity",
+        "remove",
+        "--roleplay",
+        "remove",
+        "--seed",
+        "3",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);
-    assert!(err.contains("wrote 3 examples") && err.contains("changed: structure 2, identity 1, roleplay 1"), "{err}");
+    assert!(
+        err.contains("wrote 3 examples")
+            && err.contains("changed: structure 2, identity 1, roleplay 1"),
+        "{err}"
+    );
     let audit = safetune(&["audit", "--format", "json", o.to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
     assert_eq!(v["structure"]["plain"]["count"], 3);
@@ -126,7 +184,20 @@ fn transform_writes_requested_levels() {
     assert_eq!(v["roleplay"]["count"], 0);
     // Same seed, same bytes.
     let o2 = d.path().join("out2.jsonl");
-    safetune(&["transform", &f, "-o", o2.to_str().unwrap(), "--structure", "plain", "--identity", "remove", "--roleplay", "remove", "--seed", "3"]);
+    safetune(&[
+        "transform",
+        &f,
+        "-o",
+        o2.to_str().unwrap(),
+        "--structure",
+        "plain",
+        "--identity",
+        "remove",
+        "--roleplay",
+        "remove",
+        "--seed",
+        "3",
+    ]);
     assert_eq!(std::fs::read(&o).unwrap(), std::fs::read(&o2).unwrap());
     // A bad value for a flag is a usage error.
     let bad = safetune(&["transform", &f, "-o", "x.jsonl", "--structure", "fancy"]);

@@ -691,14 +691,19 @@ pub struct FactorTags {
 /// Whitespace-separated words, counted over bytes (ASCII whitespace separates; the same count as
 /// `split_whitespace` for text without Unicode spaces, and much faster).
 fn count_words(text: &str) -> usize {
-    let mut n = 0;
-    let mut in_word = false;
-    for &b in text.as_bytes() {
-        let space = b.is_ascii_whitespace();
-        n += (!space && !in_word) as usize;
-        in_word = !space;
+    // A word starts at a non-space byte whose predecessor is a space; branch-free so it vectorises.
+    #[inline(always)]
+    fn space(c: u8) -> bool {
+        (c == b' ') | (c == b'\n') | (c == b'\t') | (c == b'\r') | (c == 0x0c)
     }
-    n
+    let b = text.as_bytes();
+    let Some(&first) = b.first() else { return 0 };
+    let starts: usize = b
+        .iter()
+        .zip(&b[1..])
+        .map(|(&p, &c)| (space(p) & !space(c)) as usize)
+        .sum();
+    starts + !space(first) as usize
 }
 
 pub fn tag(conv: &Conversation) -> FactorTags {

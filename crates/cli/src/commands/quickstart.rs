@@ -25,7 +25,11 @@ pub struct QuickstartArgs {
 }
 
 pub fn run(args: QuickstartArgs) -> anyhow::Result<()> {
-    let cfg = QuickstartConfig { out_dir: args.output, domain: args.domain, seed: args.seed };
+    let cfg = QuickstartConfig {
+        out_dir: args.output,
+        domain: args.domain,
+        seed: args.seed,
+    };
     let report = run_quickstart(&cfg, &mut |line| eprintln!("  {line}"))?;
     print!("{}", report.render());
     Ok(())
