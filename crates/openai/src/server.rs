@@ -874,6 +874,45 @@ fn wait_done(rx: &mpsc::Receiver<Event>) -> Result<Vec<GenOutput>, HttpError> {
     }
 }
 
+/// Relays generator events to an SSE stream, for chat and plain completions alike: one event per
+/// decoded piece, one finishing event per choice, an optional usage event, and an error event if
+/// generation fails or the scheduler goes away.
+fn relay_stream<T: serde::Serialize>(
+    out: &mut SseWriter,
+    rx: &mpsc::Receiver<Event>,
+    n: u32,
+    include_usage: bool,
+    piece: impl Fn(usize, String) -> T,
+    finished: impl Fn(usize, &GenOutput) -> T,
+    usage_event: impl Fn(Usage) -> T,
+) {
+    loop {
+        match rx.recv() {
+            Ok(Event::Piece(i, text)) => out.event(&piece(i, text)),
+            Ok(Event::Done(Ok(outs))) => {
+                for (i, o) in outs.iter().enumerate() {
+                    out.event(&finished(i, o));
+                }
+                if include_usage {
+                    out.event(&usage_event(usage(&outs, n)));
+                }
+                return;
+            }
+            Ok(Event::Done(Err(e))) => {
+                out.event(&HttpError::from_backend(e).body);
+                return;
+            }
+            Err(_) => {
+                out.event(&ErrorResponse::new(
+                    "the scheduler stopped before answering",
+                    "server_error",
+                ));
+                return;
+            }
+        }
+    }
+}
+
 fn usage(outs: &[GenOutput], n: u32) -> Usage {
     // The prompt of each group of `n` choices counts once, as in OpenAI's API.
     let prompt: usize = outs
@@ -947,46 +986,38 @@ fn chat_completions(request: tiny_http::Request, body: &[u8], shared: &Shared) -
             };
             out.event(&chunk(vec![first], None));
         }
-        loop {
-            match rx.recv() {
-                Ok(Event::Piece(i, piece)) => {
-                    let c = ChunkChoice {
+        relay_stream(
+            &mut out,
+            &rx,
+            n,
+            include_usage,
+            |i, piece| {
+                let delta = Delta {
+                    role: None,
+                    content: Some(piece),
+                };
+                chunk(
+                    vec![ChunkChoice {
                         index: i as u32,
-                        delta: Delta {
-                            role: None,
-                            content: Some(piece),
-                        },
+                        delta,
                         finish_reason: None,
-                    };
-                    out.event(&chunk(vec![c], None));
-                }
-                Ok(Event::Done(Ok(outs))) => {
-                    for (i, o) in outs.iter().enumerate() {
-                        let c = ChunkChoice {
-                            index: i as u32,
-                            delta: Delta::default(),
-                            finish_reason: Some(o.finish_reason.as_str().into()),
-                        };
-                        out.event(&chunk(vec![c], None));
-                    }
-                    if include_usage {
-                        out.event(&chunk(Vec::new(), Some(usage(&outs, n))));
-                    }
-                    break;
-                }
-                Ok(Event::Done(Err(e))) => {
-                    out.event(&HttpError::from_backend(e).body);
-                    break;
-                }
-                Err(_) => {
-                    out.event(&ErrorResponse::new(
-                        "the scheduler stopped before answering",
-                        "server_error",
-                    ));
-                    break;
-                }
-            }
-        }
+                    }],
+                    None,
+                )
+            },
+            |i, o| {
+                let finish_reason = Some(o.finish_reason.as_str().into());
+                chunk(
+                    vec![ChunkChoice {
+                        index: i as u32,
+                        delta: Delta::default(),
+                        finish_reason,
+                    }],
+                    None,
+                )
+            },
+            |u| chunk(Vec::new(), Some(u)),
+        );
         out.finish();
         return Ok(());
     }
@@ -1072,45 +1103,36 @@ fn completions(request: tiny_http::Request, body: &[u8], shared: &Shared) -> Han
             Some(w) => w,
             None => return Ok(()),
         };
-        loop {
-            match rx.recv() {
-                Ok(Event::Piece(i, piece)) => {
-                    let c = CompletionChoice {
+        relay_stream(
+            &mut out,
+            &rx,
+            n,
+            include_usage,
+            |i, text| {
+                response(
+                    vec![CompletionChoice {
                         index: i as u32,
-                        text: piece,
+                        text,
                         finish_reason: None,
                         logprobs: None,
-                    };
-                    out.event(&response(vec![c], None));
-                }
-                Ok(Event::Done(Ok(outs))) => {
-                    for (i, o) in outs.iter().enumerate() {
-                        let c = CompletionChoice {
-                            index: i as u32,
-                            text: String::new(),
-                            finish_reason: Some(o.finish_reason.as_str().into()),
-                            logprobs: None,
-                        };
-                        out.event(&response(vec![c], None));
-                    }
-                    if include_usage {
-                        out.event(&response(Vec::new(), Some(usage(&outs, n))));
-                    }
-                    break;
-                }
-                Ok(Event::Done(Err(e))) => {
-                    out.event(&HttpError::from_backend(e).body);
-                    break;
-                }
-                Err(_) => {
-                    out.event(&ErrorResponse::new(
-                        "the scheduler stopped before answering",
-                        "server_error",
-                    ));
-                    break;
-                }
-            }
-        }
+                    }],
+                    None,
+                )
+            },
+            |i, o| {
+                let finish_reason = Some(o.finish_reason.as_str().into());
+                response(
+                    vec![CompletionChoice {
+                        index: i as u32,
+                        text: String::new(),
+                        finish_reason,
+                        logprobs: None,
+                    }],
+                    None,
+                )
+            },
+            |u| response(Vec::new(), Some(u)),
+        );
         out.finish();
         return Ok(());
     }
