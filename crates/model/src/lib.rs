@@ -23,6 +23,7 @@ pub mod gguf;
 pub mod hub;
 pub mod job;
 pub mod llama;
+pub mod ops;
 pub mod spec;
 pub mod template;
 pub mod testing;

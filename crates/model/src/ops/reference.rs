@@ -1,0 +1,168 @@
+//! Unfused reference implementations built only from differentiable candle primitives.
+//!
+//! These run on any device and dtype and are the ground truth the fused CPU kernels are tested
+//! against. Shapes: B batch, T tokens, C hidden, H query heads, K key/value heads, D head size,
+//! N rows (B*T), V vocabulary.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+use super::{AdamWParams, Targets};
+
+/// (..., C) -> (..., C): x / sqrt(mean(x^2) + eps) * weight.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let c = x.dim(D::Minus1)? as f64;
+    let ms = (x.sqr()?.sum_keepdim(D::Minus1)? / c)?; // (..., 1)
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
+}
+
+/// Rotate-halves RoPE (the Hugging Face layout, as `llama::Rope`).
+/// x: (B, H, T, D); cos, sin: (B, T, D/2) or (T, D/2). Returns (B, H, T, D).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (cos, sin) = if cos.rank() == 2 {
+        (cos.unsqueeze(0)?, sin.unsqueeze(0)?)
+    } else {
+        (cos.clone(), sin.clone())
+    };
+    let cos = Tensor::cat(&[&cos, &cos], D::Minus1)?.unsqueeze(1)?; // (B, 1, T, D)
+    let sin = Tensor::cat(&[&sin, &sin], D::Minus1)?.unsqueeze(1)?; // (B, 1, T, D)
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?; // (B, H, T, D)
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// Additive causal mask (1, 1, T, T): 0 on and below the diagonal, `MASK_VALUE` above.
+pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mut m = vec![0f32; t * t];
+    for i in 0..t {
+        for j in i + 1..t {
+            m[i * t + j] = crate::llama::MASK_VALUE;
+        }
+    }
+    Tensor::from_vec(m, (1, 1, t, t), device)?.to_dtype(dtype)
+}
+
+/// Causal grouped-query attention. q: (B, H, T, D); k, v: (B, K, T, D) with H a multiple of K
+/// (query head h reads key/value head h / (H/K)); mask: additive, broadcastable to
+/// (B, 1, T, T), applied on top of the causal mask. Returns (B, H, T, D).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let kh = k.dim(1)?;
+    let rep = h / kh;
+    let q = q.contiguous()?.reshape((b, kh, rep * t, d))?; // (B, K, rep*T, D)
+    let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?; // (B, K, rep*T, T)
+    let att = att.reshape((b, h, t, t))?; // (B, H, T, T)
+    let att = att.broadcast_add(&causal_mask(t, att.dtype(), att.device())?)?;
+    let att = match mask {
+        Some(m) => att.broadcast_add(m)?,
+        None => att,
+    };
+    let att = candle_nn::ops::softmax(&att, D::Minus1)?.reshape((b, kh, rep * t, t))?;
+    att.matmul(&v.contiguous()?)?.reshape((b, h, t, d)) // (B, H, T, D)
+}
+
+/// silu(gate) * up, elementwise.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
+/// Mean cross-entropy over rows whose target is not `ignore_index` (0 when there are none).
+/// logits: (N, V); targets: (N) u32 or i64.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+    let (sum, count) = cross_entropy_sum(logits, targets, ignore_index)?;
+    sum / count.max(1) as f64
+}
+
+/// Sum of -log softmax(logits)[target] over rows whose target is not `ignore_index`, and the
+/// number of those rows. logits: (N, V); targets: (N) u32 or i64.
+pub fn cross_entropy_sum(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+) -> Result<(Tensor, usize)> {
+    let (n, v) = logits.dims2()?;
+    let targets = Targets::new(targets, ignore_index, n, v)?;
+    ce_sum(logits, &targets)
+}
+
+fn ce_sum(logits: &Tensor, targets: &Targets) -> Result<(Tensor, usize)> {
+    let n = targets.len();
+    let dev = logits.device();
+    let safe: Vec<u32> = targets.safe_ids();
+    let keep: Vec<f32> = targets.keep_mask();
+    let count = targets.count();
+    let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?; // (N, V)
+    let idx = Tensor::from_vec(safe, (n, 1), dev)?;
+    let picked = lsm.gather(&idx, 1)?.squeeze(1)?; // (N)
+    let keep = Tensor::from_vec(keep, n, dev)?.to_dtype(picked.dtype())?;
+    let sum = (picked * keep)?.sum_all()?.neg()?;
+    Ok((sum, count))
+}
+
+/// Chunked lm_head + cross-entropy: hidden (N, C), weight (V, C). Same value as
+/// `cross_entropy_sum(hidden @ weight^T, targets)`; the chunks only bound the size of each
+/// matmul (autograd still keeps every chunk's logits).
+pub fn lm_head_cross_entropy_sum(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    chunk_rows: usize,
+) -> Result<(Tensor, usize)> {
+    let (n, _c) = hidden.dims2()?;
+    let targets = Targets::new(targets, ignore_index, n, weight.dim(0)?)?;
+    let chunk = chunk_rows.max(1);
+    let wt = weight.t()?;
+    let mut total: Option<Tensor> = None;
+    let mut count = 0;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let logits = hidden.narrow(0, start, len)?.matmul(&wt)?; // (len, V)
+        let (s, c) = ce_sum(&logits, &targets.slice(start, len))?;
+        count += c;
+        total = Some(match total {
+            Some(t) => (t + s)?,
+            None => s,
+        });
+        start += len;
+    }
+    let total = match total {
+        Some(t) => t,
+        None => Tensor::zeros((), hidden.dtype(), hidden.device())?,
+    };
+    Ok((total, count))
+}
+
+/// One AdamW step with primitives (decoupled weight decay; the maths of PyTorch's AdamW).
+/// `mv` is the (2, numel) moment buffer (row 0: m, row 1: v); returns the new buffer.
+pub(crate) fn adamw_update(
+    var: &Var,
+    grad: &Tensor,
+    mv: &Tensor,
+    p: &AdamWParams,
+    step: usize,
+    grad_scale: f64,
+) -> Result<Tensor> {
+    let shape = var.shape().clone();
+    let g = (grad.flatten_all()? * grad_scale)?;
+    let m = mv.get(0)?;
+    let v = mv.get(1)?;
+    let m = ((m * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
+    let v = ((v * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
+    let bc1 = 1.0 - p.beta1.powi(step as i32);
+    let bc2 = 1.0 - p.beta2.powi(step as i32);
+    let m_hat = (&m / bc1)?;
+    let v_hat = (&v / bc2)?;
+    let theta = (var.as_tensor().flatten_all()? * (1.0 - p.lr * p.weight_decay))?;
+    let theta = (theta - ((m_hat / (v_hat.sqrt()? + p.eps)?)? * p.lr)?)?;
+    var.set(&theta.reshape(shape)?)?;
+    Tensor::stack(&[&m, &v], 0)
+}
