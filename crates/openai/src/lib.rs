@@ -36,6 +36,7 @@
 //! ```
 
 pub mod client;
+pub mod pool;
 pub mod protocol;
 pub mod rows;
 pub mod server;
@@ -43,6 +44,7 @@ pub mod server;
 use std::sync::Arc;
 
 pub use client::{ClientConfig, OpenAiClient, OpenAiSpec};
+pub use pool::EndpointPool;
 pub use rows::{run_rows, RowInput, RunError, RunOptions, RunProgress};
 pub use server::{serve, start, ServeConfig, ServeError, ServerHandle, ServerStats};
 
