@@ -1,4 +1,24 @@
-//! safetune-study: composes the pipeline stages into studies. For now it holds the quickstart;
-//! the factorial study runner, store and report grow here (issue 7).
+//! safetune-study: composes the pipeline stages into studies.
+//!
+//! - [`config`]: the study config (TOML), checked with field names in errors;
+//! - [`plan`]: config -> steps (a factorial over models, dataset variants, seeds, mixing
+//!   levels, selections, benchmarks, judges and reward models);
+//! - [`step`]: step kinds, typed settings and outputs, the [`step::Stage`] trait and the
+//!   [`step::Registry`] other crates plug their stages into;
+//! - [`stages`]: the stages implemented here (transform, mix, alignment set, audit, generate,
+//!   keyword judge);
+//! - [`store`]: the SQLite store (WAL; rows committed as they finish);
+//! - [`runner`]: keyed, resumable execution of a plan;
+//! - [`report`]: report.html (inline SVG), summary.md, results.json;
+//! - [`export`]: dataset variants and trainer configs for LLaMA-Factory and Axolotl;
+//! - [`quickstart`]: `safetune quickstart`.
 
+pub mod config;
+pub mod hash;
+pub mod plan;
 pub mod quickstart;
+pub mod report;
+pub mod runner;
+pub mod stages;
+pub mod step;
+pub mod store;

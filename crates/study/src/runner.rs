@@ -1,0 +1,226 @@
+//! The runner: walks a plan in order, keys each step by the hash of its settings, its inputs'
+//! keys and the program version, reuses finished steps from the store, and runs the rest with
+//! the stage the [`Registry`] holds for their kind. A failed step is recorded and its dependents
+//! are skipped; independent steps go on, and the summary says what failed.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::hash::{hash_json, PROGRAM_VERSION};
+use crate::plan::Plan;
+use crate::step::*;
+use crate::store::{Store, StoreError};
+
+/// File name of the store inside a study directory.
+pub const STORE_FILE: &str = "study.db";
+
+/// The key of every step of a plan, in plan order.
+pub fn step_keys(plan: &Plan) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::with_capacity(plan.steps.len());
+    for s in &plan.steps {
+        let deps: Vec<&String> = s.deps.iter().map(|&d| &keys[d]).collect();
+        let material = json!({
+            "program": PROGRAM_VERSION,
+            "spec": serde_json::to_value(&s.spec).unwrap_or_default(),
+            "inputs": deps,
+        });
+        keys.push(hash_json(&material));
+    }
+    keys
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    /// A step is starting (`index` of `total`).
+    Start {
+        index: usize,
+        total: usize,
+        label: String,
+        kind: StepKind,
+        size: usize,
+    },
+    /// A step was found finished in the store.
+    Reused {
+        index: usize,
+        label: String,
+    },
+    Progress {
+        index: usize,
+        done: usize,
+        total: usize,
+    },
+    Finished {
+        index: usize,
+        label: String,
+    },
+    Failed {
+        index: usize,
+        label: String,
+        error: String,
+    },
+    /// Not run because an input failed.
+    Skipped {
+        index: usize,
+        label: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunSummary {
+    pub steps: usize,
+    pub executed: usize,
+    pub reused: usize,
+    pub failed: Vec<(String, String)>,
+    pub skipped: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {source}", path = path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Runs `plan` in `dir` (the store is `dir/study.db`, step files under `dir/steps/`).
+pub fn run_plan(
+    plan: &Plan,
+    config: &serde_json::Value,
+    dir: &Path,
+    registry: &Registry,
+    events: &mut dyn FnMut(&RunEvent),
+) -> Result<RunSummary, RunError> {
+    std::fs::create_dir_all(dir).map_err(|e| RunError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut store = Store::open(&dir.join(STORE_FILE))?;
+    let keys = step_keys(plan);
+    let plan_json = json!({
+        "steps": plan.steps.iter().zip(&keys).map(|(s, k)| json!({
+            "key": k, "kind": s.kind().as_str(), "label": s.label, "factors": s.factors,
+            "deps": s.deps, "size": s.size,
+        })).collect::<Vec<_>>(),
+    });
+    store.put_study(&plan.name, &plan.name, config, &plan_json)?;
+    let total = plan.steps.len();
+    let mut outputs: Vec<Option<StepOutput>> = vec![None; total];
+    let mut summary = RunSummary {
+        steps: total,
+        ..Default::default()
+    };
+    for (index, step) in plan.steps.iter().enumerate() {
+        let key = &keys[index];
+        if let Some(rec) = store.step(key)? {
+            if rec.status == "done" {
+                if let Some(out) = rec
+                    .output
+                    .and_then(|o| serde_json::from_value::<StepOutput>(o).ok())
+                {
+                    outputs[index] = Some(out);
+                    summary.reused += 1;
+                    events(&RunEvent::Reused {
+                        index,
+                        label: step.label.clone(),
+                    });
+                    continue;
+                }
+            }
+        }
+        let inputs: Option<Vec<StepOutput>> =
+            step.deps.iter().map(|&d| outputs[d].clone()).collect();
+        let Some(inputs) = inputs else {
+            summary.skipped += 1;
+            events(&RunEvent::Skipped {
+                index,
+                label: step.label.clone(),
+            });
+            continue;
+        };
+        let input_keys: Vec<String> = step.deps.iter().map(|&d| keys[d].clone()).collect();
+        events(&RunEvent::Start {
+            index,
+            total,
+            label: step.label.clone(),
+            kind: step.kind(),
+            size: step.size,
+        });
+        let spec = serde_json::to_value(&step.spec).unwrap_or_default();
+        let factors = serde_json::to_value(&step.factors).unwrap_or_default();
+        store.begin_step(key, step.kind().as_str(), &step.label, &spec, &factors)?;
+        summary.executed += 1;
+        let step_dir = dir
+            .join("steps")
+            .join(format!("{}-{}", step.kind().as_str(), &key[..16]));
+        let result = match registry.get(step.kind()) {
+            None => Err(missing(step.kind())),
+            Some(stage) => {
+                let mut progress = |p: &StepProgress| {
+                    events(&RunEvent::Progress {
+                        index,
+                        done: p.done,
+                        total: p.total,
+                    })
+                };
+                let mut ctx = StepContext {
+                    key,
+                    input_keys: &input_keys,
+                    dir: step_dir,
+                    store: &mut store,
+                    progress: &mut progress,
+                };
+                stage.run(step, &inputs, &mut ctx)
+            }
+        };
+        match result {
+            Ok(out) => {
+                store.finish_step(key, &serde_json::to_value(&out).unwrap_or_default())?;
+                outputs[index] = Some(out);
+                events(&RunEvent::Finished {
+                    index,
+                    label: step.label.clone(),
+                });
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                store.fail_step(key, &msg)?;
+                summary.failed.push((step.label.clone(), msg.clone()));
+                events(&RunEvent::Failed {
+                    index,
+                    label: step.label.clone(),
+                    error: msg,
+                });
+            }
+        }
+    }
+    Ok(summary)
+}
+
+/// The error for a kind no registered stage runs (yet).
+pub fn missing(kind: StepKind) -> StageError {
+    let (reason, hint) = match kind {
+        StepKind::Align | StepKind::Tune => (
+            "the trainer (safetune-train) is not wired into the study runner yet",
+            "tune with `safetune export --to llama-factory|axolotl`, then list the tuned checkpoints as [[models]] (for instance openai: endpoints of a vLLM server) and drop [align]/[tune]",
+        ),
+        StepKind::Score | StepKind::Select => (
+            "reward-model scoring (safetune-eval rm) is not wired into the study runner yet",
+            "remove [[reward_models]] and [selection] from the config for now",
+        ),
+        StepKind::Judge => (
+            "this judge kind is not available",
+            "use kind = \"keyword\"",
+        ),
+        _ => ("", "this is a bug in safetune; please report it"),
+    };
+    StageError::Missing {
+        kind,
+        reason: reason.into(),
+        hint: hint.into(),
+    }
+}

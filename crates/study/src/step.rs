@@ -1,0 +1,410 @@
+//! Steps: what a study is made of. Each step has a kind, typed settings ([`StepSpec`]), typed
+//! inputs (the outputs of the steps it depends on) and one typed output ([`StepOutput`]). A
+//! [`Stage`] runs steps of one kind; the [`Registry`] maps kinds to stages, so the trainer,
+//! judges and reward models of other crates plug in without the runner changing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::config::{EndpointConfig, SelectStrategy, SplitChoice};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepKind {
+    /// Resolves a model spec (and its endpoints).
+    Model,
+    /// Makes a dataset variant with `transform`.
+    Transform,
+    /// Mixes refusal examples into a tuning set.
+    Mix,
+    /// Keeps the examples a reward model scores highest (or lowest, or at random).
+    Select,
+    /// Builds the safety-alignment set (train-split harmful prompts + refusals, benign answers).
+    AlignData,
+    /// Audits a dataset for the three factors.
+    Audit,
+    /// Tunes a model on the alignment set.
+    Align,
+    /// Tunes a model on a (variant) tuning set.
+    Tune,
+    /// Generates answers to a benchmark split.
+    Generate,
+    /// Judges generations (refusal / compliance).
+    Judge,
+    /// Scores generations with a reward model.
+    Score,
+}
+
+impl StepKind {
+    pub const ALL: [StepKind; 11] = [
+        StepKind::Model,
+        StepKind::Transform,
+        StepKind::Mix,
+        StepKind::Select,
+        StepKind::AlignData,
+        StepKind::Audit,
+        StepKind::Align,
+        StepKind::Tune,
+        StepKind::Generate,
+        StepKind::Judge,
+        StepKind::Score,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepKind::Model => "model",
+            StepKind::Transform => "transform",
+            StepKind::Mix => "mix",
+            StepKind::Select => "select",
+            StepKind::AlignData => "align-data",
+            StepKind::Audit => "audit",
+            StepKind::Align => "align",
+            StepKind::Tune => "tune",
+            StepKind::Generate => "generate",
+            StepKind::Judge => "judge",
+            StepKind::Score => "score",
+        }
+    }
+}
+
+impl std::fmt::Display for StepKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A benchmark split to generate for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BenchmarkRef {
+    pub name: String,
+    pub source: String,
+    /// Hash of the prompt set's content (so an edited file makes a new step).
+    pub content_hash: String,
+    pub harmful: bool,
+    pub split: SplitChoice,
+    pub split_seed: u64,
+    pub test_fraction: f64,
+    pub limit: Option<usize>,
+}
+
+/// Sampling settings of a generate step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingSpec {
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub seed: u64,
+    pub chunk_size: usize,
+}
+
+/// The typed settings of a step; with the keys of its inputs, it makes the step's key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum StepSpec {
+    Model {
+        name: String,
+        spec: String,
+        concurrency: usize,
+        endpoints: Vec<EndpointConfig>,
+    },
+    Transform {
+        base: String,
+        base_hash: String,
+        limit: Option<usize>,
+        /// `keep` | plain | itemized | markdown
+        structure: String,
+        /// keep | add | remove
+        identity: String,
+        roleplay: String,
+        persona_type: String,
+        placement: String,
+        seed: u64,
+    },
+    Mix {
+        share: f64,
+        refusals: String,
+        harmful: String,
+        split_seed: u64,
+        test_fraction: f64,
+        seed: u64,
+    },
+    Select {
+        reward_model: String,
+        rm_spec: String,
+        keep: f64,
+        strategy: SelectStrategy,
+        seed: u64,
+    },
+    AlignData {
+        refusals: String,
+        harmful: String,
+        benign: String,
+        harmful_limit: Option<usize>,
+        benign_limit: Option<usize>,
+        split_seed: u64,
+        test_fraction: f64,
+    },
+    Audit,
+    Align {
+        settings: Json,
+    },
+    Tune {
+        settings: Json,
+        seed: u64,
+    },
+    Generate {
+        benchmark: BenchmarkRef,
+        sampling: SamplingSpec,
+    },
+    Judge {
+        name: String,
+        judge_kind: crate::config::JudgeKind,
+        spec: Option<String>,
+        settings: Json,
+    },
+    Score {
+        name: String,
+        spec: String,
+        settings: Json,
+    },
+}
+
+impl StepSpec {
+    pub fn kind(&self) -> StepKind {
+        match self {
+            StepSpec::Model { .. } => StepKind::Model,
+            StepSpec::Transform { .. } => StepKind::Transform,
+            StepSpec::Mix { .. } => StepKind::Mix,
+            StepSpec::Select { .. } => StepKind::Select,
+            StepSpec::AlignData { .. } => StepKind::AlignData,
+            StepSpec::Audit => StepKind::Audit,
+            StepSpec::Align { .. } => StepKind::Align,
+            StepSpec::Tune { .. } => StepKind::Tune,
+            StepSpec::Generate { .. } => StepKind::Generate,
+            StepSpec::Judge { .. } => StepKind::Judge,
+            StepSpec::Score { .. } => StepKind::Score,
+        }
+    }
+}
+
+/// A model a later step can load: a spec, extra endpoints, and an adapter from a tune step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelArtifact {
+    pub name: String,
+    pub spec: String,
+    pub concurrency: usize,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    /// A PEFT adapter directory to apply on top of `spec` (set by align/tune stages).
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+}
+
+/// The typed output of a step, stored as JSON in the `steps` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum StepOutput {
+    Model(ModelArtifact),
+    Dataset {
+        path: PathBuf,
+        hash: String,
+        examples: usize,
+    },
+    Audit {
+        path: PathBuf,
+        summary: Json,
+    },
+    /// Rows live in the store's `generations` table under the step's key.
+    Generations {
+        benchmark: String,
+        harmful: bool,
+        rows: usize,
+    },
+    /// Rows live in `judgments`; `refusals` of `scored`.
+    Judgments {
+        judge: String,
+        rows: usize,
+        scored: usize,
+        refusals: usize,
+    },
+    /// Rows live in `scores`.
+    Scores {
+        reward_model: String,
+        rows: usize,
+        mean: f64,
+    },
+}
+
+impl StepOutput {
+    pub fn model(&self) -> Option<&ModelArtifact> {
+        match self {
+            StepOutput::Model(m) => Some(m),
+            _ => None,
+        }
+    }
+    pub fn dataset(&self) -> Option<(&PathBuf, &str, usize)> {
+        match self {
+            StepOutput::Dataset {
+                path,
+                hash,
+                examples,
+            } => Some((path, hash, *examples)),
+            _ => None,
+        }
+    }
+}
+
+/// A step of a plan: its settings, the plan indices of its inputs, and the factor levels it
+/// belongs to (for the report).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlannedStep {
+    pub label: String,
+    pub spec: StepSpec,
+    pub deps: Vec<usize>,
+    pub factors: BTreeMap<String, String>,
+    /// Rows or examples this step will produce (for `--dry-run`).
+    pub size: usize,
+}
+
+impl PlannedStep {
+    pub fn kind(&self) -> StepKind {
+        self.spec.kind()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(
+        "no stage runs `{kind}` steps in this build{}\nhint: {hint}",
+        if reason.is_empty() { String::new() } else { format!(": {reason}") }
+    )]
+    Missing {
+        kind: StepKind,
+        reason: String,
+        hint: String,
+    },
+    #[error("step `{label}` expected a {expected} input")]
+    Input { label: String, expected: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Data(#[from] safetune_data::DataError),
+    #[error(transparent)]
+    Model(#[from] safetune_model::ModelError),
+    #[error("{path}: {source}", path = path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Progress of a running step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepProgress {
+    pub done: usize,
+    pub total: usize,
+}
+
+/// What a stage gets besides its inputs: the step's key, a directory for its files, the store
+/// (rows are inserted as they finish) and a progress callback.
+pub struct StepContext<'a> {
+    pub key: &'a str,
+    /// The keys of the step's inputs, in `deps` order (rows of an input step live under its key).
+    pub input_keys: &'a [String],
+    pub dir: PathBuf,
+    pub store: &'a mut Store,
+    pub progress: &'a mut dyn FnMut(&StepProgress),
+}
+
+/// Runs steps of one kind. `inputs` are the outputs of `step.deps`, in order.
+pub trait Stage: Send + Sync {
+    fn run(
+        &self,
+        step: &PlannedStep,
+        inputs: &[StepOutput],
+        ctx: &mut StepContext<'_>,
+    ) -> Result<StepOutput, StageError>;
+}
+
+/// Maps step kinds to stages.
+#[derive(Clone, Default)]
+pub struct Registry {
+    stages: HashMap<StepKind, Arc<dyn Stage>>,
+}
+
+impl Registry {
+    pub fn empty() -> Registry {
+        Registry::default()
+    }
+
+    /// Registers (or replaces) the stage for `kind`.
+    pub fn with(mut self, kind: StepKind, stage: Arc<dyn Stage>) -> Registry {
+        self.stages.insert(kind, stage);
+        self
+    }
+
+    pub fn set(&mut self, kind: StepKind, stage: Arc<dyn Stage>) {
+        self.stages.insert(kind, stage);
+    }
+
+    pub fn get(&self, kind: StepKind) -> Option<&Arc<dyn Stage>> {
+        self.stages.get(&kind)
+    }
+
+    pub fn kinds(&self) -> Vec<StepKind> {
+        let mut k: Vec<StepKind> = self.stages.keys().copied().collect();
+        k.sort();
+        k
+    }
+}
+
+/// Finds the first input of a kind, or says which step lacked it.
+pub fn input_model<'a>(
+    step: &PlannedStep,
+    inputs: &'a [StepOutput],
+) -> Result<&'a ModelArtifact, StageError> {
+    inputs
+        .iter()
+        .find_map(|o| o.model())
+        .ok_or_else(|| StageError::Input {
+            label: step.label.clone(),
+            expected: "model".into(),
+        })
+}
+
+pub fn input_dataset<'a>(
+    step: &PlannedStep,
+    inputs: &'a [StepOutput],
+) -> Result<(&'a PathBuf, &'a str, usize), StageError> {
+    inputs
+        .iter()
+        .find_map(|o| o.dataset())
+        .ok_or_else(|| StageError::Input {
+            label: step.label.clone(),
+            expected: "dataset".into(),
+        })
+}
+
+pub fn input_generations<'a>(
+    step: &PlannedStep,
+    inputs: &'a [StepOutput],
+) -> Result<(&'a str, bool), StageError> {
+    inputs
+        .iter()
+        .find_map(|o| match o {
+            StepOutput::Generations {
+                benchmark, harmful, ..
+            } => Some((benchmark.as_str(), *harmful)),
+            _ => None,
+        })
+        .ok_or_else(|| StageError::Input {
+            label: step.label.clone(),
+            expected: "generations".into(),
+        })
+}
