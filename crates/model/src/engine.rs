@@ -1,7 +1,7 @@
 //! The local engine: a loaded model (decoder, tokenizer, chat template) behind the
 //! [`Generator`] trait.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use safetune_data::Message;
 
@@ -26,6 +26,11 @@ pub struct LoadOptions {
     pub quantized: bool,
     /// The most requests decoded together.
     pub batch_size: usize,
+    /// A LoRA adapter directory in the PEFT layout to apply after loading (see [`crate::adapter`]).
+    pub adapter: Option<PathBuf>,
+    /// Merge the adapter into dense weights at load time (faster decoding); otherwise, and
+    /// always for quantized weights, it runs as a separate low-rank path.
+    pub merge_adapter: bool,
 }
 
 impl Default for LoadOptions {
@@ -33,6 +38,8 @@ impl Default for LoadOptions {
         LoadOptions {
             quantized: false,
             batch_size: 8,
+            adapter: None,
+            merge_adapter: false,
         }
     }
 }
@@ -75,6 +82,13 @@ impl LocalEngine {
             }
         };
         e.model_id = spec.model_id();
+        if let Some(dir) = &opts.adapter {
+            let name = std::fs::canonicalize(dir)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| dir.display().to_string());
+            e.model_id = format!("{}+{name}", e.model_id);
+        }
         Ok(e)
     }
 
@@ -102,11 +116,14 @@ impl LocalEngine {
     }
 
     fn assemble(
-        model: Llama,
+        mut model: Llama,
         mut tok: Tok,
         path: &Path,
         opts: &LoadOptions,
     ) -> Result<LocalEngine> {
+        if let Some(dir) = &opts.adapter {
+            crate::adapter::Adapter::load(dir)?.apply(&mut model, opts.merge_adapter)?;
+        }
         for id in &model.cfg.eos_token_ids {
             if !tok.stop_ids.contains(id) {
                 tok.stop_ids.push(*id);

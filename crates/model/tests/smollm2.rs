@@ -21,6 +21,7 @@ fn engine(quantized: bool) -> &'static LocalEngine {
             &LoadOptions {
                 quantized,
                 batch_size: 8,
+                ..LoadOptions::default()
             },
         )
         .unwrap();

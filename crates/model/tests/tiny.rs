@@ -16,6 +16,7 @@ fn tiny(dir: &std::path::Path, m: TinyModel) -> LocalEngine {
         &LoadOptions {
             quantized: false,
             batch_size: 8,
+            ..LoadOptions::default()
         },
     )
     .unwrap()

@@ -20,6 +20,7 @@ fn tiny_local_model_served_and_read_back_by_the_client() {
     let load = LoadOptions {
         quantized: false,
         batch_size: 4,
+        ..LoadOptions::default()
     };
     let engine = Arc::new(LocalEngine::load(&spec, &load).unwrap());
     let requests: Vec<GenRequest> = ["hello", "this is a test", "the thought"]

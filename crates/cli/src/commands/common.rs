@@ -87,3 +87,29 @@ pub fn report_skipped(skipped: &SkipReport, path: &Path) {
         eprintln!("  e.g. {e}");
     }
 }
+
+/// A LoRA adapter applied to a local model (`generate`, `serve`, `merge`).
+#[derive(Debug, Clone, Args)]
+pub struct AdapterArgs {
+    /// LoRA adapter directory in the PEFT layout (adapter_config.json,
+    /// adapter_model.safetensors), e.g. from `safetune tune` or Python PEFT.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<std::path::PathBuf>,
+
+    /// Merge the adapter into the weights at load time (faster decoding; dense weights only,
+    /// quantized ones keep a separate low-rank path).
+    #[arg(long, requires = "adapter")]
+    pub merge_adapter: bool,
+}
+
+impl AdapterArgs {
+    /// Refuses an adapter on a remote model: it can only be applied to weights loaded here.
+    pub fn check_spec(&self, spec: &safetune_model::ModelSpec) -> anyhow::Result<()> {
+        if self.adapter.is_some() && matches!(spec, safetune_model::ModelSpec::OpenAi { .. }) {
+            anyhow::bail!(
+                "--adapter needs a local model, not {spec}\nhint: serve the base model with `safetune serve --model BASE --adapter DIR` and point openai: at it"
+            );
+        }
+        Ok(())
+    }
+}

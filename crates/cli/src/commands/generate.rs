@@ -61,6 +61,9 @@ pub struct GenerateArgs {
     /// GGUF only: keep weights quantized (faster decoding, slightly less exact).
     #[arg(long)]
     pub quantized: bool,
+
+    #[command(flatten)]
+    pub adapter: super::common::AdapterArgs,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -75,9 +78,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let prompts = read_prompts(&args.prompts)?;
     let spec = ModelSpec::parse(&args.model)?;
+    args.adapter.check_spec(&spec)?;
     let load = LoadOptions {
         quantized: args.quantized,
         batch_size: args.batch_size,
+        adapter: args.adapter.adapter.clone(),
+        merge_adapter: args.adapter.merge_adapter,
     };
     let client = ClientConfig {
         concurrency: args.batch_size,

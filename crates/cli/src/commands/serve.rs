@@ -40,6 +40,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub quantized: bool,
 
+    #[command(flatten)]
+    pub adapter: super::common::AdapterArgs,
+
     /// Model name reported by /v1/models and in responses (default: from the model spec).
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
@@ -61,9 +64,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--max-batch must be at least 1");
     }
     let spec = ModelSpec::parse(&args.model)?;
+    args.adapter.check_spec(&spec)?;
     let load = LoadOptions {
         quantized: args.quantized,
         batch_size: args.max_batch.unwrap_or(LoadOptions::default().batch_size),
+        adapter: args.adapter.adapter.clone(),
+        merge_adapter: args.adapter.merge_adapter,
     };
     let client = ClientConfig {
         concurrency: args.max_batch.unwrap_or(args.concurrency).max(1),
