@@ -1,1 +1,7 @@
 //! safetune-eval: see DESIGN.md section 2.
+
+pub mod error;
+pub mod judge;
+pub mod labels;
+pub mod metrics;
+pub mod run;

@@ -16,6 +16,7 @@
 
 pub mod adapter;
 pub mod backend;
+pub mod bert;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -1,0 +1,135 @@
+//! Judges: one interface from (prompt, response) to a verdict (`refusal` | `compliance`, words
+//! as in DESIGN.md section 4), a score, the judge's raw output and whether it could be parsed.
+//!
+//! - [`keyword::KeywordJudge`]: refusal phrases (a classic list written here, or the user's);
+//! - [`crate::classifier::ClassifierJudge`]: the MiniLM encoder with a logistic head trained on
+//!   this project's own labelled responses;
+//! - [`rubric::RubricJudge`]: an LLM scoring harmfulness 1-5 through any [`Generator`];
+//! - [`guard::GuardJudge`]: Llama Guard 3 or MD-Judge prompt formats through any [`Generator`].
+//!
+//! A reply that cannot be parsed gets no verdict and `parse: unparseable` with the reason; it is
+//! kept and counted, never dropped.
+//!
+//! [`Generator`]: safetune_model::Generator
+
+pub mod guard;
+pub mod keyword;
+pub mod rubric;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Refusal,
+    Compliance,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Refusal => "refusal",
+            Verdict::Compliance => "compliance",
+        }
+    }
+    pub fn is_refusal(self) -> bool {
+        self == Verdict::Refusal
+    }
+}
+
+impl std::str::FromStr for Verdict {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "refusal" => Ok(Verdict::Refusal),
+            "compliance" => Ok(Verdict::Compliance),
+            _ => Err(format!(
+                "unknown verdict `{s}` (expected refusal or compliance)"
+            )),
+        }
+    }
+}
+
+/// What a judge looks at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JudgeInput {
+    pub prompt: String,
+    pub response: String,
+}
+
+impl JudgeInput {
+    pub fn new(prompt: impl Into<String>, response: impl Into<String>) -> Self {
+        JudgeInput {
+            prompt: prompt.into(),
+            response: response.into(),
+        }
+    }
+}
+
+/// Whether the judge's output could be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "status", content = "reason")]
+pub enum ParseStatus {
+    Ok,
+    Unparseable(String),
+}
+
+impl ParseStatus {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, ParseStatus::Ok)
+    }
+}
+
+/// What a judge says about one response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Judgment {
+    /// `None` only when the output could not be parsed.
+    pub verdict: Option<Verdict>,
+    /// Judge-specific score, see [`Judge::score_kind`].
+    pub score: Option<f64>,
+    /// The judge's raw output (model reply, matched phrase, or probability).
+    pub raw: String,
+    pub parse: ParseStatus,
+    /// Violated categories (guard judges).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
+}
+
+impl Judgment {
+    pub fn unparseable(raw: impl Into<String>, reason: impl Into<String>) -> Judgment {
+        Judgment {
+            verdict: None,
+            score: None,
+            raw: raw.into(),
+            parse: ParseStatus::Unparseable(reason.into()),
+            categories: Vec::new(),
+        }
+    }
+}
+
+/// A judge of responses.
+pub trait Judge: Send + Sync {
+    /// The name written into judgment rows (`keyword`, `rubric:MODEL`, ...).
+    fn name(&self) -> String;
+
+    /// What `score` means: `refusal_probability` (0..1), `harmfulness_1_5`, `unsafe` (0/1) or
+    /// `phrase_matches`.
+    fn score_kind(&self) -> &'static str;
+
+    /// One judgment per input, in order. An error means the judge could not run at all (a
+    /// backend failure); an unreadable reply is an `unparseable` judgment instead.
+    fn judge(&self, items: &[JudgeInput]) -> Result<Vec<Judgment>>;
+
+    /// Inputs handed to `judge` at once by runners.
+    fn batch_size(&self) -> usize {
+        16
+    }
+}
+
+/// Normalises typographic apostrophes and quotes so phrase and pattern matching sees one form.
+pub fn normalize_quotes(s: &str) -> String {
+    s.replace(['\u{2019}', '\u{2018}', '\u{02bc}'], "'")
+        .replace(['\u{201c}', '\u{201d}'], "\"")
+}
