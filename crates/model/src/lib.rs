@@ -20,6 +20,7 @@ pub mod bert;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod hub;

@@ -468,3 +468,136 @@ fn bad_adapters_are_rejected_with_the_file_key_and_shape() {
     let e = expect_err(&base, &root.path().join("no_such_adapter"));
     assert!(e.contains("no_such_adapter"), "{e}");
 }
+
+#[test]
+fn exported_hf_dir_loads_back_with_the_adapted_logits() {
+    let root = tempfile::tempdir().unwrap();
+    let (base, adir) = base_and_adapter(root.path(), AdapterConfig::lora(4, 8.0, &ALL), 21);
+    let adapted = load(&base, Some(&adir), false);
+    let want = logits(&adapted);
+    let out = root.path().join("merged");
+    let s = export::write_hf_dir(
+        &adapted.model,
+        &adapted.tok,
+        Some(&base),
+        &out,
+        candle_core::DType::F32,
+    )
+    .unwrap();
+    assert!(!s.tied);
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let back = load(&out, None, false);
+    let d = max_abs_diff(&want, &logits(&back));
+    println!("exported (merged) vs base+adapter unmerged: max abs diff {d}");
+    assert!(d < 1e-4, "{d}");
+    // The output directory is never overwritten.
+    let e = export::write_hf_dir(
+        &adapted.model,
+        &adapted.tok,
+        Some(&base),
+        &out,
+        candle_core::DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not empty"), "{e}");
+    // bf16 storage loads back close to it.
+    let out16 = root.path().join("merged-bf16");
+    export::write_hf_dir(
+        &adapted.model,
+        &adapted.tok,
+        Some(&base),
+        &out16,
+        candle_core::DType::BF16,
+    )
+    .unwrap();
+    let d16 = max_abs_diff(&want, &logits(&load(&out16, None, false)));
+    println!("bf16 export: max abs diff {d16}");
+    assert!(d16 < 0.5, "{d16}");
+}
+
+#[test]
+fn tied_tiny_model_stays_tied_unless_the_head_is_adapted() {
+    let root = tempfile::tempdir().unwrap();
+    let base = TinyModel {
+        tie_word_embeddings: true,
+        ..TinyModel::default()
+    }
+    .write(&root.path().join("base"))
+    .unwrap();
+    let e = load(&base, None, false);
+    for (name, targets, tied) in [
+        ("attn", vec!["q_proj"], true),
+        ("head", vec!["q_proj", "lm_head"], false),
+    ] {
+        let a = Adapter::init(
+            &e.model,
+            AdapterConfig::lora(2, 4.0, &targets),
+            LoraInit::Gaussian {
+                seed: 2,
+                std_a: 0.2,
+                std_b: 0.2,
+            },
+        )
+        .unwrap();
+        let adir = root.path().join(format!("adapter-{name}"));
+        a.save(&adir).unwrap();
+        let adapted = load(&base, Some(&adir), false);
+        let out = root.path().join(format!("out-{name}"));
+        let s = export::write_hf_dir(
+            &adapted.model,
+            &adapted.tok,
+            Some(&base),
+            &out,
+            candle_core::DType::F32,
+        )
+        .unwrap();
+        assert_eq!(s.tied, tied, "{name}");
+        let d = max_abs_diff(&logits(&adapted), &logits(&load(&out, None, false)));
+        println!("tied base, adapter on {targets:?}: export max abs diff {d}");
+        assert!(d < 1e-4, "{d}");
+    }
+}
+
+#[test]
+fn real_smollm2_gguf_exports_a_loadable_hf_dir() {
+    // From a GGUF base: config.json, tokenizer.json and tokenizer_config.json (with the chat
+    // template) are written from the GGUF metadata.
+    let gguf = testing::smollm2_gguf();
+    let e = LocalEngine::load_gguf(&gguf, &LoadOptions::default()).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("smol");
+    let s = export::write_hf_dir(&e.model, &e.tok, None, &out, candle_core::DType::F32).unwrap();
+    assert!(s.tied);
+    let back = load(&out, None, false);
+    let text = "<|im_start|>user\nWhat is the capital of France? 😀 café<|im_end|>\n";
+    let ids_a = e.tok.encode(text, false).unwrap();
+    assert_eq!(
+        ids_a,
+        back.tok.encode(text, false).unwrap(),
+        "tokenizer round trip"
+    );
+    assert_eq!(e.tok.stop_ids, back.tok.stop_ids);
+    let msgs = vec![safetune_data::Message::user("Hi")];
+    assert_eq!(
+        e.render_chat(&msgs).unwrap(),
+        back.render_chat(&msgs).unwrap()
+    );
+    let t = Tensor::new(&ids_a[..12], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let d = max_abs_diff(
+        &e.model.forward(&t, None).unwrap(),
+        &back.model.forward(&t, None).unwrap(),
+    );
+    println!("SmolLM2 GGUF (f32) vs exported HF dir: max abs diff {d}");
+    assert_eq!(d, 0.0);
+}
