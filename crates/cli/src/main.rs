@@ -37,6 +37,11 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     /// A first real look: audit the demo sets and benchmarks, write matched variants.
     Quickstart(commands::quickstart::QuickstartArgs),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
+    Merge(commands::merge::MergeArgs),
+    /// Logits of a token sequence as JSON (for comparisons with other implementations).
+    #[command(hide = true)]
+    DebugLogits(commands::debug_logits::DebugLogitsArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -55,6 +60,8 @@ fn main() {
         Command::Prompts(args) => commands::prompts::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Merge(args) => commands::merge::run(args),
+        Command::DebugLogits(args) => commands::debug_logits::run(args),
     };
     std::process::exit(exit::report(result));
 }

@@ -1,1 +1,3 @@
 //! safetune-train: see DESIGN.md section 2.
+
+pub mod peft;

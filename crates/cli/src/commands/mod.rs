@@ -2,7 +2,9 @@
 
 pub mod audit;
 pub mod common;
+pub mod debug_logits;
 pub mod generate;
+pub mod merge;
 pub mod prompts;
 pub mod quickstart;
 pub mod serve;

@@ -1,0 +1,241 @@
+//! `--adapter` on generate, `safetune merge` and the hidden `debug-logits`, on a tiny model the
+//! test writes itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetune_model::adapter::{Adapter, AdapterConfig, LoraInit};
+use safetune_model::testing::TinyModel;
+use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
+
+fn safetune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args(args)
+        .output()
+        .expect("run safetune")
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = safetune(args);
+    assert!(
+        out.status.success(),
+        "safetune {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+const ALL: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// A tiny base model, a zero-B adapter and a random one.
+fn setup(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let base = TinyModel::default().write(&root.join("base")).unwrap();
+    let e = LocalEngine::load(&ModelSpec::HfDir(base.clone()), &LoadOptions::default()).unwrap();
+    let cfg = AdapterConfig::lora(4, 8.0, &ALL);
+    let zero = root.join("zero");
+    Adapter::init(&e.model, cfg.clone(), LoraInit::Peft { seed: 1 })
+        .unwrap()
+        .save(&zero)
+        .unwrap();
+    let random = root.join("random");
+    Adapter::init(
+        &e.model,
+        cfg,
+        LoraInit::Gaussian {
+            seed: 2,
+            std_a: 0.2,
+            std_b: 0.2,
+        },
+    )
+    .unwrap()
+    .save(&random)
+    .unwrap();
+    (base, zero, random)
+}
+
+fn responses(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!(
+                "{}:{}",
+                v["id"].as_str().unwrap(),
+                v["response"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn generate_with_a_zero_adapter_matches_the_base_and_a_random_one_differs() {
+    let root = tempfile::tempdir().unwrap();
+    let (base, zero, random) = setup(root.path());
+    let prompts = root.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"id\":\"a\",\"prompt\":\"hello there\"}\n{\"id\":\"b\",\"prompt\":\"the thought is\"}\n",
+    )
+    .unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = root.path().join(format!("{name}.jsonl"));
+        let mut args = vec![
+            "generate",
+            "--model",
+            s(&base),
+            "--prompts",
+            s(&prompts),
+            "-o",
+            s(&out),
+            "--max-new-tokens",
+            "10",
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+        responses(&out)
+    };
+    let plain = run("base", &[]);
+    assert_eq!(plain.len(), 2);
+    assert_eq!(plain, run("zero", &["--adapter", s(&zero)]));
+    assert_eq!(
+        plain,
+        run("zero-merged", &["--adapter", s(&zero), "--merge-adapter"])
+    );
+    let adapted = run("random", &["--adapter", s(&random)]);
+    assert_ne!(plain, adapted, "a random adapter changes greedy output");
+    assert_eq!(
+        adapted,
+        run(
+            "random-merged",
+            &["--adapter", s(&random), "--merge-adapter"]
+        )
+    );
+}
+
+fn logits(path: &Path) -> Vec<Vec<f32>> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    serde_json::from_value(v["logits"].clone()).unwrap()
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn merge_writes_a_model_with_the_adapted_logits() {
+    let root = tempfile::tempdir().unwrap();
+    let (base, _, random) = setup(root.path());
+    let merged = root.path().join("merged");
+    let out = ok(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&random),
+        "-o",
+        s(&merged),
+    ]);
+    let msg = String::from_utf8_lossy(&out.stderr);
+    assert!(msg.contains("merged the adapter into 14 layers"), "{msg}");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(merged.join(f).is_file(), "{f}");
+    }
+    let ids = "5,72,101,108,108,111,32,119,263";
+    let l = |name: &str, extra: &[&str]| {
+        let out = root.path().join(format!("{name}.json"));
+        let mut args = vec!["debug-logits", "--ids", ids, "-o", s(&out)];
+        args.extend_from_slice(extra);
+        ok(&args);
+        logits(&out)
+    };
+    let with_adapter = l("adapter", &["--model", s(&base), "--adapter", s(&random)]);
+    let from_merged = l("merged", &["--model", s(&merged)]);
+    let plain = l("base", &["--model", s(&base)]);
+    let d = max_abs_diff(&with_adapter, &from_merged);
+    let effect = max_abs_diff(&with_adapter, &plain);
+    println!("merged model vs base+adapter: max abs diff {d} (adapter effect {effect})");
+    assert_eq!(with_adapter.len(), 9);
+    assert!(d < 1e-4, "{d}");
+    assert!(effect > 0.05, "{effect}");
+
+    // A second merge into the same directory is refused and leaves it intact.
+    let again = safetune(&[
+        "merge",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&random),
+        "-o",
+        s(&merged),
+    ]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not empty"));
+    assert!(merged.join("model.safetensors").is_file());
+}
+
+#[test]
+fn bad_adapter_and_remote_model_are_user_errors() {
+    let root = tempfile::tempdir().unwrap();
+    let (base, _, random) = setup(root.path());
+    std::fs::write(
+        random.join("adapter_config.json"),
+        "{\"peft_type\": \"LORA\", \"r\": 4, \"target_modules\": [\"q_proj\", \"w_proj\"]}",
+    )
+    .unwrap();
+    let out = safetune(&[
+        "debug-logits",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&random),
+        "--ids",
+        "1,2",
+        "-o",
+        s(&root.path().join("x.json")),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("w_proj") && err.contains("adapter_config.json"),
+        "{err}"
+    );
+
+    let prompts = root.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\":\"hi\"}\n").unwrap();
+    let out = safetune(&[
+        "generate",
+        "--model",
+        "openai:http://127.0.0.1:9#m",
+        "--adapter",
+        s(&random),
+        "--prompts",
+        s(&prompts),
+        "-o",
+        s(&root.path().join("o.jsonl")),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--adapter needs a local model"), "{err}");
+}
