@@ -1,3 +1,25 @@
-//! safetune-train: see DESIGN.md section 2.
+//! safetune-train: supervised fine-tuning (LoRA and full) of Llama-family models on CPU.
+//!
+//! - [`config`]: [`TuneConfig`], every setting of a run (TOML file + flags).
+//! - [`sft`]: chat-template rendering, assistant-only labels, truncation, length-grouped batches
+//!   and packing.
+//! - [`model`]: the trainable decoder (candle `Var`s, LoRA adapters), from differentiable ops
+//!   ([`kernels`]); [`loss`]: the chunked lm_head + cross-entropy.
+//! - [`recipe`]: the training loop, top to bottom; [`checkpoint`]: exact resume.
+//! - [`rng`]: the checkpointable random generator.
 
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod kernels;
+pub mod loss;
+pub mod model;
 pub mod peft;
+pub mod recipe;
+pub mod rng;
+pub mod sft;
+
+pub use config::{Schedule, TuneConfig};
+pub use error::{Result, TrainError};
+pub use model::{LoraSettings, Mode, Target, TrainModel};
+pub use recipe::{tune, Event, RunOptions, Status, TuneSummary};

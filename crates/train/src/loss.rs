@@ -1,0 +1,40 @@
+//! The training loss: next-token cross-entropy over labelled positions only, through the fused
+//! chunked lm_head + cross-entropy of `safetune_model::ops` (the (N, V) logits and their
+//! log-softmax never exist whole).
+//!
+//! Rows without a label (prompts, padding) are dropped before the head: they would only cost a
+//! (rows, V) matmul each and contribute nothing.
+
+use candle_core::{Device, Tensor};
+use safetune_model::ops;
+
+use crate::error::{Result, TensorContext};
+use crate::sft::IGNORE;
+
+/// Summed cross-entropy over labelled positions and their number.
+/// hidden: (B, T, C) or (N, C); head: (V, C); labels: N entries, [`IGNORE`] for no loss.
+/// `chunk` rows of logits are computed at a time.
+pub fn head_loss_sum(
+    hidden: &Tensor,
+    head: &Tensor,
+    labels: &[u32],
+    chunk: usize,
+) -> Result<(Tensor, usize)> {
+    let c = hidden.dim(candle_core::D::Minus1)?;
+    let flat = hidden.reshape(((), c))?; // (N, C)
+    let rows: Vec<u32> = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l != IGNORE)
+        .map(|(i, _)| i as u32)
+        .collect();
+    if rows.is_empty() {
+        return Ok((Tensor::new(0f32, &Device::Cpu)?, 0));
+    }
+    let targets: Vec<u32> = rows.iter().map(|&i| labels[i as usize]).collect();
+    let n = rows.len();
+    let idx = Tensor::from_vec(rows, n, &Device::Cpu)?;
+    let h = flat.index_select(&idx, 0)?; // (n, C)
+    let targets = Tensor::from_vec(targets, n, &Device::Cpu)?;
+    ops::lm_head_cross_entropy_sum(&h, head, &targets, -100, chunk).ctx(|| "lm_head loss".into())
+}

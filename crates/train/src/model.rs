@@ -1,0 +1,502 @@
+//! The trainable decoder: the same Llama-family network as `safetune_model::Llama`, rebuilt from
+//! differentiable ops (see [`crate::kernels`]) with its trainable tensors as candle `Var`s.
+//!
+//! LoRA (the default) freezes the base weights and adds `scale * B A x` to each target
+//! projection, A (r, in) random, B (out, r) zero, scale = alpha / r, so a fresh adapter leaves
+//! the model unchanged. Full fine-tuning (`Mode::Full`) makes every weight a `Var`.
+//!
+//! Shapes: B batch, T tokens, N = B*T rows, C hidden size, H query heads, K key/value heads,
+//! D head size, I MLP size, V vocabulary, r LoRA rank.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use safetune_model::{Config, Llama};
+
+use crate::error::{Result, TensorContext, TrainError};
+use crate::kernels;
+use crate::rng::TrainRng;
+
+/// A projection LoRA can adapt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    /// The module name in Hugging Face checkpoints (and PEFT's `target_modules`).
+    pub fn module(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// Accepts `q` or `q_proj` (any case); `None` for anything else.
+    pub fn parse(s: &str) -> Option<Target> {
+        let s = s.trim().to_ascii_lowercase();
+        let s = s.strip_suffix("_proj").unwrap_or(&s);
+        Some(match s {
+            "q" => Target::Q,
+            "k" => Target::K,
+            "v" => Target::V,
+            "o" => Target::O,
+            "gate" => Target::Gate,
+            "up" => Target::Up,
+            "down" => Target::Down,
+            _ => return None,
+        })
+    }
+}
+
+/// LoRA settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    pub rank: usize,
+    pub alpha: f64,
+    /// Dropout on the adapter's input (training only).
+    pub dropout: f32,
+    pub targets: Vec<Target>,
+}
+
+/// What is trained.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mode {
+    Lora(LoraSettings),
+    /// Every weight (embeddings, norms, projections, head).
+    Full,
+}
+
+/// A trainable tensor and its name: the PEFT key for LoRA tensors
+/// (`base_model.model.<module>.lora_A.weight`), the checkpoint key for full fine-tuning.
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+}
+
+/// A low-rank adapter with its tensors as `Var`s.
+#[derive(Debug, Clone)]
+pub struct LoraVars {
+    /// (r, in)
+    pub a: Var,
+    /// (out, r)
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+/// A linear layer of the trainable decoder.
+#[derive(Debug, Clone)]
+pub struct TrainLinear {
+    /// Checkpoint path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    /// (out, in); the tensor of a `Var` under full fine-tuning.
+    pub weight: Tensor,
+    /// (out)
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraVars>,
+}
+
+/// Per-forward state: whether dropout is on, and the generator it draws from.
+pub struct Step<'a> {
+    pub rng: Option<&'a mut TrainRng>,
+}
+
+impl Step<'_> {
+    /// No dropout (evaluation, or dropout 0).
+    pub fn eval() -> Step<'static> {
+        Step { rng: None }
+    }
+}
+
+impl TrainLinear {
+    /// x: (N, in) -> (N, out)
+    pub fn forward(&self, x: &Tensor, step: &mut Step) -> Result<Tensor> {
+        let mut y = x.matmul(&self.weight.t()?).ctx(|| self.name.clone())?; // (N, out)
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = &self.lora {
+            let xd = match step.rng.as_deref_mut() {
+                Some(rng) if l.dropout > 0.0 => dropout(x, l.dropout, rng)?,
+                _ => x.clone(),
+            };
+            let delta = xd.matmul(&l.a.as_tensor().t()?)?; // (N, r)
+            let delta = delta.matmul(&l.b.as_tensor().t()?)?; // (N, out)
+            y = (y + (delta * l.scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Inverted dropout with a mask drawn from `rng` (reproducible, checkpointable).
+fn dropout(x: &Tensor, p: f32, rng: &mut TrainRng) -> Result<Tensor> {
+    let keep = 1.0 - p;
+    let n = x.elem_count();
+    let mask: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.next_f32() < keep {
+                1.0 / keep
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    Ok((x * mask)?)
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainBlock {
+    /// (C)
+    pub input_norm: Tensor,
+    /// (C)
+    pub post_norm: Tensor,
+    pub q: TrainLinear,
+    pub k: TrainLinear,
+    pub v: TrainLinear,
+    pub o: TrainLinear,
+    pub gate: TrainLinear,
+    pub up: TrainLinear,
+    pub down: TrainLinear,
+}
+
+/// Rotary cos/sin at each row's positions: (B, T, D/2) each.
+pub struct RopeTables {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+/// The trainable decoder.
+#[derive(Debug)]
+pub struct TrainModel {
+    pub cfg: Config,
+    /// (V, C)
+    pub embed: Tensor,
+    pub blocks: Vec<TrainBlock>,
+    /// (C)
+    pub norm: Tensor,
+    /// (V, C); the embedding tensor itself when tied.
+    pub lm_head: Tensor,
+    /// Every trainable tensor, in a fixed order (optimizer state and checkpoints follow it).
+    pub params: Vec<Param>,
+    pub mode: Mode,
+    /// (D/2)
+    inv_freq: Tensor,
+}
+
+/// Makes `t` a `Var` named `name` when `full`, and records it.
+fn maybe_var(t: Tensor, name: &str, full: bool, params: &mut Vec<Param>) -> Result<Tensor> {
+    if !full {
+        return Ok(t);
+    }
+    let var = Var::from_tensor(&t).ctx(|| name.to_string())?;
+    let out = var.as_tensor().clone();
+    params.push(Param {
+        name: name.to_string(),
+        var,
+    });
+    Ok(out)
+}
+
+impl TrainModel {
+    /// Builds the trainable decoder from a loaded (dense f32) model. LoRA A matrices are drawn
+    /// from `seed` (uniform in +-1/sqrt(in), PEFT's default bound); B matrices start at zero.
+    pub fn from_llama(model: &Llama, mode: &Mode, seed: u64) -> Result<TrainModel> {
+        let cfg = model.cfg.clone();
+        let full = matches!(mode, Mode::Full);
+        let mut params = Vec::new();
+        let mut rng = TrainRng::derive(seed, 0x10_4A);
+        let lora = match mode {
+            Mode::Lora(l) => {
+                if l.rank == 0 {
+                    return Err(TrainError::config("lora", "rank must be at least 1"));
+                }
+                if l.targets.is_empty() {
+                    return Err(TrainError::config(
+                        "lora",
+                        "no target modules (choose from q, k, v, o, gate, up, down)",
+                    ));
+                }
+                Some(l)
+            }
+            Mode::Full => None,
+        };
+        let embed = maybe_var(
+            model.embed_tokens.clone(),
+            "model.embed_tokens.weight",
+            full,
+            &mut params,
+        )?;
+        let mut linear = |l: &safetune_model::Linear,
+                          target: Target,
+                          params: &mut Vec<Param>|
+         -> Result<TrainLinear> {
+            let w = l.dense_weight().ctx(|| l.name.clone())?;
+            let weight = maybe_var(w, &format!("{}.weight", l.name), full, params)?;
+            let bias = match &l.bias {
+                Some(b) => Some(maybe_var(
+                    b.clone(),
+                    &format!("{}.bias", l.name),
+                    full,
+                    params,
+                )?),
+                None => None,
+            };
+            let lora = match lora {
+                Some(s) if s.targets.contains(&target) => {
+                    let bound = 1.0 / (l.in_dim as f32).sqrt();
+                    let a: Vec<f32> = (0..s.rank * l.in_dim)
+                        .map(|_| (rng.next_f32() * 2.0 - 1.0) * bound)
+                        .collect();
+                    let a = Var::from_vec(a, (s.rank, l.in_dim), &Device::Cpu)?;
+                    let b = Var::zeros((l.out_dim, s.rank), DType::F32, &Device::Cpu)?;
+                    let key = format!("base_model.model.{}", l.name);
+                    params.push(Param {
+                        name: format!("{key}.lora_A.weight"),
+                        var: a.clone(),
+                    });
+                    params.push(Param {
+                        name: format!("{key}.lora_B.weight"),
+                        var: b.clone(),
+                    });
+                    Some(LoraVars {
+                        a,
+                        b,
+                        scale: s.alpha / s.rank as f64,
+                        dropout: s.dropout,
+                    })
+                }
+                _ => None,
+            };
+            Ok(TrainLinear {
+                name: l.name.clone(),
+                weight,
+                bias,
+                lora,
+            })
+        };
+        let mut blocks = Vec::with_capacity(model.layers.len());
+        for (i, b) in model.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let input_norm = maybe_var(
+                b.input_layernorm.weight.clone(),
+                &format!("{p}.input_layernorm.weight"),
+                full,
+                &mut params,
+            )?;
+            let a = &b.self_attn;
+            let q = linear(&a.q_proj, Target::Q, &mut params)?;
+            let k = linear(&a.k_proj, Target::K, &mut params)?;
+            let v = linear(&a.v_proj, Target::V, &mut params)?;
+            let o = linear(&a.o_proj, Target::O, &mut params)?;
+            let post_norm = maybe_var(
+                b.post_attention_layernorm.weight.clone(),
+                &format!("{p}.post_attention_layernorm.weight"),
+                full,
+                &mut params,
+            )?;
+            let m = &b.mlp;
+            let gate = linear(&m.gate_proj, Target::Gate, &mut params)?;
+            let up = linear(&m.up_proj, Target::Up, &mut params)?;
+            let down = linear(&m.down_proj, Target::Down, &mut params)?;
+            blocks.push(TrainBlock {
+                input_norm,
+                post_norm,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+            });
+        }
+        let norm = maybe_var(
+            model.norm.weight.clone(),
+            "model.norm.weight",
+            full,
+            &mut params,
+        )?;
+        // Tied heads share the embedding tensor (and, under full tuning, its Var).
+        let head = model.lm_head.dense_weight().ctx(|| "lm_head".into())?;
+        let tied = head.id() == model.embed_tokens.id() || cfg.tie_word_embeddings;
+        let lm_head = if tied {
+            embed.clone()
+        } else {
+            maybe_var(head, "lm_head.weight", full, &mut params)?
+        };
+        let inv_freq = Tensor::new(cfg.inv_freq(), &Device::Cpu)?;
+        Ok(TrainModel {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            params,
+            mode: mode.clone(),
+            inv_freq,
+        })
+    }
+
+    pub fn num_trainable(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    /// positions: (B, T) u32 -> cos, sin (B, T, D/2).
+    pub fn rope_tables(&self, positions: &Tensor) -> Result<RopeTables> {
+        let pos = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?; // (B, T, 1)
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?; // (B, T, D/2)
+        Ok(RopeTables {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+        })
+    }
+
+    /// Final hidden states after the last norm.
+    /// ids, positions: (B, T) u32; mask: (B, 1, T, T) additive. Returns (B, T, C).
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        step: &mut Step,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let c = self.cfg.hidden_size;
+        let rope = self.rope_tables(positions)?;
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b * t, c))?; // (N, C)
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self
+                .block_forward(block, &x, b, t, &rope, mask, step)
+                .map_err(|e| match e {
+                    TrainError::Tensor { context, source } => TrainError::Tensor {
+                        context: format!("layer {i}: {context}"),
+                        source,
+                    },
+                    other => other,
+                })?;
+        }
+        let x = kernels::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?; // (N, C)
+        Ok(x.reshape((b, t, c))?)
+    }
+
+    /// One decoder block on x: (N, C) -> (N, C).
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        blk: &TrainBlock,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        rope: &RopeTables,
+        mask: &Tensor,
+        step: &mut Step,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (h, kh, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        // Attention.
+        let xn = kernels::rms_norm(x, &blk.input_norm, cfg.rms_norm_eps)?; // (N, C)
+        let q = blk
+            .q
+            .forward(&xn, step)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?; // (B, H, T, D)
+        let k = blk
+            .k
+            .forward(&xn, step)?
+            .reshape((b, t, kh, d))?
+            .transpose(1, 2)?; // (B, K, T, D)
+        let v = blk
+            .v
+            .forward(&xn, step)?
+            .reshape((b, t, kh, d))?
+            .transpose(1, 2)?; // (B, K, T, D)
+        let q = kernels::rope(&q, &rope.cos, &rope.sin)?; // (B, H, T, D)
+        let k = kernels::rope(&k, &rope.cos, &rope.sin)?; // (B, K, T, D)
+        let y = kernels::attention(&q, &k, &v, mask)?; // (B, H, T, D)
+        let y = y.transpose(1, 2)?.reshape((b * t, h * d))?; // (N, H*D)
+        let x = (x + blk.o.forward(&y, step)?)?; // (N, C)
+                                                 // MLP.
+        let xn = kernels::rms_norm(&x, &blk.post_norm, cfg.rms_norm_eps)?; // (N, C)
+        let g = blk.gate.forward(&xn, step)?; // (N, I)
+        let u = blk.up.forward(&xn, step)?; // (N, I)
+        let m = blk.down.forward(&kernels::silu_mul(&g, &u)?, step)?; // (N, C)
+        Ok((x + m)?)
+    }
+
+    /// Full logits (tests and small evaluations): hidden (B, T, C) -> (B, T, V).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?)
+    }
+
+    /// Every LoRA adapter: (module path, A (r, in), B (out, r), alpha / r).
+    pub fn lora_tensors(&self) -> Vec<(String, Tensor, Tensor, f64)> {
+        let mut out = Vec::new();
+        for blk in &self.blocks {
+            for l in [
+                &blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down,
+            ] {
+                if let Some(lv) = &l.lora {
+                    out.push((
+                        l.name.clone(),
+                        lv.a.as_tensor().clone(),
+                        lv.b.as_tensor().clone(),
+                        lv.scale,
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Causal attention mask over packed rows: a token sees earlier tokens of its own segment only.
+/// `segments[b][t]` is the segment of each token (0 = padding, which sees only itself).
+/// Returns (B, 1, T, T) additive.
+pub fn segment_mask(segments: &[Vec<u32>]) -> Result<Tensor> {
+    let b = segments.len();
+    let t = segments.first().map(|s| s.len()).unwrap_or(0);
+    let mut m = vec![safetune_model::llama::MASK_VALUE; b * t * t];
+    for (bi, seg) in segments.iter().enumerate() {
+        for i in 0..t {
+            let row = &mut m[(bi * t + i) * t..(bi * t + i + 1) * t];
+            for j in 0..=i {
+                if j == i || (seg[i] != 0 && seg[j] == seg[i]) {
+                    row[j] = 0.0;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu)?)
+}

@@ -1,0 +1,669 @@
+//! The SFT recipe, read top to bottom: load the model and data, build the trainable decoder and
+//! the optimizer, (resume,) then loop: micro-batches with gradient accumulation, loss normalised
+//! by the labelled tokens of the whole optimizer step, global-norm clipping, scheduled learning
+//! rate, AdamW; eval loss, metrics line, checkpoint; finally the adapter and a manifest.
+//!
+//! Output directory:
+//! - `adapter_config.json`, `adapter_model.safetensors`: the LoRA adapter (PEFT layout); or
+//!   `model.safetensors` with every tuned weight under `--full`;
+//! - `metrics.jsonl`: one line per optimizer step (`"kind": "train"`) and per evaluation
+//!   (`"kind": "eval"`);
+//! - `manifest.json`: format version, status, resolved settings, input hash, results;
+//! - `checkpoints/step-NNNNNN/`: see [`crate::checkpoint`].
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::Var;
+use serde::Serialize;
+
+use safetune_data::read::{read_all, ReadOptions};
+use safetune_model::adapter::{Adapter, AdapterConfig, LoraPair};
+use safetune_model::ops::{self, AdamW, AdamWParams};
+use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
+
+use crate::checkpoint::{self, TrainerState};
+use crate::config::TuneConfig;
+use crate::error::{Result, TrainError};
+use crate::loss::head_loss_sum;
+use crate::model::{Step, TrainModel};
+use crate::rng::TrainRng;
+use crate::sft::{make_batch, plan_epoch, EncodeStats, Encoded, Encoder, Layout, PlannedBatch};
+
+pub const MANIFEST_FORMAT: &str = "safetune-tune-manifest";
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// How a run is driven (not part of its settings).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunOptions<'a> {
+    /// Continue from the newest checkpoint in the output directory.
+    pub resume: bool,
+    /// Set (e.g. by SIGINT) to stop after the current step with a checkpoint.
+    pub stop: Option<&'a AtomicBool>,
+    /// Stop with a checkpoint once this many optimizer steps are done.
+    pub stop_after: Option<usize>,
+}
+
+/// One optimizer step, as logged to `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepLog {
+    pub kind: &'static str,
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: usize,
+    /// Mean cross-entropy per labelled token of this step.
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Labelled tokens.
+    pub tokens: usize,
+    /// Input tokens (padding excluded).
+    pub input_tokens: usize,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalLog {
+    pub kind: &'static str,
+    pub step: usize,
+    pub eval_loss: f64,
+    pub tokens: usize,
+}
+
+/// What the caller hears about while a run goes on.
+#[derive(Debug)]
+pub enum Event<'a> {
+    Started {
+        start_step: usize,
+        total_steps: usize,
+        trainable: usize,
+        train_examples: usize,
+        eval_examples: usize,
+        stats: &'a EncodeStats,
+    },
+    Step(&'a StepLog),
+    Eval(&'a EvalLog),
+    Saved {
+        step: usize,
+        path: &'a Path,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Completed,
+    /// Stopped by the stop flag, with a checkpoint.
+    Interrupted,
+    /// Stopped at `stop_after`, with a checkpoint.
+    Paused,
+}
+
+#[derive(Debug, Clone)]
+pub struct TuneSummary {
+    pub status: Status,
+    /// Optimizer steps done in total (resumed ones included).
+    pub steps: usize,
+    pub total_steps: usize,
+    /// The loss of each step run by this call, as (step, loss).
+    pub losses: Vec<(usize, f64)>,
+    pub final_eval_loss: Option<f64>,
+    pub output: PathBuf,
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Model, tokenizer and data, loaded and encoded.
+pub struct Prepared {
+    pub model: TrainModel,
+    pub model_id: String,
+    pub train: Vec<Encoded>,
+    pub eval: Vec<Encoded>,
+    pub stats: EncodeStats,
+    pub data_hash: String,
+    pub pad_id: u32,
+}
+
+/// Loads the base model (dequantized f32) and encodes the data.
+pub fn prepare(cfg: &TuneConfig) -> Result<Prepared> {
+    let spec = ModelSpec::parse(&cfg.model)?;
+    let engine = LocalEngine::load(
+        &spec,
+        &LoadOptions {
+            quantized: false,
+            batch_size: 1,
+            ..LoadOptions::default()
+        },
+    )?;
+    let LocalEngine {
+        model,
+        tok,
+        template,
+        model_id,
+        ..
+    } = engine;
+    let (convs, _skipped) = read_all(&cfg.data, &ReadOptions::default())?;
+    let data_hash = file_hash(&cfg.data)?;
+    let encoder = Encoder {
+        tok: &tok,
+        template: &template,
+        max_len: cfg.max_len,
+    };
+    let (mut examples, stats) = encoder.encode_all(&convs)?;
+    if examples.is_empty() {
+        return Err(TrainError::Dataset(format!(
+            "{}: no example has an assistant answer to train on",
+            cfg.data.display()
+        )));
+    }
+    // Held-out examples: a seeded draw, the same on every run with this seed.
+    let mut eval = Vec::new();
+    if cfg.eval_fraction > 0.0 && examples.len() >= 2 {
+        let n = ((examples.len() as f64 * cfg.eval_fraction).ceil() as usize)
+            .clamp(1, examples.len() - 1);
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        TrainRng::derive(cfg.seed, 0xE7A1).shuffle(&mut order);
+        let mut held: Vec<usize> = order[..n].to_vec();
+        held.sort_unstable();
+        for &i in held.iter().rev() {
+            eval.push(examples.remove(i));
+        }
+        eval.reverse();
+    }
+    let model = TrainModel::from_llama(&model, &cfg.mode(), cfg.seed)?;
+    let pad_id = tok.eos.as_ref().map(|(_, id)| *id).unwrap_or(0);
+    Ok(Prepared {
+        model,
+        model_id,
+        train: examples,
+        eval,
+        stats,
+        data_hash,
+        pad_id,
+    })
+}
+
+/// FNV-1a 64 of a file's bytes (identifies the input in the manifest).
+fn file_hash(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Ok(format!("fnv1a64:{h:016x}"))
+}
+
+/// Mean loss per labelled token over the held-out examples (no dropout, fixed batches).
+pub fn eval_loss(p: &Prepared, cfg: &TuneConfig) -> Result<(f64, usize)> {
+    let mut order: Vec<usize> = (0..p.eval.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(p.eval[i].len()));
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in order.chunks(cfg.batch_size) {
+        let rows: Vec<Vec<usize>> = chunk.iter().map(|&i| vec![i]).collect();
+        let b = make_batch(&p.eval, &rows, p.pad_id)?;
+        let h = p
+            .model
+            .hidden_states(&b.ids, &b.positions, &b.mask, &mut Step::eval())?
+            .detach();
+        let (ls, n) = head_loss_sum(&h, &p.model.lm_head.detach(), &b.labels, cfg.loss_chunk)?;
+        sum += ls.to_scalar::<f32>()? as f64;
+        count += n;
+    }
+    Ok((sum / count.max(1) as f64, count))
+}
+
+/// Runs (or resumes) a tuning run; see the module docs for what it writes.
+pub fn tune(
+    cfg: &TuneConfig,
+    opts: &RunOptions,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<TuneSummary> {
+    cfg.validate()?;
+    let out = cfg.output.clone();
+    std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+    if !opts.resume && checkpoint::latest(&out).is_some() {
+        return Err(TrainError::checkpoint(
+            &checkpoint::checkpoints_dir(&out),
+            "this output directory already holds a run's checkpoints; resume it (--resume) or choose another output directory",
+        ));
+    }
+    let started = Instant::now();
+    let p = prepare(cfg)?;
+    run(cfg, opts, p, started, on_event)
+}
+
+/// The loop, on prepared inputs.
+pub fn run(
+    cfg: &TuneConfig,
+    opts: &RunOptions,
+    p: Prepared,
+    started: Instant,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<TuneSummary> {
+    let out = cfg.output.clone();
+    let vars: Vec<Var> = p.model.params.iter().map(|x| x.var.clone()).collect();
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWParams {
+            lr: cfg.lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: cfg.weight_decay,
+        },
+    )?;
+
+    // The data plan: each epoch's batches are a function of (seed, epoch).
+    let layout = if cfg.packing {
+        Layout::Packed {
+            max_len: cfg.max_len,
+        }
+    } else {
+        Layout::Grouped
+    };
+    let lengths: Vec<usize> = p.train.iter().map(|e| e.len()).collect();
+    let plan = |epoch: usize| plan_epoch(&lengths, cfg.batch_size, layout, cfg.seed, epoch);
+    let steps_in = |epoch: usize| plan(epoch).len().div_ceil(cfg.grad_accum);
+    let total_steps = if cfg.epochs == 0 {
+        cfg.max_steps
+    } else {
+        let all: usize = (0..cfg.epochs).map(steps_in).sum();
+        if cfg.max_steps > 0 {
+            all.min(cfg.max_steps)
+        } else {
+            all
+        }
+    };
+
+    // Fresh start or resume.
+    let mut step = 0usize;
+    let mut epoch = 0usize;
+    let mut next_batch = 0usize;
+    let mut rng = TrainRng::derive(cfg.seed, 0xD50F);
+    let metrics_path = out.join("metrics.jsonl");
+    if opts.resume {
+        let dir = checkpoint::latest(&out).ok_or_else(|| {
+            TrainError::checkpoint(
+                &checkpoint::checkpoints_dir(&out),
+                "no checkpoint to resume from",
+            )
+        })?;
+        let ck = checkpoint::load(&dir)?;
+        if ck.state.config.trajectory_key() != cfg.trajectory_key() {
+            let a = ck.state.config.trajectory_key();
+            let b = cfg.trajectory_key();
+            let differ: Vec<String> = a
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+                .map(|(k, v)| format!("{k} (checkpoint {v}, now {})", b[k.as_str()]))
+                .collect();
+            return Err(TrainError::checkpoint(
+                &dir,
+                format!(
+                    "was written with other settings: {}; resume with the same settings",
+                    differ.join(", ")
+                ),
+            ));
+        }
+        let mut moments = Vec::with_capacity(vars.len());
+        for prm in &p.model.params {
+            let t = ck
+                .params
+                .get(&prm.name)
+                .ok_or_else(|| TrainError::checkpoint(&dir, format!("no tensor `{}`", prm.name)))?;
+            if t.dims() != prm.var.dims() {
+                return Err(TrainError::checkpoint(
+                    &dir,
+                    format!(
+                        "tensor `{}` has shape {:?}, the model needs {:?}",
+                        prm.name,
+                        t.dims(),
+                        prm.var.dims()
+                    ),
+                ));
+            }
+            prm.var.set(t)?;
+            moments.push(ck.moments[&prm.name].clone());
+        }
+        opt.load_state(ck.state.optimizer_step, &moments)?;
+        step = ck.state.step;
+        epoch = ck.state.epoch;
+        next_batch = ck.state.next_batch;
+        rng = ck.state.rng.clone();
+        truncate_metrics(&metrics_path, step)?;
+    } else if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path).map_err(|e| TrainError::io(&metrics_path, e))?;
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| TrainError::io(&metrics_path, e))?;
+    let mut log_line = |row: &dyn erased::Row| -> Result<()> {
+        writeln!(metrics, "{}", row.json()).map_err(|e| TrainError::io(&metrics_path, e))?;
+        metrics
+            .flush()
+            .map_err(|e| TrainError::io(&metrics_path, e))
+    };
+
+    on_event(Event::Started {
+        start_step: step,
+        total_steps,
+        trainable: p.model.num_trainable(),
+        train_examples: p.train.len(),
+        eval_examples: p.eval.len(),
+        stats: &p.stats,
+    });
+
+    let mut losses = Vec::new();
+    let mut final_eval = None;
+    let mut current_plan: Vec<PlannedBatch> = plan(epoch);
+    let run_start = Instant::now();
+    let mut status = Status::Completed;
+    let mut last_checkpoint = None;
+    let save = |step: usize,
+                epoch: usize,
+                next_batch: usize,
+                rng: &TrainRng,
+                opt: &AdamW|
+     -> Result<PathBuf> {
+        let (opt_step, moments) = opt.state()?;
+        let state = TrainerState {
+            format: checkpoint::FORMAT.into(),
+            version: checkpoint::VERSION,
+            step,
+            epoch,
+            next_batch,
+            rng: rng.clone(),
+            optimizer_step: opt_step,
+            config: cfg.clone(),
+        };
+        checkpoint::save(
+            &out,
+            &state,
+            &p.model.params,
+            &moments,
+            cfg.keep_checkpoints,
+        )
+    };
+
+    while step < total_steps {
+        if next_batch >= current_plan.len() {
+            epoch += 1;
+            next_batch = 0;
+            if cfg.epochs > 0 && epoch >= cfg.epochs {
+                break;
+            }
+            current_plan = plan(epoch);
+            continue;
+        }
+        let t0 = Instant::now();
+        // 1. The micro-batches of this optimizer step.
+        let end = (next_batch + cfg.grad_accum).min(current_plan.len());
+        let batches = current_plan[next_batch..end]
+            .iter()
+            .map(|rows| make_batch(&p.train, rows, p.pad_id))
+            .collect::<Result<Vec<_>>>()?;
+        let n_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+        let n_input: usize = batches.iter().map(|b| b.n_input).sum();
+        // 2. Forward and backward each; the loss is divided by the labelled tokens of the whole
+        //    step, so accumulated gradients equal those of one big batch.
+        let mut grads: Option<GradStore> = None;
+        let mut loss_sum = 0f64;
+        for b in &batches {
+            let mut fwd = Step {
+                rng: Some(&mut rng),
+            };
+            let h = p
+                .model
+                .hidden_states(&b.ids, &b.positions, &b.mask, &mut fwd)?; // (B, T, C)
+            let (ls, _) = head_loss_sum(&h, &p.model.lm_head, &b.labels, cfg.loss_chunk)?;
+            loss_sum += ls.to_scalar::<f32>()? as f64;
+            let g = (ls / n_tokens.max(1) as f64)?.backward()?;
+            grads = Some(match grads {
+                None => g,
+                Some(mut acc) => {
+                    for v in &vars {
+                        if let Some(new) = g.get(v.as_tensor()) {
+                            let sum = match acc.get(v.as_tensor()) {
+                                Some(old) => (old + new)?,
+                                None => new.clone(),
+                            };
+                            acc.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    acc
+                }
+            });
+        }
+        let grads = grads.expect("a step has at least one micro-batch");
+        let loss = loss_sum / n_tokens.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                loss: loss as f32,
+            });
+        }
+        // 3. Clip, schedule, update.
+        let grad_norm = ops::grad_global_norm(&vars, &grads)?;
+        let clip = if cfg.max_grad_norm > 0.0 && grad_norm > cfg.max_grad_norm {
+            cfg.max_grad_norm / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let lr = cfg.lr_at(step, total_steps);
+        opt.set_learning_rate(lr);
+        opt.step_scaled(&grads, clip)?;
+        drop(grads);
+        step += 1;
+        next_batch = end;
+        // 4. Log.
+        let dt = t0.elapsed().as_secs_f64();
+        let row = StepLog {
+            kind: "train",
+            step,
+            total_steps,
+            epoch,
+            loss,
+            lr,
+            grad_norm,
+            tokens: n_tokens,
+            input_tokens: n_input,
+            tokens_per_s: n_input as f64 / dt.max(1e-9),
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        log_line(&row)?;
+        losses.push((step, loss));
+        on_event(Event::Step(&row));
+        // 5. Evaluate.
+        let last = step == total_steps;
+        if !p.eval.is_empty() && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0)) {
+            let (l, n) = eval_loss(&p, cfg)?;
+            let row = EvalLog {
+                kind: "eval",
+                step,
+                eval_loss: l,
+                tokens: n,
+            };
+            log_line(&row)?;
+            on_event(Event::Eval(&row));
+            final_eval = Some(l);
+        }
+        // 6. Checkpoint.
+        let interrupted = opts.stop.is_some_and(|s| s.load(Ordering::SeqCst));
+        let pause = opts.stop_after == Some(step) && !last;
+        if (cfg.save_every > 0 && step % cfg.save_every == 0) || interrupted || pause {
+            let path = save(step, epoch, next_batch, &rng, &opt)?;
+            on_event(Event::Saved { step, path: &path });
+            last_checkpoint = Some(path);
+        }
+        if interrupted {
+            status = Status::Interrupted;
+            break;
+        }
+        if pause {
+            status = Status::Paused;
+            break;
+        }
+    }
+    let _ = run_start;
+
+    if status == Status::Completed {
+        write_model_output(cfg, &p)?;
+    }
+    write_manifest(
+        cfg,
+        &p,
+        status,
+        step,
+        total_steps,
+        &losses,
+        final_eval,
+        started,
+    )?;
+    Ok(TuneSummary {
+        status,
+        steps: step,
+        total_steps,
+        losses,
+        final_eval_loss: final_eval,
+        output: out,
+        checkpoint: last_checkpoint,
+    })
+}
+
+/// Keeps the metric lines of steps up to `step` (a resumed run rewrites what came after).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(path, body).map_err(|e| TrainError::io(path, e))
+}
+
+/// The tuned weights: a PEFT adapter (LoRA) or `model.safetensors` (full).
+fn write_model_output(cfg: &TuneConfig, p: &Prepared) -> Result<()> {
+    if cfg.full {
+        let tensors: HashMap<String, candle_core::Tensor> = p
+            .model
+            .params
+            .iter()
+            .map(|x| (x.name.clone(), x.var.as_tensor().clone()))
+            .collect();
+        let path = cfg.output.join("model.safetensors");
+        let tmp = cfg.output.join(".model.safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp)
+            .map_err(|e| TrainError::checkpoint(&tmp, e.to_string()))?;
+        std::fs::rename(&tmp, &path).map_err(|e| TrainError::io(&path, e))?;
+        return Ok(());
+    }
+    let modules: Vec<&str> = cfg.targets.iter().map(|t| t.module()).collect();
+    let mut config = AdapterConfig::lora(cfg.rank, cfg.alpha, &modules);
+    config.base_model_name_or_path = Some(cfg.model.clone());
+    config.lora_dropout = cfg.dropout as f64;
+    let tensors = p
+        .model
+        .lora_tensors()
+        .into_iter()
+        .map(|(name, a, b, _)| (name, LoraPair { a, b }))
+        .collect();
+    Adapter {
+        config,
+        tensors,
+        source: None,
+    }
+    .save(&cfg.output)?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Manifest<'a> {
+    format: &'static str,
+    version: u32,
+    program: String,
+    status: Status,
+    model: &'a str,
+    model_id: &'a str,
+    data: &'a Path,
+    data_hash: &'a str,
+    data_stats: &'a EncodeStats,
+    train_examples: usize,
+    eval_examples: usize,
+    trainable_parameters: usize,
+    steps: usize,
+    total_steps: usize,
+    final_loss: Option<f64>,
+    final_eval_loss: Option<f64>,
+    elapsed_s: f64,
+    config: &'a TuneConfig,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_manifest(
+    cfg: &TuneConfig,
+    p: &Prepared,
+    status: Status,
+    steps: usize,
+    total_steps: usize,
+    losses: &[(usize, f64)],
+    final_eval: Option<f64>,
+    started: Instant,
+) -> Result<()> {
+    let m = Manifest {
+        format: MANIFEST_FORMAT,
+        version: MANIFEST_VERSION,
+        program: format!("safetune {}", env!("CARGO_PKG_VERSION")),
+        status,
+        model: &cfg.model,
+        model_id: &p.model_id,
+        data: &cfg.data,
+        data_hash: &p.data_hash,
+        data_stats: &p.stats,
+        train_examples: p.train.len(),
+        eval_examples: p.eval.len(),
+        trainable_parameters: p.model.num_trainable(),
+        steps,
+        total_steps,
+        final_loss: losses.last().map(|x| x.1),
+        final_eval_loss: final_eval,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        config: cfg,
+    };
+    let path = cfg.output.join("manifest.json");
+    let tmp = cfg.output.join(".manifest.json.tmp");
+    let json = serde_json::to_string_pretty(&m).map_err(|e| TrainError::Dataset(e.to_string()))?;
+    std::fs::write(&tmp, json).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| TrainError::io(&path, e))
+}
+
+mod erased {
+    /// A metrics row of either kind.
+    pub trait Row {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Row for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_default()
+        }
+    }
+}
