@@ -1,18 +1,57 @@
-//! Fused CPU kernels (f32). Each function falls back to [`super::reference`] for inputs it does
-//! not handle (another dtype or device).
+//! Fused CPU kernels (f32): candle custom ops whose forward and backward passes each run as one
+//! multi-threaded pass (rayon) over raw memory, with matrix products through the gemm crate.
+//! Each function falls back to [`super::reference`] for inputs it does not handle (another dtype
+//! or device).
 
-use candle_core::{Result, Tensor, Var};
+mod adamw;
+mod attention;
+mod elementwise;
+mod loss;
+mod util;
 
-use super::{reference, AdamWParams};
+use std::sync::Mutex;
 
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::{reference, AdamWParams, Targets};
+
+fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu))
+}
+
+/// RMSNorm: x (..., C), weight (C).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    reference::rms_norm(x, weight, eps)
+    if !cpu_f32(&[x, weight]) {
+        return reference::rms_norm(x, weight, eps);
+    }
+    let c = x.dim(candle_core::D::Minus1)?;
+    if weight.dims() != [c] {
+        candle_core::bail!(
+            "rms_norm: weight of shape {:?} for rows of {c}",
+            weight.shape()
+        );
+    }
+    x.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        elementwise::RmsNorm { eps: eps as f32 },
+    )
 }
 
+/// Rotate-halves RoPE: x (B, H, T, D), cos/sin (B, T, D/2) or (T, D/2).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    reference::rope(x, cos, sin)
+    if !cpu_f32(&[x, cos, sin]) {
+        return reference::rope(x, cos, sin);
+    }
+    let x = if x.rank() == 4 && x.stride()[3] == 1 {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, elementwise::Rope)
 }
 
+/// Causal GQA attention: q (B, H, T, D), k/v (B, K, T, D), mask broadcastable to (B, 1, T, T).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -20,21 +59,87 @@ pub fn causal_attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    reference::causal_attention(q, k, v, scale, mask)
+    let all = match mask {
+        Some(m) => cpu_f32(&[q, k, v, m]),
+        None => cpu_f32(&[q, k, v]),
+    };
+    if !all {
+        return reference::causal_attention(q, k, v, scale, mask);
+    }
+    let (b, _h, t, _d) = q.dims4()?;
+    let mask = match mask {
+        None => None,
+        Some(m) => {
+            let mb = match m.dims() {
+                [mb, 1, tq, tk] | [mb, tq, tk]
+                    if *tq == t && *tk == t && (*mb == 1 || *mb == b) =>
+                {
+                    *mb
+                }
+                [tq, tk] if *tq == t && *tk == t => 1,
+                _ => candle_core::bail!(
+                    "causal_attention: mask of shape {:?} does not broadcast to ({b}, 1, {t}, {t})",
+                    m.shape()
+                ),
+            };
+            Some(m.reshape((mb, t, t))?.contiguous()?)
+        }
+    };
+    // The kernel reads any strides as long as each row of D is contiguous.
+    let fix = |x: &Tensor| -> Result<Tensor> {
+        if x.rank() == 4 && x.stride()[3] == 1 {
+            Ok(x.clone())
+        } else {
+            x.contiguous()
+        }
+    };
+    fix(q)?.apply_op3(
+        &fix(k)?,
+        &fix(v)?,
+        attention::Attention {
+            scale: scale as f32,
+            mask,
+            lse: Mutex::new(Vec::new()),
+        },
+    )
 }
 
+/// silu(gate) * up.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    reference::silu_mul(gate, up)
+    if !cpu_f32(&[gate, up]) {
+        return reference::silu_mul(gate, up);
+    }
+    if gate.shape() != up.shape() {
+        candle_core::bail!(
+            "silu_mul: gate {:?} and up {:?} differ in shape",
+            gate.shape(),
+            up.shape()
+        );
+    }
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, elementwise::SiluMul)
 }
 
+/// Summed cross-entropy over logits (N, V) and the number of counted rows.
 pub fn cross_entropy_sum(
     logits: &Tensor,
     targets: &Tensor,
     ignore_index: i64,
 ) -> Result<(Tensor, usize)> {
-    reference::cross_entropy_sum(logits, targets, ignore_index)
+    if !cpu_f32(&[logits]) {
+        return reference::cross_entropy_sum(logits, targets, ignore_index);
+    }
+    let (n, v) = logits.dims2()?;
+    let targets = Targets::new(targets, ignore_index, n, v)?;
+    let count = targets.count();
+    let sum = logits.contiguous()?.apply_op1(loss::CrossEntropy {
+        targets,
+        lse: Mutex::new(Vec::new()),
+    })?;
+    Ok((sum, count))
 }
 
+/// Summed cross-entropy of hidden (N, C) @ weight (V, C)^T, `chunk_rows` rows at a time.
 pub fn lm_head_cross_entropy_sum(
     hidden: &Tensor,
     weight: &Tensor,
@@ -42,7 +147,28 @@ pub fn lm_head_cross_entropy_sum(
     ignore_index: i64,
     chunk_rows: usize,
 ) -> Result<(Tensor, usize)> {
-    reference::lm_head_cross_entropy_sum(hidden, weight, targets, ignore_index, chunk_rows)
+    if !cpu_f32(&[hidden, weight]) {
+        return reference::lm_head_cross_entropy_sum(
+            hidden,
+            weight,
+            targets,
+            ignore_index,
+            chunk_rows,
+        );
+    }
+    let (n, _c) = hidden.dims2()?;
+    let (v, _) = weight.dims2()?;
+    let targets = Targets::new(targets, ignore_index, n, v)?;
+    let count = targets.count();
+    let op = loss::LmHeadCe {
+        targets,
+        chunk: chunk_rows.max(1),
+        want_h: hidden.track_op(),
+        want_w: weight.track_op(),
+        grads: Mutex::new((None, None)),
+    };
+    let sum = hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)?;
+    Ok((sum, count))
 }
 
 pub(crate) fn adamw_update(
@@ -53,13 +179,35 @@ pub(crate) fn adamw_update(
     step: usize,
     grad_scale: f64,
 ) -> Result<()> {
-    *mv = reference::adamw_update(var, grad, mv, p, step, grad_scale)?;
-    Ok(())
+    let t = var.as_tensor();
+    if !cpu_f32(&[t, grad, mv]) || !t.is_contiguous() {
+        *mv = reference::adamw_update(var, grad, mv, p, step, grad_scale)?;
+        return Ok(());
+    }
+    let g = grad.contiguous()?;
+    mv.inplace_op2(
+        &g,
+        &adamw::Moments {
+            beta1: p.beta1 as f32,
+            beta2: p.beta2 as f32,
+            grad_scale: grad_scale as f32,
+        },
+    )?;
+    t.inplace_op2(
+        mv,
+        &adamw::Apply {
+            lr: p.lr as f32,
+            weight_decay: p.weight_decay as f32,
+            eps: p.eps as f32,
+            bc1: (1.0 - p.beta1.powi(step as i32)) as f32,
+            bc2: (1.0 - p.beta2.powi(step as i32)) as f32,
+        },
+    )
 }
 
 pub(crate) fn sum_squares(g: &Tensor) -> Result<f64> {
-    g.sqr()?
-        .sum_all()?
-        .to_dtype(candle_core::DType::F64)?
-        .to_scalar::<f64>()
+    if !cpu_f32(&[g]) {
+        return g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>();
+    }
+    util::with_f32(g, adamw::sum_squares)
 }

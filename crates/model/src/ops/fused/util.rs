@@ -1,0 +1,137 @@
+//! Raw f32 access to CPU tensors and a thin wrapper over the gemm crate.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+
+/// The contiguous f32 data a layout covers.
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => candle_core::bail!("fused op: expected f32, got {:?}", other.dtype()),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("fused op: input is not contiguous"),
+    }
+}
+
+/// All f32 data of a storage plus the layout's start offset and strides (for strided reads).
+pub(crate) fn strided<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], usize, Vec<usize>)> {
+    let data = match s {
+        CpuStorage::F32(v) => v.as_slice(),
+        other => candle_core::bail!("fused op: expected f32, got {:?}", other.dtype()),
+    };
+    Ok((data, l.start_offset(), l.stride().to_vec()))
+}
+
+/// Runs `f` on a CPU f32 tensor's contiguous data (copying first if it is strided).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(cpu) => Ok(f(slice(cpu, l)?)),
+        _ => candle_core::bail!("fused op: expected a CPU tensor"),
+    }
+}
+
+/// Runs `f` on a CPU f32 tensor's storage, start offset and strides (no copy).
+pub(crate) fn with_strided<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32], usize, &[usize]) -> R,
+) -> Result<R> {
+    let (st, l) = t.storage_and_layout();
+    match &*st {
+        Storage::Cpu(cpu) => {
+            let (d, off, strides) = strided(cpu, l)?;
+            Ok(f(d, off, &strides))
+        }
+        _ => candle_core::bail!("fused op: expected a CPU tensor"),
+    }
+}
+
+/// A row-major-or-strided matrix view: element (i, j) at `ptr + i*rs + j*cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+impl Mat {
+    /// Row-major (rows, cols) at the start of `s`.
+    pub fn rm(s: &[f32], cols: usize) -> Mat {
+        Mat {
+            ptr: s.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major (rows, cols) matrix at the start of `s`.
+    pub fn rm_t(s: &[f32], cols: usize) -> Mat {
+        Mat {
+            ptr: s.as_ptr(),
+            rs: 1,
+            cs: cols as isize,
+        }
+    }
+    pub fn t(self) -> Mat {
+        Mat {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// dst (m, n), row-major with row stride `dst_rs` = (accumulate ? dst : 0) + scale * a (m, k) @ b (k, n).
+///
+/// Safety of the raw pointers: callers pass views that lie inside live slices of the stated
+/// sizes; `dst` is exclusively borrowed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_rs + n, "matmul: dst too small");
+    let par = if parallel {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: dst covers (m, n) with row stride dst_rs (checked above); a and b are views into
+    // live slices covering (m, k) and (k, n), guaranteed by the callers.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
