@@ -42,6 +42,12 @@ enum Command {
     /// Logits of a token sequence as JSON (for comparisons with other implementations).
     #[command(hide = true)]
     DebugLogits(commands::debug_logits::DebugLogitsArgs),
+    /// Run a factorial study from a TOML config (resumable; store, steps, report).
+    Study(commands::study::StudyArgs),
+    /// Write report.html, summary.md and results.json for a study directory.
+    Report(commands::report::ReportArgs),
+    /// Write a study's dataset variants and training configs for LLaMA-Factory or Axolotl.
+    Export(commands::export::ExportArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -60,6 +66,9 @@ fn main() {
         Command::Prompts(args) => commands::prompts::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Study(args) => commands::study::run(args),
+        Command::Report(args) => commands::report::run(args),
+        Command::Export(args) => commands::export::run(args),
         Command::Merge(args) => commands::merge::run(args),
         Command::DebugLogits(args) => commands::debug_logits::run(args),
     };

@@ -14,6 +14,7 @@
 //! - [`quickstart`]: `safetune quickstart`.
 
 pub mod config;
+pub mod export;
 pub mod hash;
 pub mod plan;
 pub mod quickstart;

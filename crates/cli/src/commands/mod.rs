@@ -2,10 +2,13 @@
 
 pub mod audit;
 pub mod common;
+pub mod export;
 pub mod debug_logits;
 pub mod generate;
 pub mod merge;
 pub mod prompts;
 pub mod quickstart;
+pub mod report;
 pub mod serve;
+pub mod study;
 pub mod transform;

@@ -1,0 +1,60 @@
+//! `safetune export CONFIG.toml --to llama-factory|axolotl`: the study's dataset variants with
+//! a matching training config each.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use safetune_study::config::StudyConfig;
+use safetune_study::export::{export, Target};
+use safetune_study::runner::RunEvent;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TargetArg {
+    LlamaFactory,
+    Axolotl,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The study config whose [data] and [factors] (and [mixing], [align]) define the variants;
+    /// its [export] section sets the base model and training settings.
+    #[arg(value_name = "CONFIG.toml")]
+    pub config: PathBuf,
+
+    /// The trainer to write for.
+    #[arg(long, value_enum)]
+    pub to: TargetArg,
+
+    /// Output directory.
+    #[arg(short, long, value_name = "DIR")]
+    pub output: PathBuf,
+}
+
+pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    let cfg = StudyConfig::load(&args.config)?;
+    let target = match args.to {
+        TargetArg::LlamaFactory => Target::LlamaFactory,
+        TargetArg::Axolotl => Target::Axolotl,
+    };
+    let summary = export(&cfg, target, &args.output, &mut |e| {
+        if let RunEvent::Finished { label, .. } = e {
+            eprintln!("  made {label}");
+        }
+    })?;
+    println!(
+        "Wrote {} dataset(s) with training configs to {}:",
+        summary.variants.len(),
+        summary.out_dir.display()
+    );
+    for v in &summary.variants {
+        println!(
+            "  {:<40} {:>6} examples   {}",
+            v.name, v.examples, v.command
+        );
+    }
+    println!(
+        "Run the commands from {}; then list the tuned checkpoints as [[models]] in a study config.",
+        summary.out_dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! `safetune study CONFIG.toml`: plans the factorial study, runs (or resumes) it against the
+//! study store, and writes the report. Flags, progress and printing only; the planner, runner
+//! and stages live in `safetune_study`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use safetune_study::config::StudyConfig;
+use safetune_study::plan::plan;
+use safetune_study::report::write_report;
+use safetune_study::runner::{run_plan, RunEvent, STORE_FILE};
+use safetune_study::stages::builtin_registry;
+
+#[derive(Debug, Args)]
+pub struct StudyArgs {
+    /// The study config (TOML; see examples/quickstart.toml and examples/paper-factors.toml).
+    #[arg(value_name = "CONFIG.toml")]
+    pub config: PathBuf,
+
+    /// The study directory (store, step files, report). Default: runs/<study.name>.
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+
+    /// Print the plan (steps by kind, counts, total size) and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// Continue a study whose directory already has a store: finished steps and rows are
+    /// reused, the rest is run.
+    #[arg(long)]
+    pub resume: bool,
+
+    /// Do not write the report at the end.
+    #[arg(long)]
+    pub no_report: bool,
+}
+
+pub fn run(args: StudyArgs) -> anyhow::Result<()> {
+    let cfg = StudyConfig::load(&args.config)?;
+    let plan = plan(&cfg).with_context(|| format!("planning {}", args.config.display()))?;
+    if args.dry_run {
+        print!("{}", plan.render());
+        return Ok(());
+    }
+    let dir = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.study.name));
+    let store = dir.join(STORE_FILE);
+    if store.exists() && !args.resume {
+        bail!(
+            "{} already holds a study store\nhint: pass --resume to continue it (finished steps are reused), or --output a new directory",
+            dir.display()
+        );
+    }
+    let config_json = serde_json::to_value(&cfg)?;
+    let registry = builtin_registry();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut reused = 0usize;
+    let summary = run_plan(&plan, &config_json, &dir, &registry, &mut |e| match e {
+        RunEvent::Start {
+            index,
+            total,
+            label,
+            size,
+            ..
+        } => {
+            bar.set_prefix(format!("[{}/{}]", index + 1, total));
+            bar.set_message(label.clone());
+            bar.set_length(*size as u64);
+            bar.set_position(0);
+        }
+        RunEvent::Reused { .. } => reused += 1,
+        RunEvent::Progress { done, total, .. } => {
+            bar.set_length(*total as u64);
+            bar.set_position(*done as u64);
+        }
+        RunEvent::Finished { label, .. } => bar.println(format!("  done    {label}")),
+        RunEvent::Failed { label, error, .. } => {
+            let first = error.lines().next().unwrap_or("");
+            bar.println(format!("  FAILED  {label}: {first}"))
+        }
+        RunEvent::Skipped { label, .. } => {
+            bar.println(format!("  skipped {label} (an input failed)"))
+        }
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{} steps: {} run, {} reused from the store, {} failed, {} skipped",
+        summary.steps,
+        summary.executed,
+        summary.reused,
+        summary.failed.len(),
+        summary.skipped
+    );
+    if !args.no_report {
+        let (_, files) = write_report(&dir)?;
+        print!(
+            "{}",
+            std::fs::read_to_string(&files.markdown).unwrap_or_default()
+        );
+        println!("\nReport: {}", files.html.display());
+    }
+    if !summary.failed.is_empty() {
+        let mut msg = format!("{} step(s) failed:", summary.failed.len());
+        for (label, err) in summary.failed.iter().take(5) {
+            msg.push_str(&format!(
+                "\n  {label}: {}",
+                err.lines().next().unwrap_or("")
+            ));
+        }
+        let hints: Vec<&str> = summary
+            .failed
+            .iter()
+            .flat_map(|(_, e)| e.lines().filter(|l| l.starts_with("hint:")))
+            .collect();
+        if let Some(h) = hints.first() {
+            msg.push_str(&format!("\n{h}"));
+        }
+        msg.push_str(&format!(
+            "\nhint: fix the cause and rerun with --resume; finished steps are kept in {}",
+            dir.display()
+        ));
+        bail!(msg);
+    }
+    Ok(())
+}
