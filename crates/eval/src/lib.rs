@@ -4,4 +4,5 @@ pub mod error;
 pub mod judge;
 pub mod labels;
 pub mod metrics;
+pub mod rm;
 pub mod run;

@@ -1,0 +1,398 @@
+//! Scoring items and preference pairs with any [`RewardModel`] into JSONL, resumably: ids already
+//! in the output are skipped, a last line cut by a kill is dropped (the rule of
+//! `safetune_model::job::finished_ids`), and rows are appended and synced chunk by chunk, so a
+//! failure or a kill loses at most the chunk in flight.
+//!
+//! Item rows: `{"id", "rm", "kind": "item", "score", "label"?, "variant"?, "subset"?}`.
+//! Pair rows: `{"id", "rm", "kind": "pair", "chosen", "rejected", "margin", "subset"?,
+//! "chosen_safe"?, "rejected_safe"?}`.
+
+use std::collections::HashSet;
+use std::fs::OpenOptions;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use safetune_data::preference::{looks_like_preference, read_preferences, PreferencePair};
+use safetune_data::read::{read_all, ReadOptions};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::backend::{RewardModel, RmInput};
+use super::error::{Result, RmError};
+
+/// One answer to score, with what the analysis needs to know about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemInput {
+    pub id: String,
+    pub input: RmInput,
+    /// Good (true) or bad (false), where the data says.
+    pub label: Option<bool>,
+    pub variant: Option<String>,
+    pub subset: Option<String>,
+}
+
+/// What a scoring run scores.
+#[derive(Debug, Clone)]
+pub enum ScoreTask {
+    Items(Vec<ItemInput>),
+    Pairs(Vec<PreferencePair>),
+}
+
+impl ScoreTask {
+    pub fn len(&self) -> usize {
+        match self {
+            ScoreTask::Items(v) => v.len(),
+            ScoreTask::Pairs(v) => v.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ScoreTask::Items(_) => "items",
+            ScoreTask::Pairs(_) => "pairs",
+        }
+    }
+}
+
+/// Reads a label written as a boolean, 1/0, or a word (good/bad, safe/unsafe, chosen/rejected,
+/// yes/no, true/false).
+pub fn parse_label(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => match n.as_f64() {
+            Some(x) if x == 1.0 => Some(true),
+            Some(x) if x == 0.0 => Some(false),
+            _ => None,
+        },
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "good" | "safe" | "chosen" | "yes" | "true" | "1" | "positive" => Some(true),
+            "bad" | "unsafe" | "rejected" | "no" | "false" | "0" | "negative" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn first_record(path: &Path) -> Result<Option<Map<String, Value>>> {
+    let f = std::fs::File::open(path).map_err(|e| RmError::io(path, e))?;
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line.map_err(|e| RmError::io(path, e))?;
+        let t = line.trim().trim_start_matches('\u{feff}');
+        if t.is_empty() {
+            continue;
+        }
+        return Ok(serde_json::from_str::<Value>(t)
+            .ok()
+            .and_then(|v| v.as_object().cloned()));
+    }
+    Ok(None)
+}
+
+/// Reads what to score from `path`: preference pairs when its records have `chosen`/`rejected`
+/// or `response_0`/`response_1` (or `pairs` is `Some(true)`), otherwise conversations read with
+/// the dataset readers, whose last assistant turn is the item. An item's `label`, `variant` and
+/// `subset` come from the record's fields of those names; `variant` may be set for all items.
+pub fn load_task(
+    path: &Path,
+    read: &ReadOptions,
+    pairs: Option<bool>,
+    variant: Option<&str>,
+) -> Result<ScoreTask> {
+    let is_pairs = match pairs {
+        Some(p) => p,
+        None => {
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            (ext == "jsonl" || ext == "json")
+                && first_record(path)?.is_some_and(|r| looks_like_preference(&r))
+        }
+    };
+    if is_pairs {
+        let (pairs, _) = read_preferences(path, None)?;
+        return Ok(ScoreTask::Pairs(pairs));
+    }
+    let (convs, _) = read_all(path, read)?;
+    let mut items = Vec::with_capacity(convs.len());
+    for (i, c) in convs.into_iter().enumerate() {
+        let input = RmInput::from_conversation(&c.messages).ok_or_else(|| {
+            RmError::Other(format!(
+                "{}: record {} (id {:?}) has no assistant answer to score",
+                path.display(),
+                i + 1,
+                c.id
+            ))
+        })?;
+        let text = |k: &str| c.meta.get(k).and_then(Value::as_str).map(str::to_string);
+        items.push(ItemInput {
+            id: c.id.clone(),
+            label: c.meta.get("label").and_then(parse_label),
+            variant: variant.map(str::to_string).or_else(|| text("variant")),
+            subset: text("subset"),
+            input,
+        });
+    }
+    Ok(ScoreTask::Items(items))
+}
+
+/// Progress of a scoring run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ScoreProgress {
+    pub total: usize,
+    /// Rows already in the output before this run.
+    pub skipped: usize,
+    /// Rows written by this run.
+    pub done: usize,
+    pub elapsed_s: f64,
+}
+
+/// Settings of [`run_scoring`].
+#[derive(Debug, Clone, Default)]
+pub struct ScoreOptions {
+    /// Rows per chunk; 0 uses the model's `max_batch()`.
+    pub chunk_size: usize,
+}
+
+/// Scores every row of `task` whose id is not yet in `out`, appending rows as described in the
+/// module docs.
+pub fn run_scoring(
+    rm: &dyn RewardModel,
+    task: &ScoreTask,
+    out: &Path,
+    opts: &ScoreOptions,
+    progress: &mut dyn FnMut(&ScoreProgress),
+) -> Result<ScoreProgress> {
+    let ids: Vec<&str> = match task {
+        ScoreTask::Items(v) => v.iter().map(|i| i.id.as_str()).collect(),
+        ScoreTask::Pairs(v) => v.iter().map(|p| p.id.as_str()).collect(),
+    };
+    let mut seen = HashSet::new();
+    for id in &ids {
+        if !seen.insert(*id) {
+            return Err(RmError::Other(format!(
+                "id {id:?} appears twice in the input; ids must be unique for a run to resume"
+            )));
+        }
+    }
+    let done = safetune_model::job::finished_ids(out)?;
+    let pending: Vec<usize> = (0..ids.len()).filter(|&i| !done.contains(ids[i])).collect();
+    let mut prog = ScoreProgress {
+        total: ids.len(),
+        skipped: ids.len() - pending.len(),
+        ..Default::default()
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| RmError::io(dir, e))?;
+    }
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .map_err(|e| RmError::io(out, e))?;
+    let chunk = if opts.chunk_size == 0 {
+        rm.max_batch().max(1)
+    } else {
+        opts.chunk_size
+    };
+    let start = Instant::now();
+    progress(&prog);
+    let rm_name = rm.name().to_string();
+    for part in pending.chunks(chunk) {
+        let rows: Vec<Value> = match task {
+            ScoreTask::Items(items) => {
+                let inputs: Vec<RmInput> = part.iter().map(|&i| items[i].input.clone()).collect();
+                let scores = rm.score(&inputs).map_err(|e| partial(out, &prog, e))?;
+                part.iter()
+                    .zip(scores)
+                    .map(|(&i, s)| item_row(&items[i], &rm_name, s))
+                    .collect()
+            }
+            ScoreTask::Pairs(pairs) => {
+                let mut inputs = Vec::with_capacity(part.len() * 2);
+                for &i in part {
+                    let p = &pairs[i];
+                    for chosen in [true, false] {
+                        inputs.push(RmInput {
+                            context: p.context.clone(),
+                            response: if chosen {
+                                p.chosen.clone()
+                            } else {
+                                p.rejected.clone()
+                            },
+                        });
+                    }
+                }
+                let scores = rm.score(&inputs).map_err(|e| partial(out, &prog, e))?;
+                part.iter()
+                    .enumerate()
+                    .map(|(k, &i)| pair_row(&pairs[i], &rm_name, scores[2 * k], scores[2 * k + 1]))
+                    .collect()
+            }
+        };
+        if rows.len() != part.len() {
+            return Err(partial(
+                out,
+                &prog,
+                RmError::Backend(format!(
+                    "the reward model returned {} scores for {} inputs",
+                    rows.len(),
+                    part.len()
+                )),
+            ));
+        }
+        let mut text = String::new();
+        for r in &rows {
+            text.push_str(&r.to_string());
+            text.push('\n');
+        }
+        file.write_all(text.as_bytes())
+            .and_then(|_| file.flush())
+            .and_then(|_| file.sync_data())
+            .map_err(|e| RmError::io(out, e))?;
+        prog.done += part.len();
+        prog.elapsed_s = start.elapsed().as_secs_f64();
+        progress(&prog);
+    }
+    prog.elapsed_s = start.elapsed().as_secs_f64();
+    Ok(prog)
+}
+
+fn partial(out: &Path, prog: &ScoreProgress, e: RmError) -> RmError {
+    RmError::Partial {
+        path: out.to_path_buf(),
+        finished: prog.skipped + prog.done,
+        total: prog.total,
+        message: e.to_string(),
+    }
+}
+
+fn item_row(item: &ItemInput, rm: &str, score: f64) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), item.id.clone().into());
+    m.insert("rm".into(), rm.into());
+    m.insert("kind".into(), "item".into());
+    m.insert("score".into(), finite(score));
+    if let Some(l) = item.label {
+        m.insert("label".into(), l.into());
+    }
+    if let Some(v) = &item.variant {
+        m.insert("variant".into(), v.clone().into());
+    }
+    if let Some(s) = &item.subset {
+        m.insert("subset".into(), s.clone().into());
+    }
+    Value::Object(m)
+}
+
+fn pair_row(p: &PreferencePair, rm: &str, chosen: f64, rejected: f64) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), p.id.clone().into());
+    m.insert("rm".into(), rm.into());
+    m.insert("kind".into(), "pair".into());
+    m.insert("chosen".into(), finite(chosen));
+    m.insert("rejected".into(), finite(rejected));
+    m.insert("margin".into(), finite(chosen - rejected));
+    if let Some(s) = &p.subset {
+        m.insert("subset".into(), s.clone().into());
+    }
+    if let Some(b) = p.chosen_safe {
+        m.insert("chosen_safe".into(), b.into());
+    }
+    if let Some(b) = p.rejected_safe {
+        m.insert("rejected_safe".into(), b.into());
+    }
+    Value::Object(m)
+}
+
+fn finite(x: f64) -> Value {
+    serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+}
+
+/// A scored item as read back for analysis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemScore {
+    pub id: String,
+    pub score: f64,
+    pub label: Option<bool>,
+    pub variant: Option<String>,
+    pub subset: Option<String>,
+}
+
+/// A scored pair as read back for analysis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairScore {
+    pub id: String,
+    pub chosen: f64,
+    pub rejected: f64,
+    pub subset: Option<String>,
+}
+
+/// A scores file: the rows one RM produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ScoreFile {
+    pub path: PathBuf,
+    /// The `rm` of the rows (the file name when absent).
+    pub rm: String,
+    pub items: Vec<ItemScore>,
+    pub pairs: Vec<PairScore>,
+}
+
+/// Reads a scores file written by [`run_scoring`] (or by hand: rows with `id` and `score`, or
+/// `id`, `chosen` and `rejected`). Errors name the file, line and field.
+pub fn read_scores(path: &Path) -> Result<ScoreFile> {
+    let rows = safetune_data::read::read_json_lines(path)?;
+    let mut f = ScoreFile {
+        path: path.to_path_buf(),
+        ..Default::default()
+    };
+    for (line, row) in rows {
+        let err = |field: &str, msg: &str| RmError::input(path, line, Some(field), msg);
+        let id = match row.get("id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return Err(err("id", "missing")),
+        };
+        if f.rm.is_empty() {
+            if let Some(r) = row.get("rm").and_then(Value::as_str) {
+                f.rm = r.to_string();
+            }
+        }
+        let num = |field: &str| -> Result<f64> {
+            match row.get(field) {
+                Some(Value::Number(n)) => n.as_f64().ok_or_else(|| err(field, "not a number")),
+                Some(_) => Err(err(field, "expected a number")),
+                None => Err(err(field, "missing")),
+            }
+        };
+        let text = |k: &str| row.get(k).and_then(Value::as_str).map(str::to_string);
+        if row.contains_key("score") {
+            f.items.push(ItemScore {
+                id,
+                score: num("score")?,
+                label: row.get("label").and_then(parse_label),
+                variant: text("variant"),
+                subset: text("subset"),
+            });
+        } else if row.contains_key("chosen") || row.contains_key("rejected") {
+            f.pairs.push(PairScore {
+                id,
+                chosen: num("chosen")?,
+                rejected: num("rejected")?,
+                subset: text("subset"),
+            });
+        } else {
+            return Err(err(
+                "score",
+                "missing (an item row needs `score`; a pair row `chosen` and `rejected`)",
+            ));
+        }
+    }
+    if f.rm.is_empty() {
+        f.rm = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+    }
+    Ok(f)
+}
