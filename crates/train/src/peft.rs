@@ -65,13 +65,13 @@ fn base_dir(spec: &ModelSpec) -> Result<Option<PathBuf>> {
     }
 }
 
-/// Loads `base` in f32 (GGUF weights dequantized), merges the adapter at `adapter_dir` into it
-/// and writes a Hugging Face directory at `out` (config.json, model.safetensors with the
+/// Loads `base` in f32 (GGUF weights dequantized), merges the adapter at `adapter_dir` (if any)
+/// into it and writes a Hugging Face directory at `out` (config.json, model.safetensors with the
 /// checkpoint's key names, tokenizer.json and tokenizer_config.json with the chat template).
 /// `out` must not exist or be empty; it appears whole or not at all.
 pub fn merge(
     base: &ModelSpec,
-    adapter_dir: &Path,
+    adapter_dir: Option<&Path>,
     out: &Path,
     dtype: SaveDType,
 ) -> Result<MergeSummary> {
@@ -83,8 +83,13 @@ pub fn merge(
             ..LoadOptions::default()
         },
     )?;
-    let adapter = Adapter::load(adapter_dir)?;
-    let applied = adapter.apply(&mut engine.model, true)?;
+    let adapted_layers = match adapter_dir {
+        Some(dir) => {
+            let applied = Adapter::load(dir)?.apply(&mut engine.model, true)?;
+            applied.merged + applied.unmerged
+        }
+        None => 0,
+    };
     let export = write_hf_dir(
         &engine.model,
         &engine.tok,
@@ -94,7 +99,7 @@ pub fn merge(
     )?;
     Ok(MergeSummary {
         out: out.to_path_buf(),
-        adapted_layers: applied.merged + applied.unmerged,
+        adapted_layers,
         export,
     })
 }

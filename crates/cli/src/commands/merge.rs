@@ -22,9 +22,10 @@ pub struct MergeArgs {
     pub model: String,
 
     /// LoRA adapter directory in the PEFT layout (adapter_config.json,
-    /// adapter_model.safetensors).
+    /// adapter_model.safetensors). Without one, the base model is written as it is (e.g. a GGUF
+    /// file converted to a Hugging Face directory).
     #[arg(long, value_name = "DIR")]
-    pub adapter: PathBuf,
+    pub adapter: Option<PathBuf>,
 
     /// Output directory (must not exist or be empty): config.json, model.safetensors,
     /// tokenizer.json, tokenizer_config.json.
@@ -43,9 +44,17 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         DTypeArg::Bf16 => SaveDType::Bf16,
         DTypeArg::F16 => SaveDType::F16,
     };
-    eprintln!("loading {spec} and {}", args.adapter.display());
-    let s = merge(&spec, &args.adapter, &args.output, dtype)
-        .with_context(|| format!("cannot merge {} into {spec}", args.adapter.display()))?;
+    match &args.adapter {
+        Some(a) => eprintln!("loading {spec} and {}", a.display()),
+        None => eprintln!("loading {spec} (no adapter: writing the base model)"),
+    }
+    let s =
+        merge(&spec, args.adapter.as_deref(), &args.output, dtype).with_context(|| match &args
+            .adapter
+        {
+            Some(a) => format!("cannot merge {} into {spec}", a.display()),
+            None => format!("cannot write {spec} to {}", args.output.display()),
+        })?;
     eprintln!(
         "merged the adapter into {} layers; wrote {} tensors ({:.1}M parameters{}) and {} to {}",
         s.adapted_layers,
