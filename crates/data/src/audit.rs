@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::conversation::Conversation;
-use crate::factors::{tag, FactorTags, Structure};
+use crate::factors::{tag, tag_messages, FactorTags, Structure};
+use crate::read::ExampleRef;
 use crate::stats::Proportion;
 
 /// Per-example output of `audit --per-example`.
@@ -42,6 +43,13 @@ impl Auditor {
     /// Tags one conversation and adds it to the summary.
     pub fn add(&mut self, conv: &Conversation) -> FactorTags {
         let t = tag(conv);
+        self.add_tags(&t);
+        t
+    }
+
+    /// Tags one borrowed example (from `DatasetReader::next_ref`) and adds it to the summary.
+    pub fn add_ref(&mut self, ex: &ExampleRef<'_>) -> FactorTags {
+        let t = tag_messages(ex.messages());
         self.add_tags(&t);
         t
     }

@@ -7,6 +7,7 @@ pub mod conversation;
 pub mod demo;
 pub mod error;
 pub mod factors;
+mod fastjson;
 pub mod preference;
 pub mod prompts;
 pub mod read;

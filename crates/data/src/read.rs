@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::conversation::Conversation;
+use crate::conversation::{Conversation, Role};
 use crate::error::{DataError, Result};
+use crate::fastjson::{MessagesLine, ParsedLine};
 use crate::record::{RawRecord, Schema};
 
 /// What `--input-format` accepts. `Auto` looks at the extension and the first record.
@@ -131,6 +132,58 @@ fn reason_class(message: &str) -> String {
 trait Source {
     /// Next raw record and its line, `None` at the end.
     fn next_record(&mut self) -> Option<Result<(usize, RawRecord)>>;
+
+    /// The JSONL source, whose lines the fast path can read raw.
+    fn as_jsonl(&mut self) -> Option<&mut JsonlSource> {
+        None
+    }
+}
+
+/// A borrowed view of one example: what a streaming consumer such as the audit needs, without
+/// allocating per record. From [`DatasetReader::next_ref`].
+#[derive(Debug, Clone, Copy)]
+pub struct ExampleRef<'a> {
+    /// 1-based line or row, as in [`Example`].
+    pub line: usize,
+    /// 0-based position among the records read, skipped ones included: a record without an id
+    /// is named by it, as the iterator names it.
+    pub index: usize,
+    inner: RefInner<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RefInner<'a> {
+    Fast(ParsedLine<'a>),
+    Owned(&'a Conversation),
+}
+
+impl<'a> ExampleRef<'a> {
+    /// The record's id, or `None` where the record has none (its index names it then).
+    pub fn id(&self) -> Option<&'a str> {
+        match self.inner {
+            RefInner::Fast(p) => p.id(),
+            RefInner::Owned(c) => Some(c.id.as_str()),
+        }
+    }
+
+    /// The messages in order, as (role, text).
+    pub fn messages(&self) -> impl Iterator<Item = (Role, &'a str)> + Clone + 'a {
+        let inner = self.inner;
+        let n = match inner {
+            RefInner::Fast(p) => p.len(),
+            RefInner::Owned(c) => c.messages.len(),
+        };
+        (0..n).map(move |i| match inner {
+            RefInner::Fast(p) => p.message(i),
+            RefInner::Owned(c) => (c.messages[i].role, c.messages[i].content.as_str()),
+        })
+    }
+}
+
+/// How `next_ref` found the next example.
+enum RefOutcome {
+    Fast(usize),
+    Owned(usize),
 }
 
 /// A streaming reader over one dataset file.
@@ -142,6 +195,9 @@ pub struct DatasetReader {
     skipped: SkipReport,
     index: usize,
     fatal: bool,
+    /// The fast path's parser state and the last example `next_ref` parsed the general way.
+    fast: MessagesLine,
+    current: Option<Conversation>,
 }
 
 impl DatasetReader {
@@ -162,6 +218,8 @@ impl DatasetReader {
             skipped: SkipReport::default(),
             index: 0,
             fatal: false,
+            fast: MessagesLine::default(),
+            current: None,
         })
     }
 
@@ -202,6 +260,81 @@ impl DatasetReader {
         let index = self.index;
         rec.into_conversation(schema, || format!("{index}"))
             .map_err(|e| DataError::record(&self.path, line, Some(&e.field), e.message))
+    }
+}
+
+impl DatasetReader {
+    /// The next example as a borrowed view. Yields the same examples, errors and skip counts as
+    /// the iterator, but messages-JSONL lines of the common shape are parsed without allocating
+    /// (see `fastjson.rs`); everything else goes through the general reader.
+    pub fn next_ref(&mut self) -> Option<Result<ExampleRef<'_>>> {
+        if self.fatal {
+            return None;
+        }
+        let outcome = if self.schema == Some(Schema::Messages) && self.source.as_jsonl().is_some() {
+            match self.next_jsonl_fast()? {
+                Ok(o) => o,
+                Err(e) => return Some(Err(e)),
+            }
+        } else {
+            match self.next()? {
+                Ok(ex) => {
+                    self.current = Some(ex.conversation);
+                    RefOutcome::Owned(ex.line)
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        };
+        let index = self.index - 1;
+        Some(Ok(match outcome {
+            RefOutcome::Fast(line) => {
+                let src = self.source.as_jsonl().expect("jsonl source");
+                ExampleRef {
+                    line,
+                    index,
+                    inner: RefInner::Fast(self.fast.view(src.current_line())),
+                }
+            }
+            RefOutcome::Owned(line) => ExampleRef {
+                line,
+                index,
+                inner: RefInner::Owned(self.current.as_ref().expect("current example")),
+            },
+        }))
+    }
+
+    fn next_jsonl_fast(&mut self) -> Option<Result<RefOutcome>> {
+        loop {
+            let src = self.source.as_jsonl().expect("jsonl source");
+            let line = match src.next_line()? {
+                Ok(line) => line,
+                Err(e) => {
+                    self.fatal = true;
+                    return Some(Err(e));
+                }
+            };
+            if self.fast.parse(src.current_line()) {
+                self.index += 1;
+                return Some(Ok(RefOutcome::Fast(line)));
+            }
+            let result = parse_json(&self.path, line, src.current_line())
+                .and_then(|rec| self.convert(line, rec));
+            match result {
+                Ok(conversation) => {
+                    self.index += 1;
+                    self.current = Some(conversation);
+                    return Some(Ok(RefOutcome::Owned(line)));
+                }
+                Err(e) if self.skip_invalid && e.is_record_error() => {
+                    self.index += 1;
+                    self.skipped.add(&e);
+                }
+                Err(e) => {
+                    self.fatal = true;
+                    return Some(Err(e));
+                }
+            }
+        }
     }
 }
 
@@ -350,8 +483,9 @@ impl JsonlSource {
     }
 }
 
-impl Source for JsonlSource {
-    fn next_record(&mut self) -> Option<Result<(usize, RawRecord)>> {
+impl JsonlSource {
+    /// Reads the next non-blank line into the buffer; its 1-based number.
+    fn next_line(&mut self) -> Option<Result<usize>> {
         loop {
             self.buf.clear();
             match self.reader.read_until(b'\n', &mut self.buf) {
@@ -360,15 +494,33 @@ impl Source for JsonlSource {
                 Err(e) => return Some(Err(DataError::io(&self.path, e))),
             }
             self.line += 1;
-            let mut bytes = self.buf.as_slice();
-            if self.line == 1 {
-                bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+            if self.line == 1 && self.buf.starts_with(b"\xEF\xBB\xBF") {
+                self.buf.drain(..3);
             }
-            if bytes.iter().all(u8::is_ascii_whitespace) {
+            if self.buf.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            return Some(parse_json(&self.path, self.line, bytes).map(|r| (self.line, r)));
+            return Some(Ok(self.line));
         }
+    }
+
+    /// The line `next_line` read.
+    fn current_line(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Source for JsonlSource {
+    fn next_record(&mut self) -> Option<Result<(usize, RawRecord)>> {
+        let line = match self.next_line()? {
+            Ok(line) => line,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(parse_json(&self.path, line, &self.buf).map(|r| (line, r)))
+    }
+
+    fn as_jsonl(&mut self) -> Option<&mut JsonlSource> {
+        Some(self)
     }
 }
 

@@ -37,16 +37,24 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut index = 0;
-    for ex in reader.by_ref() {
+    while let Some(ex) = reader.next_ref() {
         let ex = ex.map_err(|e| {
             anyhow::anyhow!(e)
                 .context("hint: fix the record, or pass --skip-invalid to skip bad records")
         })?;
-        let tags = auditor.add(&ex.conversation);
+        let tags = auditor.add_ref(&ex);
         if args.per_example {
+            let index_id;
+            let id = match ex.id() {
+                Some(id) => id,
+                None => {
+                    index_id = ex.index.to_string();
+                    &index_id
+                }
+            };
             let row = ExampleAudit {
                 index,
-                id: &ex.conversation.id,
+                id,
                 line: ex.line,
                 tags,
             };
