@@ -48,6 +48,8 @@ enum Command {
     Report(commands::report::ReportArgs),
     /// Write a study's dataset variants and training configs for LLaMA-Factory or Axolotl.
     Export(commands::export::ExportArgs),
+    /// Fine-tune a model on conversations: LoRA (PEFT adapter) or --full; resumable.
+    Tune(commands::tune::TuneArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -61,6 +63,7 @@ fn main() {
     };
     let result = match cli.command {
         Command::Audit(args) => commands::audit::run(args),
+        Command::Tune(args) => commands::tune::run(args),
         Command::Quickstart(args) => commands::quickstart::run(args),
         Command::Transform(args) => commands::transform::run(args),
         Command::Prompts(args) => commands::prompts::run(args),

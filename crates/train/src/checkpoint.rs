@@ -109,6 +109,14 @@ pub fn save(
     if let Ok(d) = std::fs::File::open(&root) {
         let _ = d.sync_all();
     }
+    // Leftovers of a process killed while writing.
+    if let Ok(rd) = std::fs::read_dir(&root) {
+        for e in rd.filter_map(|e| e.ok()) {
+            if e.file_name().to_string_lossy().starts_with(".tmp-step-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let mut all = list(output);
     let keep = keep.max(1);
     if all.len() > keep {

@@ -12,3 +12,4 @@ pub mod report;
 pub mod serve;
 pub mod study;
 pub mod transform;
+pub mod tune;

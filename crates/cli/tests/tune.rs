@@ -1,0 +1,246 @@
+//! `safetune tune` end to end on the tiny model: masks, config file + flags, and a run killed
+//! with SIGKILL that resumes to the same losses as an uninterrupted one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use safetune_model::testing::TinyModel;
+
+fn safetune(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args(args)
+        .output()
+        .expect("run safetune")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    model: String,
+    data: String,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let model = TinyModel::default().write(&root.join("tiny")).unwrap();
+    let mut rows = String::new();
+    let answers = [
+        "the cat sat",
+        "hello there",
+        "this is it",
+        "out of the blue",
+    ];
+    for i in 0..16 {
+        let mut msgs = vec![
+            serde_json::json!({"role": "user", "content": format!("say {i}")}),
+            serde_json::json!({"role": "assistant", "content": answers[i % 4]}),
+        ];
+        if i % 4 == 1 {
+            msgs.push(serde_json::json!({"role": "user", "content": "again"}));
+            msgs.push(serde_json::json!({"role": "assistant", "content": answers[(i + 1) % 4]}));
+        }
+        rows.push_str(&serde_json::json!({"id": format!("r{i}"), "messages": msgs}).to_string());
+        rows.push('\n');
+    }
+    let data = root.join("data.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    Fixture {
+        _dir: dir,
+        root,
+        model: model.display().to_string(),
+        data: data.display().to_string(),
+    }
+}
+
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn show_masks_marks_every_assistant_turn() {
+    let f = fixture();
+    let dir = f.root.join("two.jsonl");
+    std::fs::write(
+        &dir,
+        r#"{"id":"t","messages":[{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello!"},{"role":"user","content":"Color?"},{"role":"assistant","content":"Blue."}]}"#,
+    )
+    .unwrap();
+    let out = safetune(&[
+        "tune",
+        "--model",
+        &f.model,
+        "--data",
+        dir.to_str().unwrap(),
+        "--show-masks",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("<|im_start|>assistant\n[[Hello!<|im_end|>]]\n<|im_start|>user\nColor?<|im_end|>\n<|im_start|>assistant\n[[Blue.<|im_end|>]]"),
+        "{s}"
+    );
+    assert!(s.starts_with("# example `t`"), "{s}");
+}
+
+#[test]
+fn config_file_with_flag_overrides_and_unknown_keys_rejected() {
+    let f = fixture();
+    let out_dir = f.root.join("run");
+    let cfg = f.root.join("tune.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = {:?}\ndata = {:?}\noutput = {:?}\nrank = 4\nalpha = 8.0\ntargets = [\"q\", \"v\"]\nbatch_size = 4\nmax_steps = 2\nepochs = 1\nmax_len = 48\n",
+            f.model,
+            f.data,
+            out_dir.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = safetune(&["tune", "--config", cfg.to_str().unwrap(), "--rank", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("# resolved settings") && err.contains("rank = 2"),
+        "{err}"
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["config"]["rank"], 2, "the flag wins");
+    assert_eq!(m["config"]["alpha"], 8.0, "the file's value");
+    assert_eq!(m["config"]["targets"], serde_json::json!(["q", "v"]));
+    assert_eq!(m["steps"], 2);
+    let ac: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ac["r"], 2);
+
+    std::fs::write(&cfg, "rank = 4\nlearning_rate = 0.1\n").unwrap();
+    let out = safetune(&["tune", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("tune.toml") && err.contains("learning_rate"),
+        "{err}"
+    );
+}
+
+/// A `safetune tune` child killed with SIGKILL after some checkpoints, then resumed, logs the
+/// same losses for every step as an uninterrupted run.
+#[test]
+fn killed_run_resumes_to_the_same_losses() {
+    let f = fixture();
+    let common = |out: &Path| -> Vec<String> {
+        [
+            "tune",
+            "--model",
+            &f.model,
+            "--data",
+            &f.data,
+            "-o",
+            out.to_str().unwrap(),
+            "--rank",
+            "4",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--epochs",
+            "30",
+            "--max-len",
+            "48",
+            "--lr",
+            "0.005",
+            "--dropout",
+            "0.1",
+            "--save-every",
+            "1",
+            "--eval-every",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = f.root.join("whole");
+    let out = Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args(common(&whole))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let want = losses(&whole);
+    assert!(want.len() >= 100 - 10, "{} steps", want.len());
+
+    let killed = f.root.join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args(common(&killed))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill once a few checkpoints exist, mid-run.
+    let t0 = Instant::now();
+    loop {
+        let n = safetune_train::checkpoint::list(&killed)
+            .last()
+            .map(|(s, _)| *s)
+            .unwrap_or(0);
+        if n >= 5 {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let stopped_at = safetune_train::checkpoint::list(&killed).last().unwrap().0;
+    assert!(stopped_at < want.len(), "killed after the last step");
+    assert!(!killed.join("adapter_model.safetensors").exists());
+
+    let mut args = common(&killed);
+    args.push("--resume".into());
+    let out = Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!("resuming after step {stopped_at}")),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        losses(&killed),
+        want,
+        "resumed run diverged from the uninterrupted one"
+    );
+    assert_eq!(
+        std::fs::read(killed.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(whole.join("adapter_model.safetensors")).unwrap()
+    );
+    println!(
+        "killed after checkpoint {stopped_at}, resumed; {} steps match",
+        want.len()
+    );
+}
