@@ -1,0 +1,216 @@
+//! `safetune study` as a process: `kill -9` in the middle of a generate step, then `--resume`
+//! redoes no finished step and loses no finished row. The model is a slow OpenAI-compatible
+//! fake on loopback, so the kill lands while rows are being committed; the store is read with a
+//! second, read-only connection while the study writes (WAL).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use safetune_study::runner::STORE_FILE;
+use safetune_study::store::Store;
+
+/// Answers every chat request after `delay` with a refusal; counts requests.
+fn slow_server(delay: Duration) -> (String, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", l.local_addr().unwrap());
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for stream in l.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let c = c.clone();
+            std::thread::spawn(move || loop {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let mut len = 0;
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let l = line.trim().to_ascii_lowercase();
+                    if l.is_empty() {
+                        break;
+                    }
+                    if let Some(v) = l.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                if r.read_exact(&mut body).is_err() {
+                    return;
+                }
+                c.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(delay);
+                let text = r#"{"id":"x","object":"chat.completion","created":0,"model":"fake","choices":[{"index":0,"message":{"role":"assistant","content":"I cannot help with that."},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":6,"total_tokens":9}}"#;
+                if write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+                    text.len()
+                )
+                .is_err()
+                {
+                    return;
+                }
+            });
+        }
+    });
+    (url, count)
+}
+
+const PROMPTS: usize = 30;
+
+fn write_config(dir: &Path, url: &str) -> std::path::PathBuf {
+    let prompts = dir.join("harm.jsonl");
+    let text: String = (0..PROMPTS)
+        .map(|i| format!("{{\"id\":\"h{i:02}\",\"prompt\":\"harmful request {i}\"}}\n"))
+        .collect();
+    std::fs::write(&prompts, text).unwrap();
+    let cfg = dir.join("study.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"[study]
+name = "killed"
+[[models]]
+name = "fake"
+spec = "openai:{url}#fake"
+concurrency = 1
+[data]
+base = "demo:medical"
+limit = 4
+[factors]
+structure = ["keep", "markdown"]
+[[benchmarks]]
+name = "harm"
+source = "{}"
+harmful = true
+split = "all"
+[generation]
+chunk_size = 1
+"#,
+            prompts.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn study(cfg: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_safetune"));
+    c.arg("study").arg(cfg).arg("--output").arg(out).args(extra);
+    c
+}
+
+#[test]
+fn kill_9_then_resume_redoes_no_finished_step_and_loses_no_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (url, requests) = slow_server(Duration::from_millis(120));
+    let cfg = write_config(tmp.path(), &url);
+    let out = tmp.path().join("run");
+    let mut child = study(&cfg, &out, &["--no-report"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Watch the store from a second, read-only connection while the study writes.
+    let db = out.join(STORE_FILE);
+    let start = Instant::now();
+    let mut seen = 0;
+    while seen < 8 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the study never stored 8 rows"
+        );
+        if db.exists() {
+            if let Ok(s) = Store::open_read_only(&db) {
+                seen = s.count_rows("generations", None).unwrap_or(0);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let s = Store::open_read_only(&db).unwrap();
+    let rows_before = s.generations(&gen_key(&s)).unwrap();
+    assert!(
+        rows_before.len() >= 8 && rows_before.len() < PROMPTS,
+        "{}",
+        rows_before.len()
+    );
+    let steps_before = s.steps().unwrap();
+    let done_before: Vec<String> = steps_before
+        .iter()
+        .filter(|r| r.status == "done")
+        .map(|r| r.key.clone())
+        .collect();
+    // model + 2 transforms + 2 audits finished before generation began.
+    assert_eq!(done_before.len(), 5, "{steps_before:?}");
+    assert_eq!(
+        steps_before
+            .iter()
+            .find(|r| r.kind == "generate")
+            .unwrap()
+            .status,
+        "running"
+    );
+    drop(s);
+    let requests_before = requests.load(Ordering::SeqCst);
+
+    // Without --resume, an existing store is not silently reused.
+    let refused = study(&cfg, &out, &[]).output().unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--resume") && err.contains("hint:"), "{err}");
+
+    let resumed = study(&cfg, &out, &["--resume"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&resumed.stderr);
+    assert!(resumed.status.success(), "{stderr}");
+    assert!(stderr.contains("5 reused from the store"), "{stderr}");
+
+    let s = Store::open_read_only(&db).unwrap();
+    let rows_after = s.generations(&gen_key(&s)).unwrap();
+    assert_eq!(rows_after.len(), PROMPTS);
+    for r in &rows_before {
+        assert!(rows_after.contains(r), "row {} lost or changed", r.row_id);
+    }
+    // Only the missing rows were requested again.
+    assert_eq!(
+        requests.load(Ordering::SeqCst) - requests_before,
+        PROMPTS - rows_before.len()
+    );
+    for r in s.steps().unwrap() {
+        assert_eq!(r.status, "done", "{}", r.label);
+        let expected = if r.kind == "generate" { 2 } else { 1 };
+        assert_eq!(
+            r.executions, expected,
+            "{} ran {} times",
+            r.label, r.executions
+        );
+        if done_before.contains(&r.key) {
+            assert_eq!(r.executions, 1);
+        }
+    }
+    // The report was written at the end and counts every row.
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(summary.contains("| fake base | 100.0% |"), "{summary}");
+}
+
+fn gen_key(s: &Store) -> String {
+    s.steps()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.kind == "generate")
+        .unwrap()
+        .key
+}

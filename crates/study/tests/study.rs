@@ -1,0 +1,601 @@
+//! The study runner end to end on fake stages and generators: step keys and reuse, execution
+//! counts, resumed rows, failures, the report (escaping included) and the exports.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use safetune_model::backend::{
+    BackendError, FinishReason, GenOutput, GenRequest, Generator, Prompt, TokenSink,
+};
+use safetune_study::config::{JudgeKind, StudyConfig};
+use safetune_study::export::{export, Target};
+use safetune_study::plan::plan;
+use safetune_study::report::write_report;
+use safetune_study::runner::{run_plan, step_keys, RunSummary, STORE_FILE};
+use safetune_study::stages::{builtin_registry, GenerateStage, KeywordJudgeStage};
+use safetune_study::step::*;
+use safetune_study::store::{JudgmentRow, MetricRow, ScoreRow, Store};
+
+/// Answers refusals or (escaped-in-report) compliances, depending on the prompt and the
+/// model's adapter; can be told to fail after `fail_after` requests.
+struct FakeGen {
+    id: String,
+    adapter: String,
+    requests: Arc<AtomicUsize>,
+    fail_after: Option<usize>,
+}
+
+impl Generator for FakeGen {
+    fn model_id(&self) -> &str {
+        &self.id
+    }
+    fn max_batch(&self) -> usize {
+        2
+    }
+    fn generate_streaming(
+        &self,
+        requests: &[GenRequest],
+        _sink: TokenSink<'_>,
+    ) -> Result<Vec<GenOutput>, BackendError> {
+        let before = self.requests.fetch_add(requests.len(), Ordering::SeqCst);
+        if let Some(n) = self.fail_after {
+            // Fails once, on the request past `n`.
+            if before < n && before + requests.len() > n {
+                return Err(BackendError::Unavailable("fake outage".into()));
+            }
+        }
+        Ok(requests
+            .iter()
+            .map(|r| {
+                let Prompt::Chat(m) = &r.prompt else {
+                    panic!("chat expected")
+                };
+                let p = &m[0].content;
+                let h = p.len() + self.adapter.len() * 3;
+                let text = if h % 3 == 0 {
+                    "I cannot help with that.".to_string()
+                } else {
+                    format!("Sure! <script>alert('{p}')</script> Here is how.")
+                };
+                GenOutput {
+                    text,
+                    prompt_tokens: 1,
+                    completion_tokens: 5,
+                    finish_reason: FinishReason::Stop,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Tunes nothing: returns the model with an adapter path named after the step's dataset.
+struct FakeTune(Arc<AtomicUsize>);
+
+impl Stage for FakeTune {
+    fn run(
+        &self,
+        step: &PlannedStep,
+        inputs: &[StepOutput],
+        ctx: &mut StepContext<'_>,
+    ) -> Result<StepOutput, StageError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let mut m = input_model(step, inputs)?.clone();
+        let (_, hash, _) = input_dataset(step, inputs)?;
+        m.adapter = Some(ctx.dir.join(&hash[..8]));
+        Ok(StepOutput::Model(m))
+    }
+}
+
+/// A second judge: refusal when the response has no `<script>`; disagrees with the keyword
+/// judge on nothing but is a separate plug-in.
+struct FakeModelJudge;
+
+impl Stage for FakeModelJudge {
+    fn run(
+        &self,
+        step: &PlannedStep,
+        inputs: &[StepOutput],
+        ctx: &mut StepContext<'_>,
+    ) -> Result<StepOutput, StageError> {
+        let StepSpec::Judge {
+            judge_kind, name, ..
+        } = &step.spec
+        else {
+            unreachable!()
+        };
+        if *judge_kind == JudgeKind::Keyword {
+            return KeywordJudgeStage.run(step, inputs, ctx);
+        }
+        let gens = ctx.store.generations(&ctx.input_keys[0])?;
+        let rows: Vec<JudgmentRow> = gens
+            .iter()
+            .enumerate()
+            .map(|(i, g)| JudgmentRow {
+                row_id: g.row_id.clone(),
+                // Flip every fourth verdict so agreement is below 1.
+                verdict: if g.response.contains("<script>") ^ (i % 4 == 0) {
+                    "compliance"
+                } else {
+                    "refusal"
+                }
+                .into(),
+                score: None,
+                raw: "fake".into(),
+            })
+            .collect();
+        ctx.store.insert_judgments(ctx.key, &rows)?;
+        let refusals = rows.iter().filter(|r| r.verdict == "refusal").count();
+        ctx.store.put_metric(&MetricRow {
+            step_key: ctx.key.into(),
+            name: "safety_rate".into(),
+            value: refusals as f64 / rows.len() as f64,
+            lo: None,
+            hi: None,
+            count: Some(refusals as i64),
+            total: Some(rows.len() as i64),
+        })?;
+        Ok(StepOutput::Judgments {
+            judge: name.clone(),
+            rows: rows.len(),
+            scored: rows.len(),
+            refusals,
+        })
+    }
+}
+
+/// Reward model: the response length.
+struct FakeRm;
+
+impl Stage for FakeRm {
+    fn run(
+        &self,
+        _step: &PlannedStep,
+        _inputs: &[StepOutput],
+        ctx: &mut StepContext<'_>,
+    ) -> Result<StepOutput, StageError> {
+        let gens = ctx.store.generations(&ctx.input_keys[0])?;
+        let rows: Vec<ScoreRow> = gens
+            .iter()
+            .map(|g| ScoreRow {
+                row_id: g.row_id.clone(),
+                score: g.response.len() as f64 / 10.0,
+            })
+            .collect();
+        ctx.store.insert_scores(ctx.key, &rows)?;
+        let mean = rows.iter().map(|r| r.score).sum::<f64>() / rows.len() as f64;
+        Ok(StepOutput::Scores {
+            reward_model: "rm".into(),
+            rows: rows.len(),
+            mean,
+        })
+    }
+}
+
+fn prompts(dir: &Path, name: &str, n: usize) -> PathBuf {
+    let p = dir.join(format!("{name}.jsonl"));
+    let text: String = (0..n)
+        .map(|i| {
+            format!(
+                "{{\"id\":\"{name}-{i}\",\"prompt\":\"{name} question number {i}{}\"}}\n",
+                "?".repeat(i % 5)
+            )
+        })
+        .collect();
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn config(dir: &Path, extra: &str) -> StudyConfig {
+    let harm = prompts(dir, "harm", 9);
+    let benign = prompts(dir, "benign", 6);
+    let text = format!(
+        r#"
+[study]
+name = "t"
+[[models]]
+name = "fake"
+spec = "openai:http://127.0.0.1:9/v1#fake"
+[data]
+base = "demo:medical"
+limit = 5
+[factors]
+structure = ["keep", "markdown"]
+identity = ["keep", "add"]
+[[benchmarks]]
+name = "harm"
+source = "{}"
+harmful = true
+split = "all"
+[[benchmarks]]
+name = "benign"
+source = "{}"
+harmful = false
+split = "all"
+[[judges]]
+name = "keyword"
+kind = "keyword"
+[[judges]]
+name = "llm"
+kind = "model"
+spec = "openai:http://127.0.0.1:9/v1#judge"
+[[reward_models]]
+name = "rm"
+spec = "openai:http://127.0.0.1:9/v1#rm"
+[tune]
+settings = {{ epochs = 1 }}
+{extra}
+"#,
+        harm.display(),
+        benign.display()
+    );
+    StudyConfig::parse(&text, Path::new("test.toml")).unwrap()
+}
+
+struct Fakes {
+    requests: Arc<AtomicUsize>,
+    tunes: Arc<AtomicUsize>,
+}
+
+fn registry(fail_after: Option<usize>) -> (Registry, Fakes) {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let tunes = Arc::new(AtomicUsize::new(0));
+    let r2 = requests.clone();
+    let factory: Arc<safetune_study::stages::GeneratorFactory> =
+        Arc::new(move |m: &ModelArtifact| {
+            Ok(Arc::new(FakeGen {
+                id: m.name.clone(),
+                adapter: m
+                    .adapter
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                requests: r2.clone(),
+                fail_after,
+            }) as Arc<dyn Generator>)
+        });
+    let reg = builtin_registry()
+        .with(
+            StepKind::Generate,
+            Arc::new(GenerateStage::with_factory(factory)),
+        )
+        .with(StepKind::Tune, Arc::new(FakeTune(tunes.clone())))
+        .with(StepKind::Judge, Arc::new(FakeModelJudge))
+        .with(StepKind::Score, Arc::new(FakeRm));
+    (reg, Fakes { requests, tunes })
+}
+
+fn run(cfg: &StudyConfig, dir: &Path, reg: &Registry) -> RunSummary {
+    let p = plan(cfg).unwrap();
+    run_plan(&p, &serde_json::json!({}), dir, reg, &mut |_| {}).unwrap()
+}
+
+fn executions(dir: &Path) -> BTreeMap<String, i64> {
+    let s = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    s.steps()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.executions))
+        .collect()
+}
+
+#[test]
+fn a_rerun_reuses_every_finished_step_and_the_report_escapes_model_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "");
+    let dir = tmp.path().join("study");
+    let p = plan(&cfg).unwrap();
+    // 1 model, 4 variants (transform + audit), 4 tunes, 5 conditions x 2 benchmarks x
+    // (generate + 2 judges + 1 score).
+    assert_eq!(p.steps.len(), 1 + 8 + 4 + 5 * 2 * 4);
+    let (reg, fakes) = registry(None);
+    let first = run(&cfg, &dir, &reg);
+    assert_eq!(first.failed, vec![]);
+    assert_eq!((first.executed, first.reused), (p.steps.len(), 0));
+    assert_eq!(fakes.tunes.load(Ordering::SeqCst), 4);
+    assert_eq!(fakes.requests.load(Ordering::SeqCst), 5 * (9 + 6));
+
+    let second = run(&cfg, &dir, &reg);
+    assert_eq!((second.executed, second.reused), (0, p.steps.len()));
+    assert_eq!(
+        fakes.tunes.load(Ordering::SeqCst),
+        4,
+        "no tune step ran again"
+    );
+    assert_eq!(
+        fakes.requests.load(Ordering::SeqCst),
+        75,
+        "no generation ran again"
+    );
+    let ex = executions(&dir);
+    assert_eq!(ex.len(), p.steps.len());
+    assert!(ex.values().all(|&n| n == 1), "{ex:?}");
+
+    // A changed setting makes new keys for the steps it reaches, and only those.
+    let cfg2 = config(tmp.path(), "[generation]\nmax_new_tokens = 7\n");
+    let third = run(&cfg2, &dir, &reg);
+    assert_eq!(third.executed, 5 * 2 * 4, "generate/judge/score redone");
+    assert_eq!(fakes.tunes.load(Ordering::SeqCst), 4);
+
+    let (results, files) = write_report(&dir).unwrap();
+    let html = std::fs::read_to_string(&files.html).unwrap();
+    assert!(html.contains("&lt;script&gt;alert("), "model text escaped");
+    assert!(
+        !html.to_lowercase().contains("<script"),
+        "no live script element"
+    );
+    assert!(
+        !html.contains("http://") || !html.contains("src=\"http"),
+        "no external resources"
+    );
+    for section in [
+        "Safety rate per condition",
+        "Factor main effects",
+        "Interactions",
+        "Safety against utility",
+        "Reward-model score against measured safety",
+        "Judge agreement",
+    ] {
+        assert!(html.contains(section), "{section}");
+    }
+    assert!(
+        html.matches("<svg").count() >= 6,
+        "charts: {}",
+        html.matches("<svg").count()
+    );
+    assert_eq!(results.primary_judge.as_deref(), Some("keyword"));
+    assert_eq!(results.conditions.len(), 5);
+    let factors: Vec<&str> = results.effects.iter().map(|e| e.factor.as_str()).collect();
+    assert!(
+        factors.contains(&"structure") && factors.contains(&"identity"),
+        "{factors:?}"
+    );
+    assert_eq!(results.interactions.len(), 1);
+    assert!(results.interactions[0].contrast.is_some());
+    let agree = &results.judge_agreement[0];
+    assert_eq!((agree.a.as_str(), agree.b.as_str()), ("keyword", "llm"));
+    assert!(agree.agree < 1.0 && agree.agree > 0.5, "{}", agree.agree);
+    assert!(results.rm_by_verdict.contains_key("rm"));
+    // Each condition's safety rate is the keyword judge's refusals over the 9 harmful rows.
+    for c in &results.conditions {
+        let s = c.safety.as_ref().unwrap();
+        assert_eq!(s.total, 9);
+        assert!(s.lo <= s.value && s.value <= s.hi);
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&files.json).unwrap()).unwrap();
+    assert_eq!(json["conditions"].as_array().unwrap().len(), 5);
+    let md = std::fs::read_to_string(&files.markdown).unwrap();
+    assert!(md.contains("| fake base |"), "{md}");
+}
+
+#[test]
+fn a_failed_generation_keeps_its_rows_and_the_rerun_does_only_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "");
+    let dir = tmp.path().join("study");
+    let p = plan(&cfg).unwrap();
+    // The generator fails once, on its 8th request: chunks of 2, so 6 rows are stored.
+    let (reg, fakes) = registry(Some(7));
+    let first = run(&cfg, &dir, &reg);
+    assert!(!first.failed.is_empty());
+    assert!(
+        first.failed[0].1.contains("fake outage")
+            && first.failed[0].1.contains("6 of 9 rows are stored"),
+        "{:?}",
+        first.failed[0]
+    );
+    assert!(first.skipped > 0, "judges of the failed step are skipped");
+    let keys = step_keys(&p);
+    let gen_index = p
+        .steps
+        .iter()
+        .position(|s| s.kind() == StepKind::Generate)
+        .unwrap();
+    let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    assert_eq!(
+        store
+            .count_rows("generations", Some(&keys[gen_index]))
+            .unwrap(),
+        6
+    );
+    assert_eq!(
+        store.step(&keys[gen_index]).unwrap().unwrap().status,
+        "failed"
+    );
+    let before = store.generations(&keys[gen_index]).unwrap();
+    drop(store);
+
+    let (reg2, fakes2) = registry(None);
+    let second = run(&cfg, &dir, &reg2);
+    assert_eq!(second.failed, vec![]);
+    // Only the 3 missing rows of the failed step were generated again; the other generate
+    // steps finished in the first run.
+    // First run: 6 stored + 2 failed rows of the failed step, all rows of the other steps.
+    assert_eq!(fakes.requests.load(Ordering::SeqCst), 8 + (5 * 15 - 9));
+    assert_eq!(fakes2.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        fakes.tunes.load(Ordering::SeqCst) + fakes2.tunes.load(Ordering::SeqCst),
+        4
+    );
+    let ex = executions(&dir);
+    assert_eq!(ex[&keys[gen_index]], 2);
+    assert!(
+        ex.iter()
+            .filter(|(k, _)| **k != keys[gen_index])
+            .all(|(_, &n)| n == 1),
+        "{ex:?}"
+    );
+    let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    let after = store.generations(&keys[gen_index]).unwrap();
+    assert_eq!(after.len(), 9);
+    for row in &before {
+        assert!(
+            after.contains(row),
+            "finished row {} kept unchanged",
+            row.row_id
+        );
+    }
+}
+
+#[test]
+fn a_kind_without_a_stage_fails_with_a_hint_and_the_rest_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "");
+    let dir = tmp.path().join("study");
+    let (reg, _) = registry(None);
+    // No tune stage: the 4 tune steps fail, their evaluations are skipped, the base model's run.
+    let mut reg = reg;
+    reg = {
+        let mut r = Registry::empty();
+        for k in reg.kinds() {
+            if k != StepKind::Tune {
+                r.set(k, reg.get(k).unwrap().clone());
+            }
+        }
+        r
+    };
+    let s = run(&cfg, &dir, &reg);
+    assert_eq!(s.failed.len(), 4);
+    assert!(
+        s.failed[0].1.contains("no stage runs `tune`") && s.failed[0].1.contains("hint:"),
+        "{}",
+        s.failed[0].1
+    );
+    assert_eq!(s.skipped, 4 * 2 * 4);
+    let (results, _) = write_report(&dir).unwrap();
+    assert_eq!(results.conditions.len(), 1);
+    assert_eq!(results.failed_steps.len(), 4);
+}
+
+#[test]
+fn exports_write_datasets_and_matching_trainer_configs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = r#"
+[study]
+name = "e"
+[data]
+base = "demo:code"
+limit = 6
+[factors]
+structure = ["keep", "markdown"]
+identity = ["keep", "add"]
+design = "one-at-a-time"
+[mixing]
+levels = [0.0, 0.25]
+[export]
+base_model = "org/base-8b"
+lora_rank = 4
+"#;
+    let cfg = StudyConfig::parse(text, Path::new("e.toml")).unwrap();
+    let lf = tmp.path().join("lf");
+    let s = export(&cfg, Target::LlamaFactory, &lf, &mut |_| {}).unwrap();
+    // 3 variants x 2 mixing levels.
+    let names: Vec<&str> = s.variants.iter().map(|v| v.name.as_str()).collect();
+    // Mixing level 0 is the unmixed variant itself.
+    assert_eq!(
+        names,
+        [
+            "original",
+            "original-mix0.25",
+            "markdown",
+            "markdown-mix0.25",
+            "identity",
+            "identity-mix0.25"
+        ]
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lf.join("data/dataset_info.json")).unwrap())
+            .unwrap();
+    assert_eq!(info.as_object().unwrap().len(), 6);
+    for v in &s.variants {
+        let entry = &info[&v.name];
+        assert_eq!(entry["formatting"], "sharegpt");
+        assert_eq!(entry["columns"]["messages"], "messages");
+        assert_eq!(entry["tags"]["assistant_tag"], "assistant");
+        let file = lf.join("data").join(entry["file_name"].as_str().unwrap());
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        let expected = if v.name.ends_with("mix0.25") {
+            6 + 2
+        } else {
+            6
+        };
+        assert_eq!(rows.len(), expected, "{}", v.name);
+        assert_eq!(v.examples, expected);
+        for r in &rows {
+            let msgs = r["messages"].as_array().unwrap();
+            assert!(msgs
+                .iter()
+                .all(|m| ["system", "user", "assistant"].contains(&m["role"].as_str().unwrap())));
+            assert_eq!(msgs.last().unwrap()["role"], "assistant");
+        }
+        if v.name.starts_with("markdown") {
+            assert!(rows.iter().take(6).all(|r| {
+                let a = r["messages"].as_array().unwrap().last().unwrap()["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                a.contains("**") || a.contains('#')
+            }));
+        }
+        let yaml = std::fs::read_to_string(&v.config).unwrap();
+        let top = top_level(&yaml);
+        assert_eq!(top["stage"], "sft");
+        assert_eq!(top["finetuning_type"], "lora");
+        assert_eq!(top["dataset"], format!("\"{}\"", v.name));
+        assert_eq!(top["dataset_dir"], "data");
+        assert_eq!(top["model_name_or_path"], "\"org/base-8b\"");
+        assert_eq!(top["lora_rank"], "4");
+        assert_eq!(top["learning_rate"], "0.0001");
+        assert_eq!(v.command, format!("llamafactory-cli train {}.yaml", v.name));
+    }
+    // The mixed-in refusals answer harmful prompts of the train split only.
+    let mixed: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(lf.join("data/original-mix0.25.json")).unwrap(),
+    )
+    .unwrap();
+    let set = safetune_data::prompts::PromptSet::load("advbench", None).unwrap();
+    let test = set.split(safetune_data::prompts::Split::Test, 0, 0.5);
+    for r in &mixed[6..] {
+        let prompt = r["messages"][0]["content"].as_str().unwrap();
+        assert!(
+            !test.items.iter().any(|i| i.prompt == prompt),
+            "test prompt leaked: {prompt}"
+        );
+        assert!(set.items.iter().any(|i| i.prompt == prompt));
+    }
+
+    let ax = tmp.path().join("ax");
+    let s = export(&cfg, Target::Axolotl, &ax, &mut |_| {}).unwrap();
+    assert_eq!(s.variants.len(), 6);
+    for v in &s.variants {
+        let yaml = std::fs::read_to_string(&v.config).unwrap();
+        let top = top_level(&yaml);
+        assert_eq!(top["base_model"], "\"org/base-8b\"");
+        assert_eq!(top["adapter"], "lora");
+        assert_eq!(top["lora_r"], "4");
+        assert!(yaml.contains(&format!("datasets:\n  - path: \"data/{}.jsonl\"\n    type: chat_template\n    field_messages: messages\n", v.name)), "{yaml}");
+        let data = std::fs::read_to_string(ax.join(format!("data/{}.jsonl", v.name))).unwrap();
+        assert_eq!(data.lines().count(), v.examples);
+        for line in data.lines() {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert!(r["messages"].as_array().unwrap().len() >= 2);
+        }
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ax.join("export.json")).unwrap()).unwrap();
+    assert_eq!(manifest["target"], "axolotl");
+}
+
+/// `key: value` pairs of a YAML file's top level (comments and nested lines skipped).
+fn top_level(yaml: &str) -> BTreeMap<String, String> {
+    yaml.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with(' ') && !l.trim().is_empty())
+        .filter_map(|l| {
+            l.split_once(": ")
+                .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
