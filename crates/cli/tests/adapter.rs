@@ -239,3 +239,93 @@ fn bad_adapter_and_remote_model_are_user_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--adapter needs a local model"), "{err}");
 }
+
+/// One HTTP/1.1 request to the server; returns the body.
+fn http(base_url: &str, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let host = base_url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .trim_end_matches("/v1");
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn serve_with_an_adapter_answers_like_generate_with_it() {
+    use std::io::{BufRead, BufReader};
+    let root = tempfile::tempdir().unwrap();
+    let (base, _, random) = setup(root.path());
+    let prompts = root.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"id\":\"a\",\"prompt\":\"hello there\"}\n").unwrap();
+    let out = root.path().join("gen.jsonl");
+    ok(&[
+        "generate",
+        "--model",
+        s(&base),
+        "--adapter",
+        s(&random),
+        "--prompts",
+        s(&prompts),
+        "-o",
+        s(&out),
+        "--max-new-tokens",
+        "8",
+    ]);
+    let want = responses(&out)[0].trim_start_matches("a:").to_string();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args([
+            "serve",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&random),
+            "--port",
+            "0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("serve exited early").unwrap();
+        if let Some(rest) = line.strip_prefix("serving ") {
+            break rest
+                .split(" on ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+        }
+    };
+    let models = http(&url, "GET", "/v1/models", "");
+    let chat = http(
+        &url,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":8,"temperature":0}"#,
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(models.contains("base+random"), "{models}");
+    let v: serde_json::Value =
+        serde_json::from_str(&chat).unwrap_or_else(|e| panic!("{e}: {chat}"));
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str().unwrap(),
+        want,
+        "{chat}"
+    );
+}
