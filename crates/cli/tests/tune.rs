@@ -109,7 +109,15 @@ fn config_file_with_flag_overrides_and_unknown_keys_rejected() {
         ),
     )
     .unwrap();
-    let out = safetune(&["tune", "--config", cfg.to_str().unwrap(), "--rank", "2"]);
+    let out = safetune(&[
+        "tune",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--rank",
+        "2",
+        "--targets",
+        "q,up",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(
@@ -121,7 +129,7 @@ fn config_file_with_flag_overrides_and_unknown_keys_rejected() {
             .unwrap();
     assert_eq!(m["config"]["rank"], 2, "the flag wins");
     assert_eq!(m["config"]["alpha"], 8.0, "the file's value");
-    assert_eq!(m["config"]["targets"], serde_json::json!(["q", "v"]));
+    assert_eq!(m["config"]["targets"], serde_json::json!(["q", "up"]));
     assert_eq!(m["steps"], 2);
     let ac: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(out_dir.join("adapter_config.json")).unwrap(),

@@ -63,7 +63,7 @@ pub struct TuneArgs {
 
     /// Projections with adapters, comma-separated: q,k,v,o,gate,up,down or all [default: all].
     #[arg(long, value_name = "LIST", value_parser = parse_targets)]
-    pub targets: Option<Vec<Target>>,
+    pub targets: Option<TargetList>,
 
     /// Passes over the training data [default: 1].
     #[arg(long, value_name = "N")]
@@ -134,8 +134,12 @@ pub struct TuneArgs {
     pub loss_chunk: Option<usize>,
 }
 
-fn parse_targets(s: &str) -> Result<Vec<Target>, String> {
-    Target::parse_list(s)
+/// A comma-separated list of target modules (one flag value).
+#[derive(Debug, Clone)]
+pub struct TargetList(pub Vec<Target>);
+
+fn parse_targets(s: &str) -> Result<TargetList, String> {
+    Target::parse_list(s).map(TargetList)
 }
 
 fn parse_schedule(s: &str) -> Result<Schedule, String> {
@@ -172,7 +176,6 @@ impl TuneArgs {
             rank,
             alpha,
             dropout,
-            targets,
             epochs,
             max_steps,
             lr,
@@ -190,6 +193,9 @@ impl TuneArgs {
             keep_checkpoints,
             loss_chunk
         );
+        if let Some(t) = &self.targets {
+            c.targets = t.0.clone();
+        }
         if self.full {
             c.full = true;
         }
