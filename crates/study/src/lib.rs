@@ -23,3 +23,4 @@ pub mod runner;
 pub mod stages;
 pub mod step;
 pub mod store;
+pub mod train_stage;

@@ -585,7 +585,7 @@ fn svg_bars(rows: &[(String, &Rate)], title: &str) -> String {
     let row_h = 24.0;
     let top = 34.0;
     let h = top + row_h * rows.len() as f64 + 36.0;
-    let w = label_w + plot_w + 90.0;
+    let w = label_w + plot_w + 130.0;
     let mut s = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="{}">"#,
         esc(title)

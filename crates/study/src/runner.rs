@@ -205,7 +205,7 @@ pub fn run_plan(
 pub fn missing(kind: StepKind) -> StageError {
     let (reason, hint) = match kind {
         StepKind::Align | StepKind::Tune => (
-            "the trainer (safetune-train) is not wired into the study runner yet",
+            "no trainer is registered",
             "tune with `safetune export --to llama-factory|axolotl`, then list the tuned checkpoints as [[models]] (for instance openai: endpoints of a vLLM server) and drop [align]/[tune]",
         ),
         StepKind::Score | StepKind::Select => (

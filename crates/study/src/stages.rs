@@ -36,6 +36,8 @@ pub fn builtin_registry() -> Registry {
         .with(StepKind::Audit, Arc::new(AuditStage))
         .with(StepKind::Generate, Arc::new(GenerateStage::new()))
         .with(StepKind::Judge, Arc::new(KeywordJudgeStage))
+        .with(StepKind::Align, Arc::new(crate::train_stage::TrainStage))
+        .with(StepKind::Tune, Arc::new(crate::train_stage::TrainStage))
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StageError + '_ {
@@ -332,13 +334,20 @@ pub type GeneratorFactory =
 
 /// The default factory: a pool when extra endpoints are listed, else [`load_generator`].
 pub fn default_generator(m: &ModelArtifact) -> Result<Arc<dyn Generator>, StageError> {
-    if m.adapter.is_some() {
-        return Err(StageError::Other(format!(
-            "model `{}` carries an adapter; loading adapters for generation needs the trainer's merge (not wired yet)",
-            m.name
-        )));
-    }
     let spec = ModelSpec::parse(&m.spec)?;
+    if let Some(adapter) = &m.adapter {
+        if OpenAiSpec::from_model_spec(&spec).is_some() {
+            return Err(StageError::Other(format!(
+                "model `{}`: an adapter cannot be applied to an openai: model",
+                m.name
+            )));
+        }
+        let load = LoadOptions {
+            adapter: Some(adapter.clone()),
+            ..Default::default()
+        };
+        return Ok(load_generator(&spec, &load, &ClientConfig::default())?);
+    }
     let client = ClientConfig {
         concurrency: m.concurrency.max(1),
         ..Default::default()

@@ -53,7 +53,7 @@ impl Generator for FakeGen {
                     panic!("chat expected")
                 };
                 let p = &m[0].content;
-                let h = p.len() + self.adapter.len() * 3;
+                let h = p.len() + self.adapter.bytes().map(usize::from).sum::<usize>();
                 let text = if h % 3 == 0 {
                     "I cannot help with that.".to_string()
                 } else {
@@ -320,6 +320,10 @@ fn a_rerun_reuses_every_finished_step_and_the_report_escapes_model_text() {
 
     let (results, files) = write_report(&dir).unwrap();
     let html = std::fs::read_to_string(&files.html).unwrap();
+    // For looking at it in a browser: SAFETUNE_KEEP_REPORT=/tmp/report.html cargo test ...
+    if let Ok(keep) = std::env::var("SAFETUNE_KEEP_REPORT") {
+        std::fs::write(keep, &html).unwrap();
+    }
     assert!(html.contains("&lt;script&gt;alert("), "model text escaped");
     assert!(
         !html.to_lowercase().contains("<script"),
