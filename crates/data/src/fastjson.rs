@@ -29,6 +29,9 @@ struct Span {
 /// The reusable state of the parser; `parse` fills it for one line at a time.
 #[derive(Debug, Default)]
 pub(crate) struct MessagesLine {
+    /// The line, once `parse_owned` found it valid UTF-8; else its raw bytes in `raw`.
+    line: String,
+    raw: Vec<u8>,
     scratch: String,
     id: Option<Span>,
     messages: Vec<(Role, Span)>,
@@ -64,27 +67,66 @@ impl<'a> ParsedLine<'a> {
 }
 
 impl MessagesLine {
-    /// Parses one line (with or without its newline: trailing whitespace is allowed). `false`
-    /// means "not the simple shape": parse the line the general way. After `true`, [`Self::view`]
-    /// of the same bytes gives the parsed example.
-    pub(crate) fn parse(&mut self, bytes: &[u8]) -> bool {
-        self.parse_inner(bytes).is_some()
+    /// Parses one line (with or without its newline: trailing whitespace is allowed), taking
+    /// its buffer. `false` means "not the simple shape": parse [`Self::bytes`] the general way.
+    /// After `true`, [`Self::view`] gives the parsed example.
+    pub(crate) fn parse_owned(&mut self, buf: Vec<u8>) -> bool {
+        self.line.clear();
+        self.raw.clear();
+        match String::from_utf8(buf) {
+            Ok(line) => {
+                self.line = line;
+                let line = std::mem::take(&mut self.line);
+                let ok = self.parse_inner(&line).is_some();
+                self.line = line;
+                ok
+            }
+            Err(e) => {
+                self.raw = e.into_bytes();
+                false
+            }
+        }
     }
 
-    /// The example `parse` found in `bytes` (which must be the bytes it parsed).
-    pub(crate) fn view<'a>(&'a self, bytes: &'a [u8]) -> ParsedLine<'a> {
-        // `parse` checked these bytes; validating again is cheap next to parsing and keeps this
-        // free of `unsafe`.
-        let line = std::str::from_utf8(bytes).expect("view() of the bytes parse() accepted");
-        ParsedLine { line, state: self }
+    /// The bytes of the line last given to `parse_owned`.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        if self.raw.is_empty() {
+            self.line.as_bytes()
+        } else {
+            &self.raw
+        }
     }
 
-    fn parse_inner(&mut self, bytes: &[u8]) -> Option<()> {
-        std::str::from_utf8(bytes).ok()?;
+    /// Takes the line's buffer back (empty, with its capacity) for the next read.
+    pub(crate) fn take_buffer(&mut self) -> Vec<u8> {
+        let mut buf = if self.raw.capacity() > self.line.capacity() {
+            std::mem::take(&mut self.raw)
+        } else {
+            std::mem::take(&mut self.line).into_bytes()
+        };
+        buf.clear();
+        buf
+    }
+
+    /// The example the last successful `parse_owned` found.
+    pub(crate) fn view(&self) -> ParsedLine<'_> {
+        ParsedLine {
+            line: &self.line,
+            state: self,
+        }
+    }
+
+    /// Parses `line`.
+    fn parse_inner(&mut self, line: &str) -> Option<()> {
+        let bytes = line.as_bytes();
         self.scratch.clear();
         self.id = None;
         self.messages.clear();
-        let mut p = Cursor { b: bytes, i: 0 };
+        let mut p = Cursor {
+            s: line,
+            b: bytes,
+            i: 0,
+        };
         p.ws();
         p.eat(b'{')?;
         let mut seen_messages = false;
@@ -168,6 +210,7 @@ impl MessagesLine {
 }
 
 struct Cursor<'a> {
+    s: &'a str,
     b: &'a [u8],
     i: usize,
 }
@@ -235,8 +278,8 @@ impl<'a> Cursor<'a> {
             if has_control(run) {
                 return None;
             }
-            // The line is valid UTF-8 and the run ends before an ASCII byte: a char boundary.
-            scratch.push_str(std::str::from_utf8(run).ok()?);
+            // The run starts after and ends before ASCII bytes: both are char boundaries.
+            scratch.push_str(&self.s[i..i + len]);
             i += len;
             if self.b[i] == b'"' {
                 self.i = i + 1;
@@ -303,10 +346,10 @@ mod tests {
 
     fn parse(line: &str) -> Option<(Option<String>, Vec<(Role, String)>)> {
         let mut st = MessagesLine::default();
-        if !st.parse(line.as_bytes()) {
+        if !st.parse_owned(line.as_bytes().to_vec()) {
             return None;
         }
-        let p = st.view(line.as_bytes());
+        let p = st.view();
         let msgs = (0..p.len())
             .map(|i| {
                 let (r, t) = p.message(i);

@@ -287,14 +287,11 @@ impl DatasetReader {
         };
         let index = self.index - 1;
         Some(Ok(match outcome {
-            RefOutcome::Fast(line) => {
-                let src = self.source.as_jsonl().expect("jsonl source");
-                ExampleRef {
-                    line,
-                    index,
-                    inner: RefInner::Fast(self.fast.view(src.current_line())),
-                }
-            }
+            RefOutcome::Fast(line) => ExampleRef {
+                line,
+                index,
+                inner: RefInner::Fast(self.fast.view()),
+            },
             RefOutcome::Owned(line) => ExampleRef {
                 line,
                 index,
@@ -306,6 +303,9 @@ impl DatasetReader {
     fn next_jsonl_fast(&mut self) -> Option<Result<RefOutcome>> {
         loop {
             let src = self.source.as_jsonl().expect("jsonl source");
+            if src.buf.capacity() == 0 {
+                src.buf = self.fast.take_buffer();
+            }
             let line = match src.next_line()? {
                 Ok(line) => line,
                 Err(e) => {
@@ -313,11 +313,15 @@ impl DatasetReader {
                     return Some(Err(e));
                 }
             };
-            if self.fast.parse(src.current_line()) {
+            // The parser takes the line's buffer (validating UTF-8 once, without copying) and
+            // hands it back before the next read.
+            let buf = std::mem::take(&mut src.buf);
+            let fast = self.fast.parse_owned(buf);
+            if fast {
                 self.index += 1;
                 return Some(Ok(RefOutcome::Fast(line)));
             }
-            let result = parse_json(&self.path, line, src.current_line())
+            let result = parse_json(&self.path, line, self.fast.bytes())
                 .and_then(|rec| self.convert(line, rec));
             match result {
                 Ok(conversation) => {
@@ -488,7 +492,7 @@ impl JsonlSource {
     fn next_line(&mut self) -> Option<Result<usize>> {
         loop {
             self.buf.clear();
-            match self.reader.read_until(b'\n', &mut self.buf) {
+            match read_line(&mut self.reader, &mut self.buf) {
                 Ok(0) => return None,
                 Ok(_) => {}
                 Err(e) => return Some(Err(DataError::io(&self.path, e))),
@@ -503,11 +507,6 @@ impl JsonlSource {
             return Some(Ok(self.line));
         }
     }
-
-    /// The line `next_line` read.
-    fn current_line(&self) -> &[u8] {
-        &self.buf
-    }
 }
 
 impl Source for JsonlSource {
@@ -521,6 +520,28 @@ impl Source for JsonlSource {
 
     fn as_jsonl(&mut self) -> Option<&mut JsonlSource> {
         Some(self)
+    }
+}
+
+/// `BufRead::read_until(b'\n')` with the vectorised memchr; the number of bytes read.
+fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut read = 0;
+    loop {
+        let avail = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let (done, used) = match memchr::memchr(b'\n', avail) {
+            Some(i) => (true, i + 1),
+            None => (avail.is_empty(), avail.len()),
+        };
+        buf.extend_from_slice(&avail[..used]);
+        reader.consume(used);
+        read += used;
+        if done {
+            return Ok(read);
+        }
     }
 }
 
