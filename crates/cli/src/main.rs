@@ -50,6 +50,9 @@ enum Command {
     Export(commands::export::ExportArgs),
     /// Fine-tune a model on conversations: LoRA (PEFT adapter) or --full; resumable.
     Tune(commands::tune::TuneArgs),
+    /// Score with reward models and measure how far their preferences can be trusted.
+    #[command(subcommand_required = true)]
+    Rm(commands::rm::RmArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -63,6 +66,7 @@ fn main() {
     };
     let result = match cli.command {
         Command::Audit(args) => commands::audit::run(args),
+        Command::Rm(args) => commands::rm::run(args),
         Command::Tune(args) => commands::tune::run(args),
         Command::Quickstart(args) => commands::quickstart::run(args),
         Command::Transform(args) => commands::transform::run(args),

@@ -9,6 +9,7 @@ pub mod merge;
 pub mod prompts;
 pub mod quickstart;
 pub mod report;
+pub mod rm;
 pub mod serve;
 pub mod study;
 pub mod transform;
