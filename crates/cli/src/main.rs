@@ -48,6 +48,16 @@ enum Command {
     Report(commands::report::ReportArgs),
     /// Write a study's dataset variants and training configs for LLaMA-Factory or Axolotl.
     Export(commands::export::ExportArgs),
+    /// Judge (prompt, response) rows: refusal or compliance, with a score (resumable).
+    Judge(commands::judge::JudgeCmdArgs),
+    /// Check a judge against human refusal labels (PyRIT's files) or against another judge.
+    JudgeEval(commands::judge_eval::JudgeEvalArgs),
+    /// Train the classifier judge's head on this project's labelled responses.
+    Classifier(commands::classifier::ClassifierArgs),
+    /// Evaluate a model on a safety benchmark: generate, judge, metrics with intervals.
+    Eval(commands::eval::EvalArgs),
+    /// Compare two eval runs: differences with bootstrap intervals and McNemar's test.
+    Compare(commands::compare::CompareArgs),
     /// Fine-tune a model on conversations: LoRA (PEFT adapter) or --full; resumable.
     Tune(commands::tune::TuneArgs),
     /// Score with reward models and measure how far their preferences can be trusted.
@@ -73,6 +83,11 @@ fn main() {
         Command::Prompts(args) => commands::prompts::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Judge(args) => commands::judge::run(args),
+        Command::JudgeEval(args) => commands::judge_eval::run(args),
+        Command::Classifier(args) => commands::classifier::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Compare(args) => commands::compare::run(args),
         Command::Study(args) => commands::study::run(args),
         Command::Report(args) => commands::report::run(args),
         Command::Export(args) => commands::export::run(args),

@@ -14,3 +14,8 @@ pub mod serve;
 pub mod study;
 pub mod transform;
 pub mod tune;
+pub mod classifier;
+pub mod compare;
+pub mod eval;
+pub mod judge;
+pub mod judge_eval;

@@ -133,3 +133,111 @@ pub fn normalize_quotes(s: &str) -> String {
     s.replace(['\u{2019}', '\u{2018}', '\u{02bc}'], "'")
         .replace(['\u{201c}', '\u{201d}'], "\"")
 }
+
+/// Which judge to build, with its settings (what `--judge` and its companion flags say).
+#[derive(Debug, Clone)]
+pub struct JudgeSpec {
+    /// `keyword`, `classifier`, `rubric` or `guard`.
+    pub name: String,
+    /// keyword: a phrase file instead of the default list.
+    pub phrases: Option<std::path::PathBuf>,
+    /// classifier: a head file instead of the shipped one.
+    pub head: Option<std::path::PathBuf>,
+    /// rubric/guard: the judge model (local path, hf:, or openai:URL#MODEL); default SmolLM2.
+    pub model: Option<String>,
+    /// guard: prompt format.
+    pub guard_format: guard::GuardFormat,
+    /// guard: how the prompt is sent; default text for local models, conversation for openai:.
+    pub guard_mode: Option<guard::GuardMode>,
+    /// rubric: most tokens of a judge reply.
+    pub max_new_tokens: usize,
+    /// Local judge models: requests decoded together.
+    pub batch_size: usize,
+}
+
+impl JudgeSpec {
+    pub fn named(name: &str) -> JudgeSpec {
+        JudgeSpec {
+            name: name.to_string(),
+            phrases: None,
+            head: None,
+            model: None,
+            guard_format: guard::GuardFormat::LlamaGuard3,
+            guard_mode: None,
+            max_new_tokens: 96,
+            batch_size: 8,
+        }
+    }
+}
+
+pub const JUDGE_NAMES: &[&str] = &["keyword", "classifier", "rubric", "guard"];
+
+/// Builds a judge. LLM judges load their model here (a local model, or a client for openai:).
+pub fn build_judge(spec: &JudgeSpec) -> Result<Box<dyn Judge>> {
+    use crate::error::EvalError;
+    match spec.name.as_str() {
+        "keyword" => Ok(Box::new(match &spec.phrases {
+            Some(p) => keyword::KeywordJudge::from_file(p)?,
+            None => keyword::KeywordJudge::default(),
+        })),
+        "classifier" => {
+            let enc = safetune_model::bert::BertEncoder::load_default()?;
+            let (head, label) = match &spec.head {
+                Some(p) => (
+                    crate::classifier::Head::load(p)?,
+                    format!("classifier:{}", p.display()),
+                ),
+                None => (
+                    crate::classifier::Head::default_head()?,
+                    "classifier".into(),
+                ),
+            };
+            Ok(Box::new(crate::classifier::ClassifierJudge::new(
+                enc, head, label,
+            )?))
+        }
+        "rubric" | "guard" => {
+            let model = match &spec.model {
+                Some(m) => m.clone(),
+                None => safetune_data::assets::asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")?
+                    .display()
+                    .to_string(),
+            };
+            let mspec = safetune_model::ModelSpec::parse(&model)?;
+            let remote = model.starts_with("openai:");
+            let load = safetune_model::LoadOptions {
+                batch_size: spec.batch_size.max(1),
+                ..Default::default()
+            };
+            let client = safetune_openai::ClientConfig {
+                concurrency: spec.batch_size.max(1),
+                ..Default::default()
+            };
+            let generator = safetune_openai::load_generator(&mspec, &load, &client)?;
+            if spec.name == "rubric" {
+                Ok(Box::new(rubric::RubricJudge::new(
+                    generator,
+                    rubric::RubricOptions {
+                        max_new_tokens: spec.max_new_tokens,
+                        ..Default::default()
+                    },
+                )))
+            } else {
+                let mode = spec.guard_mode.unwrap_or(if remote {
+                    guard::GuardMode::Conversation
+                } else {
+                    guard::GuardMode::Text
+                });
+                Ok(Box::new(guard::GuardJudge::new(
+                    generator,
+                    spec.guard_format,
+                    mode,
+                )))
+            }
+        }
+        other => Err(EvalError::Other(format!(
+            "unknown judge `{other}` (expected one of {})",
+            JUDGE_NAMES.join(", ")
+        ))),
+    }
+}

@@ -1,0 +1,66 @@
+//! `safetune classifier train`: fits the classifier judge's head on this project's own labelled
+//! responses (never on PyRIT's refusal files).
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use safetune_eval::classifier::{train_head, training_set, TrainOptions};
+use safetune_model::bert::BertEncoder;
+
+#[derive(Debug, Args)]
+pub struct ClassifierArgs {
+    #[command(subcommand)]
+    pub command: ClassifierCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClassifierCommand {
+    /// Train a refusal head: data/refusals.jsonl, data/judge_train.jsonl, demo-set answers, and
+    /// optional model generations (taken as compliance unless the keyword list flags them).
+    Train {
+        /// `safetune generate` output on the TRAIN split of harmful prompts (repeatable).
+        #[arg(long, value_name = "FILE.jsonl")]
+        generations: Vec<PathBuf>,
+        /// Where to write the head (JSON).
+        #[arg(long, short, value_name = "HEAD.json")]
+        output: PathBuf,
+        #[arg(long, default_value_t = 3000)]
+        epochs: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        l2: f32,
+    },
+}
+
+pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
+    match args.command {
+        ClassifierCommand::Train {
+            generations,
+            output,
+            epochs,
+            l2,
+        } => {
+            let gens: Vec<&std::path::Path> = generations.iter().map(|p| p.as_path()).collect();
+            let ex = training_set(&gens)?;
+            let r = ex.iter().filter(|e| e.refusal).count();
+            eprintln!(
+                "{} examples: {r} refusal, {} compliance",
+                ex.len(),
+                ex.len() - r
+            );
+            let enc = BertEncoder::load_default()?;
+            let opts = TrainOptions {
+                epochs,
+                l2,
+                ..Default::default()
+            };
+            let head = train_head(&enc, &ex, &opts)?;
+            head.save(&output)?;
+            println!(
+                "wrote {} (train accuracy {})",
+                output.display(),
+                head.training["train_accuracy"]
+            );
+            Ok(())
+        }
+    }
+}
