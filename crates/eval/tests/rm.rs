@@ -440,6 +440,13 @@ fn analysis_matches_hand_computed_figures() {
     for i in h.items.iter_mut() {
         i.score *= 2.0;
     }
+    // Two files of one RM are merged, not compared.
+    let (mut f1, mut f2) = (f.clone(), f.clone());
+    f1.items.truncate(3);
+    f2.items.drain(..3);
+    let r = analyze(&[f1, f2], None, &opts).unwrap();
+    assert!(r.rm_agreement.is_none());
+    assert_eq!(r.n_items, 6);
     let r = analyze(&[f.clone(), g.clone()], None, &opts).unwrap();
     // Two raters in exact reverse order: every rank sum is n + 1, so W = 0.
     assert_eq!(r.rm_agreement.unwrap().kendall_w, Some(0.0));

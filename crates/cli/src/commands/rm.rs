@@ -99,7 +99,8 @@ pub struct ScoreArgs {
 
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
-    /// Scores from `rm score` (repeat to compare RMs; the first is analysed in full).
+    /// Scores from `rm score` (repeat: files of the same RM, e.g. one per variant, are merged;
+    /// several RMs are compared, the first analysed in full).
     #[arg(long, value_name = "SCORES.jsonl", required = true)]
     pub scores: Vec<PathBuf>,
 

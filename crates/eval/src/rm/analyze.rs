@@ -231,12 +231,31 @@ impl Default for AnalyzeOptions {
     }
 }
 
-/// Analyses `scores[0]` (and, with more files, agreement among all of them).
+/// Merges score files of the same RM (e.g. one file per dataset variant), keeping first-seen
+/// order of the RMs.
+pub fn merge_by_rm(files: &[ScoreFile]) -> Vec<ScoreFile> {
+    let mut out: Vec<ScoreFile> = Vec::new();
+    for f in files {
+        match out.iter_mut().find(|o| o.rm == f.rm) {
+            Some(o) => {
+                o.items.extend(f.items.iter().cloned());
+                o.pairs.extend(f.pairs.iter().cloned());
+            }
+            None => out.push(f.clone()),
+        }
+    }
+    out
+}
+
+/// Analyses the first RM's scores (and, with several RMs, agreement among them). Files of the
+/// same RM are merged first (see [`merge_by_rm`]).
 pub fn analyze(
     scores: &[ScoreFile],
     results: Option<&[VariantSafety]>,
     opts: &AnalyzeOptions,
 ) -> Result<RmReliability> {
+    let merged = merge_by_rm(scores);
+    let scores = merged.as_slice();
     let main = scores
         .first()
         .ok_or_else(|| RmError::Other("no scores file given".into()))?;
