@@ -19,6 +19,7 @@ pub mod hash;
 pub mod plan;
 pub mod quickstart;
 pub mod report;
+pub mod rm_stage;
 pub mod runner;
 pub mod stages;
 pub mod step;

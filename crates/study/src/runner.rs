@@ -209,8 +209,8 @@ pub fn missing(kind: StepKind) -> StageError {
             "tune with `safetune export --to llama-factory|axolotl`, then list the tuned checkpoints as [[models]] (for instance openai: endpoints of a vLLM server) and drop [align]/[tune]",
         ),
         StepKind::Score | StepKind::Select => (
-            "reward-model scoring (safetune-eval rm) is not wired into the study runner yet",
-            "remove [[reward_models]] and [selection] from the config for now",
+            "RM-guided selection (safetune-eval rm select) is not wired into the study runner yet",
+            "remove [selection] from the config for now; [[reward_models]] scoring works",
         ),
         StepKind::Judge => (
             "this judge kind is not available",

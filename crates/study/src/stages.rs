@@ -38,6 +38,10 @@ pub fn builtin_registry() -> Registry {
         .with(StepKind::Judge, Arc::new(KeywordJudgeStage))
         .with(StepKind::Align, Arc::new(crate::train_stage::TrainStage))
         .with(StepKind::Tune, Arc::new(crate::train_stage::TrainStage))
+        .with(
+            StepKind::Score,
+            Arc::new(crate::rm_stage::ScoreStage::new()),
+        )
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StageError + '_ {

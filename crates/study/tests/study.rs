@@ -145,6 +145,58 @@ impl Stage for FakeModelJudge {
     }
 }
 
+/// A reward model for the real score stage: the response length / 10; counts inputs.
+struct LenRm(Arc<AtomicUsize>);
+
+impl safetune_eval::rm::RewardModel for LenRm {
+    fn name(&self) -> &str {
+        "len"
+    }
+    fn max_batch(&self) -> usize {
+        4
+    }
+    fn score(&self, inputs: &[safetune_eval::rm::RmInput]) -> safetune_eval::rm::Result<Vec<f64>> {
+        self.0.fetch_add(inputs.len(), Ordering::SeqCst);
+        assert!(inputs
+            .iter()
+            .all(|i| i.prompt_text().contains("question number")));
+        Ok(inputs
+            .iter()
+            .map(|i| i.response.len() as f64 / 10.0)
+            .collect())
+    }
+}
+
+#[test]
+fn the_score_stage_scores_every_generation_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "");
+    let dir = tmp.path().join("study");
+    let scored = Arc::new(AtomicUsize::new(0));
+    let s2 = scored.clone();
+    let opener: Arc<safetune_study::rm_stage::RmOpener> = Arc::new(move |spec: &str| {
+        assert_eq!(spec, "openai:http://127.0.0.1:9/v1#rm");
+        Ok(Arc::new(LenRm(s2.clone())) as Arc<dyn safetune_eval::rm::RewardModel>)
+    });
+    let (reg, _) = registry(None);
+    let reg = reg.with(
+        StepKind::Score,
+        Arc::new(safetune_study::rm_stage::ScoreStage::with_opener(opener)),
+    );
+    let first = run(&cfg, &dir, &reg);
+    assert_eq!(first.failed, vec![]);
+    assert_eq!(scored.load(Ordering::SeqCst), 5 * (9 + 6));
+    let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    assert_eq!(store.count_rows("scores", None).unwrap(), 75);
+    drop(store);
+    run(&cfg, &dir, &reg);
+    assert_eq!(scored.load(Ordering::SeqCst), 75, "nothing scored twice");
+    let (results, _) = write_report(&dir).unwrap();
+    let (refusal, compliance) = results.rm_by_verdict["rm"];
+    // Refusals ("I cannot help with that.") are shorter than the compliances here.
+    assert!(refusal.unwrap() < compliance.unwrap());
+}
+
 /// Reward model: the response length.
 struct FakeRm;
 
