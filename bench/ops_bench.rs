@@ -19,6 +19,9 @@ const D: usize = 64;
 const I: usize = 1536;
 const V: usize = 49152;
 
+type AttnFn = dyn Fn(&Tensor, &Tensor, &Tensor, f64, Option<&Tensor>) -> Result<Tensor>;
+type CeFn = dyn Fn(&Tensor, &Tensor, i64) -> Result<(Tensor, usize)>;
+
 fn randn(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -104,7 +107,7 @@ fn main() -> Result<()> {
     let k = var(&[B, T, K, D], 7);
     let v = var(&[B, T, K, D], 8);
     let mask = Tensor::zeros((B, 1, T, T), DType::F32, &Device::Cpu)?;
-    let run = |f: &dyn Fn(&Tensor, &Tensor, &Tensor, f64, Option<&Tensor>) -> Result<Tensor>| {
+    let run = |f: &AttnFn| {
         time(reps, || {
             let kt = k.as_tensor().transpose(1, 2)?;
             let vt = v.as_tensor().transpose(1, 2)?;
@@ -149,7 +152,7 @@ fn main() -> Result<()> {
         })
         .collect();
     let targets = Tensor::from_vec(tg, n, &Device::Cpu)?;
-    let run = |f: &dyn Fn(&Tensor, &Tensor, i64) -> Result<(Tensor, usize)>| {
+    let run = |f: &CeFn| {
         time(reps, || {
             let (s, _) = f(logits.as_tensor(), &targets, -100)?;
             s.backward()?;

@@ -80,6 +80,9 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
+/// d loss / d hidden (N, C) and d loss / d weight (V, C), when wanted.
+pub(crate) type HeadGrads = (Option<Vec<f32>>, Option<Vec<f32>>);
+
 /// Summed cross-entropy of hidden (N, C) @ weight (V, C)^T, `chunk` kept rows at a time.
 /// Ignored rows are skipped entirely (no logits computed for them). When gradients are wanted
 /// they are computed during the forward pass (d loss / d hidden, and d loss / d weight if
@@ -89,7 +92,7 @@ pub(crate) struct LmHeadCe {
     pub chunk: usize,
     pub want_h: bool,
     pub want_w: bool,
-    pub grads: Mutex<(Option<Vec<f32>>, Option<Vec<f32>>)>,
+    pub grads: Mutex<HeadGrads>,
 }
 
 impl CustomOp2 for LmHeadCe {
