@@ -48,8 +48,13 @@ fn lines(p: &Path) -> Vec<Value> {
 fn seq_cls_scoring_resumes_after_a_kill() {
     let dir = tempfile::tempdir().unwrap();
     let rm_dir = dir.path().join("rm");
-    write_tiny_seq_cls(&rm_dir, &TinyModel::default(), "LlamaForSequenceClassification", 1)
-        .unwrap();
+    write_tiny_seq_cls(
+        &rm_dir,
+        &TinyModel::default(),
+        "LlamaForSequenceClassification",
+        1,
+    )
+    .unwrap();
     let opts = RmOptions {
         batch_size: 2,
         ..Default::default()
@@ -59,7 +64,14 @@ fn seq_cls_scoring_resumes_after_a_kill() {
     let task = load_task(&data, &ReadOptions::default(), None, None).unwrap();
     assert_eq!(task.kind(), "pairs");
     let full = dir.path().join("full.jsonl");
-    let p = run_scoring(rm.as_ref(), &task, &full, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    let p = run_scoring(
+        rm.as_ref(),
+        &task,
+        &full,
+        &ScoreOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!((p.done, p.skipped), (5, 0));
     let rows = lines(&full);
     assert_eq!(rows.len(), 5);
@@ -71,11 +83,22 @@ fn seq_cls_scoring_resumes_after_a_kill() {
     // A kill after two rows, with the third cut mid-line.
     let text = std::fs::read_to_string(&full).unwrap();
     let keep: Vec<&str> = text.lines().take(3).collect();
-    let cut = format!("{}\n{}\n{}", keep[0], keep[1], &keep[2][..keep[2].len() / 2]);
+    let cut = format!(
+        "{}\n{}\n{}",
+        keep[0],
+        keep[1],
+        &keep[2][..keep[2].len() / 2]
+    );
     let resumed = dir.path().join("resumed.jsonl");
     std::fs::write(&resumed, cut).unwrap();
-    let p =
-        run_scoring(rm.as_ref(), &task, &resumed, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    let p = run_scoring(
+        rm.as_ref(),
+        &task,
+        &resumed,
+        &ScoreOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!((p.skipped, p.done), (2, 3));
     let mut a = lines(&full);
     let mut b = lines(&resumed);
@@ -84,8 +107,14 @@ fn seq_cls_scoring_resumes_after_a_kill() {
     b.sort_by_key(key);
     assert_eq!(a, b, "a resumed run writes what an uninterrupted one does");
     // A third run has nothing to do.
-    let p =
-        run_scoring(rm.as_ref(), &task, &resumed, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    let p = run_scoring(
+        rm.as_ref(),
+        &task,
+        &resumed,
+        &ScoreOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!((p.skipped, p.done), (5, 0));
     // Read back for analysis.
     let f = read_scores(&resumed).unwrap();
@@ -119,8 +148,14 @@ fn implicit_reward_of_a_model_against_itself_is_zero() {
         beta: 0.5,
         ..Default::default()
     };
-    let s = open_rm(&spec(&a, &b), &half).unwrap().score(&[input.clone()]).unwrap()[0];
-    let swapped = open_rm(&spec(&b, &a), &half).unwrap().score(&[input]).unwrap()[0];
+    let s = open_rm(&spec(&a, &b), &half)
+        .unwrap()
+        .score(&[input.clone()])
+        .unwrap()[0];
+    let swapped = open_rm(&spec(&b, &a), &half)
+        .unwrap()
+        .score(&[input])
+        .unwrap()[0];
     assert!(s.abs() > 1e-3);
     assert!(
         (s + swapped).abs() < 1e-9,
@@ -273,7 +308,10 @@ fn pooling_endpoint_with_a_retry() {
     let (path, body) = &bodies[2];
     assert_eq!(path, "/pooling");
     assert_eq!(body["model"], "my-rm");
-    assert_eq!(body["messages"][0], json!({"role": "user", "content": "Hi?"}));
+    assert_eq!(
+        body["messages"][0],
+        json!({"role": "user", "content": "Hi?"})
+    );
     assert_eq!(body["messages"][1]["role"], "assistant");
 }
 
@@ -327,7 +365,10 @@ fn a_failing_endpoint_keeps_finished_rows_and_a_rerun_resumes() {
     let e = run_scoring(rm.as_ref(), &task, &out, &opts, &mut |_| {})
         .unwrap_err()
         .to_string();
-    assert!(e.contains("3 of 6 rows finished") && e.contains("rerun"), "{e}");
+    assert!(
+        e.contains("3 of 6 rows finished") && e.contains("rerun"),
+        "{e}"
+    );
     assert_eq!(lines(&out).len(), 3);
     let fake = fake_server(None);
     let rm = open_rm(&format!("pooling:{}#rm", fake.url), &fast()).unwrap();
@@ -482,7 +523,10 @@ fn results_files_in_three_layouts_and_errors() {
     let s = dir.path().join("s.jsonl");
     std::fs::write(&s, "{\"id\": \"x\", \"score\": \"high\"}\n").unwrap();
     let e = read_scores(&s).unwrap_err().to_string();
-    assert!(e.contains("s.jsonl:1: field `score`: expected a number"), "{e}");
+    assert!(
+        e.contains("s.jsonl:1: field `score`: expected a number"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -538,7 +582,14 @@ fn item_labels_and_variants_round_trip_through_scoring() {
     assert_eq!((v[0].label, v[1].label), (Some(true), Some(false)));
     let rm = open_rm(rm_dir.to_str().unwrap(), &RmOptions::default()).unwrap();
     let out = dir.path().join("s.jsonl");
-    run_scoring(rm.as_ref(), &task, &out, &ScoreOptions::default(), &mut |_| {}).unwrap();
+    run_scoring(
+        rm.as_ref(),
+        &task,
+        &out,
+        &ScoreOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
     let f = read_scores(&out).unwrap();
     assert_eq!(f.items.len(), 2);
     assert_eq!(f.items[0].variant.as_deref(), Some("plain"));
