@@ -117,7 +117,7 @@ impl ClassifierJudge {
     pub fn new(encoder: BertEncoder, head: Head, label: impl Into<String>) -> Result<Self> {
         if head.weights.len() != encoder.cfg.hidden_size + 1 {
             return Err(EvalError::Other(format!(
-                "classifier head has {} weights but the encoder gives {} dimensions",
+                "classifier head has {} weights; this encoder needs {} (embedding + relevance)",
                 head.weights.len(),
                 encoder.cfg.hidden_size + 1
             )));
