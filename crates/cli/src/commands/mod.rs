@@ -1,10 +1,15 @@
 //! One module per subcommand: its clap arguments (doc comments are the help text) and a `run`.
 
 pub mod audit;
+pub mod classifier;
 pub mod common;
-pub mod export;
+pub mod compare;
 pub mod debug_logits;
+pub mod eval;
+pub mod export;
 pub mod generate;
+pub mod judge;
+pub mod judge_eval;
 pub mod merge;
 pub mod prompts;
 pub mod quickstart;
@@ -14,8 +19,3 @@ pub mod serve;
 pub mod study;
 pub mod transform;
 pub mod tune;
-pub mod classifier;
-pub mod compare;
-pub mod eval;
-pub mod judge;
-pub mod judge_eval;
