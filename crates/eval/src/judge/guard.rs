@@ -14,7 +14,7 @@ use safetune_model::{GenRequest, Generator, Prompt, Sampling};
 
 use super::rubric::cut;
 use super::{Judge, JudgeInput, Judgment, ParseStatus, Verdict};
-use crate::error::{EvalError, Result};
+use crate::error::Result;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardFormat {
@@ -206,14 +206,7 @@ impl Judge for GuardJudge {
     }
     fn judge(&self, items: &[JudgeInput]) -> Result<Vec<Judgment>> {
         let requests: Vec<GenRequest> = items.iter().map(|i| self.request(i)).collect();
-        let outs = self
-            .generator
-            .generate(&requests)
-            .map_err(|e| EvalError::Judge {
-                judge: self.name(),
-                message: e.to_string(),
-            })?;
-        Ok(outs.iter().map(|o| parse_guard(&o.text)).collect())
+        super::judge_with_model(self, self.generator.as_ref(), &requests, parse_guard)
     }
     fn batch_size(&self) -> usize {
         self.generator.max_batch().max(1)

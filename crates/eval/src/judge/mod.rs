@@ -128,6 +128,23 @@ pub trait Judge: Send + Sync {
     }
 }
 
+/// Runs an LLM-backed judge: one request per input through `generator`, each reply parsed by
+/// `parse`. A backend failure is the judge's error; an unreadable reply is `parse`'s business.
+pub(crate) fn judge_with_model(
+    judge: &dyn Judge,
+    generator: &dyn safetune_model::Generator,
+    requests: &[safetune_model::GenRequest],
+    parse: impl Fn(&str) -> Judgment,
+) -> Result<Vec<Judgment>> {
+    let outs = generator
+        .generate(requests)
+        .map_err(|e| crate::error::EvalError::Judge {
+            judge: judge.name(),
+            message: e.to_string(),
+        })?;
+    Ok(outs.iter().map(|o| parse(&o.text)).collect())
+}
+
 /// Normalises typographic apostrophes and quotes so phrase and pattern matching sees one form.
 pub fn normalize_quotes(s: &str) -> String {
     s.replace(['\u{2019}', '\u{2018}', '\u{02bc}'], "'")
