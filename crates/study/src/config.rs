@@ -204,10 +204,28 @@ pub struct BenchmarkConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JudgeKind {
-    /// Refusal phrases (built in; a baseline).
+    /// Refusal phrases (built in, or a phrase file in `settings.phrases`; a baseline).
     Keyword,
-    /// An LLM judge served by `spec` (safetune-eval).
-    Model,
+    /// The refusal classifier (MiniLM features and the shipped head, or `settings.head`).
+    Classifier,
+    /// An LLM rubric judge: the model at `spec` (default: SmolLM2 from the assets). `model` is
+    /// accepted as another name for it.
+    #[serde(alias = "model")]
+    Rubric,
+    /// A guard model at `spec` (Llama Guard 3 or MD-Judge prompt formats, `settings.guard_format`).
+    Guard,
+}
+
+impl JudgeKind {
+    /// The judge's name in safetune-eval (`--judge` of `safetune judge`).
+    pub fn eval_name(self) -> &'static str {
+        match self {
+            JudgeKind::Keyword => "keyword",
+            JudgeKind::Classifier => "classifier",
+            JudgeKind::Rubric => "rubric",
+            JudgeKind::Guard => "guard",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -476,11 +494,13 @@ impl StudyConfig {
                     format!("`{}` appears twice", j.name),
                 ));
             }
-            if j.kind == JudgeKind::Model && j.spec.is_none() {
-                return Err(bad(
-                    &format!("judges[{i}].spec"),
-                    "a `model` judge needs a spec".into(),
-                ));
+            if let Err(e) = crate::judge_stage::judge_spec(
+                j.kind,
+                j.spec.as_deref(),
+                &serde_json::to_value(&j.settings).unwrap_or_default(),
+            ) {
+                let (field, message) = e.split_once(": ").unwrap_or(("settings", e.as_str()));
+                return Err(bad(&format!("judges[{i}].{field}"), message.to_string()));
             }
         }
         for (i, r) in self.reward_models.iter().enumerate() {

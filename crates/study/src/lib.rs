@@ -5,8 +5,9 @@
 //!   levels, selections, benchmarks, judges and reward models);
 //! - [`step`]: step kinds, typed settings and outputs, the [`step::Stage`] trait and the
 //!   [`step::Registry`] other crates plug their stages into;
-//! - [`stages`]: the stages implemented here (transform, mix, alignment set, audit, generate,
-//!   keyword judge);
+//! - [`stages`]: the stages implemented here (transform, mix, alignment set, audit, generate);
+//! - [`judge_stage`], [`rm_stage`], [`train_stage`]: judges, reward models and training from the
+//!   eval and train crates;
 //! - [`store`]: the SQLite store (WAL; rows committed as they finish);
 //! - [`runner`]: keyed, resumable execution of a plan;
 //! - [`report`]: report.html (inline SVG), summary.md, results.json;
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod export;
 pub mod hash;
+pub mod judge_stage;
 pub mod plan;
 pub mod quickstart;
 pub mod report;
