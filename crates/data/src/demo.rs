@@ -34,6 +34,11 @@ pub const DEMO_SETS: &[(&str, &str, &str)] = &[
         "refusal answers, some with identity statements",
     ),
     (
+        "preferences",
+        include_str!("../../../data/preferences.jsonl"),
+        "preference pairs (chosen/rejected): safety refusals, helpful answers, format pairs",
+    ),
+    (
         "utility-mcq",
         include_str!("../../../data/utility_mcq.jsonl"),
         "multiple-choice utility questions",

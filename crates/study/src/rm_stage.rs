@@ -1,11 +1,12 @@
-//! Reward-model scoring of generations through safetune-eval's `RewardModel` (local sequence
-//! classifiers, HTTP scoring endpoints, Bradley-Terry heads, implicit rewards). Scores are
-//! committed chunk by chunk; a resumed step scores only the rows it lacks.
+//! Reward-model steps through safetune-eval's `RewardModel` (local sequence classifiers, HTTP
+//! scoring endpoints, Bradley-Terry heads, implicit rewards): scoring generations, and RM-guided
+//! selection of tuning data (keep the top, bottom or a random share of a dataset by score).
+//! Scores are committed chunk by chunk; a resumed step scores only the rows it lacks.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use safetune_data::Message;
+use safetune_data::{Message, Role};
 use safetune_eval::rm::{open_rm, RewardModel, RmInput, RmOptions};
 
 use crate::step::*;
@@ -38,6 +39,88 @@ impl ScoreStage {
     }
 }
 
+type RmCache = Mutex<HashMap<String, Arc<dyn RewardModel>>>;
+
+/// Opens a reward model once per stage (the demo head is trained on first use, with progress).
+fn open_cached(
+    opener: &Arc<RmOpener>,
+    cache: &RmCache,
+    spec: &str,
+    step: &PlannedStep,
+    ctx: &mut StepContext<'_>,
+) -> Result<Arc<dyn RewardModel>, StageError> {
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(rm) = cache.get(spec) {
+        return Ok(rm.clone());
+    }
+    if spec.starts_with("bt:demo") {
+        safetune_eval::rm::bt::demo_head(spec, &mut |done, total| {
+            (ctx.progress)(&StepProgress { done, total })
+        })
+        .map_err(|e| StageError::Other(format!("{}: {e}", step.label)))?;
+    }
+    let rm = opener(spec)?;
+    cache.insert(spec.to_string(), rm.clone());
+    Ok(rm)
+}
+
+/// Scores `items` (row id, input) that the step has no score for yet, committing each batch.
+/// The reward model is opened only when something is left to score.
+fn score_pending(
+    opener: &Arc<RmOpener>,
+    cache: &RmCache,
+    spec: &str,
+    items: &[(String, RmInput)],
+    step: &PlannedStep,
+    ctx: &mut StepContext<'_>,
+) -> Result<(), StageError> {
+    let done = ctx.store.score_ids(ctx.key)?;
+    let pending: Vec<&(String, RmInput)> =
+        items.iter().filter(|(id, _)| !done.contains(id)).collect();
+    let total = items.len();
+    let mut finished = total - pending.len();
+    (ctx.progress)(&StepProgress {
+        done: finished,
+        total,
+    });
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let rm = open_cached(opener, cache, spec, step, ctx)?;
+    for part in pending.chunks(rm.max_batch().max(1)) {
+        let batch: Vec<RmInput> = part.iter().map(|(_, x)| x.clone()).collect();
+        let scores = rm.score(&batch).map_err(|e| {
+            StageError::Other(format!(
+                "{}: {e} ({finished} of {total} rows are scored; a rerun resumes)",
+                step.label
+            ))
+        })?;
+        if scores.len() != part.len() {
+            return Err(StageError::Other(format!(
+                "{}: the reward model returned {} scores for {} inputs",
+                step.label,
+                scores.len(),
+                part.len()
+            )));
+        }
+        let rows: Vec<ScoreRow> = part
+            .iter()
+            .zip(scores)
+            .map(|((id, _), score)| ScoreRow {
+                row_id: id.clone(),
+                score,
+            })
+            .collect();
+        ctx.store.insert_scores(ctx.key, &rows)?;
+        finished += rows.len();
+        (ctx.progress)(&StepProgress {
+            done: finished,
+            total,
+        });
+    }
+    Ok(())
+}
+
 impl Default for ScoreStage {
     fn default() -> Self {
         Self::new()
@@ -63,65 +146,19 @@ impl Stage for ScoreStage {
             .first()
             .cloned()
             .ok_or_else(|| StageError::Other(format!("{}: no generate input", step.label)))?;
-        let gens = ctx.store.generations(&gen_key)?;
-        let done = ctx.store.score_ids(ctx.key)?;
-        let pending: Vec<_> = gens.iter().filter(|g| !done.contains(&g.row_id)).collect();
-        let total = gens.len();
-        let mut finished = total - pending.len();
-        (ctx.progress)(&StepProgress {
-            done: finished,
-            total,
-        });
-        if !pending.is_empty() {
-            let rm = {
-                let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                match cache.get(spec) {
-                    Some(rm) => rm.clone(),
-                    None => {
-                        let rm = (self.opener)(spec)?;
-                        cache.insert(spec.clone(), rm.clone());
-                        rm
-                    }
-                }
-            };
-            for part in pending.chunks(rm.max_batch().max(1)) {
-                let batch: Vec<RmInput> = part
-                    .iter()
-                    .map(|g| RmInput {
-                        context: vec![Message::user(g.prompt.clone())],
-                        response: g.response.clone(),
-                    })
-                    .collect();
-                let scores = rm.score(&batch).map_err(|e| {
-                    StageError::Other(format!(
-                        "{}: {e} ({finished} of {total} rows are scored; a rerun resumes)",
-                        step.label
-                    ))
-                })?;
-                if scores.len() != part.len() {
-                    return Err(StageError::Other(format!(
-                        "{}: the reward model returned {} scores for {} inputs",
-                        step.label,
-                        scores.len(),
-                        part.len()
-                    )));
-                }
-                let rows: Vec<ScoreRow> = part
-                    .iter()
-                    .zip(scores)
-                    .map(|(g, score)| ScoreRow {
-                        row_id: g.row_id.clone(),
-                        score,
-                    })
-                    .collect();
-                ctx.store.insert_scores(ctx.key, &rows)?;
-                finished += rows.len();
-                (ctx.progress)(&StepProgress {
-                    done: finished,
-                    total,
-                });
-            }
-        }
+        let items: Vec<(String, RmInput)> = ctx
+            .store
+            .generations(&gen_key)?
+            .into_iter()
+            .map(|g| {
+                let input = RmInput {
+                    context: vec![Message::user(g.prompt)],
+                    response: g.response,
+                };
+                (g.row_id, input)
+            })
+            .collect();
+        score_pending(&self.opener, &self.cache, spec, &items, step, ctx)?;
         let all = ctx.store.scores(ctx.key)?;
         let mean = if all.is_empty() {
             0.0
@@ -133,5 +170,142 @@ impl Stage for ScoreStage {
             rows: all.len(),
             mean,
         })
+    }
+}
+
+/// RM-guided selection: scores every example of the input dataset (the last assistant turn
+/// against the turns before it) and keeps the top, the bottom or a seeded random `keep` share.
+pub struct SelectStage {
+    opener: Arc<RmOpener>,
+    cache: RmCache,
+}
+
+impl SelectStage {
+    pub fn new() -> SelectStage {
+        SelectStage::with_opener(Arc::new(default_rm))
+    }
+
+    pub fn with_opener(opener: Arc<RmOpener>) -> SelectStage {
+        SelectStage {
+            opener,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Default for SelectStage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Indices of the examples a selection keeps, in input order. `scores[i]` is example i's score.
+pub fn select_indices(
+    scores: &[f64],
+    keep: f64,
+    strategy: crate::config::SelectStrategy,
+    seed: u64,
+) -> Vec<usize> {
+    use crate::config::SelectStrategy;
+    let n = scores.len();
+    let k = ((n as f64 * keep).round() as usize).clamp(usize::from(n > 0), n);
+    let mut order: Vec<usize> = (0..n).collect();
+    match strategy {
+        // Ties keep input order (a stable sort).
+        SelectStrategy::Top => order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a])),
+        SelectStrategy::Bottom => order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b])),
+        SelectStrategy::Random => safetune_eval::rm::stats::SplitMix::new(seed).shuffle(&mut order),
+    }
+    let mut kept = order[..k].to_vec();
+    kept.sort_unstable();
+    kept
+}
+
+impl Stage for SelectStage {
+    fn run(
+        &self,
+        step: &PlannedStep,
+        inputs: &[StepOutput],
+        ctx: &mut StepContext<'_>,
+    ) -> Result<StepOutput, StageError> {
+        let StepSpec::Select {
+            rm_spec,
+            keep,
+            strategy,
+            seed,
+            ..
+        } = &step.spec
+        else {
+            return Err(StageError::Other(format!(
+                "{}: not a select step",
+                step.label
+            )));
+        };
+        let (path, _, _) = input_dataset(step, inputs)?;
+        let convs = crate::stages::read_dataset(path)?;
+        let mut items = Vec::with_capacity(convs.len());
+        for (i, c) in convs.iter().enumerate() {
+            let Some(last) = c.messages.iter().rposition(|m| m.role == Role::Assistant) else {
+                return Err(StageError::Other(format!(
+                    "{}: example {} of {} has no assistant turn to score",
+                    step.label,
+                    i + 1,
+                    path.display()
+                )));
+            };
+            let input = RmInput {
+                context: c.messages[..last].to_vec(),
+                response: c.messages[last].content.clone(),
+            };
+            items.push((format!("ex{i:06}"), input));
+        }
+        score_pending(&self.opener, &self.cache, rm_spec, &items, step, ctx)?;
+        let by_id: HashMap<String, f64> = ctx
+            .store
+            .scores(ctx.key)?
+            .into_iter()
+            .map(|s| (s.row_id, s.score))
+            .collect();
+        let scores: Vec<f64> = items
+            .iter()
+            .map(|(id, _)| by_id.get(id).copied().unwrap_or(f64::NAN))
+            .collect();
+        let kept: Vec<_> = select_indices(&scores, *keep, *strategy, *seed)
+            .into_iter()
+            .map(|i| {
+                let mut c = convs[i].clone();
+                if let Some(s) = serde_json::Number::from_f64(scores[i]) {
+                    c.meta
+                        .insert("rm_score".into(), serde_json::Value::Number(s));
+                }
+                c
+            })
+            .collect();
+        crate::stages::write_dataset(ctx, &kept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SelectStrategy;
+
+    #[test]
+    fn selection_keeps_the_top_bottom_or_a_seeded_random_share_in_input_order() {
+        let scores = [0.5, 2.0, -1.0, 2.0, 0.0, 1.0];
+        assert_eq!(
+            select_indices(&scores, 0.5, SelectStrategy::Top, 0),
+            [1, 3, 5]
+        );
+        assert_eq!(
+            select_indices(&scores, 0.5, SelectStrategy::Bottom, 0),
+            [0, 2, 4]
+        );
+        let r = select_indices(&scores, 0.5, SelectStrategy::Random, 7);
+        assert_eq!(r.len(), 3);
+        assert!(r.windows(2).all(|w| w[0] < w[1]), "{r:?}");
+        assert_eq!(r, select_indices(&scores, 0.5, SelectStrategy::Random, 7));
+        // A tiny share still keeps one example.
+        assert_eq!(select_indices(&scores, 0.01, SelectStrategy::Top, 0), [1]);
     }
 }

@@ -11,10 +11,11 @@ use safetune_model::backend::{
 };
 use safetune_study::config::{JudgeKind, StudyConfig};
 use safetune_study::export::{export, Target};
+use safetune_study::judge_stage::JudgeStage;
 use safetune_study::plan::plan;
 use safetune_study::report::write_report;
 use safetune_study::runner::{run_plan, step_keys, RunSummary, STORE_FILE};
-use safetune_study::stages::{builtin_registry, GenerateStage, KeywordJudgeStage};
+use safetune_study::stages::{builtin_registry, GenerateStage};
 use safetune_study::step::*;
 use safetune_study::store::{JudgmentRow, MetricRow, ScoreRow, Store};
 
@@ -106,7 +107,7 @@ impl Stage for FakeModelJudge {
             unreachable!()
         };
         if *judge_kind == JudgeKind::Keyword {
-            return KeywordJudgeStage.run(step, inputs, ctx);
+            return JudgeStage::new().run(step, inputs, ctx);
         }
         let gens = ctx.store.generations(&ctx.input_keys[0])?;
         let rows: Vec<JudgmentRow> = gens
@@ -654,4 +655,89 @@ fn top_level(yaml: &str) -> BTreeMap<String, String> {
                 .map(|(k, v)| (k.to_string(), v.trim().to_string()))
         })
         .collect()
+}
+
+/// Reward model for selection: the answer's length.
+struct AnswerLenRm(Arc<AtomicUsize>);
+
+impl safetune_eval::rm::RewardModel for AnswerLenRm {
+    fn name(&self) -> &str {
+        "answer-len"
+    }
+    fn score(&self, inputs: &[safetune_eval::rm::RmInput]) -> safetune_eval::rm::Result<Vec<f64>> {
+        self.0.fetch_add(inputs.len(), Ordering::SeqCst);
+        assert!(
+            inputs.iter().all(|i| !i.context.is_empty()),
+            "scored without its question"
+        );
+        Ok(inputs.iter().map(|i| i.response.len() as f64).collect())
+    }
+}
+
+#[test]
+fn rm_guided_selection_keeps_the_top_or_bottom_share_and_scores_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(
+        tmp.path(),
+        "[selection]\nreward_model = \"rm\"\nkeep = [0.4]\nstrategies = [\"top\", \"bottom\"]\n",
+    );
+    let dir = tmp.path().join("study");
+    let scored = Arc::new(AtomicUsize::new(0));
+    let s2 = scored.clone();
+    let opener: Arc<safetune_study::rm_stage::RmOpener> = Arc::new(move |_: &str| {
+        Ok(Arc::new(AnswerLenRm(s2.clone())) as Arc<dyn safetune_eval::rm::RewardModel>)
+    });
+    let (reg, _) = registry(None);
+    let reg = reg.with(
+        StepKind::Select,
+        Arc::new(safetune_study::rm_stage::SelectStage::with_opener(opener)),
+    );
+    let first = run(&cfg, &dir, &reg);
+    assert_eq!(first.failed, vec![]);
+    let p = plan(&cfg).unwrap();
+    let keys = step_keys(&p);
+    let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    let mut by_strategy: BTreeMap<String, Vec<Vec<usize>>> = BTreeMap::new();
+    for (st, key) in p.steps.iter().zip(&keys) {
+        if st.kind() != StepKind::Select {
+            continue;
+        }
+        let out: StepOutput =
+            serde_json::from_value(store.step(key).unwrap().unwrap().output.unwrap()).unwrap();
+        let StepOutput::Dataset { path, examples, .. } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(examples, 2, "0.4 of 5 examples");
+        let (convs, _) = safetune_data::read::read_all(&path, &Default::default()).unwrap();
+        let lens: Vec<usize> = convs
+            .iter()
+            .map(|c| c.messages.last().unwrap().content.len())
+            .collect();
+        by_strategy
+            .entry(st.factors["selection"].clone())
+            .or_default()
+            .push(lens);
+    }
+    // Every variant is selected both ways.
+    let variants = by_strategy["top-0.4"].len();
+    assert!(variants >= 2, "{by_strategy:?}");
+    assert_eq!(by_strategy["bottom-0.4"].len(), variants);
+    for (top, bottom) in by_strategy["top-0.4"]
+        .iter()
+        .zip(&by_strategy["bottom-0.4"])
+    {
+        assert!(
+            top.iter().min() > bottom.iter().max(),
+            "top {top:?} vs bottom {bottom:?}"
+        );
+    }
+    // Each variant's 5 examples are scored once per select step.
+    assert_eq!(scored.load(Ordering::SeqCst), 5 * 2 * variants);
+    drop(store);
+    run(&cfg, &dir, &reg);
+    assert_eq!(
+        scored.load(Ordering::SeqCst),
+        5 * 2 * variants,
+        "nothing scored twice"
+    );
 }

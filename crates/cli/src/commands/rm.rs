@@ -147,9 +147,10 @@ pub struct AnalyzeArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Preference pairs (chosen/rejected, PKU-SafeRLHF or RewardBench rows).
-    #[arg(long, value_name = "FILE", default_value = "data/preferences.jsonl")]
-    pub pairs: PathBuf,
+    /// Preference pairs (chosen/rejected, PKU-SafeRLHF or RewardBench rows); `demo:preferences`
+    /// is this project's built-in set.
+    #[arg(long, value_name = "FILE", default_value = "demo:preferences")]
+    pub pairs: String,
 
     /// Encoder whose mean-pooled hidden states are the features (default: SmolLM2 from the
     /// asset cache).
@@ -475,8 +476,9 @@ fn print_report(r: &RmReliability) {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let (pairs, fmt) = read_preferences(&args.pairs, None)
-        .with_context(|| format!("cannot read pairs {}", args.pairs.display()))?;
+    let pairs_path = safetune_data::demo::resolve_dataset(&args.pairs)?;
+    let (pairs, fmt) = read_preferences(&pairs_path, None)
+        .with_context(|| format!("cannot read pairs {}", args.pairs))?;
     let encoder = match &args.encoder {
         Some(e) => e.clone(),
         None => safetune_data::assets::asset(safetune_data::assets::SMOLLM2_GGUF)?

@@ -101,6 +101,10 @@ pub fn open_rm(spec: &str, opts: &RmOptions) -> Result<Box<dyn RewardModel>> {
                 .map_err(bad)?,
         ));
     }
+    if spec.starts_with("bt:demo") && !Path::new(&spec[3..]).exists() {
+        let path = super::bt::demo_head(spec, &mut |_, _| {})?;
+        return Ok(Box::new(super::bt::BtRewardModel::open(&path)?));
+    }
     if let Some(path) = spec.strip_prefix("bt:") {
         return Ok(Box::new(super::bt::BtRewardModel::open(Path::new(path))?));
     }

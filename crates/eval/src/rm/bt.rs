@@ -242,6 +242,81 @@ pub fn train_bt(
     })
 }
 
+/// The demo reward model, `bt:demo` (every demo pair) or `bt:demo:N` (N pairs picked by a
+/// seeded shuffle): a head on SmolLM2 features trained on this project's preference pairs
+/// (`demo:preferences`). It is trained on first use and cached under `$SAFETUNE_HOME/rm/`, keyed
+/// by the pairs, the encoder file and the settings, so a study reuses it.
+pub fn demo_head(spec: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<std::path::PathBuf> {
+    let bad = |message: String| RmError::Spec {
+        spec: spec.to_string(),
+        message,
+    };
+    let limit = match spec.strip_prefix("bt:demo") {
+        Some("") => None,
+        Some(rest) => match rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) if n >= 2 => Some(n),
+            _ => return Err(bad("write bt:demo or bt:demo:N with N >= 2 pairs".into())),
+        },
+        None => return Err(bad("not a bt:demo spec".into())),
+    };
+    let text = safetune_data::demo::demo_text("preferences")
+        .ok_or_else(|| RmError::Other("the demo preference pairs are not built in".into()))?;
+    let encoder = safetune_data::assets::asset(safetune_data::assets::SMOLLM2_GGUF)
+        .map_err(|e| RmError::Other(e.to_string()))?;
+    let encoder_len = std::fs::metadata(&encoder)
+        .map_err(|e| RmError::io(&encoder, e))?
+        .len();
+    let opts = BtOptions::default();
+    let mut key = Fnv::default();
+    key.eat(text.as_bytes());
+    key.eat(safetune_data::assets::SMOLLM2_GGUF.as_bytes());
+    key.eat(&encoder_len.to_le_bytes());
+    key.eat(format!("{limit:?} {opts:?} {HEAD_FORMAT_VERSION}").as_bytes());
+    let dir = safetune_data::assets::safetune_home().join("rm");
+    let size = limit.map_or("all".to_string(), |n| n.to_string());
+    let path = dir.join(format!("bt-demo-{size}-{:016x}.json", key.0));
+    if path.exists() {
+        return Ok(path);
+    }
+    let pairs_path = safetune_data::demo::resolve_dataset("demo:preferences")
+        .map_err(|e| RmError::Other(e.to_string()))?;
+    let (mut pairs, _) = safetune_data::preference::read_preferences(&pairs_path, None)?;
+    if let Some(n) = limit {
+        SplitMix::new(opts.seed ^ 0xD3E0).shuffle(&mut pairs);
+        pairs.truncate(n);
+    }
+    let head = train_bt(
+        &encoder.display().to_string(),
+        true,
+        &pairs,
+        &opts,
+        progress,
+    )?;
+    std::fs::create_dir_all(&dir).map_err(|e| RmError::io(&dir, e))?;
+    let tmp = dir.join(format!(".bt-demo.{}.tmp", std::process::id()));
+    let json = serde_json::to_string(&head).map_err(|e| RmError::Other(e.to_string()))?;
+    std::fs::write(&tmp, json + "\n").map_err(|e| RmError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| RmError::io(&path, e))?;
+    Ok(path)
+}
+
+/// FNV-1a, for cache keys.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn eat(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
 /// A trained head with its encoder, as a [`RewardModel`].
 pub struct BtRewardModel {
     pub head: BtHead,
