@@ -8,4 +8,5 @@ pub mod labels;
 pub mod metrics;
 pub mod rm;
 pub mod run;
+pub mod utility;
 pub mod validate;

@@ -19,3 +19,4 @@ pub mod serve;
 pub mod study;
 pub mod transform;
 pub mod tune;
+pub mod utility;
