@@ -520,6 +520,30 @@ fn results_files_in_three_layouts_and_errors() {
     .unwrap();
     let e = read_results(&p).unwrap_err().to_string();
     assert!(e.contains("r.jsonl:2: field `safety_rate`: missing"), "{e}");
+    // A study's results.json: tuned conditions with a variant; base and aligned are left out.
+    let p = dir.path().join("results.json");
+    std::fs::write(
+        &p,
+        r#"{"study": "q", "conditions": [
+            {"name": "m base", "factors": {"stage": "base"}, "safety": {"value": 0.0, "count": 0, "total": 16}},
+            {"name": "m tuned markdown seed 0", "factors": {"stage": "tuned", "variant": "markdown", "seed": "0"},
+             "safety": {"value": 0.6875, "count": 11, "total": 16}},
+            {"name": "m tuned original seed 0", "factors": {"stage": "tuned", "variant": "original", "seed": "0"},
+             "safety": {"value": 0.75, "count": 12, "total": 16}}]}"#,
+    )
+    .unwrap();
+    let r = read_results(&p).unwrap();
+    let got: Vec<_> = r
+        .iter()
+        .map(|v| (v.variant.as_str(), v.safety_rate, v.safe, v.total))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("markdown", 0.6875, Some(11), Some(16)),
+            ("original", 0.75, Some(12), Some(16))
+        ]
+    );
     let s = dir.path().join("s.jsonl");
     std::fs::write(&s, "{\"id\": \"x\", \"score\": \"high\"}\n").unwrap();
     let e = read_scores(&s).unwrap_err().to_string();

@@ -47,13 +47,17 @@ pub struct VariantSafety {
     pub total: Option<u64>,
 }
 
-/// Reads variant safety results: a JSON object `{"variants": [...]}`, a JSON array, or JSONL,
-/// of rows with `variant` (or `name`) and `safety_rate` (or `safety`), optionally `safe` and
-/// `total`; or a JSON object mapping variant names to rates.
+/// Reads variant safety results: a study's `results.json` (each tuned condition with a `variant`
+/// factor and its primary judge's safety rate); a JSON object `{"variants": [...]}`, a JSON
+/// array, or JSONL, of rows with `variant` (or `name`) and `safety_rate` (or `safety`),
+/// optionally `safe` and `total`; or a JSON object mapping variant names to rates.
 pub fn read_results(path: &Path) -> Result<Vec<VariantSafety>> {
     let text = std::fs::read_to_string(path).map_err(|e| RmError::io(path, e))?;
     let rows: Vec<(usize, Value)> = match serde_json::from_str::<Value>(&text) {
         Ok(Value::Array(a)) => a.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect(),
+        Ok(Value::Object(o)) if o.get("conditions").is_some_and(Value::is_array) => {
+            return check_rates(path, study_conditions(path, &o["conditions"])?);
+        }
         Ok(Value::Object(o)) => match o.get("variants") {
             Some(Value::Array(a)) => a
                 .iter()
@@ -113,6 +117,48 @@ pub fn read_results(path: &Path) -> Result<Vec<VariantSafety>> {
         });
     }
     check_rates(path, out)
+}
+
+/// The tuned conditions of a study's results.json: one row per condition with a `variant`
+/// factor (seeds apart: `variant` plus ` seed N` when the study has several seeds).
+fn study_conditions(path: &Path, conditions: &Value) -> Result<Vec<VariantSafety>> {
+    let list = conditions.as_array().map(Vec::as_slice).unwrap_or_default();
+    let seeds: std::collections::BTreeSet<&str> = list
+        .iter()
+        .filter_map(|c| c["factors"]["seed"].as_str())
+        .collect();
+    let mut out = Vec::new();
+    for (i, c) in list.iter().enumerate() {
+        let Some(variant) = c["factors"]["variant"].as_str() else {
+            continue; // base and aligned models
+        };
+        let Some(safety) = c["safety"].as_object() else {
+            continue; // no harmful benchmark judged
+        };
+        let err = |m: &str| RmError::input(path, 1, Some(&format!("conditions[{i}].safety")), m);
+        let name = match c["factors"]["seed"].as_str() {
+            Some(seed) if seeds.len() > 1 => format!("{variant} seed {seed}"),
+            _ => variant.to_string(),
+        };
+        out.push(VariantSafety {
+            variant: name,
+            safety_rate: safety
+                .get("value")
+                .and_then(Value::as_f64)
+                .ok_or_else(|| err("no `value`"))?,
+            safe: safety.get("count").and_then(Value::as_u64),
+            total: safety.get("total").and_then(Value::as_u64),
+        });
+    }
+    if out.is_empty() {
+        return Err(RmError::input(
+            path,
+            1,
+            Some("conditions"),
+            "no tuned condition with a variant and a safety rate",
+        ));
+    }
+    Ok(out)
 }
 
 fn check_rates(path: &Path, v: Vec<VariantSafety>) -> Result<Vec<VariantSafety>> {
