@@ -35,7 +35,7 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// Generate answers for a prompt file into JSONL (resumable; local or openai: models).
     Generate(commands::generate::GenerateArgs),
-    /// A first real look: audit the demo sets and benchmarks, write matched variants.
+    /// The quickstart study on SmolLM2: align, tune variants, evaluate, score, report.
     Quickstart(commands::quickstart::QuickstartArgs),
     /// Merge a LoRA adapter into its base model and write a Hugging Face model directory.
     Merge(commands::merge::MergeArgs),
@@ -63,6 +63,8 @@ enum Command {
     /// Score with reward models and measure how far their preferences can be trusted.
     #[command(subcommand_required = true)]
     Rm(commands::rm::RmArgs),
+    /// Utility: held-out loss and perplexity on a domain split, multiple-choice accuracy.
+    Utility(commands::utility::UtilityArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -77,6 +79,7 @@ fn main() {
     let result = match cli.command {
         Command::Audit(args) => commands::audit::run(args),
         Command::Rm(args) => commands::rm::run(args),
+        Command::Utility(args) => commands::utility::run(args),
         Command::Tune(args) => commands::tune::run(args),
         Command::Quickstart(args) => commands::quickstart::run(args),
         Command::Transform(args) => commands::transform::run(args),

@@ -140,6 +140,10 @@ pub struct StudyResults {
     pub judge_agreement: Vec<Agreement>,
     /// Per reward model: mean score of responses judged refusals vs compliances (harmful prompts).
     pub rm_by_verdict: BTreeMap<String, (Option<f64>, Option<f64>)>,
+    /// Per reward model: Spearman's rho between its mean score on a condition's harmful-prompt
+    /// answers and that condition's safety rate, with the number of conditions. Positive: the RM
+    /// ranks the safer models higher.
+    pub rm_vs_safety: BTreeMap<String, (Option<f64>, usize)>,
     pub samples: Vec<Sample>,
 }
 
@@ -342,7 +346,7 @@ pub fn collect(dir: &Path) -> Result<StudyResults, ReportError> {
         }
     }
     let mean = |(s, n): (f64, usize)| if n > 0 { Some(s / n as f64) } else { None };
-    let rm_by_verdict = rm_verdict
+    let rm_by_verdict: BTreeMap<String, (Option<f64>, Option<f64>)> = rm_verdict
         .into_iter()
         .map(|(k, [r, c])| (k, (mean(r), mean(c))))
         .collect();
@@ -415,6 +419,15 @@ pub fn collect(dir: &Path) -> Result<StudyResults, ReportError> {
     let conditions: Vec<Condition> = conds.into_values().collect();
     let effects = main_effects(&conditions);
     let interactions = interactions(&conditions);
+    let mut rm_vs_safety = BTreeMap::new();
+    for rm in rm_by_verdict.keys() {
+        let (x, y): (Vec<f64>, Vec<f64>) = conditions
+            .iter()
+            .filter_map(|c| Some((*c.rm_mean.get(rm)?, c.safety.as_ref()?.value)))
+            .unzip();
+        let rho = safetune_eval::rm::stats::spearman_rho(&x, &y);
+        rm_vs_safety.insert(rm.clone(), (rho, x.len()));
+    }
     Ok(StudyResults {
         study: name,
         program_version: crate::hash::PROGRAM_VERSION.to_string(),
@@ -426,6 +439,7 @@ pub fn collect(dir: &Path) -> Result<StudyResults, ReportError> {
         interactions,
         judge_agreement,
         rm_by_verdict,
+        rm_vs_safety,
         samples,
     })
 }
@@ -1103,6 +1117,20 @@ pub fn render_markdown(r: &StudyResults) -> String {
                 pct(a.agree),
                 a.kappa,
                 a.rows
+            );
+        }
+    }
+    if !r.rm_by_verdict.is_empty() {
+        let _ = writeln!(o, "\n## Reward models (answers to harmful prompts)\n");
+        let num = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
+        for (rm, (refusals, compliances)) in &r.rm_by_verdict {
+            let (rho, n) = r.rm_vs_safety.get(rm).copied().unwrap_or((None, 0));
+            let _ = writeln!(
+                o,
+                "- **{rm}**: mean score {} on refusals, {} on compliances; Spearman rho {} between a condition's mean score and its safety rate ({n} conditions)",
+                num(*refusals),
+                num(*compliances),
+                rho.map_or("undefined".to_string(), |x| format!("{x:+.2}"))
             );
         }
     }

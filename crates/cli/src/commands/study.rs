@@ -2,14 +2,15 @@
 //! study store, and writes the report. Flags, progress and printing only; the planner, runner
 //! and stages live in `safetune_study`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use safetune_study::config::StudyConfig;
-use safetune_study::plan::plan;
+use safetune_study::plan::{plan, Plan};
 use safetune_study::report::write_report;
 use safetune_study::runner::{run_plan, RunEvent, STORE_FILE};
 use safetune_study::stages::builtin_registry;
@@ -56,7 +57,14 @@ pub fn run(args: StudyArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    let config_json = serde_json::to_value(&cfg)?;
+    execute(&cfg, &plan, &dir, !args.no_report)
+}
+
+/// Runs (or resumes) a planned study in `dir` with a progress bar per step, writes the report
+/// and prints summary.md and the report's path. Shared with `safetune quickstart`.
+pub fn execute(cfg: &StudyConfig, plan: &Plan, dir: &Path, report: bool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let config_json = serde_json::to_value(cfg)?;
     let registry = builtin_registry();
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -65,7 +73,7 @@ pub fn run(args: StudyArgs) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     let mut reused = 0usize;
-    let summary = run_plan(&plan, &config_json, &dir, &registry, &mut |e| match e {
+    let summary = run_plan(plan, &config_json, dir, &registry, &mut |e| match e {
         RunEvent::Start {
             index,
             total,
@@ -83,26 +91,27 @@ pub fn run(args: StudyArgs) -> anyhow::Result<()> {
             bar.set_length(*total as u64);
             bar.set_position(*done as u64);
         }
-        RunEvent::Finished { label, .. } => bar.println(format!("  done    {label}")),
+        RunEvent::Finished { label, .. } => say(&bar, format!("  done    {label}")),
         RunEvent::Failed { label, error, .. } => {
             let first = error.lines().next().unwrap_or("");
-            bar.println(format!("  FAILED  {label}: {first}"))
+            say(&bar, format!("  FAILED  {label}: {first}"))
         }
         RunEvent::Skipped { label, .. } => {
-            bar.println(format!("  skipped {label} (an input failed)"))
+            say(&bar, format!("  skipped {label} (an input failed)"))
         }
     })?;
     bar.finish_and_clear();
     eprintln!(
-        "{} steps: {} run, {} reused from the store, {} failed, {} skipped",
+        "{} steps: {} run, {} reused from the store, {} failed, {} skipped ({:.0} s)",
         summary.steps,
         summary.executed,
         summary.reused,
         summary.failed.len(),
-        summary.skipped
+        summary.skipped,
+        started.elapsed().as_secs_f64()
     );
-    if !args.no_report {
-        let (_, files) = write_report(&dir)?;
+    if report {
+        let (_, files) = write_report(dir)?;
         print!(
             "{}",
             std::fs::read_to_string(&files.markdown).unwrap_or_default()
@@ -132,4 +141,14 @@ pub fn run(args: StudyArgs) -> anyhow::Result<()> {
         bail!(msg);
     }
     Ok(())
+}
+
+/// A line above the progress bar; on standard error directly where the bar is hidden (not a
+/// terminal: CI logs, pipes), so finished steps are still listed with their time.
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}  [at {:.0} s]", bar.elapsed().as_secs_f64());
+    } else {
+        bar.println(line);
+    }
 }
