@@ -4,9 +4,8 @@
 //! safety rate (harmful benchmarks) or an over-refusal rate (benign ones) with its Wilson interval,
 //! over the rows the judge could read.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use safetune_data::stats::Proportion;
 use safetune_eval::judge::guard::{GuardFormat, GuardMode};
@@ -103,7 +102,7 @@ pub fn default_judge(
 /// that names them, so a classifier or a judge model loads once per study run.
 pub struct JudgeStage {
     opener: Arc<JudgeOpener>,
-    cache: Mutex<HashMap<String, Arc<dyn Judge>>>,
+    opened: Opened<dyn Judge>,
 }
 
 impl JudgeStage {
@@ -114,7 +113,7 @@ impl JudgeStage {
     pub fn with_opener(opener: Arc<JudgeOpener>) -> JudgeStage {
         JudgeStage {
             opener,
-            cache: Mutex::new(HashMap::new()),
+            opened: Opened::default(),
         }
     }
 
@@ -125,13 +124,8 @@ impl JudgeStage {
         settings: &serde_json::Value,
     ) -> Result<Arc<dyn Judge>, StageError> {
         let id = format!("{kind:?}|{spec:?}|{settings}");
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(j) = cache.get(&id) {
-            return Ok(j.clone());
-        }
-        let j = (self.opener)(kind, spec, settings)?;
-        cache.insert(id, j.clone());
-        Ok(j)
+        self.opened
+            .get_or_open(&id, || (self.opener)(kind, spec, settings))
     }
 }
 
@@ -168,10 +162,7 @@ impl Stage for JudgeStage {
             settings,
         } = &step.spec
         else {
-            return Err(StageError::Other(format!(
-                "{}: not a judge step",
-                step.label
-            )));
+            return Err(step.not_a("judge"));
         };
         let (_, harmful) = input_generations(step, inputs)?;
         let gen_key = ctx

@@ -4,7 +4,7 @@
 //! Scores are committed chunk by chunk; a resumed step scores only the rows it lacks.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use safetune_data::{Message, Role};
 use safetune_eval::rm::{open_rm, RewardModel, RmInput, RmOptions};
@@ -21,10 +21,40 @@ pub fn default_rm(spec: &str) -> Result<Arc<dyn RewardModel>, StageError> {
         .map_err(|e| StageError::Other(e.to_string()))
 }
 
-pub struct ScoreStage {
+/// The reward models of a stage: opened once each (the demo head is trained on first use, with
+/// the step's progress), then shared by its steps.
+pub struct RewardModels {
     opener: Arc<RmOpener>,
-    cache: Mutex<HashMap<String, Arc<dyn RewardModel>>>,
+    opened: Opened<dyn RewardModel>,
 }
+
+impl RewardModels {
+    pub fn new(opener: Arc<RmOpener>) -> RewardModels {
+        RewardModels {
+            opener,
+            opened: Opened::default(),
+        }
+    }
+
+    fn open(
+        &self,
+        spec: &str,
+        step: &PlannedStep,
+        ctx: &mut StepContext<'_>,
+    ) -> Result<Arc<dyn RewardModel>, StageError> {
+        self.opened.get_or_open(spec, || {
+            if spec == "bt:demo" || spec.starts_with("bt:demo:") {
+                safetune_eval::rm::bt::demo_head(spec, &mut |done, total| {
+                    (ctx.progress)(&StepProgress { done, total })
+                })
+                .map_err(|e| StageError::Other(format!("{}: {e}", step.label)))?;
+            }
+            (self.opener)(spec)
+        })
+    }
+}
+
+pub struct ScoreStage(RewardModels);
 
 impl ScoreStage {
     pub fn new() -> ScoreStage {
@@ -32,43 +62,14 @@ impl ScoreStage {
     }
 
     pub fn with_opener(opener: Arc<RmOpener>) -> ScoreStage {
-        ScoreStage {
-            opener,
-            cache: Mutex::new(HashMap::new()),
-        }
+        ScoreStage(RewardModels::new(opener))
     }
-}
-
-type RmCache = Mutex<HashMap<String, Arc<dyn RewardModel>>>;
-
-/// Opens a reward model once per stage (the demo head is trained on first use, with progress).
-fn open_cached(
-    opener: &Arc<RmOpener>,
-    cache: &RmCache,
-    spec: &str,
-    step: &PlannedStep,
-    ctx: &mut StepContext<'_>,
-) -> Result<Arc<dyn RewardModel>, StageError> {
-    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(rm) = cache.get(spec) {
-        return Ok(rm.clone());
-    }
-    if spec.starts_with("bt:demo") {
-        safetune_eval::rm::bt::demo_head(spec, &mut |done, total| {
-            (ctx.progress)(&StepProgress { done, total })
-        })
-        .map_err(|e| StageError::Other(format!("{}: {e}", step.label)))?;
-    }
-    let rm = opener(spec)?;
-    cache.insert(spec.to_string(), rm.clone());
-    Ok(rm)
 }
 
 /// Scores `items` (row id, input) that the step has no score for yet, committing each batch.
 /// The reward model is opened only when something is left to score.
 fn score_pending(
-    opener: &Arc<RmOpener>,
-    cache: &RmCache,
+    rms: &RewardModels,
     spec: &str,
     items: &[(String, RmInput)],
     step: &PlannedStep,
@@ -86,7 +87,7 @@ fn score_pending(
     if pending.is_empty() {
         return Ok(());
     }
-    let rm = open_cached(opener, cache, spec, step, ctx)?;
+    let rm = rms.open(spec, step, ctx)?;
     for part in pending.chunks(rm.max_batch().max(1)) {
         let batch: Vec<RmInput> = part.iter().map(|(_, x)| x.clone()).collect();
         let scores = rm.score(&batch).map_err(|e| {
@@ -135,10 +136,7 @@ impl Stage for ScoreStage {
         ctx: &mut StepContext<'_>,
     ) -> Result<StepOutput, StageError> {
         let StepSpec::Score { name, spec, .. } = &step.spec else {
-            return Err(StageError::Other(format!(
-                "{}: not a score step",
-                step.label
-            )));
+            return Err(step.not_a("score"));
         };
         input_generations(step, inputs)?;
         let gen_key = ctx
@@ -158,7 +156,7 @@ impl Stage for ScoreStage {
                 (g.row_id, input)
             })
             .collect();
-        score_pending(&self.opener, &self.cache, spec, &items, step, ctx)?;
+        score_pending(&self.0, spec, &items, step, ctx)?;
         let all = ctx.store.scores(ctx.key)?;
         let mean = if all.is_empty() {
             0.0
@@ -175,10 +173,7 @@ impl Stage for ScoreStage {
 
 /// RM-guided selection: scores every example of the input dataset (the last assistant turn
 /// against the turns before it) and keeps the top, the bottom or a seeded random `keep` share.
-pub struct SelectStage {
-    opener: Arc<RmOpener>,
-    cache: RmCache,
-}
+pub struct SelectStage(RewardModels);
 
 impl SelectStage {
     pub fn new() -> SelectStage {
@@ -186,10 +181,7 @@ impl SelectStage {
     }
 
     pub fn with_opener(opener: Arc<RmOpener>) -> SelectStage {
-        SelectStage {
-            opener,
-            cache: Mutex::new(HashMap::new()),
-        }
+        SelectStage(RewardModels::new(opener))
     }
 }
 
@@ -236,10 +228,7 @@ impl Stage for SelectStage {
             ..
         } = &step.spec
         else {
-            return Err(StageError::Other(format!(
-                "{}: not a select step",
-                step.label
-            )));
+            return Err(step.not_a("select"));
         };
         let (path, _, _) = input_dataset(step, inputs)?;
         let convs = crate::stages::read_dataset(path)?;
@@ -259,7 +248,7 @@ impl Stage for SelectStage {
             };
             items.push((format!("ex{i:06}"), input));
         }
-        score_pending(&self.opener, &self.cache, rm_spec, &items, step, ctx)?;
+        score_pending(&self.0, rm_spec, &items, step, ctx)?;
         let by_id: HashMap<String, f64> = ctx
             .store
             .scores(ctx.key)?

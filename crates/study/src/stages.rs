@@ -3,9 +3,8 @@
 //! Training, judges and reward models come from their own crates and register into the same
 //! [`Registry`].
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde_json::json;
 
@@ -95,10 +94,7 @@ impl Stage for ModelStage {
             endpoints,
         } = &step.spec
         else {
-            return Err(StageError::Other(format!(
-                "{}: not a model step",
-                step.label
-            )));
+            return Err(step.not_a("model"));
         };
         // Checks the spec now (a missing file fails here, not at generation).
         ModelSpec::parse(spec)?;
@@ -141,10 +137,7 @@ impl Stage for TransformStage {
             seed,
         } = &step.spec
         else {
-            return Err(StageError::Other(format!(
-                "{}: not a transform step",
-                step.label
-            )));
+            return Err(step.not_a("transform"));
         };
         let path = resolve_dataset(base)?;
         let now = hash_file(&path).map_err(io(&path))?;
@@ -244,7 +237,7 @@ impl Stage for MixStage {
             seed,
         } = &step.spec
         else {
-            return Err(StageError::Other(format!("{}: not a mix step", step.label)));
+            return Err(step.not_a("mix"));
         };
         let (path, _, _) = input_dataset(step, inputs)?;
         let mut convs = read_dataset(path)?;
@@ -381,7 +374,7 @@ pub fn default_generator(m: &ModelArtifact) -> Result<Arc<dyn Generator>, StageE
 /// finishes and skipping rows already there (a killed step resumes).
 pub struct GenerateStage {
     factory: Arc<GeneratorFactory>,
-    cache: Mutex<HashMap<String, Arc<dyn Generator>>>,
+    opened: Opened<dyn Generator>,
 }
 
 impl GenerateStage {
@@ -392,19 +385,13 @@ impl GenerateStage {
     pub fn with_factory(factory: Arc<GeneratorFactory>) -> GenerateStage {
         GenerateStage {
             factory,
-            cache: Mutex::new(HashMap::new()),
+            opened: Opened::default(),
         }
     }
 
     fn generator(&self, m: &ModelArtifact) -> Result<Arc<dyn Generator>, StageError> {
         let key = serde_json::to_string(m).unwrap_or_default();
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(g) = cache.get(&key) {
-            return Ok(g.clone());
-        }
-        let g = (self.factory)(m)?;
-        cache.insert(key, g.clone());
-        Ok(g)
+        self.opened.get_or_open(&key, || (self.factory)(m))
     }
 }
 
@@ -426,10 +413,7 @@ impl Stage for GenerateStage {
             sampling,
         } = &step.spec
         else {
-            return Err(StageError::Other(format!(
-                "{}: not a generate step",
-                step.label
-            )));
+            return Err(step.not_a("generate"));
         };
         let model = input_model(step, inputs)?;
         let set = PromptSet::load(&benchmark.source, None)?;

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -274,6 +274,11 @@ impl PlannedStep {
     pub fn kind(&self) -> StepKind {
         self.spec.kind()
     }
+
+    /// The error of a stage handed a step of another kind (`what`: the kind it runs).
+    pub fn not_a(&self, what: &str) -> StageError {
+        StageError::Other(format!("{}: not a {what} step", self.label))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -330,6 +335,32 @@ pub trait Stage: Send + Sync {
         inputs: &[StepOutput],
         ctx: &mut StepContext<'_>,
     ) -> Result<StepOutput, StageError>;
+}
+
+/// What a stage opens once per run and shares between its steps (generators, judges, reward
+/// models), by key. Opening happens under the lock, so one thing is never opened twice.
+pub struct Opened<T: ?Sized>(Mutex<HashMap<String, Arc<T>>>);
+
+impl<T: ?Sized> Default for Opened<T> {
+    fn default() -> Self {
+        Opened(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T: ?Sized> Opened<T> {
+    pub fn get_or_open(
+        &self,
+        key: &str,
+        open: impl FnOnce() -> Result<Arc<T>, StageError>,
+    ) -> Result<Arc<T>, StageError> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(x) = map.get(key) {
+            return Ok(x.clone());
+        }
+        let x = open()?;
+        map.insert(key.to_string(), x.clone());
+        Ok(x)
+    }
 }
 
 /// Maps step kinds to stages.

@@ -61,12 +61,7 @@ impl Stage for TrainStage {
         let (settings, seed, align) = match &step.spec {
             StepSpec::Align { settings } => (settings, 0, true),
             StepSpec::Tune { settings, seed } => (settings, *seed, false),
-            _ => {
-                return Err(StageError::Other(format!(
-                    "{}: not a training step",
-                    step.label
-                )))
-            }
+            _ => return Err(step.not_a("training")),
         };
         if model.spec.starts_with("openai:") {
             return Err(StageError::Other(format!(

@@ -101,7 +101,8 @@ pub fn open_rm(spec: &str, opts: &RmOptions) -> Result<Box<dyn RewardModel>> {
                 .map_err(bad)?,
         ));
     }
-    if spec.starts_with("bt:demo") && !Path::new(&spec[3..]).exists() {
+    // `bt:demo[:N]` names the built-in head (a head file called `demo` is `bt:./demo`).
+    if spec == "bt:demo" || spec.starts_with("bt:demo:") {
         let path = super::bt::demo_head(spec, &mut |_, _| {})?;
         return Ok(Box::new(super::bt::BtRewardModel::open(&path)?));
     }
