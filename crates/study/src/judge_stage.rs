@@ -173,45 +173,31 @@ impl Stage for JudgeStage {
         let gens = ctx.store.generations(&gen_key)?;
         let done = ctx.store.judgment_ids(ctx.key)?;
         let pending: Vec<_> = gens.iter().filter(|g| !done.contains(&g.row_id)).collect();
-        let total = gens.len();
-        let mut finished = total - pending.len();
-        (ctx.progress)(&StepProgress {
-            done: finished,
-            total,
-        });
         if !pending.is_empty() {
             let judge = self.judge(*judge_kind, spec.as_deref(), settings)?;
-            for part in pending.chunks(judge.batch_size().max(1)) {
-                let items: Vec<JudgeInput> = part
-                    .iter()
-                    .map(|g| JudgeInput::new(g.prompt.clone(), g.response.clone()))
-                    .collect();
-                let judgments = judge.judge(&items).map_err(|e| {
-                    StageError::Other(format!(
-                        "{}: {e} ({finished} of {total} rows are judged; a rerun resumes)",
-                        step.label
-                    ))
-                })?;
-                if judgments.len() != part.len() {
-                    return Err(StageError::Other(format!(
-                        "{}: the judge returned {} judgments for {} inputs",
-                        step.label,
-                        judgments.len(),
-                        part.len()
-                    )));
-                }
-                let rows: Vec<JudgmentRow> = part
-                    .iter()
-                    .zip(&judgments)
-                    .map(|(g, j)| judgment_row(&g.row_id, j))
-                    .collect();
-                ctx.store.insert_judgments(ctx.key, &rows)?;
-                finished += rows.len();
-                (ctx.progress)(&StepProgress {
-                    done: finished,
-                    total,
-                });
-            }
+            in_batches(
+                step,
+                ctx,
+                gens.len(),
+                &pending,
+                judge.batch_size(),
+                "judged",
+                |part| {
+                    let items: Vec<JudgeInput> = part
+                        .iter()
+                        .map(|g| JudgeInput::new(g.prompt.clone(), g.response.clone()))
+                        .collect();
+                    judge.judge(&items).map_err(|e| e.to_string())
+                },
+                |store, key, part, judgments| {
+                    let rows: Vec<JudgmentRow> = part
+                        .iter()
+                        .zip(&judgments)
+                        .map(|(g, j)| judgment_row(&g.row_id, j))
+                        .collect();
+                    Ok(store.insert_judgments(key, &rows)?)
+                },
+            )?;
         }
         let rows = ctx.store.judgments(ctx.key)?;
         let scored = rows.iter().filter(|r| r.verdict != "unscored").count();

@@ -78,48 +78,33 @@ fn score_pending(
     let done = ctx.store.score_ids(ctx.key)?;
     let pending: Vec<&(String, RmInput)> =
         items.iter().filter(|(id, _)| !done.contains(id)).collect();
-    let total = items.len();
-    let mut finished = total - pending.len();
-    (ctx.progress)(&StepProgress {
-        done: finished,
-        total,
-    });
     if pending.is_empty() {
         return Ok(());
     }
     let rm = rms.open(spec, step, ctx)?;
-    for part in pending.chunks(rm.max_batch().max(1)) {
-        let batch: Vec<RmInput> = part.iter().map(|(_, x)| x.clone()).collect();
-        let scores = rm.score(&batch).map_err(|e| {
-            StageError::Other(format!(
-                "{}: {e} ({finished} of {total} rows are scored; a rerun resumes)",
-                step.label
-            ))
-        })?;
-        if scores.len() != part.len() {
-            return Err(StageError::Other(format!(
-                "{}: the reward model returned {} scores for {} inputs",
-                step.label,
-                scores.len(),
-                part.len()
-            )));
-        }
-        let rows: Vec<ScoreRow> = part
-            .iter()
-            .zip(scores)
-            .map(|((id, _), score)| ScoreRow {
-                row_id: id.clone(),
-                score,
-            })
-            .collect();
-        ctx.store.insert_scores(ctx.key, &rows)?;
-        finished += rows.len();
-        (ctx.progress)(&StepProgress {
-            done: finished,
-            total,
-        });
-    }
-    Ok(())
+    in_batches(
+        step,
+        ctx,
+        items.len(),
+        &pending,
+        rm.max_batch(),
+        "scored",
+        |part| {
+            let batch: Vec<RmInput> = part.iter().map(|(_, x)| x.clone()).collect();
+            rm.score(&batch).map_err(|e| e.to_string())
+        },
+        |store, key, part, scores| {
+            let rows: Vec<ScoreRow> = part
+                .iter()
+                .zip(scores)
+                .map(|((id, _), score)| ScoreRow {
+                    row_id: id.clone(),
+                    score,
+                })
+                .collect();
+            Ok(store.insert_scores(key, &rows)?)
+        },
+    )
 }
 
 impl Default for ScoreStage {

@@ -327,6 +327,51 @@ pub struct StepContext<'a> {
     pub progress: &'a mut dyn FnMut(&StepProgress),
 }
 
+/// Works through the `pending` rows of a step (those without a stored result, of `total`),
+/// `batch` at a time: `work` returns one result per row, `commit` stores a batch under the
+/// step's key, and progress is reported after each. `what` names the results in errors
+/// ("judged", "scored"), which say how many rows are kept for the rerun.
+#[allow(clippy::too_many_arguments)]
+pub fn in_batches<T, R>(
+    step: &PlannedStep,
+    ctx: &mut StepContext<'_>,
+    total: usize,
+    pending: &[T],
+    batch: usize,
+    what: &str,
+    mut work: impl FnMut(&[T]) -> Result<Vec<R>, String>,
+    mut commit: impl FnMut(&mut Store, &str, &[T], Vec<R>) -> Result<(), StageError>,
+) -> Result<(), StageError> {
+    let mut finished = total - pending.len();
+    (ctx.progress)(&StepProgress {
+        done: finished,
+        total,
+    });
+    for part in pending.chunks(batch.max(1)) {
+        let results = work(part).map_err(|e| {
+            StageError::Other(format!(
+                "{}: {e} ({finished} of {total} rows are {what}; a rerun resumes)",
+                step.label
+            ))
+        })?;
+        if results.len() != part.len() {
+            return Err(StageError::Other(format!(
+                "{}: {} results for {} inputs",
+                step.label,
+                results.len(),
+                part.len()
+            )));
+        }
+        commit(ctx.store, ctx.key, part, results)?;
+        finished += part.len();
+        (ctx.progress)(&StepProgress {
+            done: finished,
+            total,
+        });
+    }
+    Ok(())
+}
+
 /// Runs steps of one kind. `inputs` are the outputs of `step.deps`, in order.
 pub trait Stage: Send + Sync {
     fn run(
