@@ -27,6 +27,7 @@ pub mod hub;
 pub mod job;
 pub mod llama;
 pub mod ops;
+pub mod quant;
 pub mod reward;
 pub mod spec;
 pub mod template;

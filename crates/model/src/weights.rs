@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+use crate::quant::QMatrix;
 
 /// Safetensors shards and which shard holds which tensor.
 pub struct SafetensorsFiles {
@@ -248,11 +249,17 @@ impl Weights {
             (Source::Gguf(g), true) => {
                 let full = w.full("weight");
                 w.check_shape(&full, &[out_dim, in_dim])?;
-                let q = fast_cpu_format(g.qtensor(&full, self.heads)?)
-                    .map_err(|e| ModelError::format(&g.path, format!("tensor `{full}`: {e}")))?;
-                let mm = QMatMul::from_qtensor(q)
-                    .map_err(|e| ModelError::format(&g.path, format!("tensor `{full}`: {e}")))?;
-                LinearWeight::Quantized(mm)
+                let err = |e: candle_core::Error| {
+                    ModelError::format(&g.path, format!("tensor `{full}`: {e}"))
+                };
+                let q = g.qtensor(&full, self.heads)?;
+                match QMatrix::from_qtensor(&q).map_err(err)? {
+                    Some(m) => LinearWeight::Blocks(Arc::new(m)),
+                    None => {
+                        let q = fast_cpu_format(q).map_err(err)?;
+                        LinearWeight::Quantized(QMatMul::from_qtensor(q).map_err(err)?)
+                    }
+                }
             }
             _ => LinearWeight::Dense(w.get(&[out_dim, in_dim], "weight")?),
         };
@@ -267,9 +274,10 @@ impl Weights {
     }
 }
 
-/// candle has vectorised CPU kernels (chosen at run time) for Q8_0 and the K-quants, but only
-/// scalar ones for Q4_0, Q4_1, Q5_0 and Q5_1. Those are re-quantized to Q8_0: 8 bits per value
-/// hold their 4- and 5-bit levels almost exactly, and decoding gets several times faster.
+/// Formats [`QMatrix`] does not hold go to candle's QMatMul. candle has vectorised CPU kernels
+/// (chosen at run time) for Q8_0 and the K-quants, but only scalar ones for Q5_0 and Q5_1 (and
+/// Q4_0, Q4_1). Those are re-quantized to Q8_0: 8 bits per value hold their 4- and 5-bit levels
+/// almost exactly, and decoding gets several times faster.
 fn fast_cpu_format(q: QTensor) -> candle_core::Result<QTensor> {
     let slow = matches!(
         q.dtype(),
@@ -287,8 +295,18 @@ fn fast_cpu_format(q: QTensor) -> candle_core::Result<QTensor> {
 pub enum LinearWeight {
     /// (out, in), f32.
     Dense(Tensor),
-    /// GGUF blocks kept quantized; matmul dequantizes on the fly (fast single-row decode).
+    /// GGUF blocks kept quantized in candle's QMatMul (K-quants, Q5; re-quantized to Q8_0
+    /// where candle's kernels are scalar).
     Quantized(QMatMul),
+    /// GGUF Q4_0, Q4_1 and Q8_0 blocks as stored, with this crate's kernels ([`crate::quant`]).
+    Blocks(Arc<QMatrix>),
+}
+
+impl LinearWeight {
+    /// Whether the weight is held in quantized blocks.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, LinearWeight::Quantized(_) | LinearWeight::Blocks(_))
+    }
 }
 
 /// A low-rank adapter on a linear layer: `y += scale * (x A^T) B^T`. The training code creates
@@ -341,6 +359,7 @@ impl Linear {
             LinearWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu),
             LinearWeight::Quantized(QMatMul::Tensor(t)) => Ok(t.clone()),
             LinearWeight::Quantized(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32),
+            LinearWeight::Blocks(q) => q.dequantize_tensor(),
         }
     }
 }
@@ -354,6 +373,9 @@ impl Module for Linear {
         let mut y = match &self.weight {
             LinearWeight::Dense(w) => x2.matmul(&w.t()?)?, // (N, out)
             LinearWeight::Quantized(q) => q.forward(&x2)?, // (N, out)
+            // With a gradient to track, the dequantized weight keeps the graph connected.
+            LinearWeight::Blocks(q) if x2.track_op() => x2.matmul(&q.dequantize_tensor()?.t()?)?,
+            LinearWeight::Blocks(q) => q.forward(&x2)?, // (N, out)
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

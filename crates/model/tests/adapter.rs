@@ -318,10 +318,7 @@ fn real_smollm2_quantized_with_adapter_stays_quantized() {
     let s = zero.apply(&mut m, true).unwrap();
     assert_eq!(s.merged, 0, "quantized weights are never merged");
     assert_eq!(s.unmerged, 2 * e.model.cfg.num_hidden_layers);
-    assert!(matches!(
-        m.layers[0].self_attn.q_proj.weight,
-        LinearWeight::Quantized(_)
-    ));
+    assert!(m.layers[0].self_attn.q_proj.weight.is_quantized());
     let ids = Tensor::new(&[[1u32, 504, 3458, 314, 4649, 30]], &Device::Cpu).unwrap();
     let d = max_abs_diff(
         &e.model.forward(&ids, None).unwrap(),
