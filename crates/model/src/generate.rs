@@ -3,6 +3,8 @@
 //! (end-of-turn token, stop string or length), and every row samples with its own seeded RNG, so
 //! results do not depend on what else is in the batch.
 
+use std::time::{Duration, Instant};
+
 use candle_core::{Device, Tensor};
 
 use crate::backend::{FinishReason, Sampling};
@@ -132,6 +134,19 @@ struct Row {
     text: String,
 }
 
+/// Where the wall time of one [`generate_batch_timed`] call went.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchTiming {
+    /// Building the batch and the forward pass over every prompt token, up to the first logits.
+    pub prefill: Duration,
+    /// Everything after: sampling, text decoding, stop checks and the one-token decode steps.
+    pub decode: Duration,
+    /// One-token forward passes run (the first new token of each row comes from the prefill).
+    pub decode_steps: usize,
+    /// Tokens generated over all rows.
+    pub new_tokens: usize,
+}
+
 /// Continues every request in one batch. `sink(i, piece)` receives text as it is decoded.
 pub fn generate_batch(
     model: &Llama,
@@ -139,9 +154,21 @@ pub fn generate_batch(
     reqs: &[SeqRequest],
     sink: &mut dyn FnMut(usize, &str),
 ) -> Result<Vec<SeqOutput>> {
+    generate_batch_timed(model, tok, reqs, sink).map(|(out, _)| out)
+}
+
+/// [`generate_batch`], also reporting where the time went.
+pub fn generate_batch_timed(
+    model: &Llama,
+    tok: &Tok,
+    reqs: &[SeqRequest],
+    sink: &mut dyn FnMut(usize, &str),
+) -> Result<(Vec<SeqOutput>, BatchTiming)> {
+    let start = Instant::now();
+    let mut timing = BatchTiming::default();
     let b = reqs.len();
     if b == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), timing));
     }
     if let Some(i) = reqs.iter().position(|r| r.prompt_ids.is_empty()) {
         return Err(ModelError::Other(format!(
@@ -173,14 +200,16 @@ pub fn generate_batch(
         })
         .collect();
     if max_new == 0 {
-        return Ok(rows
+        let out = rows
             .iter()
             .map(|_| SeqOutput {
                 ids: vec![],
                 text: String::new(),
                 finish_reason: FinishReason::Length,
             })
-            .collect());
+            .collect();
+        timing.prefill = start.elapsed();
+        return Ok((out, timing));
     }
 
     // Prefill: left-padded ids (B, L), per-row positions (B, L), mask (B, 1, L, L).
@@ -220,6 +249,8 @@ pub fn generate_batch(
         .ctx(|| "prefill".into())?;
     let last = hidden.narrow(1, l - 1, 1)?; // (B, 1, C)
     let mut logits: Vec<Vec<f32>> = model.logits(&last)?.squeeze(1)?.to_vec2::<f32>()?; // (B, V)
+    timing.prefill = start.elapsed();
+    let decode_start = Instant::now();
 
     // `active[k]` is the index in `rows` of batch row k.
     let mut active: Vec<usize> = (0..b).collect();
@@ -322,19 +353,20 @@ pub fn generate_batch(
         for &ri in &active {
             rows[ri].next_pos += 1;
         }
-        let ids_t = Tensor::from_vec(step_ids, (bb, 1), &dev)?;
-        let pos_t = Tensor::from_vec(step_pos, (bb, 1), &dev)?;
-        let mask_t = Tensor::from_vec(step_mask, (bb, 1, 1, s_len), &dev)?;
         let hidden = model
-            .hidden_states(&ids_t, &pos_t, Some(&mask_t), Some(&mut cache))
+            .decode_step(&step_ids, &step_pos, &step_mask, &mut cache)
             .ctx(|| "decode step".into())?;
         logits = model.logits(&hidden)?.squeeze(1)?.to_vec2::<f32>()?; // (B', V)
+        timing.decode_steps += 1;
     }
-    outputs
+    timing.decode = decode_start.elapsed();
+    timing.new_tokens = rows.iter().map(|r| r.ids.len()).sum();
+    let out = outputs
         .into_iter()
         .enumerate()
         .map(|(i, o)| o.ok_or_else(|| ModelError::Other(format!("request {i} produced no output"))))
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((out, timing))
 }
 
 #[cfg(test)]

@@ -16,8 +16,10 @@
 
 pub mod adapter;
 pub mod backend;
+pub mod bench;
 pub mod bert;
 pub mod config;
+mod decode;
 pub mod engine;
 pub mod error;
 pub mod export;

@@ -92,27 +92,28 @@ impl Rope {
     }
 }
 
-/// Keys and values of past tokens, preallocated to `capacity` positions.
+/// Keys and values of past tokens, preallocated to `capacity` positions. Plain f32 buffers, so a
+/// decode step appends one position in place and reads the cache without copying it.
 pub struct KvCache {
-    /// Per layer: k and v, each (B, K, capacity, D).
-    layers: Vec<(Tensor, Tensor)>,
-    len: usize,
-    capacity: usize,
+    /// Per layer: k and v, each (B, K, capacity, D) row-major.
+    pub(crate) layers: Vec<(Vec<f32>, Vec<f32>)>,
+    batch: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    pub(crate) len: usize,
+    pub(crate) capacity: usize,
 }
 
 impl KvCache {
     pub fn new(cfg: &Config, batch: usize, capacity: usize) -> candle_core::Result<KvCache> {
-        let shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim);
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|_| {
-                Ok((
-                    Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
-                    Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
-                ))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let size = batch * cfg.num_key_value_heads * capacity * cfg.head_dim;
         Ok(KvCache {
-            layers,
+            layers: (0..cfg.num_hidden_layers)
+                .map(|_| (vec![0f32; size], vec![0f32; size]))
+                .collect(),
+            batch,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
             len: 0,
             capacity,
         })
@@ -128,7 +129,27 @@ impl KvCache {
     }
 
     pub fn batch(&self) -> usize {
-        self.layers.first().map(|(k, _)| k.dims()[0]).unwrap_or(0)
+        self.batch
+    }
+
+    /// Makes room for `t` more positions: doubles the capacity, or more if needed.
+    pub(crate) fn reserve(&mut self, t: usize) {
+        if self.len + t <= self.capacity {
+            return;
+        }
+        let new_cap = (self.capacity * 2).max(self.len + t);
+        let (rows, d, old) = (self.batch * self.kv_heads, self.head_dim, self.capacity);
+        for (k, v) in self.layers.iter_mut() {
+            for buf in [k, v] {
+                let mut grown = vec![0f32; rows * new_cap * d];
+                for r in 0..rows {
+                    grown[r * new_cap * d..(r * new_cap + self.len) * d]
+                        .copy_from_slice(&buf[r * old * d..(r * old + self.len) * d]);
+                }
+                *buf = grown;
+            }
+        }
+        self.capacity = new_cap;
     }
 
     /// Writes new k, v (B, K, T, D) after the cached ones; returns all of them (B, K, S, D).
@@ -138,39 +159,49 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let t = k.dim(2)?;
-        if self.len + t > self.capacity {
-            // Grow: double, or more if needed.
-            let new_cap = (self.capacity * 2).max(self.len + t);
-            for (ck, cv) in self.layers.iter_mut() {
-                let (b, h, _, d) = ck.dims4()?;
-                let pad =
-                    Tensor::zeros((b, h, new_cap - self.capacity, d), DType::F32, &Device::Cpu)?;
-                *ck = Tensor::cat(&[&*ck, &pad], 2)?;
-                *cv = Tensor::cat(&[&*cv, &pad], 2)?;
+        let (b, kh, t, d) = k.dims4()?;
+        self.reserve(t);
+        let (cap, len) = (self.capacity, self.len);
+        let s = len + t;
+        let kn = k.flatten_all()?.to_vec1::<f32>()?;
+        let vn = v.flatten_all()?.to_vec1::<f32>()?;
+        let (ck, cv) = &mut self.layers[layer];
+        let mut outs = Vec::with_capacity(2);
+        for (buf, new) in [(ck, kn), (cv, vn)] {
+            let mut all = vec![0f32; b * kh * s * d];
+            for r in 0..b * kh {
+                buf[(r * cap + len) * d..(r * cap + s) * d]
+                    .copy_from_slice(&new[r * t * d..(r + 1) * t * d]);
+                all[r * s * d..(r + 1) * s * d]
+                    .copy_from_slice(&buf[r * cap * d..(r * cap + s) * d]);
             }
-            self.capacity = new_cap;
+            outs.push(Tensor::from_vec(all, (b, kh, s, d), &Device::Cpu)?);
         }
-        let (ck, cv) = &self.layers[layer];
-        ck.slice_set(&k.contiguous()?, 2, self.len)?;
-        cv.slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((
-            ck.narrow(2, 0, self.len + t)?,
-            cv.narrow(2, 0, self.len + t)?,
-        ))
+        let v_all = outs.pop().expect("two");
+        let k_all = outs.pop().expect("two");
+        Ok((k_all, v_all))
     }
 
-    fn advance(&mut self, t: usize) {
+    pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
     }
 
     /// Keeps only the given batch rows (finished rows leave the batch).
     pub fn select_rows(&mut self, rows: &[u32]) -> candle_core::Result<()> {
-        let idx = Tensor::new(rows, &Device::Cpu)?;
-        for (k, v) in self.layers.iter_mut() {
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
+        let block = self.kv_heads * self.capacity * self.head_dim;
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= self.batch) {
+            candle_core::bail!("KV cache has {} rows, asked for row {bad}", self.batch);
         }
+        for (k, v) in self.layers.iter_mut() {
+            for buf in [k, v] {
+                let mut kept = Vec::with_capacity(rows.len() * block);
+                for &r in rows {
+                    kept.extend_from_slice(&buf[r as usize * block..(r as usize + 1) * block]);
+                }
+                *buf = kept;
+            }
+        }
+        self.batch = rows.len();
         Ok(())
     }
 }
@@ -341,7 +372,7 @@ pub struct Llama {
     pub norm: RmsNorm,
     pub lm_head: Linear,
     /// (D/2)
-    inv_freq: Tensor,
+    pub(crate) inv_freq: Tensor,
 }
 
 impl Llama {

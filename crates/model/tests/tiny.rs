@@ -320,3 +320,128 @@ fn generation_job_resumes_with_the_local_engine() {
     assert_eq!(row["id"], "a");
     assert!(row["completion_tokens"].as_u64().unwrap() >= 1);
 }
+
+#[test]
+fn decode_benchmark_runs_exactly_the_asked_tokens_through_the_generation_loop() {
+    use safetune_model::bench::{decode_throughput, synthetic_prompts};
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = tiny(dir.path(), TinyModel::default());
+    let prompts = synthetic_prompts(&e.tok, 3, 20).unwrap();
+    assert_eq!(prompts.len(), 3);
+    assert!(prompts.iter().all(|p| p.len() == 20));
+    assert_ne!(prompts[0], prompts[1]);
+    // Every token stops a row in normal generation; the benchmark must still run 7 tokens.
+    e.tok.stop_ids = (0..e.model.cfg.vocab_size as u32).collect();
+    let run = decode_throughput(&e.model, &e.tok, &prompts, 7).unwrap();
+    assert_eq!((run.batch, run.prompt_tokens, run.new_tokens), (3, 20, 7));
+    assert!(run.output_ids.iter().all(|ids| ids.len() == 7));
+    assert!(run.prefill_s > 0.0 && run.decode_s > 0.0);
+    assert!((run.decode_tokens_per_s - 21.0 / run.decode_s).abs() < 1e-6 * run.decode_tokens_per_s);
+    // The same greedy tokens as the ordinary generation loop without stop tokens.
+    let mut free = e.tok.clone();
+    free.stop_ids.clear();
+    let reqs: Vec<SeqRequest> = prompts
+        .iter()
+        .map(|p| SeqRequest {
+            prompt_ids: p.clone(),
+            sampling: Sampling {
+                max_new_tokens: 7,
+                ..Sampling::default()
+            },
+        })
+        .collect();
+    let (out, timing) =
+        safetune_model::generate::generate_batch_timed(&e.model, &free, &reqs, &mut |_, _| {})
+            .unwrap();
+    let ids: Vec<Vec<u32>> = out.into_iter().map(|o| o.ids).collect();
+    assert_eq!(ids, run.output_ids);
+    assert_eq!((timing.decode_steps, timing.new_tokens), (6, 21));
+    // Unequal prompt lengths are refused, with the row named.
+    let err = decode_throughput(&e.model, &e.tok, &[vec![1, 2, 3], vec![1, 2]], 2).unwrap_err();
+    assert!(err.to_string().contains("prompt 1 has 2 tokens"), "{err}");
+}
+
+#[test]
+fn decode_step_matches_the_tensor_path_with_padding_and_cache_growth() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, m) in [
+        ("gqa", TinyModel::default()),
+        (
+            "tied+qkv-bias",
+            TinyModel {
+                tie_word_embeddings: true,
+                attention_bias: true,
+                num_key_value_heads: 4,
+                seed: 2,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let e = tiny(&dir.path().join(name), m);
+        let cfg = &e.model.cfg;
+        // Two rows, the second left-padded by 2: prefill (2, 6), then three one-token steps.
+        let (b, l, pad) = (2usize, 6usize, 2usize);
+        let ids: Vec<u32> = vec![5, 9, 14, 3, 7, 11, 0, 0, 20, 4, 8, 2];
+        let pos: Vec<u32> = vec![0, 1, 2, 3, 4, 5, 0, 0, 0, 1, 2, 3];
+        let mut mask = vec![0f32; b * l * l];
+        for r in 0..b {
+            for i in 0..l {
+                for j in 0..l {
+                    if j > i || (r == 1 && j < pad) {
+                        mask[(r * l + i) * l + j] = llama::MASK_VALUE;
+                    }
+                }
+            }
+        }
+        let t = |v: Vec<u32>, s: (usize, usize)| Tensor::from_vec(v, s, &Device::Cpu).unwrap();
+        let mask_t = Tensor::from_vec(mask, (b, 1, l, l), &Device::Cpu).unwrap();
+        // Capacity 7: the second step grows the cache on both paths.
+        let mut c_tensor = KvCache::new(cfg, b, 7).unwrap();
+        let mut c_raw = KvCache::new(cfg, b, 7).unwrap();
+        for c in [&mut c_tensor, &mut c_raw] {
+            e.model
+                .hidden_states(
+                    &t(ids.clone(), (b, l)),
+                    &t(pos.clone(), (b, l)),
+                    Some(&mask_t),
+                    Some(c),
+                )
+                .unwrap();
+        }
+        for step in 0..3u32 {
+            let s = l + 1 + step as usize;
+            let step_ids = vec![17 + step, 30 + step];
+            let step_pos = vec![6 + step, 4 + step];
+            let mut step_mask = vec![0f32; b * s];
+            step_mask[s] = llama::MASK_VALUE;
+            step_mask[s + 1] = llama::MASK_VALUE;
+            let want = e
+                .model
+                .hidden_states(
+                    &t(step_ids.clone(), (b, 1)),
+                    &t(step_pos.clone(), (b, 1)),
+                    Some(&Tensor::from_vec(step_mask.clone(), (b, 1, 1, s), &Device::Cpu).unwrap()),
+                    Some(&mut c_tensor),
+                )
+                .unwrap();
+            let got = e
+                .model
+                .decode_step(&step_ids, &step_pos, &step_mask, &mut c_raw)
+                .unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = max_abs_diff(&got, &want);
+            println!("[{name}] decode_step vs hidden_states, step {step}: max abs diff {diff:.3e}");
+            assert!(diff < 1e-4, "[{name}] step {step}: {diff}");
+            assert_eq!(c_raw.len(), s);
+        }
+        // Wrong sizes are refused instead of reading out of bounds.
+        assert!(e
+            .model
+            .decode_step(&[1], &[9], &[0.0; 10], &mut c_raw)
+            .is_err());
+        assert!(e
+            .model
+            .decode_step(&[1, 2], &[9, 9], &[0.0; 3], &mut c_raw)
+            .is_err());
+    }
+}
