@@ -42,6 +42,9 @@ enum Command {
     /// Logits of a token sequence as JSON (for comparisons with other implementations).
     #[command(hide = true)]
     DebugLogits(commands::debug_logits::DebugLogitsArgs),
+    /// Decode throughput of the local engine as JSON (bench/decode_throughput.py).
+    #[command(hide = true)]
+    DebugDecodeBench(commands::debug_decode_bench::DebugDecodeBenchArgs),
     /// Run a factorial study from a TOML config (resumable; store, steps, report).
     Study(commands::study::StudyArgs),
     /// Write report.html, summary.md and results.json for a study directory.
@@ -96,6 +99,7 @@ fn main() {
         Command::Export(args) => commands::export::run(args),
         Command::Merge(args) => commands::merge::run(args),
         Command::DebugLogits(args) => commands::debug_logits::run(args),
+        Command::DebugDecodeBench(args) => commands::debug_decode_bench::run(args),
     };
     std::process::exit(exit::report(result));
 }

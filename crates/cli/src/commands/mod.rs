@@ -4,6 +4,7 @@ pub mod audit;
 pub mod classifier;
 pub mod common;
 pub mod compare;
+pub mod debug_decode_bench;
 pub mod debug_logits;
 pub mod eval;
 pub mod export;
