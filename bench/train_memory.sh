@@ -3,7 +3,9 @@
 # dequantized to f32), LoRA r=16 alpha=32 on q,k,v,o,gate,up,down, batch 8 x 256 tokens, a few
 # steps, measured with /usr/bin/time -v and pinned to one core. Not run by CI.
 #
-#   bench/train_memory.sh [STEPS=3] [CPU=1]
+#   bench/train_memory.sh [STEPS=3] [CPU=1] [EXTRA TUNE FLAGS...]
+#
+# e.g. `bench/train_memory.sh 3 1 --recompute` measures with activation recomputation.
 #
 # Peer figure (issue 4): PyTorch + PEFT needed 7.5 GB for the same run on this machine
 # (bench/train_pytorch_lora.py prints its own peak RSS).
@@ -11,6 +13,7 @@
 set -euo pipefail
 STEPS=${1:-3}
 CPU=${2:-1}
+shift $(( $# < 2 ? $# : 2 ))
 cd "$(dirname "$0")/.."
 BIN=${SAFETUNE_BIN:-}
 if [ -z "$BIN" ]; then
@@ -33,10 +36,10 @@ with open(sys.argv[1], "w") as f:
             {"role": "user", "content": f"Question {i}: how should I recover?"},
             {"role": "assistant", "content": answer}]}) + "\n")
 PY
-echo "binary: $BIN; steps: $STEPS; pinned to CPU $CPU" >&2
+echo "binary: $BIN; steps: $STEPS; pinned to CPU $CPU; extra flags: ${*:-none}" >&2
 taskset -c "$CPU" /usr/bin/time -v "$BIN" tune --model "$GGUF" --data "$tmp/data.jsonl" -o "$tmp/out" \
   --rank 16 --alpha 32 --targets all --batch-size 8 --max-len 256 --max-steps "$STEPS" \
-  --eval-fraction 0 --schedule constant 2> "$tmp/stderr.txt" || { cat "$tmp/stderr.txt" >&2; exit 1; }
+  --eval-fraction 0 --schedule constant "$@" 2> "$tmp/stderr.txt" || { cat "$tmp/stderr.txt" >&2; exit 1; }
 rss_kb=$(grep "Maximum resident set size" "$tmp/stderr.txt" | awk '{print $NF}')
 wall=$(grep "Elapsed (wall clock)" "$tmp/stderr.txt" | awk '{print $NF}')
 python3 - "$tmp/out/metrics.jsonl" "$rss_kb" "$wall" <<'PY'

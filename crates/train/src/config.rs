@@ -87,6 +87,9 @@ pub struct TuneConfig {
     pub keep_checkpoints: usize,
     /// Rows of logits computed at a time by the fused lm_head + cross-entropy.
     pub loss_chunk: usize,
+    /// Activation recomputation (gradient checkpointing): each decoder block keeps only its
+    /// input and runs again in the backward pass; far less memory for about a third more work.
+    pub recompute: bool,
 }
 
 impl Default for TuneConfig {
@@ -117,6 +120,7 @@ impl Default for TuneConfig {
             save_every: 0,
             keep_checkpoints: 2,
             loss_chunk: 256,
+            recompute: false,
         }
     }
 }

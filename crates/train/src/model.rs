@@ -8,10 +8,14 @@
 //! Shapes: B batch, T tokens, N = B*T rows, C hidden size, H query heads, K key/value heads,
 //! D head size, I MLP size, V vocabulary, r LoRA rank.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, TensorId, Var, D};
 use serde::{Deserialize, Serialize};
 
-use safetune_model::{Config, Llama};
+use safetune_model::{ops, Config, Llama};
 
 use crate::error::{Result, TensorContext, TrainError};
 use crate::kernels;
@@ -120,21 +124,85 @@ pub struct TrainLinear {
     pub lora: Option<LoraVars>,
 }
 
-/// Per-forward state: whether dropout is on, and the generator it draws from.
+/// Per-forward state: whether dropout is on, and the generator it draws from; and whether the
+/// blocks recompute their activations in the backward pass (see [`Recomputed`]).
 pub struct Step<'a> {
     pub rng: Option<&'a mut TrainRng>,
+    /// Activation recomputation: each block keeps only its input for the backward pass, and
+    /// the gradients of its trainable tensors land here (merge them with [`SideGrads::merge_into`]).
+    pub recompute: Option<SideGrads>,
 }
 
 impl Step<'_> {
     /// No dropout (evaluation, or dropout 0).
     pub fn eval() -> Step<'static> {
-        Step { rng: None }
+        Step {
+            rng: None,
+            recompute: None,
+        }
+    }
+}
+
+/// Gradients of trainable tensors computed inside recomputed blocks, which candle's graph does
+/// not see: the blocks are opaque custom ops to it.
+#[derive(Clone, Default)]
+pub struct SideGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+
+impl SideGrads {
+    fn add(&self, t: &Tensor, g: &Tensor) -> candle_core::Result<()> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let sum = match m.remove(&t.id()) {
+            Some(old) => (old + g)?,
+            None => g.clone(),
+        };
+        m.insert(t.id(), sum);
+        Ok(())
+    }
+
+    /// Adds the side gradients of `vars` into `grads` and empties the store.
+    pub fn merge_into(&self, vars: &[Var], grads: &mut GradStore) -> Result<()> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for v in vars {
+            if let Some(g) = m.remove(&v.as_tensor().id()) {
+                let sum = match grads.get(v.as_tensor()) {
+                    Some(old) => (old + g)?,
+                    None => g,
+                };
+                grads.insert(v.as_tensor(), sum);
+            }
+        }
+        m.clear();
+        Ok(())
     }
 }
 
 impl TrainLinear {
     /// x: (N, in) -> (N, out)
     pub fn forward(&self, x: &Tensor, step: &mut Step) -> Result<Tensor> {
+        let fused =
+            ops::kernels() == ops::Kernels::Fused && x.device().is_cpu() && x.dtype() == DType::F32;
+        if let (Some(l), false, true) = (&self.lora, self.weight.is_variable(), fused) {
+            // Frozen base with an adapter: one op, which keeps nothing but its inputs.
+            let mask = match step.rng.as_deref_mut() {
+                Some(rng) if l.dropout > 0.0 => Some(dropout_mask(x, l.dropout, rng)?),
+                _ => None,
+            };
+            let op = LoraLinear {
+                w: self.weight.clone(),
+                bias: self.bias.clone(),
+                scale: l.scale,
+                mask,
+            };
+            return x
+                .contiguous()?
+                .apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)
+                .ctx(|| self.name.clone());
+        }
+        self.forward_reference(x, step)
+    }
+
+    /// The same layer from candle primitives (what non-CPU devices and `Kernels::Reference` use).
+    pub fn forward_reference(&self, x: &Tensor, step: &mut Step) -> Result<Tensor> {
         let mut y = if self.weight.is_variable() {
             x.matmul(&self.weight.t()?)
         } else {
@@ -192,8 +260,96 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 }
 
+/// `y = x W^T + bias + scale * (m * x) A^T B^T` for a frozen W (out, in) and a LoRA A (r, in),
+/// B (out, r), m an optional dropout mask: one op over (x, A, B). Unfused, candle's graph would
+/// keep three (N, out) intermediates per projection for the backward pass (the base output, the
+/// adapter's output and its scaled copy); this op keeps none, and recomputes the (N, r)
+/// `x A^T` when the gradients are asked for.
+struct LoraLinear {
+    w: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+    mask: Option<Tensor>,
+}
+
+/// A tensor over a contiguous CPU f32 storage (copied).
+fn cpu_tensor(
+    s: &candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<Tensor> {
+    let data = s.as_slice::<f32>()?;
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("lora-linear: {what} must be contiguous");
+    };
+    Tensor::from_slice(&data[start..end], l.shape(), &Device::Cpu)
+}
+
+impl LoraLinear {
+    fn lora_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.mask {
+            Some(m) => x * m,
+            None => Ok(x.clone()),
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = cpu_tensor(s1, l1, "x")?; // (N, in)
+        let a = cpu_tensor(s2, l2, "A")?; // (r, in)
+        let b = cpu_tensor(s3, l3, "B")?; // (out, r)
+        let h = self.lora_input(&x)?.matmul(&a.t()?)?; // (N, r)
+        let b_scaled = (b * self.scale)?;
+        let mut y = (x.matmul(&self.w.t()?)? + h.matmul(&b_scaled.t()?)?)?; // (N, out)
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let shape = y.shape().clone();
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(v), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), g.detach());
+        let xd = self.lora_input(&x)?; // (N, in)
+        let h = xd.matmul(&a.t()?)?; // (N, r)
+        let gs = (&g * self.scale)?; // (N, out)
+        let grad_b = gs.t()?.matmul(&h)?; // (out, r)
+        let gh = gs.matmul(&b)?; // (N, r)
+        let grad_a = gh.t()?.matmul(&xd)?; // (r, in)
+        let through_a = self.lora_input(&gh.matmul(&a)?)?; // (N, in)
+        let grad_x = (g.matmul(&self.w)? + through_a)?; // (N, in)
+        Ok((Some(grad_x), Some(grad_a), Some(grad_b)))
+    }
+}
+
 /// Inverted dropout with a mask drawn from `rng` (reproducible, checkpointable).
 fn dropout(x: &Tensor, p: f32, rng: &mut TrainRng) -> Result<Tensor> {
+    Ok((x * dropout_mask(x, p, rng)?)?)
+}
+
+/// The mask of [`dropout`]: 0 or 1 / (1 - p) per element of `x`.
+fn dropout_mask(x: &Tensor, p: f32, rng: &mut TrainRng) -> Result<Tensor> {
     let keep = 1.0 - p;
     let n = x.elem_count();
     let mask: Vec<f32> = (0..n)
@@ -205,8 +361,7 @@ fn dropout(x: &Tensor, p: f32, rng: &mut TrainRng) -> Result<Tensor> {
             }
         })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-    Ok((x * mask)?)
+    Ok(Tensor::from_vec(mask, x.shape(), x.device())?)
 }
 
 #[derive(Debug, Clone)]
@@ -432,67 +587,28 @@ impl TrainModel {
             .embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b * t, c))?; // (N, C)
+        if step.recompute.is_some() && !self.embed.is_variable() {
+            // The recomputed blocks are custom ops over x: candle walks back through them
+            // only if x is tracked, and a frozen embedding's rows are not.
+            x = Var::from_tensor(&x)?.as_tensor().clone();
+        }
         for (i, block) in self.blocks.iter().enumerate() {
-            x = self
-                .block_forward(block, &x, b, t, &rope, mask, step)
-                .map_err(|e| match e {
-                    TrainError::Tensor { context, source } => TrainError::Tensor {
-                        context: format!("layer {i}: {context}"),
-                        source,
-                    },
-                    other => other,
-                })?;
+            let y = match step.recompute.clone() {
+                None => block_forward(&self.cfg, block, &x, b, t, &rope, mask, step),
+                Some(side) => {
+                    Recomputed::apply(&self.cfg, block, &x, b, t, &rope, mask, step, side)
+                }
+            };
+            x = y.map_err(|e| match e {
+                TrainError::Tensor { context, source } => TrainError::Tensor {
+                    context: format!("layer {i}: {context}"),
+                    source,
+                },
+                other => other,
+            })?;
         }
         let x = kernels::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?; // (N, C)
         Ok(x.reshape((b, t, c))?)
-    }
-
-    /// One decoder block on x: (N, C) -> (N, C).
-    #[allow(clippy::too_many_arguments)]
-    fn block_forward(
-        &self,
-        blk: &TrainBlock,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        rope: &RopeTables,
-        mask: &Tensor,
-        step: &mut Step,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (h, kh, d) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
-        // Attention.
-        let xn = kernels::rms_norm(x, &blk.input_norm, cfg.rms_norm_eps)?; // (N, C)
-        let q = blk
-            .q
-            .forward(&xn, step)?
-            .reshape((b, t, h, d))?
-            .transpose(1, 2)?; // (B, H, T, D)
-        let k = blk
-            .k
-            .forward(&xn, step)?
-            .reshape((b, t, kh, d))?
-            .transpose(1, 2)?; // (B, K, T, D)
-        let v = blk
-            .v
-            .forward(&xn, step)?
-            .reshape((b, t, kh, d))?
-            .transpose(1, 2)?; // (B, K, T, D)
-        let q = kernels::rope(&q, &rope.cos, &rope.sin)?; // (B, H, T, D)
-        let k = kernels::rope(&k, &rope.cos, &rope.sin)?; // (B, K, T, D)
-        let y = kernels::attention(&q, &k, &v, mask)?; // (B, H, T, D)
-        let y = y.transpose(1, 2)?.reshape((b * t, h * d))?; // (N, H*D)
-        let x = (x + blk.o.forward(&y, step)?)?; // (N, C)
-                                                 // MLP.
-        let xn = kernels::rms_norm(&x, &blk.post_norm, cfg.rms_norm_eps)?; // (N, C)
-        let g = blk.gate.forward(&xn, step)?; // (N, I)
-        let u = blk.up.forward(&xn, step)?; // (N, I)
-        let m = blk.down.forward(&kernels::silu_mul(&g, &u)?, step)?; // (N, C)
-        Ok((x + m)?)
     }
 
     /// Full logits (tests and small evaluations): hidden (B, T, C) -> (B, T, V).
@@ -518,6 +634,168 @@ impl TrainModel {
             }
         }
         out
+    }
+}
+
+/// One decoder block on x: (N, C) -> (N, C).
+#[allow(clippy::too_many_arguments)]
+fn block_forward(
+    cfg: &Config,
+    blk: &TrainBlock,
+    x: &Tensor,
+    b: usize,
+    t: usize,
+    rope: &RopeTables,
+    mask: &Tensor,
+    step: &mut Step,
+) -> Result<Tensor> {
+    let (h, kh, d) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    // Attention.
+    let xn = kernels::rms_norm(x, &blk.input_norm, cfg.rms_norm_eps)?; // (N, C)
+    let q = blk
+        .q
+        .forward(&xn, step)?
+        .reshape((b, t, h, d))?
+        .transpose(1, 2)?; // (B, H, T, D)
+    let k = blk
+        .k
+        .forward(&xn, step)?
+        .reshape((b, t, kh, d))?
+        .transpose(1, 2)?; // (B, K, T, D)
+    let v = blk
+        .v
+        .forward(&xn, step)?
+        .reshape((b, t, kh, d))?
+        .transpose(1, 2)?; // (B, K, T, D)
+    let q = kernels::rope(&q, &rope.cos, &rope.sin)?; // (B, H, T, D)
+    let k = kernels::rope(&k, &rope.cos, &rope.sin)?; // (B, K, T, D)
+    let y = kernels::attention(&q, &k, &v, mask)?; // (B, H, T, D)
+    let y = y.transpose(1, 2)?.reshape((b * t, h * d))?; // (N, H*D)
+    let x = (x + blk.o.forward(&y, step)?)?; // (N, C)
+                                             // MLP.
+    let xn = kernels::rms_norm(&x, &blk.post_norm, cfg.rms_norm_eps)?; // (N, C)
+    let g = blk.gate.forward(&xn, step)?; // (N, I)
+    let u = blk.up.forward(&xn, step)?; // (N, I)
+    let m = blk.down.forward(&kernels::silu_mul(&g, &u)?, step)?; // (N, C)
+    Ok((x + m)?)
+}
+
+/// A decoder block under activation recomputation. Forward: the block runs on a detached copy of
+/// its input, so none of its intermediate tensors outlive the call, and the result enters
+/// candle's graph as this op's output. Backward: the block runs again from the saved input (with
+/// the same dropout masks, replayed from the generator's state), the local graph is
+/// differentiated against the incoming gradient, the gradient for the input goes back to candle
+/// and those of the block's trainable tensors go to the [`SideGrads`].
+struct Recomputed {
+    cfg: Config,
+    blk: TrainBlock,
+    b: usize,
+    t: usize,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    /// The generator as it was before the forward pass (None: no dropout).
+    rng: Option<TrainRng>,
+    /// The forward result, handed to candle by `cpu_fwd`.
+    y: Tensor,
+    side: SideGrads,
+}
+
+impl Recomputed {
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        cfg: &Config,
+        blk: &TrainBlock,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        rope: &RopeTables,
+        mask: &Tensor,
+        step: &mut Step,
+        side: SideGrads,
+    ) -> Result<Tensor> {
+        let rng = step.rng.as_deref().cloned();
+        let y = block_forward(cfg, blk, &x.detach(), b, t, rope, mask, step)?.detach();
+        let op = Recomputed {
+            cfg: cfg.clone(),
+            blk: blk.clone(),
+            b,
+            t,
+            cos: rope.cos.clone(),
+            sin: rope.sin.clone(),
+            mask: mask.clone(),
+            rng,
+            y,
+            side,
+        };
+        Ok(x.apply_op1(op)?)
+    }
+
+    /// The block's tensors that are `Var`s (LoRA A and B; every weight under full tuning).
+    fn trainable(&self) -> Vec<&Tensor> {
+        let b = &self.blk;
+        let mut out: Vec<&Tensor> = vec![&b.input_norm, &b.post_norm];
+        for l in [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down] {
+            out.push(&l.weight);
+            out.extend(&l.bias);
+            if let Some(lv) = &l.lora {
+                out.push(lv.a.as_tensor());
+                out.push(lv.b.as_tensor());
+            }
+        }
+        out.retain(|t| t.is_variable());
+        out
+    }
+}
+
+impl candle_core::CustomOp1 for Recomputed {
+    fn name(&self) -> &'static str {
+        "recomputed-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _storage: &candle_core::CpuStorage,
+        _layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let v = self.y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(v), self.y.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let err = |e: TrainError| candle_core::Error::Msg(format!("recomputed block: {e}"));
+        let xv = Var::from_tensor(&x.detach())?;
+        let mut rng = self.rng.clone();
+        let mut step = Step {
+            rng: rng.as_mut(),
+            recompute: None,
+        };
+        let rope = RopeTables {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+        };
+        let y = block_forward(
+            &self.cfg,
+            &self.blk,
+            xv.as_tensor(),
+            self.b,
+            self.t,
+            &rope,
+            &self.mask,
+            &mut step,
+        )
+        .map_err(err)?;
+        let grads = (y * grad.detach())?.sum_all()?.backward()?;
+        for t in self.trainable() {
+            if let Some(g) = grads.get(t) {
+                self.side.add(t, g)?;
+            }
+        }
+        Ok(grads.get(xv.as_tensor()).cloned())
     }
 }
 

@@ -30,7 +30,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::TuneConfig;
 use crate::error::{Result, TrainError};
 use crate::loss::head_loss_sum;
-use crate::model::{Step, TrainModel};
+use crate::model::{SideGrads, Step, TrainModel};
 use crate::rng::TrainRng;
 use crate::sft::{make_batch, plan_epoch, EncodeStats, Encoded, Encoder, Layout, PlannedBatch};
 
@@ -419,15 +419,20 @@ pub fn run(
         let mut grads: Option<GradStore> = None;
         let mut loss_sum = 0f64;
         for b in &batches {
+            let side = cfg.recompute.then(SideGrads::default);
             let mut fwd = Step {
                 rng: Some(&mut rng),
+                recompute: side.clone(),
             };
             let h = p
                 .model
                 .hidden_states(&b.ids, &b.positions, &b.mask, &mut fwd)?; // (B, T, C)
             let (ls, _) = head_loss_sum(&h, &p.model.lm_head, &b.labels, cfg.loss_chunk)?;
             loss_sum += ls.to_scalar::<f32>()? as f64;
-            let g = (ls / n_tokens.max(1) as f64)?.backward()?;
+            let mut g = (ls / n_tokens.max(1) as f64)?.backward()?;
+            if let Some(side) = &side {
+                side.merge_into(&vars, &mut g)?;
+            }
             grads = Some(match grads {
                 None => g,
                 Some(mut acc) => {

@@ -5,7 +5,8 @@ mod common;
 use candle_core::{DType, Device, Tensor, D};
 use safetune_model::weights::Lora;
 use safetune_train::loss::head_loss_sum;
-use safetune_train::model::{segment_mask, Step};
+use safetune_train::model::{segment_mask, SideGrads, Step};
+use safetune_train::rng::TrainRng;
 use safetune_train::sft::IGNORE;
 use safetune_train::{LoraSettings, Mode, Target, TrainModel};
 
@@ -143,6 +144,15 @@ fn full_mode_logits_equal_inference_tied_embeddings() {
 }
 
 fn loss_and_grads(m: &TrainModel, ids: &Tensor) -> candle_core::backprop::GradStore {
+    loss_and_grads_with(m, ids, &mut Step::eval()).1
+}
+
+/// The loss and the gradients of every param; a recomputing step's side gradients merged in.
+fn loss_and_grads_with(
+    m: &TrainModel,
+    ids: &Tensor,
+    step: &mut Step,
+) -> (f32, candle_core::backprop::GradStore) {
     let (b, t) = ids.dims2().unwrap();
     let flat: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
     // Next-token labels, the first position of each row unlabelled (like a prompt).
@@ -153,12 +163,72 @@ fn loss_and_grads(m: &TrainModel, ids: &Tensor) -> candle_core::backprop::GradSt
         }
     }
     let mask = segment_mask(&vec![vec![1u32; t]; b]).unwrap();
-    let h = m
-        .hidden_states(ids, &positions(b, t), &mask, &mut Step::eval())
-        .unwrap();
+    let h = m.hidden_states(ids, &positions(b, t), &mask, step).unwrap();
     let (loss, n) = head_loss_sum(&h, &m.lm_head, &labels, 5).unwrap();
     assert_eq!(n, b * (t - 2));
-    loss.backward().unwrap()
+    let mut g = loss.backward().unwrap();
+    if let Some(side) = &step.recompute {
+        // The blocks are opaque to candle's graph: their params' gradients come from the side
+        // store only.
+        let inside = m
+            .params
+            .iter()
+            .find(|p| p.name.contains(".layers."))
+            .unwrap();
+        assert!(g.get(inside.var.as_tensor()).is_none(), "{}", inside.name);
+        let vars: Vec<_> = m.params.iter().map(|p| p.var.clone()).collect();
+        side.merge_into(&vars, &mut g).unwrap();
+    }
+    (loss.to_scalar::<f32>().unwrap(), g)
+}
+
+/// Activation recomputation changes memory, not results: the same loss and the same gradient
+/// for every param, with dropout masks replayed in the backward pass, for LoRA and full tuning.
+#[test]
+fn recomputed_blocks_give_the_same_loss_and_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = common::tiny_engine(dir.path());
+    let lora = Mode::Lora(LoraSettings {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.3,
+        targets: Target::ALL.to_vec(),
+    });
+    for mode in [lora, Mode::Full] {
+        let m = TrainModel::from_llama(&engine.model, &mode, 5).unwrap();
+        randomize_b(&m);
+        let ids = ids(2, 8, engine.model.cfg.vocab_size as u32);
+        let (mut r1, mut r2) = (TrainRng::new(9), TrainRng::new(9));
+        let (l1, g1) = loss_and_grads_with(
+            &m,
+            &ids,
+            &mut Step {
+                rng: Some(&mut r1),
+                recompute: None,
+            },
+        );
+        let (l2, g2) = loss_and_grads_with(
+            &m,
+            &ids,
+            &mut Step {
+                rng: Some(&mut r2),
+                recompute: Some(SideGrads::default()),
+            },
+        );
+        assert_eq!(r1, r2, "both passes draw the same dropout masks");
+        assert!((l1 - l2).abs() < 1e-5, "loss {l1} vs {l2}");
+        let mut worst = 0f32;
+        for p in &m.params {
+            let a = g1.get(p.var.as_tensor()).expect("plain gradient");
+            let b = g2
+                .get(p.var.as_tensor())
+                .unwrap_or_else(|| panic!("no recomputed gradient for {}", p.name));
+            let rel = max_abs_diff(a, b) / norm(a).max(1e-6);
+            assert!(rel < 1e-4, "{}: relative difference {rel}", p.name);
+            worst = worst.max(rel);
+        }
+        println!("{mode:?}: loss {l1}, worst relative gradient difference {worst:e}");
+    }
 }
 
 fn norm(t: &Tensor) -> f32 {
@@ -308,4 +378,107 @@ fn packed_rows_do_not_attend_across_examples() {
     let d2 = max_abs_diff(&hp.narrow(1, a.len(), b.len()).unwrap(), &hb);
     println!("packed vs separate: max abs diff {d1:e}, {d2:e}");
     assert!(d1 < 1e-5 && d2 < 1e-5);
+}
+
+/// The fused LoRA projection (one op over x, A, B) against the same layer from candle
+/// primitives, in output and in every gradient, with a dropout mask and a bias; and its
+/// gradients against central differences (exact up to rounding: the output is linear in x, in
+/// A and in B).
+#[test]
+fn fused_lora_projection_matches_primitives_and_finite_differences() {
+    use candle_core::Var;
+    use safetune_train::model::{LoraVars, TrainLinear};
+    let dev = Device::Cpu;
+    let (n, inp, out, r) = (6, 10, 7, 3);
+    let a = Var::from_tensor(&Tensor::randn(0f32, 0.5, (r, inp), &dev).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.5, (out, r), &dev).unwrap()).unwrap();
+    let lin = TrainLinear {
+        name: "test.q_proj".into(),
+        weight: Tensor::randn(0f32, 0.5, (out, inp), &dev).unwrap(),
+        bias: Some(Tensor::randn(0f32, 0.5, out, &dev).unwrap()),
+        lora: Some(LoraVars {
+            a: a.clone(),
+            b: b.clone(),
+            scale: 1.5,
+            dropout: 0.25,
+        }),
+    };
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, inp), &dev).unwrap()).unwrap();
+    let weights = Tensor::randn(0f32, 1.0, (n, out), &dev).unwrap();
+    // loss = sum(y * weights), with the dropout mask drawn from a fixed seed.
+    let run = |fused: bool, x: &Tensor| -> (Tensor, f32) {
+        let mut rng = TrainRng::new(4);
+        let mut step = Step {
+            rng: Some(&mut rng),
+            recompute: None,
+        };
+        let y = if fused {
+            lin.forward(x, &mut step).unwrap()
+        } else {
+            lin.forward_reference(x, &mut step).unwrap()
+        };
+        let loss = (&y * &weights).unwrap().sum_all().unwrap();
+        (y, loss.to_scalar::<f32>().unwrap())
+    };
+    let grads = |fused: bool| {
+        let mut rng = TrainRng::new(4);
+        let mut step = Step {
+            rng: Some(&mut rng),
+            recompute: None,
+        };
+        let y = if fused {
+            lin.forward(x.as_tensor(), &mut step).unwrap()
+        } else {
+            lin.forward_reference(x.as_tensor(), &mut step).unwrap()
+        };
+        (&y * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
+    let (yf, _) = run(true, x.as_tensor());
+    let (yr, _) = run(false, x.as_tensor());
+    let dy = max_abs_diff(&yf, &yr);
+    assert!(dy < 1e-5, "output differs by {dy}");
+    let (gf, gr) = (grads(true), grads(false));
+    for (name, t) in [("x", &x), ("A", &a), ("B", &b)] {
+        let d = max_abs_diff(
+            gf.get(t.as_tensor()).unwrap(),
+            gr.get(t.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-5, "gradient of {name} differs by {d}");
+    }
+    // Central differences on a few entries of each input.
+    let eps = 1e-2f32;
+    for (name, t) in [("x", &x), ("A", &a), ("B", &b)] {
+        let analytic: Vec<f32> = gf
+            .get(t.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f32> = t.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for k in [0, base.len() / 2, base.len() - 1] {
+            let at = |delta: f32| {
+                let mut v = base.clone();
+                v[k] += delta;
+                t.set(&Tensor::from_vec(v, t.shape(), &dev).unwrap())
+                    .unwrap();
+                let l = run(true, x.as_tensor()).1;
+                t.set(&Tensor::from_vec(base.clone(), t.shape(), &dev).unwrap())
+                    .unwrap();
+                l
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            let err = (numeric - analytic[k]).abs() / analytic[k].abs().max(1.0);
+            assert!(
+                err < 2e-3,
+                "d loss / d {name}[{k}]: numeric {numeric}, analytic {}",
+                analytic[k]
+            );
+        }
+    }
 }

@@ -74,6 +74,16 @@ fn same_seed_same_losses_and_the_loss_goes_down() {
         last < first * 0.9,
         "loss did not go down: {first} -> {last}"
     );
+    // Activation recomputation trains the same model, to the bit.
+    cfg.output = dir.path().join("r");
+    cfg.recompute = true;
+    let r = run(&cfg, &RunOptions::default());
+    assert_eq!(a.losses, r.losses, "recomputation changed the losses");
+    assert_eq!(
+        adapter_bytes(&cfg.output),
+        adapter_bytes(&dir.path().join("a"))
+    );
+    cfg.recompute = false;
     // Another seed gives another run.
     cfg.output = dir.path().join("c");
     cfg.seed = 1;

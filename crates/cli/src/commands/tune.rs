@@ -132,6 +132,11 @@ pub struct TuneArgs {
     /// Rows of logits computed at a time by the chunked lm_head + cross-entropy [default: 256].
     #[arg(long, value_name = "ROWS")]
     pub loss_chunk: Option<usize>,
+
+    /// Activation recomputation (gradient checkpointing): keep only each block's input and run
+    /// the block again in the backward pass. Much less memory, about a third more compute.
+    #[arg(long, alias = "gradient-checkpointing")]
+    pub recompute: bool,
 }
 
 /// A comma-separated list of target modules (one flag value).
@@ -201,6 +206,9 @@ impl TuneArgs {
         }
         if self.packing {
             c.packing = true;
+        }
+        if self.recompute {
+            c.recompute = true;
         }
         Ok(c)
     }
