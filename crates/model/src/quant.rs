@@ -63,6 +63,14 @@ pub fn quantize_rows(x: &[f32], k: usize, out: &mut Vec<XBlock>) {
     let rows = x.len() / k;
     out.clear();
     out.resize(rows * nb, EMPTY_XBLOCK);
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        for (chunk, blk) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+            // SAFETY: AVX2 is present (checked once) and the chunk holds 32 values.
+            unsafe { simd::quantize_block(chunk, blk) };
+        }
+        return;
+    }
     for (chunk, blk) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -420,6 +428,52 @@ mod simd {
         _mm_cvtss_f32(s)
     }
 
+    /// One block of 32 activations to 8 bits (round to nearest, ties to even).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn quantize_block(x: &[f32], out: &mut XBlock) {
+        let p = x.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let sign = _mm256_set1_ps(-0.0);
+        let mut amax = _mm256_andnot_ps(sign, v[0]);
+        for vi in &v[1..] {
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, *vi));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m1 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let d = _mm_cvtss_f32(m1) / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let mut q = [_mm256_setzero_si256(); 4];
+        for (qi, vi) in q.iter_mut().zip(&v) {
+            let r = _mm256_round_ps(
+                _mm256_mul_ps(*vi, id),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            *qi = _mm256_cvtps_epi32(r);
+        }
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s4 = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b10_11_00_01));
+        let total = _mm_cvtsi128_si32(s1);
+        // i32 -> i16 -> i8 packs interleave 128-bit lanes; the permute restores the order.
+        let a = _mm256_packs_epi32(q[0], q[1]);
+        let b = _mm256_packs_epi32(q[2], q[3]);
+        let c = _mm256_packs_epi16(a, b);
+        let c = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(out.qs.as_mut_ptr() as *mut __m256i, c);
+        out.d = d;
+        out.s = d * total as f32;
+    }
+
     /// Q4 row (nibbles `qs`, scales `d`, offsets `m`) against quantized activations.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_q4(d: &[f32], m: &[f32], qs: &[u8], x: &[XBlock]) -> f32 {
@@ -596,6 +650,29 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn block_quantization_rounds_and_sums() {
+        let mut rng = Rng::new(5);
+        let mut x = rand_vec(&mut rng, 3 * BLOCK);
+        x[BLOCK..2 * BLOCK].iter_mut().for_each(|v| *v = 0.0); // an all-zero block
+        let mut q = Vec::new();
+        quantize_rows(&x, 3 * BLOCK, &mut q);
+        assert_eq!(q.len(), 3);
+        assert_eq!((q[1].d, q[1].s), (0.0, 0.0));
+        assert!(q[1].qs.iter().all(|&v| v == 0));
+        for (b, blk) in [(0, &q[0]), (2, &q[2])] {
+            let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(blk.d, amax / 127.0);
+            for (v, &qi) in xs.iter().zip(&blk.qs) {
+                assert_eq!(qi as i32, (v / blk.d).round() as i32, "{v}");
+            }
+            let sum: i32 = blk.qs.iter().map(|&v| v as i32).sum();
+            assert_eq!(blk.s, blk.d * sum as f32);
+            assert!(blk.qs.iter().any(|&v| v.abs() == 127));
         }
     }
 
