@@ -24,10 +24,13 @@ pub enum ClassifierCommand {
         /// Where to write the head (JSON).
         #[arg(long, short, value_name = "HEAD.json")]
         output: PathBuf,
-        #[arg(long, default_value_t = 3000)]
+        #[arg(long, default_value_t = 2000)]
         epochs: usize,
         #[arg(long, default_value_t = 1e-3)]
         l2: f32,
+        /// Also write the labelled training examples as JSONL (prompt, response, label, source).
+        #[arg(long, value_name = "FILE.jsonl")]
+        examples_out: Option<PathBuf>,
     },
 }
 
@@ -38,6 +41,7 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             output,
             epochs,
             l2,
+            examples_out,
         } => {
             let gens: Vec<&std::path::Path> = generations.iter().map(|p| p.as_path()).collect();
             let ex = training_set(&gens)?;
@@ -47,6 +51,22 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
                 ex.len(),
                 ex.len() - r
             );
+            if let Some(path) = &examples_out {
+                let mut text = String::new();
+                for e in &ex {
+                    let row = serde_json::json!({
+                        "prompt": e.prompt,
+                        "response": e.text,
+                        "label": if e.refusal { "refusal" } else { "compliance" },
+                        "source": e.source,
+                    });
+                    text.push_str(&row.to_string());
+                    text.push('\n');
+                }
+                std::fs::write(path, text)
+                    .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+                eprintln!("wrote {} examples to {}", ex.len(), path.display());
+            }
             let enc = BertEncoder::load_default()?;
             let opts = TrainOptions {
                 epochs,
