@@ -4,7 +4,7 @@
 Not run by CI. Needs two Python peers, each in its own target directory (they bring different
 numpy and OpenMP builds, so each runs in its own subprocess):
 
-    pip install --target /tmp/torchpeer torch transformers gguf
+    pip install --target /tmp/torchpeer torch transformers gguf accelerate
     CMAKE_BUILD_PARALLEL_LEVEL=2 pip install --target /tmp/llamapeer llama-cpp-python
     cargo build --release -p safetune
     python3 bench/decode_throughput.py [--threads 2] [--runs 2] [--gguf FILE]

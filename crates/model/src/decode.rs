@@ -210,7 +210,7 @@ impl Llama {
             if items * s * d < PAR_ATTENTION_MIN {
                 (0..items).for_each(head);
             } else {
-                candle_core::utils::barrier_pool().execute_chunked(items, |range| {
+                crate::quant::par_chunks(items, |range| {
                     range.for_each(&head);
                 });
             }

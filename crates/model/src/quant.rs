@@ -2,7 +2,7 @@
 //! 32-value blocks (so a decode step reads 0.56-1.06 bytes per weight instead of 4), and each
 //! product runs against the activations quantized to 8 bits per 32-value block (a scale and the
 //! block's sum, as llama.cpp's Q8_1). Kernels use AVX2 (with FMA and F16C) when the CPU has them
-//! and plain Rust otherwise; the output features are split across candle's CPU thread pool.
+//! and plain Rust otherwise; the output features are split across the rayon thread pool.
 //!
 //! Block layouts are GGUF's: Q4_0 `{d: f16, qs: [u8; 16]}` (value `d * (q - 8)`), Q4_1
 //! `{d: f16, m: f16, qs: [u8; 16]}` (value `d * q + m`), both with element `j` in the low nibble of
@@ -331,9 +331,8 @@ impl QMatrix {
         quantize_rows(x, cols, &mut xq);
         let mut ys: Vec<Vec<f32>> = mats.iter().map(|m| vec![0f32; n * m.rows]).collect();
         let outs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
-        // Output features in groups of 8, shared out by candle's CPU thread pool (the calling
-        // thread works too); every item writes its features for every input row, reading each
-        // weight row once while it is hot in L1.
+        // Output features in groups of 8, shared out over the thread pool; every item writes
+        // its features for every input row, reading each weight row once while it is hot in L1.
         const GROUP: usize = 8;
         let starts: Vec<usize> = mats
             .iter()
@@ -372,7 +371,7 @@ impl QMatrix {
         if total_rows * n * nb < 4096 {
             work(0..groups);
         } else {
-            candle_core::utils::barrier_pool().execute_chunked(groups, work);
+            par_chunks(groups, work);
         }
         ys
     }
@@ -394,6 +393,26 @@ impl QMatrix {
         let mut out = lead.to_vec();
         out.push(self.rows);
         Tensor::from_vec(y, out, &Device::Cpu)
+    }
+}
+
+/// Runs `f` over `0..n_items` split into ranges on the rayon pool, the calling thread blocking
+/// until they are done. (`SAFETUNE_POOL=barrier` uses candle's spinning pool instead: a little
+/// faster on an idle machine, but when other processes share the cores its spin-waits for a
+/// descheduled worker cost whole time slices: batch-1 decoding fell from about 25 to 4 tokens/s
+/// at a load average of 6 on two cores.)
+pub(crate) fn par_chunks<F: Fn(std::ops::Range<usize>) + Sync>(n_items: usize, f: F) {
+    use std::sync::OnceLock;
+    static RAYON: OnceLock<bool> = OnceLock::new();
+    if *RAYON.get_or_init(|| std::env::var("SAFETUNE_POOL").as_deref() != Ok("barrier")) {
+        use rayon::prelude::*;
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = n_items.div_ceil(threads * 4).max(1);
+        (0..n_items.div_ceil(chunk))
+            .into_par_iter()
+            .for_each(|c| f(c * chunk..((c + 1) * chunk).min(n_items)));
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(n_items, f);
     }
 }
 
