@@ -187,16 +187,16 @@ impl TrainLinear {
                 Some(rng) if l.dropout > 0.0 => Some(dropout_mask(x, l.dropout, rng)?),
                 _ => None,
             };
-            let op = LoraLinear {
-                w: self.weight.clone(),
-                bias: self.bias.clone(),
-                scale: l.scale,
-                mask,
-            };
-            return x
-                .contiguous()?
-                .apply_op3(l.a.as_tensor(), l.b.as_tensor(), op)
-                .ctx(|| self.name.clone());
+            return ops::lora_linear(
+                x,
+                &self.weight,
+                self.bias.as_ref(),
+                l.a.as_tensor(),
+                l.b.as_tensor(),
+                l.scale,
+                mask.as_ref(),
+            )
+            .ctx(|| self.name.clone());
         }
         self.forward_reference(x, step)
     }
@@ -257,89 +257,6 @@ impl candle_core::CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.matmul(&self.w)?)) // (N, out) x (out, in) -> (N, in)
-    }
-}
-
-/// `y = x W^T + bias + scale * (m * x) A^T B^T` for a frozen W (out, in) and a LoRA A (r, in),
-/// B (out, r), m an optional dropout mask: one op over (x, A, B). Unfused, candle's graph would
-/// keep three (N, out) intermediates per projection for the backward pass (the base output, the
-/// adapter's output and its scaled copy); this op keeps none, and recomputes the (N, r)
-/// `x A^T` when the gradients are asked for.
-struct LoraLinear {
-    w: Tensor,
-    bias: Option<Tensor>,
-    scale: f64,
-    mask: Option<Tensor>,
-}
-
-/// A tensor over a contiguous CPU f32 storage (copied).
-fn cpu_tensor(
-    s: &candle_core::CpuStorage,
-    l: &candle_core::Layout,
-    what: &str,
-) -> candle_core::Result<Tensor> {
-    let data = s.as_slice::<f32>()?;
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("lora-linear: {what} must be contiguous");
-    };
-    Tensor::from_slice(&data[start..end], l.shape(), &Device::Cpu)
-}
-
-impl LoraLinear {
-    fn lora_input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.mask {
-            Some(m) => x * m,
-            None => Ok(x.clone()),
-        }
-    }
-}
-
-impl candle_core::CustomOp3 for LoraLinear {
-    fn name(&self) -> &'static str {
-        "lora-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = cpu_tensor(s1, l1, "x")?; // (N, in)
-        let a = cpu_tensor(s2, l2, "A")?; // (r, in)
-        let b = cpu_tensor(s3, l3, "B")?; // (out, r)
-        let h = self.lora_input(&x)?.matmul(&a.t()?)?; // (N, r)
-        let b_scaled = (b * self.scale)?;
-        let mut y = (x.matmul(&self.w.t()?)? + h.matmul(&b_scaled.t()?)?)?; // (N, out)
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        let shape = y.shape().clone();
-        let v = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((candle_core::CpuStorage::F32(v), shape))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        b: &Tensor,
-        _y: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), g.detach());
-        let xd = self.lora_input(&x)?; // (N, in)
-        let h = xd.matmul(&a.t()?)?; // (N, r)
-        let gs = (&g * self.scale)?; // (N, out)
-        let grad_b = gs.t()?.matmul(&h)?; // (out, r)
-        let gh = gs.matmul(&b)?; // (N, r)
-        let grad_a = gh.t()?.matmul(&xd)?; // (r, in)
-        let through_a = self.lora_input(&gh.matmul(&a)?)?; // (N, in)
-        let grad_x = (g.matmul(&self.w)? + through_a)?; // (N, in)
-        Ok((Some(grad_x), Some(grad_a), Some(grad_b)))
     }
 }
 

@@ -120,6 +120,25 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// A frozen linear layer with a LoRA adapter: `x W^T + bias + scale * (mask * x) A^T B^T`;
+/// x (N, in), w (out, in), bias (out), a (r, in), b (out, r), mask (N, in) -> (N, out).
+/// Gradients flow to x, a and b only (w and bias are frozen).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    if kernels() == Kernels::Fused {
+        fused::lora_linear(x, w, bias, a, b, scale, mask)
+    } else {
+        reference::lora_linear(x, w, bias, a, b, scale, mask)
+    }
+}
+
 /// Mean cross-entropy over rows whose target is not `ignore_index` (0 if there are none).
 /// logits: (N, V); targets: (N) u32 or i64.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {

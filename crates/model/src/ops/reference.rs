@@ -166,3 +166,26 @@ pub(crate) fn adamw_update(
     var.set(&theta.reshape(shape)?)?;
     Tensor::stack(&[&m, &v], 0)
 }
+
+/// A frozen linear layer with a LoRA adapter from primitives: `x W^T + bias + scale * (mask * x)
+/// A^T B^T` (w and bias detached, so no gradient is formed for them).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut y = x.matmul(&w.detach().t()?)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(&bias.detach())?;
+    }
+    let xd = match mask {
+        Some(m) => (x * m)?,
+        None => x.clone(),
+    };
+    let delta = xd.matmul(&a.t()?)?.matmul(&b.t()?)?;
+    y + (delta * scale)?
+}

@@ -6,6 +6,7 @@
 mod adamw;
 mod attention;
 mod elementwise;
+mod lora;
 mod loss;
 mod util;
 
@@ -118,6 +119,48 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
     gate.contiguous()?
         .apply_op2(&up.contiguous()?, elementwise::SiluMul)
+}
+
+/// A frozen linear layer (w (out, in), bias (out)) with a LoRA adapter (a (r, in), b (out, r)):
+/// `x W^T + bias + scale * (mask * x) A^T B^T`, x (N, in) -> (N, out). Gradients flow to x, a
+/// and b.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let mut all = vec![x, w, a, b];
+    all.extend(bias);
+    all.extend(mask);
+    if !cpu_f32(&all) {
+        return reference::lora_linear(x, w, bias, a, b, scale, mask);
+    }
+    let (_, inp) = x.dims2()?;
+    let (out, w_in) = w.dims2()?;
+    let (r, a_in) = a.dims2()?;
+    if w_in != inp || a_in != inp || b.dims() != [out, r] {
+        candle_core::bail!(
+            "lora_linear: x {:?}, w {:?}, a {:?}, b {:?} do not fit",
+            x.shape(),
+            w.shape(),
+            a.shape(),
+            b.shape()
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        lora::LoraLinear {
+            w: w.detach().contiguous()?,
+            bias: bias.map(|t| t.detach()),
+            scale: scale as f32,
+            mask: mask.map(|t| t.detach()),
+        },
+    )
 }
 
 /// Summed cross-entropy over logits (N, V) and the number of counted rows.
