@@ -24,18 +24,7 @@ GGUF=$HOME_DIR/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$GGUF" ] || { echo "missing $GGUF (run scripts/fetch-assets)" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-# 16 conversations whose answers run past 256 tokens: every row is cut to exactly 256.
-python3 - "$tmp/data.jsonl" <<'PY'
-import json, sys
-words = ("the patient should rest drink water and watch for fever while the body heals "
-         "doctors advise gentle exercise balanced meals and regular sleep for recovery").split()
-with open(sys.argv[1], "w") as f:
-    for i in range(16):
-        answer = " ".join(words[(i + k) % len(words)] for k in range(400))
-        f.write(json.dumps({"id": f"m{i}", "messages": [
-            {"role": "user", "content": f"Question {i}: how should I recover?"},
-            {"role": "assistant", "content": answer}]}) + "\n")
-PY
+python3 bench/gen_train_data.py "$tmp/data.jsonl"
 echo "binary: $BIN; steps: $STEPS; pinned to CPU $CPU; extra flags: ${*:-none}" >&2
 taskset -c "$CPU" /usr/bin/time -v "$BIN" tune --model "$GGUF" --data "$tmp/data.jsonl" -o "$tmp/out" \
   --rank 16 --alpha 32 --targets all --batch-size 8 --max-len 256 --max-steps "$STEPS" \

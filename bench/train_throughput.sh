@@ -21,17 +21,7 @@ GGUF=$HOME_DIR/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 "$BIN" merge --model "$GGUF" -o "$tmp/model" >/dev/null 2>&1
-python3 - "$tmp/data.jsonl" <<'PY'
-import json, sys
-words = ("the patient should rest drink water and watch for fever while the body heals "
-         "doctors advise gentle exercise balanced meals and regular sleep for recovery").split()
-with open(sys.argv[1], "w") as f:
-    for i in range(16):
-        answer = " ".join(words[(i + k) % len(words)] for k in range(400))
-        f.write(json.dumps({"id": f"m{i}", "messages": [
-            {"role": "user", "content": f"Question {i}: how should I recover?"},
-            {"role": "assistant", "content": answer}]}) + "\n")
-PY
+python3 bench/gen_train_data.py "$tmp/data.jsonl"
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 python3 bench/train_pytorch_lora.py --model "$tmp/model" --data "$tmp/data.jsonl" --steps "$STEPS" \
   --batch 8 --seq 256 --rank 16 --alpha 32 --lr 2e-4 --threads "$THREADS" --out "$tmp/peer.json" \
