@@ -212,7 +212,16 @@ impl TuneConfig {
     pub fn trajectory_key(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(m) = v.as_object_mut() {
-            for k in ["output", "eval_every", "save_every", "keep_checkpoints"] {
+            // Settings that change memory or bookkeeping, never the losses: a run killed for
+            // memory can resume with `--recompute` or a smaller `loss_chunk`.
+            for k in [
+                "output",
+                "eval_every",
+                "save_every",
+                "keep_checkpoints",
+                "recompute",
+                "loss_chunk",
+            ] {
                 m.remove(k);
             }
         }

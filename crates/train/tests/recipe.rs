@@ -188,6 +188,24 @@ fn resuming_with_other_settings_is_refused() {
             ..Default::default()
         },
     );
+    // Memory settings may change on resume: the run goes on, to the same losses (dropout is on,
+    // so the recomputed blocks replay its masks).
+    let mut plain = cfg.clone();
+    plain.output = dir.path().join("plain");
+    let uninterrupted = run(&plain, &RunOptions::default());
+    cfg.recompute = true;
+    let s = tune(
+        &cfg,
+        &RunOptions {
+            resume: true,
+            stop_after: Some(2),
+            ..Default::default()
+        },
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(s.steps, 2, "{s:?}");
+    assert_eq!(s.losses[..], uninterrupted.losses[1..2]);
     cfg.lr = 1e-3;
     let err = tune(
         &cfg,
