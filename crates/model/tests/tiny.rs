@@ -55,10 +55,10 @@ fn forward_shapes() {
     assert_eq!(h.dims(), &[2, 5, 64]);
 }
 
-#[test]
-fn kv_cache_decode_matches_full_forward() {
-    let dir = tempfile::tempdir().unwrap();
-    for (name, m) in [
+/// Grouped-query attention; and tied embeddings with q/k/v bias and as many key/value heads as
+/// query heads.
+fn variants() -> [(&'static str, TinyModel); 2] {
+    [
         ("gqa", TinyModel::default()),
         (
             "tied+qkv-bias",
@@ -70,7 +70,13 @@ fn kv_cache_decode_matches_full_forward() {
                 ..Default::default()
             },
         ),
-    ] {
+    ]
+}
+
+#[test]
+fn kv_cache_decode_matches_full_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, m) in variants() {
         let e = tiny(&dir.path().join(name), m);
         let tokens: Vec<u32> = e
             .tok
@@ -364,19 +370,7 @@ fn decode_benchmark_runs_exactly_the_asked_tokens_through_the_generation_loop() 
 #[test]
 fn decode_step_matches_the_tensor_path_with_padding_and_cache_growth() {
     let dir = tempfile::tempdir().unwrap();
-    for (name, m) in [
-        ("gqa", TinyModel::default()),
-        (
-            "tied+qkv-bias",
-            TinyModel {
-                tie_word_embeddings: true,
-                attention_bias: true,
-                num_key_value_heads: 4,
-                seed: 2,
-                ..Default::default()
-            },
-        ),
-    ] {
+    for (name, m) in variants() {
         let e = tiny(&dir.path().join(name), m);
         let cfg = &e.model.cfg;
         // Two rows, the second left-padded by 2: prefill (2, 6), then three one-token steps.

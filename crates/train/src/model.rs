@@ -179,10 +179,9 @@ impl SideGrads {
 impl TrainLinear {
     /// x: (N, in) -> (N, out)
     pub fn forward(&self, x: &Tensor, step: &mut Step) -> Result<Tensor> {
-        let fused =
-            ops::kernels() == ops::Kernels::Fused && x.device().is_cpu() && x.dtype() == DType::F32;
-        if let (Some(l), false, true) = (&self.lora, self.weight.is_variable(), fused) {
-            // Frozen base with an adapter: one op, which keeps nothing but its inputs.
+        if let (Some(l), false) = (&self.lora, self.weight.is_variable()) {
+            // Frozen base with an adapter: `ops::lora_linear` (fused on the CPU, primitives
+            // elsewhere), which keeps nothing but its inputs.
             let mask = match step.rng.as_deref_mut() {
                 Some(rng) if l.dropout > 0.0 => Some(dropout_mask(x, l.dropout, rng)?),
                 _ => None,
@@ -201,7 +200,8 @@ impl TrainLinear {
         self.forward_reference(x, step)
     }
 
-    /// The same layer from candle primitives (what non-CPU devices and `Kernels::Reference` use).
+    /// The layer from candle primitives: full fine-tuning, projections without an adapter, and
+    /// the reference the fused adapter op is tested against.
     pub fn forward_reference(&self, x: &Tensor, step: &mut Step) -> Result<Tensor> {
         let mut y = if self.weight.is_variable() {
             x.matmul(&self.weight.t()?)

@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::util::{matmul, slice, with_f32, Mat};
+use super::util::{matmul, slice, with_f32s, Mat};
 
 pub(crate) struct LoraLinear {
     /// (out, in), frozen.
@@ -20,14 +20,128 @@ pub(crate) struct LoraLinear {
     pub mask: Option<Tensor>,
 }
 
-/// `x * mask` when there is a mask (a new buffer), else `x` itself.
-fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>, buf: &'a mut Vec<f32>) -> &'a [f32] {
-    match mask {
+/// The adapter's input `m * x` (a new buffer when there is a mask, else `x` itself) and its
+/// product `h = (m * x) A^T` (N, r): computed by the forward pass and again by the backward.
+fn adapter_input<'a>(
+    x: &'a [f32],
+    mask: Option<&[f32]>,
+    a: &[f32],
+    (n, inp, r): (usize, usize, usize),
+    buf: &'a mut Vec<f32>,
+) -> (&'a [f32], Vec<f32>) {
+    let xd: &[f32] = match mask {
         Some(m) => {
             *buf = x.iter().zip(m).map(|(a, b)| a * b).collect();
             buf
         }
         None => x,
+    };
+    let mut h = vec![0f32; n * r];
+    let (xm, am) = (Mat::rm(xd, inp), Mat::rm_t(a, inp));
+    matmul(n, r, inp, &mut h, r, false, xm, am, 1.0, true);
+    (xd, h)
+}
+
+impl LoraLinear {
+    /// The frozen tensors this op holds, for [`with_f32s`]: w, then the mask and the bias if
+    /// present. Returns (w, mask, bias) from the slices in that order.
+    fn frozen(&self) -> Vec<&Tensor> {
+        [Some(&self.w), self.mask.as_ref(), self.bias.as_ref()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    fn split<'a>(&self, d: &[&'a [f32]]) -> (&'a [f32], Option<&'a [f32]>, Option<&'a [f32]>) {
+        let mask = self.mask.as_ref().map(|_| d[1]);
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|_| d[1 + usize::from(mask.is_some())]);
+        (d[0], mask, bias)
+    }
+
+    /// y (N, out) = x W^T + bias + scale * h B^T.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        w: &[f32],
+        mask: Option<&[f32]>,
+        bias: Option<&[f32]>,
+        (n, inp, r, out): (usize, usize, usize, usize),
+    ) -> Vec<f32> {
+        let mut y = vec![0f32; n * out];
+        let (xm, wm) = (Mat::rm(x, inp), Mat::rm_t(w, inp));
+        matmul(n, out, inp, &mut y, out, false, xm, wm, 1.0, true);
+        let mut buf = Vec::new();
+        let (_, h) = adapter_input(x, mask, a, (n, inp, r), &mut buf);
+        let (hm, bm) = (Mat::rm(&h, r), Mat::rm_t(b, r));
+        matmul(n, out, r, &mut y, out, true, hm, bm, self.scale, true);
+        if let Some(bias) = bias {
+            for row in y.chunks_exact_mut(out) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
+        y
+    }
+
+    /// (grad x, grad A, grad B) for the output gradient g (N, out).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        b: &[f32],
+        g: &[f32],
+        w: &[f32],
+        mask: Option<&[f32]>,
+        (n, inp, r, out): (usize, usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = self.scale;
+        let mut buf = Vec::new();
+        let (xd, h) = adapter_input(x, mask, a, (n, inp, r), &mut buf);
+        // grad B = s g^T h (out, r)
+        let mut grad_b = vec![0f32; out * r];
+        let (gt, hm) = (Mat::rm_t(g, out), Mat::rm(&h, r));
+        matmul(out, r, n, &mut grad_b, r, false, gt, hm, s, true);
+        // gh = s g B (N, r)
+        let mut gh = vec![0f32; n * r];
+        let (gm, bm) = (Mat::rm(g, out), Mat::rm(b, r));
+        matmul(n, r, out, &mut gh, r, false, gm, bm, s, true);
+        // grad A = gh^T xd (r, in)
+        let mut grad_a = vec![0f32; r * inp];
+        let (ght, xdm) = (Mat::rm_t(&gh, r), Mat::rm(xd, inp));
+        matmul(r, inp, n, &mut grad_a, inp, false, ght, xdm, 1.0, true);
+        // grad x = g W + m * (gh A)
+        let mut grad_x = vec![0f32; n * inp];
+        matmul(
+            n,
+            inp,
+            out,
+            &mut grad_x,
+            inp,
+            false,
+            gm,
+            Mat::rm(w, inp),
+            1.0,
+            true,
+        );
+        let (ghm, am) = (Mat::rm(&gh, r), Mat::rm(a, inp));
+        match mask {
+            None => matmul(n, inp, r, &mut grad_x, inp, true, ghm, am, 1.0, true),
+            Some(m) => {
+                let mut t = vec![0f32; n * inp];
+                matmul(n, inp, r, &mut t, inp, false, ghm, am, 1.0, true);
+                grad_x
+                    .iter_mut()
+                    .zip(t.iter().zip(m))
+                    .for_each(|(gx, (t, m))| *gx += t * m);
+            }
+        }
+        (grad_x, grad_a, grad_b)
     }
 }
 
@@ -48,61 +162,10 @@ impl candle_core::CustomOp3 for LoraLinear {
         let (x, a, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
         let (n, inp) = l1.shape().dims2()?;
         let (r, out) = (l2.shape().dims2()?.0, l3.shape().dims2()?.0);
-        let mut y = vec![0f32; n * out];
-        with_f32(&self.w, |w| {
-            // y = x W^T
-            matmul(
-                n,
-                out,
-                inp,
-                &mut y,
-                out,
-                false,
-                Mat::rm(x, inp),
-                Mat::rm_t(w, inp),
-                1.0,
-                true,
-            );
+        let y = with_f32s(&self.frozen(), |d| {
+            let (w, mask, bias) = self.split(d);
+            self.forward(x, a, b, w, mask, bias, (n, inp, r, out))
         })?;
-        let mask = match &self.mask {
-            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        let mut buf = Vec::new();
-        let xd = masked(x, mask.as_deref(), &mut buf);
-        // h = xd A^T (N, r); y += scale * h B^T
-        let mut h = vec![0f32; n * r];
-        matmul(
-            n,
-            r,
-            inp,
-            &mut h,
-            r,
-            false,
-            Mat::rm(xd, inp),
-            Mat::rm_t(a, inp),
-            1.0,
-            true,
-        );
-        matmul(
-            n,
-            out,
-            r,
-            &mut y,
-            out,
-            true,
-            Mat::rm(&h, r),
-            Mat::rm_t(b, r),
-            self.scale,
-            true,
-        );
-        if let Some(bias) = &self.bias {
-            with_f32(bias, |bias| {
-                for row in y.chunks_exact_mut(out) {
-                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-                }
-            })?;
-        }
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -116,125 +179,17 @@ impl candle_core::CustomOp3 for LoraLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, inp) = x.dims2()?;
         let (r, out) = (a.dim(0)?, b.dim(0)?);
-        let s = self.scale;
-        let mask = match &self.mask {
-            Some(m) => Some(m.flatten_all()?.to_vec1::<f32>()?),
-            None => None,
-        };
-        let x = x.flatten_all()?.to_vec1::<f32>()?;
-        let (a, b, g) = (
-            a.flatten_all()?.to_vec1::<f32>()?,
-            b.flatten_all()?.to_vec1::<f32>()?,
-            g.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-        );
-        let mut buf = Vec::new();
-        let xd = masked(&x, mask.as_deref(), &mut buf);
-        let mut h = vec![0f32; n * r]; // xd A^T
-        matmul(
-            n,
-            r,
-            inp,
-            &mut h,
-            r,
-            false,
-            Mat::rm(xd, inp),
-            Mat::rm_t(&a, inp),
-            1.0,
-            true,
-        );
-        let mut grad_b = vec![0f32; out * r]; // s g^T h
-        matmul(
-            out,
-            r,
-            n,
-            &mut grad_b,
-            r,
-            false,
-            Mat::rm_t(&g, out),
-            Mat::rm(&h, r),
-            s,
-            true,
-        );
-        let mut gh = vec![0f32; n * r]; // s g B
-        matmul(
-            n,
-            r,
-            out,
-            &mut gh,
-            r,
-            false,
-            Mat::rm(&g, out),
-            Mat::rm(&b, r),
-            s,
-            true,
-        );
-        let mut grad_a = vec![0f32; r * inp]; // gh^T xd
-        matmul(
-            r,
-            inp,
-            n,
-            &mut grad_a,
-            inp,
-            false,
-            Mat::rm_t(&gh, r),
-            Mat::rm(xd, inp),
-            1.0,
-            true,
-        );
-        // grad x = g W + m * (gh A)
-        let mut grad_x = vec![0f32; n * inp];
-        with_f32(&self.w, |w| {
-            matmul(
-                n,
-                inp,
-                out,
-                &mut grad_x,
-                inp,
-                false,
-                Mat::rm(&g, out),
-                Mat::rm(w, inp),
-                1.0,
-                true,
-            );
+        let mut ts = vec![x, a, b, g];
+        ts.extend(self.frozen());
+        let (gx, ga, gb) = with_f32s(&ts, |d| {
+            let (w, mask, _) = self.split(&d[4..]);
+            self.backward(d[0], d[1], d[2], d[3], w, mask, (n, inp, r, out))
         })?;
-        match &mask {
-            None => matmul(
-                n,
-                inp,
-                r,
-                &mut grad_x,
-                inp,
-                true,
-                Mat::rm(&gh, r),
-                Mat::rm(&a, inp),
-                1.0,
-                true,
-            ),
-            Some(m) => {
-                let mut t = vec![0f32; n * inp];
-                matmul(
-                    n,
-                    inp,
-                    r,
-                    &mut t,
-                    inp,
-                    false,
-                    Mat::rm(&gh, r),
-                    Mat::rm(&a, inp),
-                    1.0,
-                    true,
-                );
-                grad_x
-                    .iter_mut()
-                    .zip(t.iter().zip(m))
-                    .for_each(|(gx, (t, m))| *gx += t * m);
-            }
-        }
         let dev = &candle_core::Device::Cpu;
         Ok((
-            Some(Tensor::from_vec(grad_x, (n, inp), dev)?),
-            Some(Tensor::from_vec(grad_a, (r, inp), dev)?),
-            Some(Tensor::from_vec(grad_b, (out, r), dev)?),
+            Some(Tensor::from_vec(gx, (n, inp), dev)?),
+            Some(Tensor::from_vec(ga, (r, inp), dev)?),
+            Some(Tensor::from_vec(gb, (out, r), dev)?),
         ))
     }
 }

@@ -34,6 +34,24 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> 
     }
 }
 
+/// Runs `f` on the contiguous f32 data of several CPU tensors at once (each copied first only if
+/// it is strided), in the order given.
+pub(crate) fn with_f32s<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+    let ts = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let data = guards
+        .iter()
+        .map(|(st, l)| match &**st {
+            Storage::Cpu(cpu) => slice(cpu, l),
+            _ => candle_core::bail!("fused op: expected a CPU tensor"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(f(&data))
+}
+
 /// Runs `f` on a CPU f32 tensor's storage, start offset and strides (no copy).
 pub(crate) fn with_strided<R>(
     t: &Tensor,
