@@ -1,6 +1,7 @@
 //! Where fetched assets and embedded demo data live.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{DataError, Result};
 
@@ -13,6 +14,15 @@ pub fn safetune_home() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("safetune")
+}
+
+/// A temporary path in `dir` for writing `name` before renaming it into place, unique to this
+/// writer: several processes, and several threads of one process (the tests), may fill the same
+/// shared cache at once, and each must rename its own file.
+pub fn unique_tmp_path(dir: &Path, name: &str) -> PathBuf {
+    static WRITES: AtomicUsize = AtomicUsize::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
 /// The asset cache that `scripts/fetch-assets` fills.

@@ -1,9 +1,9 @@
 //! Demo data written by this project (see data/README.md), embedded in the binary so the
 //! quickstart works from any directory. `demo:NAME` names one wherever a dataset path is taken.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::assets::safetune_home;
+use crate::assets::{safetune_home, unique_tmp_path};
 use crate::error::{DataError, Result};
 
 /// (name, contents, what it is)
@@ -65,16 +65,51 @@ pub fn resolve_dataset(spec: &str) -> Result<PathBuf> {
             names.join(", ")
         ))
     })?;
-    let dir = safetune_home().join("demo");
+    write_if_changed(&safetune_home().join("demo"), name, text)
+}
+
+/// Writes `text` to `dir/NAME.jsonl` unless it already holds exactly that, through a temporary
+/// file and a rename, so a reader never sees half a file.
+fn write_if_changed(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     let path = dir.join(format!("{name}.jsonl"));
     let up_to_date = std::fs::read(&path)
         .map(|b| b == text.as_bytes())
         .unwrap_or(false);
     if !up_to_date {
-        std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+        let tmp = unique_tmp_path(dir, &format!("{name}.jsonl"));
         std::fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))?;
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_first_uses_all_succeed_and_leave_one_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let demo = dir.path().join("demo");
+        let text = demo_text("stem").unwrap();
+        let barrier = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    barrier.wait();
+                    write_if_changed(&demo, "stem", text).unwrap()
+                });
+            }
+        });
+        assert_eq!(
+            std::fs::read_to_string(demo.join("stem.jsonl")).unwrap(),
+            text
+        );
+        let names: Vec<_> = std::fs::read_dir(&demo)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("stem.jsonl")]);
+    }
 }

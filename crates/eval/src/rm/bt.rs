@@ -293,7 +293,7 @@ pub fn demo_head(spec: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<s
         progress,
     )?;
     std::fs::create_dir_all(&dir).map_err(|e| RmError::io(&dir, e))?;
-    let tmp = dir.join(format!(".bt-demo.{}.tmp", std::process::id()));
+    let tmp = safetune_data::assets::unique_tmp_path(&dir, "bt-demo");
     let json = serde_json::to_string(&head).map_err(|e| RmError::Other(e.to_string()))?;
     std::fs::write(&tmp, json + "\n").map_err(|e| RmError::io(&tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| RmError::io(&path, e))?;
