@@ -2,7 +2,9 @@
 //! 32-value blocks (so a decode step reads 0.56-1.06 bytes per weight instead of 4), and each
 //! product runs against the activations quantized to 8 bits per 32-value block (a scale and the
 //! block's sum, as llama.cpp's Q8_1). Kernels use AVX2 (with FMA and F16C) when the CPU has them
-//! and plain Rust otherwise; the output features are split across the rayon thread pool.
+//! and plain Rust otherwise; the output features are split across the rayon thread pool. On CPUs
+//! with VNNI the blocks are repacked at load, 8 rows interleaved (see [`packed`]), for kernels
+//! built on `vpdpbusd`.
 //!
 //! Block layouts are GGUF's: Q4_0 `{d: f16, qs: [u8; 16]}` (value `d * (q - 8)`), Q4_1
 //! `{d: f16, m: f16, qs: [u8; 16]}` (value `d * q + m`), both with element `j` in the low nibble of
@@ -10,6 +12,9 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+
+pub mod packed;
+use packed::Packed;
 
 /// Values per block.
 pub const BLOCK: usize = 32;
@@ -104,6 +109,31 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// How a [`QMatrix`] keeps its blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// GGUF's: row after row (the AVX2 and portable kernels).
+    Rows,
+    /// 8 rows interleaved for the VNNI kernels ([`packed`]).
+    Packed,
+}
+
+impl Layout {
+    /// `Packed` where the CPU has VNNI, else `Rows`; `SAFETUNE_QKERNEL=avx2` forces `Rows` (to
+    /// compare the two).
+    pub fn for_this_cpu() -> Layout {
+        use std::sync::OnceLock;
+        static L: OnceLock<Layout> = OnceLock::new();
+        *L.get_or_init(|| {
+            if packed::available() && std::env::var("SAFETUNE_QKERNEL").as_deref() != Ok("avx2") {
+                Layout::Packed
+            } else {
+                Layout::Rows
+            }
+        })
+    }
+}
+
 /// An (out, in) weight matrix kept in GGUF blocks.
 #[derive(Clone)]
 pub struct QMatrix {
@@ -118,6 +148,8 @@ pub struct QMatrix {
     m: Vec<f32>,
     /// Q4: 16 bytes per block; Q8_0: 32 signed bytes per block.
     qs: Vec<u8>,
+    /// The same blocks in the packed layout; `d`, `m` and `qs` are then empty.
+    packed: Option<Packed>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -149,6 +181,18 @@ impl QMatrix {
         rows: usize,
         cols: usize,
         data: &[u8],
+    ) -> candle_core::Result<QMatrix> {
+        QMatrix::from_gguf_bytes_in(format, rows, cols, data, Layout::for_this_cpu())
+    }
+
+    /// As [`QMatrix::from_gguf_bytes`], in a chosen layout (a packed matrix on a CPU without
+    /// VNNI runs a slow portable kernel: for tests).
+    pub fn from_gguf_bytes_in(
+        format: QFormat,
+        rows: usize,
+        cols: usize,
+        data: &[u8],
+        layout: Layout,
     ) -> candle_core::Result<QMatrix> {
         let nblocks = rows * cols / BLOCK;
         let bb = format.block_bytes();
@@ -183,6 +227,18 @@ impl QMatrix {
                 }
             }
         }
+        if layout == Layout::Packed {
+            let p = Packed::from_rows(format, rows, cols, &d, &m, &qs);
+            return Ok(QMatrix {
+                format,
+                rows,
+                cols,
+                d: Vec::new(),
+                m: Vec::new(),
+                qs: Vec::new(),
+                packed: Some(p),
+            });
+        }
         Ok(QMatrix {
             format,
             rows,
@@ -190,7 +246,16 @@ impl QMatrix {
             d,
             m,
             qs,
+            packed: None,
         })
+    }
+
+    pub fn layout(&self) -> Layout {
+        if self.packed.is_some() {
+            Layout::Packed
+        } else {
+            Layout::Rows
+        }
     }
 
     fn blocks_per_row(&self) -> usize {
@@ -199,6 +264,9 @@ impl QMatrix {
 
     /// The weights as f32 (rows, cols).
     pub fn dequantize(&self) -> Vec<f32> {
+        if let Some(p) = &self.packed {
+            return p.dequantize(self.rows);
+        }
         let mut out = vec![0f32; self.rows * self.cols];
         let nb = self.rows * self.blocks_per_row();
         for blk in 0..nb {
@@ -333,7 +401,6 @@ impl QMatrix {
         let outs: Vec<SendPtr> = ys.iter_mut().map(|y| SendPtr(y.as_mut_ptr())).collect();
         // Output features in groups of 8, shared out over the thread pool; every item writes
         // its features for every input row, reading each weight row once while it is hot in L1.
-        const GROUP: usize = 8;
         let starts: Vec<usize> = mats
             .iter()
             .scan(0, |acc, m| {
@@ -345,24 +412,24 @@ impl QMatrix {
         let groups: usize = mats.iter().map(|m| m.rows.div_ceil(GROUP)).sum();
         let work = |items: std::ops::Range<usize>| {
             let outs = &outs;
-            for item in items {
-                let mi = starts.partition_point(|&s| s <= item) - 1;
-                let m = mats[mi];
-                let lo = (item - starts[mi]) * GROUP;
-                for r in lo..(lo + GROUP).min(m.rows) {
-                    let mut i = 0;
-                    while i + 4 <= n {
-                        let v = m.dot4(r, &xq[i * nb..(i + 4) * nb]);
-                        for (j, vj) in v.iter().enumerate() {
-                            // SAFETY: (i + j, r) of matrix `mi` is written by this item only.
-                            unsafe { *outs[mi].0.add((i + j) * m.rows + r) = *vj };
+            // Long inputs (a prefill) in chunks of rows that stay in the cache while each
+            // item's weights are read once per chunk.
+            for i0 in (0..n).step_by(X_CHUNK) {
+                let rows_here = X_CHUNK.min(n - i0);
+                let x_here = &xq[i0 * nb..(i0 + rows_here) * nb];
+                for item in items.clone() {
+                    let mi = starts.partition_point(|&s| s <= item) - 1;
+                    let m = mats[mi];
+                    let g = item - starts[mi];
+                    // SAFETY: rows i0.. of the outputs of group `g` of matrix `mi` are written
+                    // by this item only.
+                    let out = unsafe { outs[mi].0.add(i0 * m.rows) };
+                    // SAFETY: as above; `x_here` holds rows_here * nb blocks.
+                    unsafe {
+                        match &m.packed {
+                            Some(p) => p.group_product(g, x_here, rows_here, out, m.rows, m.rows),
+                            None => m.rows_product(g * GROUP, x_here, rows_here, out),
                         }
-                        i += 4;
-                    }
-                    for i in i..n {
-                        let v = m.dot(r, &xq[i * nb..(i + 1) * nb]);
-                        // SAFETY: (i, r) of matrix `mi` is written by this item only.
-                        unsafe { *outs[mi].0.add(i * m.rows + r) = v };
                     }
                 }
             }
@@ -374,6 +441,28 @@ impl QMatrix {
             par_chunks(groups, work);
         }
         ys
+    }
+
+    /// The row layout's product for weight rows `lo..lo + 8` and `n` activation rows, writing
+    /// `out[i * rows + r]`.
+    ///
+    /// # Safety
+    /// `out` must be valid for those writes, and no other thread may write them.
+    unsafe fn rows_product(&self, lo: usize, xq: &[XBlock], n: usize, out: *mut f32) {
+        let nb = self.blocks_per_row();
+        for r in lo..(lo + GROUP).min(self.rows) {
+            let mut i = 0;
+            while i + 4 <= n {
+                let v = self.dot4(r, &xq[i * nb..(i + 4) * nb]);
+                for (j, vj) in v.iter().enumerate() {
+                    *out.add((i + j) * self.rows + r) = *vj;
+                }
+                i += 4;
+            }
+            for i in i..n {
+                *out.add(i * self.rows + r) = self.dot(r, &xq[i * nb..(i + 1) * nb]);
+            }
+        }
     }
 
     /// `x W^T` for a tensor (..., cols) -> (..., rows).
@@ -395,6 +484,11 @@ impl QMatrix {
         Tensor::from_vec(y, out, &Device::Cpu)
     }
 }
+
+/// Output rows per work item (the packed layout's group).
+const GROUP: usize = packed::LANES;
+/// Activation rows per pass over the weights in [`QMatrix::matmul_many`].
+const X_CHUNK: usize = 64;
 
 /// Runs `f` over `0..n_items` split into ranges on the rayon pool, the calling thread blocking
 /// until they are done. (`SAFETUNE_POOL=barrier` uses candle's spinning pool instead: a little
@@ -627,13 +721,21 @@ mod tests {
     #[test]
     fn every_format_matches_candles_dequantization_and_a_dense_product() {
         let mut rng = Rng::new(3);
-        let (rows, cols, n) = (70, 96, 5);
+        // 70 rows: the packed layout's last group is partly padding. 67 activation rows: two
+        // chunks of X_CHUNK, and tiles of 4 and of 3.
+        let (rows, cols, n) = (70, 96, 67);
         let w = rand_vec(&mut rng, rows * cols);
         let x = rand_vec(&mut rng, n * cols);
         let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        for (dt, layout) in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0]
+            .into_iter()
+            .flat_map(|dt| [(dt, Layout::Rows), (dt, Layout::Packed)])
+        {
             let q = QTensor::quantize(&wt, dt).unwrap();
-            let m = QMatrix::from_qtensor(&q).unwrap().unwrap();
+            let format = QFormat::from_ggml(dt).unwrap();
+            let m = QMatrix::from_gguf_bytes_in(format, rows, cols, &q.data().unwrap(), layout)
+                .unwrap();
+            assert_eq!(m.layout(), layout);
             let ours = m.dequantize();
             let theirs = q
                 .dequantize(&Device::Cpu)
@@ -642,7 +744,7 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            assert_eq!(ours, theirs, "{dt:?} dequantization");
+            assert_eq!(ours, theirs, "{dt:?} {layout:?} dequantization");
             // The product against the dequantized weights: exact for the 8-bit activations the
             // kernel sees, and within their rounding error of the f32 activations.
             let y = m.matmul(&x);
@@ -661,11 +763,11 @@ mod tests {
                     let got = y[i * rows + r] as f64;
                     assert!(
                         (got - seen).abs() < 1e-4 * (1.0 + seen.abs()),
-                        "{dt:?} row {i} col {r}: {got} vs {seen}"
+                        "{dt:?} {layout:?} row {i} col {r}: {got} vs {seen}"
                     );
                     assert!(
                         (got - exact).abs() < 0.05,
-                        "{dt:?} row {i} col {r}: {got} vs {exact}"
+                        "{dt:?} {layout:?} row {i} col {r}: {got} vs {exact}"
                     );
                 }
             }
@@ -705,9 +807,11 @@ mod tests {
         let mut xq = Vec::new();
         quantize_rows(&x, cols, &mut xq);
         for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let m = QMatrix::from_qtensor(&QTensor::quantize(&w, dt).unwrap())
-                .unwrap()
-                .unwrap();
+            let q = QTensor::quantize(&w, dt).unwrap();
+            let format = QFormat::from_ggml(dt).unwrap();
+            let m =
+                QMatrix::from_gguf_bytes_in(format, rows, cols, &q.data().unwrap(), Layout::Rows)
+                    .unwrap();
             let deq = m.dequantize();
             for r in 0..rows {
                 // Scalar reference over the quantized activations.
