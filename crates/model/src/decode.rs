@@ -8,6 +8,7 @@ use candle_core::{Device, Module, Tensor};
 
 use crate::llama::{KvCache, Llama, RmsNorm};
 use crate::quant::QMatrix;
+use crate::vecmath;
 use crate::weights::{Linear, LinearWeight};
 
 /// Raw-pointer wrapper for workers that write disjoint parts of one buffer.
@@ -72,23 +73,6 @@ fn rope_row(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32]) {
             b[i] = x1 * sin[i] + x2 * cos[i];
         }
     }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums: the compiler vectorises this.
-    let mut acc = [0f32; 8];
-    let (ac, ar) = a.split_at(a.len() / 8 * 8);
-    let (bc, br) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    s
 }
 
 fn tensor_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -185,23 +169,11 @@ impl Llama {
                 let base = (r * kh + g) * cap * d;
                 let qv = &q[(r * h + hh) * d..(r * h + hh + 1) * d];
                 let m = &mask[r * s..(r + 1) * s];
-                let mut scores: Vec<f32> = (0..s)
-                    .map(|j| dot(qv, &ck[base + j * d..base + (j + 1) * d]) * scale + m[j])
-                    .collect();
-                let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let mut total = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    total += *sc;
-                }
+                let mut scores = vec![0f32; s];
+                vecmath::scores(qv, &ck[base..base + s * d], scale, m, &mut scores);
+                vecmath::softmax(&mut scores);
                 let mut o = vec![0f32; d];
-                for (j, p) in scores.iter().enumerate() {
-                    let p = p / total;
-                    let vr = &cv[base + j * d..base + (j + 1) * d];
-                    for (oi, vi) in o.iter_mut().zip(vr) {
-                        *oi += p * vi;
-                    }
-                }
+                vecmath::weighted_sum(&scores, &cv[base..base + s * d], &mut o);
                 // SAFETY: item (r, hh) writes only its own D values of `att`.
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(item * d), d) };
                 dst.copy_from_slice(&o);
@@ -226,9 +198,7 @@ impl Llama {
             let mut gu = forward_many(&[&mlp.gate_proj, &mlp.up_proj], &normed, b)?;
             let up = gu.pop().expect("two"); // (B, I)
             let mut gate = gu.pop().expect("two"); // (B, I)
-            for (gi, ui) in gate.iter_mut().zip(&up) {
-                *gi = *gi / (1.0 + (-*gi).exp()) * ui;
-            }
+            vecmath::silu_mul(&mut gate, &up);
             let down = mlp.down_proj.forward_rows(&gate, b)?; // (B, C)
             for (xi, di) in x.iter_mut().zip(&down) {
                 *xi += di;

@@ -35,6 +35,7 @@ pub mod spec;
 pub mod template;
 pub mod testing;
 pub mod tokenizer;
+pub mod vecmath;
 pub mod weights;
 
 pub use backend::{

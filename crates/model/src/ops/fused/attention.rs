@@ -7,6 +7,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::vecmath;
+
 use super::util::{matmul, strided, with_f32, with_strided, Mat};
 
 const BLOCK: usize = 64;
@@ -124,12 +126,8 @@ impl Attention {
                             let i = i0 + ri;
                             let vis = &mut row[..=i];
                             self.mask_row(mask, bi, t, i, vis);
-                            let mx = vis.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                            let mut sum = 0f32;
-                            for x in vis.iter_mut() {
-                                *x = (*x - mx).exp();
-                                sum += *x;
-                            }
+                            let mx = vecmath::max(vis);
+                            let sum = vecmath::exp_shifted(vis, mx);
                             let inv = 1.0 / sum;
                             for x in vis.iter_mut() {
                                 *x *= inv;
@@ -205,10 +203,7 @@ impl Attention {
                         for (ri, row) in pb.chunks_exact_mut(i1).enumerate() {
                             let i = i0 + ri;
                             self.mask_row(mask, bi, t, i, &mut row[..=i]);
-                            let l = lse[i];
-                            for x in row[..=i].iter_mut() {
-                                *x = (*x - l).exp();
-                            }
+                            vecmath::exp_shifted(&mut row[..=i], lse[i]);
                             for x in row[i + 1..].iter_mut() {
                                 *x = 0.0;
                             }

@@ -3,6 +3,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::vecmath;
+
 use super::util::{slice, strided, with_f32, with_strided};
 
 /// Rows per rayon task for row-wise kernels.
@@ -137,9 +139,8 @@ impl CustomOp2 for SiluMul {
                     .zip(u.par_chunks(ELEMS_PER_TASK)),
             )
             .for_each(|(o, (g, u))| {
-                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                    *o = g / (1.0 + (-g).exp()) * u;
-                }
+                o.copy_from_slice(g);
+                vecmath::silu_mul(o, u);
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -165,8 +166,10 @@ impl CustomOp2 for SiluMul {
                                 .zip(d.par_chunks(ELEMS_PER_TASK)),
                         )
                         .for_each(|((dg, du), ((g, u), d))| {
+                            // The sigmoid goes into dg first, then dg is overwritten in place.
+                            vecmath::sigmoid(g, dg);
                             for i in 0..g.len() {
-                                let s = 1.0 / (1.0 + (-g[i]).exp());
+                                let s = dg[i];
                                 du[i] = d[i] * g[i] * s;
                                 dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
                             }

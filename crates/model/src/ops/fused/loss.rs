@@ -6,16 +6,10 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::vecmath;
+
 use super::util::{matmul, slice, with_f32, Mat};
 use crate::ops::Targets;
-
-/// log-sum-exp of a row, and the row's maximum.
-#[inline]
-fn lse(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f32 = row.iter().map(|&x| (x - m).exp()).sum();
-    m + s.ln()
-}
 
 /// Summed cross-entropy over logits (N, V). Saves each row's log-sum-exp for the backward pass.
 pub(crate) struct CrossEntropy {
@@ -39,7 +33,7 @@ impl CustomOp1 for CrossEntropy {
                 let row = &x[i * v..(i + 1) * v];
                 match self.targets.get(i) {
                     Some(t) => {
-                        let l = lse(row);
+                        let l = vecmath::log_sum_exp(row);
                         *out = l;
                         (l - row[t]) as f64
                     }
@@ -67,10 +61,9 @@ impl CustomOp1 for CrossEntropy {
             d.par_chunks_mut(v).enumerate().for_each(|(i, drow)| {
                 if let Some(t) = self.targets.get(i) {
                     let row = &x[i * v..(i + 1) * v];
-                    let l = lses[i];
-                    for (d, &x) in drow.iter_mut().zip(row) {
-                        *d = g * (x - l).exp();
-                    }
+                    drow.copy_from_slice(row);
+                    vecmath::exp_shifted(drow, lses[i]);
+                    drow.iter_mut().for_each(|d| *d *= g);
                     drow[t] -= g;
                 }
             });
@@ -149,13 +142,15 @@ impl CustomOp2 for LmHeadCe {
                 .zip(part.par_iter())
                 .map(|(row, &i)| {
                     let t = self.targets.get(i).unwrap_or(0);
-                    let l = lse(row);
-                    let loss = (l - row[t]) as f64;
+                    let target = row[t];
+                    // The row becomes its softmax (the exponentials once, then scaled).
+                    let m = vecmath::max(row);
+                    let s = vecmath::exp_shifted(row, m);
+                    let loss = (m + s.ln() - target) as f64;
                     if want_grad {
                         // Softmax minus one-hot: d loss_i / d logits_i.
-                        for x in row.iter_mut() {
-                            *x = (*x - l).exp();
-                        }
+                        let inv = 1.0 / s;
+                        row.iter_mut().for_each(|x| *x *= inv);
                         row[t] -= 1.0;
                     }
                     loss
