@@ -29,6 +29,7 @@ pub mod hub;
 pub mod job;
 pub mod llama;
 pub mod ops;
+pub mod pool;
 pub mod quant;
 pub mod reward;
 pub mod spec;
