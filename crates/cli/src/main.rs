@@ -1,6 +1,7 @@
 //! The `safetune` binary: flag definitions, settings resolution, dispatch and printing.
 //! Every stage's logic lives in the library crates.
 
+mod alloc;
 mod commands;
 mod exit;
 
@@ -72,6 +73,7 @@ enum Command {
 }
 
 fn main() {
+    alloc::configure();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
