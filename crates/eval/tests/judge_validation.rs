@@ -31,9 +31,10 @@ fn classifier_judge_on_the_embedded_default() {
     // Measured 61/64 (0.953); target 0.85.
     assert!(extra.agreement.accuracy.share >= 0.93, "{extra:?}");
     let main = eval(&c, "refusal");
-    // Measured 99/105 (0.943), just below the 0.95 target (the head alone, before the opening
-    // and off-topic checks: 83/105); this guards against regressions.
-    assert!(main.agreement.accuracy.share >= 0.93, "{main:?}");
+    // Measured 100/105 (0.952), the 0.95 target (the head alone: 83/105; with the opening and
+    // off-topic checks: 99/105; the explicit-decline check added one). The closest correct
+    // head score is 0.027 from its threshold, far beyond rounding differences between CPUs.
+    assert!(main.agreement.accuracy.share >= 0.95, "{main:?}");
     assert_eq!(main.unparseable + extra.unparseable, 0);
 }
 
