@@ -2,9 +2,10 @@
 //! 32-value blocks (so a decode step reads 0.56-1.06 bytes per weight instead of 4), and each
 //! product runs against the activations quantized to 8 bits per 32-value block (a scale and the
 //! block's sum, as llama.cpp's Q8_1). Kernels use AVX2 (with FMA and F16C) when the CPU has them
-//! and plain Rust otherwise; the output features are split across the rayon thread pool. On CPUs
-//! with VNNI the blocks are repacked at load, 8 rows interleaved (see [`packed`]), for kernels
-//! built on `vpdpbusd`.
+//! and plain Rust otherwise; the output features are split across [`crate::pool`]. On CPUs with
+//! VNNI the blocks are repacked at load, 8 rows interleaved (see [`packed`]), for kernels built on
+//! `vpdpbusd`; that layout keeps each block's scale and offset as f32 (0.75 bytes per weight for
+//! Q4, 1.25 for Q8_0).
 //!
 //! Block layouts are GGUF's: Q4_0 `{d: f16, qs: [u8; 16]}` (value `d * (q - 8)`), Q4_1
 //! `{d: f16, m: f16, qs: [u8; 16]}` (value `d * q + m`), both with element `j` in the low nibble of
