@@ -64,13 +64,12 @@ pub fn scores(q: &[f32], keys: &[f32], scale: f32, mask: &[f32], out: &mut [f32]
         "scores: short input"
     );
     #[cfg(target_arch = "x86_64")]
-    if avx2() && d.is_multiple_of(8) && d <= 128 {
+    if avx2() && (d == 64 || d == 128) {
         // SAFETY: as in `dot`; the lengths were checked above.
         unsafe {
-            return match d / 8 {
-                8 => x86::scores::<8>(q, keys, scale, mask, out),
-                16 => x86::scores::<16>(q, keys, scale, mask, out),
-                _ => x86::scores_any(q, keys, scale, mask, out),
+            return match d {
+                64 => x86::scores::<8>(q, keys, scale, mask, out),
+                _ => x86::scores::<16>(q, keys, scale, mask, out),
             };
         }
     }
@@ -85,13 +84,12 @@ pub fn weighted_sum(weights: &[f32], rows: &[f32], out: &mut [f32]) {
     let d = out.len();
     assert!(rows.len() >= weights.len() * d, "weighted_sum: short input");
     #[cfg(target_arch = "x86_64")]
-    if avx2() && d.is_multiple_of(8) && d <= 128 {
+    if avx2() && (d == 64 || d == 128) {
         // SAFETY: as in `dot`; the lengths were checked above.
         unsafe {
-            return match d / 8 {
-                8 => x86::weighted_sum::<8>(weights, rows, out),
-                16 => x86::weighted_sum::<16>(weights, rows, out),
-                _ => x86::weighted_sum_any(weights, rows, out),
+            return match d {
+                64 => x86::weighted_sum::<8>(weights, rows, out),
+                _ => x86::weighted_sum::<16>(weights, rows, out),
             };
         }
     }
@@ -268,14 +266,6 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores_any(q: &[f32], keys: &[f32], scale: f32, mask: &[f32], out: &mut [f32]) {
-        let d = q.len();
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = dot(q, &keys[j * d..(j + 1) * d]) * scale + mask[j];
-        }
-    }
-
     /// Head size `8 * NV`: the sum stays in registers.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn weighted_sum<const NV: usize>(weights: &[f32], rows: &[f32], out: &mut [f32]) {
@@ -291,15 +281,6 @@ mod x86 {
         }
         for (k, a) in acc.iter().enumerate() {
             _mm256_storeu_ps(out.as_mut_ptr().add(8 * k), *a);
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum_any(weights: &[f32], rows: &[f32], out: &mut [f32]) {
-        let d = out.len();
-        out.fill(0.0);
-        for (j, &w) in weights.iter().enumerate() {
-            axpy(out, w, &rows[j * d..(j + 1) * d]);
         }
     }
 
