@@ -26,6 +26,32 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, TrainError};
 use crate::model::{LoraSettings, Mode, Target};
 
+/// The keys that name a run's model, training data and output directory. A caller that supplies
+/// them itself (the study's align and tune steps) takes every other key from its settings.
+pub const RUN_KEYS: [&str; 3] = ["model", "data", "output"];
+
+/// What is wrong with a table of run settings ([`TuneConfig::from_settings`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SettingsError {
+    #[error("`{key}`: unknown setting (accepted: {})", accepted.join(", "))]
+    Unknown { key: String, accepted: Vec<String> },
+    #[error("`{key}`: set by the caller, not by settings")]
+    RunKey { key: String },
+    /// A wrong type or a value out of range; `key` is empty when no one key is to blame.
+    #[error("`{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl SettingsError {
+    pub fn key(&self) -> &str {
+        match self {
+            SettingsError::Unknown { key, .. }
+            | SettingsError::RunKey { key }
+            | SettingsError::Invalid { key, .. } => key,
+        }
+    }
+}
+
 /// Learning-rate decay after warmup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -143,7 +169,15 @@ impl TuneConfig {
 
     /// Checks values; errors name the key.
     pub fn validate(&self) -> Result<()> {
-        let bad = |k: &str, m: &str| Err(TrainError::config(format!("key `{k}`"), m));
+        match self.problem() {
+            Some((k, m)) => Err(TrainError::config(format!("key `{k}`"), m)),
+            None => Ok(()),
+        }
+    }
+
+    /// The first value out of range, as (key, what is wrong); `None` when every value is fine.
+    pub fn problem(&self) -> Option<(&'static str, &'static str)> {
+        let bad = |k: &'static str, m: &'static str| Some((k, m));
         if self.model.is_empty() {
             return bad("model", "no model given");
         }
@@ -191,7 +225,69 @@ impl TuneConfig {
         if self.max_grad_norm < 0.0 {
             return bad("max_grad_norm", "must be 0 (off) or positive");
         }
-        Ok(())
+        None
+    }
+
+    /// Every key of a config file, sorted; read from the struct itself, so it is the one list.
+    pub fn keys() -> Vec<String> {
+        let mut keys: Vec<String> = match serde_json::to_value(TuneConfig::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        keys.sort();
+        keys
+    }
+
+    /// The keys a settings table may hold: every key but [`RUN_KEYS`].
+    pub fn settings_keys() -> Vec<String> {
+        Self::keys()
+            .into_iter()
+            .filter(|k| !RUN_KEYS.contains(&k.as_str()))
+            .collect()
+    }
+
+    /// Reads a table of run settings (every key but [`RUN_KEYS`], which the caller supplies):
+    /// each key is checked for its name and read on its own through this struct's
+    /// deserializer, then the whole is checked by [`TuneConfig::problem`]. The model, data and
+    /// output of the result are placeholders.
+    pub fn from_settings(table: &toml::Table) -> std::result::Result<TuneConfig, SettingsError> {
+        let accepted = Self::settings_keys();
+        for (key, value) in table {
+            if RUN_KEYS.contains(&key.as_str()) {
+                return Err(SettingsError::RunKey { key: key.clone() });
+            }
+            if !accepted.contains(key) {
+                return Err(SettingsError::Unknown {
+                    key: key.clone(),
+                    accepted,
+                });
+            }
+            let mut one = toml::Table::new();
+            one.insert(key.clone(), value.clone());
+            TuneConfig::deserialize(toml::Value::Table(one)).map_err(|e| {
+                SettingsError::Invalid {
+                    key: key.clone(),
+                    message: e.message().trim_end().to_string(),
+                }
+            })?;
+        }
+        let mut all = table.clone();
+        for k in RUN_KEYS {
+            all.insert(k.to_string(), toml::Value::String(format!("<{k}>")));
+        }
+        let cfg = TuneConfig::deserialize(toml::Value::Table(all)).map_err(|e| {
+            SettingsError::Invalid {
+                key: String::new(),
+                message: e.message().trim_end().to_string(),
+            }
+        })?;
+        if let Some((key, message)) = cfg.problem() {
+            return Err(SettingsError::Invalid {
+                key: key.to_string(),
+                message: message.to_string(),
+            });
+        }
+        Ok(cfg)
     }
 
     pub fn mode(&self) -> Mode {
@@ -259,5 +355,60 @@ impl Target {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> toml::Table {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn the_keys_are_the_fields_and_settings_leave_out_the_run_keys() {
+        let keys = TuneConfig::keys();
+        for k in ["lr", "rank", "alpha", "max_len", "model", "recompute"] {
+            assert!(keys.iter().any(|x| x == k), "{k} in {keys:?}");
+        }
+        assert!(keys.windows(2).all(|w| w[0] < w[1]), "sorted: {keys:?}");
+        let settings = TuneConfig::settings_keys();
+        assert_eq!(settings.len(), keys.len() - RUN_KEYS.len());
+        assert!(!settings.iter().any(|k| k == "model" || k == "data"));
+    }
+
+    #[test]
+    fn settings_are_checked_by_name_type_and_value() {
+        let cfg = TuneConfig::from_settings(&table("lr = 1e-4\nrank = 4\nmax_len = 64")).unwrap();
+        assert_eq!((cfg.lr, cfg.rank, cfg.max_len), (1e-4, 4, 64));
+        let e = TuneConfig::from_settings(&table("learning_rate = 1e-4")).unwrap_err();
+        assert_eq!(e.key(), "learning_rate");
+        assert!(
+            matches!(&e, SettingsError::Unknown { accepted, .. } if accepted.iter().any(|k| k == "lr"))
+        );
+        let e = TuneConfig::from_settings(&table("model = \"x.gguf\"")).unwrap_err();
+        assert_eq!(
+            e,
+            SettingsError::RunKey {
+                key: "model".into()
+            }
+        );
+        let e = TuneConfig::from_settings(&table("lr = \"fast\"")).unwrap_err();
+        assert_eq!(e.key(), "lr");
+        assert!(e.to_string().contains("string"), "{e}");
+        let e = TuneConfig::from_settings(&table("schedule = \"wavy\"")).unwrap_err();
+        assert!(
+            e.key() == "schedule" && e.to_string().contains("wavy"),
+            "{e}"
+        );
+        let e = TuneConfig::from_settings(&table("batch_size = 0")).unwrap_err();
+        assert_eq!(
+            e,
+            SettingsError::Invalid {
+                key: "batch_size".into(),
+                message: "must be at least 1".into()
+            }
+        );
     }
 }

@@ -19,7 +19,7 @@ pub mod recipe;
 pub mod rng;
 pub mod sft;
 
-pub use config::{Schedule, TuneConfig};
+pub use config::{Schedule, SettingsError, TuneConfig, RUN_KEYS};
 pub use error::{Result, TrainError};
 pub use model::{LoraSettings, Mode, Target, TrainModel};
 pub use recipe::{tune, Event, RunOptions, Status, TuneSummary};

@@ -131,6 +131,16 @@ pub struct Prepared {
 
 /// Loads the base model (dequantized f32) and encodes the data.
 pub fn prepare(cfg: &TuneConfig) -> Result<Prepared> {
+    prepare_checked(cfg, &mut |_| Ok(()))
+}
+
+/// [`prepare`], handing the encoding counts to `check` as soon as the data is encoded (before
+/// anything else is done with them); an error from `check` is returned as it is. A caller that
+/// refuses truncated examples stops there, before training.
+pub fn prepare_checked(
+    cfg: &TuneConfig,
+    check: &mut dyn FnMut(&EncodeStats) -> Result<()>,
+) -> Result<Prepared> {
     let spec = ModelSpec::parse(&cfg.model)?;
     let engine = LocalEngine::load(
         &spec,
@@ -155,6 +165,7 @@ pub fn prepare(cfg: &TuneConfig) -> Result<Prepared> {
         max_len: cfg.max_len,
     };
     let (mut examples, stats) = encoder.encode_all(&convs)?;
+    check(&stats)?;
     if examples.is_empty() {
         return Err(TrainError::Dataset(format!(
             "{}: no example has an assistant answer to train on",

@@ -138,6 +138,7 @@ impl Encoder<'_> {
             if e.truncated > 0 {
                 stats.truncated += 1;
             }
+            stats.longest = stats.longest.max(e.len() + e.truncated);
             if e.trained_tokens() == 0 {
                 stats.dropped_empty += 1;
                 continue;
@@ -160,6 +161,9 @@ pub struct EncodeStats {
     pub truncated: usize,
     /// Examples with no assistant token left after truncation (not used).
     pub dropped_empty: usize,
+    /// Tokens of the longest example before truncation (the `max_len` that fits every one).
+    #[serde(default)]
+    pub longest: usize,
 }
 
 /// The rendered example with trained spans between `[[` and `]]`.

@@ -85,6 +85,8 @@ fn truncation_keeps_the_start_and_drops_examples_left_without_answers() {
     let (kept, stats) = none.encode_all(&[two_turns()]).unwrap();
     assert!(kept.is_empty());
     assert_eq!((stats.dropped_empty, stats.truncated), (1, 1));
+    // The longest example is counted before the cut: the max_len that would fit it.
+    assert_eq!(stats.longest, full.len());
 }
 
 #[test]
