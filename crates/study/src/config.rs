@@ -1,10 +1,14 @@
 //! The study config (`safetune study CONFIG.toml`): a TOML file, every key documented in
 //! `examples/quickstart.toml` and `examples/paper-factors.toml`. Unknown keys are rejected with
-//! their name and line.
+//! their name and line, and so are trainer settings (`[align]`/`[tune]` `settings`) the trainer
+//! does not accept.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use safetune_train::{SettingsError, TuneConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -18,6 +22,14 @@ pub enum ConfigError {
     #[error("{path}: `{field}`: {message}", path = path.display())]
     Invalid {
         path: PathBuf,
+        field: String,
+        message: String,
+    },
+    /// An invalid value at a known line of the file.
+    #[error("{path}:{line}: `{field}`: {message}", path = path.display())]
+    At {
+        path: PathBuf,
+        line: usize,
         field: String,
         message: String,
     },
@@ -283,12 +295,18 @@ pub struct AlignSection {
     /// Harmful prompts; only their train split is used.
     #[serde(default = "default_harmful")]
     pub harmful: String,
-    /// Benign examples with helpful answers.
-    #[serde(default = "default_benign")]
-    pub benign: String,
+    /// Benign examples with helpful answers: one dataset spec or an array of them.
+    #[serde(default = "default_benign", deserialize_with = "one_or_many")]
+    pub benign: Vec<String>,
     pub harmful_limit: Option<usize>,
+    /// Examples taken from each benign source (the first N of each).
     pub benign_limit: Option<usize>,
-    /// Training settings passed to the trainer as they are (epochs, lr, lora_rank, ...).
+    /// Train even when examples are longer than `settings.max_len` (they are cut at its end);
+    /// by default the align step fails and names the `max_len` that fits every example.
+    #[serde(default)]
+    pub allow_truncation: bool,
+    /// Trainer settings (safetune-train's keys: epochs, lr, rank, max_len, ...), checked
+    /// against the trainer's keys when the config is loaded.
     #[serde(default)]
     pub settings: toml::Table,
 }
@@ -299,13 +317,43 @@ fn default_refusals() -> String {
 fn default_harmful() -> String {
     "advbench".into()
 }
-fn default_benign() -> String {
-    "demo:stem".into()
+fn default_benign() -> Vec<String> {
+    vec!["demo:stem".into()]
+}
+
+/// A string or an array of strings, read as a list (`benign = "demo:stem"` or
+/// `benign = ["demo:stem", "demo:overrefusal-answers"]`).
+pub fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a dataset spec or an array of dataset specs")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            Ok(vec![v.to_string()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(x) = seq.next_element::<String>()? {
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Visit)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TuneSection {
+    /// Train even when examples are longer than `settings.max_len` (see [`AlignSection`]).
+    #[serde(default)]
+    pub allow_truncation: bool,
+    /// Trainer settings, checked against the trainer's keys when the config is loaded.
     #[serde(default)]
     pub settings: toml::Table,
 }
@@ -423,7 +471,62 @@ impl StudyConfig {
             message: e.to_string().trim_end().to_string(),
         })?;
         cfg.validate(path)?;
+        cfg.check_trainer_settings(text, path)?;
         Ok(cfg)
+    }
+
+    /// Checks the `settings` of `[align]` and `[tune]` with the trainer's own reader
+    /// ([`TuneConfig::from_settings`]): unknown keys, the keys a step sets itself (model, data,
+    /// output), wrong types and values out of range are errors naming the key and its line.
+    fn check_trainer_settings(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let sections = [
+            ("align", self.align.as_ref().map(|a| &a.settings)),
+            ("tune", self.tune.as_ref().map(|t| &t.settings)),
+        ];
+        for (section, settings) in sections {
+            let Some(settings) = settings else { continue };
+            let Err(e) = TuneConfig::from_settings(settings) else {
+                continue;
+            };
+            let key = e.key().to_string();
+            let message = match &e {
+                SettingsError::Unknown { accepted, .. } if STAGE_OPTIONS.contains(&key.as_str()) => {
+                    format!(
+                        "a stage option, not a trainer setting: write it in [{section}] beside `settings` (trainer settings: {})",
+                        accepted.join(", ")
+                    )
+                }
+                SettingsError::Unknown { accepted, .. } => format!(
+                    "unknown trainer setting (accepted: {})",
+                    accepted.join(", ")
+                ),
+                SettingsError::RunKey { .. } => format!(
+                    "set by the {section} step itself (the model, its dataset and its directory), not in settings"
+                ),
+                SettingsError::Invalid { message, .. } => {
+                    format!("invalid trainer setting: {message}")
+                }
+            };
+            let field = if key.is_empty() {
+                format!("{section}.settings")
+            } else {
+                format!("{section}.settings.{key}")
+            };
+            return Err(match settings_line(text, section, &key) {
+                Some(line) => ConfigError::At {
+                    path: path.to_path_buf(),
+                    line,
+                    field,
+                    message,
+                },
+                None => ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field,
+                    message,
+                },
+            });
+        }
+        Ok(())
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -560,6 +663,17 @@ impl StudyConfig {
                 return Err(bad("selection.keep", "needs at least one share".into()));
             }
         }
+        if let Some(a) = &self.align {
+            if a.benign.is_empty() {
+                return Err(bad(
+                    "align.benign",
+                    "needs at least one dataset (leave it out for demo:stem)".into(),
+                ));
+            }
+            if let Some(i) = a.benign.iter().position(|b| b.trim().is_empty()) {
+                return Err(bad(&format!("align.benign[{i}]"), "is empty".into()));
+            }
+        }
         if (self.tune.is_some() || self.align.is_some() || !self.benchmarks.is_empty())
             && self.models.is_empty()
         {
@@ -570,6 +684,38 @@ impl StudyConfig {
         }
         Ok(())
     }
+}
+
+/// The keys of `[align]`/`[tune]` that are stage options, not trainer settings.
+const STAGE_OPTIONS: &[&str] = &["allow_truncation"];
+
+/// The line (1-based) of `[section].settings.KEY` in the config text, or of the settings table
+/// itself when `key` is empty or not found.
+fn settings_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    type Keys = BTreeMap<toml::Spanned<String>, serde::de::IgnoredAny>;
+    #[derive(Deserialize)]
+    struct Section {
+        settings: Option<toml::Spanned<Keys>>,
+    }
+    #[derive(Deserialize)]
+    struct Doc {
+        align: Option<Section>,
+        tune: Option<Section>,
+    }
+    let doc: Doc = toml::from_str(text).ok()?;
+    let settings = match section {
+        "align" => doc.align,
+        "tune" => doc.tune,
+        _ => None,
+    }?
+    .settings?;
+    let at = settings
+        .get_ref()
+        .keys()
+        .find(|k| k.get_ref() == key)
+        .map(|k| k.span().start)
+        .unwrap_or(settings.span().start);
+    Some(text[..at.min(text.len())].matches('\n').count() + 1)
 }
 
 /// Resolves `asset:REL` to a file in the asset cache; other specs are returned as they are.
@@ -620,5 +766,95 @@ mod tests {
         let cfg = StudyConfig::parse(MIN, p).unwrap();
         assert_eq!(cfg.study.seeds, vec![0]);
         assert_eq!(cfg.factors.structure, vec![StructureLevel::Keep]);
+    }
+
+    const MODEL: &str = "[[models]]\nname = \"m\"\nspec = \"m.gguf\"\n";
+
+    fn parse_err(extra: &str) -> String {
+        StudyConfig::parse(&format!("{MIN}{MODEL}{extra}"), Path::new("s.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn trainer_settings_are_checked_at_load_with_key_line_and_accepted_keys() {
+        // MIN and MODEL are 7 lines.
+        let e = parse_err(
+            "[align]\nbenign = \"demo:stem\"\nsettings = { epochs = 3, learning_rate = 1e-4 }\n",
+        );
+        assert!(
+            e.starts_with("s.toml:10: `align.settings.learning_rate`: unknown trainer setting (accepted: alpha, batch_size, "),
+            "{e}"
+        );
+        // The accepted keys are the trainer's, less those the step sets itself.
+        assert!(
+            e.contains(" lr, ") && e.contains(" rank, ") && e.contains(" max_len, "),
+            "{e}"
+        );
+        assert!(!e.contains(" model,") && !e.contains(" output,"), "{e}");
+        let e = parse_err("[tune]\n[tune.settings]\nepochs = 1\n\nlora_rank = 8\n");
+        assert!(
+            e.starts_with("s.toml:12: `tune.settings.lora_rank`: unknown"),
+            "{e}"
+        );
+        let e = parse_err("[tune]\nsettings = { model = \"other.gguf\" }\n");
+        assert!(
+            e.starts_with("s.toml:9: `tune.settings.model`: set by the tune step"),
+            "{e}"
+        );
+        // Types and values go through the trainer's own reader.
+        let e = parse_err("[tune]\nsettings = { lr = \"fast\" }\n");
+        assert!(
+            e.starts_with("s.toml:9: `tune.settings.lr`: invalid trainer setting: "),
+            "{e}"
+        );
+        let e = parse_err("[tune]\nsettings = { batch_size = 0 }\n");
+        assert!(
+            e.ends_with("`tune.settings.batch_size`: invalid trainer setting: must be at least 1"),
+            "{e}"
+        );
+        // A stage option written inside settings says where it goes.
+        let e = parse_err("[align]\nsettings = { allow_truncation = true }\n");
+        assert!(
+            e.contains("`align.settings.allow_truncation`: a stage option")
+                && e.contains("beside `settings`"),
+            "{e}"
+        );
+        let cfg = StudyConfig::parse(
+            &format!("{MIN}{MODEL}[tune]\nallow_truncation = true\nsettings = {{ lr = 1e-4, rank = 4, max_len = 64 }}\n"),
+            Path::new("s.toml"),
+        )
+        .unwrap();
+        let t = cfg.tune.unwrap();
+        assert!(t.allow_truncation);
+        assert_eq!(t.settings["rank"].as_integer(), Some(4));
+    }
+
+    #[test]
+    fn benign_takes_one_dataset_or_a_list() {
+        let p = Path::new("s.toml");
+        let one = StudyConfig::parse(&format!("{MIN}{MODEL}[align]\nbenign = \"demo:stem\"\n"), p)
+            .unwrap();
+        let a = one.align.unwrap();
+        assert_eq!(a.benign, vec!["demo:stem"]);
+        assert!(!a.allow_truncation);
+        let two = StudyConfig::parse(
+            &format!("{MIN}{MODEL}[align]\nbenign = [\"demo:stem\", \"demo:overrefusal-answers\"]\nbenign_limit = 5\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(
+            two.align.unwrap().benign,
+            vec!["demo:stem", "demo:overrefusal-answers"]
+        );
+        let default = StudyConfig::parse(&format!("{MIN}{MODEL}[align]\n"), p).unwrap();
+        assert_eq!(default.align.unwrap().benign, vec!["demo:stem"]);
+        let e = parse_err("[align]\nbenign = []\n");
+        assert!(e.contains("`align.benign`: needs at least one"), "{e}");
+        let e = parse_err("[align]\nbenign = 3\n");
+        assert!(
+            e.contains("a dataset spec or an array of dataset specs"),
+            "{e}"
+        );
     }
 }

@@ -370,11 +370,22 @@ pub fn plan(cfg: &StudyConfig) -> Result<Plan, PlanError> {
             if let Some(l) = a.harmful_limit {
                 nh = nh.min(l);
             }
-            let benign = resolve_dataset(&a.benign).map_err(data_err("align.benign"))?;
-            let mut nb = count_lines(&benign);
-            if let Some(l) = a.benign_limit {
-                nb = nb.min(l);
+            let mut nb = 0;
+            for (i, spec) in a.benign.iter().enumerate() {
+                let field = format!("align.benign[{i}]");
+                let path = resolve_dataset(spec).map_err(data_err(&field))?;
+                let n = count_lines(&path);
+                nb += a.benign_limit.map_or(n, |l| n.min(l));
             }
+            // Every prompt the study evaluates is kept out of the alignment set, whatever the
+            // benchmark's `limit` (so a larger limit later does not meet a trained prompt).
+            let held_out: Vec<BenchmarkRef> = benches
+                .iter()
+                .map(|(b, _)| BenchmarkRef {
+                    limit: None,
+                    ..b.clone()
+                })
+                .collect();
             Some(push(
                 &mut steps,
                 PlannedStep {
@@ -387,6 +398,7 @@ pub fn plan(cfg: &StudyConfig) -> Result<Plan, PlanError> {
                         benign_limit: a.benign_limit,
                         split_seed: study.split_seed,
                         test_fraction: study.test_fraction,
+                        held_out,
                     },
                     deps: vec![],
                     factors: BTreeMap::new(),
@@ -417,6 +429,7 @@ pub fn plan(cfg: &StudyConfig) -> Result<Plan, PlanError> {
                     label: format!("align {}", m.name),
                     spec: StepSpec::Align {
                         settings: serde_json::to_value(&a.settings).unwrap_or_default(),
+                        allow_truncation: a.allow_truncation,
                     },
                     deps: vec![model_step, ad],
                     factors: f.clone(),
@@ -450,6 +463,7 @@ pub fn plan(cfg: &StudyConfig) -> Result<Plan, PlanError> {
                         spec: StepSpec::Tune {
                             settings: serde_json::to_value(&t.settings).unwrap_or_default(),
                             seed: d.seed,
+                            allow_truncation: t.allow_truncation,
                         },
                         deps: vec![start, d.step],
                         factors: f.clone(),

@@ -3,6 +3,7 @@
 //! Training, judges and reward models come from their own crates and register into the same
 //! [`Registry`].
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use safetune_data::demo::resolve_dataset;
 use safetune_data::prompts::{PromptSet, Split};
 use safetune_data::read::{read_all, read_json_lines, write_messages_jsonl, ReadOptions};
 use safetune_data::transform::{apply, Recipe, Rng};
-use safetune_data::{Conversation, Message, Structure};
+use safetune_data::{Conversation, Message, Role, Structure};
 use safetune_model::backend::{GenRequest, Generator, Prompt, Sampling};
 use safetune_model::{LoadOptions, ModelSpec};
 use safetune_openai::{load_generator, ClientConfig, EndpointPool, OpenAiSpec};
@@ -60,6 +61,15 @@ pub(crate) fn write_dataset(
     ctx: &mut StepContext<'_>,
     convs: &[Conversation],
 ) -> Result<StepOutput, StageError> {
+    write_dataset_counted(ctx, convs, BTreeMap::new())
+}
+
+/// [`write_dataset`] with the counts the step made on the way, kept in its output.
+pub(crate) fn write_dataset_counted(
+    ctx: &mut StepContext<'_>,
+    convs: &[Conversation],
+    counts: BTreeMap<String, usize>,
+) -> Result<StepOutput, StageError> {
     std::fs::create_dir_all(&ctx.dir).map_err(io(&ctx.dir))?;
     let path = ctx.dir.join("data.jsonl");
     write_messages_jsonl(&path, convs)?;
@@ -71,6 +81,7 @@ pub(crate) fn write_dataset(
         path,
         hash,
         examples: convs.len(),
+        counts,
     })
 }
 
@@ -266,6 +277,33 @@ impl Stage for MixStage {
 
 pub struct AlignDataStage;
 
+/// The trimmed prompts a benchmark's generate steps evaluate: its split (test, train or all),
+/// whatever its `limit`.
+pub fn evaluated_prompts(b: &BenchmarkRef) -> Result<HashSet<String>, StageError> {
+    let set = PromptSet::load(&b.source, None)?;
+    let whole = BenchmarkRef {
+        limit: None,
+        ..b.clone()
+    };
+    Ok(select_prompts(&set, &whole)
+        .items
+        .iter()
+        .map(|i| i.prompt.trim().to_string())
+        .collect())
+}
+
+/// Leaves out every example with a user turn equal (after trimming) to one of `prompts`;
+/// returns how many were left out.
+pub fn drop_evaluated(convs: &mut Vec<Conversation>, prompts: &HashSet<String>) -> usize {
+    let before = convs.len();
+    convs.retain(|c| {
+        !c.messages
+            .iter()
+            .any(|m| m.role == Role::User && prompts.contains(m.content.trim()))
+    });
+    before - convs.len()
+}
+
 impl Stage for AlignDataStage {
     fn run(
         &self,
@@ -281,6 +319,7 @@ impl Stage for AlignDataStage {
             benign_limit,
             split_seed,
             test_fraction,
+            held_out,
         } = &step.spec
         else {
             return Err(StageError::Other(format!(
@@ -298,12 +337,35 @@ impl Stage for AlignDataStage {
             0,
             "align",
         )?;
-        let mut helpful = read_dataset(&resolve_dataset(benign)?)?;
-        if let Some(l) = benign_limit {
-            helpful.truncate(*l);
+        let mut counts = BTreeMap::new();
+        counts.insert("refusals".to_string(), out.len());
+        for spec in benign {
+            let mut helpful = read_dataset(&resolve_dataset(spec)?)?;
+            if let Some(l) = benign_limit {
+                helpful.truncate(*l);
+            }
+            *counts.entry(format!("benign:{spec}")).or_insert(0) += helpful.len();
+            out.extend(helpful);
         }
-        out.extend(helpful);
-        write_dataset(ctx, &out)
+        let mut evaluated = HashSet::new();
+        for b in held_out {
+            evaluated.extend(evaluated_prompts(b)?);
+        }
+        let dropped = drop_evaluated(&mut out, &evaluated);
+        counts.insert("dropped_evaluated".into(), dropped);
+        if out.is_empty() {
+            return Err(StageError::Other(format!(
+                "{}: no example left ({dropped} left out because a benchmark evaluates their prompt)",
+                step.label
+            )));
+        }
+        // The trainer draws a seeded order every epoch (safetune_train::sft::plan_epoch), so
+        // refusals and helpful answers are interleaved there; the file keeps source order.
+        (ctx.progress)(&StepProgress {
+            done: out.len(),
+            total: out.len() + dropped,
+        });
+        write_dataset_counted(ctx, &out, counts)
     }
 }
 

@@ -142,19 +142,30 @@ pub enum StepSpec {
     AlignData {
         refusals: String,
         harmful: String,
-        benign: String,
+        /// Benign datasets with helpful answers, `benign_limit` examples from each.
+        #[serde(deserialize_with = "crate::config::one_or_many")]
+        benign: Vec<String>,
         harmful_limit: Option<usize>,
         benign_limit: Option<usize>,
         split_seed: u64,
         test_fraction: f64,
+        /// The benchmarks the study evaluates: an example whose user turn is one of their
+        /// evaluated prompts (the whole split, whatever its `limit`) is left out.
+        #[serde(default)]
+        held_out: Vec<BenchmarkRef>,
     },
     Audit,
     Align {
         settings: Json,
+        /// Train on examples longer than `max_len` (cut) instead of failing.
+        #[serde(default, skip_serializing_if = "is_false")]
+        allow_truncation: bool,
     },
     Tune {
         settings: Json,
         seed: u64,
+        #[serde(default, skip_serializing_if = "is_false")]
+        allow_truncation: bool,
     },
     Generate {
         benchmark: BenchmarkRef,
@@ -191,6 +202,10 @@ impl StepSpec {
     }
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// A model a later step can load: a spec, extra endpoints, and an adapter from a tune step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelArtifact {
@@ -213,6 +228,10 @@ pub enum StepOutput {
         path: PathBuf,
         hash: String,
         examples: usize,
+        /// What the step counted on the way (the alignment set: examples by source and those
+        /// left out because a benchmark evaluates their prompt).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        counts: BTreeMap<String, usize>,
     },
     Audit {
         path: PathBuf,
@@ -252,6 +271,7 @@ impl StepOutput {
                 path,
                 hash,
                 examples,
+                ..
             } => Some((path, hash, *examples)),
             _ => None,
         }

@@ -2,13 +2,18 @@
 //! `align` tunes the base on the alignment set and merges the adapter into a new model
 //! directory (so later tuning starts from the aligned weights); `tune` writes an adapter that
 //! generation applies on top of its input model. A killed training step resumes from the
-//! trainer's latest checkpoint.
+//! trainer's latest checkpoint. A step whose examples do not fit `max_len` fails before its
+//! first training step unless `allow_truncation` is set.
+
+use std::time::Instant;
 
 use serde_json::Value as Json;
 
 use safetune_model::ModelSpec;
 use safetune_train::peft::{merge, SaveDType};
-use safetune_train::{checkpoint, tune, Event, RunOptions, TuneConfig};
+use safetune_train::recipe::{prepare_checked, run};
+use safetune_train::sft::EncodeStats;
+use safetune_train::{checkpoint, Event, RunOptions, TuneConfig};
 
 use crate::step::*;
 
@@ -19,7 +24,8 @@ fn other(label: &str) -> impl Fn(safetune_train::TrainError) -> StageError + '_ 
 }
 
 /// The trainer config of a step: the study's `settings` table plus model, data, output, seed.
-/// Unknown settings are rejected by the trainer with their key.
+/// Unknown settings are rejected by the trainer with their key (and, before that, when the
+/// study config is loaded).
 pub fn tune_config(
     step: &PlannedStep,
     settings: &Json,
@@ -49,6 +55,33 @@ pub fn tune_config(
         .map_err(other(&step.label))
 }
 
+/// Fails a training step whose examples were cut at `max_len` (the trainer counts them), unless
+/// the config allows it; the error names the count and the `max_len` that fits every example.
+pub fn check_truncation(
+    label: &str,
+    section: &str,
+    stats: &EncodeStats,
+    max_len: usize,
+    allow_truncation: bool,
+) -> Result<(), StageError> {
+    if stats.truncated == 0 || allow_truncation {
+        return Ok(());
+    }
+    let total = stats.examples + stats.dropped_empty;
+    let dropped = if stats.dropped_empty > 0 {
+        format!(
+            "; {} of them lose their whole answer and would be dropped",
+            stats.dropped_empty
+        )
+    } else {
+        String::new()
+    };
+    Err(StageError::Other(format!(
+        "{label}: {} of {total} training examples are longer than max_len = {max_len} tokens and would be cut (the longest has {} tokens){dropped}\nhint: raise `max_len` in [{section}] settings to at least {}, or set allow_truncation = true in [{section}]",
+        stats.truncated, stats.longest, stats.longest
+    )))
+}
+
 impl Stage for TrainStage {
     fn run(
         &self,
@@ -58,9 +91,16 @@ impl Stage for TrainStage {
     ) -> Result<StepOutput, StageError> {
         let model = input_model(step, inputs)?;
         let (data, _, _) = input_dataset(step, inputs)?;
-        let (settings, seed, align) = match &step.spec {
-            StepSpec::Align { settings } => (settings, 0, true),
-            StepSpec::Tune { settings, seed } => (settings, *seed, false),
+        let (settings, seed, align, allow_truncation) = match &step.spec {
+            StepSpec::Align {
+                settings,
+                allow_truncation,
+            } => (settings, 0, true, *allow_truncation),
+            StepSpec::Tune {
+                settings,
+                seed,
+                allow_truncation,
+            } => (settings, *seed, false, *allow_truncation),
             _ => return Err(step.not_a("training")),
         };
         if model.spec.starts_with("openai:") {
@@ -90,8 +130,30 @@ impl Stage for TrainStage {
             stop: None,
             stop_after: None,
         };
+        // `safetune_train::tune`, with the encoded data checked before the first step.
+        cfg.validate().map_err(other(&step.label))?;
+        std::fs::create_dir_all(&out).map_err(|e| StageError::Io {
+            path: out.clone(),
+            source: e,
+        })?;
+        let started = Instant::now();
+        let section = if align { "align" } else { "tune" };
+        let mut refused = None;
+        let prepared = prepare_checked(&cfg, &mut |stats| {
+            check_truncation(&step.label, section, stats, cfg.max_len, allow_truncation).map_err(
+                |e| {
+                    let message = e.to_string();
+                    refused = Some(e);
+                    safetune_train::TrainError::Dataset(message)
+                },
+            )
+        });
+        let prepared = match (prepared, refused) {
+            (_, Some(e)) => return Err(e),
+            (p, None) => p.map_err(other(&step.label))?,
+        };
         let progress = &mut *ctx.progress;
-        let summary = tune(&cfg, &opts, &mut |e| {
+        let summary = run(&cfg, &opts, prepared, started, &mut |e| {
             if let Event::Step(log) = e {
                 progress(&StepProgress {
                     done: log.step,
@@ -120,5 +182,39 @@ impl Stage for TrainStage {
                 ..model.clone()
             }))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_examples_fail_the_step_with_the_length_that_fits_unless_allowed() {
+        let stats = EncodeStats {
+            examples: 70,
+            truncated: 7,
+            dropped_empty: 2,
+            longest: 211,
+            ..Default::default()
+        };
+        let e = check_truncation("align smollm2", "align", &stats, 128, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("align smollm2: 7 of 72 training examples are longer than max_len = 128 tokens and would be cut (the longest has 211 tokens); 2 of them lose"),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("\nhint: raise `max_len` in [align] settings to at least 211, or set allow_truncation = true in [align]"),
+            "{e}"
+        );
+        assert!(check_truncation("t", "tune", &stats, 128, true).is_ok());
+        let fits = EncodeStats {
+            examples: 72,
+            longest: 120,
+            ..Default::default()
+        };
+        assert!(check_truncation("t", "tune", &fits, 128, false).is_ok());
     }
 }

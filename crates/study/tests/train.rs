@@ -46,8 +46,10 @@ max_new_tokens = 3
 harmful = "{harm}"
 benign = "demo:stem"
 benign_limit = 4
+allow_truncation = true
 settings = {{ epochs = 1, max_len = 48, batch_size = 4, rank = 2, alpha = 4.0 }}
 [tune]
+allow_truncation = true
 settings = {{ epochs = 1, max_len = 48, batch_size = 4, rank = 2, alpha = 4.0 }}
 "#,
         model = model.display(),
@@ -123,4 +125,71 @@ settings = {{ epochs = 1, max_len = 48, batch_size = 4, rank = 2, alpha = 4.0 }}
 
     let again = run_plan(&p, &serde_json::json!({}), &dir, &reg, &mut |_| {}).unwrap();
     assert_eq!((again.executed, again.reused), (0, p.steps.len()));
+}
+
+#[test]
+fn examples_longer_than_max_len_fail_the_step_before_training_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = TinyModel::default()
+        .write(&tmp.path().join("tiny"))
+        .unwrap();
+    let cfg = format!(
+        r#"
+[study]
+name = "cut"
+[[models]]
+name = "tiny"
+spec = "{model}"
+[data]
+base = "demo:medical"
+limit = 2
+[align]
+harmful_limit = 2
+benign = "demo:stem"
+benign_limit = 2
+settings = {{ epochs = 1, max_len = 24, batch_size = 4, rank = 2, alpha = 4.0 }}
+[tune]
+settings = {{ epochs = 1, max_len = 24, batch_size = 4, rank = 2, alpha = 4.0 }}
+"#,
+        model = model.display(),
+    );
+    let cfg = StudyConfig::parse(&cfg, Path::new("cut.toml")).unwrap();
+    let p = plan(&cfg).unwrap();
+    let dir = tmp.path().join("study");
+    let s = run_plan(
+        &p,
+        &serde_json::json!({}),
+        &dir,
+        &builtin_registry(),
+        &mut |_| {},
+    )
+    .unwrap();
+    // The align step fails; the tune steps that start from its model are skipped.
+    assert_eq!(s.failed.len(), 1, "{:?}", s.failed);
+    let (label, err) = &s.failed[0];
+    assert_eq!(label, "align tiny");
+    assert!(
+        err.contains("of 4 training examples are longer than max_len = 24 tokens"),
+        "{err}"
+    );
+    let longest: usize = err
+        .split("the longest has ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(longest > 24, "{err}");
+    assert!(
+        err.ends_with(&format!(
+            "\nhint: raise `max_len` in [align] settings to at least {longest}, or set allow_truncation = true in [align]"
+        )),
+        "{err}"
+    );
+    assert_eq!(s.skipped, 1);
+    // Nothing was trained: no metrics, no checkpoint.
+    let trained = std::fs::read_dir(dir.join("steps"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .any(|d| d.join("adapter").join("metrics.jsonl").exists());
+    assert!(!trained);
 }

@@ -1,0 +1,74 @@
+//! Every study config in `examples/` loads (trainer settings included) and plans; a new example
+//! is covered by being there.
+
+use std::path::{Path, PathBuf};
+
+use safetune_study::config::StudyConfig;
+use safetune_study::plan::plan;
+use safetune_study::step::StepSpec;
+use safetune_study::train_stage::tune_config;
+
+fn examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_example_config_loads_and_plans() {
+    let files = examples();
+    assert!(files.len() >= 3, "{files:?}");
+    for file in &files {
+        let name = file.display();
+        let cfg = StudyConfig::load(file).unwrap_or_else(|e| panic!("{e}"));
+        let p = plan(&cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!p.steps.is_empty(), "{name}: empty plan");
+        // The trainer builds its config from every align/tune step as the stage does.
+        for s in &p.steps {
+            let (StepSpec::Align { settings, .. } | StepSpec::Tune { settings, .. }) = &s.spec
+            else {
+                continue;
+            };
+            tune_config(
+                s,
+                settings,
+                "model.gguf",
+                Path::new("data.jsonl"),
+                Path::new("out"),
+                0,
+            )
+            .unwrap_or_else(|e| panic!("{name}: {}: {e}", s.label));
+        }
+    }
+}
+
+#[test]
+fn an_unknown_trainer_setting_in_an_example_names_file_line_and_accepted_keys() {
+    let file = examples()
+        .into_iter()
+        .find(|f| f.ends_with("paper-factors.toml"))
+        .unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let (line, _) = text
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.starts_with("settings = { epochs = 3, lr = ") && !l.contains("max_new"))
+        .unwrap();
+    // The example as it was before its keys were fixed.
+    let broken = text.replacen("lr = 1e-4", "learning_rate = 1e-4", 1);
+    let e = StudyConfig::parse(&broken, Path::new("paper-factors.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(&format!(
+            "paper-factors.toml:{}: `align.settings.learning_rate`: unknown trainer setting (accepted: alpha, batch_size, ",
+            line + 1
+        )),
+        "{e}"
+    );
+}
