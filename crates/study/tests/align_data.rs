@@ -161,3 +161,43 @@ benign_limit = 3
         );
     }
 }
+
+#[test]
+fn step_specs_read_the_old_single_benign_string_and_keep_training_keys_without_the_option() {
+    let old = json!({
+        "kind": "align-data", "refusals": "demo:refusals", "harmful": "advbench",
+        "benign": "demo:stem", "harmful_limit": 4, "benign_limit": 2,
+        "split_seed": 0, "test_fraction": 0.5,
+    });
+    let spec: StepSpec = serde_json::from_value(old).unwrap();
+    let StepSpec::AlignData {
+        benign, held_out, ..
+    } = &spec
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (benign.clone(), held_out.len()),
+        (vec!["demo:stem".to_string()], 0)
+    );
+    let back: StepSpec = serde_json::from_value(serde_json::to_value(&spec).unwrap()).unwrap();
+    assert_eq!(back, spec);
+    // allow_truncation = false leaves a training step's settings (and so its key) as they were.
+    let tune = StepSpec::Tune {
+        settings: json!({"lr": 0.001}),
+        seed: 0,
+        allow_truncation: false,
+    };
+    assert_eq!(
+        serde_json::to_value(&tune).unwrap(),
+        json!({"kind": "tune", "settings": {"lr": 0.001}, "seed": 0})
+    );
+    let allowed = StepSpec::Align {
+        settings: json!({}),
+        allow_truncation: true,
+    };
+    assert_eq!(
+        serde_json::to_value(&allowed).unwrap()["allow_truncation"],
+        json!(true)
+    );
+}
