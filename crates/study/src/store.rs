@@ -1,10 +1,12 @@
 //! The study store: one SQLite file (`study.db` in the study directory) holding studies, steps,
-//! artifacts, generations, judgments, reward-model scores and metrics.
+//! artifacts, generations, judgments, reward-model scores, metrics and human labels of answers.
 //!
 //! - WAL journal: the `sqlite3` shell (or a second connection) reads while a study writes.
 //! - Steps are keyed by a content hash (see [`crate::runner`]); a finished step is reused.
 //! - Rows are committed as they finish (one transaction per chunk), so `kill -9` loses no
 //!   finished row, and a resumed step skips the rows it already holds.
+//! - Schema version 2 added `human_labels`; opening a version 1 store for writing migrates it
+//!   (the table is added, nothing else changes), and reading one works as it is.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -14,8 +16,12 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-/// Bumped when the schema changes incompatibly.
-pub const SCHEMA_VERSION: i64 = 1;
+/// Bumped when the schema changes. Version 2 added `human_labels`; a version 1 store is migrated
+/// when opened for writing ([`Store::open`]) and read as it is otherwise (no labels).
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The human labels an answer may get (`human_labels.label`).
+pub const HUMAN_LABELS: &[&str] = &["refusal", "compliance", "unclear"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -24,7 +30,7 @@ pub enum StoreError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("{path}: store schema version {found} is not {SCHEMA_VERSION}\nhint: use a new study directory, or an older safetune for this one", path = path.display())]
+    #[error("{path}: store schema version {found} is not one this safetune reads (1 to {SCHEMA_VERSION})\nhint: use the safetune that wrote this directory, or a new study directory", path = path.display())]
     Schema { path: PathBuf, found: i64 },
 }
 
@@ -94,6 +100,21 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 ";
 
+/// Tables added by schema version 2: a human's label of one answer (a `generations` row, by
+/// `step_key` and `row_id`), one row per labeller.
+const SCHEMA_V2: &str = "
+CREATE TABLE IF NOT EXISTS human_labels (
+    step_key TEXT NOT NULL,
+    row_id TEXT NOT NULL,
+    condition TEXT NOT NULL,
+    benchmark TEXT NOT NULL,
+    label TEXT NOT NULL CHECK (label IN ('refusal', 'compliance', 'unclear')),
+    labeller TEXT NOT NULL,
+    labelled_at REAL NOT NULL,
+    PRIMARY KEY (step_key, row_id, labeller)
+);
+";
+
 /// One row of the `steps` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
@@ -132,6 +153,29 @@ pub struct JudgmentRow {
 pub struct ScoreRow {
     pub row_id: String,
     pub score: f64,
+}
+
+/// One row of `human_labels`: a person's label of the answer `row_id` of generate step
+/// `step_key`, with the condition and benchmark it was shown under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HumanLabel {
+    pub step_key: String,
+    pub row_id: String,
+    pub condition: String,
+    pub benchmark: String,
+    /// `refusal`, `compliance` or `unclear`.
+    pub label: String,
+    pub labeller: String,
+    /// Seconds since the Unix epoch.
+    pub labelled_at: f64,
+}
+
+/// What [`Store::upsert_human_labels`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct UpsertCounts {
+    pub inserted: usize,
+    /// Rows that replaced an earlier label by the same labeller.
+    pub updated: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,6 +275,8 @@ impl Store {
             .map_err(|e| self.e(e))?;
         match found {
             None => {
+                // A new store: every table of the current version.
+                c.execute_batch(SCHEMA_V2).map_err(|e| self.e(e))?;
                 c.execute(
                     "INSERT INTO meta(key, value) VALUES ('schema_version', ?1)",
                     params![SCHEMA_VERSION.to_string()],
@@ -239,15 +285,56 @@ impl Store {
             }
             Some(v) => {
                 let found = v.parse::<i64>().unwrap_or(-1);
-                if found != SCHEMA_VERSION {
-                    return Err(StoreError::Schema {
-                        path: self.path.clone(),
-                        found,
-                    });
+                match found {
+                    SCHEMA_VERSION => c.execute_batch(SCHEMA_V2).map_err(|e| self.e(e))?,
+                    1 => self.migrate_v1()?,
+                    _ => {
+                        return Err(StoreError::Schema {
+                            path: self.path.clone(),
+                            found,
+                        })
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Version 1 -> 2: adds `human_labels` and bumps the version, in one transaction. Every
+    /// version 1 table is unchanged, so the store's rows stay as they were.
+    fn migrate_v1(&self) -> Result<(), StoreError> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.e(e))?;
+        tx.execute_batch(SCHEMA_V2).map_err(|e| self.e(e))?;
+        tx.execute(
+            "UPDATE meta SET value=?1 WHERE key='schema_version'",
+            params![SCHEMA_VERSION.to_string()],
+        )
+        .map_err(|e| self.e(e))?;
+        tx.commit().map_err(|e| self.e(e))
+    }
+
+    /// The schema version recorded in the store.
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        let v: String = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key='schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.e(e))?;
+        Ok(v.parse::<i64>().unwrap_or(-1))
+    }
+
+    fn has_table(&self, table: &str) -> Result<bool, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE type='table' AND name=?1",
+                params![table],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+            .map_err(|e| self.e(e))
     }
 
     /// The journal mode SQLite reports (`wal` for a store opened by [`Store::open`]).
@@ -468,7 +555,8 @@ impl Store {
 
     pub fn count_rows(&self, table: &str, step_key: Option<&str>) -> Result<i64, StoreError> {
         let table = match table {
-            "generations" | "judgments" | "scores" | "metrics" | "steps" | "artifacts" => table,
+            "generations" | "judgments" | "scores" | "metrics" | "steps" | "artifacts"
+            | "human_labels" => table,
             other => return Err(self.e(rusqlite::Error::InvalidParameterName(other.to_string()))),
         };
         match step_key {
@@ -597,6 +685,111 @@ impl Store {
         Ok(rows)
     }
 
+    /// One generation row, or `None` when the store holds no such row.
+    pub fn generation(
+        &self,
+        step_key: &str,
+        row_id: &str,
+    ) -> Result<Option<GenerationRow>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT row_id, prompt, response, completion_tokens, finish_reason, meta
+                 FROM generations WHERE step_key=?1 AND row_id=?2",
+                params![step_key, row_id],
+                |r| {
+                    Ok(GenerationRow {
+                        row_id: r.get(0)?,
+                        prompt: r.get(1)?,
+                        response: r.get(2)?,
+                        completion_tokens: r.get(3)?,
+                        finish_reason: r.get(4)?,
+                        meta: parse_json(r.get(5)?),
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.e(e))
+    }
+
+    /// Inserts human labels in one transaction; a row with the same answer and labeller as a
+    /// stored one replaces it.
+    pub fn upsert_human_labels(&mut self, rows: &[HumanLabel]) -> Result<UpsertCounts, StoreError> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| sql(&path, e))?;
+        let mut counts = UpsertCounts::default();
+        {
+            let mut exists = tx
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM human_labels
+                     WHERE step_key=?1 AND row_id=?2 AND labeller=?3",
+                )
+                .map_err(|e| sql(&path, e))?;
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO human_labels
+                     (step_key, row_id, condition, benchmark, label, labeller, labelled_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT(step_key, row_id, labeller) DO UPDATE SET
+                       condition=excluded.condition, benchmark=excluded.benchmark,
+                       label=excluded.label, labelled_at=excluded.labelled_at",
+                )
+                .map_err(|e| sql(&path, e))?;
+            for r in rows {
+                let n: i64 = exists
+                    .query_row(params![r.step_key, r.row_id, r.labeller], |x| x.get(0))
+                    .map_err(|e| sql(&path, e))?;
+                st.execute(params![
+                    r.step_key,
+                    r.row_id,
+                    r.condition,
+                    r.benchmark,
+                    r.label,
+                    r.labeller,
+                    r.labelled_at
+                ])
+                .map_err(|e| sql(&path, e))?;
+                if n > 0 {
+                    counts.updated += 1;
+                } else {
+                    counts.inserted += 1;
+                }
+            }
+        }
+        tx.commit().map_err(|e| sql(&path, e))?;
+        Ok(counts)
+    }
+
+    /// Every human label, ordered by answer and labeller. Empty for a version 1 store opened
+    /// read-only (it has no `human_labels` table).
+    pub fn human_labels(&self) -> Result<Vec<HumanLabel>, StoreError> {
+        if !self.has_table("human_labels")? {
+            return Ok(Vec::new());
+        }
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT step_key, row_id, condition, benchmark, label, labeller, labelled_at
+                 FROM human_labels ORDER BY step_key, row_id, labeller",
+            )
+            .map_err(|e| self.e(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(HumanLabel {
+                    step_key: r.get(0)?,
+                    row_id: r.get(1)?,
+                    condition: r.get(2)?,
+                    benchmark: r.get(3)?,
+                    label: r.get(4)?,
+                    labeller: r.get(5)?,
+                    labelled_at: r.get(6)?,
+                })
+            })
+            .map_err(|e| self.e(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.e(e))?;
+        Ok(rows)
+    }
+
     pub fn put_metric(&self, m: &MetricRow) -> Result<(), StoreError> {
         self.conn
             .execute(
@@ -710,6 +903,149 @@ mod tests {
                 total: None
             })
             .is_err());
+    }
+
+    /// The version 1 schema as safetune wrote it before `human_labels` existed.
+    const SCHEMA_V1_TEXT: &str = "
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE studies (id TEXT PRIMARY KEY, name TEXT NOT NULL, config TEXT NOT NULL,
+            plan TEXT NOT NULL, program_version TEXT NOT NULL, updated_at REAL NOT NULL);
+        CREATE TABLE steps (key TEXT PRIMARY KEY, kind TEXT NOT NULL, label TEXT NOT NULL,
+            spec TEXT NOT NULL, factors TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('running', 'done', 'failed')),
+            output TEXT, error TEXT, executions INTEGER NOT NULL DEFAULT 0,
+            started_at REAL, finished_at REAL);
+        CREATE TABLE artifacts (hash TEXT PRIMARY KEY, path TEXT NOT NULL, kind TEXT NOT NULL,
+            bytes INTEGER NOT NULL, step_key TEXT);
+        CREATE TABLE generations (step_key TEXT NOT NULL, row_id TEXT NOT NULL,
+            prompt TEXT NOT NULL, response TEXT NOT NULL, completion_tokens INTEGER NOT NULL,
+            finish_reason TEXT NOT NULL, meta TEXT NOT NULL, PRIMARY KEY (step_key, row_id));
+        CREATE TABLE judgments (step_key TEXT NOT NULL, row_id TEXT NOT NULL,
+            verdict TEXT NOT NULL, score REAL, raw TEXT NOT NULL, PRIMARY KEY (step_key, row_id));
+        CREATE TABLE scores (step_key TEXT NOT NULL, row_id TEXT NOT NULL, score REAL NOT NULL,
+            PRIMARY KEY (step_key, row_id));
+        CREATE TABLE metrics (step_key TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
+            lo REAL, hi REAL, count INTEGER, total INTEGER, PRIMARY KEY (step_key, name));
+        INSERT INTO meta VALUES ('schema_version', '1');
+        INSERT INTO steps (key, kind, label, spec, factors, status, output, executions)
+            VALUES ('g', 'generate', 'generate m base / b', '{}', '{\"model\":\"m\"}', 'done',
+                    '{\"rows\":2}', 1);
+        INSERT INTO generations VALUES ('g', 'r1', 'q1', 'a1', 3, 'stop', '{}');
+        INSERT INTO generations VALUES ('g', 'r2', 'q2', 'a2', 4, 'length', '{}');
+        INSERT INTO judgments VALUES ('j', 'r1', 'refusal', 0.0, 'x');
+    ";
+
+    fn label(row: &str, label: &str, who: &str) -> HumanLabel {
+        HumanLabel {
+            step_key: "g".into(),
+            row_id: row.into(),
+            condition: "m base".into(),
+            benchmark: "b".into(),
+            label: label.into(),
+            labeller: who.into(),
+            labelled_at: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_version_1_store_is_read_as_it_is_and_migrated_when_opened_for_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("study.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(SCHEMA_V1_TEXT)
+            .unwrap();
+        // Read-only: rows readable, no labels, the version untouched.
+        let r = Store::open_read_only(&path).unwrap();
+        assert_eq!(r.schema_version().unwrap(), 1);
+        assert_eq!(r.generations("g").unwrap().len(), 2);
+        assert!(r.human_labels().unwrap().is_empty());
+        drop(r);
+        // Opened for writing: migrated, every old row still there.
+        let mut w = Store::open(&path).unwrap();
+        assert_eq!(w.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(w.count_rows("human_labels", None).unwrap(), 0);
+        let g = w.generations("g").unwrap();
+        assert_eq!(g.len(), 2);
+        assert_eq!(
+            (g[1].response.as_str(), g[1].finish_reason.as_str()),
+            ("a2", "length")
+        );
+        assert_eq!(w.judgments("j").unwrap()[0].verdict, "refusal");
+        let step = w.step("g").unwrap().unwrap();
+        assert_eq!(
+            (step.status.as_str(), step.output),
+            ("done", Some(json!({"rows": 2})))
+        );
+        // ...and writable: old tables and the new one.
+        w.insert_generations("g", &[gen("r3")]).unwrap();
+        let c = w
+            .upsert_human_labels(&[label("r1", "refusal", "ann")])
+            .unwrap();
+        assert_eq!(
+            c,
+            UpsertCounts {
+                inserted: 1,
+                updated: 0
+            }
+        );
+        drop(w);
+        // A second open finds version 2 and changes nothing.
+        let w = Store::open(&path).unwrap();
+        assert_eq!(w.schema_version().unwrap(), 2);
+        assert_eq!(w.human_labels().unwrap().len(), 1);
+        assert_eq!(w.count_rows("generations", Some("g")).unwrap(), 3);
+        // A version this safetune does not know is refused with a hint.
+        w.conn
+            .execute("UPDATE meta SET value='7' WHERE key='schema_version'", [])
+            .unwrap();
+        drop(w);
+        let e = Store::open(&path).unwrap_err().to_string();
+        assert!(e.contains("schema version 7") && e.contains("hint:"), "{e}");
+    }
+
+    #[test]
+    fn human_labels_upsert_per_labeller_and_check_the_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("s.db")).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let c = s
+            .upsert_human_labels(&[
+                label("r1", "refusal", "ann"),
+                label("r1", "compliance", "bob"),
+                label("r2", "unclear", "ann"),
+            ])
+            .unwrap();
+        assert_eq!(
+            c,
+            UpsertCounts {
+                inserted: 3,
+                updated: 0
+            }
+        );
+        // Ann changes her mind on r1: replaced, not added.
+        let mut again = label("r1", "compliance", "ann");
+        again.labelled_at = 2.0;
+        let c = s.upsert_human_labels(&[again]).unwrap();
+        assert_eq!(
+            c,
+            UpsertCounts {
+                inserted: 0,
+                updated: 1
+            }
+        );
+        let rows = s.human_labels().unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(
+            (rows[0].labeller.as_str(), rows[0].label.as_str()),
+            ("ann", "compliance")
+        );
+        assert_eq!(rows[0].labelled_at, 2.0);
+        // The CHECK constraint refuses other labels; the transaction leaves nothing behind.
+        assert!(s
+            .upsert_human_labels(&[label("r3", "refusal", "ann"), label("r4", "maybe", "ann")])
+            .is_err());
+        assert_eq!(s.human_labels().unwrap().len(), 3);
     }
 
     #[test]
