@@ -112,6 +112,52 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
+/// A difference of two proportions (`a - b`) with a 95% interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Difference {
+    pub value: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl Difference {
+    /// True when the interval lies wholly on one side of 0.
+    pub fn excludes_zero(&self) -> bool {
+        self.lo > 0.0 || self.hi < 0.0
+    }
+}
+
+impl std::fmt::Display for Difference {
+    /// In percentage points: `+4.2 points [-3.1, +11.5]`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:+.1} points [{:+.1}, {:+.1}]",
+            100.0 * self.value,
+            100.0 * self.lo,
+            100.0 * self.hi
+        )
+    }
+}
+
+/// `a - b` for two independent proportions with Newcombe's hybrid score interval (Newcombe 1998,
+/// method 10), built from each proportion's Wilson 95% interval:
+/// `[d - sqrt((p_a - lo_a)^2 + (hi_b - p_b)^2), d + sqrt((hi_a - p_a)^2 + (p_b - lo_b)^2)]`.
+/// `None` when either proportion has no observations.
+pub fn newcombe_diff(a: &Proportion, b: &Proportion) -> Option<Difference> {
+    if a.total == 0 || b.total == 0 {
+        return None;
+    }
+    let d = a.share - b.share;
+    let lo = d - ((a.share - a.lo).powi(2) + (b.hi - b.share).powi(2)).sqrt();
+    let hi = d + ((a.hi - a.share).powi(2) + (b.share - b.lo).powi(2)).sqrt();
+    Some(Difference {
+        value: d,
+        lo: lo.max(-1.0),
+        hi: hi.min(1.0),
+    })
+}
+
 /// A small seeded generator (SplitMix64) so bootstrap intervals are reproducible.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
@@ -345,6 +391,26 @@ mod tests {
         };
         assert!((c.kappa() + 1.0).abs() < 1e-12);
         assert_eq!(Confusion::default().kappa(), 0.0);
+    }
+
+    #[test]
+    fn newcombe_difference_matches_the_published_example() {
+        // Newcombe (1998), Statistics in Medicine 17:873-890, example (a): 56/70 - 48/80 =
+        // 0.2000, hybrid score interval (method 10) 0.0524 to 0.3339.
+        let d = newcombe_diff(&Proportion::new(56, 70), &Proportion::new(48, 80)).unwrap();
+        assert!((d.value - 0.2).abs() < 1e-12);
+        assert!((d.lo - 0.0524).abs() < 5e-5, "{d:?}");
+        assert!((d.hi - 0.3339).abs() < 5e-5, "{d:?}");
+        assert!(d.excludes_zero());
+        assert_eq!(d.to_string(), "+20.0 points [+5.2, +33.4]");
+        // Example (f): 0/10 - 0/20 = 0, interval -0.1611 to 0.2775.
+        let d = newcombe_diff(&Proportion::new(0, 10), &Proportion::new(0, 20)).unwrap();
+        assert!(
+            (d.lo + 0.1611).abs() < 5e-5 && (d.hi - 0.2775).abs() < 5e-5,
+            "{d:?}"
+        );
+        assert!(!d.excludes_zero());
+        assert!(newcombe_diff(&Proportion::new(0, 0), &Proportion::new(1, 2)).is_none());
     }
 
     #[test]
