@@ -11,6 +11,8 @@
 //! - [`store`]: the SQLite store (WAL; rows committed as they finish);
 //! - [`runner`]: keyed, resumable execution of a plan;
 //! - [`report`]: report.html (inline SVG), summary.md, results.json;
+//! - [`labels`]: blind labelling files of a study's answers, their import (`human_labels`), and
+//!   each judge's accuracy against them per condition;
 //! - [`export`]: dataset variants and trainer configs for LLaMA-Factory and Axolotl;
 //! - [`quickstart`]: `safetune quickstart`.
 
@@ -18,6 +20,7 @@ pub mod config;
 pub mod export;
 pub mod hash;
 pub mod judge_stage;
+pub mod labels;
 pub mod plan;
 pub mod quickstart;
 pub mod report;

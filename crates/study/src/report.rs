@@ -13,8 +13,11 @@ use serde_json::{json, Value as Json};
 
 use safetune_data::stats::Proportion;
 
+use crate::labels::{primary_note, LabelError, StudyIndex, StudyJudgeCheck};
 use crate::runner::STORE_FILE;
 use crate::store::{Store, StoreError};
+
+mod judge_check;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -24,6 +27,8 @@ pub enum ReportError {
     Empty(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Labels(#[from] LabelError),
     #[error("{path}: {source}", path = path.display())]
     Io {
         path: PathBuf,
@@ -32,7 +37,7 @@ pub enum ReportError {
 }
 
 /// Factors that identify an evaluated model condition (benchmark and judge excluded).
-const CONDITION_FACTORS: &[&str] = &[
+pub(crate) const CONDITION_FACTORS: &[&str] = &[
     "model",
     "stage",
     "variant",
@@ -132,6 +137,8 @@ pub struct StudyResults {
     pub study: String,
     pub program_version: String,
     pub primary_judge: Option<String>,
+    /// "Primary judge: NAME (the first [[judges]] entry)." and the judge kind's validation figure.
+    pub primary_judge_note: String,
     pub steps: BTreeMap<String, usize>,
     pub failed_steps: Vec<(String, String)>,
     pub conditions: Vec<Condition>,
@@ -145,6 +152,9 @@ pub struct StudyResults {
     /// ranks the safer models higher.
     pub rm_vs_safety: BTreeMap<String, (Option<f64>, usize)>,
     pub samples: Vec<Sample>,
+    /// Each judge against the human labels of this study's answers (`safetune label`), where the
+    /// store holds some.
+    pub judge_accuracy: Option<StudyJudgeCheck>,
 }
 
 /// Paths of the written files.
@@ -173,7 +183,7 @@ pub fn collect(dir: &Path) -> Result<StudyResults, ReportError> {
         });
     }
     let store = Store::open_read_only(&path)?;
-    let (_, name, _, plan) = store
+    let (_, name, config, plan) = store
         .latest_study()?
         .ok_or_else(|| ReportError::Empty(path.display().to_string()))?;
     let planned: Vec<Json> = plan["steps"].as_array().cloned().unwrap_or_default();
@@ -432,6 +442,7 @@ pub fn collect(dir: &Path) -> Result<StudyResults, ReportError> {
         study: name,
         program_version: crate::hash::PROGRAM_VERSION.to_string(),
         primary_judge: primary,
+        primary_judge_note: primary_note(&StudyIndex::from_plan(&config, &plan)),
         steps: steps_by_status,
         failed_steps,
         conditions,
@@ -441,6 +452,7 @@ pub fn collect(dir: &Path) -> Result<StudyResults, ReportError> {
         rm_by_verdict,
         rm_vs_safety,
         samples,
+        judge_accuracy: crate::labels::judge_check(&store)?,
     })
 }
 
@@ -845,6 +857,7 @@ pub fn render_html(r: &StudyResults) -> String {
         esc(&r.program_version),
         esc(r.primary_judge.as_deref().unwrap_or("none"))
     );
+    let _ = write!(h, "<p>{}</p>", esc(&r.primary_judge_note));
     h.push_str("<p>Steps: ");
     let parts: Vec<String> = r
         .steps
@@ -1019,6 +1032,8 @@ pub fn render_html(r: &StudyResults) -> String {
         h.push_str("</table>");
     }
 
+    h.push_str(&judge_check::html(r.judge_accuracy.as_ref()));
+
     h.push_str("<h2>Sample responses</h2><table><tr><th>condition</th><th>benchmark</th><th>prompt</th><th>response</th><th>verdict</th></tr>");
     for s in r.samples.iter().take(40) {
         let _ = write!(
@@ -1041,8 +1056,8 @@ pub fn render_markdown(r: &StudyResults) -> String {
     let _ = writeln!(o, "# Study `{}`\n", r.study);
     let _ = writeln!(
         o,
-        "Primary judge: {}. Rates with Wilson 95% intervals.\n",
-        r.primary_judge.as_deref().unwrap_or("none")
+        "{} Rates with Wilson 95% intervals.\n",
+        r.primary_judge_note
     );
     let steps: Vec<String> = r.steps.iter().map(|(k, v)| format!("{v} {k}")).collect();
     let _ = writeln!(o, "Steps: {}\n", steps.join(", "));
@@ -1120,6 +1135,7 @@ pub fn render_markdown(r: &StudyResults) -> String {
             );
         }
     }
+    o.push_str(&judge_check::markdown(r.judge_accuracy.as_ref()));
     if !r.rm_by_verdict.is_empty() {
         let _ = writeln!(o, "\n## Reward models (answers to harmful prompts)\n");
         let num = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.3}"));
