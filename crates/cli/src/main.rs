@@ -54,8 +54,10 @@ enum Command {
     Export(commands::export::ExportArgs),
     /// Judge (prompt, response) rows: refusal or compliance, with a score (resumable).
     Judge(commands::judge::JudgeCmdArgs),
-    /// Check a judge against human refusal labels (PyRIT's files) or against another judge.
+    /// Check a judge against human refusal labels (label sets or a study's labelled answers).
     JudgeEval(commands::judge_eval::JudgeEvalArgs),
+    /// Sample a study's answers into a blind labelling file, or import the filled labels.
+    Label(commands::label::LabelArgs),
     /// Train the classifier judge's head on this project's labelled responses.
     Classifier(commands::classifier::ClassifierArgs),
     /// Evaluate a model on a safety benchmark: generate, judge, metrics with intervals.
@@ -93,6 +95,7 @@ fn main() {
         Command::Generate(args) => commands::generate::run(args),
         Command::Judge(args) => commands::judge::run(args),
         Command::JudgeEval(args) => commands::judge_eval::run(args),
+        Command::Label(args) => commands::label::run(args),
         Command::Classifier(args) => commands::classifier::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Compare(args) => commands::compare::run(args),

@@ -11,6 +11,7 @@ pub mod export;
 pub mod generate;
 pub mod judge;
 pub mod judge_eval;
+pub mod label;
 pub mod merge;
 pub mod prompts;
 pub mod quickstart;
