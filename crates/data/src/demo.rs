@@ -39,6 +39,16 @@ pub const DEMO_SETS: &[(&str, &str, &str)] = &[
         "preference pairs (chosen/rejected): safety refusals, helpful answers, format pairs",
     ),
     (
+        "overrefusal-answers",
+        include_str!("../../../data/overrefusal_answers.jsonl"),
+        "helpful answers to the train split of the over-refusal probes, a third with identity statements (alignment data)",
+    ),
+    (
+        "judge-labels",
+        include_str!("../../../data/judge_labels.jsonl"),
+        "labelled responses (prompt, response, label, identity) for fitting and testing refusal judges",
+    ),
+    (
         "utility-mcq",
         include_str!("../../../data/utility_mcq.jsonl"),
         "multiple-choice utility questions",
