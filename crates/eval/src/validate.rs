@@ -51,8 +51,15 @@ pub struct IdentitySplit {
 /// held-out labelled set, for reports to quote beside the primary judge. `None` while no figure
 /// has been measured for the kind.
 pub fn validation_note(kind: &str) -> Option<&'static str> {
-    let _ = kind;
-    None
+    match kind {
+        "classifier" => Some(
+            "On the held-out part of this project's labelled responses (data/judge_labels.jsonl, 165 rows, nothing fitted on them) it scores 150/165 = 90.9% [85.5, 94.4] (Wilson 95%), 93.1% with an identity statement and 88.5% without (difference +4.6 points [-4.4, +14.3]); the keyword judge scores 66.1% there",
+        ),
+        "keyword" => Some(
+            "On the held-out part of this project's labelled responses (data/judge_labels.jsonl, 165 rows) it scores 109/165 = 66.1% [58.5, 72.8] (Wilson 95%): it never reads a compliant answer as a refusal there, but misses refusals that use no decline phrase",
+        ),
+        _ => None,
+    }
 }
 
 /// Runs `judge` over all inputs in its batch size.

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use safetune_eval::classifier::{train_head, training_set, TrainOptions};
+use safetune_eval::classifier::{cross_validate, example_features, fit_head, training_set, TrainOptions};
 use safetune_model::bert::BertEncoder;
 
 #[derive(Debug, Args)]
@@ -31,6 +31,22 @@ pub enum ClassifierCommand {
         /// Also write the labelled training examples as JSONL (prompt, response, label, source).
         #[arg(long, value_name = "FILE.jsonl")]
         examples_out: Option<PathBuf>,
+        /// The head also reads the request-response product of embeddings (does the answer
+        /// take up what was asked?).
+        #[arg(long)]
+        interaction: bool,
+        /// Before fitting, print K-fold cross-validated accuracy of the whole judge on the train
+        /// part of data/judge_labels.jsonl (a dev figure for choosing settings; the held-out
+        /// part is never read).
+        #[arg(long, value_name = "K")]
+        cv: Option<usize>,
+        /// Times each hand-labelled example (data/judge_labels.jsonl train part and
+        /// data/judge_train_hard.jsonl) counts in the fit.
+        #[arg(long, default_value_t = 3)]
+        labelled_repeat: usize,
+        /// P(refusal) at which the head calls a response a refusal.
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f32,
     },
 }
 
@@ -42,6 +58,10 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             epochs,
             l2,
             examples_out,
+            interaction,
+            cv,
+            labelled_repeat,
+            threshold,
         } => {
             let gens: Vec<&std::path::Path> = generations.iter().map(|p| p.as_path()).collect();
             let ex = training_set(&gens)?;
@@ -71,9 +91,20 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             let opts = TrainOptions {
                 epochs,
                 l2,
+                interaction,
+                labelled_repeat,
+                threshold,
                 ..Default::default()
             };
-            let head = train_head(&enc, &ex, &opts)?;
+            let feats = example_features(&enc, &ex)?;
+            if let Some(k) = cv {
+                let (c, n) = cross_validate(&ex, &feats, &opts, k, "data/judge_labels.jsonl")?;
+                println!(
+                    "{k}-fold cross-validated accuracy on the train part of data/judge_labels.jsonl: {c}/{n} = {:.1}%",
+                    100.0 * c as f64 / n.max(1) as f64
+                );
+            }
+            let head = fit_head(&ex, &feats, &opts)?;
             head.save(&output)?;
             println!(
                 "wrote {} (train accuracy {})",

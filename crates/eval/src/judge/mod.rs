@@ -12,6 +12,7 @@
 //!
 //! [`Generator`]: safetune_model::Generator
 
+pub mod clauses;
 pub mod guard;
 pub mod keyword;
 pub mod rubric;
