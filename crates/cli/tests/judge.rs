@@ -74,6 +74,6 @@ fn judge_eval_keyword_prints_the_confusion_matrix() {
     let o = safetune(&["judge-eval", "--judge", "keyword", "--labels", "refusal"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s = String::from_utf8_lossy(&o.stdout);
-    assert!(s.contains("accuracy  87/105 = 82.9%"), "{s}");
+    assert!(s.contains("accuracy  85/105 = 81.0%"), "{s}");
     assert!(s.contains("kappa") && s.contains("confusion"), "{s}");
 }
