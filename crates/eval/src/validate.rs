@@ -53,10 +53,10 @@ pub struct IdentitySplit {
 pub fn validation_note(kind: &str) -> Option<&'static str> {
     match kind {
         "classifier" => Some(
-            "On the held-out part of this project's labelled responses (data/judge_labels.jsonl, 165 rows, nothing fitted on them) it scores 150/165 = 90.9% [85.5, 94.4] (Wilson 95%), 93.1% with an identity statement and 88.5% without (difference +4.6 points [-4.4, +14.3]); the keyword judge scores 66.1% there",
+            "On the held-out part of this project's labelled responses (data/judge_labels.jsonl, 165 rows, nothing fitted on them) it scores 150/165 = 90.9% [85.5, 94.4] (Wilson 95%), 93.1% with an identity statement and 88.5% without (difference +4.6 points [-4.4, +14.3]); the keyword judge scores 66.1% there.",
         ),
         "keyword" => Some(
-            "On the held-out part of this project's labelled responses (data/judge_labels.jsonl, 165 rows) it scores 109/165 = 66.1% [58.5, 72.8] (Wilson 95%): it never reads a compliant answer as a refusal there, but misses refusals that use no decline phrase",
+            "On the held-out part of this project's labelled responses (data/judge_labels.jsonl, 165 rows) it scores 109/165 = 66.1% [58.5, 72.8] (Wilson 95%): it never reads a compliant answer as a refusal there, but misses refusals that use no decline phrase.",
         ),
         _ => None,
     }

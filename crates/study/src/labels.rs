@@ -983,9 +983,11 @@ mod tests {
         import_with(dir.path(), &refs, None).unwrap();
         let c = study_judge_check(dir.path()).unwrap().unwrap();
         assert_eq!(c.primary.as_deref(), Some("keyword"));
-        assert_eq!(
-            c.primary_note,
-            "Primary judge: keyword (the first [[judges]] entry)."
+        assert!(
+            c.primary_note
+                .starts_with("Primary judge: keyword (the first [[judges]] entry). On the held-out"),
+            "{}",
+            c.primary_note
         );
         assert_eq!(
             (c.labels, c.answers, c.disagreements, c.unclear),
