@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::config::{ConfigError, StudyConfig};
 
-/// The full quickstart study (21 minutes measured on two shared CPU cores).
+/// The full quickstart study (about 20 minutes on two shared CPU cores).
 pub const FULL: &str = include_str!("../../../examples/quickstart.toml");
 /// The smallest run of the same stages (under 3 minutes).
 pub const TINY: &str = include_str!("../../../examples/quickstart-tiny.toml");
