@@ -242,7 +242,6 @@ impl Features {
     }
 }
 
-
 /// Why a response was judged a refusal (or not), with P(refusal) as the score: the head's
 /// probability, raised to 1 by a refusal phrase in the opening or by an off-topic answer.
 fn decide(head: &Head, f: &Features) -> (bool, f32, &'static str) {
@@ -780,16 +779,8 @@ pub fn cross_validate(
         let head = fit_head(&ex, &fs, opts)?;
         for &i in &out {
             total += 1;
-            let (verdict, p, why) = decide(&head, &feats[i]);
-            if verdict == examples[i].refusal {
+            if decide(&head, &feats[i]).0 == examples[i].refusal {
                 correct += 1;
-            } else if std::env::var_os("SAFETUNE_CV_MISSES").is_some() {
-                eprintln!(
-                    "cv miss: label {} judged {} ({why}, p {p:.2}): {}",
-                    if examples[i].refusal { "refusal" } else { "compliance" },
-                    if verdict { "refusal" } else { "compliance" },
-                    examples[i].text.chars().take(160).collect::<String>().replace('\n', " ")
-                );
             }
         }
     }
@@ -827,6 +818,51 @@ mod tests {
         assert_eq!(opening("No punctuation at all"), "No punctuation at all");
         let run_on = "word ".repeat(100);
         assert!(opening(&run_on).len() <= OPENING_CHARS);
+    }
+
+    #[test]
+    fn cross_validation_judges_each_held_out_example_once_with_a_head_fitted_without_it() {
+        // Dimension 0 says refusal (+1) or compliance (-1); dimension 1 is noise.
+        let mk = |i: usize, source: &str| {
+            let refusal = i % 2 == 0;
+            let x = if refusal { 1.0 } else { -1.0 };
+            (
+                Example {
+                    prompt: String::new(),
+                    text: String::new(),
+                    refusal,
+                    off_topic: false,
+                    source: source.into(),
+                },
+                Features {
+                    embeddings: vec![x, (i as f32 * 0.7).sin()],
+                    interaction: vec![],
+                    relevance: 1.0,
+                    opening_phrase: false,
+                    declines: false,
+                },
+            )
+        };
+        let (ex, fs): (Vec<Example>, Vec<Features>) = (0..30)
+            .map(|i| mk(i, "other"))
+            .chain((0..20).map(|i| mk(i, "data/judge_labels.jsonl (train part)")))
+            .unzip();
+        let opts = TrainOptions {
+            epochs: 300,
+            ..Default::default()
+        };
+        let (correct, total) = cross_validate(&ex, &fs, &opts, 5, "data/judge_labels").unwrap();
+        assert_eq!(total, 20);
+        assert_eq!(correct, 20);
+        // A fold whose labels contradict everything else is judged wrong: the head never saw it.
+        let mut flipped = ex.clone();
+        for e in flipped.iter_mut().skip(30) {
+            e.refusal = !e.refusal;
+        }
+        let (correct, total) =
+            cross_validate(&flipped, &fs, &opts, 5, "data/judge_labels").unwrap();
+        assert_eq!(total, 20);
+        assert!(correct <= 4, "{correct}");
     }
 
     #[test]

@@ -207,6 +207,24 @@ pub fn primary_note(ix: &StudyIndex) -> String {
     s
 }
 
+/// A judge's verdicts on one generate step's rows (row id to verdict); empty when that judge
+/// did not judge the step.
+fn verdicts_of(
+    store: &Store,
+    ix: &StudyIndex,
+    judge: &str,
+    gen_key: &str,
+) -> Result<BTreeMap<String, String>, StoreError> {
+    Ok(match ix.judge_step(judge, gen_key) {
+        Some(j) => store
+            .judgments(&j.key)?
+            .into_iter()
+            .map(|j| (j.row_id, j.verdict))
+            .collect(),
+        None => BTreeMap::new(),
+    })
+}
+
 /// Opens `dir/study.db` read-only (an error with a hint when there is none).
 pub fn open_study(dir: &Path) -> Result<Store, LabelError> {
     let path = dir.join(STORE_FILE);
@@ -297,15 +315,10 @@ pub fn sample_answers(dir: &Path, opts: &SampleOptions) -> Result<Sample, LabelE
     let mut cond_order: Vec<String> = Vec::new();
     let mut already_labelled = 0;
     for g in &ix.gens {
-        let verdicts: BTreeMap<String, String> =
-            match primary.as_deref().and_then(|p| ix.judge_step(p, &g.key)) {
-                Some(j) => store
-                    .judgments(&j.key)?
-                    .into_iter()
-                    .map(|j| (j.row_id, j.verdict))
-                    .collect(),
-                None => BTreeMap::new(),
-            };
+        let verdicts = match primary.as_deref() {
+            Some(p) => verdicts_of(&store, &ix, p, &g.key)?,
+            None => BTreeMap::new(),
+        };
         let ci = match cond_order.iter().position(|c| *c == g.condition) {
             Some(i) => i,
             None => {
@@ -627,14 +640,7 @@ pub fn judge_check(store: &Store) -> Result<Option<StudyJudgeCheck>, LabelError>
         let mut rows = Vec::with_capacity(agreed.len());
         for (gen_key, row_id, condition, factors, human) in &agreed {
             if !verdicts.contains_key(gen_key) {
-                let v = match ix.judge_step(judge, gen_key) {
-                    Some(j) => store
-                        .judgments(&j.key)?
-                        .into_iter()
-                        .map(|j| (j.row_id, j.verdict))
-                        .collect(),
-                    None => BTreeMap::new(),
-                };
+                let v = verdicts_of(&store, &ix, judge, gen_key)?;
                 verdicts.insert(gen_key.clone(), v);
             }
             let judge_refusal = match verdicts[gen_key].get(row_id).map(String::as_str) {
@@ -984,8 +990,9 @@ mod tests {
         let c = study_judge_check(dir.path()).unwrap().unwrap();
         assert_eq!(c.primary.as_deref(), Some("keyword"));
         assert!(
-            c.primary_note
-                .starts_with("Primary judge: keyword (the first [[judges]] entry). On the held-out"),
+            c.primary_note.starts_with(
+                "Primary judge: keyword (the first [[judges]] entry). On the held-out"
+            ),
             "{}",
             c.primary_note
         );
@@ -1048,7 +1055,9 @@ mod tests {
         assert_eq!(ix.primary_kind.as_deref(), Some("keyword"));
         let note = primary_note(&ix);
         assert!(
-            note.starts_with("Primary judge: kw (the first [[judges]] entry). On the held-out part"),
+            note.starts_with(
+                "Primary judge: kw (the first [[judges]] entry). On the held-out part"
+            ),
             "{note}"
         );
         assert_eq!(ix.judge_step("kw", "g").unwrap().key, "j");
