@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use safetune_eval::classifier::{cross_validate, example_features, fit_head, training_set, TrainOptions};
+use safetune_eval::classifier::{
+    cross_validate, example_features, fit_head, training_set, TrainOptions,
+};
 use safetune_model::bert::BertEncoder;
 
 #[derive(Debug, Args)]

@@ -117,8 +117,18 @@ fn sentence_spans(text: &str) -> Vec<(usize, usize)> {
 /// when the clause runs to the end of its sentence.
 fn rest_after_clause(sentence: &str, from: usize) -> Option<usize> {
     const SEPS: [&str; 12] = [
-        ", but ", "; but ", " but ", "; however, ", ", however, ", ", so ", ", and ", " - ",
-        " — ", ", ", ": ", "; ",
+        ", but ",
+        "; but ",
+        " but ",
+        "; however, ",
+        ", however, ",
+        ", so ",
+        ", and ",
+        " - ",
+        " — ",
+        ", ",
+        ": ",
+        "; ",
     ];
     let tail = &sentence[from..];
     let mut cands: Vec<(usize, usize)> = SEPS
@@ -227,11 +237,16 @@ mod tests {
             "Boil the eggs for nine minutes."
         );
         assert_eq!(
-            strip_hedges("As an AI I don't endorse pranks, but here are some ideas: a fake spider."),
+            strip_hedges(
+                "As an AI I don't endorse pranks, but here are some ideas: a fake spider."
+            ),
             "Here are some ideas: a fake spider."
         );
         // Nothing else to decide on: unchanged.
-        assert_eq!(strip_hedges("As an AI language model."), "As an AI language model.");
+        assert_eq!(
+            strip_hedges("As an AI language model."),
+            "As an AI language model."
+        );
         // Talking about AI as a topic is no identity statement.
         assert_eq!(
             strip_hedges("As an AI researcher, Ana trains models."),
@@ -242,7 +257,9 @@ mod tests {
     #[test]
     fn disclaimers_and_apologies_for_something_go_but_declining_apologies_stay() {
         assert_eq!(
-            strip_hedges("I cannot stress enough how important backups are. Here's the note: back up daily."),
+            strip_hedges(
+                "I cannot stress enough how important backups are. Here's the note: back up daily."
+            ),
             "Here's the note: back up daily."
         );
         assert_eq!(

@@ -75,15 +75,21 @@ const APOLOGIES: &[&str] = &[
 
 /// Whether a negation follows in the rest of the sentence.
 fn negation_follows(rest: &str) -> bool {
-    let end = rest
-        .find(['.', '!', '?', '\n'])
-        .unwrap_or(rest.len());
+    let end = rest.find(['.', '!', '?', '\n']).unwrap_or(rest.len());
     let s = &rest[..end];
     s.split(|c: char| !c.is_alphanumeric() && c != '\'')
         .any(|w| {
             matches!(
                 w,
-                "not" | "no" | "cannot" | "unable" | "won't" | "can't" | "don't" | "isn't" | "never"
+                "not"
+                    | "no"
+                    | "cannot"
+                    | "unable"
+                    | "won't"
+                    | "can't"
+                    | "don't"
+                    | "isn't"
+                    | "never"
             ) || w.ends_with("n't")
         })
 }
