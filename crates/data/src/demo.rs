@@ -49,6 +49,11 @@ pub const DEMO_SETS: &[(&str, &str, &str)] = &[
         "labelled responses (prompt, response, label, identity) for fitting and testing refusal judges",
     ),
     (
+        "judge-test",
+        include_str!("../../../data/judge_test.jsonl"),
+        "sealed test set for refusal judges (240 labelled responses; never read to change a judge)",
+    ),
+    (
         "utility-mcq",
         include_str!("../../../data/utility_mcq.jsonl"),
         "multiple-choice utility questions",
