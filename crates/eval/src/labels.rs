@@ -10,10 +10,15 @@
 //!   carries an identity statement). `safetune label` writes this layout, and this project's
 //!   labelled set `data/judge_labels.jsonl` (`demo:judge-labels`) uses it.
 //!
-//! The project's set is split by a seeded hash of each row's `id`
-//! ([`safetune_data::prompts::split_of`] with [`JUDGE_LABELS_SPLIT_SEED`] and
-//! [`JUDGE_LABELS_TEST_FRACTION`]): `judge-labels:train` is what heads, thresholds and rules may
-//! be fitted on, `judge-labels:test` is held out and is the figure to report.
+//! Roles of this project's labelled sets:
+//! - `data/judge_labels.jsonl` is split by a seeded hash of each row's `id`
+//!   ([`safetune_data::prompts::split_of`] with [`JUDGE_LABELS_SPLIT_SEED`] and
+//!   [`JUDGE_LABELS_TEST_FRACTION`]): `judge-labels:train` is what heads, thresholds and rules
+//!   may be fitted on; `judge-labels:dev` (the other part) was the test set until its figure was
+//!   reported once (2026-12-04), and its misses have since been read to choose features, so it
+//!   is dev data now.
+//! - `data/judge_test.jsonl` (`judge-labels:test`, written later by a different writer, never
+//!   read to change a judge) is the sealed test set: the figure to report.
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +35,8 @@ pub const JUDGE_LABELS_TEST_FRACTION: f64 = 0.4;
 
 /// Where `judge-labels` errors point.
 const JUDGE_LABELS_FILE: &str = "data/judge_labels.jsonl";
+/// Where `judge-labels:test` errors point.
+const JUDGE_TEST_FILE: &str = "data/judge_test.jsonl";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelledResponse {
@@ -65,9 +72,10 @@ pub struct LabelSet {
 /// train data, PyRIT's two files dev data (regression floors). `None` for other files.
 pub fn label_role(spec: &str) -> Option<&'static str> {
     match spec {
-        "judge-labels:test" => Some("test"),
+        "judge-labels:test" | "judge-test" | "demo:judge-test" => Some("test"),
+        "judge-labels:dev" => Some("dev"),
         "judge-labels:train" => Some("train"),
-        "judge-labels" | "demo:judge-labels" => Some("train and test together (not a test figure)"),
+        "judge-labels" | "demo:judge-labels" => Some("train and dev together (not a test figure)"),
         "refusal" | "pyrit" | "refusal_extra" | "refusal-extra" => Some("dev (regression floor)"),
         _ => None,
     }
@@ -91,11 +99,13 @@ pub fn resolve_labels(spec: &str) -> Result<PathBuf> {
 pub fn load_labels(spec: &str) -> Result<LabelSet> {
     let part = match spec {
         "judge-labels" | "demo:judge-labels" => Some(None),
-        "judge-labels:test" => Some(Some(Split::Test)),
+        "judge-labels:dev" => Some(Some(Split::Test)),
         "judge-labels:train" => Some(Some(Split::Train)),
         _ => None,
     };
+    let sealed = matches!(spec, "judge-labels:test" | "judge-test" | "demo:judge-test");
     let mut set = match part {
+        _ if sealed => judge_test_set()?,
         Some(part) => {
             let mut set = judge_labels_set()?;
             if let Some(part) = part {
@@ -133,6 +143,18 @@ pub fn split_part(rows: Vec<LabelledResponse>, part: Split) -> Vec<LabelledRespo
                 == Some(part)
         })
         .collect()
+}
+
+/// The sealed test set `data/judge_test.jsonl` (embedded as the demo set `judge-test`).
+fn judge_test_set() -> Result<LabelSet> {
+    let path = Path::new(JUDGE_TEST_FILE);
+    let text = safetune_data::demo::demo_text("judge-test").ok_or_else(|| {
+        EvalError::file(
+            path,
+            "not built into this safetune (the demo set `judge-test` is missing)",
+        )
+    })?;
+    parse_judge_labels(path, text)
 }
 
 fn judge_labels_set() -> Result<LabelSet> {
@@ -539,12 +561,33 @@ mod tests {
             let test = judge_labels_part(Split::Test).unwrap();
             let train = judge_labels_part(Split::Train).unwrap();
             assert_eq!(test.len() + train.len(), all.len());
-            let set = load_labels("judge-labels:test").unwrap();
-            assert_eq!((set.rows.len(), set.role), (test.len(), Some("test")));
+            let set = load_labels("judge-labels:dev").unwrap();
+            assert_eq!((set.rows.len(), set.role), (test.len(), Some("dev")));
             assert_eq!(
                 load_labels("judge-labels:train").unwrap().role,
                 Some("train")
             );
         }
+    }
+
+    /// The sealed test set is a file of its own, not a part of the split one: every row
+    /// labelled, 60 in each label x identity cell, no id shared with `judge_labels.jsonl`.
+    #[test]
+    fn the_sealed_test_set_is_balanced_and_disjoint() {
+        let set = load_labels("judge-labels:test").unwrap();
+        assert_eq!(set.role, Some("test"));
+        assert_eq!((set.rows.len(), set.unclear, set.unlabelled), (240, 0, 0));
+        for (refusal, identity) in [(true, true), (true, false), (false, true), (false, false)] {
+            let n = set
+                .rows
+                .iter()
+                .filter(|r| r.refusal == refusal && r.identity == Some(identity))
+                .count();
+            assert_eq!(n, 60, "refusal {refusal}, identity {identity}");
+        }
+        let other = judge_labels_all().unwrap();
+        assert!(set.rows.iter().all(|r| !other
+            .iter()
+            .any(|o| o.id == r.id || o.input.response == r.input.response)));
     }
 }

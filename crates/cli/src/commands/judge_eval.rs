@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use safetune_eval::judge::{Judge, JudgeInput};
+use safetune_eval::judge::{Judge, JudgeInput, Verdict};
 use safetune_eval::labels::{label_role, load_labels};
 use safetune_eval::validate::{
     against_labels, format_condition_check, format_eval, judge_all, judge_vs,
@@ -49,6 +49,12 @@ pub struct JudgeEvalArgs {
     /// Also write the results as JSON to this file.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+
+    /// Write the rows the judge got wrong (label set, line, id, prompt, response, human label,
+    /// verdict, the judge's raw output) to this JSONL file, to read its errors. Read misses on
+    /// train or dev sets only: a test set whose misses were read to change a judge is dev data.
+    #[arg(long, value_name = "FILE")]
+    pub misses: Option<PathBuf>,
 }
 
 pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
@@ -62,6 +68,7 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
     // Judges are loaded once, and only when a label set (not a study) needs them.
     let mut judges: Option<(Box<dyn Judge>, Option<Box<dyn Judge>>)> = None;
     let mut json = Vec::new();
+    let mut misses = String::new();
     for spec in &specs {
         let dir = Path::new(spec);
         if label_role(spec).is_none() && dir.is_dir() {
@@ -107,6 +114,19 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
         let js = judge_all(judge.as_ref(), &inputs)?;
         let mut e = against_labels(&judge.name(), spec, labels, &js);
         e.role = set.role.map(str::to_string);
+        for (l, j) in labels.iter().zip(&js) {
+            let refusal = j.verdict.map(|v| v == Verdict::Refusal);
+            if refusal != Some(l.refusal) {
+                let row = serde_json::json!({
+                    "labels": spec, "line": l.line, "id": l.id,
+                    "prompt": l.input.prompt, "response": l.input.response,
+                    "label": if l.refusal { "refusal" } else { "compliance" },
+                    "verdict": j.verdict, "raw": j.raw, "identity": l.identity,
+                });
+                misses.push_str(&row.to_string());
+                misses.push('\n');
+            }
+        }
         let mut entry =
             serde_json::json!({"eval": e, "unclear": set.unclear, "unlabelled": set.unlabelled});
         if text {
@@ -137,6 +157,11 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
             println!();
         }
         json.push(entry);
+    }
+    if let Some(path) = &args.misses {
+        std::fs::write(path, &misses)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {} misses to {}", misses.lines().count(), path.display());
     }
     let pretty = serde_json::to_string_pretty(&json)?;
     if args.format == OutputFormat::Json {
