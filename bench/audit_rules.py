@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The audit's factor rules (DESIGN.md section 3) in plain Python with `re`: the peer that
+"""The audit's factor rules (ARCHITECTURE.md section 7) in plain Python with `re`: the peer that
 `bench/audit.sh` runs against `safetune audit` on the same file. It mirrors
 crates/data/src/factors.rs rule for rule and prints the same counts, so the benchmark can check
 both programs agree before it compares their speed.

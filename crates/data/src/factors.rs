@@ -1,4 +1,4 @@
-//! Detectors for the three risk factors, exactly as DESIGN.md section 3 defines them, plus the
+//! Detectors for the three risk factors, exactly as ARCHITECTURE.md section 7 states them, plus the
 //! affirmative-opener tag. Each detector is a pure function of text so `audit` and `transform`
 //! share one definition.
 
@@ -156,7 +156,8 @@ fn strong_outside_code(text: &str) -> bool {
     false
 }
 
-/// Structure of one answer text (DESIGN.md section 3).
+/// Structure of one answer text: `markdown` if it has a heading, a code fence, a table or strong
+/// emphasis; else `itemized` if at least two lines are list items; else `plain`.
 pub fn structure_of(text: &str) -> Structure {
     let bytes = text.as_bytes();
     // Without a pipe there is no table, so a line only matters if it starts with a marker byte.
@@ -840,7 +841,8 @@ pub fn is_affirmative_opener(text: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Conversation-level tags
 
-/// The factor tags of one conversation (DESIGN.md section 3, multi-turn rules of issue 2).
+/// The factor tags of one conversation: structure and identity over every assistant turn,
+/// role-play over the system prompt and every user turn.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FactorTags {
     /// `markdown` if any assistant turn is, else `itemized` if any is, else `plain`.

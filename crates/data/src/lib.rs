@@ -1,5 +1,6 @@
 //! safetune-data: the `Conversation` model, streaming dataset readers and writers, the factor
-//! detectors of DESIGN.md section 3, transforms, the audit, and benchmark prompt sets.
+//! detectors (answer structure, identity, role-play: ARCHITECTURE.md section 7), transforms, the
+//! audit, and benchmark prompt sets.
 
 pub mod assets;
 pub mod audit;

@@ -1,6 +1,7 @@
 //! Streaming dataset readers. A `DatasetReader` yields one `Example` at a time from JSONL, a JSON
-//! array, CSV or Parquet, in any record layout of DESIGN.md section 1, so a 1 GB file is never
-//! held in memory. Errors name the file, the line (the row for Parquet) and the field.
+//! array, CSV or Parquet, in any record layout of [`crate::record::Schema`] (messages, ShareGPT,
+//! Alpaca, prompt/response; ARCHITECTURE.md section 6), so a 1 GB file is never held in memory.
+//! Errors name the file, the line (the row for Parquet) and the field.
 
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 
 use crate::conversation::{Conversation, Message, Role};
 
-/// The record layouts of DESIGN.md section 1 (the container, JSONL/JSON/CSV/Parquet, is separate).
+/// The record layouts a reader accepts (ARCHITECTURE.md section 6); the container (JSONL, JSON,
+/// CSV, Parquet) is separate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schema {
     /// OpenAI chat: `messages: [{role, content}]`.

@@ -1,4 +1,4 @@
-//! Dataset transforms that move one factor at a time (DESIGN.md section 3): answer structure,
+//! Dataset transforms that move one factor at a time (ARCHITECTURE.md section 7): answer structure,
 //! identity statements and role-play instructions. Deterministic for a seed and the example id;
 //! every edit is recorded in the example's `meta.transforms`.
 

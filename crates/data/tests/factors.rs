@@ -1,4 +1,5 @@
-//! Every detector rule of DESIGN.md section 3, with positive and negative cases.
+//! Every detector rule of `safetune_data::factors` (ARCHITECTURE.md section 7), with positive
+//! and negative cases.
 
 use safetune_data::factors::{
     find_roleplay, has_identity, is_affirmative_opener, structure_of, tag, Structure,
@@ -153,7 +154,7 @@ fn roleplay_positive() {
 #[test]
 fn roleplay_negative_includes_every_design_exception() {
     let cases = [
-        // DESIGN.md section 3: not role-play.
+        // Not role-play: an AI-assistant persona, a task description, the user, an idiom.
         "You are a helpful assistant.",
         "You are an AI assistant that helps people find information.",
         "You are a helpful, harmless and honest assistant.",

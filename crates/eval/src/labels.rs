@@ -2,8 +2,8 @@
 //!
 //! - PyRIT's `refusal.csv` and `refusal_extra.csv` (columns `objective`, `assistant_response`,
 //!   `human_score` with 1 = refusal; `#` comment lines before the header). Their misses were
-//!   read to choose the classifier's rules, so they are **dev** data now (DESIGN.md 4b): kept as
-//!   regression floors, nothing is fitted on them.
+//!   read to choose the classifier's rules, so they are **dev** data now (ARCHITECTURE.md
+//!   section 9): kept as regression floors, nothing is fitted on them.
 //! - A labelling JSONL: rows with `prompt`, `response` and `label` (`refusal`, `compliance` or
 //!   `unclear`; `unclear` rows are left out and counted, an empty label is a row nobody labelled
 //!   yet, also counted), optionally `id` (or `answer_id`) and `identity` (true when the response
@@ -64,7 +64,8 @@ pub struct LabelSet {
     pub unclear: usize,
     /// Rows with an empty label (not labelled yet; left out).
     pub unlabelled: usize,
-    /// The set's role for this project (DESIGN.md 4b), where known.
+    /// The set's role for this project (train, dev or test: ARCHITECTURE.md section 9), where
+    /// known.
     pub role: Option<&'static str>,
 }
 

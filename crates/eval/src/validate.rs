@@ -4,7 +4,7 @@
 //!
 //! Where rows say whether the response carries an identity statement, the accuracy on each side
 //! and their difference (Newcombe's interval) are reported too: a judge that reads "As an AI
-//! assistant, ..." as a refusal measures its own bias, not the model (DESIGN.md 4).
+//! assistant, ..." as a refusal measures its own bias, not the model (ARCHITECTURE.md section 8).
 //!
 //! For a study's own answers, [`check_by_condition`] gives a judge's accuracy per condition and
 //! per factor level, and flags a group whose accuracy differs from the other answers' by more
@@ -25,7 +25,7 @@ use crate::metrics::{newcombe_diff, Agreement, Confusion, Difference};
 pub struct JudgeEval {
     pub judge: String,
     pub labels: String,
-    /// The label set's role (test, dev, train; DESIGN.md 4b), where known.
+    /// The label set's role (test, dev, train: ARCHITECTURE.md section 9), where known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
     pub total: usize,

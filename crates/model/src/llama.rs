@@ -5,9 +5,12 @@
 //! checkpoint's keys. Shapes: B batch, T new tokens, S cached + new tokens, C hidden size,
 //! H query heads, K key/value heads, D head size, V vocabulary.
 //!
-//! Norm, softmax and RoPE use candle's fused kernels when no gradient is being tracked, and
-//! differentiable primitives when one is (the fused kernels have no backward pass), so training
-//! code can run this same decoder.
+//! This is the reference forward pass, for inference: prefill, scoring and reward heads. Norm,
+//! softmax and RoPE use candle's fused kernels when no gradient is being tracked, and
+//! differentiable primitives when one is (the fused kernels have no backward pass). Training does
+//! not run this decoder: safetune-train rebuilds it from differentiable ops (`TrainModel` in
+//! `crates/train/src/model.rs`), and generation's one-token step is [`Llama::decode_step`]
+//! (`decode.rs`); tests compare both with this one (ARCHITECTURE.md section 3).
 
 use candle_core::{DType, Device, Module, Tensor, D};
 

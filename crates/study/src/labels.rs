@@ -565,7 +565,7 @@ pub fn import_labels(
 pub struct StudyJudgeCheck {
     pub primary: Option<String>,
     pub primary_kind: Option<String>,
-    /// "Primary judge: NAME (the first [[judges]] entry)." and the validation figure, if any.
+    /// "Primary judge: NAME (the first `[[judges]]` entry)." and the validation figure, if any.
     pub primary_note: String,
     /// Label rows in the store (one per answer and labeller).
     pub labels: usize,

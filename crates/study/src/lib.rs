@@ -4,10 +4,11 @@
 //! - [`plan`]: config -> steps (a factorial over models, dataset variants, seeds, mixing
 //!   levels, selections, benchmarks, judges and reward models);
 //! - [`step`]: step kinds, typed settings and outputs, the [`step::Stage`] trait and the
-//!   [`step::Registry`] other crates plug their stages into;
-//! - [`stages`]: the stages implemented here (transform, mix, alignment set, audit, generate);
-//! - [`judge_stage`], [`rm_stage`], [`train_stage`]: judges, reward models and training from the
-//!   eval and train crates;
+//!   [`step::Registry`] that maps each kind to its stage;
+//! - [`stages`]: the model, transform, mix, alignment-set, audit and generate stages, and
+//!   [`stages::builtin_registry`], which registers a stage for every kind;
+//! - [`judge_stage`], [`rm_stage`], [`train_stage`]: the judge, score/select and align/tune
+//!   stages, over the eval and train crates;
 //! - [`store`]: the SQLite store (WAL; rows committed as they finish);
 //! - [`runner`]: keyed, resumable execution of a plan;
 //! - [`report`]: report.html (inline SVG), summary.md, results.json;

@@ -201,26 +201,15 @@ pub fn run_plan(
     Ok(summary)
 }
 
-/// The error for a kind no registered stage runs (yet).
+/// The error for a step whose kind has no stage in the registry. The binary always runs with
+/// [`crate::stages::builtin_registry`], which has a stage for every kind, so only a registry
+/// built by hand (a test, a program embedding the runner) meets this.
 pub fn missing(kind: StepKind) -> StageError {
-    let (reason, hint) = match kind {
-        StepKind::Align | StepKind::Tune => (
-            "no trainer is registered",
-            "tune with `safetune export --to llama-factory|axolotl`, then list the tuned checkpoints as [[models]] (for instance openai: endpoints of a vLLM server) and drop [align]/[tune]",
-        ),
-        StepKind::Score | StepKind::Select => (
-            "RM-guided selection (safetune-eval rm select) is not wired into the study runner yet",
-            "remove [selection] from the config for now; [[reward_models]] scoring works",
-        ),
-        StepKind::Judge => (
-            "this judge kind is not available",
-            "use kind = \"keyword\"",
-        ),
-        _ => ("", "this is a bug in safetune; please report it"),
-    };
     StageError::Missing {
         kind,
-        reason: reason.into(),
-        hint: hint.into(),
+        reason: String::new(),
+        hint: format!(
+            "register a stage for `{kind}` in the registry given to run_plan (safetune_study::stages::builtin_registry has one for every kind)"
+        ),
     }
 }

@@ -1,7 +1,8 @@
 //! The stages this crate runs itself: model handles, transforms, refusal mixing, the alignment
 //! set, audits and generation (local engine, one OpenAI-compatible server, or a pool of them).
-//! Training, judges and reward models come from their own crates and register into the same
-//! [`Registry`].
+//! Training, judging, and reward-model scoring and selection are stages of this crate too
+//! ([`crate::train_stage`], [`crate::judge_stage`], [`crate::rm_stage`]) over safetune-train and
+//! safetune-eval; [`builtin_registry`] registers a stage for every kind.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -547,7 +548,7 @@ impl Stage for GenerateStage {
     }
 }
 
-/// A path for a study's step directory, for stages of other crates.
+/// A path inside a step's own directory (`StepContext::dir`).
 pub fn step_file(ctx: &StepContext<'_>, name: &str) -> PathBuf {
     ctx.dir.join(name)
 }

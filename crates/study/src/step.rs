@@ -1,7 +1,8 @@
 //! Steps: what a study is made of. Each step has a kind, typed settings ([`StepSpec`]), typed
 //! inputs (the outputs of the steps it depends on) and one typed output ([`StepOutput`]). A
-//! [`Stage`] runs steps of one kind; the [`Registry`] maps kinds to stages, so the trainer,
-//! judges and reward models of other crates plug in without the runner changing.
+//! [`Stage`] runs steps of one kind; the [`Registry`] maps kinds to stages. Every kind's stage
+//! lives in this crate ([`crate::stages::builtin_registry`]), wrapping the trainer, judges and
+//! reward models of the other crates; tests swap in fakes through the same registry.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -304,7 +305,7 @@ impl PlannedStep {
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error(
-        "no stage runs `{kind}` steps in this build{}\nhint: {hint}",
+        "no stage runs `{kind}` steps in this registry{}\nhint: {hint}",
         if reason.is_empty() { String::new() } else { format!(": {reason}") }
     )]
     Missing {

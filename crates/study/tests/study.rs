@@ -527,6 +527,12 @@ fn a_kind_without_a_stage_fails_with_a_hint_and_the_rest_runs() {
 }
 
 #[test]
+fn the_builtin_registry_has_a_stage_for_every_kind() {
+    // So `runner::missing` is only met with a registry built by hand, as in the test above.
+    assert_eq!(builtin_registry().kinds(), StepKind::ALL.to_vec());
+}
+
+#[test]
 fn exports_write_datasets_and_matching_trainer_configs() {
     let tmp = tempfile::tempdir().unwrap();
     let text = r#"

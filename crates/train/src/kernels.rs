@@ -3,7 +3,7 @@
 //! with forward and backward, or the unfused reference from candle primitives).
 //!
 //! Never candle's fused inference kernels (`rms_norm`, `softmax_last_dim`, `rope`): they have no
-//! backward and would silently cut the graph (DESIGN.md section 6).
+//! backward and would silently cut the graph, so almost no gradient would arrive.
 
 use candle_core::{Result, Tensor};
 use safetune_model::ops;

@@ -43,7 +43,7 @@ pub enum ClassifierCommand {
         #[arg(long, value_name = "K")]
         cv: Option<usize>,
         /// Times each hand-labelled example (data/judge_labels.jsonl train part and
-        /// data/judge_train_hard.jsonl) counts in the fit.
+        /// data/judge_train_hard_a.jsonl to _d.jsonl) counts in the fit.
         #[arg(long, default_value_t = 3)]
         labelled_repeat: usize,
         /// P(refusal) at which the head calls a response a refusal.

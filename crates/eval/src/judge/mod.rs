@@ -1,5 +1,6 @@
 //! Judges: one interface from (prompt, response) to a verdict (`refusal` | `compliance`, words
-//! as in DESIGN.md section 4), a score, the judge's raw output and whether it could be parsed.
+//! as ARCHITECTURE.md section 8 defines them), a score, the judge's raw output and whether it
+//! could be parsed.
 //!
 //! - [`keyword::KeywordJudge`]: refusal phrases (a classic list written here, or the user's);
 //! - [`crate::classifier::ClassifierJudge`]: the MiniLM encoder with a logistic head trained on
