@@ -237,7 +237,10 @@ fn bad_adapter_and_remote_model_are_user_errors() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--adapter needs a local model"), "{err}");
+    assert!(
+        err.contains("an adapter with an openai: model must be served by the server"),
+        "{err}"
+    );
 }
 
 /// One HTTP/1.1 request to the server; returns the body.

@@ -1,23 +1,29 @@
-//! `safetune audit FILE`
+//! `safetune audit --data DATASET` (or `safetune audit DATASET`)
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
 use safetune_data::audit::{Auditor, ExampleAudit};
-use safetune_data::demo::resolve_dataset;
 use safetune_data::read::DatasetReader;
 
-use super::common::{InputArgs, OutputFormat};
+use super::common::{InputArgs, OutputFormat, ReadArgs};
 
 #[derive(Debug, Args)]
+#[command(mut_arg("data", |a| a.required_unless_present("file").help(
+    "The dataset (JSONL, JSON, CSV or Parquet), or demo:NAME for a built-in demo set \
+     (demo:medical, demo:code, ...)"
+)))]
 pub struct AuditArgs {
-    /// Dataset file (JSONL, JSON, CSV or Parquet), or `demo:NAME` for a built-in demo set.
-    pub file: String,
+    #[command(flatten)]
+    pub data: InputArgs,
+
+    /// The dataset as a positional argument (the same as --data).
+    #[arg(value_name = "DATASET", hide = true, conflicts_with = "data")]
+    pub file: Option<String>,
 
     #[command(flatten)]
-    pub input: InputArgs,
+    pub input: ReadArgs,
 
     /// Print one JSON object per example (in input order) instead of the summary.
     #[arg(long)]
@@ -29,7 +35,8 @@ pub struct AuditArgs {
 }
 
 pub fn run(args: AuditArgs) -> anyhow::Result<()> {
-    let path: PathBuf = resolve_dataset(&args.file)?;
+    let data = args.data.or_positional(args.file);
+    let path = data.path()?;
     let opts = args.input.read_options();
     let mut reader = DatasetReader::open(&path, &opts)
         .with_context(|| format!("cannot open dataset {}", path.display()))?;
@@ -74,7 +81,7 @@ pub fn run(args: AuditArgs) -> anyhow::Result<()> {
                 serde_json::to_writer_pretty(&mut out, &v)?;
                 out.write_all(b"\n")?;
             }
-            OutputFormat::Text => out.write_all(summary.render_text(&args.file).as_bytes())?,
+            OutputFormat::Text => out.write_all(summary.render_text(data.spec()).as_bytes())?,
         }
     }
     out.flush()?;

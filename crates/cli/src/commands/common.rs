@@ -1,9 +1,21 @@
-//! Flags shared by several commands, defined once.
+//! Flags shared by several commands, defined once: the input dataset ([`InputArgs`], resolved
+//! by [`resolve_input`] and nowhere else), how to read it ([`ReadArgs`]), a LoRA adapter
+//! ([`AdapterArgs`]) and the settings of a client of a remote model ([`ClientArgs`]).
+//!
+//! A command that needs a different help text, a default, or an old spelling for one of these
+//! flags changes it with `#[command(mut_arg("data", |a| ...))]` on its own arguments struct, so
+//! the flag keeps one name and one resolution everywhere.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use anyhow::bail;
 use clap::{Args, ValueEnum};
+use safetune_data::demo::{demo_text, resolve_dataset, DEMO_SETS};
 use safetune_data::read::{Columns, InputFormat, ReadOptions, SkipReport};
+use safetune_eval::rm::remote::RemoteOptions;
+use safetune_model::ModelSpec;
+use safetune_openai::ClientConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
@@ -22,9 +34,99 @@ pub enum InputFormatArg {
     Parquet,
 }
 
-/// How to read a dataset file.
+/// The input dataset of a command: `--data FILE` or `--data demo:NAME`.
 #[derive(Debug, Clone, Args)]
 pub struct InputArgs {
+    /// The input dataset: a file, or demo:NAME for a built-in demo set (demo:medical, demo:code,
+    /// demo:stem, demo:overrefusal, demo:preferences, ...).
+    #[arg(long = "data", value_name = "DATASET")]
+    pub data: Option<String>,
+}
+
+impl InputArgs {
+    /// The dataset as given (`demo:medical` or a path), for messages and reports.
+    pub fn spec(&self) -> &str {
+        self.data.as_deref().unwrap_or("")
+    }
+
+    /// Takes a positional dataset (the old spelling of `audit FILE`, `transform FILE`) when
+    /// `--data` is not given.
+    pub fn or_positional(mut self, file: Option<String>) -> Self {
+        if self.data.is_none() {
+            self.data = file;
+        }
+        self
+    }
+
+    /// The file to read: a `demo:NAME` written to the demo cache, or the path, which must exist.
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        match &self.data {
+            Some(spec) => resolve_input(spec),
+            None => bail!("no input dataset given\nhint: pass --data FILE or --data demo:NAME"),
+        }
+    }
+}
+
+/// The names of the built-in demo sets, comma-separated.
+pub fn demo_names() -> String {
+    DEMO_SETS
+        .iter()
+        .map(|(n, _, _)| format!("demo:{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The one place a dataset argument becomes a file: `demo:NAME` is written to the demo cache
+/// (an unknown name lists the known ones); any other string is a path that must exist. Called
+/// before any work starts, so a missing input is reported as that and nothing else.
+pub fn resolve_input(spec: &str) -> anyhow::Result<PathBuf> {
+    if let Some(name) = spec.strip_prefix("demo:") {
+        if demo_text(name).is_none() {
+            bail!(
+                "unknown demo set `{spec}`; the demo sets are {}",
+                demo_names()
+            );
+        }
+        return Ok(resolve_dataset(spec)?);
+    }
+    resolve_input_path(Path::new(spec))
+}
+
+/// [`resolve_input`] for a path that may not be UTF-8 (e.g. from a config file).
+pub fn resolve_input_path(path: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(spec) = path.to_str().filter(|s| s.starts_with("demo:")) {
+        return resolve_input(spec);
+    }
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(path.to_path_buf()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "input file {} does not exist\nhint: give an existing file, or demo:NAME for a built-in set ({})",
+            path.display(),
+            demo_names()
+        ),
+        Err(e) => bail!("cannot read input file {}: {e}", path.display()),
+    }
+}
+
+/// A prompt-set argument (`eval --bench`, `prompts show`): a built-in benchmark name passes
+/// through; anything else is a dataset, resolved by [`resolve_input`].
+pub fn resolve_prompt_set(spec: &str) -> anyhow::Result<String> {
+    if safetune_data::prompts::BUILTIN
+        .iter()
+        .any(|(n, _, _)| *n == spec)
+    {
+        return Ok(spec.to_string());
+    }
+    let path = resolve_input(spec)?;
+    match path.to_str() {
+        Some(p) => Ok(p.to_string()),
+        None => bail!("{}: not a UTF-8 path", path.display()),
+    }
+}
+
+/// How to read a dataset file.
+#[derive(Debug, Clone, Args)]
+pub struct ReadArgs {
     /// Record layout; `auto` looks at the extension and the first record.
     #[arg(long, value_enum, default_value_t = InputFormatArg::Auto)]
     pub input_format: InputFormatArg,
@@ -46,7 +148,7 @@ pub struct InputArgs {
     pub system_column: Option<String>,
 }
 
-impl InputArgs {
+impl ReadArgs {
     pub fn read_options(&self) -> ReadOptions {
         let format = match self.input_format {
             InputFormatArg::Auto => InputFormat::Auto,
@@ -88,13 +190,14 @@ pub fn report_skipped(skipped: &SkipReport, path: &Path) {
     }
 }
 
-/// A LoRA adapter applied to a local model (`generate`, `serve`, `merge`).
+/// A LoRA adapter applied to the model a command loads (`generate`, `eval`, `serve`, `utility`,
+/// `debug-logits`).
 #[derive(Debug, Clone, Args)]
 pub struct AdapterArgs {
     /// LoRA adapter directory in the PEFT layout (adapter_config.json,
-    /// adapter_model.safetensors), e.g. from `safetune tune` or Python PEFT.
+    /// adapter_model.safetensors), e.g. from `safetune tune` or Python PEFT; local models only.
     #[arg(long, value_name = "DIR")]
-    pub adapter: Option<std::path::PathBuf>,
+    pub adapter: Option<PathBuf>,
 
     /// Merge the adapter into the weights at load time (faster decoding; dense weights only,
     /// quantized ones keep a separate low-rank path).
@@ -103,13 +206,67 @@ pub struct AdapterArgs {
 }
 
 impl AdapterArgs {
-    /// Refuses an adapter on a remote model: it can only be applied to weights loaded here.
-    pub fn check_spec(&self, spec: &safetune_model::ModelSpec) -> anyhow::Result<()> {
-        if self.adapter.is_some() && matches!(spec, safetune_model::ModelSpec::OpenAi { .. }) {
-            anyhow::bail!(
-                "--adapter needs a local model, not {spec}\nhint: serve the base model with `safetune serve --model BASE --adapter DIR` and point openai: at it"
-            );
+    /// Refuses an adapter on a remote model (see [`check_adapter`]).
+    pub fn check_spec(&self, spec: &ModelSpec) -> anyhow::Result<()> {
+        check_adapter(self.adapter.is_some(), spec)
+    }
+}
+
+/// The one check for an adapter on a remote model: an `openai:` model cannot take an adapter
+/// directory (its weights are not loaded here); the server must serve the adapted model, and
+/// the command names it.
+pub fn check_adapter(has_adapter: bool, spec: &ModelSpec) -> anyhow::Result<()> {
+    if has_adapter && matches!(spec, ModelSpec::OpenAi { .. }) {
+        bail!(
+            "an adapter with an openai: model must be served by the server; pass the served adapter name as the model (openai:URL#NAME)\nhint: `safetune serve --model BASE --adapter DIR --served-model-name NAME` serves one"
+        );
+    }
+    Ok(())
+}
+
+/// The client of a remote model (openai: models, a proxied server, reward-model endpoints).
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Remote models: retries after the first attempt on connection errors, 408, 429 and 5xx
+    /// [default: 5].
+    #[arg(long, value_name = "N")]
+    pub retries: Option<u32>,
+
+    /// Remote models: time limit of one request, in seconds [default: 600; 300 for reward-model
+    /// endpoints].
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: Option<u64>,
+
+    /// Remote models: environment variable holding the API key.
+    #[arg(long, default_value = "OPENAI_API_KEY", value_name = "VAR")]
+    pub api_key_env: String,
+}
+
+impl ClientArgs {
+    /// The openai: client settings, `concurrency` requests at once.
+    pub fn client_config(&self, concurrency: usize) -> ClientConfig {
+        let d = ClientConfig::default();
+        ClientConfig {
+            concurrency: concurrency.max(1),
+            max_retries: self.retries.unwrap_or(d.max_retries),
+            request_timeout: self
+                .timeout
+                .map(Duration::from_secs)
+                .unwrap_or(d.request_timeout),
+            api_key_env: self.api_key_env.clone(),
+            ..d
         }
-        Ok(())
+    }
+
+    /// The reward-model endpoint settings, `concurrency` requests in flight.
+    pub fn remote_options(&self, concurrency: usize) -> RemoteOptions {
+        let d = RemoteOptions::default();
+        RemoteOptions {
+            max_retries: self.retries.unwrap_or(d.max_retries),
+            timeout: self.timeout.map(Duration::from_secs).unwrap_or(d.timeout),
+            concurrency: concurrency.max(1),
+            api_key_env: self.api_key_env.clone(),
+            ..d
+        }
     }
 }

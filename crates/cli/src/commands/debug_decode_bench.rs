@@ -19,7 +19,7 @@ pub struct DebugDecodeBenchArgs {
     pub quantized: bool,
 
     /// Prompts decoded together (ignored with --prompts).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long = "batch-size", alias = "batch", default_value_t = 1)]
     pub batch: usize,
 
     /// Tokens in every prompt (ignored with --prompts).

@@ -13,22 +13,26 @@ use safetune_eval::bench::{
 use safetune_eval::run::{judge_rows, read_judge_rows, read_judgments};
 use safetune_model::job::{run_generation, JobOptions};
 use safetune_model::{LoadOptions, ModelSpec, Sampling};
-use safetune_openai::{load_generator, ClientConfig};
+use safetune_openai::load_generator;
 
+use super::common::{resolve_prompt_set, AdapterArgs, ClientArgs};
 use super::judge::JudgeArgs;
 
 #[derive(Debug, Args)]
+#[command(mut_arg("retries", |a| a.help(
+    "An openai: model under test (not the judge model): retries after the first attempt on \
+     connection errors, 408, 429 and 5xx [default: 5]"
+)))]
 pub struct EvalArgs {
     /// The model under test: .gguf, HF directory, hf:ORG/NAME or openai:URL#MODEL.
     #[arg(long, short, value_name = "MODEL")]
     pub model: String,
 
-    /// A LoRA adapter directory (PEFT layout) applied to a local model.
-    #[arg(long, value_name = "DIR")]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
 
     /// advbench, harmbench, strongreject, donotanswer, overrefusal, a SALAD-Bench file
-    /// (base `question` or attack-enhanced `augq`) or a JSONL/CSV prompt file.
+    /// (base `question` or attack-enhanced `augq`), a JSONL/CSV prompt file or demo:NAME.
     #[arg(long, value_name = "BENCH")]
     pub bench: String,
 
@@ -64,15 +68,25 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_new_tokens: usize,
 
+    /// Prompts generated together (requests in flight for an openai: model).
     #[arg(long, default_value_t = 8, value_name = "B")]
     pub batch_size: usize,
 
     /// GGUF only: keep weights quantized.
     #[arg(long)]
     pub quantized: bool,
+
+    // The client of the model under test; an openai: judge model's client keeps its defaults
+    // (the judge library takes no such settings).
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    // Everything that can be checked without work is checked first.
+    let spec = ModelSpec::parse(&args.model)?;
+    args.adapter.check_spec(&spec)?;
+    let bench_spec = resolve_prompt_set(&args.bench)?;
     let opts = BenchOptions {
         split: args.split,
         all: args.all,
@@ -82,22 +96,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         harmful: Some(!args.benign),
         prompt_column: None,
     };
-    let bench = load_bench(&args.bench, &opts)?;
+    let bench = load_bench(&bench_spec, &opts)?;
     eprintln!("{}: {} prompts", bench.name, bench.items.len());
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create {}", args.output.display()))?;
     let gen_path = args.output.join("generations.jsonl");
-    let spec = ModelSpec::parse(&args.model)?;
     let load = LoadOptions {
         quantized: args.quantized,
         batch_size: args.batch_size,
-        adapter: args.adapter.clone(),
-        ..Default::default()
+        adapter: args.adapter.adapter.clone(),
+        merge_adapter: args.adapter.merge_adapter,
     };
-    let client = ClientConfig {
-        concurrency: args.batch_size,
-        ..ClientConfig::default()
-    };
+    let client = args.client.client_config(args.batch_size);
     eprintln!("loading {spec}");
     let generator =
         load_generator(&spec, &load, &client).with_context(|| format!("cannot load {spec}"))?;

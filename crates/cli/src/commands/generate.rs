@@ -8,18 +8,22 @@ use anyhow::Context;
 use clap::Args;
 use safetune_model::job::{read_prompts, run_generation, JobOptions};
 use safetune_model::{LoadOptions, ModelSpec, Sampling};
-use safetune_openai::{load_generator, ClientConfig};
+use safetune_openai::load_generator;
+
+use super::common::{AdapterArgs, ClientArgs, InputArgs};
 
 #[derive(Debug, Args)]
+#[command(mut_arg("data", |a| a.required(true).alias("prompts").help(
+    "JSONL prompts: each line has `prompt` (optionally `system`) or `messages`, and an `id` \
+     (default: the line number); or demo:NAME (e.g. demo:overrefusal)"
+)))]
 pub struct GenerateArgs {
     /// The model: a .gguf file, a Hugging Face directory, or openai:BASE_URL#MODEL.
     #[arg(long, short, value_name = "MODEL")]
     pub model: String,
 
-    /// JSONL prompts: each line has `prompt` (optionally `system`) or `messages`, and an `id`
-    /// (default: the line number).
-    #[arg(long, value_name = "FILE")]
-    pub prompts: PathBuf,
+    #[command(flatten)]
+    pub data: InputArgs,
 
     /// Output JSONL: one row per prompt with id, prompt, response, finish_reason and token counts.
     /// Rows already there are kept and their ids skipped.
@@ -63,7 +67,10 @@ pub struct GenerateArgs {
     pub quantized: bool,
 
     #[command(flatten)]
-    pub adapter: super::common::AdapterArgs,
+    pub adapter: AdapterArgs,
+
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -76,19 +83,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         anyhow::bail!("--top-p must be in (0, 1]");
     }
-    let prompts = read_prompts(&args.prompts)?;
     let spec = ModelSpec::parse(&args.model)?;
     args.adapter.check_spec(&spec)?;
+    let prompts = read_prompts(&args.data.path()?)?;
     let load = LoadOptions {
         quantized: args.quantized,
         batch_size: args.batch_size,
         adapter: args.adapter.adapter.clone(),
         merge_adapter: args.adapter.merge_adapter,
     };
-    let client = ClientConfig {
-        concurrency: args.batch_size,
-        ..ClientConfig::default()
-    };
+    let client = args.client.client_config(args.batch_size);
     eprintln!("loading {spec}");
     let generator =
         load_generator(&spec, &load, &client).with_context(|| format!("cannot load {spec}"))?;

@@ -9,6 +9,8 @@ use safetune_eval::judge::guard::{GuardFormat, GuardMode};
 use safetune_eval::judge::{build_judge, Judge, JudgeSpec};
 use safetune_eval::run::{judge_rows, read_judge_rows};
 
+use super::common::InputArgs;
+
 /// Which judge and its settings; shared by judge, judge-eval and eval.
 #[derive(Debug, Clone, Args)]
 pub struct JudgeArgs {
@@ -44,8 +46,8 @@ pub struct JudgeArgs {
     pub judge_max_tokens: usize,
 
     /// rubric/guard: requests sent to the judge model together.
-    #[arg(long, default_value_t = 8, value_name = "B")]
-    pub judge_batch: usize,
+    #[arg(long, default_value_t = 8, value_name = "B", alias = "judge-batch")]
+    pub judge_batch_size: usize,
 }
 
 impl JudgeArgs {
@@ -65,7 +67,7 @@ impl JudgeArgs {
             Some(o) => anyhow::bail!("--guard-mode must be text or conversation, got `{o}`"),
         };
         s.max_new_tokens = self.judge_max_tokens;
-        s.batch_size = self.judge_batch;
+        s.batch_size = self.judge_batch_size;
         Ok(s)
     }
 
@@ -82,32 +84,41 @@ impl JudgeArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("data", |a| a.required(true).alias("input").short_alias('i').help(
+    "JSONL rows with `prompt` and `response` (for example `safetune generate` output; other \
+     fields pass through; `id`, default the line number, is used to resume), or demo:NAME \
+     (e.g. demo:judge-test)"
+)))]
 pub struct JudgeCmdArgs {
     #[command(flatten)]
     pub judge: JudgeArgs,
 
-    /// JSONL rows with `prompt` and `response` (for example `safetune generate` output); other
-    /// fields pass through; `id` (default: line number) is used to resume.
-    #[arg(long, short, value_name = "FILE.jsonl")]
-    pub input: PathBuf,
+    #[command(flatten)]
+    pub data: InputArgs,
 
     /// Output JSONL: each row plus verdict, score, score_kind, raw, parse. Default:
-    /// INPUT.judged-NAME.jsonl. Rows already there are kept and skipped.
+    /// DATA.judged-NAME.jsonl next to the data (in the current directory for demo:NAME). Rows
+    /// already there are kept and skipped.
     #[arg(long, short, value_name = "OUT.jsonl")]
     pub output: Option<PathBuf>,
 }
 
 pub fn run(args: JudgeCmdArgs) -> anyhow::Result<()> {
-    let rows = read_judge_rows(&args.input)?;
+    let input = args.data.path()?;
+    let rows = read_judge_rows(&input)?;
     let judge = args.judge.build(&args.judge.judge)?;
     let out = args.output.clone().unwrap_or_else(|| {
-        let stem = args
-            .input
+        let stem = input
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        args.input
-            .with_file_name(format!("{stem}.judged-{}.jsonl", args.judge.judge))
+        let name = format!("{stem}.judged-{}.jsonl", args.judge.judge);
+        if args.data.spec().starts_with("demo:") {
+            // Not into the demo cache.
+            PathBuf::from(name)
+        } else {
+            input.with_file_name(name)
+        }
     });
     let s = judge_rows(judge.as_ref(), &rows, &out, &mut |done, total| {
         eprintln!("[{done}/{total}] judged");

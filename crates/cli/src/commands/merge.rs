@@ -39,6 +39,7 @@ pub struct MergeArgs {
 
 pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     let spec = ModelSpec::parse(&args.model)?;
+    super::common::check_adapter(args.adapter.is_some(), &spec)?;
     let dtype = match args.dtype {
         DTypeArg::F32 => SaveDType::F32,
         DTypeArg::Bf16 => SaveDType::Bf16,

@@ -19,8 +19,8 @@ pub enum PromptsCommand {
     List(SplitArgs),
     /// Write one set (or one side of its split) as JSONL with id, prompt, category, source.
     Show {
-        /// A built-in set (advbench, harmbench, strongreject, donotanswer, overrefusal) or a
-        /// JSONL/CSV file with a prompt column.
+        /// A built-in set (advbench, harmbench, strongreject, donotanswer, overrefusal), a
+        /// JSONL/CSV file with a prompt column, or demo:NAME.
         set: String,
         /// Only this side of the seeded split.
         #[arg(long, value_parser = parse_split)]
@@ -92,6 +92,7 @@ pub fn run(args: PromptsArgs) -> anyhow::Result<()> {
             output,
             split_args,
         } => {
+            let set = super::common::resolve_prompt_set(&set)?;
             let mut s = PromptSet::load(&set, prompt_column.as_deref())?;
             if let Some(which) = split {
                 s = s.split(which, split_args.split_seed, split_args.test_fraction);

@@ -3,22 +3,19 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use safetune_data::demo::resolve_dataset;
 use safetune_data::preference::read_preferences;
 use safetune_data::stats::Proportion;
 use safetune_eval::rm::analyze::{analyze, read_results, AnalyzeOptions, RmReliability};
 use safetune_eval::rm::bt::{train_bt, BtOptions};
-use safetune_eval::rm::remote::RemoteOptions;
 use safetune_eval::rm::score::{load_task, read_scores, run_scoring, ScoreOptions};
 use safetune_eval::rm::select::{select, write_selection};
 use safetune_eval::rm::stats::{BootstrapOptions, Estimate, PairAccuracy};
 use safetune_eval::rm::{open_rm, RmOptions};
 
-use super::common::{InputArgs, OutputFormat};
+use super::common::{resolve_input, ClientArgs, InputArgs, OutputFormat, ReadArgs};
 
 #[derive(Debug, Args)]
 pub struct RmArgs {
@@ -38,6 +35,11 @@ pub enum RmCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("data", |a| a.required(true).help(
+    "Items (a dataset in any supported layout; the last assistant turn is scored; `label`, \
+     `variant` and `subset` fields are kept) or preference pairs (chosen/rejected, PKU-SafeRLHF \
+     or RewardBench rows); demo:NAME names a built-in set (e.g. demo:preferences)"
+)))]
 pub struct ScoreArgs {
     /// The reward model: a sequence-classification model directory (Hugging Face layout),
     /// pooling:URL#MODEL, score:URL#MODEL or classify:URL#MODEL (vLLM-style endpoints at the
@@ -46,11 +48,8 @@ pub struct ScoreArgs {
     #[arg(long, value_name = "RM")]
     pub rm: String,
 
-    /// Items (a dataset in any supported layout; the last assistant turn is scored; `label`,
-    /// `variant` and `subset` fields are kept) or preference pairs (chosen/rejected, PKU-SafeRLHF
-    /// or RewardBench rows). `demo:NAME` names a built-in set.
-    #[arg(long, value_name = "FILE")]
-    pub data: String,
+    #[command(flatten)]
+    pub data: InputArgs,
 
     /// Output JSONL, one row per item or pair. Rows already there are kept and skipped.
     #[arg(long, short, value_name = "OUT.jsonl")]
@@ -81,20 +80,16 @@ pub struct ScoreArgs {
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub batch_size: usize,
 
-    /// Endpoints: retries after the first attempt on connection errors, 408, 429 and 5xx.
-    #[arg(long, default_value_t = 5, value_name = "N")]
-    pub retries: u32,
-
-    /// Endpoints: time limit of one request, in seconds.
-    #[arg(long, default_value_t = 300, value_name = "S")]
-    pub timeout: u64,
-
     /// GGUF models (implicit rewards): keep weights quantized.
     #[arg(long)]
     pub quantized: bool,
 
     #[command(flatten)]
-    pub input: InputArgs,
+    pub read: ReadArgs,
+
+    // The endpoints' client (pooling:, score:, classify:).
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Args)]
@@ -109,8 +104,9 @@ pub struct AnalyzeArgs {
     #[arg(long, value_name = "FILE")]
     pub results: Option<PathBuf>,
 
-    /// A dataset to select from with the first scores file (ids must match its items).
-    #[arg(long, value_name = "FILE")]
+    /// A dataset to select from with the first scores file (ids must match its items); a file
+    /// or demo:NAME.
+    #[arg(long, value_name = "DATASET")]
     pub select: Option<String>,
 
     /// Share of the dataset to keep, in percent, for the top-k and random-k variants.
@@ -142,15 +138,17 @@ pub struct AnalyzeArgs {
     pub format: OutputFormat,
 
     #[command(flatten)]
-    pub input: InputArgs,
+    pub read: ReadArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("data", |a| a.alias("pairs").default_value("demo:preferences").help(
+    "Preference pairs (chosen/rejected, PKU-SafeRLHF or RewardBench rows); demo:preferences is \
+     this project's built-in set"
+)))]
 pub struct TrainArgs {
-    /// Preference pairs (chosen/rejected, PKU-SafeRLHF or RewardBench rows); `demo:preferences`
-    /// is this project's built-in set.
-    #[arg(long, value_name = "FILE", default_value = "demo:preferences")]
-    pub pairs: String,
+    #[command(flatten)]
+    pub data: InputArgs,
 
     /// Encoder whose mean-pooled hidden states are the features (default: SmolLM2 from the
     /// asset cache).
@@ -191,7 +189,7 @@ pub fn run(args: RmArgs) -> anyhow::Result<()> {
 }
 
 fn score(args: ScoreArgs) -> anyhow::Result<()> {
-    let path = resolve_dataset(&args.data)?;
+    let path = args.data.path()?;
     let pairs = if args.pairs {
         Some(true)
     } else if args.items {
@@ -201,7 +199,7 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
     };
     let task = load_task(
         &path,
-        &args.input.read_options(),
+        &args.read.read_options(),
         pairs,
         args.variant.as_deref(),
     )
@@ -211,12 +209,7 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         beta: args.beta,
         batch_size: args.batch_size.max(1),
         quantized: args.quantized,
-        remote: RemoteOptions {
-            max_retries: args.retries,
-            timeout: Duration::from_secs(args.timeout.max(1)),
-            concurrency: args.batch_size.max(1),
-            ..RemoteOptions::default()
-        },
+        remote: args.client.remote_options(args.batch_size),
     };
     eprintln!("loading reward model {}", args.rm);
     let rm = open_rm(&args.rm, &opts)
@@ -296,6 +289,7 @@ fn fmt_est(e: &Estimate) -> String {
 }
 
 fn analyze_cmd(args: AnalyzeArgs) -> anyhow::Result<()> {
+    let select_path = args.select.as_deref().map(resolve_input).transpose()?;
     let files = args
         .scores
         .iter()
@@ -317,9 +311,8 @@ fn analyze_cmd(args: AnalyzeArgs) -> anyhow::Result<()> {
     };
     let report = analyze(&files, results.as_deref(), &opts)?;
     let mut json = serde_json::to_value(&report)?;
-    if let Some(ds) = &args.select {
-        let path = resolve_dataset(ds)?;
-        let (convs, _) = safetune_data::read::read_all(&path, &args.input.read_options())
+    if let Some(path) = select_path {
+        let (convs, _) = safetune_data::read::read_all(&path, &args.read.read_options())
             .with_context(|| format!("cannot read {}", path.display()))?;
         let scores: HashMap<String, f64> = files[0]
             .items
@@ -476,9 +469,9 @@ fn print_report(r: &RmReliability) {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let pairs_path = safetune_data::demo::resolve_dataset(&args.pairs)?;
+    let pairs_path = args.data.path()?;
     let (pairs, fmt) = read_preferences(&pairs_path, None)
-        .with_context(|| format!("cannot read pairs {}", args.pairs))?;
+        .with_context(|| format!("cannot read pairs {}", args.data.spec()))?;
     let encoder = match &args.encoder {
         Some(e) => e.clone(),
         None => safetune_data::assets::asset(safetune_data::assets::SMOLLM2_GGUF)?

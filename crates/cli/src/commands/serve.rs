@@ -6,9 +6,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use safetune_model::{LoadOptions, ModelSpec};
-use safetune_openai::{load_generator, ClientConfig, ServeConfig, ServeError};
+use safetune_openai::{load_generator, ServeConfig, ServeError};
 
 #[derive(Debug, Args)]
+#[command(mut_arg("retries", |a| a.help(
+    "Proxy only: retries after the first attempt on connection errors, 408, 429 and 5xx \
+     [default: 5]"
+)))]
 pub struct ServeArgs {
     /// The model: a .gguf file, a Hugging Face directory, or openai:BASE_URL#MODEL to proxy a
     /// remote OpenAI-compatible server.
@@ -27,9 +31,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub max_queue: usize,
 
-    /// Requests generated together in one batch (default: 8 for a local model, the client
+    /// Most requests generated together in one batch (default: 8 for a local model, the client
     /// concurrency for a proxy).
-    #[arg(long, value_name = "B")]
+    #[arg(long = "batch-size", alias = "max-batch", value_name = "B")]
     pub max_batch: Option<usize>,
 
     /// How long to wait for more requests to fill a batch, in milliseconds.
@@ -51,9 +55,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub concurrency: usize,
 
-    /// Proxy only: environment variable holding the remote server's API key.
-    #[arg(long, default_value = "OPENAI_API_KEY", value_name = "VAR")]
-    pub api_key_env: String,
+    // Proxy only: the client of the remote server.
+    #[command(flatten)]
+    pub client: super::common::ClientArgs,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -61,7 +65,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--max-queue must be at least 1");
     }
     if args.max_batch == Some(0) {
-        anyhow::bail!("--max-batch must be at least 1");
+        anyhow::bail!("--batch-size must be at least 1");
     }
     let spec = ModelSpec::parse(&args.model)?;
     args.adapter.check_spec(&spec)?;
@@ -71,11 +75,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         adapter: args.adapter.adapter.clone(),
         merge_adapter: args.adapter.merge_adapter,
     };
-    let client = ClientConfig {
-        concurrency: args.max_batch.unwrap_or(args.concurrency).max(1),
-        api_key_env: args.api_key_env.clone(),
-        ..ClientConfig::default()
-    };
+    let client = args
+        .client
+        .client_config(args.max_batch.unwrap_or(args.concurrency));
     eprintln!("loading {spec}");
     let generator =
         load_generator(&spec, &load, &client).with_context(|| format!("cannot load {spec}"))?;
@@ -137,14 +139,14 @@ mod tests {
             (a.host.as_str(), a.port, a.max_queue, a.max_batch),
             ("127.0.0.1", 0, 64, None)
         );
-        assert_eq!(a.api_key_env, "OPENAI_API_KEY");
+        assert_eq!(a.client.api_key_env, "OPENAI_API_KEY");
         let a = Cli::try_parse_from([
             "serve",
             "-m",
             "x.gguf",
             "--max-queue",
             "3",
-            "--max-batch",
+            "--batch-size",
             "2",
             "--host",
             "0.0.0.0",
@@ -170,8 +172,11 @@ mod tests {
         };
         let e = run(parse(&["openai:http://127.0.0.1:1#m", "--max-queue", "0"])).unwrap_err();
         assert!(e.to_string().contains("--max-queue"), "{e}");
+        let e = run(parse(&["openai:http://127.0.0.1:1#m", "--batch-size", "0"])).unwrap_err();
+        assert!(e.to_string().contains("--batch-size"), "{e}");
+        // The old spelling still parses.
         let e = run(parse(&["openai:http://127.0.0.1:1#m", "--max-batch", "0"])).unwrap_err();
-        assert!(e.to_string().contains("--max-batch"), "{e}");
+        assert!(e.to_string().contains("--batch-size"), "{e}");
         let e = run(parse(&["/no/such/model.gguf"])).unwrap_err();
         assert!(e.to_string().contains("/no/such/model.gguf"), "{e}");
     }

@@ -1,16 +1,15 @@
-//! `safetune transform FILE -o OUT`
+//! `safetune transform --data DATASET -o OUT` (or `safetune transform DATASET -o OUT`)
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use safetune_data::audit::Auditor;
-use safetune_data::demo::resolve_dataset;
 use safetune_data::read::{AtomicJsonlWriter, DatasetReader};
 use safetune_data::transform::{apply, PersonaPlacement, PersonaType, Recipe};
 use safetune_data::Structure;
 
-use super::common::InputArgs;
+use super::common::{InputArgs, ReadArgs};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StructureArg {
@@ -41,9 +40,17 @@ pub enum PlacementArg {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_arg("data", |a| a.required_unless_present("file").help(
+    "The dataset (JSONL, JSON, CSV or Parquet), or demo:NAME for a built-in demo set \
+     (demo:medical, demo:code, ...)"
+)))]
 pub struct TransformArgs {
-    /// Dataset file, or `demo:NAME`.
-    pub file: String,
+    #[command(flatten)]
+    pub data: InputArgs,
+
+    /// The dataset as a positional argument (the same as --data).
+    #[arg(value_name = "DATASET", hide = true, conflicts_with = "data")]
+    pub file: Option<String>,
 
     /// Output file (messages JSONL), written atomically.
     #[arg(short, long, value_name = "OUT")]
@@ -74,7 +81,7 @@ pub struct TransformArgs {
     pub seed: u64,
 
     #[command(flatten)]
-    pub input: InputArgs,
+    pub input: ReadArgs,
 }
 
 impl TransformArgs {
@@ -109,7 +116,7 @@ impl TransformArgs {
 
 pub fn run(args: TransformArgs) -> anyhow::Result<()> {
     let recipe = args.recipe();
-    let path = resolve_dataset(&args.file)?;
+    let path = args.data.clone().or_positional(args.file.clone()).path()?;
     let mut reader = DatasetReader::open(&path, &args.input.read_options())
         .with_context(|| format!("cannot open dataset {}", path.display()))?;
     let mut writer = AtomicJsonlWriter::create(&args.output)?;

@@ -18,15 +18,20 @@ use safetune_train::recipe::Event;
 use safetune_train::sft::{show_masks, Encoder};
 use safetune_train::{checkpoint, tune, RunOptions, Status, Target, TuneConfig};
 
+use super::common::{resolve_input_path, InputArgs};
+
 #[derive(Debug, Args)]
+#[command(mut_arg("data", |a| a.help(
+    "Training conversations (messages JSONL, Alpaca, ShareGPT, CSV, Parquet), or demo:NAME \
+     (e.g. demo:medical)"
+)))]
 pub struct TuneArgs {
     /// Base model: a .gguf file (dequantized to f32) or a Hugging Face directory.
     #[arg(long, short, value_name = "MODEL")]
     pub model: Option<String>,
 
-    /// Training conversations (messages JSONL, Alpaca, ShareGPT, CSV, Parquet).
-    #[arg(long, value_name = "FILE")]
-    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: InputArgs,
 
     /// Output directory: adapter (PEFT layout), metrics.jsonl, manifest.json, checkpoints/.
     #[arg(long, short, value_name = "DIR")]
@@ -174,9 +179,11 @@ impl TuneArgs {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
         }
+        if let Some(d) = &self.data.data {
+            c.data = PathBuf::from(d);
+        }
         set!(
             model,
-            data,
             output,
             rank,
             alpha,
@@ -215,13 +222,16 @@ impl TuneArgs {
 }
 
 pub fn run(args: TuneArgs) -> anyhow::Result<()> {
-    let cfg = args.resolve()?;
+    let mut cfg = args.resolve()?;
     if args.show_masks {
-        return show(&cfg);
+        return show(&mut cfg);
     }
     cfg.validate().map_err(|e| {
         anyhow::anyhow!("{e}\nhint: give --model, --data and -o, or a --config file with them")
     })?;
+    // The inputs are checked before anything starts, so a missing one is reported as that.
+    cfg.data = resolve_input_path(&cfg.data)?;
+    ModelSpec::parse(&cfg.model)?;
     eprintln!("# resolved settings\n{}", cfg.to_toml());
 
     // First Ctrl-C: finish the step, checkpoint, stop. Second: exit now.
@@ -247,7 +257,8 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
         stop_after: None,
     };
     eprintln!("loading {} and {}", cfg.model, cfg.data.display());
-    let summary = tune(&cfg, &opts, &mut |e| match e {
+    let mut started = false;
+    let result = tune(&cfg, &opts, &mut |e| match e {
         Event::Started {
             start_step,
             total_steps,
@@ -264,6 +275,7 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
                 stats.dropped_empty,
                 if start_step > 0 { format!(", resuming after step {start_step}") } else { String::new() }
             );
+            started = true;
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             bar.set_prefix("tune");
             bar.set_length(total_steps as u64);
@@ -284,14 +296,19 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
         Event::Saved { step, path } => {
             bar.println(format!("step {step}: checkpoint {}", path.display()));
         }
-    })
-    .with_context(|| {
-        format!(
-            "tuning stopped; checkpoints in {} are kept (rerun with --resume to continue)",
-            checkpoint::checkpoints_dir(&cfg.output).display()
-        )
-    })?;
+    });
     bar.finish_and_clear();
+    let summary = match result {
+        Ok(s) => s,
+        // Only a run that started can have left checkpoints.
+        Err(e) if started => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "tuning stopped; checkpoints in {} are kept (rerun with --resume to continue)",
+                checkpoint::checkpoints_dir(&cfg.output).display()
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let last = summary
         .losses
         .last()
@@ -332,10 +349,11 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
 }
 
 /// `--show-masks`: the first example as the model sees it, trained spans marked.
-fn show(cfg: &TuneConfig) -> anyhow::Result<()> {
+fn show(cfg: &mut TuneConfig) -> anyhow::Result<()> {
     if cfg.model.is_empty() || cfg.data.as_os_str().is_empty() {
         bail!("--show-masks needs --model and --data (or a --config with them)");
     }
+    cfg.data = resolve_input_path(&cfg.data)?;
     let spec = ModelSpec::parse(&cfg.model)?;
     // Only the tokenizer and template matter here: keep GGUF weights quantized (fast to load).
     let engine = LocalEngine::load(

@@ -8,25 +8,27 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
-use safetune_data::demo::resolve_dataset;
 use safetune_data::prompts::{split_of, Split};
 use safetune_data::read::{read_all, ReadOptions};
 use safetune_eval::utility::{heldout_loss, mcq_accuracy, read_mcq};
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
 
+use super::common::{resolve_input, AdapterArgs, InputArgs};
+
 #[derive(Debug, Args)]
+#[command(mut_arg("data", |a| a.default_value("demo:medical").help(
+    "Conversations whose final answers are scored (loss, perplexity); a file or demo:NAME"
+)))]
 pub struct UtilityArgs {
     /// A local model: .gguf, HF directory or hf:ORG/NAME.
     #[arg(long, short, value_name = "MODEL")]
     pub model: String,
 
-    /// A LoRA adapter directory (PEFT layout) applied to the model.
-    #[arg(long, value_name = "DIR")]
-    pub adapter: Option<PathBuf>,
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
 
-    /// Conversations whose final answers are scored (loss, perplexity); a file or demo:NAME.
-    #[arg(long, value_name = "FILE", default_value = "demo:medical")]
-    pub data: String,
+    #[command(flatten)]
+    pub data: InputArgs,
 
     /// Side of the seeded split of --data scored (by example id): test, train or all. Tune on
     /// the other side to keep this one held out.
@@ -41,7 +43,7 @@ pub struct UtilityArgs {
 
     /// Multiple-choice questions (JSONL: id, domain, question, choices, answer); a file or
     /// demo:NAME.
-    #[arg(long, value_name = "FILE", default_value = "demo:utility-mcq")]
+    #[arg(long, value_name = "DATASET", default_value = "demo:utility-mcq")]
     pub mcq: String,
 
     /// Only the first N conversations and N questions.
@@ -58,18 +60,22 @@ pub struct UtilityArgs {
 }
 
 pub fn run(args: UtilityArgs) -> anyhow::Result<()> {
+    let data_path = args.data.path()?;
+    let mcq_path = resolve_input(&args.mcq)?;
     let spec = ModelSpec::parse(&args.model)?;
+    args.adapter.check_spec(&spec)?;
+    let data = args.data.spec();
     let engine = LocalEngine::load(
         &spec,
         &LoadOptions {
             quantized: args.quantized,
-            adapter: args.adapter.clone(),
-            ..Default::default()
+            adapter: args.adapter.adapter.clone(),
+            merge_adapter: args.adapter.merge_adapter,
+            batch_size: LoadOptions::default().batch_size,
         },
     )
     .with_context(|| format!("cannot load {}", args.model))?;
 
-    let data_path = resolve_dataset(&args.data)?;
     let (convs, _) = read_all(&data_path, &ReadOptions::default())?;
     let mut held: Vec<_> = convs
         .into_iter()
@@ -87,9 +93,8 @@ pub fn run(args: UtilityArgs) -> anyhow::Result<()> {
             eprintln!("[{done}/{total}] answers scored");
         }
     })
-    .with_context(|| format!("{} ({} split)", args.data, args.split))?;
+    .with_context(|| format!("{data} ({} split)", args.split))?;
 
-    let mcq_path = resolve_dataset(&args.mcq)?;
     let mut items = read_mcq(&mcq_path)?;
     if let Some(n) = args.limit {
         items.truncate(n);
@@ -102,7 +107,7 @@ pub fn run(args: UtilityArgs) -> anyhow::Result<()> {
 
     println!(
         "held-out loss on {} ({} split, {} examples, {} answer tokens{}): {:.4} nats/token, perplexity {:.2}",
-        args.data,
+        data,
         args.split,
         loss.examples,
         loss.tokens,
@@ -148,8 +153,8 @@ pub fn run(args: UtilityArgs) -> anyhow::Result<()> {
     if let Some(out) = &args.output {
         let v = json!({
             "model": args.model,
-            "adapter": args.adapter,
-            "data": args.data,
+            "adapter": args.adapter.adapter,
+            "data": data,
             "split": args.split,
             "loss": loss,
             "mcq": mcq,
