@@ -2,9 +2,9 @@
 //! already rendered) filled into `report.html.j2` by minijinja.
 //!
 //! Auto-escaping is on for the template, with the report's own [`esc`] as the escaper, so every
-//! string from the study (names, prompts, responses, errors) is escaped exactly once. Only
-//! fragments built here from escaped text (the SVG charts and the judge-accuracy section) are
-//! inserted with `|safe`.
+//! string from the study (names, prompts, responses, errors) is escaped exactly once. Only the
+//! SVG charts (`charts.rs`) and the judge-accuracy section (`judge_check.rs`), which escape their
+//! own text, are inserted with `|safe`.
 
 use minijinja::{AutoEscape, Environment, Error, Output, State, Value};
 use serde::Serialize;
