@@ -26,7 +26,7 @@ use safetune_eval::validate::{
     check_by_condition, validation_note, ConditionCheck, ConditionLabel,
 };
 
-use crate::runner::STORE_FILE;
+use crate::runner::{StoredPlan, STORE_FILE};
 use crate::store::{HumanLabel, Store, StoreError, UpsertCounts, HUMAN_LABELS};
 
 /// The labelling file `safetune label DIR` writes by default.
@@ -109,40 +109,28 @@ impl StudyIndex {
 
     /// From the config and plan JSON the runner stores.
     pub fn from_plan(config: &Json, plan: &Json) -> StudyIndex {
-        let planned: Vec<Json> = plan["steps"].as_array().cloned().unwrap_or_default();
-        let keys: Vec<String> = planned
-            .iter()
-            .map(|s| s["key"].as_str().unwrap_or("").to_string())
-            .collect();
+        let plan = StoredPlan::from_json(plan);
         let mut ix = StudyIndex::default();
-        for (s, key) in planned.iter().zip(&keys) {
-            let factors: BTreeMap<String, String> =
-                serde_json::from_value(s["factors"].clone()).unwrap_or_default();
-            let dep = s["deps"]
-                .as_array()
-                .and_then(|d| d.first())
-                .and_then(|d| d.as_u64())
-                .and_then(|d| keys.get(d as usize).cloned())
-                .unwrap_or_default();
-            match s["kind"].as_str().unwrap_or("") {
+        for s in &plan.steps {
+            match s.kind.as_str() {
                 "generate" => {
-                    let cf = condition_factors(&factors);
+                    let cf = condition_factors(&s.factors);
                     ix.gens.push(GenStep {
-                        key: key.clone(),
+                        key: s.key.clone(),
                         condition: crate::plan::describe(&cf),
                         factors: cf,
-                        benchmark: factors.get("benchmark").cloned().unwrap_or_default(),
+                        benchmark: s.factors.get("benchmark").cloned().unwrap_or_default(),
                     });
                 }
                 "judge" => {
-                    let judge = factors.get("judge").cloned().unwrap_or_default();
+                    let judge = s.factors.get("judge").cloned().unwrap_or_default();
                     if !ix.judge_order.contains(&judge) {
                         ix.judge_order.push(judge.clone());
                     }
                     ix.judges.push(JudgeStep {
                         judge,
-                        key: key.clone(),
-                        gen_key: dep,
+                        key: s.key.clone(),
+                        gen_key: plan.first_input_key(s),
                     });
                 }
                 _ => {}

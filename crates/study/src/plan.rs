@@ -57,6 +57,14 @@ fn structure_str(s: StructureLevel) -> &'static str {
     }
 }
 
+/// A selection strategy's name as the config spells it (`top`, `bottom`, `random`).
+fn strategy_str(s: SelectStrategy) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
 /// The (structure, identity, roleplay) levels of the variants, per the design.
 pub fn variant_levels(f: &FactorsSection) -> Vec<(StructureLevel, Toggle, Toggle)> {
     let mut out = Vec::new();
@@ -163,24 +171,85 @@ pub fn select_prompts(set: &PromptSet, b: &BenchmarkRef) -> PromptSet {
     s
 }
 
+/// Plans a study: the steps of `cfg` in dependency order. The stages, in plan order: one step
+/// per model; the dataset variants (transform, audit, mix, select); the alignment set; then per
+/// model its conditions (base, aligned, one tuned model per dataset) and their evaluations.
 pub fn plan(cfg: &StudyConfig) -> Result<Plan, PlanError> {
-    let mut steps: Vec<PlannedStep> = Vec::new();
-    let push = |steps: &mut Vec<PlannedStep>, s: PlannedStep| {
-        steps.push(s);
-        steps.len() - 1
+    let mut p = Planner {
+        cfg,
+        steps: Vec::new(),
     };
-    let study = &cfg.study;
+    let model_steps = p.models()?;
+    let datasets = p.datasets()?;
+    // Benchmarks are loaded now, for their content hash and size.
+    let benches = cfg
+        .benchmarks
+        .iter()
+        .map(|b| benchmark_ref(b, &cfg.study))
+        .collect::<Result<Vec<_>, _>>()?;
+    let judges = judges(cfg);
+    let align_data = p.align_data(&benches)?;
+    for (m, &model_step) in cfg.models.iter().zip(&model_steps) {
+        for target in p.conditions(m, model_step, align_data, &datasets) {
+            p.evaluations(&target, &benches, &judges);
+        }
+    }
+    Ok(Plan {
+        name: cfg.study.name.clone(),
+        steps: p.steps,
+    })
+}
 
-    // Models.
-    let mut model_steps = Vec::new();
-    for (i, m) in cfg.models.iter().enumerate() {
-        let field = format!("models[{i}].spec");
-        let spec = resolve_model_spec(&m.spec).map_err(data_err(&field))?;
-        let mut factors = BTreeMap::new();
-        factors.insert("model".to_string(), m.name.clone());
-        let idx = push(
-            &mut steps,
-            PlannedStep {
+/// The judges of the study: its `[[judges]]`, or the keyword judge when it lists none.
+fn judges(cfg: &StudyConfig) -> Vec<JudgeConfig> {
+    if !cfg.judges.is_empty() {
+        return cfg.judges.clone();
+    }
+    vec![JudgeConfig {
+        name: "keyword".into(),
+        kind: JudgeKind::Keyword,
+        spec: None,
+        settings: Default::default(),
+    }]
+}
+
+/// The base dataset every variant is made from.
+struct BaseData {
+    hash: String,
+    /// Examples, after `data.limit`.
+    examples: usize,
+}
+
+/// A model condition to evaluate: the step that yields the model, its factors, and the seed
+/// its generations use.
+struct Condition {
+    step: usize,
+    factors: BTreeMap<String, String>,
+    seed: u64,
+}
+
+/// Builds a plan's step list, one stage family per method.
+struct Planner<'a> {
+    cfg: &'a StudyConfig,
+    steps: Vec<PlannedStep>,
+}
+
+impl Planner<'_> {
+    /// Appends `step`; returns its index.
+    fn push(&mut self, step: PlannedStep) -> usize {
+        self.steps.push(step);
+        self.steps.len() - 1
+    }
+
+    /// One `model` step per `[[models]]` entry; returns their indices.
+    fn models(&mut self) -> Result<Vec<usize>, PlanError> {
+        let mut out = Vec::new();
+        for (i, m) in self.cfg.models.iter().enumerate() {
+            let field = format!("models[{i}].spec");
+            let spec = resolve_model_spec(&m.spec).map_err(data_err(&field))?;
+            let mut factors = BTreeMap::new();
+            factors.insert("model".to_string(), m.name.clone());
+            out.push(self.push(PlannedStep {
                 label: format!("model {}", m.name),
                 spec: StepSpec::Model {
                     name: m.name.clone(),
@@ -191,355 +260,397 @@ pub fn plan(cfg: &StudyConfig) -> Result<Plan, PlanError> {
                 deps: vec![],
                 factors,
                 size: 0,
-            },
-        );
-        model_steps.push(idx);
+            }));
+        }
+        Ok(out)
     }
 
-    // Dataset variants.
-    let base_path = resolve_dataset(&cfg.data.base).map_err(data_err("data.base"))?;
-    let base_hash = hash_file(&base_path).map_err(|e| PlanError::Invalid {
-        field: "data.base".into(),
-        message: format!("{}: {e}", base_path.display()),
-    })?;
-    let mut base_n = count_lines(&base_path);
-    if let Some(l) = cfg.data.limit {
-        base_n = base_n.min(l);
+    /// The dataset variants, per seed and variant (see [`Planner::variant`]); returns the
+    /// datasets the tune steps train on.
+    fn datasets(&mut self) -> Result<Vec<DatasetNode>, PlanError> {
+        let data = &self.cfg.data;
+        let base_path = resolve_dataset(&data.base).map_err(data_err("data.base"))?;
+        let hash = hash_file(&base_path).map_err(|e| PlanError::Invalid {
+            field: "data.base".into(),
+            message: format!("{}: {e}", base_path.display()),
+        })?;
+        let mut examples = count_lines(&base_path);
+        if let Some(l) = data.limit {
+            examples = examples.min(l);
+        }
+        let base = BaseData { hash, examples };
+        let mut datasets = Vec::new();
+        for &seed in &self.cfg.study.seeds {
+            for (s, i, r) in variant_levels(&self.cfg.factors) {
+                datasets.extend(self.variant(&base, seed, s, i, r)?);
+            }
+        }
+        Ok(datasets)
     }
-    let mut datasets: Vec<DatasetNode> = Vec::new();
-    for &seed in &study.seeds {
-        for (s, i, r) in variant_levels(&cfg.factors) {
-            let name = variant_name(s, i, r);
-            let mut factors = BTreeMap::new();
-            factors.insert("variant".to_string(), name.clone());
-            factors.insert("structure".to_string(), structure_str(s).to_string());
-            factors.insert("identity".to_string(), toggle_str(i).to_string());
-            factors.insert("roleplay".to_string(), toggle_str(r).to_string());
-            factors.insert("seed".to_string(), seed.to_string());
-            let t = push(
-                &mut steps,
-                PlannedStep {
-                    label: format!("transform {name} seed {seed}"),
-                    spec: StepSpec::Transform {
-                        base: cfg.data.base.clone(),
-                        base_hash: base_hash.clone(),
-                        limit: cfg.data.limit,
-                        structure: structure_str(s).into(),
-                        identity: toggle_str(i).into(),
-                        roleplay: toggle_str(r).into(),
-                        persona_type: cfg.factors.persona_type.clone(),
-                        placement: cfg.factors.placement.clone(),
+
+    /// One variant and seed: a transform and its audit, then per mixing level the mixed set
+    /// (the transform's own output at level 0) and its RM-guided selections.
+    fn variant(
+        &mut self,
+        base: &BaseData,
+        seed: u64,
+        s: StructureLevel,
+        i: Toggle,
+        r: Toggle,
+    ) -> Result<Vec<DatasetNode>, PlanError> {
+        let cfg = self.cfg;
+        let name = variant_name(s, i, r);
+        let mut factors = BTreeMap::new();
+        factors.insert("variant".to_string(), name.clone());
+        factors.insert("structure".to_string(), structure_str(s).to_string());
+        factors.insert("identity".to_string(), toggle_str(i).to_string());
+        factors.insert("roleplay".to_string(), toggle_str(r).to_string());
+        factors.insert("seed".to_string(), seed.to_string());
+        let t = self.push(PlannedStep {
+            label: format!("transform {name} seed {seed}"),
+            spec: StepSpec::Transform {
+                base: cfg.data.base.clone(),
+                base_hash: base.hash.clone(),
+                limit: cfg.data.limit,
+                structure: structure_str(s).into(),
+                identity: toggle_str(i).into(),
+                roleplay: toggle_str(r).into(),
+                persona_type: cfg.factors.persona_type.clone(),
+                placement: cfg.factors.placement.clone(),
+                seed,
+            },
+            deps: vec![],
+            factors: factors.clone(),
+            size: base.examples,
+        });
+        self.push(PlannedStep {
+            label: format!("audit {name} seed {seed}"),
+            spec: StepSpec::Audit,
+            deps: vec![t],
+            factors: factors.clone(),
+            size: base.examples,
+        });
+        let levels: Vec<f64> = match &cfg.mixing {
+            Some(m) => m.levels.clone(),
+            None => vec![0.0],
+        };
+        let mut out = Vec::new();
+        for level in levels {
+            let mut f = factors.clone();
+            if cfg.mixing.is_some() {
+                f.insert("mix".to_string(), format!("{level}"));
+            }
+            let (node, n) = self.mix(t, base.examples, level, &f, &name, seed);
+            if cfg.selection.is_some() {
+                f.insert("selection".to_string(), "all".to_string());
+            }
+            out.push(DatasetNode {
+                step: node,
+                factors: f.clone(),
+                seed,
+                examples: n,
+            });
+            out.extend(self.selections(node, n, &f, &name, seed)?);
+        }
+        Ok(out)
+    }
+
+    /// The mix step of a mixing `level` into the transform `t` (`base_n` examples): (its
+    /// index, its examples); the transform itself when there is no mixing or the level is 0.
+    fn mix(
+        &mut self,
+        t: usize,
+        base_n: usize,
+        level: f64,
+        f: &BTreeMap<String, String>,
+        name: &str,
+        seed: u64,
+    ) -> (usize, usize) {
+        let study = &self.cfg.study;
+        let Some(m) = self.cfg.mixing.as_ref().filter(|_| level > 0.0) else {
+            return (t, base_n);
+        };
+        let added = ((level * base_n as f64) / (1.0 - level)).round() as usize;
+        let idx = self.push(PlannedStep {
+            label: format!("mix {level} into {name} seed {seed}"),
+            spec: StepSpec::Mix {
+                share: level,
+                refusals: m.refusals.clone(),
+                harmful: m.harmful.clone(),
+                split_seed: study.split_seed,
+                test_fraction: study.test_fraction,
+                seed,
+            },
+            deps: vec![t],
+            factors: f.clone(),
+            size: base_n + added,
+        });
+        (idx, base_n + added)
+    }
+
+    /// The select steps of `[selection]` over the dataset step `node` (`n` examples): one per
+    /// kept share and strategy. None without `[selection]`.
+    fn selections(
+        &mut self,
+        node: usize,
+        n: usize,
+        f: &BTreeMap<String, String>,
+        name: &str,
+        seed: u64,
+    ) -> Result<Vec<DatasetNode>, PlanError> {
+        let cfg = self.cfg;
+        let Some(sel) = &cfg.selection else {
+            return Ok(Vec::new());
+        };
+        let rm = cfg
+            .reward_models
+            .iter()
+            .find(|r| r.name == sel.reward_model)
+            .ok_or_else(|| PlanError::Invalid {
+                field: "selection.reward_model".into(),
+                message: format!("no reward model `{}`", sel.reward_model),
+            })?;
+        let strategies = if sel.strategies.is_empty() {
+            vec![SelectStrategy::Top]
+        } else {
+            sel.strategies.clone()
+        };
+        let mut out = Vec::new();
+        for &keep in &sel.keep {
+            for &strategy in &strategies {
+                let sname = format!("{}-{keep}", strategy_str(strategy));
+                let mut f2 = f.clone();
+                f2.insert("selection".to_string(), sname.clone());
+                let kept = ((n as f64) * keep).round() as usize;
+                let idx = self.push(PlannedStep {
+                    label: format!("select {sname} of {name} seed {seed}"),
+                    spec: StepSpec::Select {
+                        reward_model: rm.name.clone(),
+                        rm_spec: rm.spec.clone(),
+                        keep,
+                        strategy,
                         seed,
                     },
-                    deps: vec![],
-                    factors: factors.clone(),
-                    size: base_n,
-                },
-            );
-            push(
-                &mut steps,
-                PlannedStep {
-                    label: format!("audit {name} seed {seed}"),
-                    spec: StepSpec::Audit,
-                    deps: vec![t],
-                    factors: factors.clone(),
-                    size: base_n,
-                },
-            );
-            let levels: Vec<f64> = match &cfg.mixing {
-                Some(m) => m.levels.clone(),
-                None => vec![0.0],
-            };
-            for level in levels {
-                let mut f = factors.clone();
-                if cfg.mixing.is_some() {
-                    f.insert("mix".to_string(), format!("{level}"));
-                }
-                let (node, n) = match (&cfg.mixing, level > 0.0) {
-                    (Some(m), true) => {
-                        let added = ((level * base_n as f64) / (1.0 - level)).round() as usize;
-                        let idx = push(
-                            &mut steps,
-                            PlannedStep {
-                                label: format!("mix {level} into {name} seed {seed}"),
-                                spec: StepSpec::Mix {
-                                    share: level,
-                                    refusals: m.refusals.clone(),
-                                    harmful: m.harmful.clone(),
-                                    split_seed: study.split_seed,
-                                    test_fraction: study.test_fraction,
-                                    seed,
-                                },
-                                deps: vec![t],
-                                factors: f.clone(),
-                                size: base_n + added,
-                            },
-                        );
-                        (idx, base_n + added)
-                    }
-                    _ => (t, base_n),
-                };
-                if cfg.selection.is_some() {
-                    f.insert("selection".to_string(), "all".to_string());
-                }
-                datasets.push(DatasetNode {
-                    step: node,
-                    factors: f.clone(),
-                    seed,
-                    examples: n,
+                    deps: vec![node],
+                    factors: f2.clone(),
+                    size: kept,
                 });
-                if let Some(sel) = &cfg.selection {
-                    let rm = cfg
-                        .reward_models
-                        .iter()
-                        .find(|r| r.name == sel.reward_model)
-                        .ok_or_else(|| PlanError::Invalid {
-                            field: "selection.reward_model".into(),
-                            message: format!("no reward model `{}`", sel.reward_model),
-                        })?;
-                    let strategies = if sel.strategies.is_empty() {
-                        vec![SelectStrategy::Top]
-                    } else {
-                        sel.strategies.clone()
-                    };
-                    for &keep in &sel.keep {
-                        for &strategy in &strategies {
-                            let sname = format!(
-                                "{}-{keep}",
-                                serde_json::to_value(strategy)
-                                    .ok()
-                                    .and_then(|v| v.as_str().map(String::from))
-                                    .unwrap_or_default()
-                            );
-                            let mut f2 = f.clone();
-                            f2.insert("selection".to_string(), sname.clone());
-                            let kept = ((n as f64) * keep).round() as usize;
-                            let idx = push(
-                                &mut steps,
-                                PlannedStep {
-                                    label: format!("select {sname} of {name} seed {seed}"),
-                                    spec: StepSpec::Select {
-                                        reward_model: rm.name.clone(),
-                                        rm_spec: rm.spec.clone(),
-                                        keep,
-                                        strategy,
-                                        seed,
-                                    },
-                                    deps: vec![node],
-                                    factors: f2.clone(),
-                                    size: kept,
-                                },
-                            );
-                            datasets.push(DatasetNode {
-                                step: idx,
-                                factors: f2,
-                                seed,
-                                examples: kept,
-                            });
-                        }
-                    }
-                }
+                out.push(DatasetNode {
+                    step: idx,
+                    factors: f2,
+                    seed,
+                    examples: kept,
+                });
             }
         }
+        Ok(out)
     }
 
-    // Benchmarks (loaded now, for their content hash and size).
-    let mut benches = Vec::new();
-    for b in &cfg.benchmarks {
-        benches.push(benchmark_ref(b, study)?);
-    }
-    let default_judge = JudgeConfig {
-        name: "keyword".into(),
-        kind: JudgeKind::Keyword,
-        spec: None,
-        settings: Default::default(),
-    };
-    let judges: Vec<&JudgeConfig> = if cfg.judges.is_empty() {
-        vec![&default_judge]
-    } else {
-        cfg.judges.iter().collect()
-    };
-
-    // Alignment set.
-    let align_data = match &cfg.align {
-        Some(a) => {
-            let harmful = PromptSet::load(&a.harmful, None).map_err(data_err("align.harmful"))?;
-            let mut nh = harmful
-                .split(Split::Train, study.split_seed, study.test_fraction)
-                .len();
-            if let Some(l) = a.harmful_limit {
-                nh = nh.min(l);
-            }
-            let mut nb = 0;
-            for (i, spec) in a.benign.iter().enumerate() {
-                let field = format!("align.benign[{i}]");
-                let path = resolve_dataset(spec).map_err(data_err(&field))?;
-                let n = count_lines(&path);
-                nb += a.benign_limit.map_or(n, |l| n.min(l));
-            }
-            // Every prompt the study evaluates is kept out of the alignment set, whatever the
-            // benchmark's `limit` (so a larger limit later does not meet a trained prompt).
-            let held_out: Vec<BenchmarkRef> = benches
-                .iter()
-                .map(|(b, _)| BenchmarkRef {
-                    limit: None,
-                    ..b.clone()
-                })
-                .collect();
-            Some(push(
-                &mut steps,
-                PlannedStep {
-                    label: "alignment set".into(),
-                    spec: StepSpec::AlignData {
-                        refusals: a.refusals.clone(),
-                        harmful: a.harmful.clone(),
-                        benign: a.benign.clone(),
-                        harmful_limit: a.harmful_limit,
-                        benign_limit: a.benign_limit,
-                        split_seed: study.split_seed,
-                        test_fraction: study.test_fraction,
-                        held_out,
-                    },
-                    deps: vec![],
-                    factors: BTreeMap::new(),
-                    size: nh + nb,
-                },
-            ))
+    /// The alignment set, when the config has `[align]`: train-split harmful prompts with
+    /// refusals and benign answers, every evaluated prompt held out. Returns its index.
+    fn align_data(
+        &mut self,
+        benches: &[(BenchmarkRef, PromptSet)],
+    ) -> Result<Option<usize>, PlanError> {
+        let study = &self.cfg.study;
+        let Some(a) = &self.cfg.align else {
+            return Ok(None);
+        };
+        let harmful = PromptSet::load(&a.harmful, None).map_err(data_err("align.harmful"))?;
+        let mut nh = harmful
+            .split(Split::Train, study.split_seed, study.test_fraction)
+            .len();
+        if let Some(l) = a.harmful_limit {
+            nh = nh.min(l);
         }
-        None => None,
-    };
+        let mut nb = 0;
+        for (i, spec) in a.benign.iter().enumerate() {
+            let field = format!("align.benign[{i}]");
+            let path = resolve_dataset(spec).map_err(data_err(&field))?;
+            let n = count_lines(&path);
+            nb += a.benign_limit.map_or(n, |l| n.min(l));
+        }
+        // Every prompt the study evaluates is kept out of the alignment set, whatever the
+        // benchmark's `limit` (so a larger limit later does not meet a trained prompt).
+        let held_out: Vec<BenchmarkRef> = benches
+            .iter()
+            .map(|(b, _)| BenchmarkRef {
+                limit: None,
+                ..b.clone()
+            })
+            .collect();
+        Ok(Some(self.push(PlannedStep {
+            label: "alignment set".into(),
+            spec: StepSpec::AlignData {
+                refusals: a.refusals.clone(),
+                harmful: a.harmful.clone(),
+                benign: a.benign.clone(),
+                harmful_limit: a.harmful_limit,
+                benign_limit: a.benign_limit,
+                split_seed: study.split_seed,
+                test_fraction: study.test_fraction,
+                held_out,
+            },
+            deps: vec![],
+            factors: BTreeMap::new(),
+            size: nh + nb,
+        })))
+    }
 
-    // Per model: base, aligned, tuned variants; each evaluated on every benchmark.
-    for (mi, m) in cfg.models.iter().enumerate() {
-        let model_step = model_steps[mi];
-        let mut targets: Vec<(usize, BTreeMap<String, String>, u64)> = Vec::new();
+    /// Model `m`'s conditions: the base model; the aligned model (with `[align]`, an align
+    /// step); one tuned model per dataset (with `[tune]`, a tune step each, from the aligned
+    /// model when there is one).
+    fn conditions(
+        &mut self,
+        m: &ModelConfig,
+        model_step: usize,
+        align_data: Option<usize>,
+        datasets: &[DatasetNode],
+    ) -> Vec<Condition> {
+        let cfg = self.cfg;
+        let mut out = Vec::new();
         let mut base_f = BTreeMap::new();
         base_f.insert("model".to_string(), m.name.clone());
         base_f.insert("stage".to_string(), "base".to_string());
-        targets.push((model_step, base_f, 0));
+        out.push(Condition {
+            step: model_step,
+            factors: base_f,
+            seed: 0,
+        });
         let mut start = model_step;
         if let (Some(a), Some(ad)) = (&cfg.align, align_data) {
             let mut f = BTreeMap::new();
             f.insert("model".to_string(), m.name.clone());
             f.insert("stage".to_string(), "aligned".to_string());
-            let size = steps[ad].size;
-            let idx = push(
-                &mut steps,
-                PlannedStep {
-                    label: format!("align {}", m.name),
-                    spec: StepSpec::Align {
-                        settings: serde_json::to_value(&a.settings).unwrap_or_default(),
-                        allow_truncation: a.allow_truncation,
-                    },
-                    deps: vec![model_step, ad],
-                    factors: f.clone(),
-                    size,
+            let size = self.steps[ad].size;
+            let idx = self.push(PlannedStep {
+                label: format!("align {}", m.name),
+                spec: StepSpec::Align {
+                    settings: serde_json::to_value(&a.settings).unwrap_or_default(),
+                    allow_truncation: a.allow_truncation,
                 },
-            );
-            targets.push((idx, f, 0));
+                deps: vec![model_step, ad],
+                factors: f.clone(),
+                size,
+            });
+            out.push(Condition {
+                step: idx,
+                factors: f,
+                seed: 0,
+            });
             start = idx;
         }
         if let Some(t) = &cfg.tune {
-            for d in &datasets {
-                let mut f = d.factors.clone();
-                f.insert("model".to_string(), m.name.clone());
-                f.insert("stage".to_string(), "tuned".to_string());
-                let label = format!(
-                    "tune {} on {}{}{} seed {}",
-                    m.name,
-                    f["variant"],
-                    f.get("mix")
-                        .map(|x| format!(" mix {x}"))
-                        .unwrap_or_default(),
-                    f.get("selection")
-                        .map(|x| format!(" select {x}"))
-                        .unwrap_or_default(),
-                    d.seed
-                );
-                let idx = push(
-                    &mut steps,
-                    PlannedStep {
-                        label,
-                        spec: StepSpec::Tune {
-                            settings: serde_json::to_value(&t.settings).unwrap_or_default(),
-                            seed: d.seed,
-                            allow_truncation: t.allow_truncation,
-                        },
-                        deps: vec![start, d.step],
-                        factors: f.clone(),
-                        size: d.examples,
-                    },
-                );
-                targets.push((idx, f, d.seed));
+            for d in datasets {
+                out.push(self.tune(m, t, start, d));
             }
         }
-        for (target, f, seed) in &targets {
-            for (b, prompts) in &benches {
-                let mut gf = f.clone();
-                gf.insert("benchmark".to_string(), b.name.clone());
-                let n = prompts.len();
-                let g = push(
-                    &mut steps,
-                    PlannedStep {
-                        label: format!("generate {} / {}", describe(f), b.name),
-                        spec: StepSpec::Generate {
-                            benchmark: b.clone(),
-                            sampling: SamplingSpec {
-                                max_new_tokens: cfg.generation.max_new_tokens,
-                                temperature: cfg.generation.temperature,
-                                seed: *seed,
-                                chunk_size: cfg.generation.chunk_size,
-                            },
-                        },
-                        deps: vec![*target],
-                        factors: gf.clone(),
-                        size: n,
+        out
+    }
+
+    /// The tune step of model `m` (from step `start`) on dataset `d`.
+    fn tune(
+        &mut self,
+        m: &ModelConfig,
+        t: &TuneSection,
+        start: usize,
+        d: &DatasetNode,
+    ) -> Condition {
+        let mut f = d.factors.clone();
+        f.insert("model".to_string(), m.name.clone());
+        f.insert("stage".to_string(), "tuned".to_string());
+        let label = format!(
+            "tune {} on {}{}{} seed {}",
+            m.name,
+            f["variant"],
+            f.get("mix")
+                .map(|x| format!(" mix {x}"))
+                .unwrap_or_default(),
+            f.get("selection")
+                .map(|x| format!(" select {x}"))
+                .unwrap_or_default(),
+            d.seed
+        );
+        let idx = self.push(PlannedStep {
+            label,
+            spec: StepSpec::Tune {
+                settings: serde_json::to_value(&t.settings).unwrap_or_default(),
+                seed: d.seed,
+                allow_truncation: t.allow_truncation,
+            },
+            deps: vec![start, d.step],
+            factors: f.clone(),
+            size: d.examples,
+        });
+        Condition {
+            step: idx,
+            factors: f,
+            seed: d.seed,
+        }
+    }
+
+    /// A condition's evaluation: per benchmark a generate step, judged by every judge and
+    /// scored by every reward model.
+    fn evaluations(
+        &mut self,
+        c: &Condition,
+        benches: &[(BenchmarkRef, PromptSet)],
+        judges: &[JudgeConfig],
+    ) {
+        let cfg = self.cfg;
+        let who = describe(&c.factors);
+        for (b, prompts) in benches {
+            let mut gf = c.factors.clone();
+            gf.insert("benchmark".to_string(), b.name.clone());
+            let n = prompts.len();
+            let g = self.push(PlannedStep {
+                label: format!("generate {who} / {}", b.name),
+                spec: StepSpec::Generate {
+                    benchmark: b.clone(),
+                    sampling: SamplingSpec {
+                        max_new_tokens: cfg.generation.max_new_tokens,
+                        temperature: cfg.generation.temperature,
+                        seed: c.seed,
+                        chunk_size: cfg.generation.chunk_size,
                     },
-                );
-                for j in &judges {
-                    let mut jf = gf.clone();
-                    jf.insert("judge".to_string(), j.name.clone());
-                    push(
-                        &mut steps,
-                        PlannedStep {
-                            label: format!("judge {} / {} by {}", describe(f), b.name, j.name),
-                            spec: StepSpec::Judge {
-                                name: j.name.clone(),
-                                judge_kind: j.kind,
-                                spec: j.spec.clone(),
-                                settings: serde_json::to_value(&j.settings).unwrap_or_default(),
-                            },
-                            deps: vec![g],
-                            factors: jf,
-                            size: n,
-                        },
-                    );
-                }
-                for r in &cfg.reward_models {
-                    let mut rf = gf.clone();
-                    rf.insert("rm".to_string(), r.name.clone());
-                    push(
-                        &mut steps,
-                        PlannedStep {
-                            label: format!("score {} / {} by {}", describe(f), b.name, r.name),
-                            spec: StepSpec::Score {
-                                name: r.name.clone(),
-                                spec: r.spec.clone(),
-                                settings: serde_json::to_value(&r.settings).unwrap_or_default(),
-                            },
-                            deps: vec![g],
-                            factors: rf,
-                            size: n,
-                        },
-                    );
-                }
+                },
+                deps: vec![c.step],
+                factors: gf.clone(),
+                size: n,
+            });
+            for j in judges {
+                let mut jf = gf.clone();
+                jf.insert("judge".to_string(), j.name.clone());
+                self.push(PlannedStep {
+                    label: format!("judge {who} / {} by {}", b.name, j.name),
+                    spec: StepSpec::Judge {
+                        name: j.name.clone(),
+                        judge_kind: j.kind,
+                        spec: j.spec.clone(),
+                        settings: serde_json::to_value(&j.settings).unwrap_or_default(),
+                    },
+                    deps: vec![g],
+                    factors: jf,
+                    size: n,
+                });
+            }
+            for r in &cfg.reward_models {
+                let mut rf = gf.clone();
+                rf.insert("rm".to_string(), r.name.clone());
+                self.push(PlannedStep {
+                    label: format!("score {who} / {} by {}", b.name, r.name),
+                    spec: StepSpec::Score {
+                        name: r.name.clone(),
+                        spec: r.spec.clone(),
+                        settings: serde_json::to_value(&r.settings).unwrap_or_default(),
+                    },
+                    deps: vec![g],
+                    factors: rf,
+                    size: n,
+                });
             }
         }
     }
-    Ok(Plan {
-        name: study.name.clone(),
-        steps,
-    })
 }
 
 /// A short description of a model condition from its factors.

@@ -3,10 +3,11 @@
 //! the stage the [`Registry`] holds for their kind. A failed step is recorded and its dependents
 //! are skipped; independent steps go on, and the summary says what failed.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value as Json};
 
 use crate::hash::{hash_json, PROGRAM_VERSION};
 use crate::plan::Plan;
@@ -29,6 +30,63 @@ pub fn step_keys(plan: &Plan) -> Vec<String> {
         keys.push(hash_json(&material));
     }
     keys
+}
+
+/// The plan as the runner records it in the store (the `plan` column of `studies`); the report
+/// and the labelling commands read it back.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoredPlan {
+    pub steps: Vec<StoredStep>,
+}
+
+/// One step of a [`StoredPlan`]; `deps` are plan indices, like [`PlannedStep::deps`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StoredStep {
+    pub key: String,
+    /// [`StepKind::as_str`].
+    pub kind: String,
+    pub label: String,
+    pub factors: BTreeMap<String, String>,
+    pub deps: Vec<usize>,
+    pub size: usize,
+}
+
+impl StoredPlan {
+    /// `plan` with its step `keys` (from [`step_keys`]).
+    pub fn new(plan: &Plan, keys: &[String]) -> StoredPlan {
+        let steps = plan
+            .steps
+            .iter()
+            .zip(keys)
+            .map(|(s, k)| StoredStep {
+                key: k.clone(),
+                kind: s.kind().as_str().to_string(),
+                label: s.label.clone(),
+                factors: s.factors.clone(),
+                deps: s.deps.clone(),
+                size: s.size,
+            })
+            .collect();
+        StoredPlan { steps }
+    }
+
+    /// Reads the stored JSON; missing fields read as empty, and a plan that does not parse
+    /// reads as one without steps.
+    pub fn from_json(plan: &Json) -> StoredPlan {
+        serde_json::from_value(plan.clone()).unwrap_or_default()
+    }
+
+    /// The key of `step`'s first input (the generate step a judge or score step reads); empty
+    /// when it has none.
+    pub fn first_input_key(&self, step: &StoredStep) -> String {
+        step.deps
+            .first()
+            .and_then(|&d| self.steps.get(d))
+            .map(|d| d.key.clone())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -101,12 +159,7 @@ pub fn run_plan(
     })?;
     let mut store = Store::open(&dir.join(STORE_FILE))?;
     let keys = step_keys(plan);
-    let plan_json = json!({
-        "steps": plan.steps.iter().zip(&keys).map(|(s, k)| json!({
-            "key": k, "kind": s.kind().as_str(), "label": s.label, "factors": s.factors,
-            "deps": s.deps, "size": s.size,
-        })).collect::<Vec<_>>(),
-    });
+    let plan_json = serde_json::to_value(StoredPlan::new(plan, &keys)).unwrap_or_default();
     store.put_study(&plan.name, &plan.name, config, &plan_json)?;
     let total = plan.steps.len();
     let mut outputs: Vec<Option<StepOutput>> = vec![None; total];
@@ -211,5 +264,42 @@ pub fn missing(kind: StepKind) -> StageError {
         hint: format!(
             "register a stage for `{kind}` in the registry given to run_plan (safetune_study::stages::builtin_registry has one for every kind)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn the_stored_plan_reads_back_as_written() {
+        let step = |deps: Vec<usize>| PlannedStep {
+            label: format!("audit {deps:?}"),
+            spec: StepSpec::Audit,
+            deps,
+            factors: BTreeMap::from([("variant".to_string(), "original".to_string())]),
+            size: 3,
+        };
+        let plan = Plan {
+            name: "p".into(),
+            steps: vec![step(vec![]), step(vec![0])],
+        };
+        let keys = step_keys(&plan);
+        let stored = StoredPlan::new(&plan, &keys);
+        let text = serde_json::to_value(&stored).unwrap().to_string();
+        assert!(
+            text.starts_with(r#"{"steps":[{"deps":[],"factors":{"variant":"original"},"key":""#),
+            "keys sorted as the store has always held them: {text}"
+        );
+        let back = StoredPlan::from_json(&serde_json::from_str(&text).unwrap());
+        assert_eq!(back, stored);
+        assert_eq!(back.first_input_key(&back.steps[1]), keys[0]);
+        assert_eq!(back.first_input_key(&back.steps[0]), "");
+        assert_eq!(
+            StoredPlan::from_json(&json!("not a plan")),
+            StoredPlan::default()
+        );
     }
 }

@@ -393,6 +393,7 @@ fn a_rerun_reuses_every_finished_step_and_the_report_escapes_model_text() {
         "Safety against utility",
         "Reward-model score against measured safety",
         "Judge agreement",
+        "Sample responses",
     ] {
         assert!(html.contains(section), "{section}");
     }
@@ -425,6 +426,14 @@ fn a_rerun_reuses_every_finished_step_and_the_report_escapes_model_text() {
     assert_eq!(json["conditions"].as_array().unwrap().len(), 5);
     let md = std::fs::read_to_string(&files.markdown).unwrap();
     assert!(md.contains("| fake base |"), "{md}");
+    for section in [
+        "## Main effects (safety rate by level)",
+        "## Interactions",
+        "## Judge agreement",
+        "## Reward models (answers to harmful prompts)",
+    ] {
+        assert!(md.contains(section), "{section}\n{md}");
+    }
 }
 
 #[test]

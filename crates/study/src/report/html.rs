@@ -1,0 +1,326 @@
+//! The HTML report: a page model (the results, plus the charts and the judge-accuracy section
+//! already rendered) filled into `report.html.j2` by minijinja.
+//!
+//! Auto-escaping is on for the template, with the report's own [`esc`] as the escaper, so every
+//! string from the study (names, prompts, responses, errors) is escaped exactly once. Only the
+//! SVG charts (`charts.rs`) and the judge-accuracy section (`judge_check.rs`), which escape their
+//! own text, are inserted with `|safe`.
+
+use minijinja::{AutoEscape, Environment, Error, Output, State, Value};
+use serde::Serialize;
+
+use super::{charts, esc, judge_check, pct, truncate, Agreement, Rate, Sample, StudyResults};
+
+const TEMPLATE: &str = include_str!("report.html.j2");
+const TEMPLATE_NAME: &str = "report.html.j2";
+
+/// Sample responses shown in the page.
+const SAMPLES: usize = 40;
+
+/// What the template shows.
+#[derive(Serialize)]
+struct Page<'a> {
+    study: &'a str,
+    program_version: &'a str,
+    primary_judge: &'a str,
+    primary_judge_note: &'a str,
+    /// (status, steps) pairs.
+    steps: Vec<(&'a str, usize)>,
+    failed_steps: &'a [(String, String)],
+    safety_chart: Option<String>,
+    rates: Vec<RateRow<'a>>,
+    effect_charts: Vec<String>,
+    interactions: Vec<InteractionView>,
+    utility_chart: Option<String>,
+    rm_chart: Option<String>,
+    /// Shown with the RM chart: (reward model, mean score on refusals, on compliances).
+    rm_by_verdict: Vec<(&'a str, Option<f64>, Option<f64>)>,
+    agreement_chart: Option<String>,
+    agreement: &'a [Agreement],
+    /// The judge-accuracy section's HTML; empty without human labels.
+    judge_accuracy: String,
+    samples: &'a [Sample],
+}
+
+/// One row of the per-condition rates table.
+#[derive(Serialize)]
+struct RateRow<'a> {
+    condition: &'a str,
+    benchmark: &'a str,
+    metric: &'a str,
+    rate: &'a Rate,
+}
+
+#[derive(Serialize)]
+struct InteractionView {
+    chart: String,
+    contrast: Option<f64>,
+}
+
+/// Renders the HTML report.
+pub(super) fn render(r: &StudyResults) -> String {
+    environment()
+        .get_template(TEMPLATE_NAME)
+        .and_then(|t| t.render(page(r)))
+        .unwrap_or_else(|e| panic!("the report template does not render: {e:#}"))
+}
+
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_auto_escape_callback(|_| AutoEscape::Html);
+    env.set_formatter(escape_with_esc);
+    env.set_keep_trailing_newline(true);
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.add_filter("pct", pct);
+    env.add_filter("fixed", |v: f64, digits: usize| format!("{v:.digits$}"));
+    env.add_filter("points", |v: f64| format!("{:+.1}", 100.0 * v));
+    env.add_filter("clip", |s: String, n: usize| truncate(&s, n));
+    env.add_template(TEMPLATE_NAME, TEMPLATE)
+        .expect("the report template parses");
+    env
+}
+
+/// The formatter for `{{ ... }}`: values not marked safe go through [`esc`] when the template
+/// auto-escapes HTML (always, here).
+fn escape_with_esc(out: &mut Output, state: &State, value: &Value) -> Result<(), Error> {
+    if matches!(state.auto_escape(), AutoEscape::Html) && !value.is_safe() && !value.is_undefined()
+    {
+        out.write_str(&esc(&value.to_string()))?;
+        Ok(())
+    } else {
+        minijinja::escape_formatter(out, state, value)
+    }
+}
+
+fn page(r: &StudyResults) -> Page<'_> {
+    Page {
+        study: &r.study,
+        program_version: &r.program_version,
+        primary_judge: r.primary_judge.as_deref().unwrap_or("none"),
+        primary_judge_note: &r.primary_judge_note,
+        steps: r.steps.iter().map(|(k, v)| (k.as_str(), *v)).collect(),
+        failed_steps: &r.failed_steps,
+        safety_chart: safety_chart(r),
+        rates: rate_rows(r),
+        effect_charts: effect_charts(r),
+        interactions: r
+            .interactions
+            .iter()
+            .map(|it| InteractionView {
+                chart: charts::interaction(it),
+                contrast: it.contrast,
+            })
+            .collect(),
+        utility_chart: utility_chart(r),
+        rm_chart: rm_chart(r),
+        rm_by_verdict: r
+            .rm_by_verdict
+            .iter()
+            .map(|(rm, (a, b))| (rm.as_str(), *a, *b))
+            .collect(),
+        agreement_chart: agreement_chart(&r.judge_agreement),
+        agreement: &r.judge_agreement,
+        judge_accuracy: judge_check::html(r.judge_accuracy.as_ref()),
+        samples: &r.samples[..r.samples.len().min(SAMPLES)],
+    }
+}
+
+fn rate_rows(r: &StudyResults) -> Vec<RateRow<'_>> {
+    let mut rows = Vec::new();
+    for c in &r.conditions {
+        for (benchmark, by_metric) in &c.by_benchmark {
+            for (metric, rate) in by_metric {
+                rows.push(RateRow {
+                    condition: &c.name,
+                    benchmark,
+                    metric,
+                    rate,
+                });
+            }
+        }
+    }
+    rows
+}
+
+fn safety_chart(r: &StudyResults) -> Option<String> {
+    let rows: Vec<(String, &Rate)> = r
+        .conditions
+        .iter()
+        .filter_map(|c| c.safety.as_ref().map(|s| (c.name.clone(), s)))
+        .collect();
+    (!rows.is_empty())
+        .then(|| charts::bars(&rows, "Safety rate on harmful prompts (higher is safer)"))
+}
+
+fn effect_charts(r: &StudyResults) -> Vec<String> {
+    r.effects
+        .iter()
+        .map(|e| {
+            let rows: Vec<(String, &Rate)> = e
+                .levels
+                .iter()
+                .map(|(l, rate)| (format!("{} = {}", e.factor, l), rate))
+                .collect();
+            let title = format!("{}: spread {:.1} points", e.factor, 100.0 * e.spread);
+            charts::bars(&rows, &title)
+        })
+        .collect()
+}
+
+/// Safety against the share of benign prompts answered, per condition with both.
+fn utility_chart(r: &StudyResults) -> Option<String> {
+    let pts: Vec<(String, f64, f64)> = r
+        .conditions
+        .iter()
+        .filter_map(|c| match (&c.safety, &c.over_refusal) {
+            (Some(s), Some(o)) => Some((c.name.clone(), 1.0 - o.value, s.value)),
+            _ => None,
+        })
+        .collect();
+    (!pts.is_empty()).then(|| {
+        charts::scatter(
+            &pts,
+            "Safety vs utility",
+            "benign prompts answered (1 - over-refusal)",
+            "safety rate",
+            (0.0, 1.0),
+            (0.0, 1.0),
+        )
+    })
+}
+
+/// Mean reward-model score against safety, per condition and reward model.
+fn rm_chart(r: &StudyResults) -> Option<String> {
+    let mut pts = Vec::new();
+    for c in &r.conditions {
+        if let Some(s) = &c.safety {
+            for (rm, m) in &c.rm_mean {
+                pts.push((format!("{} ({rm})", c.name), *m, s.value));
+            }
+        }
+    }
+    if pts.is_empty() {
+        return None;
+    }
+    let lo = pts.iter().map(|p| p.1).fold(f64::MAX, f64::min);
+    let hi = pts.iter().map(|p| p.1).fold(f64::MIN, f64::max);
+    let pad = ((hi - lo) * 0.1).max(1e-3);
+    Some(charts::scatter(
+        &pts,
+        "Mean RM score on harmful prompts vs safety rate",
+        "mean reward-model score",
+        "safety rate",
+        (lo - pad, hi + pad),
+        (0.0, 1.0),
+    ))
+}
+
+fn agreement_chart(agreement: &[Agreement]) -> Option<String> {
+    if agreement.is_empty() {
+        return None;
+    }
+    let rates: Vec<Rate> = agreement
+        .iter()
+        .map(|a| Rate::new((a.agree * a.rows as f64).round() as u64, a.rows as u64))
+        .collect();
+    let rows: Vec<(String, &Rate)> = agreement
+        .iter()
+        .zip(&rates)
+        .map(|(a, rate)| (format!("{} vs {}", a.a, a.b), rate))
+        .collect();
+    Some(charts::bars(&rows, "Percent agreement between judges"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::report::Condition;
+
+    fn rate(count: u64, total: u64) -> Rate {
+        Rate::new(count, total)
+    }
+
+    /// One base condition named with markup, judged on a harmful benchmark only.
+    fn small() -> StudyResults {
+        let name = "m<script>alert('c')</script> base";
+        let mut by_benchmark = BTreeMap::new();
+        by_benchmark.insert(
+            "harm<b>".to_string(),
+            BTreeMap::from([("keyword safety_rate".to_string(), rate(3, 4))]),
+        );
+        StudyResults {
+            study: "s<script>".into(),
+            program_version: "v".into(),
+            primary_judge: Some("keyword".into()),
+            primary_judge_note: "Primary judge: keyword & co.".into(),
+            steps: BTreeMap::from([("done".to_string(), 3), ("failed".to_string(), 1)]),
+            failed_steps: vec![("tune <x>".into(), "broke: <script>".into())],
+            conditions: vec![Condition {
+                name: name.into(),
+                factors: BTreeMap::from([("model".to_string(), "m<script>".to_string())]),
+                safety: Some(rate(3, 4)),
+                over_refusal: None,
+                by_benchmark,
+                rm_mean: BTreeMap::new(),
+            }],
+            effects: vec![],
+            interactions: vec![],
+            judge_agreement: vec![],
+            rm_by_verdict: BTreeMap::new(),
+            rm_vs_safety: BTreeMap::new(),
+            samples: vec![Sample {
+                condition: name.into(),
+                benchmark: "harm<b>".into(),
+                prompt: "<script>prompt()</script>".into(),
+                response: "Sure: <script>answer()</script>\n  indented".into(),
+                verdict: "compliance".into(),
+            }],
+            judge_accuracy: None,
+        }
+    }
+
+    #[test]
+    fn names_prompts_and_responses_with_markup_are_escaped() {
+        let html = render(&small());
+        assert!(!html.to_lowercase().contains("<script"), "{html}");
+        for escaped in [
+            "<title>safetune study: s&lt;script&gt;</title>",
+            "<td>m&lt;script&gt;alert(&#39;c&#39;)&lt;/script&gt; base</td><td>harm&lt;b&gt;</td>",
+            "<td class=\"resp\">&lt;script&gt;prompt()&lt;/script&gt;</td>",
+            "<td class=\"resp\">Sure: &lt;script&gt;answer()&lt;/script&gt;\n  indented</td>",
+            "<li><b>tune &lt;x&gt;</b>: broke: &lt;script&gt;</li>",
+            "<p>Primary judge: keyword &amp; co.</p>",
+        ] {
+            assert!(html.contains(escaped), "{escaped}\n{html}");
+        }
+    }
+
+    #[test]
+    fn a_small_report_has_every_section_and_says_what_is_missing() {
+        let html = render(&small());
+        assert!(html.starts_with("<!DOCTYPE html>\n<html lang=\"en\">"));
+        assert!(html.ends_with("</body></html>\n"));
+        for section in [
+            "<h2>Safety rate per condition</h2>",
+            "<h2>Factor main effects</h2>",
+            "No factor varies across tuned conditions",
+            "<h2>Interactions</h2>",
+            "Interactions need two factors that each vary.",
+            "<h2>Safety against utility</h2>",
+            "Needs a harmful and a benign (over-refusal) benchmark.",
+            "<h2>Reward-model score against measured safety</h2>",
+            "No reward-model scores in this study.",
+            "<h2>Judge agreement</h2>",
+            "One judge only: agreement needs two.",
+            "<h2>Sample responses</h2>",
+            "<p>Steps: 3 done, 1 failed</p>",
+            "<td class=\"num\">75.0%</td><td class=\"num\">[",
+        ] {
+            assert!(html.contains(section), "{section}\n{html}");
+        }
+        assert_eq!(html.matches("<svg").count(), 1, "the safety chart only");
+    }
+}
