@@ -1,14 +1,14 @@
 //! Fused vs reference training ops at SmolLM2-135M shapes (batch 8 x 256 tokens): forward plus
 //! backward time of each op, median of a few runs. Not a test.
 //!
-//!     taskset -c 0,1 cargo run --release -p safetune-model --example ops_bench [-- REPS]
+//!     taskset -c 0,1 cargo run --release -p safetune-train --example ops_bench [-- REPS]
 //!
 //! Shapes: C 576, H 9, K 3, D 64, I 1536, V 49152, N = 8 * 256 rows.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use safetune_model::ops::{fused, reference, AdamW, AdamWParams, Kernels};
+use safetune_train::ops::{fused, reference, AdamW, AdamWParams, Kernels};
 
 const B: usize = 8;
 const T: usize = 256;
@@ -230,10 +230,10 @@ fn main() -> Result<()> {
         .unwrap();
     let grads = loss.backward()?;
     let step = |k: Kernels| {
-        safetune_model::ops::set_kernels(k);
+        safetune_train::ops::set_kernels(k);
         let mut opt = AdamW::new(vars.clone(), AdamWParams::default()).unwrap();
         let s = time(reps, || opt.step(&grads));
-        safetune_model::ops::set_kernels(Kernels::Fused);
+        safetune_train::ops::set_kernels(Kernels::Fused);
         s
     };
     let fs = step(Kernels::Fused);

@@ -182,7 +182,7 @@ impl Llama {
             if items * s * d < PAR_ATTENTION_MIN {
                 (0..items).for_each(head);
             } else {
-                crate::quant::par_chunks(items, |range| {
+                crate::pool::par_chunks(items, |range| {
                     range.for_each(&head);
                 });
             }

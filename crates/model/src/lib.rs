@@ -28,7 +28,6 @@ pub mod gguf;
 pub mod hub;
 pub mod job;
 pub mod llama;
-pub mod ops;
 pub mod pool;
 pub mod quant;
 pub mod reward;

@@ -11,6 +11,9 @@
 //!
 //! Calls from inside a region, or while another thread's region runs, run on the calling thread
 //! alone.
+//!
+//! Decoding reaches the pool through `par_chunks`, where the `SAFETUNE_POOL` switch can send it
+//! to rayon's pool or candle's barrier pool instead.
 
 use std::cell::Cell;
 use std::ops::Range;
@@ -155,6 +158,47 @@ impl Pool {
         }
         drop(guard);
     }
+}
+
+/// Runs `f` over `0..n_items` split into ranges on [`Pool::global`], the calling thread working
+/// too and blocking until they are done: how decoding runs its parallel regions.
+///
+/// `SAFETUNE_POOL` (read once per process) picks another pool: `rayon` the rayon pool (its
+/// workers sleep between regions: batch-1 decoding of SmolLM2 ran at 111-116 instead of 172-179
+/// tokens/s on two cores), `barrier` candle's spinning pool (whose spin-waits for a descheduled
+/// worker cost whole time slices when other processes share the cores: batch-1 decoding once fell
+/// from about 25 to 4 tokens/s at a load average of 6). Any other value, or none, uses [`Pool`].
+pub(crate) fn par_chunks<F: Fn(Range<usize>) + Sync>(n_items: usize, f: F) {
+    match which() {
+        Which::Spin => Pool::global().run(n_items, &f),
+        Which::Rayon => {
+            use rayon::prelude::*;
+            let threads = rayon::current_num_threads().max(1);
+            let chunk = n_items.div_ceil(threads * 4).max(1);
+            (0..n_items.div_ceil(chunk))
+                .into_par_iter()
+                .for_each(|c| f(c * chunk..((c + 1) * chunk).min(n_items)));
+        }
+        Which::Barrier => candle_core::utils::barrier_pool().execute_chunked(n_items, f),
+    }
+}
+
+/// The pool [`par_chunks`] uses.
+#[derive(Clone, Copy, PartialEq)]
+enum Which {
+    Spin,
+    Rayon,
+    Barrier,
+}
+
+/// `SAFETUNE_POOL`, read once.
+fn which() -> Which {
+    static WHICH: OnceLock<Which> = OnceLock::new();
+    *WHICH.get_or_init(|| match std::env::var("SAFETUNE_POOL").as_deref() {
+        Ok("rayon") => Which::Rayon,
+        Ok("barrier") => Which::Barrier,
+        _ => Which::Spin,
+    })
 }
 
 fn worker(s: &'static Shared) {

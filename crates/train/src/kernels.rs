@@ -1,12 +1,13 @@
 //! The differentiable ops the trainable decoder is built from, in one place, so the decoder reads
-//! as the model and the choice of kernel is made here: `safetune_model::ops` (fused CPU kernels
+//! as the model and the choice of kernel is made here: [`crate::ops`] (fused CPU kernels
 //! with forward and backward, or the unfused reference from candle primitives).
 //!
 //! Never candle's fused inference kernels (`rms_norm`, `softmax_last_dim`, `rope`): they have no
 //! backward and would silently cut the graph, so almost no gradient would arrive.
 
 use candle_core::{Result, Tensor};
-use safetune_model::ops;
+
+use crate::ops;
 
 /// RMSNorm over the last dimension. x: (..., C), weight: (C) -> (..., C).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {

@@ -5,6 +5,8 @@
 //!   and packing.
 //! - [`model`]: the trainable decoder (candle `Var`s, LoRA adapters), from differentiable ops
 //!   ([`kernels`]); [`loss`]: the chunked lm_head + cross-entropy.
+//! - [`ops`]: the training kernels behind them (fused CPU kernels with forward and backward
+//!   passes, and an unfused reference from candle primitives) and [`ops::AdamW`].
 //! - [`recipe`]: the training loop, top to bottom; [`checkpoint`]: exact resume.
 //! - [`rng`]: the checkpointable random generator.
 
@@ -14,6 +16,7 @@ pub mod error;
 pub mod kernels;
 pub mod loss;
 pub mod model;
+pub mod ops;
 pub mod peft;
 pub mod recipe;
 pub mod rng;

@@ -1,14 +1,14 @@
 //! The training loss: next-token cross-entropy over labelled positions only, through the fused
-//! chunked lm_head + cross-entropy of `safetune_model::ops` (the (N, V) logits and their
+//! chunked lm_head + cross-entropy of [`crate::ops`] (the (N, V) logits and their
 //! log-softmax never exist whole).
 //!
 //! Rows without a label (prompts, padding) are dropped before the head: they would only cost a
 //! (rows, V) matmul each and contribute nothing.
 
 use candle_core::{Device, Tensor};
-use safetune_model::ops;
 
 use crate::error::{Result, TensorContext};
+use crate::ops;
 use crate::sft::IGNORE;
 
 /// Summed cross-entropy over labelled positions and their number.

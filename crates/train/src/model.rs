@@ -15,10 +15,11 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, TensorId, Var, D};
 use serde::{Deserialize, Serialize};
 
-use safetune_model::{ops, Config, Llama};
+use safetune_model::{Config, Llama};
 
 use crate::error::{Result, TensorContext, TrainError};
 use crate::kernels;
+use crate::ops;
 use crate::rng::TrainRng;
 
 /// A projection LoRA can adapt.

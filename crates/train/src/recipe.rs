@@ -23,7 +23,6 @@ use serde::Serialize;
 
 use safetune_data::read::{read_all, ReadOptions};
 use safetune_model::adapter::{Adapter, AdapterConfig, LoraPair};
-use safetune_model::ops::{self, AdamW, AdamWParams};
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
 
 use crate::checkpoint::{self, TrainerState};
@@ -31,6 +30,7 @@ use crate::config::TuneConfig;
 use crate::error::{Result, TrainError};
 use crate::loss::head_loss_sum;
 use crate::model::{SideGrads, Step, TrainModel};
+use crate::ops::{self, AdamW, AdamWParams};
 use crate::rng::TrainRng;
 use crate::sft::{make_batch, plan_epoch, EncodeStats, Encoded, Encoder, Layout, PlannedBatch};
 

@@ -439,7 +439,7 @@ impl QMatrix {
         if total_rows * n * nb < 4096 {
             work(0..groups);
         } else {
-            par_chunks(groups, work);
+            crate::pool::par_chunks(groups, work);
         }
         ys
     }
@@ -490,40 +490,6 @@ impl QMatrix {
 const GROUP: usize = packed::LANES;
 /// Activation rows per pass over the weights in [`QMatrix::matmul_many`].
 const X_CHUNK: usize = 64;
-
-/// Runs `f` over `0..n_items` split into ranges on [`crate::pool::Pool`], the calling thread
-/// working too and blocking until they are done. `SAFETUNE_POOL=rayon` uses the rayon pool
-/// instead (its workers sleep between regions: batch-1 decoding of SmolLM2 ran at 111-116
-/// instead of 172-179 tokens/s on two cores), `SAFETUNE_POOL=barrier` candle's spinning pool
-/// (whose spin-waits for a descheduled worker cost whole time slices when other processes share
-/// the cores: batch-1 decoding once fell from about 25 to 4 tokens/s at a load average of 6).
-pub(crate) fn par_chunks<F: Fn(std::ops::Range<usize>) + Sync>(n_items: usize, f: F) {
-    use std::sync::OnceLock;
-    #[derive(Clone, Copy, PartialEq)]
-    enum Which {
-        Spin,
-        Rayon,
-        Barrier,
-    }
-    static WHICH: OnceLock<Which> = OnceLock::new();
-    let which = *WHICH.get_or_init(|| match std::env::var("SAFETUNE_POOL").as_deref() {
-        Ok("rayon") => Which::Rayon,
-        Ok("barrier") => Which::Barrier,
-        _ => Which::Spin,
-    });
-    match which {
-        Which::Spin => crate::pool::Pool::global().run(n_items, &f),
-        Which::Rayon => {
-            use rayon::prelude::*;
-            let threads = rayon::current_num_threads().max(1);
-            let chunk = n_items.div_ceil(threads * 4).max(1);
-            (0..n_items.div_ceil(chunk))
-                .into_par_iter()
-                .for_each(|c| f(c * chunk..((c + 1) * chunk).min(n_items)));
-        }
-        Which::Barrier => candle_core::utils::barrier_pool().execute_chunked(n_items, f),
-    }
-}
 
 struct SendPtr(*mut f32);
 // SAFETY: tasks write disjoint elements (see `QMatrix::matmul`).

@@ -37,7 +37,7 @@ pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mut m = vec![0f32; t * t];
     for i in 0..t {
         for j in i + 1..t {
-            m[i * t + j] = crate::llama::MASK_VALUE;
+            m[i * t + j] = safetune_model::llama::MASK_VALUE;
         }
     }
     Tensor::from_vec(m, (1, 1, t, t), device)?.to_dtype(dtype)

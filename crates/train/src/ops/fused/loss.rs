@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::vecmath;
+use safetune_model::vecmath;
 
 use super::util::{matmul, slice, with_f32, Mat};
 use crate::ops::Targets;

@@ -2,7 +2,7 @@
 //! gradients against central finite differences of the reference computed in f64.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use safetune_model::ops::{self, fused, reference, AdamW, AdamWParams, Kernels};
+use safetune_train::ops::{self, fused, reference, AdamW, AdamWParams, Kernels};
 
 /// Deterministic pseudo-random values in [-scale, scale).
 fn rand_vec(n: usize, seed: u64, scale: f64) -> Vec<f64> {

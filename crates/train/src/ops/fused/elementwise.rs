@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::vecmath;
+use safetune_model::vecmath;
 
 use super::util::{slice, strided, with_f32, with_strided};
 

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::vecmath;
+use safetune_model::vecmath;
 
 use super::util::{matmul, strided, with_f32, with_strided, Mat};
 

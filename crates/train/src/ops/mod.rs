@@ -77,9 +77,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     }
 }
 
-/// Rotate-halves RoPE, the convention of [`crate::llama::Rope`]: x (B, H, T, D) (any strides,
-/// e.g. a transposed (B, T, H, D) projection), cos and sin (B, T, D/2) or (T, D/2) at each
-/// token's position. Returns (B, H, T, D), contiguous in the fused path.
+/// Rotate-halves RoPE, the convention of [`safetune_model::llama::Rope`]: x (B, H, T, D) (any
+/// strides, e.g. a transposed (B, T, H, D) projection), cos and sin (B, T, D/2) or (T, D/2) at
+/// each token's position. Returns (B, H, T, D), contiguous in the fused path.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if use_fused(&[x, cos, sin]) {
         fused::rope(x, cos, sin)
@@ -91,8 +91,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// Causal grouped-query attention with softmax: q (B, H, T, D), k and v (B, K, T, D); query head
 /// h reads key/value head h / (H/K). `scale` multiplies q·k (usually 1/sqrt(D)). `mask` is
 /// additive, broadcastable to (B, 1, T, T) (e.g. block-diagonal for packed sequences, or
-/// padding), applied on top of the causal mask; use [`crate::llama::MASK_VALUE`] for hidden
-/// keys. Returns (B, H, T, D).
+/// padding), applied on top of the causal mask; use [`safetune_model::llama::MASK_VALUE`] for
+/// hidden keys. Returns (B, H, T, D).
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,

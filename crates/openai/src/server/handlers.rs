@@ -1,0 +1,270 @@
+//! The generation flow both endpoints share: validate the sampling settings, expand prompts into
+//! one generation request per choice, queue them as one job, then answer with the whole response
+//! or stream it. What differs between `/v1/chat/completions` and `/v1/completions` (the request
+//! type, the default `max_tokens`, the response and chunk shapes) is an [`Endpoint`].
+
+use std::sync::mpsc;
+
+use safetune_model::backend::{GenOutput, GenRequest, Prompt, Sampling};
+
+use super::routes::{ok, Handled, HttpError};
+use super::scheduler::{EnqueueError, Event, Job};
+use super::{sse, unix_now, Shared};
+use crate::protocol::*;
+use crate::random_u64;
+
+/// One endpoint's request and response shapes.
+pub(super) trait Endpoint {
+    /// Prefix of response ids (`chatcmpl`, `cmpl`).
+    const ID_PREFIX: &'static str;
+    /// One choice of a streamed chunk.
+    type Choice;
+    /// A streamed event: some choices, or (last, when asked for) only the usage.
+    type Chunk: serde::Serialize;
+    /// The whole answer of a request that does not stream.
+    type Response: serde::Serialize;
+
+    /// Parses and validates a request body.
+    fn parse(body: &[u8], shared: &Shared) -> Result<Generation, HttpError>;
+    fn chunk(meta: &Meta, choices: Vec<Self::Choice>, usage: Option<Usage>) -> Self::Chunk;
+    /// What choice `index` opens a stream with, before any text (chat announces the role).
+    fn opening(_index: u32) -> Option<Self::Choice> {
+        None
+    }
+    /// Choice `index` decoded `text`.
+    fn piece(index: u32, text: String) -> Self::Choice;
+    /// Choice `index` is done: the streamed choice carrying its finish reason.
+    fn finished(index: u32, out: &GenOutput) -> Self::Choice;
+    fn response(meta: Meta, outs: Vec<GenOutput>, usage: Usage) -> Self::Response;
+}
+
+/// A parsed request: the generation requests (prompts × `n`) and how to answer.
+pub(super) struct Generation {
+    pub(super) requests: Vec<GenRequest>,
+    pub(super) n: u32,
+    pub(super) stream: bool,
+    pub(super) include_usage: bool,
+}
+
+/// What every chunk and response of one answer repeats.
+pub(super) struct Meta {
+    pub(super) id: String,
+    pub(super) created: u64,
+    pub(super) model: String,
+}
+
+/// Handles a generation request at endpoint `E`.
+pub(super) fn generate<E: Endpoint>(
+    request: tiny_http::Request,
+    body: &[u8],
+    shared: &Shared,
+) -> Handled {
+    let g = match E::parse(body, shared) {
+        Ok(g) => g,
+        Err(e) => return Err((request, e)),
+    };
+    let count = g.requests.len();
+    let rx = match submit(shared, g.requests, g.stream) {
+        Ok(rx) => rx,
+        Err(e) => return Err((request, e)),
+    };
+    let meta = Meta {
+        id: shared.new_id(E::ID_PREFIX),
+        created: unix_now(),
+        model: shared.model_name.clone(),
+    };
+    if g.stream {
+        sse::stream::<E>(request, &rx, &meta, count, g.n, g.include_usage);
+        return Ok(());
+    }
+    let outs = match wait_done(&rx) {
+        Ok(o) => o,
+        Err(e) => return Err((request, e)),
+    };
+    let u = usage(&outs, g.n);
+    ok(request, &E::response(meta, outs, u))
+}
+
+/// The settings both endpoints take, as sent.
+pub(super) struct Common {
+    pub(super) max_tokens: Option<u64>,
+    pub(super) temperature: Option<f32>,
+    pub(super) top_p: Option<f32>,
+    pub(super) top_k: Option<i64>,
+    pub(super) n: Option<u32>,
+    pub(super) seed: Option<u64>,
+    pub(super) stop: Option<StopSeq>,
+    pub(super) stream: bool,
+    pub(super) stream_options: Option<StreamOptions>,
+}
+
+impl Common {
+    /// Validates the settings and expands `prompts` × `n` into generation requests;
+    /// `default_max` is the endpoint's `max_tokens` when none is given.
+    pub(super) fn generation(
+        self,
+        prompts: Vec<Prompt>,
+        default_max: usize,
+        shared: &Shared,
+    ) -> Result<Generation, HttpError> {
+        let stream = self.stream;
+        let include_usage = self
+            .stream_options
+            .map(|o| o.include_usage)
+            .unwrap_or(false);
+        let (s, n) = sampling(self, default_max, shared)?;
+        Ok(Generation {
+            requests: expand(prompts, &s, n),
+            n,
+            stream,
+            include_usage,
+        })
+    }
+}
+
+fn sampling(c: Common, default_max: usize, shared: &Shared) -> Result<(Sampling, u32), HttpError> {
+    let cfg = &shared.config;
+    let max_new_tokens = match c.max_tokens {
+        None => default_max,
+        Some(0) => {
+            return Err(HttpError::invalid(
+                "max_tokens must be at least 1",
+                Some("max_tokens"),
+            ))
+        }
+        Some(m) if m > cfg.max_tokens_limit as u64 => {
+            return Err(HttpError::invalid(
+                format!(
+                    "max_tokens is {m}, over this server's limit of {}",
+                    cfg.max_tokens_limit
+                ),
+                Some("max_tokens"),
+            ))
+        }
+        Some(m) => m as usize,
+    };
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(HttpError::invalid(
+            format!("temperature is {temperature}; it must be between 0 and 2"),
+            Some("temperature"),
+        ));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(HttpError::invalid(
+            format!("top_p is {top_p}; it must be in (0, 1]"),
+            Some("top_p"),
+        ));
+    }
+    let top_k = top_k(c.top_k)?;
+    let n = c.n.unwrap_or(1);
+    if n == 0 || n > cfg.max_n {
+        return Err(HttpError::invalid(
+            format!("n is {n}; it must be between 1 and {}", cfg.max_n),
+            Some("n"),
+        ));
+    }
+    let stop = stop_sequences(c.stop)?;
+    let seed = c.seed.unwrap_or_else(random_u64);
+    let sampling = Sampling {
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k,
+        seed,
+        stop,
+    };
+    Ok((sampling, n))
+}
+
+/// `top_k`: absent, -1 and 0 mean no limit.
+fn top_k(k: Option<i64>) -> Result<usize, HttpError> {
+    match k {
+        None | Some(-1) | Some(0) => Ok(0),
+        Some(k) if k > 0 => Ok(k as usize),
+        Some(k) => Err(HttpError::invalid(
+            format!("top_k is {k}; it must be -1, 0 or positive"),
+            Some("top_k"),
+        )),
+    }
+}
+
+fn stop_sequences(stop: Option<StopSeq>) -> Result<Vec<String>, HttpError> {
+    let stop = stop.map(StopSeq::into_vec).unwrap_or_default();
+    if stop.len() > 16 {
+        return Err(HttpError::invalid(
+            "at most 16 stop sequences are accepted",
+            Some("stop"),
+        ));
+    }
+    if stop.iter().any(|s| s.is_empty()) {
+        return Err(HttpError::invalid(
+            "stop sequences must not be empty",
+            Some("stop"),
+        ));
+    }
+    Ok(stop)
+}
+
+/// Expands prompts × n into generation requests, seeds `seed`, `seed+1`, ... per choice.
+fn expand(prompts: Vec<Prompt>, sampling: &Sampling, n: u32) -> Vec<GenRequest> {
+    let mut out = Vec::with_capacity(prompts.len() * n as usize);
+    for p in prompts {
+        for i in 0..n {
+            let mut s = sampling.clone();
+            s.seed = s.seed.wrapping_add(i as u64);
+            out.push(GenRequest {
+                prompt: p.clone(),
+                sampling: s,
+            });
+        }
+    }
+    out
+}
+
+/// Queues the job; on success returns the receiver of its events.
+fn submit(
+    shared: &Shared,
+    requests: Vec<GenRequest>,
+    stream: bool,
+) -> Result<mpsc::Receiver<Event>, HttpError> {
+    let (tx, rx) = mpsc::channel();
+    let job = Job {
+        requests,
+        stream,
+        events: tx,
+    };
+    match shared.enqueue(job) {
+        Ok(()) => Ok(rx),
+        Err(EnqueueError::Full) => Err(HttpError::queue_full(shared.config.max_queue)),
+        Err(EnqueueError::Closing) => Err(HttpError::shutting_down()),
+    }
+}
+
+/// Waits for a job's outputs, skipping streamed pieces.
+fn wait_done(rx: &mpsc::Receiver<Event>) -> Result<Vec<GenOutput>, HttpError> {
+    loop {
+        match rx.recv() {
+            Ok(Event::Piece(..)) => continue,
+            Ok(Event::Done(r)) => return r.map_err(HttpError::from_backend),
+            Err(_) => return Err(HttpError::scheduler_gone()),
+        }
+    }
+}
+
+/// Token counts of a job's outputs; the prompt of each group of `n` choices counts once, as in
+/// OpenAI's API.
+pub(super) fn usage(outs: &[GenOutput], n: u32) -> Usage {
+    let prompt: usize = outs
+        .iter()
+        .step_by(n.max(1) as usize)
+        .map(|o| o.prompt_tokens)
+        .sum();
+    let completion: usize = outs.iter().map(|o| o.completion_tokens).sum();
+    Usage {
+        prompt_tokens: prompt as u64,
+        completion_tokens: completion as u64,
+        total_tokens: (prompt + completion) as u64,
+    }
+}
