@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
 
+#[cfg(doc)]
+use super::Features;
+
 pub const HEAD_FORMAT: &str = "safetune-refusal-head/2";
 
 /// The shipped default head.
