@@ -270,3 +270,16 @@ impl ClientArgs {
         }
     }
 }
+
+/// The seeded train/test split of a prompt or question set (by each item's id): the same two
+/// flags, with the same defaults, on every command that splits (`prompts`, `eval`, `utility`)
+/// and as `split_seed` / `test_fraction` in a study's `[study]` table.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SplitArgs {
+    /// Seed of the train/test split.
+    #[arg(long, default_value_t = 0)]
+    pub split_seed: u64,
+    /// Share of each set that goes to the test split.
+    #[arg(long, default_value_t = 0.5)]
+    pub test_fraction: f64,
+}

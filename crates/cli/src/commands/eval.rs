@@ -15,7 +15,7 @@ use safetune_model::job::{run_generation, JobOptions};
 use safetune_model::{LoadOptions, ModelSpec, Sampling};
 use safetune_openai::load_generator;
 
-use super::common::{resolve_prompt_set, AdapterArgs, ClientArgs};
+use super::common::{resolve_prompt_set, AdapterArgs, ClientArgs, SplitArgs};
 use super::judge::JudgeArgs;
 
 #[derive(Debug, Args)]
@@ -51,11 +51,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub all: bool,
 
-    #[arg(long, default_value_t = 0)]
-    pub split_seed: u64,
-
-    #[arg(long, default_value_t = 0.5)]
-    pub test_fraction: f64,
+    #[command(flatten)]
+    pub split_args: SplitArgs,
 
     /// Only the first N prompts.
     #[arg(long, value_name = "N")]
@@ -90,8 +87,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let opts = BenchOptions {
         split: args.split,
         all: args.all,
-        split_seed: args.split_seed,
-        test_fraction: args.test_fraction,
+        split_seed: args.split_args.split_seed,
+        test_fraction: args.split_args.test_fraction,
         limit: args.limit,
         harmful: Some(!args.benign),
         prompt_column: None,

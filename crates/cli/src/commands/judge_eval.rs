@@ -163,7 +163,11 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.misses {
         std::fs::write(path, &misses)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("wrote {} misses to {}", misses.lines().count(), path.display());
+        eprintln!(
+            "wrote {} misses to {}",
+            misses.lines().count(),
+            path.display()
+        );
     }
     let pretty = serde_json::to_string_pretty(&json)?;
     if args.format == OutputFormat::Json {

@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use super::common::SplitArgs;
 use clap::{Args, Subcommand};
 use safetune_data::prompts::{PromptSet, Split, BUILTIN};
 use safetune_data::read::AtomicJsonlWriter;
@@ -34,16 +35,6 @@ pub enum PromptsCommand {
         #[command(flatten)]
         split_args: SplitArgs,
     },
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct SplitArgs {
-    /// Seed of the train/test split.
-    #[arg(long, default_value_t = 0)]
-    pub split_seed: u64,
-    /// Share of each set that goes to the test split.
-    #[arg(long, default_value_t = 0.5)]
-    pub test_fraction: f64,
 }
 
 fn parse_split(s: &str) -> Result<Split, String> {

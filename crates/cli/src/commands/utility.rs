@@ -13,7 +13,7 @@ use safetune_data::read::{read_all, ReadOptions};
 use safetune_eval::utility::{heldout_loss, mcq_accuracy, read_mcq};
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
 
-use super::common::{resolve_input, AdapterArgs, InputArgs};
+use super::common::{resolve_input, AdapterArgs, InputArgs, SplitArgs};
 
 #[derive(Debug, Args)]
 #[command(mut_arg("data", |a| a.default_value("demo:medical").help(
@@ -35,11 +35,8 @@ pub struct UtilityArgs {
     #[arg(long, default_value = "test", value_parser = ["test", "train", "all"])]
     pub split: String,
 
-    #[arg(long, default_value_t = 0)]
-    pub split_seed: u64,
-
-    #[arg(long, default_value_t = 0.5)]
-    pub test_fraction: f64,
+    #[command(flatten)]
+    pub split_args: SplitArgs,
 
     /// Multiple-choice questions (JSONL: id, domain, question, choices, answer); a file or
     /// demo:NAME.
@@ -80,8 +77,20 @@ pub fn run(args: UtilityArgs) -> anyhow::Result<()> {
     let mut held: Vec<_> = convs
         .into_iter()
         .filter(|c| match args.split.as_str() {
-            "test" => split_of(&c.id, args.split_seed, args.test_fraction) == Split::Test,
-            "train" => split_of(&c.id, args.split_seed, args.test_fraction) == Split::Train,
+            "test" => {
+                split_of(
+                    &c.id,
+                    args.split_args.split_seed,
+                    args.split_args.test_fraction,
+                ) == Split::Test
+            }
+            "train" => {
+                split_of(
+                    &c.id,
+                    args.split_args.split_seed,
+                    args.split_args.test_fraction,
+                ) == Split::Train
+            }
             _ => true,
         })
         .collect();
