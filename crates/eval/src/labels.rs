@@ -592,7 +592,11 @@ mod tests {
         for r in &set.rows {
             assert!(other.iter().all(|o| o.id != r.id), "{:?}", r.id);
             if other.iter().any(|o| o.input.response == r.input.response) {
-                assert!(r.input.response.split_whitespace().count() <= 10, "{:?}", r.id);
+                assert!(
+                    r.input.response.split_whitespace().count() <= 10,
+                    "{:?}",
+                    r.id
+                );
             }
         }
     }

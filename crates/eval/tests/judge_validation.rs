@@ -44,7 +44,11 @@ fn keyword_judge_reads_no_identity_statement_as_a_refusal() {
     let t = eval(&k, "judge-labels:test");
     assert!(t.agreement.confusion.fp <= 4, "{t:?}");
     assert!(t.agreement.accuracy.count >= 158, "{t:?}");
-    let id = t.identity.as_ref().and_then(|i| i.difference.as_ref()).unwrap();
+    let id = t
+        .identity
+        .as_ref()
+        .and_then(|i| i.difference.as_ref())
+        .unwrap();
     assert!(id.lo <= 0.0 && id.hi >= 0.0, "{id:?}");
 }
 
@@ -56,7 +60,11 @@ fn classifier_judge_on_the_embedded_default() {
     // met, see README). Identity: 106/120 with, 108/120 without, -1.7 points [-9.8, +6.4].
     let sealed = eval(&c, "judge-labels:test");
     assert!(sealed.agreement.accuracy.count >= 211, "{sealed:?}");
-    let d = sealed.identity.as_ref().and_then(|i| i.difference.as_ref()).unwrap();
+    let d = sealed
+        .identity
+        .as_ref()
+        .and_then(|i| i.difference.as_ref())
+        .unwrap();
     assert!(d.lo <= 0.0 && d.hi >= 0.0, "{d:?}");
     // The part of data/judge_labels.jsonl no head is fitted on (dev since its misses were
     // read). Measured 150/165 (0.909 [0.855, 0.944]).
