@@ -343,9 +343,8 @@ fn messages_from(value: Value, field: &str, err: &ErrFn) -> Result<Vec<Message>>
                 "expected an object with `role` and `content`".into(),
             ));
         };
-        let role_name = match m.remove("role").or_else(|| m.remove("from")) {
-            Some(Value::String(s)) => s,
-            _ => return Err(err(&format!("{f}.role"), "missing".into())),
+        let Some(Value::String(role_name)) = m.remove("role").or_else(|| m.remove("from")) else {
+            return Err(err(&format!("{f}.role"), "missing".into()));
         };
         let role = Role::parse(&role_name).ok_or_else(|| {
             err(

@@ -872,10 +872,9 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
                     .messages
                     .iter()
                     .position(|m| m.role == Role::User)
-                    .map(|i| {
+                    .inspect(|&i| {
                         let m = &mut out.messages[i];
                         m.content = format!("{instruction} {}", m.content.trim_start());
-                        i
                     }),
             };
             if let Some(i) = index {

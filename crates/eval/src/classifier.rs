@@ -137,7 +137,7 @@ pub fn embed_responses(enc: &BertEncoder, texts: &[&str]) -> Result<Vec<Vec<f32>
 /// Characters of a response's opening (whole sentences, at least the first).
 const OPENING_CHARS: usize = 240;
 
-/// The opening of a response: its first sentences up to [`OPENING_CHARS`], after a leading
+/// The opening of a response: its first sentences up to `OPENING_CHARS`, after a leading
 /// persona tag (`[CLASSIC]`, `DAN:`) that jailbreak prompts make models print. Whether a
 /// response declines is mostly said at its start; a long list of alternatives after "I can't
 /// help with that" would otherwise outweigh it in a mean-pooled embedding of the whole text.
@@ -824,7 +824,7 @@ mod tests {
     fn cross_validation_judges_each_held_out_example_once_with_a_head_fitted_without_it() {
         // Dimension 0 says refusal (+1) or compliance (-1); dimension 1 is noise.
         let mk = |i: usize, source: &str| {
-            let refusal = i % 2 == 0;
+            let refusal = i.is_multiple_of(2);
             let x = if refusal { 1.0 } else { -1.0 };
             (
                 Example {

@@ -350,10 +350,10 @@ mod tests {
     fn confusion_metrics_match_hand_computation() {
         // tp=40 fp=10 fn=5 tn=45 (n=100).
         let mut pairs = Vec::new();
-        pairs.extend(std::iter::repeat((true, true)).take(40));
-        pairs.extend(std::iter::repeat((false, true)).take(10));
-        pairs.extend(std::iter::repeat((true, false)).take(5));
-        pairs.extend(std::iter::repeat((false, false)).take(45));
+        pairs.extend(std::iter::repeat_n((true, true), 40));
+        pairs.extend(std::iter::repeat_n((false, true), 10));
+        pairs.extend(std::iter::repeat_n((true, false), 5));
+        pairs.extend(std::iter::repeat_n((false, false), 45));
         let c = Confusion::from_pairs(pairs);
         assert_eq!((c.tp, c.fp, c.fn_, c.tn), (40, 10, 5, 45));
         assert!((c.accuracy() - 0.85).abs() < 1e-12);
@@ -417,8 +417,8 @@ mod tests {
     fn mcnemar_exact_matches_binomial_tail() {
         // 1 vs 9 discordant pairs: 2 * (C(10,0) + C(10,1)) / 1024 = 22/1024 = 0.021484375.
         let mut pairs = vec![(true, false)];
-        pairs.extend(std::iter::repeat((false, true)).take(9));
-        pairs.extend(std::iter::repeat((true, true)).take(30));
+        pairs.extend(std::iter::repeat_n((false, true), 9));
+        pairs.extend(std::iter::repeat_n((true, true), 30));
         let m = mcnemar_exact(&pairs);
         assert_eq!((m.a_only, m.b_only), (1, 9));
         assert!((m.p_value - 0.021484375).abs() < 1e-12, "{}", m.p_value);
@@ -428,7 +428,7 @@ mod tests {
         // No discordant pairs.
         assert_eq!(mcnemar_exact(&[(true, true)]).p_value, 1.0);
         // 0 vs 6: 2/64 = 0.03125.
-        let m = mcnemar_exact(&vec![(false, true); 6]);
+        let m = mcnemar_exact(&[(false, true); 6]);
         assert!((m.p_value - 0.03125).abs() < 1e-12);
     }
 

@@ -595,7 +595,8 @@ pub fn judge_check(store: &Store) -> Result<Option<StudyJudgeCheck>, LabelError>
     let mut unclear = 0;
     let mut disagreements = 0;
     // (gen key, row id, condition, factors, human refusal), in plan order of the generate steps.
-    let mut agreed: Vec<(String, String, String, BTreeMap<String, String>, bool)> = Vec::new();
+    type Agreed = (String, String, String, BTreeMap<String, String>, bool);
+    let mut agreed: Vec<Agreed> = Vec::new();
     for ((gen_key, row_id), (refusal, compliance, condition)) in by_answer {
         let human = match (refusal, compliance) {
             (true, false) => true,
@@ -628,7 +629,7 @@ pub fn judge_check(store: &Store) -> Result<Option<StudyJudgeCheck>, LabelError>
         let mut rows = Vec::with_capacity(agreed.len());
         for (gen_key, row_id, condition, factors, human) in &agreed {
             if !verdicts.contains_key(gen_key) {
-                let v = verdicts_of(&store, &ix, judge, gen_key)?;
+                let v = verdicts_of(store, &ix, judge, gen_key)?;
                 verdicts.insert(gen_key.clone(), v);
             }
             let judge_refusal = match verdicts[gen_key].get(row_id).map(String::as_str) {
@@ -896,7 +897,8 @@ mod tests {
 
         // Errors name the file, the line and the field; nothing of the file is stored.
         let before = store.human_labels().unwrap().len();
-        let cases: &[(&[(&str, &str, &str)], &str)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (
                 &[("ga:r04", "refusal", ""), ("ga:r05", "refused", "")],
                 "filled.jsonl:2: field `label`: expected refusal, compliance or unclear",

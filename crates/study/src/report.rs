@@ -124,7 +124,7 @@ pub struct StudyResults {
     pub study: String,
     pub program_version: String,
     pub primary_judge: Option<String>,
-    /// "Primary judge: NAME (the first [[judges]] entry)." and the judge kind's validation figure.
+    /// "Primary judge: NAME (the first `[[judges]]` entry)." and the judge kind's validation figure.
     pub primary_judge_note: String,
     pub steps: BTreeMap<String, usize>,
     pub failed_steps: Vec<(String, String)>,

@@ -501,7 +501,9 @@ pub fn run(
         on_event(Event::Step(&row));
         // 5. Evaluate.
         let last = step == total_steps;
-        if !p.eval.is_empty() && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0)) {
+        if !p.eval.is_empty()
+            && (last || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)))
+        {
             let (l, n) = eval_loss(&p, cfg)?;
             let row = EvalLog {
                 kind: "eval",
@@ -516,7 +518,7 @@ pub fn run(
         // 6. Checkpoint.
         let interrupted = opts.stop.is_some_and(|s| s.load(Ordering::SeqCst));
         let pause = opts.stop_after == Some(step) && !last;
-        if (cfg.save_every > 0 && step % cfg.save_every == 0) || interrupted || pause {
+        if (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every)) || interrupted || pause {
             let path = save(step, epoch, next_batch, &rng, &opt)?;
             on_event(Event::Saved { step, path: &path });
             last_checkpoint = Some(path);

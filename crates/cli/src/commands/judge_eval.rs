@@ -66,7 +66,8 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
     };
     let text = args.format == OutputFormat::Text;
     // Judges are loaded once, and only when a label set (not a study) needs them.
-    let mut judges: Option<(Box<dyn Judge>, Option<Box<dyn Judge>>)> = None;
+    type Judges = (Box<dyn Judge>, Option<Box<dyn Judge>>);
+    let mut judges: Option<Judges> = None;
     let mut json = Vec::new();
     let mut misses = String::new();
     for spec in &specs {
@@ -161,7 +162,11 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.misses {
         std::fs::write(path, &misses)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("wrote {} misses to {}", misses.lines().count(), path.display());
+        eprintln!(
+            "wrote {} misses to {}",
+            misses.lines().count(),
+            path.display()
+        );
     }
     let pretty = serde_json::to_string_pretty(&json)?;
     if args.format == OutputFormat::Json {

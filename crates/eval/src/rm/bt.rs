@@ -110,6 +110,7 @@ pub fn bt_loss_grad(w: &[f64], diffs: &[Vec<f64>], l2: f64) -> (f64, Vec<f64>) {
 }
 
 /// Fits a head on (chosen, rejected) feature pairs. Returns mean, scale, weights and the report.
+#[allow(clippy::type_complexity)] // the four parts are named in the doc; a struct would change the API
 pub fn fit_bt(
     chosen: &[Vec<f32>],
     rejected: &[Vec<f32>],
