@@ -19,6 +19,7 @@ pub mod read;
 pub mod record;
 pub mod stats;
 pub mod transform;
+pub mod util;
 
 pub use conversation::{Conversation, Message, Role};
 pub use error::{DataError, Result};
