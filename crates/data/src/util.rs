@@ -241,11 +241,15 @@ mod tests {
         // After three draws, as the copies this replaced drew them (eval's `SplitMix` and
         // `metrics::Rng`).
         let mut r = SplitMix64::new(0);
-        (0..3).for_each(|_| drop(r.next_u64()));
+        for _ in 0..3 {
+            r.next_u64();
+        }
         let b: Vec<usize> = NS.iter().map(|&n| r.below_mul(n)).collect();
         assert_eq!(b, [0, 0, 0, 1, 7, 24, 952, 435921149244]);
         let mut r = SplitMix64::new(42);
-        (0..3).for_each(|_| drop(r.next_u64()));
+        for _ in 0..3 {
+            r.next_u64();
+        }
         let b: Vec<usize> = NS.iter().map(|&n| r.below_unbiased(n)).collect();
         assert_eq!(b, [0, 0, 0, 2, 8, 5, 974, 319830038975]);
         let u: Vec<f64> = (0..3).map(|_| r.next_f64()).collect();

@@ -302,7 +302,8 @@ proptest! {
 fn transform_rng_is_pinned() {
     use safetune_data::transform::Rng;
     let ns = [1, 2, 3, 7, 10, 100, 1000, 1 << 40];
-    let expect: [(u64, &str, &str, [u64; 3], [usize; 8]); 2] = [
+    type Case = (u64, &'static str, &'static str, [u64; 3], [usize; 8]);
+    let expect: [Case; 2] = [
         (
             0,
             "a",
