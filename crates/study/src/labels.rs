@@ -272,20 +272,12 @@ pub struct Sample {
 
 /// FNV-1a of a string, to seed one cell's generator from the cell's name.
 fn fnv(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    safetune_data::util::fnv1a64(s.as_bytes())
 }
 
-/// Shuffles `v` in place (Fisher-Yates) with `rng`.
+/// Shuffles `v` in place (Fisher-Yates) with `rng` (unbiased `below`).
 fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
-    for i in (1..v.len()).rev() {
-        let j = rng.below(i + 1);
-        v.swap(i, j);
-    }
+    safetune_data::util::shuffle_with(v, |n| rng.below(n));
 }
 
 /// Draws answers to label from the study in `dir` (see the module docs).

@@ -202,11 +202,7 @@ pub fn prepare_checked(
 /// FNV-1a 64 of a file's bytes (identifies the input in the manifest).
 fn file_hash(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = safetune_data::util::fnv1a64(&bytes);
     Ok(format!("fnv1a64:{h:016x}"))
 }
 
