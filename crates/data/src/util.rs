@@ -5,7 +5,8 @@
 //! output is pinned by the golden tests below and by the callers' own, and must never change.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// FNV-1a 64 offset basis.
 pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -148,11 +149,20 @@ pub fn shuffle_with<T>(xs: &mut [T], mut below: impl FnMut(usize) -> usize) {
     }
 }
 
-/// Writes `bytes` to `path` atomically: to a temporary file next to it (`<name>.tmp`), flushed
-/// to disk (fsync), then renamed over `path`. A reader sees the old file or the new one, never a
-/// part; a crash leaves at worst the temporary file. The error is the failing step's.
+/// Writes `bytes` to `path` atomically: to a temporary file next to it ([`unique_tmp_path`], so
+/// concurrent writers never share one), flushed to disk (fsync), then renamed over `path`. A
+/// reader sees the old file or the new one, never a part; on an error the temporary file is
+/// removed. The parent directory must exist.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = tmp_path(path);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map_or_else(
+        || std::borrow::Cow::Borrowed("file"),
+        |n| n.to_string_lossy(),
+    );
+    let tmp = unique_tmp_path(dir, &name);
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -162,14 +172,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
-/// The temporary path [`write_atomic`] writes before the rename: `path` with `.tmp` appended.
-pub fn tmp_path(path: &Path) -> std::path::PathBuf {
-    let mut s = path.as_os_str().to_os_string();
-    s.push(".tmp");
-    s.into()
+/// A temporary path in `dir` for writing `name` before renaming it into place, unique to this
+/// writer: several processes, and several threads of one process (the tests), may fill the same
+/// shared cache at once, and each must rename its own file.
+pub fn unique_tmp_path(dir: &Path, name: &str) -> PathBuf {
+    static WRITES: AtomicUsize = AtomicUsize::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
 #[cfg(test)]
@@ -283,8 +297,11 @@ mod tests {
         write_atomic(&p, b"one").unwrap();
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert!(!tmp_path(&p).exists());
-        assert_eq!(tmp_path(&p), dir.path().join("out.json.tmp"));
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["out.json"]);
         // A missing directory is the write's error, and nothing is left behind.
         assert!(write_atomic(&dir.path().join("no/such.json"), b"x").is_err());
     }

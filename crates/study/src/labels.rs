@@ -379,9 +379,7 @@ pub fn write_label_file(path: &Path, rows: &[LabelRow], overwrite: bool) -> Resu
     if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d).map_err(io(d))?;
     }
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, text).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    safetune_data::util::write_atomic(path, text.as_bytes()).map_err(io(path))
 }
 
 /// What [`import_labels`] read and stored.

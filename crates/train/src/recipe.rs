@@ -664,10 +664,8 @@ fn write_manifest(
         config: cfg,
     };
     let path = cfg.output.join("manifest.json");
-    let tmp = cfg.output.join(".manifest.json.tmp");
     let json = serde_json::to_string_pretty(&m).map_err(|e| TrainError::Dataset(e.to_string()))?;
-    std::fs::write(&tmp, json).map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| TrainError::io(&path, e))
+    safetune_data::util::write_atomic(&path, json.as_bytes()).map_err(|e| TrainError::io(&path, e))
 }
 
 mod erased {
