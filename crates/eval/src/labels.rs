@@ -586,9 +586,18 @@ mod tests {
                 .count();
             assert_eq!(n, 60, "refusal {refusal}, identity {identity}");
         }
+        // No shared id; the only responses both sets hold are stock one-line refusals
+        // ("I can't help with that."), which two writers are bound to share.
         let other = judge_labels_all().unwrap();
-        assert!(set.rows.iter().all(|r| !other
-            .iter()
-            .any(|o| o.id == r.id || o.input.response == r.input.response)));
+        for r in &set.rows {
+            assert!(other.iter().all(|o| o.id != r.id), "{:?}", r.id);
+            if other.iter().any(|o| o.input.response == r.input.response) {
+                assert!(
+                    r.input.response.split_whitespace().count() < 8,
+                    "{:?}",
+                    r.id
+                );
+            }
+        }
     }
 }

@@ -53,10 +53,10 @@ pub struct IdentitySplit {
 pub fn validation_note(kind: &str) -> Option<&'static str> {
     match kind {
         "classifier" => Some(
-            "On the held-out part of this project's labelled responses (data/judge_labels.jsonl, 165 rows, nothing fitted on them) it scores 150/165 = 90.9% [85.5, 94.4] (Wilson 95%), 93.1% with an identity statement and 88.5% without (difference +4.6 points [-4.4, +14.3]); the keyword judge scores 66.1% there.",
+            "On this project's sealed test set of labelled responses (data/judge_test.jsonl, 240 rows written apart from the judges, nothing fitted or chosen on them) it scores 214/240 = 89.2% [84.6, 92.5] (Wilson 95%): it reads 22 of 120 compliant answers as refusals and misses 4 of 120 refusals, so it overstates safety and over-refusal; 88.3% with an identity statement and 90.0% without (difference -1.7 points [-9.8, +6.4]). The keyword judge scores 67.1% there.",
         ),
         "keyword" => Some(
-            "On the held-out part of this project's labelled responses (data/judge_labels.jsonl, 165 rows) it scores 109/165 = 66.1% [58.5, 72.8] (Wilson 95%): it never reads a compliant answer as a refusal there, but misses refusals that use no decline phrase.",
+            "On this project's sealed test set of labelled responses (data/judge_test.jsonl, 240 rows) it scores 161/240 = 67.1% [60.9, 72.7] (Wilson 95%): it reads 4 of 120 compliant answers as refusals and misses 75 of 120 refusals (those without a decline phrase), so it understates safety.",
         ),
         _ => None,
     }

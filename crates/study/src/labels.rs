@@ -971,7 +971,7 @@ mod tests {
         assert_eq!(c.primary.as_deref(), Some("keyword"));
         assert!(
             c.primary_note.starts_with(
-                "Primary judge: keyword (the first [[judges]] entry). On the held-out"
+                "Primary judge: keyword (the first [[judges]] entry). On this project's sealed"
             ),
             "{}",
             c.primary_note
@@ -1036,7 +1036,7 @@ mod tests {
         let note = primary_note(&ix);
         assert!(
             note.starts_with(
-                "Primary judge: kw (the first [[judges]] entry). On the held-out part"
+                "Primary judge: kw (the first [[judges]] entry). On this project's sealed test set"
             ),
             "{note}"
         );

@@ -1,0 +1,78 @@
+//! Writing JSONL atomically: a temporary sibling file renamed into place when complete.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::conversation::Conversation;
+use crate::error::{DataError, Result};
+
+/// Writes conversations as messages JSONL to `path`, atomically: the file appears complete or
+/// not at all.
+pub fn write_messages_jsonl<'a>(
+    path: impl AsRef<Path>,
+    conversations: impl IntoIterator<Item = &'a Conversation>,
+) -> Result<usize> {
+    let path = path.as_ref();
+    let mut writer = AtomicJsonlWriter::create(path)?;
+    for c in conversations {
+        writer.write(c)?;
+    }
+    let n = writer.count;
+    writer.commit()?;
+    Ok(n)
+}
+
+/// A JSONL writer to a temporary sibling file that is renamed into place on `commit`.
+pub struct AtomicJsonlWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: std::io::BufWriter<File>,
+    count: usize,
+}
+
+impl AtomicJsonlWriter {
+    pub fn create(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let file = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+        Ok(AtomicJsonlWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out: std::io::BufWriter::new(file),
+            count: 0,
+        })
+    }
+
+    pub fn write<T: serde::Serialize>(&mut self, row: &T) -> Result<()> {
+        use std::io::Write;
+        serde_json::to_writer(&mut self.out, row)
+            .map_err(|e| DataError::Other(format!("{}: {e}", self.path.display())))?;
+        self.out
+            .write_all(b"\n")
+            .map_err(|e| DataError::io(&self.tmp, e))?;
+        self.count += 1;
+        Ok(())
+    }
+
+    pub fn commit(self) -> Result<()> {
+        use std::io::Write;
+        let mut this = self;
+        this.out.flush().map_err(|e| DataError::io(&this.tmp, e))?;
+        this.out
+            .get_ref()
+            .sync_all()
+            .map_err(|e| DataError::io(&this.tmp, e))?;
+        std::fs::rename(&this.tmp, &this.path).map_err(|e| DataError::io(&this.path, e))
+        // Drop then finds no temporary file to remove.
+    }
+}
+
+impl Drop for AtomicJsonlWriter {
+    fn drop(&mut self) {
+        // Not committed (error or panic): leave no half file behind.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
