@@ -29,8 +29,10 @@ pub struct JudgeEvalArgs {
     #[command(flatten)]
     pub judge: JudgeArgs,
 
-    /// Labelled responses, repeatable: `judge-labels:test` (this project's held-out labelled
-    /// set, role test), `judge-labels:train` (its fitting part), `judge-labels` (all of it),
+    /// Labelled responses, repeatable: `judge-labels:test` (this project's sealed test set
+    /// `data/judge_test.jsonl`, role test), `judge-labels:dev` (the part of
+    /// `data/judge_labels.jsonl` no head is fitted on, role dev), `judge-labels:train` (its
+    /// fitting part), `judge-labels` (train and dev),
     /// `refusal` and `refusal_extra` (PyRIT's files in the asset cache, role dev: rules were
     /// chosen on them), a CSV (prompt, response, human_score with 1 = refusal), a labelling JSONL
     /// (prompt, response, label refusal|compliance|unclear, optional identity true|false), or a
@@ -184,7 +186,7 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
 fn study(dir: &Path, text: bool) -> anyhow::Result<serde_json::Value> {
     if !dir.join(STORE_FILE).exists() {
         bail!(
-            "{}: a directory without {STORE_FILE}\nhint: --labels takes a label file, a named set (judge-labels:test, refusal, refusal_extra) or a study directory",
+            "{}: a directory without {STORE_FILE}\nhint: --labels takes a label file, a named set (judge-labels:test, judge-labels:dev, refusal, refusal_extra) or a study directory",
             dir.display()
         );
     }
