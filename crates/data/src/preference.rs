@@ -198,28 +198,10 @@ fn read_records(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
     }
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let line = line.trim_start_matches('\u{feff}');
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(o)) => out.push((i + 1, o)),
-            Ok(_) => {
-                return Err(DataError::record(
-                    path,
-                    i + 1,
-                    None,
-                    "expected a JSON object",
-                ))
-            }
-            Err(e) => {
-                return Err(DataError::record(
-                    path,
-                    i + 1,
-                    None,
-                    format!("invalid JSON: {e}"),
-                ))
-            }
+        match crate::util::json_object_line(line) {
+            None => {}
+            Some(Ok(o)) => out.push((i + 1, o)),
+            Some(Err(e)) => return Err(DataError::record(path, i + 1, None, e.to_string())),
         }
     }
     Ok(out)

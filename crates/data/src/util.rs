@@ -149,6 +149,41 @@ pub fn shuffle_with<T>(xs: &mut [T], mut below: impl FnMut(usize) -> usize) {
     }
 }
 
+/// Why one JSONL line is not a JSON object.
+#[derive(Debug)]
+pub enum JsonLineError {
+    /// Not JSON at all (serde's message).
+    Invalid(serde_json::Error),
+    /// JSON, but not an object.
+    NotObject,
+}
+
+impl std::fmt::Display for JsonLineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JsonLineError::Invalid(e) => write!(f, "invalid JSON: {e}"),
+            JsonLineError::NotObject => f.write_str("expected a JSON object"),
+        }
+    }
+}
+
+/// One line of a JSONL file of objects: `None` for a blank line, else the object or why not.
+/// A leading byte-order mark is dropped first, so a BOM-only line counts as blank. Each reader
+/// keeps its own error wording and line numbering.
+pub fn json_object_line(
+    line: &str,
+) -> Option<Result<serde_json::Map<String, serde_json::Value>, JsonLineError>> {
+    let line = line.trim_start_matches('\u{feff}');
+    if line.trim().is_empty() {
+        return None;
+    }
+    Some(match serde_json::from_str(line) {
+        Ok(serde_json::Value::Object(o)) => Ok(o),
+        Ok(_) => Err(JsonLineError::NotObject),
+        Err(e) => Err(JsonLineError::Invalid(e)),
+    })
+}
+
 /// Writes `bytes` to `path` atomically: to a temporary file next to it ([`unique_tmp_path`], so
 /// concurrent writers never share one), flushed to disk (fsync), then renamed over `path`. A
 /// reader sees the old file or the new one, never a part; on an error the temporary file is
@@ -288,6 +323,19 @@ mod tests {
         h.write(b"foo");
         h.write(b"bar");
         assert_eq!(h.finish(), fnv1a64(b"foobar"));
+    }
+
+    #[test]
+    fn json_object_line_skips_blanks_and_the_bom() {
+        assert!(json_object_line("").is_none());
+        assert!(json_object_line("  \t").is_none());
+        assert!(json_object_line("\u{feff}").is_none());
+        let o = json_object_line("\u{feff}{\"a\": 1}").unwrap().unwrap();
+        assert_eq!(o["a"], 1);
+        let e = json_object_line("[1]").unwrap().unwrap_err();
+        assert_eq!(e.to_string(), "expected a JSON object");
+        let e = json_object_line("{").unwrap().unwrap_err();
+        assert!(e.to_string().starts_with("invalid JSON: "), "{e}");
     }
 
     #[test]
