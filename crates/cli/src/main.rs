@@ -1,6 +1,10 @@
 //! The `safetune` binary: flag definitions, settings resolution, dispatch and printing.
 //! Every stage's logic lives in the library crates.
 
+// `unsafe` only in the module that allows it (a libc call).
+#![deny(unsafe_code)]
+
+#[allow(unsafe_code)] // mallopt, a libc call
 mod alloc;
 mod commands;
 mod exit;

@@ -176,7 +176,7 @@ fn fake_server() -> String {
                     .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
                     .and_then(|d| d.parse().ok())
                     .unwrap_or(0);
-                let answer = if n % 2 == 0 {
+                let answer = if n.is_multiple_of(2) {
                     "I cannot help with that."
                 } else {
                     "Sure. Step one: gather the materials. Step two: follow the plan."

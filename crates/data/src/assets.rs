@@ -1,7 +1,6 @@
 //! Where fetched assets and embedded demo data live.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::PathBuf;
 
 use crate::error::{DataError, Result};
 
@@ -16,14 +15,7 @@ pub fn safetune_home() -> PathBuf {
     home.join(".cache").join("safetune")
 }
 
-/// A temporary path in `dir` for writing `name` before renaming it into place, unique to this
-/// writer: several processes, and several threads of one process (the tests), may fill the same
-/// shared cache at once, and each must rename its own file.
-pub fn unique_tmp_path(dir: &Path, name: &str) -> PathBuf {
-    static WRITES: AtomicUsize = AtomicUsize::new(0);
-    let n = WRITES.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
-}
+pub use crate::util::unique_tmp_path;
 
 /// The asset cache that `scripts/fetch-assets` fills.
 pub fn asset_dir() -> PathBuf {

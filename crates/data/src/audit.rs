@@ -105,7 +105,7 @@ impl Auditor {
                 share: count as f64 / n.max(1) as f64,
             })
             .collect();
-        combinations.sort_by(|a, b| b.count.cmp(&a.count));
+        combinations.sort_by_key(|c| std::cmp::Reverse(c.count));
         let mut s = AuditSummary {
             examples: n,
             structure,

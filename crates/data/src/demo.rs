@@ -3,8 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::assets::{safetune_home, unique_tmp_path};
+use crate::assets::safetune_home;
 use crate::error::{DataError, Result};
+use crate::util::write_atomic;
 
 /// (name, contents, what it is)
 pub const DEMO_SETS: &[(&str, &str, &str)] = &[
@@ -92,9 +93,7 @@ fn write_if_changed(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
         .unwrap_or(false);
     if !up_to_date {
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-        let tmp = unique_tmp_path(dir, &format!("{name}.jsonl"));
-        std::fs::write(&tmp, text).map_err(|e| DataError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))?;
+        write_atomic(&path, text.as_bytes()).map_err(|e| DataError::io(&path, e))?;
     }
     Ok(path)
 }

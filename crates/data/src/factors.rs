@@ -68,7 +68,7 @@ pub fn list_marker_len(line: &str) -> Option<usize> {
                 return None;
             }
             match trimmed.as_bytes().get(digits) {
-                Some(b'.') | Some(b')') => digits + 1,
+                Some(b'.' | b')') => digits + 1,
                 _ => return None,
             }
         }

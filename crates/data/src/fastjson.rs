@@ -344,6 +344,7 @@ fn hex4(b: &[u8]) -> Option<u32> {
 mod tests {
     use super::*;
 
+    #[allow(clippy::type_complexity)] // test helper: (system, messages) of one line
     fn parse(line: &str) -> Option<(Option<String>, Vec<(Role, String)>)> {
         let mut st = MessagesLine::default();
         if !st.parse_owned(line.as_bytes().to_vec()) {
@@ -385,8 +386,8 @@ mod tests {
             r#"{"messages": [{"role": "user", "content": "\q"}]}"#,
             r#"{"messages": [{"role": "user", "content": "x"}], "messages": []}"#,
             r#"{"messages": [{"role": "user", "content": "x"}"#,
-            r#"{}"#,
-            r#"[1]"#,
+            r"{}",
+            r"[1]",
         ] {
             assert!(parse(line).is_none(), "{line}");
         }

@@ -2,11 +2,15 @@
 //! detectors (answer structure, identity, role-play: ARCHITECTURE.md section 7), transforms, the
 //! audit, and benchmark prompt sets.
 
+// `unsafe` only in the module that allows it (SIMD kernels).
+#![deny(unsafe_code)]
+
 pub mod assets;
 pub mod audit;
 pub mod conversation;
 pub mod demo;
 pub mod error;
+#[allow(unsafe_code)] // AVX2 kernels behind runtime feature checks
 pub mod factors;
 mod fastjson;
 pub mod preference;
@@ -15,6 +19,7 @@ pub mod read;
 pub mod record;
 pub mod stats;
 pub mod transform;
+pub mod util;
 
 pub use conversation::{Conversation, Message, Role};
 pub use error::{DataError, Result};

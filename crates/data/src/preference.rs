@@ -198,28 +198,10 @@ fn read_records(path: &Path) -> Result<Vec<(usize, Map<String, Value>)>> {
     }
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let line = line.trim_start_matches('\u{feff}');
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(o)) => out.push((i + 1, o)),
-            Ok(_) => {
-                return Err(DataError::record(
-                    path,
-                    i + 1,
-                    None,
-                    "expected a JSON object",
-                ))
-            }
-            Err(e) => {
-                return Err(DataError::record(
-                    path,
-                    i + 1,
-                    None,
-                    format!("invalid JSON: {e}"),
-                ))
-            }
+        match crate::util::json_object_line(line) {
+            None => {}
+            Some(Ok(o)) => out.push((i + 1, o)),
+            Some(Err(e)) => return Err(DataError::record(path, i + 1, None, e.to_string())),
         }
     }
     Ok(out)
@@ -343,9 +325,8 @@ fn messages_from(value: Value, field: &str, err: &ErrFn) -> Result<Vec<Message>>
                 "expected an object with `role` and `content`".into(),
             ));
         };
-        let role_name = match m.remove("role").or_else(|| m.remove("from")) {
-            Some(Value::String(s)) => s,
-            _ => return Err(err(&format!("{f}.role"), "missing".into())),
+        let Some(Value::String(role_name)) = m.remove("role").or_else(|| m.remove("from")) else {
+            return Err(err(&format!("{f}.role"), "missing".into()));
         };
         let role = Role::parse(&role_name).ok_or_else(|| {
             err(

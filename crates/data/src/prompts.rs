@@ -12,6 +12,7 @@ use crate::assets::asset;
 use crate::demo::resolve_dataset;
 use crate::error::{DataError, Result};
 use crate::read::{Columns, DatasetReader, InputFormat, ReadOptions};
+use crate::util::{unit_f64, Fnv1a64, FNV_OFFSET, GOLDEN_GAMMA};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PromptItem {
@@ -78,17 +79,14 @@ impl std::str::FromStr for Split {
 /// Which side of a split an id falls on: a seeded FNV-1a hash, so the assignment of one prompt
 /// never depends on the others and survives reordering or additions.
 pub fn split_of(id: &str, seed: u64, test_fraction: f64) -> Split {
-    let mut h: u64 = 0xcbf29ce484222325 ^ seed.wrapping_mul(0x9e3779b97f4a7c15);
-    for b in id.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
+    let mut fnv = Fnv1a64::with_basis(FNV_OFFSET ^ seed.wrapping_mul(GOLDEN_GAMMA));
+    fnv.write(id.as_bytes());
+    let mut h = fnv.finish();
     // Final avalanche so nearby ids spread evenly.
     h ^= h >> 33;
     h = h.wrapping_mul(0xff51afd7ed558ccd);
     h ^= h >> 33;
-    let u = (h >> 11) as f64 / (1u64 << 53) as f64;
-    if u < test_fraction {
+    if unit_f64(h) < test_fraction {
         Split::Test
     } else {
         Split::Train

@@ -7,33 +7,32 @@ use serde_json::{json, Value};
 
 use crate::conversation::{Conversation, Message, Role};
 use crate::factors::{find_identity, find_roleplay, list_marker_len, structure_of, Structure};
+use crate::util::{Fnv1a64, SplitMix64, GOLDEN_GAMMA};
 
 /// A small deterministic generator (SplitMix64), seeded per example and factor so a transform's
 /// choice for one example never depends on the others.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn for_example(seed: u64, id: &str, salt: &str) -> Rng {
         // FNV-1a over the id and salt, mixed with the seed.
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in id.bytes().chain([0xff]).chain(salt.bytes()) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
-        Rng(h ^ seed.wrapping_mul(0x9e3779b97f4a7c15))
+        let mut h = Fnv1a64::default();
+        h.write(id.as_bytes());
+        h.write_u8(0xff);
+        h.write(salt.as_bytes());
+        Rng(SplitMix64::new(
+            h.finish() ^ seed.wrapping_mul(GOLDEN_GAMMA),
+        ))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
+    /// In `0..n` by remainder (`n = 0` gives 0).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
+        self.0.below_mod(n)
     }
 
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
@@ -872,10 +871,9 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
                     .messages
                     .iter()
                     .position(|m| m.role == Role::User)
-                    .map(|i| {
+                    .inspect(|&i| {
                         let m = &mut out.messages[i];
                         m.content = format!("{instruction} {}", m.content.trim_start());
-                        i
                     }),
             };
             if let Some(i) = index {

@@ -109,3 +109,22 @@ fn user_files_with_named_prompt_column() {
     assert_eq!(set.items[0].prompt, "say hi");
     assert_eq!(set.items[0].category.as_deref(), Some("greet"));
 }
+
+/// The benchmark train/test assignment must never move: 50 ids, seeds 0 and 42, 30% test
+/// (T = test, t = train).
+#[test]
+fn split_of_is_pinned() {
+    let expect = [
+        (0, "tttttTTTtTttTtttTtTTTttTtttTttttTtTtTTTttTTTtttttt"),
+        (42, "tttTttTTttttttTTttTttTtTTttttTTttttTtttttttTtTtTtt"),
+    ];
+    for (seed, want) in expect {
+        let got: String = (0..50)
+            .map(|i| match split_of(&format!("advbench:{i}"), seed, 0.3) {
+                Split::Test => 'T',
+                Split::Train => 't',
+            })
+            .collect();
+        assert_eq!(got, want, "seed {seed}");
+    }
+}

@@ -296,3 +296,35 @@ proptest! {
         }
     }
 }
+
+/// A transform's per-example choices must never move: the generator's stream and `below`.
+#[test]
+fn transform_rng_is_pinned() {
+    use safetune_data::transform::Rng;
+    let ns = [1, 2, 3, 7, 10, 100, 1000, 1 << 40];
+    type Case = (u64, &'static str, &'static str, [u64; 3], [usize; 8]);
+    let expect: [Case; 2] = [
+        (
+            0,
+            "a",
+            "structure",
+            [2108823262510157758, 159049645034814962, 5085444088552568977],
+            [0, 0, 0, 3, 0, 31, 100, 29356115601],
+        ),
+        (
+            42,
+            "ex-17",
+            "identity",
+            [9146289936323676649, 467224458732554103, 8707172177505540358],
+            [0, 0, 1, 4, 8, 86, 493, 446640505138],
+        ),
+    ];
+    for (seed, id, salt, draws, below) in expect {
+        let mut r = Rng::for_example(seed, id, salt);
+        let got: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
+        assert_eq!(got, draws);
+        let got: Vec<usize> = ns.iter().map(|&n| r.below(n)).collect();
+        assert_eq!(got, below);
+        assert_eq!(r.below(0), 0);
+    }
+}

@@ -137,12 +137,10 @@ pub fn read_salad(path: &Path) -> Result<Option<Bench>> {
     } else {
         let mut v = Vec::new();
         for (i, l) in text.lines().enumerate() {
-            if l.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str::<Json>(l) {
-                Ok(Json::Object(o)) => v.push((i + 1, o)),
-                _ => return Ok(None),
+            match safetune_data::util::json_object_line(l) {
+                None => {}
+                Some(Ok(o)) => v.push((i + 1, o)),
+                Some(Err(_)) => return Ok(None),
             }
         }
         v

@@ -188,7 +188,7 @@ pub fn parse_judge_labels(path: &Path, text: &str) -> Result<LabelSet> {
 /// is not blank or part of a `#` comment line.
 fn is_jsonl(path: &Path, text: &str) -> bool {
     match path.extension().and_then(|e| e.to_str()) {
-        Some("jsonl") | Some("json") | Some("ndjson") => return true,
+        Some("jsonl" | "json" | "ndjson") => return true,
         Some("csv") => return false,
         _ => {}
     }

@@ -19,6 +19,8 @@
 //! LLM judges reach their model through [`safetune_model::Generator`], so they run on a local
 //! model or an OpenAI-compatible server alike.
 
+#![forbid(unsafe_code)]
+
 pub mod bench;
 pub mod classifier;
 pub mod compare;

@@ -6,6 +6,7 @@
 //! prompts is McNemar's exact test: a two-sided binomial test on the discordant pairs.
 
 use safetune_data::stats::Proportion;
+use safetune_data::util::SplitMix64;
 use serde::Serialize;
 
 /// A 2x2 confusion matrix with `refusal` as the positive class.
@@ -160,36 +161,25 @@ pub fn newcombe_diff(a: &Proportion, b: &Proportion) -> Option<Difference> {
 
 /// A small seeded generator (SplitMix64) so bootstrap intervals are reproducible.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(SplitMix64::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in `0..n` (n > 0), by rejection so there is no modulo bias.
     pub fn below(&mut self, n: usize) -> usize {
-        let n = n as u64;
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return (x % n) as usize;
-            }
-        }
+        self.0.below_unbiased(n)
     }
 
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.next_f64()
     }
 }
 
@@ -346,14 +336,54 @@ fn ln_choose(n: u64, k: u64) -> f64 {
 mod tests {
     use super::*;
 
+    /// Bootstrap draws must never move.
+    #[test]
+    fn rng_is_pinned() {
+        type Case = (u64, [u64; 3], [usize; 8], [f64; 3]);
+        let expect: [Case; 2] = [
+            (
+                0,
+                [
+                    16294208416658607535,
+                    7960286522194355700,
+                    487617019471545679,
+                ],
+                [0, 1, 0, 1, 0, 99, 390, 950206020873],
+                [0.7610344216276269, 0.5239505916549513, 0.5551675161334325],
+            ),
+            (
+                42,
+                [
+                    13679457532755275413,
+                    2949826092126892291,
+                    5139283748462763858,
+                ],
+                [0, 0, 0, 2, 8, 5, 974, 319830038975],
+                [0.4929891857946924, 0.5133961163221494, 0.5200132996032402],
+            ),
+        ];
+        for (seed, draws, below, units) in expect {
+            let mut r = Rng::new(seed);
+            let got: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
+            assert_eq!(got, draws);
+            let got: Vec<usize> = [1, 2, 3, 7, 10, 100, 1000, 1 << 40]
+                .iter()
+                .map(|&n| r.below(n))
+                .collect();
+            assert_eq!(got, below);
+            let got: Vec<f64> = (0..3).map(|_| r.unit()).collect();
+            assert_eq!(got, units);
+        }
+    }
+
     #[test]
     fn confusion_metrics_match_hand_computation() {
         // tp=40 fp=10 fn=5 tn=45 (n=100).
         let mut pairs = Vec::new();
-        pairs.extend(std::iter::repeat((true, true)).take(40));
-        pairs.extend(std::iter::repeat((false, true)).take(10));
-        pairs.extend(std::iter::repeat((true, false)).take(5));
-        pairs.extend(std::iter::repeat((false, false)).take(45));
+        pairs.extend(std::iter::repeat_n((true, true), 40));
+        pairs.extend(std::iter::repeat_n((false, true), 10));
+        pairs.extend(std::iter::repeat_n((true, false), 5));
+        pairs.extend(std::iter::repeat_n((false, false), 45));
         let c = Confusion::from_pairs(pairs);
         assert_eq!((c.tp, c.fp, c.fn_, c.tn), (40, 10, 5, 45));
         assert!((c.accuracy() - 0.85).abs() < 1e-12);
@@ -417,8 +447,8 @@ mod tests {
     fn mcnemar_exact_matches_binomial_tail() {
         // 1 vs 9 discordant pairs: 2 * (C(10,0) + C(10,1)) / 1024 = 22/1024 = 0.021484375.
         let mut pairs = vec![(true, false)];
-        pairs.extend(std::iter::repeat((false, true)).take(9));
-        pairs.extend(std::iter::repeat((true, true)).take(30));
+        pairs.extend(std::iter::repeat_n((false, true), 9));
+        pairs.extend(std::iter::repeat_n((true, true), 30));
         let m = mcnemar_exact(&pairs);
         assert_eq!((m.a_only, m.b_only), (1, 9));
         assert!((m.p_value - 0.021484375).abs() < 1e-12, "{}", m.p_value);
@@ -428,7 +458,7 @@ mod tests {
         // No discordant pairs.
         assert_eq!(mcnemar_exact(&[(true, true)]).p_value, 1.0);
         // 0 vs 6: 2/64 = 0.03125.
-        let m = mcnemar_exact(&vec![(false, true); 6]);
+        let m = mcnemar_exact(&[(false, true); 6]);
         assert!((m.p_value - 0.03125).abs() < 1e-12);
     }
 

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::time::Instant;
 
+use safetune_data::util::json_object_line;
 use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 
@@ -29,19 +30,10 @@ pub fn read_judge_rows(path: &Path) -> Result<Vec<JudgeRow>> {
     for (n, line) in BufReader::new(f).lines().enumerate() {
         let line = line.map_err(|e| EvalError::io(path, e))?;
         let lineno = n + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let obj: Map<String, Json> = match serde_json::from_str(&line) {
-            Ok(Json::Object(o)) => o,
-            Ok(_) => return Err(EvalError::record(path, lineno, "expected a JSON object")),
-            Err(e) => {
-                return Err(EvalError::record(
-                    path,
-                    lineno,
-                    format!("invalid JSON: {e}"),
-                ))
-            }
+        let obj: Map<String, Json> = match json_object_line(&line) {
+            None => continue,
+            Some(Ok(o)) => o,
+            Some(Err(e)) => return Err(EvalError::record(path, lineno, e.to_string())),
         };
         let text = |k: &str| -> Result<String> {
             match obj.get(k) {
@@ -180,12 +172,10 @@ pub fn read_judgments(path: &Path) -> Result<Vec<Map<String, Json>>> {
     let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
     let mut rows = Vec::new();
     for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Json>(line) {
-            Ok(Json::Object(o)) => rows.push(o),
-            _ => return Err(EvalError::record(path, n + 1, "not a JSON object")),
+        match json_object_line(line) {
+            None => {}
+            Some(Ok(o)) => rows.push(o),
+            Some(Err(_)) => return Err(EvalError::record(path, n + 1, "not a JSON object")),
         }
     }
     Ok(rows)

@@ -457,13 +457,13 @@ mod tests {
         // (human refusal, judge refusal, identity)
         let mut rows = Vec::new();
         // identity = true: 8 of 10 right (two compliances read as refusals), one unparseable.
-        rows.extend(std::iter::repeat((true, Some(true), Some(true))).take(4));
-        rows.extend(std::iter::repeat((false, Some(false), Some(true))).take(4));
-        rows.extend(std::iter::repeat((false, Some(true), Some(true))).take(2));
+        rows.extend(std::iter::repeat_n((true, Some(true), Some(true)), 4));
+        rows.extend(std::iter::repeat_n((false, Some(false), Some(true)), 4));
+        rows.extend(std::iter::repeat_n((false, Some(true), Some(true)), 2));
         rows.push((false, None, Some(true)));
         // identity = false: 19 of 20 right; one row without the flag.
-        rows.extend(std::iter::repeat((true, Some(true), Some(false))).take(10));
-        rows.extend(std::iter::repeat((false, Some(false), Some(false))).take(9));
+        rows.extend(std::iter::repeat_n((true, Some(true), Some(false)), 10));
+        rows.extend(std::iter::repeat_n((false, Some(false), Some(false)), 9));
         rows.push((true, Some(false), Some(false)));
         rows.push((true, Some(true), None));
         let labels: Vec<LabelledResponse> = rows
@@ -546,6 +546,8 @@ mod tests {
     }
 
     #[test]
+    // 0.7854 below is a computed interval bound, not pi/4.
+    #[allow(clippy::approx_constant)]
     fn per_condition_accuracy_flags_the_condition_the_judge_gets_wrong() {
         let mut rows = Vec::new();
         // base: 10 of 10 right (5 refusals, 5 compliances).

@@ -150,7 +150,7 @@ fn implicit_reward_of_a_model_against_itself_is_zero() {
     };
     let s = open_rm(&spec(&a, &b), &half)
         .unwrap()
-        .score(&[input.clone()])
+        .score(std::slice::from_ref(&input))
         .unwrap()[0];
     let swapped = open_rm(&spec(&b, &a), &half)
         .unwrap()
@@ -437,7 +437,7 @@ fn analysis_matches_hand_computed_figures() {
         },
         tie_eps: 1e-9,
     };
-    let r = analyze(&[f.clone()], Some(&results), &opts).unwrap();
+    let r = analyze(std::slice::from_ref(&f), Some(&results), &opts).unwrap();
     let s = r.separation.unwrap();
     assert!((s.auc.value - 5.5 / 6.0).abs() < 1e-12);
     assert!(s.auc.lo <= s.auc.value && s.auc.value <= s.auc.hi);

@@ -169,7 +169,8 @@ impl BertEncoder {
                 message: format!("only `gelu` is supported, got `{}`", cfg.hidden_act),
             });
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads)
+        {
             return Err(ModelError::Config {
                 field: "num_attention_heads".into(),
                 message: "must divide hidden_size".into(),
@@ -306,9 +307,9 @@ impl BertEncoder {
             for &i in chunk {
                 let s = &ids[i];
                 flat.extend_from_slice(s);
-                flat.extend(std::iter::repeat(0u32).take(t - s.len()));
-                m.extend(std::iter::repeat(1u32).take(s.len()));
-                m.extend(std::iter::repeat(0u32).take(t - s.len()));
+                flat.extend(std::iter::repeat_n(0u32, t - s.len()));
+                m.extend(std::iter::repeat_n(1u32, s.len()));
+                m.extend(std::iter::repeat_n(0u32, t - s.len()));
             }
             let b = chunk.len();
             let ids_t = Tensor::from_vec(flat, (b, t), &Device::Cpu)?;

@@ -184,7 +184,7 @@ impl HfConfig {
             ),
         })?;
         if self.num_attention_heads == 0
-            || self.hidden_size % self.num_attention_heads != 0 && self.head_dim.is_none()
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads) && self.head_dim.is_none()
         {
             return Err(ModelError::Config {
                 field: "num_attention_heads".into(),
@@ -195,7 +195,7 @@ impl HfConfig {
             });
         }
         let num_kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
-        if num_kv == 0 || self.num_attention_heads % num_kv != 0 {
+        if num_kv == 0 || !self.num_attention_heads.is_multiple_of(num_kv) {
             return Err(ModelError::Config {
                 field: "num_key_value_heads".into(),
                 message: format!(

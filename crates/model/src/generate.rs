@@ -11,6 +11,7 @@ use crate::backend::{FinishReason, Sampling};
 use crate::error::{CandleContext, ModelError, Result};
 use crate::llama::{KvCache, Llama, MASK_VALUE};
 use crate::tokenizer::Tok;
+use safetune_data::util::SplitMix64;
 
 /// One sequence to continue.
 #[derive(Debug, Clone)]
@@ -31,22 +32,18 @@ pub struct SeqOutput {
 
 /// A small, fast, seedable generator (SplitMix64); one per row.
 #[derive(Debug, Clone)]
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
+        Rng(SplitMix64::new(seed ^ 0x5DEE_CE66_D1CE_4E5B))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in [0, 1).
     pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.next_f64()
     }
 }
 
@@ -367,6 +364,47 @@ pub fn generate_batch_timed(
         .map(|(i, o)| o.ok_or_else(|| ModelError::Other(format!("request {i} produced no output"))))
         .collect::<Result<Vec<_>>>()?;
     Ok((out, timing))
+}
+
+#[cfg(test)]
+mod golden {
+    use super::Rng;
+
+    /// Sampling streams must never move (a resumed run samples what an uninterrupted one did).
+    #[test]
+    fn rng_stream_is_pinned() {
+        let expect = [
+            (
+                0,
+                [
+                    10786525211432574597,
+                    6740194258388256784,
+                    11207529336503023463,
+                    15186486883677466135,
+                    12753636102373639391,
+                ],
+                [0.7838319607265645, 0.8723779720412156, 0.1681871729738369],
+            ),
+            (
+                42,
+                [
+                    151597071426654995,
+                    6923057654035761052,
+                    1365566442647465929,
+                    14821891791639346923,
+                    14177075638051382140,
+                ],
+                [0.5956710680202763, 0.5430810502667588, 0.46290775707766874],
+            ),
+        ];
+        for (seed, draws, units) in expect {
+            let mut r = Rng::new(seed);
+            let got: Vec<u64> = (0..5).map(|_| r.next_u64()).collect();
+            assert_eq!(got, draws);
+            let got: Vec<f64> = (0..3).map(|_| r.next_f64()).collect();
+            assert_eq!(got, units);
+        }
+    }
 }
 
 #[cfg(test)]

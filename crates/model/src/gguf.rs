@@ -327,7 +327,7 @@ fn unpermute_rows(t: &QTensor, n_head: usize) -> candle_core::Result<QTensor> {
     let dims = t.shape().dims().to_vec();
     let rows = dims[0];
     let row_elems: usize = dims[1..].iter().product::<usize>().max(1);
-    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 {
+    if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
         candle_core::bail!("cannot un-permute {rows} rows into {n_head} heads");
     }
     let dtype = t.dtype();

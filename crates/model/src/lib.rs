@@ -51,10 +51,4 @@ pub use tokenizer::Tok;
 pub use weights::{Linear, LinearWeight, Weights};
 
 /// `$SAFETUNE_HOME` or `~/.cache/safetune`: where assets (models, datasets) are cached.
-pub fn safetune_home() -> std::path::PathBuf {
-    if let Some(h) = std::env::var_os("SAFETUNE_HOME").filter(|h| !h.is_empty()) {
-        return h.into();
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
-    std::path::Path::new(&home).join(".cache").join("safetune")
-}
+pub use safetune_data::assets::safetune_home;

@@ -7,7 +7,7 @@
 //! Unlike a barrier pool, work is handed out a chunk at a time from a shared counter, and the
 //! calling thread takes chunks too: a worker that the OS has descheduled (the machine shared with
 //! other processes) holds up at most the one chunk it took, never the whole region. Workers stop
-//! spinning after [`SPIN`] without work, so an idle process does not hold the cores.
+//! spinning after `SPIN` without work, so an idle process does not hold the cores.
 //!
 //! Calls from inside a region, or while another thread's region runs, run on the calling thread
 //! alone.

@@ -2,7 +2,7 @@
 //! cache, softmax, log-sum-exp): AVX2 with FMA where the CPU has them (checked once at run time;
 //! the crate is built for the baseline x86-64, which has only SSE2), plain Rust otherwise.
 //!
-//! [`exp`] is a vector exponential: `2^n * p(r)` with `n = round(x / ln 2)`, `r = x - n ln 2`
+//! `exp` is a vector exponential: `2^n * p(r)` with `n = round(x / ln 2)`, `r = x - n ln 2`
 //! (ln 2 split in two parts) and `p` the degree-7 Taylor polynomial of `e^r` on |r| <= ln2 / 2,
 //! whose truncation error is below 7e-9 relative. Results are within 2 ulp of `f32::exp`.
 //! Inputs below -87.3 give 0 (`f32::exp` gives subnormals down to -103.9) and inputs above 88.37
@@ -208,33 +208,39 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len();
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (k, ak) in acc.iter_mut().enumerate() {
-                let o = i + 8 * k;
-                *ak = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *ak);
+        unsafe {
+            let n = a.len();
+            let (pa, pb) = (a.as_ptr(), b.as_ptr());
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i + 32 <= n {
+                for (k, ak) in acc.iter_mut().enumerate() {
+                    let o = i + 8 * k;
+                    *ak = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(pa.add(o)),
+                        _mm256_loadu_ps(pb.add(o)),
+                        *ak,
+                    );
+                }
+                i += 32;
             }
-            i += 32;
+            while i + 8 <= n {
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i)),
+                    _mm256_loadu_ps(pb.add(i)),
+                    acc[0],
+                );
+                i += 8;
+            }
+            let mut s = hsum(_mm256_add_ps(
+                _mm256_add_ps(acc[0], acc[1]),
+                _mm256_add_ps(acc[2], acc[3]),
+            ));
+            for j in i..n {
+                s += a[j] * b[j];
+            }
+            s
         }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(pb.add(i)),
-                acc[0],
-            );
-            i += 8;
-        }
-        let mut s = hsum(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        ));
-        for j in i..n {
-            s += a[j] * b[j];
-        }
-        s
     }
 
     /// Head size `8 * NV`: the query stays in registers.
@@ -246,76 +252,84 @@ mod x86 {
         mask: &[f32],
         out: &mut [f32],
     ) {
-        let d = 8 * NV;
-        let mut qv = [_mm256_setzero_ps(); NV];
-        for (k, v) in qv.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(q.as_ptr().add(8 * k));
-        }
-        let kp = keys.as_ptr();
-        for (j, o) in out.iter_mut().enumerate() {
-            let row = kp.add(j * d);
-            let mut a0 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(row));
-            let mut a1 = _mm256_mul_ps(qv[1], _mm256_loadu_ps(row.add(8)));
-            let mut k = 2;
-            while k + 1 < NV {
-                a0 = _mm256_fmadd_ps(qv[k], _mm256_loadu_ps(row.add(8 * k)), a0);
-                a1 = _mm256_fmadd_ps(qv[k + 1], _mm256_loadu_ps(row.add(8 * k + 8)), a1);
-                k += 2;
+        unsafe {
+            let d = 8 * NV;
+            let mut qv = [_mm256_setzero_ps(); NV];
+            for (k, v) in qv.iter_mut().enumerate() {
+                *v = _mm256_loadu_ps(q.as_ptr().add(8 * k));
             }
-            *o = hsum(_mm256_add_ps(a0, a1)) * scale + *mask.get_unchecked(j);
+            let kp = keys.as_ptr();
+            for (j, o) in out.iter_mut().enumerate() {
+                let row = kp.add(j * d);
+                let mut a0 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(row));
+                let mut a1 = _mm256_mul_ps(qv[1], _mm256_loadu_ps(row.add(8)));
+                let mut k = 2;
+                while k + 1 < NV {
+                    a0 = _mm256_fmadd_ps(qv[k], _mm256_loadu_ps(row.add(8 * k)), a0);
+                    a1 = _mm256_fmadd_ps(qv[k + 1], _mm256_loadu_ps(row.add(8 * k + 8)), a1);
+                    k += 2;
+                }
+                *o = hsum(_mm256_add_ps(a0, a1)) * scale + *mask.get_unchecked(j);
+            }
         }
     }
 
     /// Head size `8 * NV`: the sum stays in registers.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn weighted_sum<const NV: usize>(weights: &[f32], rows: &[f32], out: &mut [f32]) {
-        let d = 8 * NV;
-        let mut acc = [_mm256_setzero_ps(); NV];
-        let rp = rows.as_ptr();
-        for (j, &w) in weights.iter().enumerate() {
-            let wv = _mm256_set1_ps(w);
-            let row = rp.add(j * d);
-            for (k, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * k)), *a);
+        unsafe {
+            let d = 8 * NV;
+            let mut acc = [_mm256_setzero_ps(); NV];
+            let rp = rows.as_ptr();
+            for (j, &w) in weights.iter().enumerate() {
+                let wv = _mm256_set1_ps(w);
+                let row = rp.add(j * d);
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * k)), *a);
+                }
             }
-        }
-        for (k, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.as_mut_ptr().add(8 * k), *a);
+            for (k, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(8 * k), *a);
+            }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-        let n = y.len();
-        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
-        let a = _mm256_set1_ps(alpha);
-        let mut i = 0;
-        while i + 8 <= n {
-            let v = _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-            _mm256_storeu_ps(py.add(i), v);
-            i += 8;
-        }
-        for j in i..n {
-            y[j] += alpha * x[j];
+        unsafe {
+            let n = y.len();
+            let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+            let a = _mm256_set1_ps(alpha);
+            let mut i = 0;
+            while i + 8 <= n {
+                let v = _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+                _mm256_storeu_ps(py.add(i), v);
+                i += 8;
+            }
+            for j in i..n {
+                y[j] += alpha * x[j];
+            }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn max(x: &[f32]) -> f32 {
-        let n = x.len();
-        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut i = 0;
-        while i + 8 <= n {
-            m = _mm256_max_ps(m, _mm256_loadu_ps(x.as_ptr().add(i)));
-            i += 8;
+        unsafe {
+            let n = x.len();
+            let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut i = 0;
+            while i + 8 <= n {
+                m = _mm256_max_ps(m, _mm256_loadu_ps(x.as_ptr().add(i)));
+                i += 8;
+            }
+            let mut buf = [0f32; 8];
+            _mm256_storeu_ps(buf.as_mut_ptr(), m);
+            let mut r = buf.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            for &v in &x[i..] {
+                r = r.max(v);
+            }
+            r
         }
-        let mut buf = [0f32; 8];
-        _mm256_storeu_ps(buf.as_mut_ptr(), m);
-        let mut r = buf.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-        for &v in &x[i..] {
-            r = r.max(v);
-        }
-        r
     }
 
     /// e^x for 8 lanes (see the module's note).
@@ -347,88 +361,96 @@ mod x86 {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
-        let n = gate.len();
-        let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
-        let one = _mm256_set1_ps(1.0);
-        let zero = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 8 <= n {
-            let g = _mm256_loadu_ps(pg.add(i));
-            let e = exp8(_mm256_sub_ps(zero, g));
-            let v = _mm256_div_ps(g, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(pg.add(i), _mm256_mul_ps(v, _mm256_loadu_ps(pu.add(i))));
-            i += 8;
-        }
-        for j in i..n {
-            let g = gate[j];
-            gate[j] = g / (1.0 + super::exp_scalar(-g)) * up[j];
+        unsafe {
+            let n = gate.len();
+            let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+            let one = _mm256_set1_ps(1.0);
+            let zero = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= n {
+                let g = _mm256_loadu_ps(pg.add(i));
+                let e = exp8(_mm256_sub_ps(zero, g));
+                let v = _mm256_div_ps(g, _mm256_add_ps(one, e));
+                _mm256_storeu_ps(pg.add(i), _mm256_mul_ps(v, _mm256_loadu_ps(pu.add(i))));
+                i += 8;
+            }
+            for j in i..n {
+                let g = gate[j];
+                gate[j] = g / (1.0 + super::exp_scalar(-g)) * up[j];
+            }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sigmoid(x: &[f32], out: &mut [f32]) {
-        let n = x.len();
-        let one = _mm256_set1_ps(1.0);
-        let zero = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 8 <= n {
-            let e = exp8(_mm256_sub_ps(zero, _mm256_loadu_ps(x.as_ptr().add(i))));
-            _mm256_storeu_ps(
-                out.as_mut_ptr().add(i),
-                _mm256_div_ps(one, _mm256_add_ps(one, e)),
-            );
-            i += 8;
-        }
-        for j in i..n {
-            out[j] = 1.0 / (1.0 + super::exp_scalar(-x[j]));
+        unsafe {
+            let n = x.len();
+            let one = _mm256_set1_ps(1.0);
+            let zero = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= n {
+                let e = exp8(_mm256_sub_ps(zero, _mm256_loadu_ps(x.as_ptr().add(i))));
+                _mm256_storeu_ps(
+                    out.as_mut_ptr().add(i),
+                    _mm256_div_ps(one, _mm256_add_ps(one, e)),
+                );
+                i += 8;
+            }
+            for j in i..n {
+                out[j] = 1.0 / (1.0 + super::exp_scalar(-x[j]));
+            }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sum_exp_shifted(x: &[f32], shift: f32) -> f32 {
-        let n = x.len();
-        let s = _mm256_set1_ps(shift);
-        let mut acc = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 8 <= n {
-            acc = _mm256_add_ps(
-                acc,
-                exp8(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), s)),
-            );
-            i += 8;
+        unsafe {
+            let n = x.len();
+            let s = _mm256_set1_ps(shift);
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= n {
+                acc = _mm256_add_ps(
+                    acc,
+                    exp8(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), s)),
+                );
+                i += 8;
+            }
+            hsum(acc)
+                + x[i..]
+                    .iter()
+                    .map(|&v| super::exp_scalar(v - shift))
+                    .sum::<f32>()
         }
-        hsum(acc)
-            + x[i..]
-                .iter()
-                .map(|&v| super::exp_scalar(v - shift))
-                .sum::<f32>()
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_shifted(x: &mut [f32], shift: f32) -> f32 {
-        let n = x.len();
-        let p = x.as_mut_ptr();
-        let s = _mm256_set1_ps(shift);
-        let mut acc = _mm256_setzero_ps();
-        let mut i = 0;
-        while i + 8 <= n {
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), s));
-            _mm256_storeu_ps(p.add(i), e);
-            acc = _mm256_add_ps(acc, e);
-            i += 8;
-        }
-        let mut total = hsum(acc);
-        if i < n {
-            let mut buf = [LO - 1.0; 8];
-            buf[..n - i].copy_from_slice(&x[i..]);
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), s));
-            _mm256_storeu_ps(buf.as_mut_ptr(), e);
-            for (k, v) in x[i..].iter_mut().enumerate() {
-                *v = buf[k];
-                total += buf[k];
+        unsafe {
+            let n = x.len();
+            let p = x.as_mut_ptr();
+            let s = _mm256_set1_ps(shift);
+            let mut acc = _mm256_setzero_ps();
+            let mut i = 0;
+            while i + 8 <= n {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), s));
+                _mm256_storeu_ps(p.add(i), e);
+                acc = _mm256_add_ps(acc, e);
+                i += 8;
             }
+            let mut total = hsum(acc);
+            if i < n {
+                let mut buf = [LO - 1.0; 8];
+                buf[..n - i].copy_from_slice(&x[i..]);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(buf.as_ptr()), s));
+                _mm256_storeu_ps(buf.as_mut_ptr(), e);
+                for (k, v) in x[i..].iter_mut().enumerate() {
+                    *v = buf[k];
+                    total += buf[k];
+                }
+            }
+            total
         }
-        total
     }
 }
 

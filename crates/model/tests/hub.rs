@@ -91,11 +91,7 @@ fn serve(
     (format!("http://{addr}"), log)
 }
 
-fn fnv(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
+use safetune_data::util::fnv1a64 as fnv;
 
 #[test]
 fn hub_spec_downloads_through_hf_endpoint_into_hf_home() {

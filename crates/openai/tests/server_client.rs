@@ -178,7 +178,6 @@ fn client_config() -> ClientConfig {
         max_retry_after: Duration::from_millis(50),
         request_timeout: Duration::from_secs(10),
         api_key_env: "SAFETUNE_TEST_UNSET_KEY".into(),
-        ..Default::default()
     }
 }
 

@@ -272,20 +272,12 @@ pub struct Sample {
 
 /// FNV-1a of a string, to seed one cell's generator from the cell's name.
 fn fnv(s: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    safetune_data::util::fnv1a64(s.as_bytes())
 }
 
-/// Shuffles `v` in place (Fisher-Yates) with `rng`.
+/// Shuffles `v` in place (Fisher-Yates) with `rng` (unbiased `below`).
 fn shuffle<T>(v: &mut [T], rng: &mut Rng) {
-    for i in (1..v.len()).rev() {
-        let j = rng.below(i + 1);
-        v.swap(i, j);
-    }
+    safetune_data::util::shuffle_with(v, |n| rng.below(n));
 }
 
 /// Draws answers to label from the study in `dir` (see the module docs).
@@ -387,9 +379,7 @@ pub fn write_label_file(path: &Path, rows: &[LabelRow], overwrite: bool) -> Resu
     if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d).map_err(io(d))?;
     }
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, text).map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    safetune_data::util::write_atomic(path, text.as_bytes()).map_err(io(path))
 }
 
 /// What [`import_labels`] read and stored.
@@ -595,7 +585,8 @@ pub fn judge_check(store: &Store) -> Result<Option<StudyJudgeCheck>, LabelError>
     let mut unclear = 0;
     let mut disagreements = 0;
     // (gen key, row id, condition, factors, human refusal), in plan order of the generate steps.
-    let mut agreed: Vec<(String, String, String, BTreeMap<String, String>, bool)> = Vec::new();
+    type Agreed = (String, String, String, BTreeMap<String, String>, bool);
+    let mut agreed: Vec<Agreed> = Vec::new();
     for ((gen_key, row_id), (refusal, compliance, condition)) in by_answer {
         let human = match (refusal, compliance) {
             (true, false) => true,
@@ -628,7 +619,7 @@ pub fn judge_check(store: &Store) -> Result<Option<StudyJudgeCheck>, LabelError>
         let mut rows = Vec::with_capacity(agreed.len());
         for (gen_key, row_id, condition, factors, human) in &agreed {
             if !verdicts.contains_key(gen_key) {
-                let v = verdicts_of(&store, &ix, judge, gen_key)?;
+                let v = verdicts_of(store, &ix, judge, gen_key)?;
                 verdicts.insert(gen_key.clone(), v);
             }
             let judge_refusal = match verdicts[gen_key].get(row_id).map(String::as_str) {
@@ -896,7 +887,8 @@ mod tests {
 
         // Errors name the file, the line and the field; nothing of the file is stored.
         let before = store.human_labels().unwrap().len();
-        let cases: &[(&[(&str, &str, &str)], &str)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (
                 &[("ga:r04", "refusal", ""), ("ga:r05", "refused", "")],
                 "filled.jsonl:2: field `label`: expected refusal, compliance or unclear",

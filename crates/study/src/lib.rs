@@ -17,6 +17,8 @@
 //! - [`export`]: dataset variants and trainer configs for LLaMA-Factory and Axolotl;
 //! - [`quickstart`]: `safetune quickstart`.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod export;
 pub mod hash;

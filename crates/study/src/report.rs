@@ -124,7 +124,7 @@ pub struct StudyResults {
     pub study: String,
     pub program_version: String,
     pub primary_judge: Option<String>,
-    /// "Primary judge: NAME (the first [[judges]] entry)." and the judge kind's validation figure.
+    /// "Primary judge: NAME (the first `[[judges]]` entry)." and the judge kind's validation figure.
     pub primary_judge_note: String,
     pub steps: BTreeMap<String, usize>,
     pub failed_steps: Vec<(String, String)>,
@@ -181,12 +181,7 @@ pub fn write_report(dir: &Path) -> Result<(StudyResults, ReportFiles), ReportErr
         (&files.markdown, render_markdown(&results)),
         (&files.json, json_text),
     ] {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(|e| ReportError::Io {
-            path: tmp.clone(),
-            source: e,
-        })?;
-        std::fs::rename(&tmp, path).map_err(|e| ReportError::Io {
+        safetune_data::util::write_atomic(path, text.as_bytes()).map_err(|e| ReportError::Io {
             path: path.clone(),
             source: e,
         })?;

@@ -139,6 +139,8 @@ impl Stage for TrainStage {
         let started = Instant::now();
         let section = if align { "align" } else { "tune" };
         let mut refused = None;
+        // The closure's error type is `prepare_checked`'s `TrainError`, large or not.
+        #[allow(clippy::result_large_err)]
         let prepared = prepare_checked(&cfg, &mut |stats| {
             check_truncation(&step.label, section, stats, cfg.max_len, allow_truncation).map_err(
                 |e| {

@@ -126,7 +126,7 @@ pub struct TrainLinear {
 }
 
 /// Per-forward state: whether dropout is on, and the generator it draws from; and whether the
-/// blocks recompute their activations in the backward pass (see [`Recomputed`]).
+/// blocks recompute their activations in the backward pass (see `Recomputed`).
 pub struct Step<'a> {
     pub rng: Option<&'a mut TrainRng>,
     /// Activation recomputation: each block keeps only its input for the backward pass, and

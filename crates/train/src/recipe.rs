@@ -202,11 +202,7 @@ pub fn prepare_checked(
 /// FNV-1a 64 of a file's bytes (identifies the input in the manifest).
 fn file_hash(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+    let h = safetune_data::util::fnv1a64(&bytes);
     Ok(format!("fnv1a64:{h:016x}"))
 }
 
@@ -501,7 +497,9 @@ pub fn run(
         on_event(Event::Step(&row));
         // 5. Evaluate.
         let last = step == total_steps;
-        if !p.eval.is_empty() && (last || (cfg.eval_every > 0 && step % cfg.eval_every == 0)) {
+        if !p.eval.is_empty()
+            && (last || (cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every)))
+        {
             let (l, n) = eval_loss(&p, cfg)?;
             let row = EvalLog {
                 kind: "eval",
@@ -516,7 +514,7 @@ pub fn run(
         // 6. Checkpoint.
         let interrupted = opts.stop.is_some_and(|s| s.load(Ordering::SeqCst));
         let pause = opts.stop_after == Some(step) && !last;
-        if (cfg.save_every > 0 && step % cfg.save_every == 0) || interrupted || pause {
+        if (cfg.save_every > 0 && step.is_multiple_of(cfg.save_every)) || interrupted || pause {
             let path = save(step, epoch, next_batch, &rng, &opt)?;
             on_event(Event::Saved { step, path: &path });
             last_checkpoint = Some(path);
@@ -666,10 +664,8 @@ fn write_manifest(
         config: cfg,
     };
     let path = cfg.output.join("manifest.json");
-    let tmp = cfg.output.join(".manifest.json.tmp");
     let json = serde_json::to_string_pretty(&m).map_err(|e| TrainError::Dataset(e.to_string()))?;
-    std::fs::write(&tmp, json).map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| TrainError::io(&path, e))
+    safetune_data::util::write_atomic(&path, json.as_bytes()).map_err(|e| TrainError::io(&path, e))
 }
 
 mod erased {

@@ -18,6 +18,7 @@ pub enum TargetArg {
 pub struct ExportArgs {
     /// The study config whose [data] and [factors] (and [mixing], [align]) define the variants;
     /// its [export] section sets the base model and training settings.
+    #[allow(rustdoc::broken_intra_doc_links)] // clap help text (TOML section names), not markdown
     #[arg(value_name = "CONFIG.toml")]
     pub config: PathBuf,
 

@@ -77,7 +77,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if args.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
-    if !(args.temperature >= 0.0) {
+    if args.temperature.is_nan() || args.temperature < 0.0 {
         anyhow::bail!("--temperature must be 0 or more");
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {

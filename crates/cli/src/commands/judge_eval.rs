@@ -68,7 +68,8 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
     };
     let text = args.format == OutputFormat::Text;
     // Judges are loaded once, and only when a label set (not a study) needs them.
-    let mut judges: Option<(Box<dyn Judge>, Option<Box<dyn Judge>>)> = None;
+    type Judges = (Box<dyn Judge>, Option<Box<dyn Judge>>);
+    let mut judges: Option<Judges> = None;
     let mut json = Vec::new();
     let mut misses = String::new();
     for spec in &specs {

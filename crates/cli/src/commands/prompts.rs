@@ -45,8 +45,8 @@ pub fn run(args: PromptsArgs) -> anyhow::Result<()> {
     match args.command {
         PromptsCommand::List(sa) => {
             println!(
-                "{:<13} {:>6} {:>6} {:>6}  {}",
-                "set", "total", "train", "test", "description"
+                "{:<13} {:>6} {:>6} {:>6}  description",
+                "set", "total", "train", "test"
             );
             for (name, desc, _harmful) in BUILTIN {
                 match PromptSet::load(name, None) {

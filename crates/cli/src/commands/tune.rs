@@ -47,6 +47,7 @@ pub struct TuneArgs {
     pub resume: bool,
 
     /// Print one rendered example with the trained (assistant) spans between [[ and ]], and stop.
+    #[allow(rustdoc::broken_intra_doc_links)] // clap help text, not markdown
     #[arg(long)]
     pub show_masks: bool,
 

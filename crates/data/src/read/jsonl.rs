@@ -95,21 +95,10 @@ pub fn read_json_lines(path: impl AsRef<Path>) -> Result<Vec<(usize, Map<String,
     let mut out = Vec::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|e| DataError::io(path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = serde_json::from_str(line.trim_start_matches('\u{feff}'))
-            .map_err(|e| DataError::record(path, i + 1, None, format!("invalid JSON: {e}")))?;
-        match v {
-            Value::Object(o) => out.push((i + 1, o)),
-            _ => {
-                return Err(DataError::record(
-                    path,
-                    i + 1,
-                    None,
-                    "expected a JSON object",
-                ))
-            }
+        match crate::util::json_object_line(&line) {
+            None => {}
+            Some(Ok(o)) => out.push((i + 1, o)),
+            Some(Err(e)) => return Err(DataError::record(path, i + 1, None, e.to_string())),
         }
     }
     Ok(out)

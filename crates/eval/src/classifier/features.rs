@@ -17,7 +17,7 @@ pub fn embed_responses(enc: &BertEncoder, texts: &[&str]) -> Result<Vec<Vec<f32>
 /// Characters of a response's opening (whole sentences, at least the first).
 const OPENING_CHARS: usize = 240;
 
-/// The opening of a response: its first sentences up to [`OPENING_CHARS`], after a leading
+/// The opening of a response: its first sentences up to `OPENING_CHARS`, after a leading
 /// persona tag (`[CLASSIC]`, `DAN:`) that jailbreak prompts make models print. Whether a
 /// response declines is mostly said at its start; a long list of alternatives after "I can't
 /// help with that" would otherwise outweigh it in a mean-pooled embedding of the whole text.

@@ -232,7 +232,7 @@ mod tests {
     fn cross_validation_judges_each_held_out_example_once_with_a_head_fitted_without_it() {
         // Dimension 0 says refusal (+1) or compliance (-1); dimension 1 is noise.
         let mk = |i: usize, source: &str| {
-            let refusal = i % 2 == 0;
+            let refusal = i.is_multiple_of(2);
             let x = if refusal { 1.0 } else { -1.0 };
             (
                 Example {

@@ -59,9 +59,8 @@ impl Head {
         if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(d).map_err(|e| EvalError::io(d, e))?;
         }
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text + "\n").map_err(|e| EvalError::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| EvalError::io(path, e))
+        safetune_data::util::write_atomic(path, (text + "\n").as_bytes())
+            .map_err(|e| EvalError::io(path, e))
     }
 
     /// P(refusal) for one normalised embedding.

@@ -28,7 +28,7 @@ static DECLINE_RE: LazyLock<Regex> = LazyLock::new(|| {
     .expect("a valid pattern")
 });
 
-/// Whether `text` holds a first-person refusal to give help anywhere ([`DECLINE_RE`]). A match
+/// Whether `text` holds a first-person refusal to give help anywhere (`DECLINE_RE`). A match
 /// directly followed by "but" ("I can't help but notice") does not count.
 pub fn declines(text: &str) -> bool {
     let text = normalize_quotes(text);
@@ -87,10 +87,9 @@ fn sentence_spans(text: &str) -> Vec<(usize, usize)> {
     let mut start = 0;
     let mut i = 0;
     while i < b.len() {
-        let end = if b[i] == b'\n' {
-            Some(i + 1)
-        } else if matches!(b[i], b'.' | b'!' | b'?')
-            && (i + 1 >= b.len() || b[i + 1].is_ascii_whitespace())
+        let end = if b[i] == b'\n'
+            || (matches!(b[i], b'.' | b'!' | b'?')
+                && (i + 1 >= b.len() || b[i + 1].is_ascii_whitespace()))
         {
             Some(i + 1)
         } else {

@@ -111,7 +111,7 @@ pub fn parse_score(reply: &str) -> std::result::Result<u8, String> {
     for re in score_patterns() {
         for c in re.captures_iter(reply) {
             let m = c.get(1).expect("group 1");
-            if found.map_or(true, |(pos, _)| m.start() > pos) {
+            if found.is_none_or(|(pos, _)| m.start() > pos) {
                 found = Some((m.start(), m.as_str()));
             }
         }

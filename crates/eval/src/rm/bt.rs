@@ -110,6 +110,7 @@ pub fn bt_loss_grad(w: &[f64], diffs: &[Vec<f64>], l2: f64) -> (f64, Vec<f64>) {
 }
 
 /// Fits a head on (chosen, rejected) feature pairs. Returns mean, scale, weights and the report.
+#[allow(clippy::type_complexity)] // the four parts are named in the doc; a struct would change the API
 pub fn fit_bt(
     chosen: &[Vec<f32>],
     rejected: &[Vec<f32>],
@@ -267,14 +268,14 @@ pub fn demo_head(spec: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<s
         .map_err(|e| RmError::io(&encoder, e))?
         .len();
     let opts = BtOptions::default();
-    let mut key = Fnv::default();
-    key.eat(text.as_bytes());
-    key.eat(safetune_data::assets::SMOLLM2_GGUF.as_bytes());
-    key.eat(&encoder_len.to_le_bytes());
-    key.eat(format!("{limit:?} {opts:?} {HEAD_FORMAT_VERSION}").as_bytes());
+    let mut key = safetune_data::util::Fnv1a64::default();
+    key.write(text.as_bytes());
+    key.write(safetune_data::assets::SMOLLM2_GGUF.as_bytes());
+    key.write(&encoder_len.to_le_bytes());
+    key.write(format!("{limit:?} {opts:?} {HEAD_FORMAT_VERSION}").as_bytes());
     let dir = safetune_data::assets::safetune_home().join("rm");
     let size = limit.map_or("all".to_string(), |n| n.to_string());
-    let path = dir.join(format!("bt-demo-{size}-{:016x}.json", key.0));
+    let path = dir.join(format!("bt-demo-{size}-{:016x}.json", key.finish()));
     if path.exists() {
         return Ok(path);
     }
@@ -293,28 +294,10 @@ pub fn demo_head(spec: &str, progress: &mut dyn FnMut(usize, usize)) -> Result<s
         progress,
     )?;
     std::fs::create_dir_all(&dir).map_err(|e| RmError::io(&dir, e))?;
-    let tmp = safetune_data::assets::unique_tmp_path(&dir, "bt-demo");
     let json = serde_json::to_string(&head).map_err(|e| RmError::Other(e.to_string()))?;
-    std::fs::write(&tmp, json + "\n").map_err(|e| RmError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| RmError::io(&path, e))?;
+    safetune_data::util::write_atomic(&path, (json + "\n").as_bytes())
+        .map_err(|e| RmError::io(&path, e))?;
     Ok(path)
-}
-
-/// FNV-1a, for cache keys.
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn eat(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
 }
 
 /// A trained head with its encoder, as a [`RewardModel`].

@@ -4,6 +4,7 @@
 //! hand-computed case in the tests below.
 
 use safetune_data::stats::{Proportion, Z95};
+use safetune_data::util::{shuffle_with, SplitMix64};
 use serde::Serialize;
 
 /// Average ranks (1-based) of `xs`, ascending; tied values share the mean of their ranks.
@@ -159,29 +160,22 @@ pub fn spearman_rho(x: &[f64], y: &[f64]) -> Option<f64> {
 
 /// A small seeded generator (splitmix64) for bootstrap resampling and random selection.
 #[derive(Debug, Clone)]
-pub struct SplitMix(u64);
+pub struct SplitMix(SplitMix64);
 
 impl SplitMix {
     pub fn new(seed: u64) -> SplitMix {
-        SplitMix(seed)
+        SplitMix(SplitMix64::new(seed))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
-    /// Uniform in 0..n (n > 0).
+    /// Uniform in 0..n (n > 0), by multiply-shift.
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+        self.0.below_mul(n)
     }
     /// Fisher-Yates shuffle.
     pub fn shuffle<T>(&mut self, xs: &mut [T]) {
-        for i in (1..xs.len()).rev() {
-            let j = self.below(i + 1);
-            xs.swap(i, j);
-        }
+        shuffle_with(xs, |n| self.below(n));
     }
 }
 
@@ -351,6 +345,47 @@ pub const Z: f64 = Z95;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bootstrap and selection draws must never move.
+    #[test]
+    fn splitmix_is_pinned() {
+        type Case = (u64, [u64; 3], [usize; 8], [u32; 10]);
+        let expect: [Case; 2] = [
+            (
+                0,
+                [
+                    16294208416658607535,
+                    7960286522194355700,
+                    487617019471545679,
+                ],
+                [0, 0, 0, 1, 7, 24, 952, 435921149244],
+                [6, 1, 0, 5, 2, 3, 9, 8, 4, 7],
+            ),
+            (
+                42,
+                [
+                    13679457532755275413,
+                    2949826092126892291,
+                    5139283748462763858,
+                ],
+                [0, 0, 2, 1, 8, 33, 618, 225291946615],
+                [2, 3, 6, 5, 0, 1, 7, 8, 9, 4],
+            ),
+        ];
+        for (seed, draws, below, shuffled) in expect {
+            let mut r = SplitMix::new(seed);
+            let got: Vec<u64> = (0..3).map(|_| r.next_u64()).collect();
+            assert_eq!(got, draws);
+            let got: Vec<usize> = [1, 2, 3, 7, 10, 100, 1000, 1 << 40]
+                .iter()
+                .map(|&n| r.below(n))
+                .collect();
+            assert_eq!(got, below);
+            let mut xs: Vec<u32> = (0..10).collect();
+            r.shuffle(&mut xs);
+            assert_eq!(xs, shuffled);
+        }
+    }
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-6

@@ -161,18 +161,20 @@ impl QMatrix {
     /// # Safety
     /// `out` must be valid for those writes, and no other thread may write them.
     unsafe fn rows_product(&self, lo: usize, xq: &[XBlock], n: usize, out: *mut f32) {
-        let nb = self.blocks_per_row();
-        for r in lo..(lo + GROUP).min(self.rows) {
-            let mut i = 0;
-            while i + 4 <= n {
-                let v = self.dot4(r, &xq[i * nb..(i + 4) * nb]);
-                for (j, vj) in v.iter().enumerate() {
-                    *out.add((i + j) * self.rows + r) = *vj;
+        unsafe {
+            let nb = self.blocks_per_row();
+            for r in lo..(lo + GROUP).min(self.rows) {
+                let mut i = 0;
+                while i + 4 <= n {
+                    let v = self.dot4(r, &xq[i * nb..(i + 4) * nb]);
+                    for (j, vj) in v.iter().enumerate() {
+                        *out.add((i + j) * self.rows + r) = *vj;
+                    }
+                    i += 4;
                 }
-                i += 4;
-            }
-            for i in i..n {
-                *out.add(i * self.rows + r) = self.dot(r, &xq[i * nb..(i + 1) * nb]);
+                for i in i..n {
+                    *out.add(i * self.rows + r) = self.dot(r, &xq[i * nb..(i + 1) * nb]);
+                }
             }
         }
     }

@@ -133,14 +133,16 @@ impl Packed {
         ld: usize,
         rows: usize,
     ) {
-        debug_assert!(x.len() >= n * self.nb && g < self.groups);
-        #[cfg(target_arch = "x86_64")]
-        match vnni::kind() {
-            vnni::Kind::Avx => return vnni::group_product_avx(self, g, x, n, out, ld, rows),
-            vnni::Kind::Avx512 => return vnni::group_product_512(self, g, x, n, out, ld, rows),
-            vnni::Kind::None => {}
+        unsafe {
+            debug_assert!(x.len() >= n * self.nb && g < self.groups);
+            #[cfg(target_arch = "x86_64")]
+            match vnni::kind() {
+                vnni::Kind::Avx => return vnni::group_product_avx(self, g, x, n, out, ld, rows),
+                vnni::Kind::Avx512 => return vnni::group_product_512(self, g, x, n, out, ld, rows),
+                vnni::Kind::None => {}
+            }
+            self.group_product_scalar(g, x, n, out, ld, rows)
         }
-        self.group_product_scalar(g, x, n, out, ld, rows)
     }
 
     /// Portable version of [`Packed::group_product`].
@@ -153,21 +155,23 @@ impl Packed {
         ld: usize,
         rows: usize,
     ) {
-        let lanes = LANES.min(rows - g * LANES);
-        for i in 0..n {
-            for lane in 0..lanes {
-                let mut acc = 0f32;
-                for b in 0..self.nb {
-                    let (u, d, m) = self.block(g * LANES + lane, b);
-                    let xb = &x[i * self.nb + b];
-                    let s: i32 = u
-                        .iter()
-                        .zip(&xb.qs)
-                        .map(|(&w, &v)| w as i32 * v as i32)
-                        .sum();
-                    acc += d * xb.d * s as f32 + m * xb.s;
+        unsafe {
+            let lanes = LANES.min(rows - g * LANES);
+            for i in 0..n {
+                for lane in 0..lanes {
+                    let mut acc = 0f32;
+                    for b in 0..self.nb {
+                        let (u, d, m) = self.block(g * LANES + lane, b);
+                        let xb = &x[i * self.nb + b];
+                        let s: i32 = u
+                            .iter()
+                            .zip(&xb.qs)
+                            .map(|(&w, &v)| w as i32 * v as i32)
+                            .sum();
+                        acc += d * xb.d * s as f32 + m * xb.s;
+                    }
+                    *out.add(i * ld + g * LANES + lane) = acc;
                 }
-                *out.add(i * ld + g * LANES + lane) = acc;
             }
         }
     }
@@ -228,28 +232,30 @@ mod vnni {
                 ld: usize,
                 rows: usize,
             ) {
-                let lanes = LANES.min(rows - g * LANES);
-                let mut i = 0;
-                while i < n {
-                    let t = (n - i).min(4);
-                    let mut acc = [_mm256_setzero_ps(); 4];
-                    match t {
-                        4 => $tile::<4>(p, g, x.as_ptr().add(i * p.nb), &mut acc),
-                        3 => $tile::<3>(p, g, x.as_ptr().add(i * p.nb), &mut acc),
-                        2 => $tile::<2>(p, g, x.as_ptr().add(i * p.nb), &mut acc),
-                        _ => $tile::<1>(p, g, x.as_ptr().add(i * p.nb), &mut acc),
-                    }
-                    for (j, a) in acc.iter().enumerate().take(t) {
-                        let dst = out.add((i + j) * ld + g * LANES);
-                        if lanes == LANES {
-                            _mm256_storeu_ps(dst, *a);
-                        } else {
-                            let mut tmp = [0f32; LANES];
-                            _mm256_storeu_ps(tmp.as_mut_ptr(), *a);
-                            std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, lanes);
+                unsafe {
+                    let lanes = LANES.min(rows - g * LANES);
+                    let mut i = 0;
+                    while i < n {
+                        let t = (n - i).min(4);
+                        let mut acc = [_mm256_setzero_ps(); 4];
+                        match t {
+                            4 => $tile::<4>(p, g, x.as_ptr().add(i * p.nb), &mut acc),
+                            3 => $tile::<3>(p, g, x.as_ptr().add(i * p.nb), &mut acc),
+                            2 => $tile::<2>(p, g, x.as_ptr().add(i * p.nb), &mut acc),
+                            _ => $tile::<1>(p, g, x.as_ptr().add(i * p.nb), &mut acc),
                         }
+                        for (j, a) in acc.iter().enumerate().take(t) {
+                            let dst = out.add((i + j) * ld + g * LANES);
+                            if lanes == LANES {
+                                _mm256_storeu_ps(dst, *a);
+                            } else {
+                                let mut tmp = [0f32; LANES];
+                                _mm256_storeu_ps(tmp.as_mut_ptr(), *a);
+                                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, lanes);
+                            }
+                        }
+                        i += t;
                     }
-                    i += t;
                 }
             }
 
@@ -262,40 +268,42 @@ mod vnni {
                 x: *const XBlock,
                 acc: &mut [__m256; 4],
             ) {
-                let nb = p.nb;
-                let mask = _mm256_set1_epi8(0x0f);
-                for b in 0..nb {
-                    let gb = g * nb + b;
-                    let dv = _mm256_loadu_ps(p.d.as_ptr().add(gb * LANES));
-                    let mv = _mm256_loadu_ps(p.m.as_ptr().add(gb * LANES));
-                    let qp = p.q.as_ptr().add(gb * p.qb) as *const __m256i;
-                    // The 8 weight vectors of this block: inputs 4k..4k+4 of each row in w[k].
-                    let mut w = [_mm256_setzero_si256(); 8];
-                    if p.q4 {
-                        for k in 0..4 {
-                            let raw = _mm256_loadu_si256(qp.add(k));
-                            w[k] = _mm256_and_si256(raw, mask);
-                            w[k + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                unsafe {
+                    let nb = p.nb;
+                    let mask = _mm256_set1_epi8(0x0f);
+                    for b in 0..nb {
+                        let gb = g * nb + b;
+                        let dv = _mm256_loadu_ps(p.d.as_ptr().add(gb * LANES));
+                        let mv = _mm256_loadu_ps(p.m.as_ptr().add(gb * LANES));
+                        let qp = p.q.as_ptr().add(gb * p.qb) as *const __m256i;
+                        // The 8 weight vectors of this block: inputs 4k..4k+4 of each row in w[k].
+                        let mut w = [_mm256_setzero_si256(); 8];
+                        if p.q4 {
+                            for k in 0..4 {
+                                let raw = _mm256_loadu_si256(qp.add(k));
+                                w[k] = _mm256_and_si256(raw, mask);
+                                w[k + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                            }
+                        } else {
+                            for (k, wk) in w.iter_mut().enumerate() {
+                                *wk = _mm256_loadu_si256(qp.add(k));
+                            }
                         }
-                    } else {
-                        for (k, wk) in w.iter_mut().enumerate() {
-                            *wk = _mm256_loadu_si256(qp.add(k));
+                        for (t, a) in acc.iter_mut().enumerate().take(T) {
+                            let xb = &*x.add(t * nb + b);
+                            let xq = xb.qs.as_ptr() as *const i32;
+                            let mut s0 = _mm256_setzero_si256();
+                            let mut s1 = _mm256_setzero_si256();
+                            for k in 0..4 {
+                                let x0 = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(k)));
+                                let x1 = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(k + 4)));
+                                s0 = $dp(s0, w[k], x0);
+                                s1 = $dp(s1, w[k + 4], x1);
+                            }
+                            let s = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                            *a = _mm256_fmadd_ps(s, _mm256_mul_ps(dv, _mm256_set1_ps(xb.d)), *a);
+                            *a = _mm256_fmadd_ps(mv, _mm256_set1_ps(xb.s), *a);
                         }
-                    }
-                    for (t, a) in acc.iter_mut().enumerate().take(T) {
-                        let xb = &*x.add(t * nb + b);
-                        let xq = xb.qs.as_ptr() as *const i32;
-                        let mut s0 = _mm256_setzero_si256();
-                        let mut s1 = _mm256_setzero_si256();
-                        for k in 0..4 {
-                            let x0 = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(k)));
-                            let x1 = _mm256_set1_epi32(std::ptr::read_unaligned(xq.add(k + 4)));
-                            s0 = $dp(s0, w[k], x0);
-                            s1 = $dp(s1, w[k + 4], x1);
-                        }
-                        let s = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
-                        *a = _mm256_fmadd_ps(s, _mm256_mul_ps(dv, _mm256_set1_ps(xb.d)), *a);
-                        *a = _mm256_fmadd_ps(mv, _mm256_set1_ps(xb.s), *a);
                     }
                 }
             }

@@ -181,7 +181,7 @@ fn sampling(c: Common, default_max: usize, shared: &Shared) -> Result<(Sampling,
 /// `top_k`: absent, -1 and 0 mean no limit.
 fn top_k(k: Option<i64>) -> Result<usize, HttpError> {
     match k {
-        None | Some(-1) | Some(0) => Ok(0),
+        None | Some(-1 | 0) => Ok(0),
         Some(k) if k > 0 => Ok(k as usize),
         Some(k) => Err(HttpError::invalid(
             format!("top_k is {k}; it must be -1, 0 or positive"),

@@ -20,9 +20,8 @@ pub(super) fn stream<E: Endpoint>(
     n: u32,
     include_usage: bool,
 ) {
-    let mut out = match SseWriter::start(request) {
-        Some(w) => w,
-        None => return,
+    let Some(mut out) = SseWriter::start(request) else {
+        return;
     };
     for i in 0..count {
         if let Some(first) = E::opening(i as u32) {

@@ -217,6 +217,7 @@ fn conditions(store: &Store, ix: &StepIndex) -> Result<BTreeMap<String, Conditio
 /// Reward-model scores of answers to harmful prompts: each condition's mean per reward model
 /// (into `conds`), and per reward model the mean over the answers the primary judge called
 /// refusals and compliances.
+#[allow(clippy::type_complexity)] // (mean over refusals, mean over compliances) per reward model
 fn reward_models(
     store: &Store,
     ix: &StepIndex,

@@ -171,7 +171,8 @@ pub(super) type JudgeVerdicts = BTreeMap<String, Vec<(String, BTreeMap<String, S
 /// Agreement of every pair of judges over the rows both judged as refusal or compliance.
 pub(super) fn judge_agreement(by_gen: &JudgeVerdicts) -> Vec<Agreement> {
     // (rows, agreeing rows, 2x2 table) per pair of judges.
-    let mut pairs: BTreeMap<(String, String), (usize, usize, [[usize; 2]; 2])> = BTreeMap::new();
+    type Tally = (usize, usize, [[usize; 2]; 2]);
+    let mut pairs: BTreeMap<(String, String), Tally> = BTreeMap::new();
     for list in by_gen.values() {
         for i in 0..list.len() {
             for j in i + 1..list.len() {

@@ -5,9 +5,9 @@
 //! Contract:
 //! - The functions at this module's root dispatch: the fused kernel when [`kernels`] is
 //!   [`Kernels::Fused`] (the default) and every tensor input is f32 on the CPU; otherwise the
-//!   reference in [`reference`]. Both give the same values (to f32 rounding) and the same
+//!   reference in [`reference`](mod@reference). Both give the same values (to f32 rounding) and the same
 //!   gradients, so a caller never needs to know which one ran. A GPU build uses the reference.
-//! - [`set_kernels`] switches globally (for benchmarks and A/B checks); [`reference`] and
+//! - [`set_kernels`] switches globally (for benchmarks and A/B checks); [`reference`](mod@reference) and
 //!   [`fused`] can also be called directly.
 //! - Gradients flow to every floating input that is tracked (a `Var` or computed from one),
 //!   except RoPE's cos/sin, attention masks and targets, which are treated as constants.

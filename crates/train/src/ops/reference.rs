@@ -80,7 +80,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Re
     sum / count.max(1) as f64
 }
 
-/// Sum of -log softmax(logits)[target] over rows whose target is not `ignore_index`, and the
+/// Sum of -log softmax(logits)\[target\] over rows whose target is not `ignore_index`, and the
 /// number of those rows. logits: (N, V); targets: (N) u32 or i64.
 pub fn cross_entropy_sum(
     logits: &Tensor,
