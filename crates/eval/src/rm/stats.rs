@@ -208,16 +208,9 @@ impl Default for BootstrapOptions {
     }
 }
 
-/// Percentile of sorted values with linear interpolation between order statistics.
-pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
-    let lo = pos.floor() as usize;
-    let hi = pos.ceil() as usize;
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
-}
+/// Percentile of sorted values with linear interpolation between order statistics (one
+/// implementation, shared with the judge metrics).
+pub use crate::metrics::quantile_sorted;
 
 /// Percentile bootstrap over `n` units: `stat` gets the resampled unit indices (with repetition)
 /// and returns the statistic, or `None` where it is undefined (those resamples are dropped).

@@ -50,25 +50,17 @@ pub(super) fn bin(v: &str) -> Option<usize> {
     }
 }
 
-/// Cohen's kappa of a 2x2 agreement table.
+/// Cohen's kappa of a 2x2 agreement table (rows: one rater, columns: the other; index 0 is the
+/// same verdict for both). The statistic is [`safetune_eval::metrics::Confusion::kappa`], the
+/// one judge-eval prints.
 pub fn kappa(m: &[[usize; 2]; 2]) -> f64 {
-    let n = (m[0][0] + m[0][1] + m[1][0] + m[1][1]) as f64;
-    if n == 0.0 {
-        return 0.0;
+    safetune_eval::metrics::Confusion {
+        tp: m[0][0] as u64,
+        fn_: m[0][1] as u64,
+        fp: m[1][0] as u64,
+        tn: m[1][1] as u64,
     }
-    let po = (m[0][0] + m[1][1]) as f64 / n;
-    let ra = (m[0][0] + m[0][1]) as f64 / n;
-    let ca = (m[0][0] + m[1][0]) as f64 / n;
-    let pe = ra * ca + (1.0 - ra) * (1.0 - ca);
-    if (1.0 - pe).abs() < 1e-12 {
-        if (po - 1.0).abs() < 1e-12 {
-            1.0
-        } else {
-            0.0
-        }
-    } else {
-        (po - pe) / (1.0 - pe)
-    }
+    .kappa()
 }
 
 /// Tuned conditions with a safety rate (the factorial's cells).
