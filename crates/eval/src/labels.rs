@@ -93,31 +93,31 @@ pub fn resolve_labels(spec: &str) -> Result<PathBuf> {
     }
 }
 
-/// Loads a label set by spec: `judge-labels`, `judge-labels:test`, `judge-labels:train` (this
-/// project's set, embedded), `demo:judge-labels` (all of it), `refusal`, `refusal_extra`
-/// (PyRIT's files from the asset cache) or a CSV/JSONL path. An empty set is returned as it is;
-/// the caller decides whether that is an error.
+/// Loads a label set by spec: `judge-labels:test` (the sealed `data/judge_test.jsonl`),
+/// `judge-labels`, `judge-labels:dev`, `judge-labels:train` (`data/judge_labels.jsonl`, all
+/// of it or one side of its split), `refusal`, `refusal_extra` (PyRIT's files from the asset
+/// cache) or a CSV/JSONL path; the embedded sets are also named `demo:NAME`. An empty set is
+/// returned as it is; the caller decides whether that is an error.
 pub fn load_labels(spec: &str) -> Result<LabelSet> {
-    let part = match spec {
-        "judge-labels" | "demo:judge-labels" => Some(None),
-        "judge-labels:dev" => Some(Some(Split::Test)),
-        "judge-labels:train" => Some(Some(Split::Train)),
+    // (embedded demo set, the file it was built from, the side of the split kept)
+    let embedded = match spec {
+        "judge-labels:test" | "judge-test" | "demo:judge-test" => {
+            Some(("judge-test", JUDGE_TEST_FILE, None))
+        }
+        "judge-labels" | "demo:judge-labels" => Some(("judge-labels", JUDGE_LABELS_FILE, None)),
+        "judge-labels:dev" => Some(("judge-labels", JUDGE_LABELS_FILE, Some(Split::Test))),
+        "judge-labels:train" => Some(("judge-labels", JUDGE_LABELS_FILE, Some(Split::Train))),
         _ => None,
     };
-    let sealed = matches!(spec, "judge-labels:test" | "judge-test" | "demo:judge-test");
-    let mut set = match part {
-        _ if sealed => judge_test_set()?,
-        Some(part) => {
-            let mut set = judge_labels_set()?;
+    let mut set = match embedded {
+        Some((demo, file, part)) => {
+            let mut set = embedded_set(demo, file)?;
             if let Some(part) = part {
                 set.rows = split_part(set.rows, part);
             }
             set
         }
-        None => {
-            let path = resolve_labels(spec)?;
-            read_label_set(&path)?
-        }
+        None => read_label_set(&resolve_labels(spec)?)?,
     };
     set.name = spec.to_string();
     set.role = label_role(spec);
@@ -126,11 +126,11 @@ pub fn load_labels(spec: &str) -> Result<LabelSet> {
 
 /// This project's labelled set, all rows (unclear rows left out).
 pub fn judge_labels_all() -> Result<Vec<LabelledResponse>> {
-    Ok(judge_labels_set()?.rows)
+    Ok(embedded_set("judge-labels", JUDGE_LABELS_FILE)?.rows)
 }
 
-/// One part of this project's labelled set: [`Split::Train`] (fit on it) or [`Split::Test`]
-/// (held out; report it). Unclear rows are left out.
+/// One part of `data/judge_labels.jsonl`: [`Split::Train`] (fit on it) or [`Split::Test`]
+/// (`judge-labels:dev`: held out from fitting, read to choose designs). Unclear rows are left out.
 pub fn judge_labels_part(part: Split) -> Result<Vec<LabelledResponse>> {
     Ok(split_part(judge_labels_all()?, part))
 }
@@ -146,24 +146,14 @@ pub fn split_part(rows: Vec<LabelledResponse>, part: Split) -> Vec<LabelledRespo
         .collect()
 }
 
-/// The sealed test set `data/judge_test.jsonl` (embedded as the demo set `judge-test`).
-fn judge_test_set() -> Result<LabelSet> {
-    let path = Path::new(JUDGE_TEST_FILE);
-    let text = safetune_data::demo::demo_text("judge-test").ok_or_else(|| {
+/// A labelled set built into the binary as the demo set `demo` (from `file`), every row with
+/// an id.
+fn embedded_set(demo: &str, file: &str) -> Result<LabelSet> {
+    let path = Path::new(file);
+    let text = safetune_data::demo::demo_text(demo).ok_or_else(|| {
         EvalError::file(
             path,
-            "not built into this safetune (the demo set `judge-test` is missing)",
-        )
-    })?;
-    parse_judge_labels(path, text)
-}
-
-fn judge_labels_set() -> Result<LabelSet> {
-    let path = Path::new(JUDGE_LABELS_FILE);
-    let text = safetune_data::demo::demo_text("judge-labels").ok_or_else(|| {
-        EvalError::file(
-            path,
-            "not built into this safetune (the demo set `judge-labels` is missing)",
+            format!("not built into this safetune (the demo set `{demo}` is missing)"),
         )
     })?;
     parse_judge_labels(path, text)
