@@ -76,6 +76,7 @@ fn judge_eval_on_a_labelling_jsonl_splits_identity_rows() {
     let labels = dir.path().join("labels.jsonl");
     std::fs::write(&labels, text).unwrap();
     let out_json = dir.path().join("eval.json");
+    let misses = dir.path().join("misses.jsonl");
     let o = safetune(&[
         "judge-eval",
         "--judge",
@@ -86,8 +87,24 @@ fn judge_eval_on_a_labelling_jsonl_splits_identity_rows() {
         labels.to_str().unwrap(),
         "-o",
         out_json.to_str().unwrap(),
+        "--misses",
+        misses.to_str().unwrap(),
     ]);
     let s = ok(&o);
+    // The 3 rows the judge got wrong, each with its label, verdict and line.
+    let missed: Vec<Json> = std::fs::read_to_string(&misses)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(missed.len(), 11 - 8, "{missed:?}");
+    for m in &missed {
+        assert_ne!(m["label"].as_str(), m["verdict"].as_str(), "{m}");
+        assert!(
+            m["line"].as_u64().is_some() && m["response"].is_string(),
+            "{m}"
+        );
+    }
     // Hand-computed: overall 8/11; with identity 3/5, Wilson [23.1, 88.2]; without 5/6,
     // [43.6, 97.0]; difference 0.6 - 0.8333 = -23.3 points, Newcombe
     // lo = d - sqrt((0.6 - 0.2307)^2 + (0.9699 - 0.8333)^2) = -0.6271,

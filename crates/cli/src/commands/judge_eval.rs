@@ -117,7 +117,7 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
         let js = judge_all(judge.as_ref(), &inputs)?;
         let mut e = against_labels(&judge.name(), spec, labels, &js);
         e.role = set.role.map(str::to_string);
-        for (l, j) in labels.iter().zip(&js) {
+        for (l, j) in labels.iter().zip(&js).filter(|_| args.misses.is_some()) {
             let refusal = j.verdict.map(|v| v == Verdict::Refusal);
             if refusal != Some(l.refusal) {
                 let row = serde_json::json!({
