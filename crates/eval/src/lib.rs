@@ -24,6 +24,7 @@
 pub mod bench;
 pub mod classifier;
 pub mod compare;
+pub mod effects;
 pub mod error;
 pub mod judge;
 pub mod labels;
