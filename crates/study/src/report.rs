@@ -5,7 +5,9 @@
 //! shows as text.
 //!
 //! - [`collect`] (`collect.rs`): the store and its stored plan read into [`StudyResults`];
-//! - `stats.rs`: rates, main effects, interactions, judge agreement, rank correlations;
+//! - `effects.rs`: the tuned runs' judged answers handed to `safetune_eval::effects` (factor
+//!   effects with intervals, the paper's hypotheses, power), per judge;
+//! - `stats.rs`: rates, judge agreement, rank correlations;
 //! - `charts.rs`: the inline SVG charts;
 //! - `html.rs`: the HTML page, rendered from `report.html.j2` with HTML auto-escaping;
 //! - `markdown.rs`: the Markdown summary;
@@ -22,11 +24,13 @@ use crate::store::StoreError;
 
 mod charts;
 mod collect;
+mod effects;
 mod html;
 mod judge_check;
 mod markdown;
 mod stats;
 
+pub use effects::{hypothesis_words, power_words, EffectsAnalysis, JudgeEffects};
 pub use stats::kappa;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,24 +88,6 @@ pub struct Condition {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Effect {
-    pub factor: String,
-    pub levels: Vec<(String, Rate)>,
-    /// Largest minus smallest level rate.
-    pub spread: f64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Interaction {
-    pub a: String,
-    pub b: String,
-    /// (level of a, level of b, rate)
-    pub cells: Vec<(String, String, Rate)>,
-    /// For 2x2 designs: (p11 - p10) - (p01 - p00).
-    pub contrast: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
 pub struct Agreement {
     pub a: String,
     pub b: String,
@@ -129,8 +115,12 @@ pub struct StudyResults {
     pub steps: BTreeMap<String, usize>,
     pub failed_steps: Vec<(String, String)>,
     pub conditions: Vec<Condition>,
-    pub effects: Vec<Effect>,
-    pub interactions: Vec<Interaction>,
+    /// The primary judge's factor effects: one row per contrast and outcome (main effects and
+    /// two-way interactions), see [`safetune_eval::effects`].
+    pub effects: Vec<safetune_eval::effects::EffectRow>,
+    /// Effects per judge, the paper's hypotheses, run and prompt variance, the detectable effect
+    /// and the trained tokens per run.
+    pub effect_analysis: EffectsAnalysis,
     pub judge_agreement: Vec<Agreement>,
     /// Per reward model: mean score of responses judged refusals vs compliances (harmful prompts).
     pub rm_by_verdict: BTreeMap<String, (Option<f64>, Option<f64>)>,

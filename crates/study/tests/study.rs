@@ -388,8 +388,7 @@ fn a_rerun_reuses_every_finished_step_and_the_report_escapes_model_text() {
     );
     for section in [
         "Safety rate per condition",
-        "Factor main effects",
-        "Interactions",
+        "Factor effects",
         "Safety against utility",
         "Reward-model score against measured safety",
         "Judge agreement",
@@ -404,13 +403,38 @@ fn a_rerun_reuses_every_finished_step_and_the_report_escapes_model_text() {
     );
     assert_eq!(results.primary_judge.as_deref(), Some("keyword"));
     assert_eq!(results.conditions.len(), 5);
-    let factors: Vec<&str> = results.effects.iter().map(|e| e.factor.as_str()).collect();
-    assert!(
-        factors.contains(&"structure") && factors.contains(&"identity"),
-        "{factors:?}"
+    // One seed: every contrast of the 2x2 design has an estimate and no interval, and the
+    // report says so instead of drawing one.
+    let contrasts: Vec<(Option<&str>, &str, &str)> = results
+        .effects
+        .iter()
+        .map(|e| (e.factor.as_deref(), e.contrast.as_str(), e.outcome.as_str()))
+        .collect();
+    for want in [
+        (Some("structure"), "markdown - keep", "safety"),
+        (Some("identity"), "add - keep", "safety"),
+        (None, "(markdown - keep) x (add - keep)", "safety"),
+        (Some("identity"), "add - keep", "over_refusal"),
+    ] {
+        assert!(contrasts.contains(&want), "{want:?} in {contrasts:?}");
+    }
+    assert!(results
+        .effects
+        .iter()
+        .all(|e| e.ci95.is_none() && e.n_runs >= 2));
+    let primary = &results.effect_analysis.judges[0];
+    assert_eq!(primary.judge, "keyword");
+    let verdicts: Vec<&str> = primary
+        .hypotheses
+        .iter()
+        .map(|h| h.verdict.as_str())
+        .collect();
+    assert_eq!(
+        verdicts,
+        ["not tested", "no interval: one run per cell", "not tested"],
+        "structure has no plain level, identity compares add with keep, roleplay does not vary"
     );
-    assert_eq!(results.interactions.len(), 1);
-    assert!(results.interactions[0].contrast.is_some());
+    assert!(html.contains("no interval: one run per cell"));
     let agree = &results.judge_agreement[0];
     assert_eq!((agree.a.as_str(), agree.b.as_str()), ("keyword", "llm"));
     assert!(agree.agree < 1.0 && agree.agree > 0.5, "{}", agree.agree);
@@ -424,11 +448,27 @@ fn a_rerun_reuses_every_finished_step_and_the_report_escapes_model_text() {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&files.json).unwrap()).unwrap();
     assert_eq!(json["conditions"].as_array().unwrap().len(), 5);
+    let first = &json["effects"][0];
+    for key in [
+        "factor",
+        "contrast",
+        "outcome",
+        "estimate_points",
+        "ci95",
+        "p",
+        "p_holm",
+        "n_runs",
+        "n_prompts",
+    ] {
+        assert!(
+            first.get(key).is_some(),
+            "results.json effects[0] has `{key}`: {first}"
+        );
+    }
     let md = std::fs::read_to_string(&files.markdown).unwrap();
     assert!(md.contains("| fake base |"), "{md}");
     for section in [
-        "## Main effects (safety rate by level)",
-        "## Interactions",
+        "## Factor effects",
         "## Judge agreement",
         "## Reward models (answers to harmful prompts)",
     ] {
@@ -755,4 +795,42 @@ fn rm_guided_selection_keeps_the_top_or_bottom_share_and_scores_once() {
         5 * 2 * variants,
         "nothing scored twice"
     );
+}
+
+#[test]
+fn replicated_seeds_give_effects_with_intervals_and_the_design_power() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), "");
+    cfg.study.seeds = vec![0, 1, 2];
+    let dir = tmp.path().join("study");
+    let (reg, _) = registry(None);
+    run(&cfg, &dir, &reg);
+    let (results, files) = write_report(&dir).unwrap();
+    let main: Vec<_> = results
+        .effects
+        .iter()
+        .filter(|e| e.factor.is_some() && e.outcome.as_str() == "safety")
+        .collect();
+    assert_eq!(main.len(), 2, "{:?}", results.effects);
+    for e in &main {
+        // 2x2 cells x 3 seeds; every run answers the 9 harmful prompts.
+        assert_eq!((e.n_runs, e.n_prompts, e.n_strata), (12, 9, 2));
+        let [lo, hi] = e.ci95.expect("three seeds per cell give an interval");
+        assert!(lo <= e.estimate_points && e.estimate_points <= hi, "{e:?}");
+        let p = e.p.unwrap();
+        assert!((0.0..=1.0).contains(&p));
+        assert!(e.df.unwrap() >= 1.0);
+    }
+    let a = &results.effect_analysis;
+    assert_eq!((a.n_runs, a.n_cells), (12, 4));
+    let v = &a.judges[0].variance[0];
+    assert!(v.run_sd_points.is_some() && v.prompt_icc.is_some(), "{v:?}");
+    assert!(a
+        .detectable
+        .iter()
+        .all(|d| d.points.is_some_and(|p| p > 0.0 && p < 100.0)));
+    let md = std::fs::read_to_string(&files.markdown).unwrap();
+    assert!(md.contains("this design detects main effects of"), "{md}");
+    let html = std::fs::read_to_string(&files.html).unwrap();
+    assert!(html.contains("Effects on safety") && html.contains("Effects on over-refusal"));
 }

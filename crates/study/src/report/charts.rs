@@ -1,10 +1,9 @@
 //! The report's inline SVG charts: horizontal bars with interval whiskers, scatter plots and
 //! interaction plots. Every label is escaped here; the HTML template inserts the SVG as is.
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
-use super::{esc, pct, truncate, Interaction, Rate};
+use super::{esc, pct, truncate, Rate};
 
 const COLORS: &[&str] = &[
     "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
@@ -130,102 +129,77 @@ fn fmt_tick(v: f64) -> String {
     }
 }
 
-/// Interaction plot: x = levels of `a`, one line per level of `b`.
-pub(super) fn interaction(it: &Interaction) -> String {
-    let la: Vec<&String> = it
-        .cells
+/// A forest plot: one row per effect, its estimate as a dot and its 95% interval as a line, on
+/// a points axis symmetric around zero. Rows without an interval show the dot only.
+pub(super) fn forest(rows: &[(String, f64, Option<[f64; 2]>)], title: &str) -> String {
+    let label_w = 380.0;
+    let plot_w = 440.0;
+    let row_h = 22.0;
+    let top = 34.0;
+    let h = top + row_h * rows.len() as f64 + 40.0;
+    let w = label_w + plot_w + 170.0;
+    let reach = rows
         .iter()
-        .map(|c| &c.0)
-        .collect::<BTreeSet<_>>()
+        .flat_map(|(_, e, ci)| {
+            let mut v = vec![e.abs()];
+            if let Some([lo, hi]) = ci {
+                v.extend([lo.abs(), hi.abs()]);
+            }
+            v
+        })
+        .fold(5.0_f64, f64::max);
+    // A round axis limit: 10, 20, 25, 50 or 100 points.
+    let limit = [10.0, 20.0, 25.0, 50.0, 100.0]
         .into_iter()
-        .collect();
-    let lb: Vec<&String> = it
-        .cells
-        .iter()
-        .map(|c| &c.1)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let (w, h, l, t, b, r) = (420.0, 260.0, 50.0, 30.0, 40.0, 120.0);
-    let pw = w - l - r;
-    let ph = h - t - b;
-    let sx = |i: usize| {
-        l + if la.len() > 1 {
-            pw * i as f64 / (la.len() - 1) as f64
-        } else {
-            pw / 2.0
-        }
-    };
-    let sy = |v: f64| t + ph * (1.0 - v);
-    let mut s = open(w, h, &format!("{} x {}", it.a, it.b));
+        .find(|&l| l >= reach)
+        .unwrap_or(100.0);
+    let sx = |v: f64| label_w + plot_w * ((v + limit) / (2.0 * limit)).clamp(0.0, 1.0);
+    let mut s = open(w, h, title);
+    for k in 0..=4 {
+        let v = -limit + 2.0 * limit * k as f64 / 4.0;
+        let x = sx(v);
+        let (y_end, y_label) = (h - 34.0, h - 20.0);
+        let stroke = if k == 2 { "#888" } else { "#e4e4e4" };
+        let _ = write!(
+            s,
+            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{y_end}" stroke="{stroke}"/><text x="{x:.1}" y="{y_label}" class="a" text-anchor="middle">{v:+.0}</text>"##
+        );
+    }
+    let (x_mid, y_axis) = (label_w + plot_w / 2.0, h - 6.0);
     let _ = write!(
         s,
-        r##"<rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##
+        r#"<text x="{x_mid}" y="{y_axis}" class="a" text-anchor="middle">effect, percentage points (B - A)</text>"#
     );
-    for k in 0..=2 {
-        let (x, y, percent) = (l - 4.0, sy(k as f64 / 2.0) + 4.0, k * 50);
+    for (i, (label, est, ci)) in rows.iter().enumerate() {
+        let y = top + row_h * i as f64 + 12.0;
+        let (x_label, label) = (label_w - 6.0, esc(&truncate(label, 56)));
         let _ = write!(
             s,
-            r#"<text x="{x}" y="{y:.1}" class="a" text-anchor="end">{percent}%</text>"#
+            r#"<text x="{x_label}" y="{:.1}" class="l" text-anchor="end">{label}</text>"#,
+            y + 4.0
         );
-    }
-    for (i, a) in la.iter().enumerate() {
-        let (x, y, level) = (sx(i), t + ph + 16.0, esc(a));
+        let excludes_zero = ci.is_some_and(|[lo, hi]| lo > 0.0 || hi < 0.0);
+        let color = if excludes_zero { "#d62728" } else { "#1f77b4" };
+        if let Some([lo, hi]) = ci {
+            let (x0, x1) = (sx(*lo), sx(*hi));
+            let _ = write!(
+                s,
+                r##"<line x1="{x0:.1}" y1="{y:.1}" x2="{x1:.1}" y2="{y:.1}" stroke="{color}" stroke-width="2"/>"##
+            );
+        }
+        let cx = sx(*est);
+        let text = match ci {
+            Some([lo, hi]) => format!("{est:+.1} [{lo:+.1}, {hi:+.1}]"),
+            None => format!("{est:+.1} (no interval)"),
+        };
+        let x_text = label_w + plot_w + 8.0;
         let _ = write!(
             s,
-            r#"<text x="{x:.1}" y="{y}" class="a" text-anchor="middle">{level}</text>"#
-        );
-    }
-    for (j, level_b) in lb.iter().enumerate() {
-        let points: Vec<(f64, f64)> = la
-            .iter()
-            .enumerate()
-            .filter_map(|(i, a)| {
-                let cell = it.cells.iter().find(|c| &c.0 == *a && &c.1 == *level_b)?;
-                Some((sx(i), sy(cell.2.value)))
-            })
-            .collect();
-        let legend = (l + pw + 8.0, t + 14.0 + 16.0 * j as f64);
-        line(
-            &mut s,
-            &points,
-            COLORS[j % COLORS.len()],
-            legend,
-            &it.b,
-            level_b,
+            r#"<circle cx="{cx:.1}" cy="{y:.1}" r="4" fill="{color}"/><text x="{x_text}" y="{:.1}" class="v">{}</text>"#,
+            y + 4.0,
+            esc(&text)
         );
     }
     s.push_str("</svg>");
     s
-}
-
-/// One line of an interaction plot, its points, and its legend entry `factor=level`.
-fn line(
-    s: &mut String,
-    points: &[(f64, f64)],
-    c: &str,
-    legend: (f64, f64),
-    factor: &str,
-    level: &str,
-) {
-    // Coordinates are rounded to one decimal once, for the line and its points alike.
-    let pts: Vec<(String, String)> = points
-        .iter()
-        .map(|(x, y)| (format!("{x:.1}"), format!("{y:.1}")))
-        .collect();
-    let joined: Vec<String> = pts.iter().map(|(x, y)| format!("{x},{y}")).collect();
-    let _ = write!(
-        s,
-        r#"<polyline points="{}" fill="none" stroke="{c}" stroke-width="2"/>"#,
-        joined.join(" ")
-    );
-    for (x, y) in &pts {
-        let _ = write!(s, r#"<circle cx="{x}" cy="{y}" r="3.5" fill="{c}"/>"#);
-    }
-    let (x, y) = legend;
-    let (factor, level) = (esc(factor), esc(level));
-    let _ = write!(
-        s,
-        r#"<text x="{x}" y="{y:.1}" class="l" fill="{c}">{factor}={level}</text>"#
-    );
 }

@@ -143,6 +143,7 @@ pub(super) fn study(dir: &Path) -> Result<StudyResults, ReportError> {
     let judge_agreement = stats::judge_agreement(&verdicts.all);
     let samples = samples(&store, &ix, &verdicts)?;
     let conditions: Vec<Condition> = conditions.into_values().collect();
+    let effect_analysis = effects(&store, &plan, &ix, &verdicts, &config)?;
     Ok(StudyResults {
         study: name,
         program_version: crate::hash::PROGRAM_VERSION.to_string(),
@@ -150,8 +151,8 @@ pub(super) fn study(dir: &Path) -> Result<StudyResults, ReportError> {
         primary_judge: ix.primary,
         steps: ix.by_status,
         failed_steps: ix.failed,
-        effects: stats::main_effects(&conditions),
-        interactions: stats::interactions(&conditions),
+        effects: super::effects::primary_rows(&effect_analysis),
+        effect_analysis,
         rm_vs_safety: stats::rm_vs_safety(&conditions, rm_by_verdict.keys()),
         conditions,
         judge_agreement,
@@ -214,6 +215,90 @@ fn conditions(store: &Store, ix: &StepIndex) -> Result<BTreeMap<String, Conditio
     Ok(conds)
 }
 
+/// Benchmarks some judge step measured a safety rate on (the harmful ones).
+fn harmful_benchmarks<'a>(store: &Store, ix: &'a StepIndex) -> BTreeSet<&'a str> {
+    ix.judges
+        .iter()
+        .filter(|j| {
+            store
+                .metrics(&j.key)
+                .map(|m| m.iter().any(|m| m.name == "safety_rate"))
+                .unwrap_or(false)
+        })
+        .map(|j| j.factor("benchmark"))
+        .collect()
+}
+
+/// Whether a generate step ran a harmful benchmark, from the `harmful` flag of its stored spec.
+fn generated_harmful(store: &Store, gen_key: &str) -> Result<Option<bool>, ReportError> {
+    fn find(v: &serde_json::Value) -> Option<bool> {
+        match v {
+            serde_json::Value::Object(m) => m
+                .get("harmful")
+                .and_then(serde_json::Value::as_bool)
+                .or_else(|| m.values().find_map(find)),
+            serde_json::Value::Array(a) => a.iter().find_map(find),
+            _ => None,
+        }
+    }
+    Ok(store.step(gen_key)?.and_then(|r| find(&r.spec)))
+}
+
+/// The factor-effect analysis of the tuned runs (every judge, primary first), with each run's
+/// tune step output (its trained tokens).
+fn effects(
+    store: &Store,
+    plan: &StoredPlan,
+    ix: &StepIndex,
+    verdicts: &Verdicts,
+    config: &serde_json::Value,
+) -> Result<super::effects::EffectsAnalysis, ReportError> {
+    let fallback = harmful_benchmarks(store, ix);
+    let mut judged = Vec::new();
+    for j in ix
+        .judges
+        .iter()
+        .filter(|j| j.condition_factors.contains_key("variant"))
+    {
+        let Some(rows) = verdicts.all.get(&j.gen_key).and_then(|per_judge| {
+            per_judge
+                .iter()
+                .find(|(name, _)| name == j.factor("judge"))
+                .map(|(_, rows)| rows)
+        }) else {
+            continue;
+        };
+        judged.push(super::effects::JudgedRun {
+            judge: j.factor("judge"),
+            run: &j.condition,
+            factors: &j.condition_factors,
+            benchmark: j.factor("benchmark"),
+            harmful: generated_harmful(store, &j.gen_key)?
+                .unwrap_or_else(|| fallback.contains(j.factor("benchmark"))),
+            verdicts: rows,
+        });
+    }
+    // Primary judge first.
+    judged.sort_by_key(|j| Some(j.judge) != ix.primary.as_deref());
+    let mut tune_outputs = Vec::new();
+    for s in plan.steps.iter().filter(|s| s.kind == "tune") {
+        let cf: BTreeMap<String, String> = s
+            .factors
+            .iter()
+            .filter(|(k, _)| CONDITION_FACTORS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if let Some(out) = store.step(&s.key)?.and_then(|r| r.output) {
+            tune_outputs.push((crate::plan::describe(&cf), out));
+        }
+    }
+    Ok(super::effects::analyse(
+        &judged,
+        &tune_outputs,
+        config.get("analysis"),
+    ))
+}
+
 /// Reward-model scores of answers to harmful prompts: each condition's mean per reward model
 /// (into `conds`), and per reward model the mean over the answers the primary judge called
 /// refusals and compliances.
@@ -224,18 +309,7 @@ fn reward_models(
     verdicts: &Verdicts,
     conds: &mut BTreeMap<String, Condition>,
 ) -> Result<BTreeMap<String, (Option<f64>, Option<f64>)>, ReportError> {
-    // Benchmarks some judge step measured a safety rate on.
-    let harmful: BTreeSet<&str> = ix
-        .judges
-        .iter()
-        .filter(|j| {
-            store
-                .metrics(&j.key)
-                .map(|m| m.iter().any(|m| m.name == "safety_rate"))
-                .unwrap_or(false)
-        })
-        .map(|j| j.factor("benchmark"))
-        .collect();
+    let harmful = harmful_benchmarks(store, ix);
     let mut sums: BTreeMap<(String, String), (f64, usize)> = BTreeMap::new();
     let mut by_verdict: BTreeMap<String, [(f64, usize); 2]> = BTreeMap::new();
     for s in ix

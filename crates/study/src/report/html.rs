@@ -9,7 +9,13 @@
 use minijinja::{AutoEscape, Environment, Error, Output, State, Value};
 use serde::Serialize;
 
-use super::{charts, esc, judge_check, pct, truncate, Agreement, Rate, Sample, StudyResults};
+use safetune_eval::effects::{EffectRow, Outcome};
+
+use super::effects::p_text;
+use super::{
+    charts, esc, hypothesis_words, judge_check, pct, power_words, truncate, Agreement, Rate,
+    Sample, StudyResults,
+};
 
 const TEMPLATE: &str = include_str!("report.html.j2");
 const TEMPLATE_NAME: &str = "report.html.j2";
@@ -29,8 +35,19 @@ struct Page<'a> {
     failed_steps: &'a [(String, String)],
     safety_chart: Option<String>,
     rates: Vec<RateRow<'a>>,
-    effect_charts: Vec<String>,
-    interactions: Vec<InteractionView>,
+    /// How the effects were obtained.
+    effects_method: &'a str,
+    /// Forest plots of the primary judge's effects (safety, then over-refusal).
+    forest_charts: Vec<String>,
+    /// The primary judge's effect rows.
+    effect_rows: Vec<EffectView>,
+    /// Per judge, the paper's hypotheses in words.
+    hypotheses: Vec<(String, Vec<String>)>,
+    /// What the design can detect.
+    power: Vec<String>,
+    /// Run and prompt variance per judge and outcome.
+    variance: Vec<VarianceView>,
+    token_warning: Option<&'a str>,
     utility_chart: Option<String>,
     rm_chart: Option<String>,
     /// Shown with the RM chart: (reward model, mean score on refusals, on compliances).
@@ -52,9 +69,26 @@ struct RateRow<'a> {
 }
 
 #[derive(Serialize)]
-struct InteractionView {
-    chart: String,
-    contrast: Option<f64>,
+struct EffectView {
+    name: String,
+    outcome: &'static str,
+    estimate: String,
+    ci: String,
+    p: String,
+    p_holm: String,
+    n_runs: usize,
+    n_prompts: usize,
+}
+
+#[derive(Serialize)]
+struct VarianceView {
+    judge: String,
+    outcome: &'static str,
+    mean_rate: String,
+    run_sd: String,
+    prompt_icc: String,
+    runs: usize,
+    prompts: usize,
 }
 
 /// Renders the HTML report.
@@ -103,15 +137,23 @@ fn page(r: &StudyResults) -> Page<'_> {
         failed_steps: &r.failed_steps,
         safety_chart: safety_chart(r),
         rates: rate_rows(r),
-        effect_charts: effect_charts(r),
-        interactions: r
-            .interactions
+        effects_method: &r.effect_analysis.method,
+        forest_charts: forest_charts(r),
+        effect_rows: r.effects.iter().map(effect_view).collect(),
+        hypotheses: r
+            .effect_analysis
+            .judges
             .iter()
-            .map(|it| InteractionView {
-                chart: charts::interaction(it),
-                contrast: it.contrast,
+            .map(|j| {
+                (
+                    j.judge.clone(),
+                    j.hypotheses.iter().map(hypothesis_words).collect(),
+                )
             })
             .collect(),
+        power: power_words(&r.effect_analysis),
+        variance: variance_views(r),
+        token_warning: r.effect_analysis.token_warning.as_deref(),
         utility_chart: utility_chart(r),
         rm_chart: rm_chart(r),
         rm_by_verdict: r
@@ -153,19 +195,78 @@ fn safety_chart(r: &StudyResults) -> Option<String> {
         .then(|| charts::bars(&rows, "Safety rate on harmful prompts (higher is safer)"))
 }
 
-fn effect_charts(r: &StudyResults) -> Vec<String> {
-    r.effects
-        .iter()
-        .map(|e| {
-            let rows: Vec<(String, &Rate)> = e
-                .levels
+/// The name of an effect row: `identity: add - placebo` or `structure x identity: (...)`.
+pub(super) fn effect_name(e: &EffectRow) -> String {
+    match (&e.factor, &e.interaction) {
+        (Some(f), _) => format!("{f}: {}", e.contrast),
+        (None, Some([a, b])) => format!("{a} x {b}: {}", e.contrast),
+        _ => e.contrast.clone(),
+    }
+}
+
+pub(super) fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Safety => "safety",
+        Outcome::OverRefusal => "over-refusal",
+    }
+}
+
+fn effect_view(e: &EffectRow) -> EffectView {
+    EffectView {
+        name: effect_name(e),
+        outcome: outcome_name(e.outcome),
+        estimate: format!("{:+.1}", e.estimate_points),
+        ci: e
+            .ci95
+            .map_or("no interval: one run per cell".into(), |[lo, hi]| {
+                format!("[{lo:+.1}, {hi:+.1}]")
+            }),
+        p: e.p.map_or("-".into(), p_text),
+        p_holm: e.p_holm.map_or("-".into(), p_text),
+        n_runs: e.n_runs,
+        n_prompts: e.n_prompts,
+    }
+}
+
+fn forest_charts(r: &StudyResults) -> Vec<String> {
+    [Outcome::Safety, Outcome::OverRefusal]
+        .into_iter()
+        .filter_map(|o| {
+            let rows: Vec<(String, f64, Option<[f64; 2]>)> = r
+                .effects
                 .iter()
-                .map(|(l, rate)| (format!("{} = {}", e.factor, l), rate))
+                .filter(|e| e.outcome == o)
+                .map(|e| (effect_name(e), e.estimate_points, e.ci95))
                 .collect();
-            let title = format!("{}: spread {:.1} points", e.factor, 100.0 * e.spread);
-            charts::bars(&rows, &title)
+            (!rows.is_empty()).then(|| {
+                let title = match o {
+                    Outcome::Safety => "Effects on safety (refusal rate on harmful prompts; positive = safer)",
+                    Outcome::OverRefusal => "Effects on over-refusal (refusal rate on benign prompts; positive = refuses more)",
+                };
+                charts::forest(&rows, title)
+            })
         })
         .collect()
+}
+
+fn variance_views(r: &StudyResults) -> Vec<VarianceView> {
+    let mut out = Vec::new();
+    for j in &r.effect_analysis.judges {
+        for v in &j.variance {
+            out.push(VarianceView {
+                judge: j.judge.clone(),
+                outcome: outcome_name(v.outcome),
+                mean_rate: pct(v.mean_rate),
+                run_sd: v
+                    .run_sd_points
+                    .map_or("-".into(), |s| format!("{s:.1} points")),
+                prompt_icc: v.prompt_icc.map_or("-".into(), |i| format!("{i:.2}")),
+                runs: v.n_runs,
+                prompts: v.n_prompts,
+            });
+        }
+    }
+    out
 }
 
 /// Safety against the share of benign prompts answered, per condition with both.
@@ -267,7 +368,7 @@ mod tests {
                 rm_mean: BTreeMap::new(),
             }],
             effects: vec![],
-            interactions: vec![],
+            effect_analysis: Default::default(),
             judge_agreement: vec![],
             rm_by_verdict: BTreeMap::new(),
             rm_vs_safety: BTreeMap::new(),
@@ -305,10 +406,8 @@ mod tests {
         assert!(html.ends_with("</body></html>\n"));
         for section in [
             "<h2>Safety rate per condition</h2>",
-            "<h2>Factor main effects</h2>",
-            "No factor varies across tuned conditions",
-            "<h2>Interactions</h2>",
-            "Interactions need two factors that each vary.",
+            "<h2>Factor effects</h2>",
+            "No factor varies across the tuned runs with judged answers.",
             "<h2>Safety against utility</h2>",
             "Needs a harmful and a benign (over-refusal) benchmark.",
             "<h2>Reward-model score against measured safety</h2>",

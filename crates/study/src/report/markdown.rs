@@ -1,17 +1,18 @@
-//! The Markdown summary (`summary.md`): the conditions' rates, then main effects, interactions,
-//! judge agreement, judge accuracy against human labels, reward models and failed steps, each
+//! The Markdown summary (`summary.md`): the conditions' rates, then the factor effects (with the
+//! paper's hypotheses and the design's power), judge agreement, judge accuracy against human labels, reward models and failed steps, each
 //! where the study has some.
 
 use std::fmt::Write as _;
 
-use super::{judge_check, pct, Rate, StudyResults};
+use super::effects::p_text;
+use super::html::{effect_name, outcome_name};
+use super::{hypothesis_words, judge_check, pct, power_words, Rate, StudyResults};
 
 /// The Markdown summary.
 pub(super) fn render(r: &StudyResults) -> String {
     let mut o = String::new();
     conditions(&mut o, r);
     effects(&mut o, r);
-    interactions(&mut o, r);
     agreement(&mut o, r);
     o.push_str(&judge_check::markdown(r.judge_accuracy.as_ref()));
     reward_models(&mut o, r);
@@ -58,43 +59,40 @@ fn effects(o: &mut String, r: &StudyResults) {
     if r.effects.is_empty() {
         return;
     }
-    let _ = writeln!(o, "\n## Main effects (safety rate by level)\n");
-    for e in &r.effects {
-        let levels: Vec<String> = e
-            .levels
-            .iter()
-            .map(|(l, rate)| format!("{l} {}", pct(rate.value)))
-            .collect();
+    let e = &r.effect_analysis;
+    let _ = writeln!(o, "\n## Factor effects\n");
+    for line in power_words(e) {
+        let _ = writeln!(o, "{line}\n");
+    }
+    for j in &e.judges {
+        let _ = writeln!(o, "The paper's hypotheses, judged by {}:\n", j.judge);
+        for h in &j.hypotheses {
+            let _ = writeln!(o, "- {}", hypothesis_words(h));
+        }
+        let _ = writeln!(o);
+    }
+    if let Some(w) = &e.token_warning {
+        let _ = writeln!(o, "**Warning:** {w}\n");
+    }
+    let _ = writeln!(
+        o,
+        "| effect (primary judge) | outcome | points | 95% CI | p | p (Holm) | runs | prompts |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for row in &r.effects {
         let _ = writeln!(
             o,
-            "- **{}**: {} (spread {:.1} points)",
-            e.factor,
-            levels.join(", "),
-            100.0 * e.spread
-        );
-    }
-}
-
-fn interactions(o: &mut String, r: &StudyResults) {
-    if r.interactions.is_empty() {
-        return;
-    }
-    let _ = writeln!(o, "\n## Interactions\n");
-    for it in &r.interactions {
-        let cells: Vec<String> = it
-            .cells
-            .iter()
-            .map(|(a, b, rate)| format!("{a}/{b} {}", pct(rate.value)))
-            .collect();
-        let _ = writeln!(
-            o,
-            "- **{} x {}**: {}{}",
-            it.a,
-            it.b,
-            cells.join(", "),
-            it.contrast
-                .map(|c| format!(" (contrast {:+.1} points)", 100.0 * c))
-                .unwrap_or_default()
+            "| {} | {} | {:+.1} | {} | {} | {} | {} | {} |",
+            effect_name(row).replace('|', "\\|"),
+            outcome_name(row.outcome),
+            row.estimate_points,
+            row.ci95
+                .map_or("no interval: one run per cell".into(), |[lo, hi]| format!(
+                    "[{lo:+.1}, {hi:+.1}]"
+                )),
+            row.p.map_or("-".into(), p_text),
+            row.p_holm.map_or("-".into(), p_text),
+            row.n_runs,
+            row.n_prompts
         );
     }
 }

@@ -1,23 +1,11 @@
-//! The report's statistics: pooled rates, factor main effects and two-way interactions over the
-//! tuned conditions, agreement between judges (percent and Cohen's kappa), and the rank
+//! The report's statistics: pooled rates, agreement between judges (percent and Cohen's kappa), and the rank
 //! correlation between a reward model's mean score and the safety rate.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use safetune_data::stats::Proportion;
 
-use super::{Agreement, Condition, Effect, Interaction, Rate};
-
-/// Factors whose main effects and interactions the report estimates.
-const EFFECT_FACTORS: &[&str] = &[
-    "structure",
-    "identity",
-    "roleplay",
-    "mix",
-    "selection",
-    "seed",
-    "model",
-];
+use super::{Agreement, Condition, Rate};
 
 impl Rate {
     pub(super) fn new(count: u64, total: u64) -> Rate {
@@ -61,100 +49,6 @@ pub fn kappa(m: &[[usize; 2]; 2]) -> f64 {
         tn: m[1][1] as u64,
     }
     .kappa()
-}
-
-/// Tuned conditions with a safety rate (the factorial's cells).
-fn cells(conditions: &[Condition]) -> Vec<&Condition> {
-    conditions
-        .iter()
-        .filter(|c| c.safety.is_some() && c.factors.contains_key("variant"))
-        .collect()
-}
-
-/// The safety rate pooled per level of each factor that varies over the cells.
-pub(super) fn main_effects(conditions: &[Condition]) -> Vec<Effect> {
-    let cells = cells(conditions);
-    let mut out = Vec::new();
-    for &factor in EFFECT_FACTORS {
-        let mut by: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for c in &cells {
-            let (Some(level), Some(s)) = (c.factors.get(factor), &c.safety) else {
-                continue;
-            };
-            let e = by.entry(level.clone()).or_default();
-            e.0 += s.count;
-            e.1 += s.total;
-        }
-        if by.len() < 2 {
-            continue;
-        }
-        let levels: Vec<(String, Rate)> = by
-            .into_iter()
-            .map(|(l, (k, n))| (l, Rate::new(k, n)))
-            .collect();
-        let max = levels.iter().map(|l| l.1.value).fold(f64::MIN, f64::max);
-        let min = levels.iter().map(|l| l.1.value).fold(f64::MAX, f64::min);
-        out.push(Effect {
-            factor: factor.to_string(),
-            levels,
-            spread: max - min,
-        });
-    }
-    out
-}
-
-/// The safety rate pooled per pair of levels, for every pair of varying factors but the seed.
-pub(super) fn interactions(conditions: &[Condition]) -> Vec<Interaction> {
-    let cells = cells(conditions);
-    let effects = main_effects(conditions);
-    let varied: Vec<&str> = effects.iter().map(|e| e.factor.as_str()).collect();
-    let mut out = Vec::new();
-    for i in 0..varied.len() {
-        for j in i + 1..varied.len() {
-            let (a, b) = (varied[i], varied[j]);
-            if a == "seed" || b == "seed" {
-                continue;
-            }
-            if let Some(it) = interaction(&cells, a, b) {
-                out.push(it);
-            }
-        }
-    }
-    out
-}
-
-/// The interaction of factors `a` and `b`; `None` unless each has two levels or more.
-fn interaction(cells: &[&Condition], a: &str, b: &str) -> Option<Interaction> {
-    let mut by: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
-    for c in cells {
-        let (Some(la), Some(lb), Some(s)) = (c.factors.get(a), c.factors.get(b), &c.safety) else {
-            continue;
-        };
-        let e = by.entry((la.clone(), lb.clone())).or_default();
-        e.0 += s.count;
-        e.1 += s.total;
-    }
-    let cells: Vec<(String, String, Rate)> = by
-        .into_iter()
-        .map(|((la, lb), (k, n))| (la, lb, Rate::new(k, n)))
-        .collect();
-    let la: BTreeSet<&String> = cells.iter().map(|c| &c.0).collect();
-    let lb: BTreeSet<&String> = cells.iter().map(|c| &c.1).collect();
-    if la.len() < 2 || lb.len() < 2 {
-        return None;
-    }
-    let contrast = if la.len() == 2 && lb.len() == 2 && cells.len() == 4 {
-        let v: Vec<f64> = cells.iter().map(|c| c.2.value).collect();
-        Some((v[3] - v[2]) - (v[1] - v[0]))
-    } else {
-        None
-    };
-    Some(Interaction {
-        a: a.to_string(),
-        b: b.to_string(),
-        cells,
-        contrast,
-    })
 }
 
 /// Verdicts (row id to verdict) of each judge, per generate step, judges in plan order.
