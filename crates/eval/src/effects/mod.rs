@@ -488,7 +488,6 @@ fn row(
         .iter()
         .flat_map(|&(c, _)| t.runs_in(c).collect::<Vec<_>>())
         .collect();
-    let _ = outcome;
     let (ci, p) = match (f.se, f.df) {
         (Some(se), Some(df)) if se > 0.0 => {
             let q = dist::t_quantile(0.975, df);
@@ -535,7 +534,7 @@ pub fn analyze(
                 if k.n_strata == 0 {
                     continue;
                 }
-                let (est, se, df, ci, p, n_runs) = row(&t, &k, outcome, rv, resid);
+                let (est, se, df, ci, p, n_runs) = row(&t, &k, rv, resid);
                 effects.push(EffectRow {
                     factor: Some(design.factors[*f].0.clone()),
                     interaction: None,
@@ -567,7 +566,7 @@ pub fn analyze(
                         if k.n_strata == 0 {
                             continue;
                         }
-                        let (est, se, df, ci, p, n_runs) = row(&t, &k, outcome, rv, resid);
+                        let (est, se, df, ci, p, n_runs) = row(&t, &k, rv, resid);
                         effects.push(EffectRow {
                             factor: None,
                             interaction: Some([
@@ -688,9 +687,17 @@ pub struct Hypothesis {
     pub verdict: String,
 }
 
-/// For each hypothesis: the factor, its words, the levels that may serve as control (in order
-/// of preference), the treatment levels, and whether the treatment raises safety.
-const HYPOTHESES: &[(&str, &str, &[&str], &[&str], bool)] = &[
+/// A hypothesis: the factor, its words, the levels that may serve as control (in order of
+/// preference), the treatment levels, and whether the treatment raises safety.
+type HypothesisSpec = (
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    &'static [&'static str],
+    bool,
+);
+
+const HYPOTHESES: &[HypothesisSpec] = &[
     (
         "structure",
         "plain-text answers lower safety (compared with Markdown or itemized answers)",
