@@ -468,20 +468,17 @@ fn interaction_contrast(
     }
 }
 
-fn row(
-    t: &Table,
-    k: &Contrast,
-    outcome: Outcome,
-    rv: (f64, usize),
-    resid: f64,
-) -> (
+/// A contrast's figures in points: estimate, se, df, interval, p, and the runs it reads.
+type RowFigures = (
     f64,
     Option<f64>,
     Option<f64>,
     Option<[f64; 2]>,
     Option<f64>,
     usize,
-) {
+);
+
+fn row(t: &Table, k: &Contrast, rv: (f64, usize), resid: f64) -> RowFigures {
     let f = fit(t, k, rv, resid);
     let runs: BTreeSet<usize> = k
         .weights
