@@ -162,7 +162,7 @@ pub(super) fn forest(rows: &[(String, f64, Option<[f64; 2]>)], title: &str) -> S
         let stroke = if k == 2 { "#888" } else { "#e4e4e4" };
         let _ = write!(
             s,
-            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{y_end}" stroke="{stroke}"/><text x="{x:.1}" y="{y_label}" class="a" text-anchor="middle">{v:+.0}</text>"##
+            r#"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{y_end}" stroke="{stroke}"/><text x="{x:.1}" y="{y_label}" class="a" text-anchor="middle">{v:+.0}</text>"#
         );
     }
     let (x_mid, y_axis) = (label_w + plot_w / 2.0, h - 6.0);
@@ -184,7 +184,7 @@ pub(super) fn forest(rows: &[(String, f64, Option<[f64; 2]>)], title: &str) -> S
             let (x0, x1) = (sx(*lo), sx(*hi));
             let _ = write!(
                 s,
-                r##"<line x1="{x0:.1}" y1="{y:.1}" x2="{x1:.1}" y2="{y:.1}" stroke="{color}" stroke-width="2"/>"##
+                r#"<line x1="{x0:.1}" y1="{y:.1}" x2="{x1:.1}" y2="{y:.1}" stroke="{color}" stroke-width="2"/>"#
             );
         }
         let cx = sx(*est);
