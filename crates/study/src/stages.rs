@@ -407,8 +407,12 @@ pub fn default_generator(m: &ModelArtifact) -> Result<Arc<dyn Generator>, StageE
                 m.name
             )));
         }
+        // The adapter is merged into the dense weights at load (identical greedy answers,
+        // about 20% faster decoding), and prompts go LOCAL_BATCH at a time.
         let load = LoadOptions {
             adapter: Some(adapter.clone()),
+            merge_adapter: true,
+            batch_size: LOCAL_BATCH,
             ..Default::default()
         };
         return Ok(load_generator(&spec, &load, &ClientConfig::default())?);
@@ -430,8 +434,17 @@ pub fn default_generator(m: &ModelArtifact) -> Result<Arc<dyn Generator>, StageE
         }
         return Ok(Arc::new(EndpointPool::new(&remote.model, &eps, &client)?));
     }
-    Ok(load_generator(&spec, &LoadOptions::default(), &client)?)
+    let load = LoadOptions {
+        batch_size: LOCAL_BATCH,
+        ..Default::default()
+    };
+    Ok(load_generator(&spec, &load, &client)?)
 }
+
+/// Prompts a local model answers together in a study. Measured on 2 shared cores (AMD EPYC,
+/// AVX2), 64 AdvBench prompts x 48 new tokens with SmolLM2-135M: 66 s at batch 8, 38 s at 32,
+/// 32 s at 64; answers are the same at every batch size (greedy).
+pub const LOCAL_BATCH: usize = 32;
 
 /// Generates answers to a benchmark split, committing each chunk of rows to the store as it
 /// finishes and skipping rows already there (a killed step resumes).
