@@ -30,7 +30,7 @@ mod judge_check;
 mod markdown;
 mod stats;
 
-pub use effects::{hypothesis_words, power_words, EffectsAnalysis, JudgeEffects};
+pub use effects::{hypothesis_words, power_words, tokens_words, EffectsAnalysis, JudgeEffects};
 pub use stats::kappa;
 
 #[derive(Debug, thiserror::Error)]

@@ -232,11 +232,7 @@ fn power(
 fn tokens(out: &mut EffectsAnalysis, tune_outputs: &[(String, Json)]) {
     out.trained_tokens = tune_outputs
         .iter()
-        .filter_map(|(run, o)| {
-            o.get("trained_tokens")
-                .and_then(Json::as_u64)
-                .map(|t| (run.clone(), t))
-        })
+        .filter_map(|(run, o)| trained_tokens(o).map(|t| (run.clone(), t)))
         .collect();
     let ts: Vec<u64> = out.trained_tokens.iter().map(|(_, t)| *t).collect();
     if let (Some(&lo), Some(&hi)) = (ts.iter().min(), ts.iter().max()) {
@@ -247,6 +243,28 @@ fn tokens(out: &mut EffectsAnalysis, tune_outputs: &[(String, Json)]) {
             ));
         }
     }
+}
+
+/// `trained_tokens` anywhere in a tune step's output (it sits in the model's `training`).
+fn trained_tokens(o: &Json) -> Option<u64> {
+    match o {
+        Json::Object(m) => m
+            .get("trained_tokens")
+            .and_then(Json::as_u64)
+            .or_else(|| m.values().find_map(trained_tokens)),
+        Json::Array(a) => a.iter().find_map(trained_tokens),
+        _ => None,
+    }
+}
+
+/// The trained tokens per tuned run in one sentence, when the steps recorded them.
+pub fn tokens_words(e: &EffectsAnalysis) -> Option<String> {
+    let ts: Vec<u64> = e.trained_tokens.iter().map(|(_, t)| *t).collect();
+    let (lo, hi) = (ts.iter().min()?, ts.iter().max()?);
+    Some(format!(
+        "Trained (loss-carrying) tokens per tuned run, over all epochs: {lo} to {hi} over {} runs.",
+        ts.len()
+    ))
 }
 
 /// The words for one hypothesis: what it says, what the data shows, and the figure.

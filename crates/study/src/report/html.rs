@@ -13,8 +13,8 @@ use safetune_eval::effects::{EffectRow, Outcome};
 
 use super::effects::p_text;
 use super::{
-    charts, esc, hypothesis_words, judge_check, pct, power_words, truncate, Agreement, Rate,
-    Sample, StudyResults,
+    charts, esc, hypothesis_words, judge_check, pct, power_words, tokens_words, truncate,
+    Agreement, Rate, Sample, StudyResults,
 };
 
 const TEMPLATE: &str = include_str!("report.html.j2");
@@ -151,7 +151,10 @@ fn page(r: &StudyResults) -> Page<'_> {
                 )
             })
             .collect(),
-        power: power_words(&r.effect_analysis),
+        power: power_words(&r.effect_analysis)
+            .into_iter()
+            .chain(tokens_words(&r.effect_analysis))
+            .collect(),
         variance: variance_views(r),
         token_warning: r.effect_analysis.token_warning.as_deref(),
         utility_chart: utility_chart(r),

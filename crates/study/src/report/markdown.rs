@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use super::effects::p_text;
 use super::html::{effect_name, outcome_name};
-use super::{hypothesis_words, judge_check, pct, power_words, Rate, StudyResults};
+use super::{hypothesis_words, judge_check, pct, power_words, tokens_words, Rate, StudyResults};
 
 /// The Markdown summary.
 pub(super) fn render(r: &StudyResults) -> String {
@@ -61,7 +61,7 @@ fn effects(o: &mut String, r: &StudyResults) {
     }
     let e = &r.effect_analysis;
     let _ = writeln!(o, "\n## Factor effects\n");
-    for line in power_words(e) {
+    for line in power_words(e).into_iter().chain(tokens_words(e)) {
         let _ = writeln!(o, "{line}\n");
     }
     for j in &e.judges {
