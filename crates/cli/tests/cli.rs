@@ -226,7 +226,11 @@ fn transform_writes_requested_levels() {
     let v: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
     assert_eq!(v["roleplay"]["count"], 0, "{v}");
     let first: serde_json::Value = serde_json::from_str(
-        std::fs::read_to_string(&o3).unwrap().lines().next().unwrap(),
+        std::fs::read_to_string(&o3)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(

@@ -673,8 +673,18 @@ impl StudyConfig {
             .persona_domain(&self.data.base)
             .map_err(|m| bad("factors.persona_domain", m))?;
         for (field, levels, wrong, right) in [
-            ("factors.identity", &self.factors.identity, Toggle::Neutral, "placebo"),
-            ("factors.roleplay", &self.factors.roleplay, Toggle::Placebo, "neutral"),
+            (
+                "factors.identity",
+                &self.factors.identity,
+                Toggle::Neutral,
+                "placebo",
+            ),
+            (
+                "factors.roleplay",
+                &self.factors.roleplay,
+                Toggle::Placebo,
+                "neutral",
+            ),
         ] {
             if levels.contains(&wrong) {
                 return Err(bad(
@@ -810,11 +820,17 @@ mod tests {
         let e = StudyConfig::parse(&format!("{MIN}[factors]\nidentity = [\"neutral\"]\n"), p)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("factors.identity") && e.contains("neutral"), "{e}");
+        assert!(
+            e.contains("factors.identity") && e.contains("neutral"),
+            "{e}"
+        );
         let e = StudyConfig::parse(&format!("{MIN}[factors]\nroleplay = [\"placebo\"]\n"), p)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("factors.roleplay") && e.contains("placebo"), "{e}");
+        assert!(
+            e.contains("factors.roleplay") && e.contains("placebo"),
+            "{e}"
+        );
         let c = StudyConfig::parse(
             &format!("{MIN}[factors]\nidentity = [\"add\", \"placebo\"]\nroleplay = [\"add\", \"neutral\"]\n"),
             p,
@@ -823,14 +839,23 @@ mod tests {
         assert_eq!(c.factors.identity, vec![Toggle::Add, Toggle::Placebo]);
         assert_eq!(c.factors.roleplay, vec![Toggle::Add, Toggle::Neutral]);
         use safetune_data::transform::PersonaDomain;
-        assert_eq!(c.factors.persona_domain(&c.data.base), Ok(PersonaDomain::Medical));
+        assert_eq!(
+            c.factors.persona_domain(&c.data.base),
+            Ok(PersonaDomain::Medical)
+        );
         let e = StudyConfig::parse(&format!("{MIN}[factors]\npersona_domain = \"law\"\n"), p)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("factors.persona_domain") && e.contains("law"), "{e}");
-        let c = StudyConfig::parse(&format!("{MIN}[factors]\npersona_domain = \"code\"\n"), p)
-            .unwrap();
-        assert_eq!(c.factors.persona_domain(&c.data.base), Ok(PersonaDomain::Code));
+        assert!(
+            e.contains("factors.persona_domain") && e.contains("law"),
+            "{e}"
+        );
+        let c =
+            StudyConfig::parse(&format!("{MIN}[factors]\npersona_domain = \"code\"\n"), p).unwrap();
+        assert_eq!(
+            c.factors.persona_domain(&c.data.base),
+            Ok(PersonaDomain::Code)
+        );
     }
 
     #[test]

@@ -283,8 +283,8 @@ impl Planner<'_> {
                     message,
                 };
                 let spec = resolve_model_spec(&m.spec).map_err(data_err(field))?;
-                let spec = safetune_model::ModelSpec::parse(&spec)
-                    .map_err(|e| invalid(e.to_string()))?;
+                let spec =
+                    safetune_model::ModelSpec::parse(&spec).map_err(|e| invalid(e.to_string()))?;
                 let source = safetune_model::template::model_chat_template(&spec).map_err(|e| {
                     invalid(format!(
                         "cannot read the chat template for its default system prompt: {e}"

@@ -99,7 +99,10 @@ fn control_levels_plan_matched_transforms_with_the_default_system_prompt() {
     let default = Some(DEFAULT.to_string());
     assert_eq!(t[0], ("add".into(), "keep".into(), None, None));
     assert_eq!(t[1], ("placebo".into(), "keep".into(), None, None));
-    assert_eq!(t[2], ("add".into(), "add".into(), medical.clone(), default.clone()));
+    assert_eq!(
+        t[2],
+        ("add".into(), "add".into(), medical.clone(), default.clone())
+    );
     assert_eq!(t[3], ("add".into(), "neutral".into(), medical, default));
 
     // Run the role-play transforms: every new system message starts with the default.
@@ -147,7 +150,10 @@ fn control_levels_plan_matched_transforms_with_the_default_system_prompt() {
             .iter()
             .filter(|c| c.messages[0].role == Role::System)
             .count();
-        assert!(created > 0 && created <= had_system, "{created} of {had_system}");
+        assert!(
+            created > 0 && created <= had_system,
+            "{created} of {had_system}"
+        );
     }
 }
 
@@ -156,7 +162,10 @@ fn user_placement_needs_no_default_system_prompt() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), "user");
     let t = transforms(&plan(&cfg).unwrap());
-    assert!(t.iter().all(|(_, _, _, default)| default.is_none()), "{t:?}");
+    assert!(
+        t.iter().all(|(_, _, _, default)| default.is_none()),
+        "{t:?}"
+    );
     assert_eq!(t[2].2.as_deref(), Some("medical"));
 }
 

@@ -121,7 +121,12 @@ pub struct TransformArgs {
 
 impl TransformArgs {
     pub fn recipe(&self) -> Recipe {
-        let data = self.data.data.as_deref().or(self.file.as_deref()).unwrap_or("");
+        let data = self
+            .data
+            .data
+            .as_deref()
+            .or(self.file.as_deref())
+            .unwrap_or("");
         Recipe {
             structure: match self.structure {
                 StructureArg::Keep => None,
