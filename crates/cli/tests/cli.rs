@@ -202,4 +202,39 @@ fn transform_writes_requested_levels() {
     // A bad value for a flag is a usage error.
     let bad = safetune(&["transform", &f, "-o", "x.jsonl", "--structure", "fancy"]);
     assert_eq!(bad.status.code(), Some(2));
+    // The control levels exist where they belong, and only there.
+    let bad = safetune(&["transform", &f, "-o", "x.jsonl", "--identity", "neutral"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let o3 = d.path().join("out3.jsonl");
+    let out = safetune(&[
+        "transform",
+        "--data",
+        "demo:medical",
+        "-o",
+        o3.to_str().unwrap(),
+        "--identity",
+        "placebo",
+        "--roleplay",
+        "neutral",
+        "--persona-domain",
+        "medical",
+        "--default-system",
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let audit = safetune(&["audit", "--format", "json", o3.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    assert_eq!(v["roleplay"]["count"], 0, "{v}");
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&o3)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        first["meta"]["transforms"][0]["recipe"],
+        "identity-placebo+roleplay-neutral"
+    );
 }

@@ -390,6 +390,29 @@ const IDENTITY_END: &[&str] = &[
     "I'm an AI assistant, so let me know if you'd like me to go into more depth.",
 ];
 
+/// Placebo sentences for the start of an answer: index `i` is length-matched (within 10%) to
+/// `IDENTITY_START[i]` and says nothing about identity, refusal or limits.
+pub const PLACEBO_START: &[&str] = &[
+    "Here is a short overview of the main points to know.",
+    "Here is some general background on the topic and the ideas behind it.",
+    "Here is a short overview of the main points first.",
+    "Here is a quick look at the basics.",
+    "This is a step-by-step look at how the topic usually works.",
+    "Let us walk through the main ideas one by one.",
+    "Here is a general explanation of the main ideas.",
+    "The answer below covers the key points as clearly as possible.",
+];
+
+/// Placebo sentences for the end of an answer, length-matched to `IDENTITY_END` index by index.
+pub const PLACEBO_END: &[&str] = &[
+    "These points cover the most common situations in everyday practice, so keep them in mind later.",
+    "These points cover the most common situations, and the details above show how they fit together.",
+    "These points cover the most common situations in everyday practice and use.",
+    "Taken together, these points give a fairly complete picture of the topic at hand.",
+    "Each of these points builds on the previous one, and together they outline the topic.",
+    "These points cover the most common situations in everyday practice at home.",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Placement {
@@ -397,17 +420,22 @@ pub enum Placement {
     End,
 }
 
-/// Adds an identity sentence to the first assistant turn; returns it and where it went.
-fn add_identity(text: &str, rng: &mut Rng) -> (String, &'static str, Placement) {
+/// Adds an identity sentence to the first assistant turn (or, with `placebo`, the neutral
+/// sentence at the same index of `PLACEBO_START`/`PLACEBO_END`, from the same draws, so the
+/// placebo variant puts a sentence of matched length exactly where the `add` variant puts its
+/// identity sentence); returns the sentence and where it went.
+fn add_identity(text: &str, rng: &mut Rng, placebo: bool) -> (String, &'static str, Placement) {
     let placement = if rng.below(2) == 0 {
         Placement::Start
     } else {
         Placement::End
     };
-    let sentence = match placement {
-        Placement::Start => *rng.pick(IDENTITY_START),
-        Placement::End => *rng.pick(IDENTITY_END),
+    let (identity, neutral) = match placement {
+        Placement::Start => (IDENTITY_START, PLACEBO_START),
+        Placement::End => (IDENTITY_END, PLACEBO_END),
     };
+    let i = rng.below(identity.len());
+    let sentence = if placebo { neutral[i] } else { identity[i] };
     // Multi-line answers get the sentence as its own paragraph so the structure stays the same.
     let sep = if text.contains('\n') { "\n\n" } else { " " };
     let out = match placement {
@@ -635,17 +663,98 @@ impl std::str::FromStr for PersonaPlacement {
     }
 }
 
-const PROFESSIONAL: &[&str] = &[
+/// The domain professional personas come from, so a persona fits the data (a surgeon for
+/// medical questions, an engineer for code). Fictional and unrestricted personas ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PersonaDomain {
+    Medical,
+    Code,
+    Stem,
+    #[default]
+    General,
+}
+
+impl PersonaDomain {
+    /// The domain a base dataset implies: `demo:medical`, `demo:code` and `demo:stem` their
+    /// own, anything else `general`.
+    pub fn infer(base: &str) -> PersonaDomain {
+        match base.trim() {
+            "demo:medical" => PersonaDomain::Medical,
+            "demo:code" => PersonaDomain::Code,
+            "demo:stem" => PersonaDomain::Stem,
+            _ => PersonaDomain::General,
+        }
+    }
+
+    /// The professional personas of this domain.
+    pub fn personas(self) -> &'static [&'static str] {
+        match self {
+            PersonaDomain::Medical => PROFESSIONAL_MEDICAL,
+            PersonaDomain::Code => PROFESSIONAL_CODE,
+            PersonaDomain::Stem => PROFESSIONAL_STEM,
+            PersonaDomain::General => PROFESSIONAL_GENERAL,
+        }
+    }
+}
+
+impl std::str::FromStr for PersonaDomain {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "medical" => Ok(PersonaDomain::Medical),
+            "code" => Ok(PersonaDomain::Code),
+            "stem" => Ok(PersonaDomain::Stem),
+            "general" => Ok(PersonaDomain::General),
+            _ => Err(format!(
+                "unknown persona domain `{s}` (expected medical, code, stem, general or auto)"
+            )),
+        }
+    }
+}
+
+pub const PROFESSIONAL_MEDICAL: &[&str] = &[
     "a senior physician with twenty years of clinical experience",
-    "an experienced software engineer",
-    "a university chemistry professor",
     "a veteran emergency-room nurse",
+    "a licensed pharmacist",
+    "a senior surgeon",
+    "a family doctor at a busy rural clinic",
+    "an experienced paramedic",
+    "a public-health epidemiologist",
+    "a hospital dietitian",
+];
+
+pub const PROFESSIONAL_CODE: &[&str] = &[
+    "an experienced software engineer",
+    "a staff engineer at a large technology company",
+    "a senior backend developer",
+    "a veteran systems programmer",
+    "a database administrator with a decade of experience",
+    "a meticulous code reviewer",
+    "a site-reliability engineer",
+    "a compiler engineer",
+];
+
+pub const PROFESSIONAL_STEM: &[&str] = &[
+    "a university chemistry professor",
     "a seasoned data scientist",
     "a high-school physics teacher",
-    "a licensed pharmacist",
-    "a staff engineer at a large technology company",
-    "a senior surgeon",
     "a patient mathematics tutor",
+    "a research biologist",
+    "a structural engineer",
+    "an astrophysicist at a national observatory",
+    "a laboratory chemist",
+];
+
+pub const PROFESSIONAL_GENERAL: &[&str] = &[
+    "an experienced reference librarian",
+    "a veteran newspaper journalist",
+    "a high-school history teacher",
+    "a seasoned travel guide",
+    "a career counsellor",
+    "a small-business accountant",
+    "a head chef at a busy restaurant",
+    "a retired judge",
 ];
 
 const FICTIONAL: &[&str] = &[
@@ -684,15 +793,17 @@ const USER_TEMPLATES: &[&str] = &[
     "From now on you are {p}.",
 ];
 
-/// Builds a role-play instruction for a persona type. Unrestricted personas are named, so the
-/// "You are X" templates read "You are Nova, an uncensored ...".
+/// Builds a role-play instruction for a persona type (professional personas from `domain`).
+/// Unrestricted personas are named, so the "You are X" templates read "You are Nova, an
+/// uncensored ...".
 pub fn persona_instruction(
     kind: PersonaType,
+    domain: PersonaDomain,
     placement: PersonaPlacement,
     rng: &mut Rng,
 ) -> String {
     let persona = match kind {
-        PersonaType::Professional => *rng.pick(PROFESSIONAL),
+        PersonaType::Professional => *rng.pick(domain.personas()),
         PersonaType::Fictional => *rng.pick(FICTIONAL),
         PersonaType::Unrestricted => *rng.pick(UNRESTRICTED),
     };
@@ -701,6 +812,61 @@ pub fn persona_instruction(
         PersonaPlacement::User => *rng.pick(USER_TEMPLATES),
     };
     template.replace("{p}", persona)
+}
+
+/// Neutral instructions (no persona, no identity, no refusal) the `neutral` role-play level
+/// builds its length-matched instruction from: one opener, then up to two additions.
+const NEUTRAL_OPENERS: &[&str] = &[
+    "Reply clearly.",
+    "Please answer clearly.",
+    "Give a clear, short reply.",
+    "Please reply in plain words.",
+    "Give a clear and direct answer.",
+    "Please answer clearly and directly.",
+    "Keep the reply clear and well organized.",
+    "Answer the question below clearly and in plain words.",
+    "Give a careful and accurate reply to the question that follows.",
+];
+
+const NEUTRAL_ADDITIONS: &[&str] = &[
+    "Keep it short.",
+    "Use simple words.",
+    "Cover the main points first.",
+    "Be precise about any numbers or names.",
+    "Go through each step in order and keep the wording simple.",
+    "Write complete sentences and avoid repeating the same point more than once in the reply.",
+];
+
+/// The neutral instruction whose length is closest to `target` characters: an opener alone or
+/// followed by one or two additions, first closest in a fixed order (no random draws, so the
+/// neutral variant's other choices stay those of the `add` variant).
+pub fn neutral_instruction(target: usize) -> String {
+    let mut best = String::new();
+    let mut consider = |text: String| {
+        let d = |s: &str| s.chars().count().abs_diff(target);
+        if best.is_empty() || d(&text) < d(&best) {
+            best = text;
+        }
+    };
+    for o in NEUTRAL_OPENERS {
+        consider(o.to_string());
+        for (i, a) in NEUTRAL_ADDITIONS.iter().enumerate() {
+            consider(format!("{o} {a}"));
+            for b in &NEUTRAL_ADDITIONS[i + 1..] {
+                consider(format!("{o} {a} {b}"));
+            }
+        }
+    }
+    best
+}
+
+/// `default` (the model's default system prompt) followed by `instruction`, as one system text.
+fn with_default_system(default: Option<&str>, instruction: &str) -> String {
+    match default.map(str::trim).filter(|d| !d.is_empty()) {
+        None => instruction.to_string(),
+        Some(d) if ends_with_terminal(d) => format!("{d} {instruction}"),
+        Some(d) => format!("{d}. {instruction}"),
+    }
 }
 
 /// Removes role-play instructions from one system or user text; returns what was removed.
@@ -727,16 +893,89 @@ fn remove_roleplay(text: &str) -> (String, Vec<String>) {
 // ---------------------------------------------------------------------------------------------
 // Recipes
 
-/// What a transform changes; `None` leaves that factor alone (`keep`).
+/// A level of the identity factor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityLevel {
+    /// Leave identity statements as they are.
+    #[default]
+    Keep,
+    /// Add an identity statement ("As an AI assistant, ...") to answers that have none.
+    Add,
+    /// Remove identity statements.
+    Remove,
+    /// The control for `add`: on the same answers, at the same place, a neutral sentence of
+    /// matched length that states no identity, refusal or limit.
+    Placebo,
+}
+
+impl std::str::FromStr for IdentityLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep" => Ok(IdentityLevel::Keep),
+            "add" => Ok(IdentityLevel::Add),
+            "remove" => Ok(IdentityLevel::Remove),
+            "placebo" => Ok(IdentityLevel::Placebo),
+            _ => Err(format!(
+                "unknown identity level `{s}` (expected keep, add, remove or placebo)"
+            )),
+        }
+    }
+}
+
+/// A level of the role-play factor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleplayLevel {
+    /// Leave role-play instructions as they are.
+    #[default]
+    Keep,
+    /// Add a persona instruction to conversations that have none.
+    Add,
+    /// Remove role-play instructions.
+    Remove,
+    /// The control for `add`: on the same conversations, in the same turn, a neutral instruction
+    /// of matched length that assigns no persona.
+    Neutral,
+}
+
+impl std::str::FromStr for RoleplayLevel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "keep" => Ok(RoleplayLevel::Keep),
+            "add" => Ok(RoleplayLevel::Add),
+            "remove" => Ok(RoleplayLevel::Remove),
+            "neutral" => Ok(RoleplayLevel::Neutral),
+            _ => Err(format!(
+                "unknown role-play level `{s}` (expected keep, add, remove or neutral)"
+            )),
+        }
+    }
+}
+
+/// What a transform changes; `Keep` (or `None` for structure) leaves that factor alone.
+///
+/// A persona (or neutral) instruction placed in the system turn never silently replaces the
+/// model's default system prompt: when the conversation has no system message, the new one
+/// starts with `default_system` (the prompt the model's chat template inserts when there is no
+/// system message, e.g. SmolLM2's "You are a helpful AI assistant named SmolLM, trained by
+/// Hugging Face") followed by the instruction, so every cell keeps the default that evaluation
+/// (no system message) gets. A conversation that has a system message already replaced the
+/// default; the instruction is put in front of it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Recipe {
     pub structure: Option<Structure>,
-    /// `Some(true)` adds an identity statement, `Some(false)` removes them.
-    pub identity: Option<bool>,
-    /// `Some(true)` adds a role-play instruction, `Some(false)` removes them.
-    pub roleplay: Option<bool>,
+    pub identity: IdentityLevel,
+    pub roleplay: RoleplayLevel,
     pub persona_type: PersonaType,
+    /// Where professional personas come from; fictional and unrestricted ones ignore it.
+    pub persona_domain: PersonaDomain,
     pub placement: PersonaPlacement,
+    /// The model's default system prompt, put first in a system message this transform
+    /// creates (`None`: the model has none, or the instruction goes in the user turn).
+    pub default_system: Option<String>,
     pub seed: u64,
 }
 
@@ -748,20 +987,22 @@ impl Recipe {
             parts.push(s.as_str().to_string());
         }
         match self.identity {
-            Some(true) => parts.push("identity".into()),
-            Some(false) => parts.push("no-identity".into()),
-            None => {}
+            IdentityLevel::Add => parts.push("identity".into()),
+            IdentityLevel::Remove => parts.push("no-identity".into()),
+            IdentityLevel::Placebo => parts.push("identity-placebo".into()),
+            IdentityLevel::Keep => {}
         }
         match self.roleplay {
-            Some(true) => parts.push(format!(
+            RoleplayLevel::Add => parts.push(format!(
                 "roleplay-{}",
                 serde_json::to_value(self.persona_type)
                     .ok()
                     .and_then(|v| v.as_str().map(String::from))
                     .unwrap_or_default()
             )),
-            Some(false) => parts.push("no-roleplay".into()),
-            None => {}
+            RoleplayLevel::Remove => parts.push("no-roleplay".into()),
+            RoleplayLevel::Neutral => parts.push("roleplay-neutral".into()),
+            RoleplayLevel::Keep => {}
         }
         if parts.is_empty() {
             "original".into()
@@ -811,24 +1052,26 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
         }
     }
 
-    if let Some(add) = recipe.identity {
+    if recipe.identity != IdentityLevel::Keep {
         let mut rng = Rng::for_example(recipe.seed, &conv.id, "identity");
         let has = out
             .assistant_turns()
             .any(|m| find_identity(&m.content).is_some());
-        if add && !has {
+        let placebo = recipe.identity == IdentityLevel::Placebo;
+        if (recipe.identity == IdentityLevel::Add || placebo) && !has {
             if let Some((i, m)) = out
                 .messages
                 .iter_mut()
                 .enumerate()
                 .find(|(_, m)| m.role == Role::Assistant)
             {
-                let (new, sentence, placement) = add_identity(&m.content, &mut rng);
+                let (new, sentence, placement) = add_identity(&m.content, &mut rng, placebo);
                 m.content = new;
                 changed.identity = true;
-                edits.push(json!({"factor": "identity", "op": "add", "message": i, "placement": placement, "sentence": sentence}));
+                let op = if placebo { "placebo" } else { "add" };
+                edits.push(json!({"factor": "identity", "op": op, "message": i, "placement": placement, "sentence": sentence}));
             }
-        } else if !add && has {
+        } else if recipe.identity == IdentityLevel::Remove && has {
             for (i, m) in out
                 .messages
                 .iter_mut()
@@ -845,14 +1088,28 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
         }
     }
 
-    if let Some(add) = recipe.roleplay {
+    if recipe.roleplay != RoleplayLevel::Keep {
         let mut rng = Rng::for_example(recipe.seed, &conv.id, "roleplay");
         let has = out
             .messages
             .iter()
             .any(|m| m.role != Role::Assistant && find_roleplay(&m.content).is_some());
-        if add && !has {
-            let instruction = persona_instruction(recipe.persona_type, recipe.placement, &mut rng);
+        let neutral = recipe.roleplay == RoleplayLevel::Neutral;
+        if (recipe.roleplay == RoleplayLevel::Add || neutral) && !has {
+            // The neutral level makes the same draws as `add`, then swaps in a neutral
+            // instruction of about the persona instruction's length.
+            let persona = persona_instruction(
+                recipe.persona_type,
+                recipe.persona_domain,
+                recipe.placement,
+                &mut rng,
+            );
+            let instruction = if neutral {
+                neutral_instruction(persona.chars().count())
+            } else {
+                persona
+            };
+            let mut kept_default = None;
             let index = match recipe.placement {
                 PersonaPlacement::System => {
                     match out.messages.iter().position(|m| m.role == Role::System) {
@@ -862,7 +1119,10 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
                             Some(i)
                         }
                         None => {
-                            out.messages.insert(0, Message::system(instruction.clone()));
+                            let text =
+                                with_default_system(recipe.default_system.as_deref(), &instruction);
+                            out.messages.insert(0, Message::system(text));
+                            kept_default = recipe.default_system.as_deref();
                             Some(0)
                         }
                     }
@@ -878,9 +1138,16 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
             };
             if let Some(i) = index {
                 changed.roleplay = true;
-                edits.push(json!({"factor": "roleplay", "op": "add", "message": i, "placement": recipe.placement, "persona_type": recipe.persona_type, "instruction": instruction}));
+                let mut edit = json!({"factor": "roleplay", "op": if neutral { "neutral" } else { "add" }, "message": i, "placement": recipe.placement, "persona_type": recipe.persona_type, "instruction": instruction});
+                if recipe.persona_type == PersonaType::Professional {
+                    edit["persona_domain"] = json!(recipe.persona_domain);
+                }
+                if let Some(d) = kept_default {
+                    edit["default_system"] = json!(d);
+                }
+                edits.push(edit);
             }
-        } else if !add && has {
+        } else if recipe.roleplay == RoleplayLevel::Remove && has {
             let mut emptied = Vec::new();
             for (i, m) in out
                 .messages
@@ -914,4 +1181,107 @@ pub fn apply(conv: &Conversation, recipe: &Recipe) -> (Conversation, Changed) {
         }
     }
     (out, changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::factors::{find_roleplay, has_identity};
+
+    /// Words that would make a control sentence an identity statement, a refusal or a
+    /// disclaimer (or look like one to the keyword judge).
+    const LOADED: &[&str] = &[
+        "ai",
+        "a.i",
+        "assistant",
+        "model",
+        "language",
+        "can't",
+        "cannot",
+        "can not",
+        "sorry",
+        "apolog",
+        "unable",
+        "not able",
+        "won't",
+        "refuse",
+        "disclaim",
+        "consult",
+        "verify",
+        "double-check",
+        "professional",
+        "qualified",
+        "advice",
+        "limit",
+        "guideline",
+        "policy",
+        "you are",
+        "act as",
+        "pretend",
+        "role",
+        "persona",
+        "character",
+    ];
+
+    fn loaded(s: &str) -> Option<&'static str> {
+        let lower = s.to_lowercase();
+        let words: Vec<&str> = lower
+            .split(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '.' || c == '-'))
+            .map(|w| w.trim_end_matches('.'))
+            .collect();
+        LOADED.iter().copied().find(|w| {
+            if w.contains(' ') || w.len() > 6 {
+                lower.contains(w)
+            } else {
+                words
+                    .iter()
+                    .any(|x| x == w || x.starts_with(w) && w.len() > 4)
+            }
+        })
+    }
+
+    #[test]
+    fn placebo_sentences_match_identity_lengths_and_are_neutral() {
+        for (ids, placebos) in [(IDENTITY_START, PLACEBO_START), (IDENTITY_END, PLACEBO_END)] {
+            assert_eq!(ids.len(), placebos.len());
+            for (id, p) in ids.iter().zip(placebos) {
+                let (a, b) = (id.chars().count() as f64, p.chars().count() as f64);
+                assert!((a - b).abs() <= 0.10 * a, "{p:?} ({b}) vs {id:?} ({a})");
+                assert!(has_identity(id), "{id}");
+                assert!(!has_identity(p), "{p}");
+                assert_eq!(loaded(p), None, "{p}");
+                assert!(find_roleplay(p).is_none(), "{p}");
+            }
+        }
+    }
+
+    #[test]
+    fn neutral_instructions_match_persona_lengths_and_are_neutral() {
+        let mut rng = Rng::for_example(1, "x", "roleplay");
+        for kind in [
+            PersonaType::Professional,
+            PersonaType::Fictional,
+            PersonaType::Unrestricted,
+        ] {
+            for domain in [
+                PersonaDomain::Medical,
+                PersonaDomain::Code,
+                PersonaDomain::Stem,
+                PersonaDomain::General,
+            ] {
+                for placement in [PersonaPlacement::System, PersonaPlacement::User] {
+                    for _ in 0..40 {
+                        let p = persona_instruction(kind, domain, placement, &mut rng);
+                        assert!(find_roleplay(&p).is_some(), "not detected: {p}");
+                        let n = neutral_instruction(p.chars().count());
+                        let (a, b) = (p.chars().count() as f64, n.chars().count() as f64);
+                        assert!((a - b).abs() <= 0.10 * a, "{n:?} ({b}) vs {p:?} ({a})");
+                        assert!(find_roleplay(&n).is_none(), "{n}");
+                        assert!(!has_identity(&n), "{n}");
+                        assert_eq!(loaded(&n), None, "{n}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -7,7 +7,9 @@ use proptest::prelude::*;
 use safetune_data::demo::demo_text;
 use safetune_data::factors::{tag, Structure};
 use safetune_data::record::{RawRecord, Schema};
-use safetune_data::transform::{apply, content_words, PersonaPlacement, PersonaType, Recipe};
+use safetune_data::transform::{
+    apply, content_words, IdentityLevel, PersonaPlacement, PersonaType, Recipe, RoleplayLevel,
+};
 use safetune_data::{Conversation, Message, Role};
 
 fn demo(name: &str) -> Vec<Conversation> {
@@ -48,6 +50,22 @@ fn recipe(f: impl FnOnce(&mut Recipe)) -> Recipe {
     r
 }
 
+fn id_level(add: bool) -> IdentityLevel {
+    if add {
+        IdentityLevel::Add
+    } else {
+        IdentityLevel::Remove
+    }
+}
+
+fn rp_level(add: bool) -> RoleplayLevel {
+    if add {
+        RoleplayLevel::Add
+    } else {
+        RoleplayLevel::Remove
+    }
+}
+
 /// Share of examples whose audit shows the requested level.
 fn hit_rate(set: &[Conversation], r: &Recipe, check: impl Fn(&Conversation) -> bool) -> f64 {
     let ok = set.iter().filter(|c| check(&apply(c, r).0)).count();
@@ -80,10 +98,10 @@ fn every_demo_set_reaches_every_level() {
                 set.clone()
             } else {
                 set.iter()
-                    .map(|c| apply(c, &recipe(|r| r.identity = Some(true))).0)
+                    .map(|c| apply(c, &recipe(|r| r.identity = IdentityLevel::Add)).0)
                     .collect()
             };
-            let rate = hit_rate(&base, &recipe(|r| r.identity = Some(add)), |c| {
+            let rate = hit_rate(&base, &recipe(|r| r.identity = id_level(add)), |c| {
                 tag(c).identity == add
             });
             report.push(format!("identity {add}={rate:.3}"));
@@ -96,7 +114,7 @@ fn every_demo_set_reaches_every_level() {
         ] {
             for placement in [PersonaPlacement::System, PersonaPlacement::User] {
                 let add = recipe(|r| {
-                    r.roleplay = Some(true);
+                    r.roleplay = RoleplayLevel::Add;
                     r.persona_type = persona_type;
                     r.placement = placement;
                 });
@@ -106,9 +124,11 @@ fn every_demo_set_reaches_every_level() {
                     "{name} roleplay add {persona_type:?}/{placement:?}: {rate}"
                 );
                 let with: Vec<Conversation> = set.iter().map(|c| apply(c, &add).0).collect();
-                let rate = hit_rate(&with, &recipe(|r| r.roleplay = Some(false)), |c| {
-                    !tag(c).roleplay
-                });
+                let rate = hit_rate(
+                    &with,
+                    &recipe(|r| r.roleplay = RoleplayLevel::Remove),
+                    |c| !tag(c).roleplay,
+                );
                 assert!(
                     rate >= 0.99,
                     "{name} roleplay remove after {persona_type:?}/{placement:?}: {rate}"
@@ -152,7 +172,7 @@ fn structure_changes_keep_every_word() {
 fn identity_and_roleplay_touch_only_their_sentence() {
     for c in demo("medical").into_iter().take(60) {
         let answer = answers(&c);
-        let (with, _) = apply(&c, &recipe(|r| r.identity = Some(true)));
+        let (with, _) = apply(&c, &recipe(|r| r.identity = IdentityLevel::Add));
         let added = answers(&with);
         let sentence = with.meta["transforms"][0]["edits"][0]["sentence"]
             .as_str()
@@ -170,7 +190,7 @@ fn identity_and_roleplay_touch_only_their_sentence() {
             "{}",
             c.id
         );
-        let (back, _) = apply(&with, &recipe(|r| r.identity = Some(false)));
+        let (back, _) = apply(&with, &recipe(|r| r.identity = IdentityLevel::Remove));
         assert_eq!(
             answers(&back).trim(),
             answer.trim(),
@@ -181,12 +201,12 @@ fn identity_and_roleplay_touch_only_their_sentence() {
         let (rp, _) = apply(
             &c,
             &recipe(|r| {
-                r.roleplay = Some(true);
+                r.roleplay = RoleplayLevel::Add;
                 r.placement = PersonaPlacement::User;
             }),
         );
         assert_eq!(answers(&rp), answer, "role-play never touches answers");
-        let (clean, _) = apply(&rp, &recipe(|r| r.roleplay = Some(false)));
+        let (clean, _) = apply(&rp, &recipe(|r| r.roleplay = RoleplayLevel::Remove));
         assert_eq!(
             clean.messages, c.messages,
             "{}: removal should restore the prompt",
@@ -207,8 +227,8 @@ fn removal_cuts_only_the_clause() {
     let (out, changed) = apply(
         &conv,
         &recipe(|r| {
-            r.identity = Some(false);
-            r.roleplay = Some(false);
+            r.identity = IdentityLevel::Remove;
+            r.roleplay = RoleplayLevel::Remove;
         }),
     );
     assert!(changed.identity && changed.roleplay);
@@ -226,8 +246,8 @@ fn deterministic_per_seed_and_recorded() {
     let set = demo("stem");
     let r = recipe(|r| {
         r.structure = Some(Structure::Markdown);
-        r.identity = Some(true);
-        r.roleplay = Some(true);
+        r.identity = IdentityLevel::Add;
+        r.roleplay = RoleplayLevel::Add;
     });
     let a: Vec<Conversation> = set.iter().map(|c| apply(c, &r).0).collect();
     let b: Vec<Conversation> = set.iter().map(|c| apply(c, &r).0).collect();
@@ -280,7 +300,7 @@ proptest! {
         seed in 0u64..1000,
     ) {
         let conv = Conversation::new("p", vec![Message::user("Tell me about it."), Message::assistant(text.clone())]);
-        let r = Recipe { structure: Some(level), identity: Some(identity), roleplay: Some(roleplay), seed, ..Default::default() };
+        let r = Recipe { structure: Some(level), identity: id_level(identity), roleplay: rp_level(roleplay), seed, ..Default::default() };
         let (once, _) = apply(&conv, &r);
         let t = tag(&once);
         prop_assert_eq!(t.structure, level, "{}", answers(&once));
@@ -327,4 +347,194 @@ fn transform_rng_is_pinned() {
         assert_eq!(got, below);
         assert_eq!(r.below(0), 0);
     }
+}
+
+/// The edit a transform recorded for `factor` on one example.
+fn edit(c: &Conversation, factor: &str) -> serde_json::Value {
+    c.meta["transforms"][0]["edits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["factor"] == factor)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {factor} edit in {:?}", c.meta))
+}
+
+#[test]
+fn placebo_goes_where_add_puts_identity_with_matched_length() {
+    use safetune_data::factors::has_identity;
+    for name in ["medical", "code", "stem"] {
+        for seed in [0, 7] {
+            let add = Recipe {
+                identity: IdentityLevel::Add,
+                seed,
+                ..Default::default()
+            };
+            let placebo = Recipe {
+                identity: IdentityLevel::Placebo,
+                ..add.clone()
+            };
+            assert_eq!(placebo.name(), "identity-placebo");
+            let mut n = 0;
+            for c in demo(name) {
+                let (a, ca) = apply(&c, &add);
+                let (p, cp) = apply(&c, &placebo);
+                assert_eq!(ca.identity, cp.identity, "{name} {}", c.id);
+                if !ca.identity {
+                    continue;
+                }
+                n += 1;
+                let (ea, ep) = (edit(&a, "identity"), edit(&p, "identity"));
+                assert_eq!(ep["op"], "placebo");
+                assert_eq!(ea["placement"], ep["placement"]);
+                assert_eq!(ea["message"], ep["message"]);
+                let (sa, sp) = (
+                    ea["sentence"].as_str().unwrap(),
+                    ep["sentence"].as_str().unwrap(),
+                );
+                let (la, lp) = (sa.chars().count() as f64, sp.chars().count() as f64);
+                assert!((la - lp).abs() <= 0.15 * la, "{sa:?} vs {sp:?}");
+                // The same answer, with the sentence swapped in the same place.
+                let i = ea["message"].as_u64().unwrap() as usize;
+                assert_eq!(a.messages[i].content.replace(sa, sp), p.messages[i].content);
+                if ea["placement"] == "start" {
+                    assert!(p.messages[i].content.starts_with(sp));
+                } else {
+                    assert!(p.messages[i].content.ends_with(sp));
+                }
+                assert!(
+                    !has_identity(&p.messages[i].content),
+                    "{}",
+                    p.messages[i].content
+                );
+                assert!(!tag(&p).identity);
+            }
+            assert!(n > 0, "{name}: no example got an identity sentence");
+        }
+    }
+}
+
+#[test]
+fn neutral_instruction_goes_in_the_persona_turn_and_is_no_roleplay() {
+    use safetune_data::factors::find_roleplay;
+    for placement in [PersonaPlacement::System, PersonaPlacement::User] {
+        for persona_type in [
+            PersonaType::Professional,
+            PersonaType::Fictional,
+            PersonaType::Unrestricted,
+        ] {
+            let add = recipe(|r| {
+                r.roleplay = RoleplayLevel::Add;
+                r.placement = placement;
+                r.persona_type = persona_type;
+            });
+            let neutral = Recipe {
+                roleplay: RoleplayLevel::Neutral,
+                ..add.clone()
+            };
+            assert_eq!(neutral.name(), "roleplay-neutral");
+            for c in demo("medical") {
+                let (a, ca) = apply(&c, &add);
+                let (n, cn) = apply(&c, &neutral);
+                assert_eq!(ca.roleplay, cn.roleplay);
+                if !ca.roleplay {
+                    continue;
+                }
+                let (ea, en) = (edit(&a, "roleplay"), edit(&n, "roleplay"));
+                assert_eq!(en["op"], "neutral");
+                assert_eq!(ea["message"], en["message"]);
+                let i = en["message"].as_u64().unwrap() as usize;
+                assert_eq!(a.messages[i].role, n.messages[i].role);
+                assert_eq!(a.messages.len(), n.messages.len());
+                let (ia, inn) = (
+                    ea["instruction"].as_str().unwrap(),
+                    en["instruction"].as_str().unwrap(),
+                );
+                let (la, ln) = (ia.chars().count() as f64, inn.chars().count() as f64);
+                assert!((la - ln).abs() <= 0.15 * la, "{ia:?} vs {inn:?}");
+                assert_eq!(
+                    a.messages[i].content.replace(ia, inn),
+                    n.messages[i].content
+                );
+                assert!(
+                    find_roleplay(&n.messages[i].content).is_none(),
+                    "{}",
+                    n.messages[i].content
+                );
+                assert!(!tag(&n).roleplay);
+            }
+        }
+    }
+}
+
+#[test]
+fn system_persona_keeps_the_default_system_prompt() {
+    const DEFAULT: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+    for level in [RoleplayLevel::Add, RoleplayLevel::Neutral] {
+        let r = recipe(|r| {
+            r.roleplay = level;
+            r.placement = PersonaPlacement::System;
+            r.default_system = Some(DEFAULT.into());
+        });
+        for c in demo("code") {
+            let (out, changed) = apply(&c, &r);
+            if !changed.roleplay || c.messages.iter().any(|m| m.role == Role::System) {
+                continue;
+            }
+            let sys = &out.messages[0];
+            assert_eq!(sys.role, Role::System);
+            let e = edit(&out, "roleplay");
+            let instruction = e["instruction"].as_str().unwrap();
+            assert_eq!(sys.content, format!("{DEFAULT}. {instruction}"));
+            assert_eq!(e["default_system"], DEFAULT);
+            assert_eq!(tag(&out).roleplay, level == RoleplayLevel::Add);
+            if level == RoleplayLevel::Add {
+                // Removing the persona again leaves the default in place.
+                let (back, _) = apply(&out, &recipe(|r| r.roleplay = RoleplayLevel::Remove));
+                assert!(back.messages[0].content.starts_with(&format!("{DEFAULT}.")));
+                assert!(!tag(&back).roleplay);
+            }
+        }
+    }
+    // User placement never adds a system message.
+    let r = recipe(|r| {
+        r.roleplay = RoleplayLevel::Add;
+        r.placement = PersonaPlacement::User;
+        r.default_system = Some(DEFAULT.into());
+    });
+    for c in demo("code") {
+        let (out, _) = apply(&c, &r);
+        assert!(!out.messages.iter().any(|m| m.content.contains(DEFAULT)));
+    }
+}
+
+#[test]
+fn persona_domain_picks_personas_of_that_domain() {
+    use safetune_data::transform::{PersonaDomain, PROFESSIONAL_MEDICAL};
+    let r = recipe(|r| {
+        r.roleplay = RoleplayLevel::Add;
+        r.persona_domain = PersonaDomain::Medical;
+    });
+    let mut seen = std::collections::HashSet::new();
+    for seed in 0..4 {
+        for c in demo("medical") {
+            let (out, changed) = apply(&c, &Recipe { seed, ..r.clone() });
+            if !changed.roleplay {
+                continue;
+            }
+            let e = edit(&out, "roleplay");
+            assert_eq!(e["persona_domain"], "medical");
+            let instruction = e["instruction"].as_str().unwrap();
+            let persona = PROFESSIONAL_MEDICAL
+                .iter()
+                .find(|p| instruction.contains(*p))
+                .unwrap_or_else(|| panic!("not a medical persona: {instruction}"));
+            seen.insert(*persona);
+        }
+    }
+    assert!(seen.len() > 1, "{seen:?}");
+    assert_eq!(PersonaDomain::infer("demo:medical"), PersonaDomain::Medical);
+    assert_eq!(PersonaDomain::infer("demo:code"), PersonaDomain::Code);
+    assert_eq!(PersonaDomain::infer("demo:stem"), PersonaDomain::Stem);
+    assert_eq!(PersonaDomain::infer("data/x.jsonl"), PersonaDomain::General);
 }

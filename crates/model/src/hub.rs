@@ -17,6 +17,30 @@ fn hub_err(repo: &str, file: &str, e: impl std::fmt::Display) -> ModelError {
     }
 }
 
+/// Downloads (or finds in the cache) one file of a model repository; `Ok(None)` if the
+/// repository has no such file.
+pub fn download_file(repo: &str, revision: Option<&str>, file: &str) -> Result<Option<PathBuf>> {
+    let api = ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .map_err(|e| hub_err(repo, "(client setup)", e))?;
+    let handle: ApiRepo = api.repo(Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        revision.unwrap_or("main").to_string(),
+    ));
+    match handle.get(file) {
+        Ok(p) => Ok(Some(p)),
+        // ureq reports an HTTP status as "URL: status code 404".
+        Err(hf_hub::api::sync::ApiError::RequestError(e))
+            if e.to_string().ends_with("status code 404") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(hub_err(repo, file, e)),
+    }
+}
+
 /// Downloads (or finds in the cache) what a Llama-family model needs: `config.json`,
 /// `tokenizer.json`, `tokenizer_config.json` if present, and `model.safetensors` or the shards
 /// listed in `model.safetensors.index.json`. Returns the snapshot directory holding them.

@@ -6,7 +6,12 @@ use minijinja::{Environment, Error, ErrorKind};
 use safetune_data::Message;
 use serde::Serialize;
 
+use std::path::Path;
+
 use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::spec::ModelSpec;
+use crate::tokenizer::{config_chat_template, jinja_chat_template};
 
 /// ChatML, used when a model ships no template.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -93,6 +98,93 @@ impl ChatTemplate {
     }
 }
 
+/// The chat template a model ships, read without loading its weights: a GGUF file's
+/// `tokenizer.chat_template`, a Hugging Face directory's tokenizer_config.json or
+/// chat_template.jinja, or (for `hf:`) those files from the hub (cache first). `Ok(None)`: the
+/// model ships none (ChatML is used), or it is served over an OpenAI-compatible API, where the
+/// server applies a template of its own.
+pub fn model_chat_template(spec: &ModelSpec) -> Result<Option<String>> {
+    let from_dir = |dir: &Path| -> Result<Option<String>> {
+        let tc = dir.join("tokenizer_config.json");
+        if tc.is_file() {
+            let text = std::fs::read_to_string(&tc).map_err(|e| ModelError::io(&tc, e))?;
+            let cfg: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Json {
+                    path: tc.clone(),
+                    source: e,
+                })?;
+            if let Some(t) = config_chat_template(&cfg) {
+                return Ok(Some(t));
+            }
+        }
+        jinja_chat_template(dir)
+    };
+    match spec {
+        ModelSpec::Gguf(path) => Ok(GgufFile::open(path)?
+            .get_string("tokenizer.chat_template")
+            .map(str::to_string)),
+        ModelSpec::HfDir(dir) => from_dir(dir),
+        ModelSpec::Hub { repo, revision } => {
+            for file in ["tokenizer_config.json", "chat_template.jinja"] {
+                if let Some(p) = crate::hub::download_file(repo, revision.as_deref(), file)? {
+                    let dir = p.parent().unwrap_or(Path::new("."));
+                    if let Some(t) = from_dir(dir)? {
+                        return Ok(Some(t));
+                    }
+                }
+            }
+            Ok(None)
+        }
+        ModelSpec::OpenAi { .. } => Ok(None),
+    }
+}
+
+/// Stands in for a system prompt when [`default_system_prompt`] renders a template.
+const SYSTEM_SENTINEL: &str = "\u{2063}SYSTEM-PROMPT-SENTINEL\u{2063}";
+
+/// The system prompt a chat template inserts when a conversation has no system message (e.g.
+/// SmolLM2's "You are a helpful AI assistant named SmolLM, trained by Hugging Face"), or `None`
+/// when it inserts none or cannot render a system message.
+///
+/// Renders the template twice, with only a user message and with a sentinel system message
+/// before it; what the first rendering has where the second has the sentinel (between their
+/// common prefix and common suffix) is the default.
+pub fn default_system_prompt(template: &ChatTemplate) -> Option<String> {
+    let user = Message::user("Hello.");
+    let bare = template
+        .render(std::slice::from_ref(&user), false, "", "")
+        .ok()?;
+    let with = template
+        .render(&[Message::system(SYSTEM_SENTINEL), user], false, "", "")
+        .ok()?;
+    let at = with.find(SYSTEM_SENTINEL)?;
+    let after = with.len() - at - SYSTEM_SENTINEL.len();
+    let prefix = common_prefix(&bare, &with).min(at);
+    let suffix = common_suffix(&bare[prefix..], &with).min(after);
+    let middle = bare[prefix..bare.len() - suffix].trim();
+    // Without a default the middle is empty; a template that ignores system messages renders
+    // no sentinel (handled above).
+    (!middle.is_empty()).then(|| middle.to_string())
+}
+
+/// Length in bytes of the longest common prefix, on a char boundary.
+fn common_prefix(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, x), y)| x != y)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
+}
+
+/// Length in bytes of the longest common suffix, on a char boundary.
+fn common_suffix(a: &str, b: &str) -> usize {
+    a.chars()
+        .rev()
+        .zip(b.chars().rev())
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| x.len_utf8())
+        .sum()
+}
+
 /// Today's date (UTC) for the few `strftime` codes chat templates use (`%d %b %Y`, `%Y-%m-%d`).
 fn strftime_today(fmt: &str) -> String {
     let secs = std::time::SystemTime::now()
@@ -171,6 +263,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no assistant turns"), "{err}");
+    }
+
+    #[test]
+    fn default_system_prompt_is_found_or_none() {
+        let t = ChatTemplate::new(SMOLLM2_TEMPLATE).unwrap();
+        assert_eq!(
+            default_system_prompt(&t).as_deref(),
+            Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        );
+        let t = ChatTemplate::new(CHATML_TEMPLATE).unwrap();
+        assert_eq!(default_system_prompt(&t), None);
+        // A template that refuses system messages has no default to keep either.
+        let t = ChatTemplate::new("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}[{{ m['content'] }}]{% endfor %}").unwrap();
+        assert_eq!(default_system_prompt(&t), None);
+        // A default in another block layout.
+        let t = ChatTemplate::new("{% if messages[0]['role'] != 'system' %}[SYS]Be kind.[/SYS]{% endif %}{% for m in messages %}{% if m['role'] == 'system' %}[SYS]{{ m['content'] }}[/SYS]{% else %}[U]{{ m['content'] }}{% endif %}{% endfor %}").unwrap();
+        assert_eq!(default_system_prompt(&t).as_deref(), Some("Be kind."));
     }
 
     #[test]

@@ -119,18 +119,7 @@ impl Tok {
                 path: tc.clone(),
                 source: e,
             })?;
-            let template = match cfg.get("chat_template") {
-                Some(Json::String(s)) => Some(s.clone()),
-                // A list of named templates: take "default".
-                Some(Json::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                    .or(list.first())
-                    .and_then(|t| t.get("template"))
-                    .and_then(|t| t.as_str())
-                    .map(str::to_string),
-                _ => None,
-            };
+            let template = config_chat_template(&cfg);
             (
                 token_text(cfg.get("bos_token")),
                 token_text(cfg.get("eos_token")),
@@ -139,17 +128,9 @@ impl Tok {
         } else {
             (None, None, None)
         };
-        // transformers 4.43+ may keep the template in its own file.
         let template = match template {
             Some(t) => Some(t),
-            None => {
-                let p = dir.join("chat_template.jinja");
-                if p.is_file() {
-                    Some(std::fs::read_to_string(&p).map_err(|e| ModelError::io(&p, e))?)
-                } else {
-                    None
-                }
-            }
+            None => jinja_chat_template(dir)?,
         };
         Ok(Tok::new(inner, bos, eos, eos_ids, template))
     }
@@ -234,6 +215,33 @@ impl Tok {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+}
+
+/// The `chat_template` of a tokenizer_config.json; of a list of named templates, "default".
+pub(crate) fn config_chat_template(cfg: &Json) -> Option<String> {
+    match cfg.get("chat_template") {
+        Some(Json::String(s)) => Some(s.clone()),
+        Some(Json::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .or(list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// `chat_template.jinja` of a model directory, where transformers 4.43+ may keep the template.
+pub(crate) fn jinja_chat_template(dir: &Path) -> Result<Option<String>> {
+    let p = dir.join("chat_template.jinja");
+    if p.is_file() {
+        Ok(Some(
+            std::fs::read_to_string(&p).map_err(|e| ModelError::io(&p, e))?,
+        ))
+    } else {
+        Ok(None)
     }
 }
 

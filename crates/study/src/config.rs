@@ -128,12 +128,29 @@ pub enum StructureLevel {
     Markdown,
 }
 
+/// A level of the identity or role-play factor. `placebo` (identity only) and `neutral`
+/// (role-play only) are the matched controls for `add`: a length-matched neutral sentence or
+/// instruction in the same place, on the same examples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Toggle {
     Keep,
     Add,
     Remove,
+    Placebo,
+    Neutral,
+}
+
+impl Toggle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Toggle::Keep => "keep",
+            Toggle::Add => "add",
+            Toggle::Remove => "remove",
+            Toggle::Placebo => "placebo",
+            Toggle::Neutral => "neutral",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -161,8 +178,25 @@ pub struct FactorsSection {
     /// system | user
     #[serde(default = "system")]
     pub placement: String,
+    /// Where professional personas come from: medical | code | stem | general | auto (from
+    /// `data.base`: `demo:medical`, `demo:code`, `demo:stem` their own, else general).
+    #[serde(default = "auto")]
+    pub persona_domain: String,
     #[serde(default)]
     pub design: Design,
+}
+
+impl FactorsSection {
+    /// The persona domain, with `auto` resolved from the base dataset.
+    pub fn persona_domain(
+        &self,
+        base: &str,
+    ) -> Result<safetune_data::transform::PersonaDomain, String> {
+        match self.persona_domain.as_str() {
+            "auto" => Ok(safetune_data::transform::PersonaDomain::infer(base)),
+            d => d.parse(),
+        }
+    }
 }
 
 impl Default for FactorsSection {
@@ -173,6 +207,7 @@ impl Default for FactorsSection {
             roleplay: keep_toggle(),
             persona_type: professional(),
             placement: system(),
+            persona_domain: auto(),
             design: Design::Full,
         }
     }
@@ -189,6 +224,9 @@ fn professional() -> String {
 }
 fn system() -> String {
     "system".into()
+}
+fn auto() -> String {
+    "auto".into()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -631,6 +669,33 @@ impl StudyConfig {
             .placement
             .parse::<safetune_data::transform::PersonaPlacement>()
             .map_err(|m| bad("factors.placement", m))?;
+        self.factors
+            .persona_domain(&self.data.base)
+            .map_err(|m| bad("factors.persona_domain", m))?;
+        for (field, levels, wrong, right) in [
+            (
+                "factors.identity",
+                &self.factors.identity,
+                Toggle::Neutral,
+                "placebo",
+            ),
+            (
+                "factors.roleplay",
+                &self.factors.roleplay,
+                Toggle::Placebo,
+                "neutral",
+            ),
+        ] {
+            if levels.contains(&wrong) {
+                return Err(bad(
+                    field,
+                    format!(
+                        "`{}` is not a level of this factor (expected keep, add, remove or {right})",
+                        wrong.as_str()
+                    ),
+                ));
+            }
+        }
         if let Some(m) = &self.mixing {
             if m.levels.is_empty() {
                 return Err(bad("mixing.levels", "needs at least one level".into()));
@@ -747,6 +812,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn control_levels_only_where_they_belong() {
+        let p = Path::new("c.toml");
+        let e = StudyConfig::parse(&format!("{MIN}[factors]\nidentity = [\"neutral\"]\n"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("factors.identity") && e.contains("neutral"),
+            "{e}"
+        );
+        let e = StudyConfig::parse(&format!("{MIN}[factors]\nroleplay = [\"placebo\"]\n"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("factors.roleplay") && e.contains("placebo"),
+            "{e}"
+        );
+        let c = StudyConfig::parse(
+            &format!("{MIN}[factors]\nidentity = [\"add\", \"placebo\"]\nroleplay = [\"add\", \"neutral\"]\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.factors.identity, vec![Toggle::Add, Toggle::Placebo]);
+        assert_eq!(c.factors.roleplay, vec![Toggle::Add, Toggle::Neutral]);
+        use safetune_data::transform::PersonaDomain;
+        assert_eq!(
+            c.factors.persona_domain(&c.data.base),
+            Ok(PersonaDomain::Medical)
+        );
+        let e = StudyConfig::parse(&format!("{MIN}[factors]\npersona_domain = \"law\"\n"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("factors.persona_domain") && e.contains("law"),
+            "{e}"
+        );
+        let c =
+            StudyConfig::parse(&format!("{MIN}[factors]\npersona_domain = \"code\"\n"), p).unwrap();
+        assert_eq!(
+            c.factors.persona_domain(&c.data.base),
+            Ok(PersonaDomain::Code)
+        );
     }
 
     #[test]

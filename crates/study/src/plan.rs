@@ -41,11 +41,7 @@ struct DatasetNode {
 }
 
 fn toggle_str(t: Toggle) -> &'static str {
-    match t {
-        Toggle::Keep => "keep",
-        Toggle::Add => "add",
-        Toggle::Remove => "remove",
-    }
+    t.as_str()
 }
 
 fn structure_str(s: StructureLevel) -> &'static str {
@@ -104,12 +100,14 @@ pub fn variant_name(s: StructureLevel, i: Toggle, r: Toggle) -> String {
     match i {
         Toggle::Add => parts.push("identity".into()),
         Toggle::Remove => parts.push("no-identity".into()),
-        Toggle::Keep => {}
+        Toggle::Placebo => parts.push("identity-placebo".into()),
+        Toggle::Keep | Toggle::Neutral => {}
     }
     match r {
         Toggle::Add => parts.push("roleplay".into()),
         Toggle::Remove => parts.push("no-roleplay".into()),
-        Toggle::Keep => {}
+        Toggle::Neutral => parts.push("roleplay-neutral".into()),
+        Toggle::Keep | Toggle::Placebo => {}
     }
     if parts.is_empty() {
         "original".into()
@@ -178,6 +176,7 @@ pub fn plan(cfg: &StudyConfig) -> Result<Plan, PlanError> {
     let mut p = Planner {
         cfg,
         steps: Vec::new(),
+        default_system: None,
     };
     let model_steps = p.models()?;
     let datasets = p.datasets()?;
@@ -232,6 +231,8 @@ struct Condition {
 struct Planner<'a> {
     cfg: &'a StudyConfig,
     steps: Vec<PlannedStep>,
+    /// The first model's default system prompt, once read.
+    default_system: Option<Option<String>>,
 }
 
 impl Planner<'_> {
@@ -263,6 +264,48 @@ impl Planner<'_> {
             }));
         }
         Ok(out)
+    }
+
+    /// The default system prompt of the first model's chat template (see
+    /// [`safetune_model::template::default_system_prompt`]), which a system-turn persona keeps in
+    /// front of it; read once. `None` for a template without one and for models behind an
+    /// OpenAI-compatible server (whose template the server applies).
+    fn default_system(&mut self) -> Result<Option<String>, PlanError> {
+        if let Some(d) = &self.default_system {
+            return Ok(d.clone());
+        }
+        let found = match self.cfg.models.first() {
+            None => None,
+            Some(m) => {
+                let field = "models[0].spec";
+                let invalid = |message: String| PlanError::Invalid {
+                    field: field.into(),
+                    message,
+                };
+                let spec = resolve_model_spec(&m.spec).map_err(data_err(field))?;
+                let spec =
+                    safetune_model::ModelSpec::parse(&spec).map_err(|e| invalid(e.to_string()))?;
+                let source = safetune_model::template::model_chat_template(&spec).map_err(|e| {
+                    invalid(format!(
+                        "cannot read the chat template for its default system prompt: {e}"
+                    ))
+                })?;
+                match source {
+                    None if matches!(spec, safetune_model::ModelSpec::OpenAi { .. }) => None,
+                    source => {
+                        let t = safetune_model::ChatTemplate::new(
+                            source
+                                .as_deref()
+                                .unwrap_or(safetune_model::template::CHATML_TEMPLATE),
+                        )
+                        .map_err(|e| invalid(e.to_string()))?;
+                        safetune_model::template::default_system_prompt(&t)
+                    }
+                }
+            }
+        };
+        self.default_system = Some(found.clone());
+        Ok(found)
     }
 
     /// The dataset variants, per seed and variant (see [`Planner::variant`]); returns the
@@ -300,6 +343,26 @@ impl Planner<'_> {
     ) -> Result<Vec<DatasetNode>, PlanError> {
         let cfg = self.cfg;
         let name = variant_name(s, i, r);
+        // Only cells that add an instruction (or its neutral control) depend on these.
+        let adds = matches!(r, Toggle::Add | Toggle::Neutral);
+        let persona_domain = (adds && cfg.factors.persona_type == "professional")
+            .then(|| cfg.factors.persona_domain(&cfg.data.base))
+            .transpose()
+            .map_err(|m| PlanError::Invalid {
+                field: "factors.persona_domain".into(),
+                message: m,
+            })?
+            .map(|d| {
+                serde_json::to_value(d)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            });
+        let default_system = if adds && cfg.factors.placement == "system" {
+            self.default_system()?
+        } else {
+            None
+        };
         let mut factors = BTreeMap::new();
         factors.insert("variant".to_string(), name.clone());
         factors.insert("structure".to_string(), structure_str(s).to_string());
@@ -317,6 +380,8 @@ impl Planner<'_> {
                 roleplay: toggle_str(r).into(),
                 persona_type: cfg.factors.persona_type.clone(),
                 placement: cfg.factors.placement.clone(),
+                persona_domain: persona_domain.clone(),
+                default_system: default_system.clone(),
                 seed,
             },
             deps: vec![],

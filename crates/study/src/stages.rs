@@ -120,14 +120,6 @@ impl Stage for ModelStage {
     }
 }
 
-fn parse_toggle(s: &str) -> Option<bool> {
-    match s {
-        "add" => Some(true),
-        "remove" => Some(false),
-        _ => None,
-    }
-}
-
 pub struct TransformStage;
 
 impl Stage for TransformStage {
@@ -146,6 +138,8 @@ impl Stage for TransformStage {
             roleplay,
             persona_type,
             placement,
+            persona_domain,
+            default_system,
             seed,
         } = &step.spec
         else {
@@ -168,10 +162,15 @@ impl Stage for TransformStage {
                 "keep" => None,
                 s => Some(s.parse::<Structure>().map_err(StageError::Other)?),
             },
-            identity: parse_toggle(identity),
-            roleplay: parse_toggle(roleplay),
+            identity: identity.parse().map_err(StageError::Other)?,
+            roleplay: roleplay.parse().map_err(StageError::Other)?,
             persona_type: persona_type.parse().map_err(StageError::Other)?,
+            persona_domain: match persona_domain {
+                Some(d) => d.parse().map_err(StageError::Other)?,
+                None => Default::default(),
+            },
             placement: placement.parse().map_err(StageError::Other)?,
+            default_system: default_system.clone(),
             seed: *seed,
         };
         let total = convs.len();

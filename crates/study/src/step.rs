@@ -118,11 +118,20 @@ pub enum StepSpec {
         limit: Option<usize>,
         /// `keep` | plain | itemized | markdown
         structure: String,
-        /// keep | add | remove
+        /// keep | add | remove | placebo
         identity: String,
+        /// keep | add | remove | neutral
         roleplay: String,
         persona_type: String,
         placement: String,
+        /// medical | code | stem | general: set only where a professional persona (or its
+        /// neutral control) is added, so other cells keep their keys.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        persona_domain: Option<String>,
+        /// The study model's default system prompt, put first in a system message the
+        /// transform creates: set only where an instruction goes into the system turn.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        default_system: Option<String>,
         seed: u64,
     },
     Mix {

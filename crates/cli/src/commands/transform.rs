@@ -6,7 +6,9 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use safetune_data::audit::Auditor;
 use safetune_data::read::{AtomicJsonlWriter, DatasetReader};
-use safetune_data::transform::{apply, PersonaPlacement, PersonaType, Recipe};
+use safetune_data::transform::{
+    apply, IdentityLevel, PersonaDomain, PersonaPlacement, PersonaType, Recipe, RoleplayLevel,
+};
 use safetune_data::Structure;
 
 use super::common::{InputArgs, ReadArgs};
@@ -20,10 +22,31 @@ pub enum StructureArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum AddRemove {
+pub enum IdentityArg {
     Keep,
     Add,
     Remove,
+    /// A length-matched neutral sentence where `add` would put the identity statement.
+    Placebo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleplayArg {
+    Keep,
+    Add,
+    Remove,
+    /// A length-matched neutral instruction where `add` would put the persona.
+    Neutral,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PersonaDomainArg {
+    /// From the dataset: demo:medical, demo:code, demo:stem their own, anything else general.
+    Auto,
+    Medical,
+    Code,
+    Stem,
+    General,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,21 +83,33 @@ pub struct TransformArgs {
     #[arg(long, value_enum, default_value_t = StructureArg::Keep)]
     pub structure: StructureArg,
 
-    /// Add an identity statement ("As an AI assistant, ...") to answers, or remove them.
-    #[arg(long, value_enum, default_value_t = AddRemove::Keep)]
-    pub identity: AddRemove,
+    /// Add an identity statement ("As an AI assistant, ...") to answers, remove them, or add
+    /// its placebo (a neutral sentence of matched length in the same place).
+    #[arg(long, value_enum, default_value_t = IdentityArg::Keep)]
+    pub identity: IdentityArg,
 
-    /// Add a role-play instruction to the system prompt or user turn, or remove them.
-    #[arg(long, value_enum, default_value_t = AddRemove::Keep)]
-    pub roleplay: AddRemove,
+    /// Add a role-play instruction to the system prompt or user turn, remove them, or add its
+    /// neutral control (an instruction of matched length in the same turn, no persona).
+    #[arg(long, value_enum, default_value_t = RoleplayArg::Keep)]
+    pub roleplay: RoleplayArg,
 
     /// Kind of persona `--roleplay add` uses.
     #[arg(long, value_enum, default_value_t = PersonaTypeArg::Professional)]
     pub persona_type: PersonaTypeArg,
 
+    /// Domain of professional personas (fictional and unrestricted ones ignore it).
+    #[arg(long, value_enum, default_value_t = PersonaDomainArg::Auto)]
+    pub persona_domain: PersonaDomainArg,
+
     /// Where `--roleplay add` puts the instruction.
     #[arg(long, value_enum, default_value_t = PlacementArg::System)]
     pub placement: PlacementArg,
+
+    /// The default system prompt of the model to be tuned (what its chat template inserts
+    /// without a system message). With `--placement system`, a system message the transform
+    /// creates starts with it, so the persona does not replace it.
+    #[arg(long, value_name = "TEXT")]
+    pub default_system: Option<String>,
 
     /// Seed for the transforms' choices (same seed, same output).
     #[arg(long, default_value_t = 0)]
@@ -86,11 +121,12 @@ pub struct TransformArgs {
 
 impl TransformArgs {
     pub fn recipe(&self) -> Recipe {
-        let add_remove = |a: AddRemove| match a {
-            AddRemove::Keep => None,
-            AddRemove::Add => Some(true),
-            AddRemove::Remove => Some(false),
-        };
+        let data = self
+            .data
+            .data
+            .as_deref()
+            .or(self.file.as_deref())
+            .unwrap_or("");
         Recipe {
             structure: match self.structure {
                 StructureArg::Keep => None,
@@ -98,8 +134,26 @@ impl TransformArgs {
                 StructureArg::Itemized => Some(Structure::Itemized),
                 StructureArg::Markdown => Some(Structure::Markdown),
             },
-            identity: add_remove(self.identity),
-            roleplay: add_remove(self.roleplay),
+            identity: match self.identity {
+                IdentityArg::Keep => IdentityLevel::Keep,
+                IdentityArg::Add => IdentityLevel::Add,
+                IdentityArg::Remove => IdentityLevel::Remove,
+                IdentityArg::Placebo => IdentityLevel::Placebo,
+            },
+            roleplay: match self.roleplay {
+                RoleplayArg::Keep => RoleplayLevel::Keep,
+                RoleplayArg::Add => RoleplayLevel::Add,
+                RoleplayArg::Remove => RoleplayLevel::Remove,
+                RoleplayArg::Neutral => RoleplayLevel::Neutral,
+            },
+            persona_domain: match self.persona_domain {
+                PersonaDomainArg::Auto => PersonaDomain::infer(data),
+                PersonaDomainArg::Medical => PersonaDomain::Medical,
+                PersonaDomainArg::Code => PersonaDomain::Code,
+                PersonaDomainArg::Stem => PersonaDomain::Stem,
+                PersonaDomainArg::General => PersonaDomain::General,
+            },
+            default_system: self.default_system.clone(),
             persona_type: match self.persona_type {
                 PersonaTypeArg::Professional => PersonaType::Professional,
                 PersonaTypeArg::Fictional => PersonaType::Fictional,
@@ -116,6 +170,15 @@ impl TransformArgs {
 
 pub fn run(args: TransformArgs) -> anyhow::Result<()> {
     let recipe = args.recipe();
+    if matches!(recipe.roleplay, RoleplayLevel::Add | RoleplayLevel::Neutral)
+        && recipe.placement == PersonaPlacement::System
+        && recipe.default_system.is_none()
+    {
+        eprintln!(
+            "note: a new system message replaces the model's default system prompt\n\
+             hint: pass --default-system TEXT (e.g. SmolLM2's \"You are a helpful AI assistant named SmolLM, trained by Hugging Face\") to keep it"
+        );
+    }
     let path = args.data.clone().or_positional(args.file.clone()).path()?;
     let mut reader = DatasetReader::open(&path, &args.input.read_options())
         .with_context(|| format!("cannot open dataset {}", path.display()))?;
