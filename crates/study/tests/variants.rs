@@ -171,11 +171,9 @@ fn user_placement_needs_no_default_system_prompt() {
 
 #[test]
 fn the_smollm2_asset_gives_its_default_system_prompt() {
-    // Needs the asset cache (scripts/fetch-assets); skipped without it.
-    let Ok(gguf) = safetune_data::assets::asset(safetune_data::assets::SMOLLM2_GGUF) else {
-        eprintln!("skipped: no SmolLM2 asset");
-        return;
-    };
+    // Needs the asset cache (scripts/test fetches it first).
+    let gguf = safetune_data::assets::asset(safetune_data::assets::SMOLLM2_GGUF)
+        .expect("assets: run scripts/fetch-assets");
     let spec = safetune_model::ModelSpec::parse(&gguf.display().to_string()).unwrap();
     let source = safetune_model::template::model_chat_template(&spec)
         .unwrap()
