@@ -792,3 +792,45 @@ impl Plan {
         o
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench(limit: Option<usize>, sample_seed: u64) -> BenchmarkRef {
+        BenchmarkRef {
+            name: "adv".into(),
+            source: "advbench".into(),
+            content_hash: String::new(),
+            harmful: true,
+            split: SplitChoice::Test,
+            split_seed: 0,
+            test_fraction: 0.5,
+            limit,
+            sample_seed,
+        }
+    }
+
+    fn ids(set: &PromptSet) -> Vec<String> {
+        set.items.iter().map(|i| i.id.clone()).collect()
+    }
+
+    #[test]
+    fn limit_draws_a_seeded_sample_that_grows_as_a_superset() {
+        let set = PromptSet::load("advbench", None).unwrap();
+        let all = ids(&select_prompts(&set, &bench(None, 0)));
+        let small = ids(&select_prompts(&set, &bench(Some(16), 0)));
+        let large = ids(&select_prompts(&set, &bench(Some(48), 0)));
+        assert_eq!((small.len(), large.len()), (16, 48));
+        assert!(small.iter().all(|id| large.contains(id)));
+        // Not the first N of the split, and in the split's order.
+        assert_ne!(small, all[..16].to_vec());
+        let mut at = all.iter();
+        assert!(small.iter().all(|id| at.any(|x| x == id)));
+        // The same seed draws the same sample; another seed another one.
+        assert_eq!(small, ids(&select_prompts(&set, &bench(Some(16), 0))));
+        assert_ne!(small, ids(&select_prompts(&set, &bench(Some(16), 7))));
+        // A limit past the split's size takes it all.
+        assert_eq!(ids(&select_prompts(&set, &bench(Some(all.len() + 5), 3))), all);
+    }
+}
