@@ -601,8 +601,16 @@ impl StudyConfig {
         }
         let an = &self.analysis;
         for (field, v, ok) in [
-            ("analysis.alpha", an.alpha, an.alpha.is_none_or(|x| x > 0.0 && x < 1.0)),
-            ("analysis.power", an.power, an.power.is_none_or(|x| x > 0.0 && x < 1.0)),
+            (
+                "analysis.alpha",
+                an.alpha,
+                an.alpha.is_none_or(|x| x > 0.0 && x < 1.0),
+            ),
+            (
+                "analysis.power",
+                an.power,
+                an.power.is_none_or(|x| x > 0.0 && x < 1.0),
+            ),
             (
                 "analysis.base_rate",
                 an.base_rate,
@@ -610,7 +618,10 @@ impl StudyConfig {
             ),
         ] {
             if !ok {
-                return Err(bad(field, format!("{} is not in (0, 1)", v.unwrap_or_default())));
+                return Err(bad(
+                    field,
+                    format!("{} is not in (0, 1)", v.unwrap_or_default()),
+                ));
             }
         }
         for (field, v) in [

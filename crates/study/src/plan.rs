@@ -831,6 +831,9 @@ mod tests {
         assert_eq!(small, ids(&select_prompts(&set, &bench(Some(16), 0))));
         assert_ne!(small, ids(&select_prompts(&set, &bench(Some(16), 7))));
         // A limit past the split's size takes it all.
-        assert_eq!(ids(&select_prompts(&set, &bench(Some(all.len() + 5), 3))), all);
+        assert_eq!(
+            ids(&select_prompts(&set, &bench(Some(all.len() + 5), 3))),
+            all
+        );
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Trained tokens are estimated, not counted: the training sources (the base dataset, the
 //! alignment set's sources) are read, their characters divided by [`CHARS_PER_TOKEN`] (plus
-//! [`TEMPLATE_TOKENS_PER_MESSAGE`] per message), each example capped at the step's `max_len`,
+//! [`TEMPLATE_TOKENS_PER_MESSAGE`] per message and [`TEMPLATE_TOKENS_PER_CONVERSATION`]), each
+//! example capped at the step's `max_len`,
 //! times the step's examples and epochs. The dataset variants are not made for this, so a
 //! transform that lengthens the answers (markdown, an identity statement) is not seen. Generated
 //! tokens are an upper bound: every answer as long as `max_new_tokens`.
@@ -49,12 +50,18 @@ pub const MEASURED_RATES: Rates = Rates {
     judge_rows_per_s: 40.0,
 };
 
-/// Characters of message text per token for the trained-token estimate (SmolLM2's tokenizer on
-/// this project's English demo sets, chat template excluded).
-pub const CHARS_PER_TOKEN: f64 = 4.2;
+/// Characters of message text per token for the trained-token estimate: SmolLM2-135M's tokenizer
+/// on this project's demo sets (demo:medical and demo:stem 5.0, demo:overrefusal-answers 4.6;
+/// 4.9 over the three), measured 2026-12-05 by tokenizing every message's content.
+pub const CHARS_PER_TOKEN: f64 = 4.9;
 
 /// Chat-template tokens per message (role markers and separators), added to the estimate.
 pub const TEMPLATE_TOKENS_PER_MESSAGE: f64 = 5.0;
+
+/// Chat-template tokens per conversation beyond its messages' (SmolLM2's template adds a default
+/// system prompt): with [`TEMPLATE_TOKENS_PER_MESSAGE`], the demo sets' encoded length less
+/// their content tokens (14-16 per message, 2 messages per example).
+pub const TEMPLATE_TOKENS_PER_CONVERSATION: f64 = 20.0;
 
 /// The outcomes a main effect is tested on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -288,7 +295,7 @@ pub fn effects(
 /// Estimated (trained, input) tokens of one example, capped at `max_len`.
 fn example_tokens(c: &Conversation, cpt: f64, max_len: usize) -> (f64, f64) {
     let mut trained = 0.0;
-    let mut input = 0.0;
+    let mut input = TEMPLATE_TOKENS_PER_CONVERSATION;
     for m in &c.messages {
         let t = m.content.chars().count() as f64 / cpt + TEMPLATE_TOKENS_PER_MESSAGE;
         input += t;
@@ -506,7 +513,11 @@ fn align_mean(cfg: &StudyConfig, cpt: f64, max_len: usize) -> Result<(f64, f64),
         })
         .unwrap_or(0.0);
     let refusal = refusal_chars / cpt + 1.0;
-    let input = (prompt_chars / cpt + refusal + 2.0 * TEMPLATE_TOKENS_PER_MESSAGE).min(max_len as f64);
+    let input = (prompt_chars / cpt
+        + refusal
+        + 2.0 * TEMPLATE_TOKENS_PER_MESSAGE
+        + TEMPLATE_TOKENS_PER_CONVERSATION)
+        .min(max_len as f64);
     t += refusal.min(input) * nh as f64;
     i += input * nh as f64;
     n += nh;
@@ -598,11 +609,7 @@ impl DryRun {
             );
         }
         if c.train.len() > SHOWN {
-            let _ = writeln!(
-                o,
-                "  ... and {} more training steps",
-                c.train.len() - SHOWN
-            );
+            let _ = writeln!(o, "  ... and {} more training steps", c.train.len() - SHOWN);
         }
         if c.matched_tokens {
             let _ = writeln!(
@@ -716,7 +723,9 @@ run_sd_points = 5.0
             "{text}"
         );
         assert!(
-            text.contains("structure markdown vs keep, over_refusal (20 prompts): detectable effect"),
+            text.contains(
+                "structure markdown vs keep, over_refusal (20 prompts): detectable effect"
+            ),
             "{text}"
         );
         assert!(!text.contains("no interval"), "{text}");
@@ -738,7 +747,9 @@ run_sd_points = 5.0
         let (_, d, text) = dry_text(&config("[0]", "full"));
         assert!(d.effects.iter().all(|e| e.effect.is_none()));
         assert!(
-            text.contains("identity add vs keep, safety (40 prompts): no interval: one run per cell"),
+            text.contains(
+                "identity add vs keep, safety (40 prompts): no interval: one run per cell"
+            ),
             "{text}"
         );
     }
@@ -750,13 +761,26 @@ run_sd_points = 5.0
         let (p, d, text) = dry_text(&cfg);
         let c = &d.compute;
         assert_eq!(c.train.len(), 4);
-        assert!(c.train.iter().all(|e| e.trained_tokens == c.train[0].trained_tokens));
+        assert!(c
+            .train
+            .iter()
+            .all(|e| e.trained_tokens == c.train[0].trained_tokens));
         assert!(text.contains("match = \"tokens\""), "{text}");
         // The variants' tune steps depend on the baseline's dataset; the baseline's does not.
-        let tunes: Vec<_> = p.steps.iter().filter(|s| s.kind() == StepKind::Tune).collect();
+        let tunes: Vec<_> = p
+            .steps
+            .iter()
+            .filter(|s| s.kind() == StepKind::Tune)
+            .collect();
         assert_eq!(tunes[0].deps.len(), 2);
         assert!(tunes[1..].iter().all(|s| s.deps.len() == 3
             && s.deps[2] == tunes[0].deps[1]
-            && matches!(s.spec, StepSpec::Tune { match_tokens: true, .. })));
+            && matches!(
+                s.spec,
+                StepSpec::Tune {
+                    match_tokens: true,
+                    ..
+                }
+            )));
     }
 }

@@ -226,7 +226,14 @@ settings = {{ epochs = 2, max_len = 1024, batch_size = 1, rank = 2, alpha = 4.0,
     let cfg = StudyConfig::parse(&cfg, Path::new("tiny.toml")).unwrap();
     let p = plan(&cfg).unwrap();
     let dir = tmp.path().join("study");
-    let s = run_plan(&p, &serde_json::json!({}), &dir, &builtin_registry(), &mut |_| {}).unwrap();
+    let s = run_plan(
+        &p,
+        &serde_json::json!({}),
+        &dir,
+        &builtin_registry(),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(s.failed, vec![], "{:?}", s.failed);
     let keys = step_keys(&p);
     let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
@@ -258,5 +265,8 @@ settings = {{ epochs = 2, max_len = 1024, batch_size = 1, rank = 2, alpha = 4.0,
         );
     }
     // The identity statement lengthens every answer: fewer steps, part of the second epoch.
-    assert!(counts[2].steps < base.steps && counts[2].epochs < 2.0, "{counts:?}");
+    assert!(
+        counts[2].steps < base.steps && counts[2].epochs < 2.0,
+        "{counts:?}"
+    );
 }

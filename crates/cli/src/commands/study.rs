@@ -45,8 +45,9 @@ pub fn run(args: StudyArgs) -> anyhow::Result<()> {
     let cfg = StudyConfig::load(&args.config)?;
     let plan = plan(&cfg).with_context(|| format!("planning {}", args.config.display()))?;
     if args.dry_run {
-        let power = dry_run(&cfg, &plan)
-            .with_context(|| format!("estimating power and compute of {}", args.config.display()))?;
+        let power = dry_run(&cfg, &plan).with_context(|| {
+            format!("estimating power and compute of {}", args.config.display())
+        })?;
         print!("{}{}", plan.render(), power.render());
         return Ok(());
     }
