@@ -926,6 +926,32 @@ mod tests {
     }
 
     #[test]
+    fn analysis_match_and_sample_seed_are_read_and_checked() {
+        let p = Path::new("s.toml");
+        let cfg = StudyConfig::parse(
+            &format!("[study]\nname = \"t\"\nsample_seed = 7\n[data]\nbase = \"demo:medical\"\n{MODEL}[tune]\nmatch = \"tokens\"\n[analysis]\nrun_sd_points = 4.0\npower = 0.9\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(cfg.study.sample_seed, 7);
+        assert_eq!(cfg.tune.unwrap().match_, TrainMatch::Tokens);
+        assert_eq!(cfg.analysis.run_sd_points, Some(4.0));
+        assert_eq!(cfg.analysis.power, Some(0.9));
+        assert_eq!(cfg.analysis.alpha, None);
+        let cfg = StudyConfig::parse(&format!("{MIN}{MODEL}[tune]\n"), p).unwrap();
+        assert_eq!(cfg.study.sample_seed, 0);
+        assert_eq!(cfg.tune.unwrap().match_, TrainMatch::Steps);
+        let e = parse_err("[analysis]\nrun_sd = 4.0\n");
+        assert!(e.contains("run_sd"), "{e}");
+        let e = parse_err("[tune]\nmatch = \"examples\"\n");
+        assert!(e.contains("examples"), "{e}");
+        let e = parse_err("[analysis]\nalpha = 1.5\n");
+        assert!(e.contains("`analysis.alpha`"), "{e}");
+        let e = parse_err("[analysis]\ntrain_tokens_per_s = 0\n");
+        assert!(e.contains("`analysis.train_tokens_per_s`"), "{e}");
+    }
+
+    #[test]
     fn benign_takes_one_dataset_or_a_list() {
         let p = Path::new("s.toml");
         let one = StudyConfig::parse(&format!("{MIN}{MODEL}[align]\nbenign = \"demo:stem\"\n"), p)

@@ -629,7 +629,7 @@ impl DryRun {
             o,
             "  generated tokens: at most {} ({} answers x {} max_new_tokens; {} by local models, {} by openai: models)",
             tokens((rows * c.max_new_tokens) as f64),
-            rows,
+            tokens(rows as f64),
             c.max_new_tokens,
             tokens((c.generate_rows_local * c.max_new_tokens) as f64),
             tokens((c.generate_rows_remote * c.max_new_tokens) as f64)
