@@ -3,7 +3,11 @@
 //! directory (so later tuning starts from the aligned weights); `tune` writes an adapter that
 //! generation applies on top of its input model. A killed training step resumes from the
 //! trainer's latest checkpoint. A step whose examples do not fit `max_len` fails before its
-//! first training step unless `allow_truncation` is set.
+//! first training step unless `allow_truncation` is set. Both record what they trained on in
+//! their output's `training` ([`TrainingCounts`]: examples, trained and input tokens over every
+//! epoch). With `[tune] match = "tokens"` a tune step's length is set in optimizer steps so that
+//! it trains on as many loss-carrying tokens as its baseline dataset (its last dataset input)
+//! does at the configured epochs.
 
 use std::time::Instant;
 
