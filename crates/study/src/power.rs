@@ -38,16 +38,21 @@ pub struct Rates {
     pub judge_rows_per_s: f64,
 }
 
-/// Measured on an AMD EPYC (2 cores given to this project's sessions; `lscpu`: "AMD EPYC"),
-/// 2026-12-05, debug-optimized and release builds of safetune, SmolLM2-135M-Instruct Q4_1
-/// (`asset:smollm2/...`): training from the quickstart's tune steps (LoRA rank 16, max_len
-/// 224, batch 8, 24 demo:medical examples, 2 epochs: about 61 s for about 9,300 input tokens);
-/// generation from its generate steps (16 prompts x 48 new tokens, chunks of 8, 10-13 s per
-/// step); the classifier judge from its judge steps. See README "Power and compute".
+/// Measured 2026-12-05 on this project's machine (`lscpu`: "AMD EPYC", 2 CPUs, 1 thread per
+/// core; load average 0.4-2 from other sessions) with the release build (`cargo build --release
+/// -p safetune`), `safetune study` on SmolLM2-135M-Instruct Q4_1 (`asset:smollm2/...`), demo:medical
+/// limit 24, the quickstart's tune settings (LoRA rank 16, alpha 32, max_len 224, batch 8, 2
+/// epochs), advbench and overrefusal limit 16, max_new_tokens 48, chunk_size 8, classifier judge;
+/// rates from the store's step times and outputs, two runs:
+/// - training: 6,234 input tokens (22 examples x 2 epochs) in 28.1-29.6 s: 210-222 tokens/s;
+/// - generation, 16 x 48 new tokens per step: base model 9.5-9.7 s (79-81 tokens/s), tuned (LoRA
+///   adapter kept as a separate path) 11.9-12.8 s (60-65 tokens/s counted as rows x
+///   max_new_tokens); 65 is taken, as most generate steps of a study are of tuned models;
+/// - classifier judge: 16 rows in 0.49-0.58 s (model load included): 27-33 rows/s.
 pub const MEASURED_RATES: Rates = Rates {
-    train_tokens_per_s: 150.0,
+    train_tokens_per_s: 215.0,
     generate_tokens_per_s: 65.0,
-    judge_rows_per_s: 40.0,
+    judge_rows_per_s: 30.0,
 };
 
 /// Characters of message text per token for the trained-token estimate: SmolLM2-135M's tokenizer
@@ -398,7 +403,13 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
                 x
             }
         };
-        let examples = ((s.size as f64) * (1.0 - t.eval_fraction)).round() as usize;
+        // The trainer holds out ceil(n x eval_fraction) examples, at least one, keeping one.
+        let held = if t.eval_fraction > 0.0 && s.size >= 2 {
+            ((s.size as f64 * t.eval_fraction).ceil() as usize).clamp(1, s.size - 1)
+        } else {
+            0
+        };
+        let examples = s.size - held;
         let epochs = if t.epochs == 0 {
             let per_step = (t.batch_size * t.grad_accum).max(1) as f64;
             t.max_steps as f64 * per_step / examples.max(1) as f64
