@@ -45,6 +45,8 @@ pub struct Rates {
 /// epochs), advbench and overrefusal limit 16, max_new_tokens 48, chunk_size 8, classifier judge;
 /// rates from the store's step times and outputs, two runs:
 /// - training: 6,234 input tokens (22 examples x 2 epochs) in 28.1-29.6 s: 210-222 tokens/s;
+///   the quickstart's align step (241 examples x 3 epochs, max_len 320, merge included): 92,142
+///   input tokens in 386 s, 239 tokens/s (this module estimated 89,953 tokens, 6 min 58 s);
 /// - generation, 16 x 48 new tokens per step: base model 9.5-9.7 s (79-81 tokens/s), tuned (LoRA
 ///   adapter kept as a separate path) 11.9-12.8 s (60-65 tokens/s counted as rows x
 ///   max_new_tokens); 65 is taken, as most generate steps of a study are of tuned models;
