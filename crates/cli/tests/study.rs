@@ -214,3 +214,27 @@ fn gen_key(s: &Store) -> String {
         .unwrap()
         .key
 }
+
+/// `--dry-run` prints the plan, then the power of each main effect and the compute estimate;
+/// the tiny quickstart has one seed, so no effect has an interval.
+#[test]
+fn dry_run_prints_power_and_compute() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .current_dir(&root)
+        .args(["study", "examples/quickstart-tiny.toml", "--dry-run"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Study `quickstart-tiny`"), "{text}");
+    assert!(text.contains("Power: detectable effect"), "{text}");
+    assert!(text.contains(": no interval: one run per cell"), "{text}");
+    assert!(text.contains("trained tokens: ~"), "{text}");
+    assert!(text.contains("generated tokens: at most "), "{text}");
+    assert!(text.contains("local wall time on this machine"), "{text}");
+}

@@ -57,6 +57,9 @@ pub struct StudyConfig {
     pub mixing: Option<MixingSection>,
     pub selection: Option<SelectionSection>,
     pub export: Option<ExportSection>,
+    /// What `--dry-run` assumes for its power and compute estimates.
+    #[serde(default)]
+    pub analysis: AnalysisSection,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +75,10 @@ pub struct StudySection {
     /// Share of each benchmark in the test split.
     #[serde(default = "half")]
     pub test_fraction: f64,
+    /// Seed of the prompt sample a benchmark's `limit` draws from its split (every model of
+    /// the study gets the same sample; a larger `limit` draws a superset).
+    #[serde(default)]
+    pub sample_seed: u64,
 }
 
 fn default_seeds() -> Vec<u64> {
@@ -248,6 +255,8 @@ pub struct BenchmarkConfig {
     pub harmful: bool,
     #[serde(default)]
     pub split: SplitChoice,
+    /// Evaluate a seeded random sample of this many prompts of the split (seed:
+    /// `[study] sample_seed`; a larger limit draws a superset), not its first N. All when unset.
     pub limit: Option<usize>,
 }
 
@@ -391,9 +400,52 @@ pub struct TuneSection {
     /// Train even when examples are longer than `settings.max_len` (see [`AlignSection`]).
     #[serde(default)]
     pub allow_truncation: bool,
+    /// How long each variant trains: `"steps"` (default: the configured epochs for every
+    /// variant) or `"tokens"` (each variant's run is cut or lengthened, in whole optimizer
+    /// steps, so that its loss-carrying tokens equal those of the study's first variant, the
+    /// baseline, at the configured epochs, at the same seed, mixing level and selection).
+    #[serde(default, rename = "match")]
+    pub match_: TrainMatch,
     /// Trainer settings, checked against the trainer's keys when the config is loaded.
     #[serde(default)]
     pub settings: toml::Table,
+}
+
+/// `[tune] match`: what the variants' runs hold equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainMatch {
+    /// The same epochs (so optimizer steps per example) for every variant.
+    #[default]
+    Steps,
+    /// The same trained tokens as the baseline variant.
+    Tokens,
+}
+
+/// `[analysis]`: the assumptions of `--dry-run`'s power and compute estimates. Power
+/// assumptions default to `safetune_eval::effects::PowerAssumptions::MEASURED`, rates to
+/// [`crate::power::MEASURED_RATES`] (measured on this project's machine).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisSection {
+    /// SD (points of refusal rate) of a run's rate around its cell's mean.
+    pub run_sd_points: Option<f64>,
+    /// SD (points) over prompts of a factor's per-prompt effect.
+    pub prompt_sd_points: Option<f64>,
+    /// The refusal rate (0-1) answer-level noise is taken at.
+    pub base_rate: Option<f64>,
+    /// Two-sided level of the tests (default 0.05).
+    pub alpha: Option<f64>,
+    /// Power the detectable effect is computed at (default 0.8).
+    pub power: Option<f64>,
+    /// Local LoRA training speed, input tokens per second.
+    pub train_tokens_per_s: Option<f64>,
+    /// Local generation speed, new tokens per second (at the study's batching).
+    pub generate_tokens_per_s: Option<f64>,
+    /// Local judge speed (classifier judge), rows per second.
+    pub judge_rows_per_s: Option<f64>,
+    /// Characters per token of the chat-rendered training text (the token estimate).
+    pub chars_per_token: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -584,6 +636,49 @@ impl StudyConfig {
                 "study.test_fraction",
                 format!("must be between 0 and 1, got {}", self.study.test_fraction),
             ));
+        }
+        let an = &self.analysis;
+        for (field, v, ok) in [
+            (
+                "analysis.alpha",
+                an.alpha,
+                an.alpha.is_none_or(|x| x > 0.0 && x < 1.0),
+            ),
+            (
+                "analysis.power",
+                an.power,
+                an.power.is_none_or(|x| x > 0.0 && x < 1.0),
+            ),
+            (
+                "analysis.base_rate",
+                an.base_rate,
+                an.base_rate.is_none_or(|x| (0.0..=1.0).contains(&x)),
+            ),
+        ] {
+            if !ok {
+                return Err(bad(
+                    field,
+                    format!("{} is not in (0, 1)", v.unwrap_or_default()),
+                ));
+            }
+        }
+        for (field, v) in [
+            ("analysis.run_sd_points", an.run_sd_points),
+            ("analysis.prompt_sd_points", an.prompt_sd_points),
+        ] {
+            if v.is_some_and(|x| !(x >= 0.0 && x.is_finite())) {
+                return Err(bad(field, "must be a finite number >= 0".into()));
+            }
+        }
+        for (field, v) in [
+            ("analysis.train_tokens_per_s", an.train_tokens_per_s),
+            ("analysis.generate_tokens_per_s", an.generate_tokens_per_s),
+            ("analysis.judge_rows_per_s", an.judge_rows_per_s),
+            ("analysis.chars_per_token", an.chars_per_token),
+        ] {
+            if v.is_some_and(|x| !(x > 0.0 && x.is_finite())) {
+                return Err(bad(field, "must be a number > 0".into()));
+            }
         }
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
@@ -937,6 +1032,32 @@ mod tests {
         let t = cfg.tune.unwrap();
         assert!(t.allow_truncation);
         assert_eq!(t.settings["rank"].as_integer(), Some(4));
+    }
+
+    #[test]
+    fn analysis_match_and_sample_seed_are_read_and_checked() {
+        let p = Path::new("s.toml");
+        let cfg = StudyConfig::parse(
+            &format!("[study]\nname = \"t\"\nsample_seed = 7\n[data]\nbase = \"demo:medical\"\n{MODEL}[tune]\nmatch = \"tokens\"\n[analysis]\nrun_sd_points = 4.0\npower = 0.9\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(cfg.study.sample_seed, 7);
+        assert_eq!(cfg.tune.unwrap().match_, TrainMatch::Tokens);
+        assert_eq!(cfg.analysis.run_sd_points, Some(4.0));
+        assert_eq!(cfg.analysis.power, Some(0.9));
+        assert_eq!(cfg.analysis.alpha, None);
+        let cfg = StudyConfig::parse(&format!("{MIN}{MODEL}[tune]\n"), p).unwrap();
+        assert_eq!(cfg.study.sample_seed, 0);
+        assert_eq!(cfg.tune.unwrap().match_, TrainMatch::Steps);
+        let e = parse_err("[analysis]\nrun_sd = 4.0\n");
+        assert!(e.contains("run_sd"), "{e}");
+        let e = parse_err("[tune]\nmatch = \"examples\"\n");
+        assert!(e.contains("examples"), "{e}");
+        let e = parse_err("[analysis]\nalpha = 1.5\n");
+        assert!(e.contains("`analysis.alpha`"), "{e}");
+        let e = parse_err("[analysis]\ntrain_tokens_per_s = 0\n");
+        assert!(e.contains("`analysis.train_tokens_per_s`"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - [`config`]: the study config (TOML), checked with field names in errors;
 //! - [`plan`]: config -> steps (a factorial over models, dataset variants, seeds, mixing
 //!   levels, selections, benchmarks, judges and reward models);
+//! - [`power`]: `--dry-run`'s detectable effects and compute estimate;
 //! - [`step`]: step kinds, typed settings and outputs, the [`step::Stage`] trait and the
 //!   [`step::Registry`] that maps each kind to its stage;
 //! - [`stages`]: the model, transform, mix, alignment-set, audit and generate stages, and
@@ -25,6 +26,7 @@ pub mod hash;
 pub mod judge_stage;
 pub mod labels;
 pub mod plan;
+pub mod power;
 pub mod quickstart;
 pub mod report;
 pub mod rm_stage;

@@ -151,22 +151,50 @@ pub fn benchmark_ref(
         split_seed: study.split_seed,
         test_fraction: study.test_fraction,
         limit: b.limit,
+        sample_seed: study.sample_seed,
     };
     let items = select_prompts(&set, &r);
     Ok((r, items))
 }
 
-/// The prompts a generate step runs: the chosen split, cut to `limit`.
+/// The prompts a generate step runs: the chosen split, or with `limit = N` a seeded random
+/// sample of N of its prompts. The sample is the N prompts of the split with the smallest
+/// [`sample_key`] under `sample_seed`, so a larger N draws a superset and every model of a
+/// study gets the same prompts. The prompts keep the split's order.
 pub fn select_prompts(set: &PromptSet, b: &BenchmarkRef) -> PromptSet {
     let mut s = match b.split {
         SplitChoice::All => set.clone(),
         SplitChoice::Test => set.split(Split::Test, b.split_seed, b.test_fraction),
         SplitChoice::Train => set.split(Split::Train, b.split_seed, b.test_fraction),
     };
-    if let Some(l) = b.limit {
-        s.items.truncate(l);
+    if let Some(l) = b.limit.filter(|&l| l < s.items.len()) {
+        let mut order: Vec<(u64, usize)> = s
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| (sample_key(b.sample_seed, &item.id), i))
+            .collect();
+        order.sort_unstable();
+        let mut keep = vec![false; s.items.len()];
+        for &(_, i) in &order[..l] {
+            keep[i] = true;
+        }
+        let mut at = 0;
+        s.items.retain(|_| {
+            at += 1;
+            keep[at - 1]
+        });
     }
     s
+}
+
+/// A prompt's place in the seeded sample of its benchmark: SplitMix64 of the FNV-1a hash of
+/// its id, mixed with the seed.
+pub fn sample_key(seed: u64, id: &str) -> u64 {
+    use safetune_data::util::{fnv1a64, SplitMix64, GOLDEN_GAMMA};
+    let mut h = fnv1a64(id.as_bytes());
+    h ^= seed.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA);
+    SplitMix64::new(h).next_u64()
 }
 
 /// Plans a study: the steps of `cfg` in dependency order. The stages, in plan order: one step
@@ -541,6 +569,7 @@ impl Planner<'_> {
             .iter()
             .map(|(b, _)| BenchmarkRef {
                 limit: None,
+                sample_seed: 0,
                 ..b.clone()
             })
             .collect();
@@ -607,19 +636,25 @@ impl Planner<'_> {
         }
         if let Some(t) = &cfg.tune {
             for d in datasets {
-                out.push(self.tune(m, t, start, d));
+                // The baseline itself trains as configured (and is the same step either way).
+                let baseline = (t.match_ == TrainMatch::Tokens)
+                    .then(|| baseline_of(datasets, d))
+                    .filter(|&b| b != d.step);
+                out.push(self.tune(m, t, start, d, baseline));
             }
         }
         out
     }
 
-    /// The tune step of model `m` (from step `start`) on dataset `d`.
+    /// The tune step of model `m` (from step `start`) on dataset `d`; with `baseline` (`match
+    /// = "tokens"`), its trained tokens are matched to those of the baseline dataset step.
     fn tune(
         &mut self,
         m: &ModelConfig,
         t: &TuneSection,
         start: usize,
         d: &DatasetNode,
+        baseline: Option<usize>,
     ) -> Condition {
         let mut f = d.factors.clone();
         f.insert("model".to_string(), m.name.clone());
@@ -642,8 +677,9 @@ impl Planner<'_> {
                 settings: serde_json::to_value(&t.settings).unwrap_or_default(),
                 seed: d.seed,
                 allow_truncation: t.allow_truncation,
+                match_tokens: baseline.is_some(),
             },
-            deps: vec![start, d.step],
+            deps: [start, d.step].into_iter().chain(baseline).collect(),
             factors: f.clone(),
             size: d.examples,
         });
@@ -716,6 +752,17 @@ impl Planner<'_> {
             }
         }
     }
+}
+
+/// The baseline dataset step of `d` under `match = "tokens"`: the first variant's dataset at
+/// the same seed, mixing level and selection.
+fn baseline_of(datasets: &[DatasetNode], d: &DatasetNode) -> usize {
+    let same = |a: &DatasetNode| {
+        a.seed == d.seed
+            && a.factors.get("mix") == d.factors.get("mix")
+            && a.factors.get("selection") == d.factors.get("selection")
+    };
+    datasets.iter().find(|a| same(a)).unwrap_or(d).step
 }
 
 /// A short description of a model condition from its factors.
@@ -808,5 +855,50 @@ impl Plan {
             train
         );
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bench(limit: Option<usize>, sample_seed: u64) -> BenchmarkRef {
+        BenchmarkRef {
+            name: "adv".into(),
+            source: "advbench".into(),
+            content_hash: String::new(),
+            harmful: true,
+            split: SplitChoice::Test,
+            split_seed: 0,
+            test_fraction: 0.5,
+            limit,
+            sample_seed,
+        }
+    }
+
+    fn ids(set: &PromptSet) -> Vec<String> {
+        set.items.iter().map(|i| i.id.clone()).collect()
+    }
+
+    #[test]
+    fn limit_draws_a_seeded_sample_that_grows_as_a_superset() {
+        let set = PromptSet::load("advbench", None).unwrap();
+        let all = ids(&select_prompts(&set, &bench(None, 0)));
+        let small = ids(&select_prompts(&set, &bench(Some(16), 0)));
+        let large = ids(&select_prompts(&set, &bench(Some(48), 0)));
+        assert_eq!((small.len(), large.len()), (16, 48));
+        assert!(small.iter().all(|id| large.contains(id)));
+        // Not the first N of the split, and in the split's order.
+        assert_ne!(small, all[..16].to_vec());
+        let mut at = all.iter();
+        assert!(small.iter().all(|id| at.any(|x| x == id)));
+        // The same seed draws the same sample; another seed another one.
+        assert_eq!(small, ids(&select_prompts(&set, &bench(Some(16), 0))));
+        assert_ne!(small, ids(&select_prompts(&set, &bench(Some(16), 7))));
+        // A limit past the split's size takes it all.
+        assert_eq!(
+            ids(&select_prompts(&set, &bench(Some(all.len() + 5), 3))),
+            all
+        );
     }
 }

@@ -116,6 +116,7 @@ impl Stage for ModelStage {
             concurrency: *concurrency,
             endpoints: endpoints.clone(),
             adapter: None,
+            training: None,
         }))
     }
 }
@@ -278,11 +279,12 @@ impl Stage for MixStage {
 pub struct AlignDataStage;
 
 /// The trimmed prompts a benchmark's generate steps evaluate: its split (test, train or all),
-/// whatever its `limit`.
+/// whatever its `limit` and `sample_seed` (every prompt a sample can draw).
 pub fn evaluated_prompts(b: &BenchmarkRef) -> Result<HashSet<String>, StageError> {
     let set = PromptSet::load(&b.source, None)?;
     let whole = BenchmarkRef {
         limit: None,
+        sample_seed: 0,
         ..b.clone()
     };
     Ok(select_prompts(&set, &whole)

@@ -90,7 +90,11 @@ pub struct BenchmarkRef {
     pub split: SplitChoice,
     pub split_seed: u64,
     pub test_fraction: f64,
+    /// Prompts drawn from the split: a seeded sample of this many (`None`: all of them).
     pub limit: Option<usize>,
+    /// Seed of that sample (`[study] sample_seed`).
+    #[serde(default)]
+    pub sample_seed: u64,
 }
 
 /// Sampling settings of a generate step.
@@ -176,6 +180,10 @@ pub enum StepSpec {
         seed: u64,
         #[serde(default, skip_serializing_if = "is_false")]
         allow_truncation: bool,
+        /// `[tune] match = "tokens"`: train on as many loss-carrying tokens as the baseline
+        /// dataset (the step's last dataset input) does at the configured epochs.
+        #[serde(default, skip_serializing_if = "is_false")]
+        match_tokens: bool,
     },
     Generate {
         benchmark: BenchmarkRef,
@@ -227,6 +235,24 @@ pub struct ModelArtifact {
     /// A PEFT adapter directory to apply on top of `spec` (set by align/tune stages).
     #[serde(default)]
     pub adapter: Option<PathBuf>,
+    /// What the align or tune step that made this model trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingCounts>,
+}
+
+/// The tokens of an align or tune step, summed over its epochs (in its step output JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainingCounts {
+    /// Training examples (held-out eval examples excluded).
+    pub examples: usize,
+    /// Tokens that carry loss.
+    pub trained_tokens: usize,
+    /// Every token fed.
+    pub input_tokens: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Passes over the data (fractional when `match = "tokens"` cut the last one short).
+    pub epochs: f64,
 }
 
 /// The typed output of a step, stored as JSON in the `steps` table.

@@ -3,7 +3,11 @@
 //! directory (so later tuning starts from the aligned weights); `tune` writes an adapter that
 //! generation applies on top of its input model. A killed training step resumes from the
 //! trainer's latest checkpoint. A step whose examples do not fit `max_len` fails before its
-//! first training step unless `allow_truncation` is set.
+//! first training step unless `allow_truncation` is set. Both record what they trained on in
+//! their output's `training` ([`TrainingCounts`]: examples, trained and input tokens over every
+//! epoch). With `[tune] match = "tokens"` a tune step's length is set in optimizer steps so that
+//! it trains on as many loss-carrying tokens as its baseline dataset (its last dataset input)
+//! does at the configured epochs.
 
 use std::time::Instant;
 
@@ -11,7 +15,9 @@ use serde_json::Value as Json;
 
 use safetune_model::ModelSpec;
 use safetune_train::peft::{merge, SaveDType};
-use safetune_train::recipe::{prepare_checked, run};
+use safetune_train::recipe::{
+    encode_train, match_trained_tokens, planned_tokens, prepare_checked, run,
+};
 use safetune_train::sft::EncodeStats;
 use safetune_train::{checkpoint, Event, RunOptions, TuneConfig};
 
@@ -91,16 +97,17 @@ impl Stage for TrainStage {
     ) -> Result<StepOutput, StageError> {
         let model = input_model(step, inputs)?;
         let (data, _, _) = input_dataset(step, inputs)?;
-        let (settings, seed, align, allow_truncation) = match &step.spec {
+        let (settings, seed, align, allow_truncation, match_tokens) = match &step.spec {
             StepSpec::Align {
                 settings,
                 allow_truncation,
-            } => (settings, 0, true, *allow_truncation),
+            } => (settings, 0, true, *allow_truncation, false),
             StepSpec::Tune {
                 settings,
                 seed,
                 allow_truncation,
-            } => (settings, *seed, false, *allow_truncation),
+                match_tokens,
+            } => (settings, *seed, false, *allow_truncation, *match_tokens),
             _ => return Err(step.not_a("training")),
         };
         if model.spec.starts_with("openai:") {
@@ -124,7 +131,7 @@ impl Stage for TrainStage {
                 source: e,
             })?;
         }
-        let cfg = tune_config(step, settings, &model.spec, data, &out, seed)?;
+        let mut cfg = tune_config(step, settings, &model.spec, data, &out, seed)?;
         let opts = RunOptions {
             resume,
             stop: None,
@@ -154,6 +161,22 @@ impl Stage for TrainStage {
             (_, Some(e)) => return Err(e),
             (p, None) => p.map_err(other(&step.label))?,
         };
+        if match_tokens {
+            // The baseline's trained tokens at the configured epochs are this run's target.
+            let baseline = inputs
+                .iter()
+                .filter_map(|o| o.dataset())
+                .nth(1)
+                .ok_or_else(|| StageError::Input {
+                    label: step.label.clone(),
+                    expected: "the baseline dataset (match = \"tokens\")".into(),
+                })?;
+            let base_cfg = tune_config(step, settings, &model.spec, baseline.0, &out, seed)?;
+            let (base_train, _) = encode_train(&base_cfg).map_err(other(&step.label))?;
+            let target = planned_tokens(&base_cfg, &base_train).trained_tokens;
+            cfg = match_trained_tokens(&cfg, &prepared.train, target);
+        }
+        let per_epoch: usize = prepared.train.iter().map(|e| e.trained_tokens()).sum();
         let progress = &mut *ctx.progress;
         let summary = run(&cfg, &opts, prepared, started, &mut |e| {
             if let Event::Step(log) = e {
@@ -164,6 +187,13 @@ impl Stage for TrainStage {
             }
         })
         .map_err(other(&step.label))?;
+        let training = Some(TrainingCounts {
+            examples: summary.tokens.examples,
+            trained_tokens: summary.tokens.trained_tokens,
+            input_tokens: summary.tokens.input_tokens,
+            steps: summary.total_steps,
+            epochs: summary.tokens.trained_tokens as f64 / per_epoch.max(1) as f64,
+        });
         if align {
             let merged = ctx.dir.join("merged");
             if merged.exists() {
@@ -177,10 +207,12 @@ impl Stage for TrainStage {
                 concurrency: model.concurrency,
                 endpoints: vec![],
                 adapter: None,
+                training,
             }))
         } else {
             Ok(StepOutput::Model(ModelArtifact {
                 adapter: Some(summary.output),
+                training,
                 ..model.clone()
             }))
         }

@@ -187,6 +187,7 @@ fn step_specs_read_the_old_single_benign_string_and_keep_training_keys_without_t
         settings: json!({"lr": 0.001}),
         seed: 0,
         allow_truncation: false,
+        match_tokens: false,
     };
     assert_eq!(
         serde_json::to_value(&tune).unwrap(),

@@ -193,3 +193,80 @@ settings = {{ epochs = 1, max_len = 24, batch_size = 4, rank = 2, alpha = 4.0 }}
         .any(|d| d.join("adapter").join("metrics.jsonl").exists());
     assert!(!trained);
 }
+
+/// `[tune] match = "tokens"`: the variant trains on about the baseline's loss-carrying tokens
+/// (to a step), and every training step records its counts in its output.
+#[test]
+fn matched_tokens_and_training_counts_in_the_step_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = TinyModel::default()
+        .write(&tmp.path().join("tiny"))
+        .unwrap();
+    let cfg = format!(
+        r#"
+[study]
+name = "tiny-match"
+[[models]]
+name = "tiny"
+spec = "{model}"
+[data]
+base = "demo:medical"
+limit = 4
+[factors]
+structure = ["keep", "itemized"]
+identity = ["keep", "add"]
+design = "one-at-a-time"
+[tune]
+allow_truncation = true
+match = "tokens"
+settings = {{ epochs = 2, max_len = 1024, batch_size = 1, rank = 2, alpha = 4.0, eval_fraction = 0.0 }}
+"#,
+        model = model.display(),
+    );
+    let cfg = StudyConfig::parse(&cfg, Path::new("tiny.toml")).unwrap();
+    let p = plan(&cfg).unwrap();
+    let dir = tmp.path().join("study");
+    let s = run_plan(
+        &p,
+        &serde_json::json!({}),
+        &dir,
+        &builtin_registry(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(s.failed, vec![], "{:?}", s.failed);
+    let keys = step_keys(&p);
+    let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    let counts: Vec<_> = p
+        .steps
+        .iter()
+        .zip(&keys)
+        .filter(|(st, _)| st.kind() == StepKind::Tune)
+        .map(|(_, k)| {
+            let json = store.step(k).unwrap().unwrap().output.unwrap();
+            assert!(json["training"]["trained_tokens"].is_u64(), "{json}");
+            let StepOutput::Model(m) = serde_json::from_value(json).unwrap() else {
+                panic!()
+            };
+            m.training.unwrap()
+        })
+        .collect();
+    assert_eq!(counts.len(), 3);
+    let base = counts[0];
+    assert_eq!(base.examples, 4);
+    assert_eq!(base.epochs, 2.0);
+    assert!(base.input_tokens > base.trained_tokens && base.trained_tokens > 0);
+    for c in &counts[1..] {
+        // Nearer the baseline's tokens than a step more or less: within half a step (one
+        // example of at most 1024 tokens); fewer epochs where the variant's examples are longer.
+        assert!(
+            c.trained_tokens.abs_diff(base.trained_tokens) <= 512,
+            "{c:?} vs {base:?}"
+        );
+    }
+    // The identity statement lengthens every answer: fewer steps, part of the second epoch.
+    assert!(
+        counts[2].steps < base.steps && counts[2].epochs < 2.0,
+        "{counts:?}"
+    );
+}

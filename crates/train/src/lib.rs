@@ -25,4 +25,4 @@ pub mod sft;
 pub use config::{Schedule, SettingsError, TuneConfig, RUN_KEYS};
 pub use error::{Result, TrainError};
 pub use model::{LoraSettings, Mode, Target, TrainModel};
-pub use recipe::{tune, Event, RunOptions, Status, TuneSummary};
+pub use recipe::{tune, Event, RunOptions, Status, TokenCounts, TuneSummary};

@@ -116,6 +116,170 @@ pub struct TuneSummary {
     pub final_eval_loss: Option<f64>,
     pub output: PathBuf,
     pub checkpoint: Option<PathBuf>,
+    /// What the whole run trains on (every epoch, resumed steps included), from its data plan.
+    pub tokens: TokenCounts,
+}
+
+/// The tokens a run feeds its model, summed over its optimizer steps (so over every epoch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TokenCounts {
+    /// Training examples (held-out eval examples excluded).
+    pub examples: usize,
+    /// Tokens that carry loss (the labelled assistant tokens).
+    pub trained_tokens: usize,
+    /// Every token fed (padding excluded).
+    pub input_tokens: usize,
+}
+
+fn layout(cfg: &TuneConfig) -> Layout {
+    if cfg.packing {
+        Layout::Packed {
+            max_len: cfg.max_len,
+        }
+    } else {
+        Layout::Grouped
+    }
+}
+
+/// The optimizer steps a run of `cfg` takes over examples of these lengths.
+fn total_steps(cfg: &TuneConfig, lengths: &[usize]) -> usize {
+    if cfg.epochs == 0 {
+        return cfg.max_steps;
+    }
+    let all: usize = (0..cfg.epochs)
+        .map(|e| {
+            plan_epoch(lengths, cfg.batch_size, layout(cfg), cfg.seed, e)
+                .len()
+                .div_ceil(cfg.grad_accum)
+        })
+        .sum();
+    if cfg.max_steps > 0 {
+        all.min(cfg.max_steps)
+    } else {
+        all
+    }
+}
+
+/// Calls `each` with the (trained, input) tokens of every optimizer step of `cfg`'s data plan
+/// over `train`, in order, for at most `steps` steps and `epochs` epochs (0: no epoch limit).
+fn walk_steps(
+    cfg: &TuneConfig,
+    train: &[Encoded],
+    steps: usize,
+    epochs: usize,
+    each: &mut dyn FnMut(usize, usize, usize) -> bool,
+) {
+    let lengths: Vec<usize> = train.iter().map(|e| e.len()).collect();
+    let (mut step, mut epoch) = (0usize, 0usize);
+    while step < steps && (epochs == 0 || epoch < epochs) {
+        let plan = plan_epoch(&lengths, cfg.batch_size, layout(cfg), cfg.seed, epoch);
+        if plan.is_empty() {
+            return;
+        }
+        for chunk in plan.chunks(cfg.grad_accum.max(1)) {
+            if step >= steps {
+                return;
+            }
+            let (mut trained, mut input) = (0, 0);
+            for &i in chunk.iter().flatten().flatten() {
+                trained += train[i].trained_tokens();
+                input += train[i].len();
+            }
+            step += 1;
+            if !each(epoch, trained, input) {
+                return;
+            }
+        }
+        epoch += 1;
+    }
+}
+
+/// The tokens a run of `cfg` over the encoded training examples `train` feeds, from the same
+/// data plan [`run`] follows (so exact, and the same for a resumed run).
+pub fn planned_tokens(cfg: &TuneConfig, train: &[Encoded]) -> TokenCounts {
+    let lengths: Vec<usize> = train.iter().map(|e| e.len()).collect();
+    let mut c = TokenCounts {
+        examples: train.len(),
+        ..TokenCounts::default()
+    };
+    walk_steps(
+        cfg,
+        train,
+        total_steps(cfg, &lengths),
+        cfg.epochs,
+        &mut |_, t, i| {
+            c.trained_tokens += t;
+            c.input_tokens += i;
+            true
+        },
+    );
+    c
+}
+
+/// `cfg` with its length set in optimizer steps so that the run trains on as close to
+/// `target` loss-carrying tokens as whole steps allow (fractional epochs): `epochs` becomes
+/// the epochs begun and `max_steps` the steps. At most 1000 epochs.
+pub fn match_trained_tokens(cfg: &TuneConfig, train: &[Encoded], target: usize) -> TuneConfig {
+    let (mut done, mut steps, mut epochs) = (0usize, 0usize, 0usize);
+    walk_steps(cfg, train, usize::MAX, 1000, &mut |epoch, t, _| {
+        if done >= target {
+            return false;
+        }
+        // Take this step when it brings the total nearer the target.
+        if (done + t).abs_diff(target) > target - done {
+            return false;
+        }
+        done += t;
+        steps += 1;
+        epochs = epoch + 1;
+        true
+    });
+    let mut out = cfg.clone();
+    out.epochs = epochs.max(1);
+    out.max_steps = steps.max(1);
+    out
+}
+
+/// Encodes the training data of `cfg` as [`prepare`] does (the same held-out examples left
+/// out), loading only what the tokenizer and chat template need from the model.
+pub fn encode_train(cfg: &TuneConfig) -> Result<(Vec<Encoded>, EncodeStats)> {
+    let spec = ModelSpec::parse(&cfg.model)?;
+    let engine = LocalEngine::load(
+        &spec,
+        &LoadOptions {
+            quantized: true,
+            batch_size: 1,
+            ..LoadOptions::default()
+        },
+    )?;
+    let (convs, _skipped) = read_all(&cfg.data, &ReadOptions::default())?;
+    let encoder = Encoder {
+        tok: &engine.tok,
+        template: &engine.template,
+        max_len: cfg.max_len,
+    };
+    let (mut examples, stats) = encoder.encode_all(&convs)?;
+    hold_out(cfg, &mut examples);
+    Ok((examples, stats))
+}
+
+/// Removes the held-out eval examples from `examples` (a seeded draw, the same on every run
+/// with this seed) and returns them in order.
+fn hold_out(cfg: &TuneConfig, examples: &mut Vec<Encoded>) -> Vec<Encoded> {
+    let mut eval = Vec::new();
+    if cfg.eval_fraction > 0.0 && examples.len() >= 2 {
+        let n = ((examples.len() as f64 * cfg.eval_fraction).ceil() as usize)
+            .clamp(1, examples.len() - 1);
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        TrainRng::derive(cfg.seed, 0xE7A1).shuffle(&mut order);
+        let mut held: Vec<usize> = order[..n].to_vec();
+        held.sort_unstable();
+        for &i in held.iter().rev() {
+            eval.push(examples.remove(i));
+        }
+        eval.reverse();
+    }
+    eval
 }
 
 /// Model, tokenizer and data, loaded and encoded.
@@ -173,19 +337,7 @@ pub fn prepare_checked(
         )));
     }
     // Held-out examples: a seeded draw, the same on every run with this seed.
-    let mut eval = Vec::new();
-    if cfg.eval_fraction > 0.0 && examples.len() >= 2 {
-        let n = ((examples.len() as f64 * cfg.eval_fraction).ceil() as usize)
-            .clamp(1, examples.len() - 1);
-        let mut order: Vec<usize> = (0..examples.len()).collect();
-        TrainRng::derive(cfg.seed, 0xE7A1).shuffle(&mut order);
-        let mut held: Vec<usize> = order[..n].to_vec();
-        held.sort_unstable();
-        for &i in held.iter().rev() {
-            eval.push(examples.remove(i));
-        }
-        eval.reverse();
-    }
+    let eval = hold_out(cfg, &mut examples);
     let model = TrainModel::from_llama(&model, &cfg.mode(), cfg.seed)?;
     let pad_id = tok.eos.as_ref().map(|(_, id)| *id).unwrap_or(0);
     Ok(Prepared {
@@ -267,26 +419,10 @@ pub fn run(
     )?;
 
     // The data plan: each epoch's batches are a function of (seed, epoch).
-    let layout = if cfg.packing {
-        Layout::Packed {
-            max_len: cfg.max_len,
-        }
-    } else {
-        Layout::Grouped
-    };
+    let layout = layout(cfg);
     let lengths: Vec<usize> = p.train.iter().map(|e| e.len()).collect();
     let plan = |epoch: usize| plan_epoch(&lengths, cfg.batch_size, layout, cfg.seed, epoch);
-    let steps_in = |epoch: usize| plan(epoch).len().div_ceil(cfg.grad_accum);
-    let total_steps = if cfg.epochs == 0 {
-        cfg.max_steps
-    } else {
-        let all: usize = (0..cfg.epochs).map(steps_in).sum();
-        if cfg.max_steps > 0 {
-            all.min(cfg.max_steps)
-        } else {
-            all
-        }
-    };
+    let total_steps = total_steps(cfg, &lengths);
 
     // Fresh start or resume.
     let mut step = 0usize;
@@ -551,6 +687,7 @@ pub fn run(
         final_eval_loss: final_eval,
         output: out,
         checkpoint: last_checkpoint,
+        tokens: planned_tokens(cfg, &p.train),
     })
 }
 
@@ -677,5 +814,44 @@ mod erased {
         fn json(&self) -> String {
             serde_json::to_string(self).unwrap_or_default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example(i: usize, len: usize, answer: usize) -> Encoded {
+        Encoded {
+            id: format!("e{i}"),
+            ids: vec![1; len],
+            trained: (0..len).map(|t| t >= len - answer).collect(),
+            truncated: 0,
+        }
+    }
+
+    #[test]
+    fn planned_tokens_sum_every_epoch_and_matching_scales_the_steps() {
+        let train: Vec<Encoded> = (0..10).map(|i| example(i, 20 + i, 5 + i)).collect();
+        let per_epoch: usize = train.iter().map(|e| e.trained_tokens()).sum();
+        let input: usize = train.iter().map(|e| e.len()).sum();
+        let cfg = TuneConfig {
+            epochs: 2,
+            batch_size: 3,
+            ..TuneConfig::default()
+        };
+        let c = planned_tokens(&cfg, &train);
+        assert_eq!(c.examples, 10);
+        assert_eq!(c.trained_tokens, 2 * per_epoch);
+        assert_eq!(c.input_tokens, 2 * input);
+        // Matching 1.5 epochs' worth of tokens: two epochs begun, about half the second run.
+        let m = match_trained_tokens(&cfg, &train, per_epoch * 3 / 2);
+        assert_eq!(m.epochs, 2);
+        assert!(m.max_steps > 4 && m.max_steps < 8, "{}", m.max_steps);
+        let got = planned_tokens(&m, &train).trained_tokens;
+        assert!(got.abs_diff(per_epoch * 3 / 2) <= 3 * 14, "{got}");
+        // The same target as the run's own: the same length.
+        let same = match_trained_tokens(&cfg, &train, c.trained_tokens);
+        assert_eq!(planned_tokens(&same, &train), c);
     }
 }

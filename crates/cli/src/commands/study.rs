@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use safetune_study::config::StudyConfig;
 use safetune_study::plan::{plan, Plan};
+use safetune_study::power::dry_run;
 use safetune_study::report::write_report;
 use safetune_study::runner::{run_plan, RunEvent, STORE_FILE};
 use safetune_study::stages::builtin_registry;
@@ -25,7 +26,8 @@ pub struct StudyArgs {
     #[arg(short, long, value_name = "DIR")]
     pub output: Option<PathBuf>,
 
-    /// Print the plan (steps by kind, counts, total size) and stop.
+    /// Print the plan (steps by kind, counts, total size), the smallest effect each main effect
+    /// can detect and the compute it takes (tokens, wall time of local models), and stop.
     #[arg(long)]
     pub dry_run: bool,
 
@@ -43,7 +45,10 @@ pub fn run(args: StudyArgs) -> anyhow::Result<()> {
     let cfg = StudyConfig::load(&args.config)?;
     let plan = plan(&cfg).with_context(|| format!("planning {}", args.config.display()))?;
     if args.dry_run {
-        print!("{}", plan.render());
+        let power = dry_run(&cfg, &plan).with_context(|| {
+            format!("estimating power and compute of {}", args.config.display())
+        })?;
+        print!("{}{}", plan.render(), power.render());
         return Ok(());
     }
     let dir = args
