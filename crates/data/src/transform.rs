@@ -819,7 +819,7 @@ pub fn persona_instruction(
 const NEUTRAL_OPENERS: &[&str] = &[
     "Reply clearly.",
     "Please answer clearly.",
-    "Give a clear, short reply.",
+    "Give a clear, full reply.",
     "Please reply in plain words.",
     "Give a clear and direct answer.",
     "Please answer clearly and directly.",
@@ -828,8 +828,10 @@ const NEUTRAL_OPENERS: &[&str] = &[
     "Give a careful and accurate reply to the question that follows.",
 ];
 
+/// Additions that ask for nothing the answers do not already do (no "keep it short" before a
+/// long answer), so the instruction stays neutral.
 const NEUTRAL_ADDITIONS: &[&str] = &[
-    "Keep it short.",
+    "Be thorough.",
     "Use simple words.",
     "Cover the main points first.",
     "Be precise about any numbers or names.",
