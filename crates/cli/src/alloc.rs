@@ -1,4 +1,4 @@
-//! Allocator settings for the whole process (glibc only).
+//! Process settings made at start: the allocator (glibc only) and SIGPIPE.
 //!
 //! A training step allocates and frees buffers of megabytes to tens of megabytes (activations,
 //! gradients, logits chunks). glibc serves those above its mmap threshold with fresh mappings and
@@ -29,3 +29,22 @@ pub fn configure() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn configure() {}
+
+/// Restores the default action of SIGPIPE (end the process quietly), which the Rust runtime sets
+/// to "ignore": without it, `safetune prompts show advbench | head` panics or prints "Broken
+/// pipe" once `head` has read enough. Not for `serve`, which must outlive a closed connection.
+#[cfg(unix)]
+pub fn quiet_broken_pipe() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: resets one signal's disposition to the default before any other thread exists.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+pub fn quiet_broken_pipe() {}

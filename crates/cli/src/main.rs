@@ -4,7 +4,7 @@
 // `unsafe` only in the module that allows it (a libc call).
 #![deny(unsafe_code)]
 
-#[allow(unsafe_code)] // mallopt, a libc call
+#[allow(unsafe_code)] // mallopt and signal, libc calls
 mod alloc;
 mod commands;
 mod exit;
@@ -87,6 +87,9 @@ fn main() {
             e.exit()
         }
     };
+    if !matches!(cli.command, Command::Serve(_)) {
+        alloc::quiet_broken_pipe();
+    }
     let result = match cli.command {
         Command::Audit(args) => commands::audit::run(args),
         Command::Rm(args) => commands::rm::run(args),

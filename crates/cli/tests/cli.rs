@@ -238,3 +238,30 @@ fn transform_writes_requested_levels() {
         "identity-placebo+roleplay-neutral"
     );
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_the_output_quietly() {
+    // `safetune prompts show donotanswer | head -1`: once the reader is gone, the next write
+    // ends the process by SIGPIPE, as `cat` would, without a panic or an error message. The
+    // set's 146 kB are more than a pipe buffer and the reader's buffer hold together.
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args(["prompts", "show", "donotanswer"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"prompt\""), "{first}");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(13), "{:?}", out.status);
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
