@@ -16,6 +16,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+pub use safetune_eval::effects::Outcome;
+
 use safetune_data::demo::resolve_dataset;
 use safetune_data::prompts::{PromptSet, Split};
 use safetune_data::read::{read_all, read_json_lines, ReadOptions};
@@ -69,25 +71,6 @@ pub const TEMPLATE_TOKENS_PER_MESSAGE: f64 = 5.0;
 /// system prompt): with [`TEMPLATE_TOKENS_PER_MESSAGE`], the demo sets' encoded length less
 /// their content tokens (14-16 per message, 2 messages per example).
 pub const TEMPLATE_TOKENS_PER_CONVERSATION: f64 = 20.0;
-
-/// The outcomes a main effect is tested on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// Refusal rate on the harmful benchmarks.
-    Safety,
-    /// Refusal rate on the benign benchmarks.
-    OverRefusal,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Safety => "safety",
-            Outcome::OverRefusal => "over_refusal",
-        }
-    }
-}
 
 /// The detectable effect of one contrast (a factor's level against its first level) on one
 /// outcome.

@@ -110,6 +110,10 @@ pub struct EffectRow {
     /// Of the contrast's strata (combinations of the other factors' levels), how many had both
     /// levels (all four cells for an interaction).
     pub n_strata: usize,
+    /// Runs at the negative and positive side of the contrast (A and B of a main effect), for
+    /// the power of the design.
+    pub n_runs_a: usize,
+    pub n_runs_b: usize,
 }
 
 /// Run-to-run and prompt variance of one outcome, on the probability scale.
@@ -286,6 +290,17 @@ impl Table {
 struct Contrast {
     weights: Vec<(usize, f64)>,
     n_strata: usize,
+}
+
+impl Contrast {
+    /// Runs in the cells of positive (`true`) or negative weight.
+    fn runs_on(&self, t: &Table, positive: bool) -> usize {
+        self.weights
+            .iter()
+            .filter(|(_, w)| (*w > 0.0) == positive)
+            .map(|&(c, _)| t.cell_size(c))
+            .sum()
+    }
 }
 
 /// Estimate, standard error and df of a contrast of cell means.
@@ -546,6 +561,8 @@ pub fn analyze(
                     n_runs,
                     n_prompts: t.n_prompts,
                     n_strata: k.n_strata,
+                    n_runs_a: k.runs_on(&t, false),
+                    n_runs_b: k.runs_on(&t, true),
                 });
                 if first_main.is_none() {
                     first_main = Some(k);
@@ -581,6 +598,8 @@ pub fn analyze(
                             n_runs,
                             n_prompts: t.n_prompts,
                             n_strata: k.n_strata,
+                            n_runs_a: k.runs_on(&t, false),
+                            n_runs_b: k.runs_on(&t, true),
                         });
                     }
                 }

@@ -127,7 +127,6 @@ pub(super) fn analyse(
         n_cells: cells.len(),
         ..Default::default()
     };
-    let mut prompts_per_outcome: BTreeMap<&str, usize> = BTreeMap::new();
     for judge in judges {
         let mut jr = JudgeEffects {
             judge: judge.to_string(),
@@ -158,29 +157,20 @@ pub(super) fn analyse(
                 continue;
             }
             let a = analyze(&design, &runs, &answers, outcome);
-            prompts_per_outcome
-                .entry(outcome.as_str())
-                .or_insert(a.variance.n_prompts);
             jr.effects.extend(a.effects);
             jr.variance.push(a.variance);
         }
         jr.hypotheses = test_hypotheses(&mut jr.effects, 0.05);
         out.judges.push(jr);
     }
-    power(&mut out, &design, &runs, &prompts_per_outcome, analysis);
+    power(&mut out, analysis);
     tokens(&mut out, tune_outputs);
     out
 }
 
 const METHOD: &str = "Each tuned run (one cell of the design and one seed; seeds are replicates) answers the same prompts. An effect `B - A` is the difference in refusal rate between levels B and A of a factor, averaged over the prompts, the runs and the other factors' levels present in the design, in percentage points; on harmful prompts a positive effect means safer, on benign prompts it means more over-refusal. Its 95% interval and p-value come from a t distribution whose variance adds the run-to-run variance within cells and the prompt-to-prompt variance of the effect (moment estimates, Satterthwaite degrees of freedom; coverage checked on simulated studies). p_holm corrects the paper's three directional hypotheses for multiple testing.";
 
-fn power(
-    out: &mut EffectsAnalysis,
-    design: &Design,
-    runs: &[Run],
-    prompts: &BTreeMap<&str, usize>,
-    analysis: Option<&Json>,
-) {
+fn power(out: &mut EffectsAnalysis, analysis: Option<&Json>) {
     let d = PowerAssumptions::MEASURED;
     let get = |k: &str, dflt: f64| {
         analysis
@@ -195,38 +185,32 @@ fn power(
     };
     let (alpha, pw) = (get("alpha", 0.05), get("power", 0.8));
     out.assumptions = Some(a);
-    for (f, levels) in &design.factors {
-        if levels.len() < 2 || f == "model" {
-            continue;
-        }
-        let count = |l: &str| runs.iter().filter(|r| r.levels[f] == l).count();
-        for b in &levels[1..] {
-            for (outcome, name) in [
-                (Outcome::Safety, "safety"),
-                (Outcome::OverRefusal, "over_refusal"),
-            ] {
-                let Some(&n_prompts) = prompts.get(name) else {
-                    continue;
-                };
-                out.detectable.push(Detectable {
-                    outcome,
-                    factor: f.clone(),
-                    contrast: format!("{b} - {}", levels[0]),
-                    n_prompts,
-                    points: detectable_effect(
-                        count(&levels[0]),
-                        count(b),
-                        out.n_runs,
-                        out.n_cells,
-                        n_prompts,
-                        &a,
-                        alpha,
-                        pw,
-                    ),
-                });
-            }
-        }
-    }
+    // The primary judge's main effects: the runs each contrast reads at A and at B.
+    let Some(primary) = out.judges.first() else {
+        return;
+    };
+    let rows: Vec<Detectable> = primary
+        .effects
+        .iter()
+        .filter(|e| e.factor.as_deref().is_some_and(|f| f != "model"))
+        .map(|e| Detectable {
+            outcome: e.outcome,
+            factor: e.factor.clone().unwrap_or_default(),
+            contrast: e.contrast.clone(),
+            n_prompts: e.n_prompts,
+            points: detectable_effect(
+                e.n_runs_a,
+                e.n_runs_b,
+                out.n_runs,
+                out.n_cells,
+                e.n_prompts,
+                &a,
+                alpha,
+                pw,
+            ),
+        })
+        .collect();
+    out.detectable = rows;
 }
 
 fn tokens(out: &mut EffectsAnalysis, tune_outputs: &[(String, Json)]) {
