@@ -66,7 +66,8 @@ pub struct StudyConfig {
 #[serde(deny_unknown_fields)]
 pub struct StudySection {
     pub name: String,
-    /// Training / transform seeds; each is a level of the `seed` factor.
+    /// Training / transform seeds: replicates of every cell (the effects analysis pools them as
+    /// runs, never as a factor).
     #[serde(default = "default_seeds")]
     pub seeds: Vec<u64>,
     /// Seed of the train/test split of every benchmark.
