@@ -198,16 +198,22 @@ fn power(out: &mut EffectsAnalysis, analysis: Option<&Json>) {
             factor: e.factor.clone().unwrap_or_default(),
             contrast: e.contrast.clone(),
             n_prompts: e.n_prompts,
-            points: detectable_effect(
-                e.n_runs_a,
-                e.n_runs_b,
-                out.n_runs,
-                out.n_cells,
-                e.n_prompts,
-                &a,
-                alpha,
-                pw,
-            ),
+            points: primary
+                .variance
+                .iter()
+                .find(|v| v.outcome == e.outcome)
+                .and_then(|v| {
+                    detectable_effect(
+                        e.n_runs_a,
+                        e.n_runs_b,
+                        v.n_runs,
+                        v.n_cells,
+                        e.n_prompts,
+                        &a,
+                        alpha,
+                        pw,
+                    )
+                }),
         })
         .collect();
     out.detectable = rows;
@@ -302,6 +308,11 @@ pub fn power_words(e: &EffectsAnalysis) -> Vec<String> {
             .filter(|d| d.outcome == outcome)
             .collect();
         let Some(first) = ds.first() else { continue };
+        let runs_cells = e
+            .judges
+            .first()
+            .and_then(|j| j.variance.iter().find(|v| v.outcome == outcome))
+            .map_or((e.n_runs, e.n_cells), |v| (v.n_runs, v.n_cells));
         let what = match outcome {
             Outcome::Safety => "safety",
             Outcome::OverRefusal => "over-refusal",
@@ -312,8 +323,8 @@ pub fn power_words(e: &EffectsAnalysis) -> Vec<String> {
                 out.push(format!(
                     "On {what} ({} prompts, {} runs in {} cells) this design detects main effects of {} points or more with 80% power at two-sided alpha 0.05{}.",
                     first.n_prompts,
-                    e.n_runs,
-                    e.n_cells,
+                    runs_cells.0,
+                    runs_cells.1,
                     if (worst - best).abs() < 0.05 {
                         format!("{worst:.1}")
                     } else {
