@@ -24,11 +24,15 @@ pub struct PowerAssumptions {
 }
 
 impl PowerAssumptions {
-    /// This project's measured values (SmolLM2-135M, LoRA-tuned variants of demo:medical from
-    /// the aligned model, classifier judge, harmful prompts); see README "Power".
+    /// This project's measured values: `examples/replicate-smollm2.toml` (SmolLM2-135M, 24 LoRA
+    /// runs of 96 demo:medical examples from the aligned model, classifier judge, 296 harmful
+    /// prompts; run 2026-12-05): run SD 4.0 points and per-prompt effect SD 7.5 points on
+    /// safety. `base_rate` is kept at 0.5, the largest answer-level noise (safety there was
+    /// 95%). Over-refusal varied more (run SD 8.6, prompt SD 27.4 points on 75 prompts): set
+    /// `[analysis]` keys for a study whose question is over-refusal.
     pub const MEASURED: PowerAssumptions = PowerAssumptions {
-        run_sd_points: 6.0,
-        prompt_sd_points: 15.0,
+        run_sd_points: 4.0,
+        prompt_sd_points: 7.5,
         base_rate: 0.5,
     };
 }

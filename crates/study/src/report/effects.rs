@@ -274,7 +274,7 @@ pub fn hypothesis_words(h: &Hypothesis) -> String {
     let verdict = match h.verdict.as_str() {
         "supports" => "the data supports it",
         "contradicts" => "the data contradicts it (a reversed effect)",
-        "cannot decide" => "the data cannot decide (the interval includes zero after correction)",
+        "cannot decide" => "the data cannot decide (Holm-corrected p >= 0.05)",
         "not tested" => "not tested: the design has no contrast for it",
         other => other,
     };
