@@ -17,18 +17,24 @@ fn hub_err(repo: &str, file: &str, e: impl std::fmt::Display) -> ModelError {
     }
 }
 
-/// Downloads (or finds in the cache) one file of a model repository; `Ok(None)` if the
-/// repository has no such file.
-pub fn download_file(repo: &str, revision: Option<&str>, file: &str) -> Result<Option<PathBuf>> {
+/// A client for one model repository at a revision (default `main`), from the environment
+/// (`HF_ENDPOINT`, `HF_HOME`).
+fn repo_handle(repo: &str, revision: Option<&str>) -> Result<ApiRepo> {
     let api = ApiBuilder::from_env()
         .with_progress(false)
         .build()
         .map_err(|e| hub_err(repo, "(client setup)", e))?;
-    let handle: ApiRepo = api.repo(Repo::with_revision(
+    Ok(api.repo(Repo::with_revision(
         repo.to_string(),
         RepoType::Model,
         revision.unwrap_or("main").to_string(),
-    ));
+    )))
+}
+
+/// Downloads (or finds in the cache) one file of a model repository; `Ok(None)` if the
+/// repository has no such file.
+pub fn download_file(repo: &str, revision: Option<&str>, file: &str) -> Result<Option<PathBuf>> {
+    let handle = repo_handle(repo, revision)?;
     match handle.get(file) {
         Ok(p) => Ok(Some(p)),
         // ureq reports an HTTP status as "URL: status code 404".
@@ -45,15 +51,7 @@ pub fn download_file(repo: &str, revision: Option<&str>, file: &str) -> Result<O
 /// `tokenizer.json`, `tokenizer_config.json` if present, and `model.safetensors` or the shards
 /// listed in `model.safetensors.index.json`. Returns the snapshot directory holding them.
 pub fn download_model(repo: &str, revision: Option<&str>) -> Result<PathBuf> {
-    let api = ApiBuilder::from_env()
-        .with_progress(false)
-        .build()
-        .map_err(|e| hub_err(repo, "(client setup)", e))?;
-    let handle: ApiRepo = api.repo(Repo::with_revision(
-        repo.to_string(),
-        RepoType::Model,
-        revision.unwrap_or("main").to_string(),
-    ));
+    let handle = repo_handle(repo, revision)?;
     let get = |file: &str| handle.get(file).map_err(|e| hub_err(repo, file, e));
     let config = get("config.json")?;
     get("tokenizer.json")?;
