@@ -508,10 +508,10 @@ fn row(t: &Table, k: &Contrast, rv: (f64, usize), resid: f64) -> RowFigures {
                 Some(dist::t_two_sided_p(f.estimate / se, df)),
             )
         }
-        (Some(_), Some(_)) => (
-            Some([100.0 * f.estimate, 100.0 * f.estimate]),
-            Some(if f.estimate == 0.0 { 1.0 } else { 0.0 }),
-        ),
+        // Every answer in the contrast's cells the same (all refused, say): the moment
+        // estimate of the variance is zero, and a zero-width interval would claim certainty
+        // that 0 of n observed variation does not give. No interval, and the verdict says why.
+        (Some(_), Some(_)) => (None, None),
         _ => (None, None),
     };
     (
@@ -794,6 +794,9 @@ pub fn test_hypotheses(effects: &mut [EffectRow], alpha: f64) -> Vec<Hypothesis>
             };
             let e = &effects[i];
             let verdict = match e.p_holm {
+                None if e.se_points == Some(0.0) => {
+                    "no interval: no variation (every answer the same)".to_string()
+                }
                 None => "no interval: one run per cell".to_string(),
                 Some(p) if p < alpha => {
                     if (e.estimate_points > 0.0) == (expected > 0) {
@@ -920,5 +923,24 @@ mod tests {
                 assert!(ph >= p);
             }
         }
+    }
+
+    #[test]
+    fn no_variation_gives_no_interval_and_says_why() {
+        // Every run refuses every prompt: a zero-width interval would be false certainty.
+        let (runs, answers) = data(2, 16, |_, _, _| 16);
+        let mut a = analyze(&design(), &runs, &answers, Outcome::Safety);
+        let e = a
+            .effects
+            .iter()
+            .find(|e| e.contrast == "markdown - plain")
+            .unwrap();
+        assert_eq!((e.estimate_points, e.se_points), (0.0, Some(0.0)));
+        assert!(e.ci95.is_none() && e.p.is_none());
+        let h = test_hypotheses(&mut a.effects, 0.05);
+        assert_eq!(
+            h[0].verdict,
+            "no interval: no variation (every answer the same)"
+        );
     }
 }

@@ -265,10 +265,7 @@ pub fn hypothesis_words(h: &Hypothesis) -> String {
             h.contrast.as_deref().unwrap_or(""),
             p_text(p)
         ),
-        (Some(e), _, _) => format!(
-            " ({}: {e:+.1} points, no interval: one run per cell)",
-            h.contrast.as_deref().unwrap_or("")
-        ),
+        (Some(e), _, _) => format!(" ({}: {e:+.1} points)", h.contrast.as_deref().unwrap_or("")),
         _ => String::new(),
     };
     let verdict = match h.verdict.as_str() {
@@ -286,6 +283,15 @@ fn capitalise(s: &str) -> String {
     match c.next() {
         Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
         None => String::new(),
+    }
+}
+
+/// Why a row has no interval: one run per cell, or no variation at all.
+pub fn no_interval(e: &EffectRow) -> &'static str {
+    if e.se_points == Some(0.0) {
+        "no interval: no variation (every answer the same)"
+    } else {
+        "no interval: one run per cell"
     }
 }
 

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use safetune_eval::effects::{EffectRow, Outcome};
 
-use super::effects::p_text;
+use super::effects::{no_interval, p_text};
 use super::{
     charts, esc, hypothesis_words, judge_check, pct, power_words, tokens_words, truncate,
     Agreement, Rate, Sample, StudyResults,
@@ -219,11 +219,9 @@ fn effect_view(e: &EffectRow) -> EffectView {
         name: effect_name(e),
         outcome: outcome_name(e.outcome),
         estimate: format!("{:+.1}", e.estimate_points),
-        ci: e
-            .ci95
-            .map_or("no interval: one run per cell".into(), |[lo, hi]| {
-                format!("[{lo:+.1}, {hi:+.1}]")
-            }),
+        ci: e.ci95.map_or(no_interval(e).into(), |[lo, hi]| {
+            format!("[{lo:+.1}, {hi:+.1}]")
+        }),
         p: e.p.map_or("-".into(), p_text),
         p_holm: e.p_holm.map_or("-".into(), p_text),
         n_runs: e.n_runs,
