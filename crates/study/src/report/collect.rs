@@ -229,19 +229,14 @@ fn harmful_benchmarks<'a>(store: &Store, ix: &'a StepIndex) -> BTreeSet<&'a str>
         .collect()
 }
 
-/// Whether a generate step ran a harmful benchmark, from the `harmful` flag of its stored spec.
+/// Whether a generate step ran a harmful benchmark, from its stored (typed) spec.
 fn generated_harmful(store: &Store, gen_key: &str) -> Result<Option<bool>, ReportError> {
-    fn find(v: &serde_json::Value) -> Option<bool> {
-        match v {
-            serde_json::Value::Object(m) => m
-                .get("harmful")
-                .and_then(serde_json::Value::as_bool)
-                .or_else(|| m.values().find_map(find)),
-            serde_json::Value::Array(a) => a.iter().find_map(find),
+    Ok(store.step(gen_key)?.and_then(|r| {
+        match serde_json::from_value::<crate::step::StepSpec>(r.spec) {
+            Ok(crate::step::StepSpec::Generate { benchmark, .. }) => Some(benchmark.harmful),
             _ => None,
         }
-    }
-    Ok(store.step(gen_key)?.and_then(|r| find(&r.spec)))
+    }))
 }
 
 /// The factor-effect analysis of the tuned runs (every judge, primary first), with each run's

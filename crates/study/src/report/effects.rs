@@ -235,14 +235,10 @@ fn tokens(out: &mut EffectsAnalysis, tune_outputs: &[(String, Json)]) {
     }
 }
 
-/// `trained_tokens` anywhere in a tune step's output (it sits in the model's `training`).
+/// The trained tokens a tune step recorded in its model output (`training.trained_tokens`).
 fn trained_tokens(o: &Json) -> Option<u64> {
-    match o {
-        Json::Object(m) => m
-            .get("trained_tokens")
-            .and_then(Json::as_u64)
-            .or_else(|| m.values().find_map(trained_tokens)),
-        Json::Array(a) => a.iter().find_map(trained_tokens),
+    match serde_json::from_value::<crate::step::StepOutput>(o.clone()).ok()? {
+        crate::step::StepOutput::Model(m) => m.training.map(|t| t.trained_tokens as u64),
         _ => None,
     }
 }
