@@ -31,6 +31,11 @@ pub struct LoadOptions {
     /// Merge the adapter into dense weights at load time (faster decoding); otherwise, and
     /// always for quantized weights, it runs as a separate low-rank path.
     pub merge_adapter: bool,
+    /// After loading (and merging the adapter when `merge_adapter`), hold every dense f32
+    /// matrix as Q8_0 blocks for the fast decoding kernels, e.g. a safetensors model such as
+    /// the aligned model a study merges. Greedy answers stay close to the f32 path's but are
+    /// not always identical (`bench/quantize_agreement.sh` measures how close).
+    pub quantize_dense: bool,
 }
 
 impl Default for LoadOptions {
@@ -40,6 +45,7 @@ impl Default for LoadOptions {
             batch_size: 8,
             adapter: None,
             merge_adapter: false,
+            quantize_dense: false,
         }
     }
 }
@@ -123,6 +129,13 @@ impl LocalEngine {
     ) -> Result<LocalEngine> {
         if let Some(dir) = &opts.adapter {
             crate::adapter::Adapter::load(dir)?.apply(&mut model, opts.merge_adapter)?;
+        }
+        if opts.quantize_dense {
+            for l in crate::adapter::linears_mut(&mut model) {
+                let name = l.name.clone();
+                l.quantize_q8_0()
+                    .map_err(|e| ModelError::Other(format!("quantizing `{name}` to Q8_0: {e}")))?;
+            }
         }
         for id in &model.cfg.eos_token_ids {
             if !tok.stop_ids.contains(id) {

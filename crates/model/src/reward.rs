@@ -228,8 +228,14 @@ fn padded_hidden(model: &Llama, seqs: &[Vec<u32>], pad: u32) -> Result<(Tensor, 
     Ok((h, lens))
 }
 
+/// Conversations run through the decoder together by [`mean_pooled_features`].
+pub const FEATURE_BATCH: usize = 16;
+
 /// Mean of the final hidden states over every token of each conversation (rendered with the
 /// engine's chat template, no generation prompt): one feature vector of size C per conversation.
+/// Conversations of similar length go through the decoder [`FEATURE_BATCH`] at a time, right-
+/// padded (padding keys are masked and padded positions are left out of the mean), so a
+/// feature does not depend on its batch beyond float rounding.
 pub fn mean_pooled_features(
     engine: &LocalEngine,
     conversations: &[Vec<Message>],
@@ -248,7 +254,7 @@ pub fn mean_pooled_features(
         .unwrap_or("");
     let pad = engine.tok.eos.as_ref().map(|(_, id)| *id).unwrap_or(0);
     let max_pos = engine.model.cfg.max_position_embeddings;
-    let mut out = Vec::with_capacity(conversations.len());
+    let mut seqs = Vec::with_capacity(conversations.len());
     for c in conversations {
         let text = engine.template.render(c, false, bos, eos)?;
         let mut ids = engine.tok.encode(&text, false)?;
@@ -258,12 +264,25 @@ pub fn mean_pooled_features(
                 "the conversation renders to no tokens".into(),
             ));
         }
-        let (h, _) = padded_hidden(&engine.model, &[ids], pad)?; // (1, T, C)
-        let mean = h
-            .mean(1)
-            .and_then(|m| m.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>())
-            .ctx(|| "mean pooling".into())?;
-        out.push(mean);
+        seqs.push(ids);
+    }
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].len());
+    let mut out = vec![Vec::new(); seqs.len()];
+    for group in order.chunks(FEATURE_BATCH) {
+        let batch: Vec<Vec<u32>> = group.iter().map(|&i| seqs[i].clone()).collect();
+        let (h, lens) = padded_hidden(&engine.model, &batch, pad)?; // (B, T, C)
+        for (r, (&i, &len)) in group.iter().zip(&lens).enumerate() {
+            out[i] = h
+                .get(r)
+                .and_then(|row| {
+                    row.narrow(0, 0, len)?
+                        .mean(0)?
+                        .to_dtype(DType::F32)?
+                        .to_vec1::<f32>()
+                })
+                .ctx(|| "mean pooling".into())?;
+        }
     }
     Ok(out)
 }

@@ -364,6 +364,29 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Holds a dense f32 weight as Q8_0 blocks (one f16 scale per 32 values, 8-bit levels) for
+    /// the fast decoding kernels. Returns whether it did: quantized weights stay as they are,
+    /// and so do weights whose input width is not a multiple of 32. An attached (unmerged)
+    /// adapter keeps its f32 low-rank path.
+    pub fn quantize_q8_0(&mut self) -> candle_core::Result<bool> {
+        let LinearWeight::Dense(w) = &self.weight else {
+            return Ok(false);
+        };
+        if !self.in_dim.is_multiple_of(GgmlDType::Q8_0.block_size()) {
+            return Ok(false);
+        }
+        let q = QTensor::quantize(&w.contiguous()?, GgmlDType::Q8_0)?;
+        match QMatrix::from_qtensor(&q)? {
+            Some(m) => {
+                self.weight = LinearWeight::Blocks(Arc::new(m));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
 impl Module for Linear {
     /// (..., in) -> (..., out)
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {

@@ -633,3 +633,71 @@ fn peft_written_adapter_loads_and_matches_peft_logits() {
         assert!(d < 1e-4, "{d}");
     }
 }
+
+#[test]
+fn quantize_dense_holds_the_merged_weights_as_q8_0_blocks() {
+    // A tuned model as a study generates with it: the adapter merged, then every dense matrix
+    // quantized to Q8_0. Each weight must be the Q8_0 rounding of the merged f32 weight (within
+    // half a quantization step of its block), and the logits close to the f32 merge's.
+    let root = tempfile::tempdir().unwrap();
+    let (base, adir) = base_and_adapter(root.path(), AdapterConfig::lora(4, 8.0, &ALL), 7);
+    let f32_merged = load(&base, Some(&adir), true);
+    let q = LocalEngine::load(
+        &ModelSpec::HfDir(base.clone()),
+        &LoadOptions {
+            adapter: Some(adir.clone()),
+            merge_adapter: true,
+            quantize_dense: true,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    let (lf, lq) = (linears(&f32_merged.model), linears(&q.model));
+    assert_eq!(lf.len(), lq.len());
+    for (a, b) in lf.iter().zip(&lq) {
+        assert!(
+            matches!(b.weight, LinearWeight::Blocks(_)),
+            "{} not in blocks",
+            b.name
+        );
+        assert!(
+            b.lora.is_none(),
+            "{}: the adapter is merged, not beside",
+            b.name
+        );
+        let wf = a
+            .dense_weight()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let wq = b
+            .dense_weight()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (bf, bq) in wf.chunks(32).zip(wq.chunks(32)) {
+            let amax = bf.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Half a step of 127 levels, plus the f16 rounding of the block's scale.
+            let tol = amax / 127.0 * 0.5 + amax * 1e-3 + 1e-7;
+            for (x, y) in bf.iter().zip(bq) {
+                assert!((x - y).abs() <= tol, "{}: {x} vs {y} (tol {tol})", b.name);
+            }
+        }
+    }
+    let d = max_abs_diff(&logits(&f32_merged), &logits(&q));
+    let scale = logits(&f32_merged)
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
+    let scale = scale.to_scalar::<f32>().unwrap();
+    println!("Q8_0 at load vs f32 merge: logits max abs diff {d} (largest logit {scale})");
+    assert!(d > 0.0, "the weights were quantized");
+    assert!(d < 0.05 * scale, "logits moved by {d}");
+}

@@ -186,3 +186,26 @@ fn mean_pooled_features_have_the_hidden_size() {
     assert_eq!(f[0].len(), 64);
     assert!(f[0] != f[1]);
 }
+
+#[test]
+fn batched_features_match_one_at_a_time_and_keep_the_input_order() {
+    let dir = tempfile::tempdir().unwrap();
+    TinyModel::default().write(dir.path()).unwrap();
+    let spec = ModelSpec::parse(dir.path().to_str().unwrap()).unwrap();
+    let e = LocalEngine::load(&spec, &LoadOptions::default()).unwrap();
+    // Lengths in no order and more conversations than one batch, so rows are padded, sorted
+    // into groups and put back.
+    let convos: Vec<_> = (0..safetune_model::reward::FEATURE_BATCH + 5)
+        .map(|i| convo("q", &"word ".repeat(1 + (i * 7) % 11)))
+        .collect();
+    let together = mean_pooled_features(&e, &convos).unwrap();
+    for (i, c) in convos.iter().enumerate() {
+        let alone = mean_pooled_features(&e, std::slice::from_ref(c)).unwrap();
+        let diff = together[i]
+            .iter()
+            .zip(&alone[0])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "conversation {i}: batched differs by {diff}");
+    }
+}

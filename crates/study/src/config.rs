@@ -318,6 +318,32 @@ pub struct GenerationSection {
     /// Rows per store transaction (0: the backend's batch size).
     #[serde(default)]
     pub chunk_size: usize,
+    /// How local models hold their matrices while generating (`openai:` models: ignored).
+    #[serde(default = "GenWeights::study_default")]
+    pub weights: GenWeights,
+}
+
+/// How a local model's matrices are held while it generates answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GenWeights {
+    /// Dense f32 (a GGUF model dequantized): the exact path, several times slower.
+    #[default]
+    F32,
+    /// The fast kernels: a GGUF model keeps its quantized blocks; dense weights (a safetensors
+    /// model, or any model with an adapter, merged first) are quantized to Q8_0 at load. Greedy
+    /// answers stay close to the f32 path's, not always identical. The study's default.
+    Quantized,
+}
+
+impl GenWeights {
+    pub fn study_default() -> GenWeights {
+        GenWeights::Quantized
+    }
+
+    pub fn is_f32(&self) -> bool {
+        *self == GenWeights::F32
+    }
 }
 
 impl Default for GenerationSection {
@@ -326,6 +352,7 @@ impl Default for GenerationSection {
             max_new_tokens: default_max_new_tokens(),
             temperature: 0.0,
             chunk_size: 0,
+            weights: GenWeights::study_default(),
         }
     }
 }

@@ -713,6 +713,7 @@ impl Planner<'_> {
                         temperature: cfg.generation.temperature,
                         seed: c.seed,
                         chunk_size: cfg.generation.chunk_size,
+                        weights: cfg.generation.weights,
                     },
                 },
                 deps: vec![c.step],

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use crate::config::{EndpointConfig, SelectStrategy, SplitChoice};
+use crate::config::{EndpointConfig, GenWeights, SelectStrategy, SplitChoice};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -104,6 +104,10 @@ pub struct SamplingSpec {
     pub temperature: f32,
     pub seed: u64,
     pub chunk_size: usize,
+    /// How a local model's matrices are held while it generates. Left out of the step's key
+    /// when `f32`, so the keys of stores written before the setting existed (all f32) stay.
+    #[serde(default, skip_serializing_if = "GenWeights::is_f32")]
+    pub weights: GenWeights,
 }
 
 /// The typed settings of a step; with the keys of its inputs, it makes the step's key.

@@ -72,3 +72,43 @@ fn an_unknown_trainer_setting_in_an_example_names_file_line_and_accepted_keys() 
         "{e}"
     );
 }
+
+#[test]
+fn generation_weights_default_to_the_fast_kernels_and_f32_keeps_old_step_keys() {
+    let file = examples()
+        .into_iter()
+        .find(|f| f.ends_with("quickstart-tiny.toml"))
+        .unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text = text.replace("weights = \"quantized\"", "");
+    let cfg = StudyConfig::parse(&text, &file).unwrap();
+    assert_eq!(
+        cfg.generation.weights,
+        safetune_study::config::GenWeights::Quantized
+    );
+    let generate_specs = |cfg: &StudyConfig| -> Vec<String> {
+        plan(cfg)
+            .unwrap()
+            .steps
+            .iter()
+            .filter(|s| matches!(s.spec, StepSpec::Generate { .. }))
+            .map(|s| serde_json::to_string(&s.spec).unwrap())
+            .collect()
+    };
+    let fast = generate_specs(&cfg);
+    assert!(!fast.is_empty());
+    assert!(
+        fast.iter().all(|s| s.contains("\"weights\":\"quantized\"")),
+        "{fast:?}"
+    );
+    // f32 is left out of the spec, so a store written before the setting existed (all f32)
+    // keeps its step keys.
+    let f32_text = text.replace("[generation]", "[generation]\nweights = \"f32\"");
+    let f32_cfg = StudyConfig::parse(&f32_text, &file).unwrap();
+    let exact = generate_specs(&f32_cfg);
+    assert!(exact.iter().all(|s| !s.contains("weights")), "{exact:?}");
+    assert_ne!(fast, exact);
+    let bad = text.replace("[generation]", "[generation]\nweights = \"int3\"");
+    let e = StudyConfig::parse(&bad, &file).unwrap_err().to_string();
+    assert!(e.contains("weights") || e.contains("int3"), "{e}");
+}

@@ -296,7 +296,7 @@ fn registry(fail_after: Option<usize>) -> (Registry, Fakes) {
     let tunes = Arc::new(AtomicUsize::new(0));
     let r2 = requests.clone();
     let factory: Arc<safetune_study::stages::GeneratorFactory> =
-        Arc::new(move |m: &ModelArtifact| {
+        Arc::new(move |m: &ModelArtifact, _weights| {
             Ok(Arc::new(FakeGen {
                 id: m.name.clone(),
                 adapter: m

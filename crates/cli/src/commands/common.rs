@@ -14,7 +14,7 @@ use clap::{Args, ValueEnum};
 use safetune_data::demo::{demo_text, resolve_dataset, DEMO_SETS};
 use safetune_data::read::{Columns, InputFormat, ReadOptions, SkipReport};
 use safetune_eval::rm::remote::RemoteOptions;
-use safetune_model::ModelSpec;
+use safetune_model::{LoadOptions, ModelSpec};
 use safetune_openai::ClientConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -187,6 +187,42 @@ pub fn report_skipped(skipped: &SkipReport, path: &Path) {
     }
     for e in &skipped.examples {
         eprintln!("  e.g. {e}");
+    }
+}
+
+/// How a local model's matrices are held (`generate`, `eval`, `serve`).
+#[derive(Debug, Clone, Args)]
+pub struct WeightsArgs {
+    /// GGUF only: keep weights in their quantized blocks (faster decoding, slightly less exact).
+    #[arg(long)]
+    pub quantized: bool,
+
+    /// Quantize dense f32 weights when loading, after merging any adapter into them (which
+    /// this implies): `q8_0`. A safetensors model (e.g. a study's merged aligned model) then
+    /// decodes on the fast kernels; greedy answers stay close to the f32 path's, not always
+    /// identical.
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<QuantizeFormat>,
+}
+
+/// Formats dense weights can be quantized to at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeFormat {
+    /// 8-bit levels with one f16 scale per 32 values.
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl WeightsArgs {
+    /// The load options for these flags, a batch size and an adapter.
+    pub fn load_options(&self, batch_size: usize, adapter: &AdapterArgs) -> LoadOptions {
+        LoadOptions {
+            quantized: self.quantized,
+            batch_size,
+            adapter: adapter.adapter.clone(),
+            merge_adapter: adapter.merge_adapter || self.quantize.is_some(),
+            quantize_dense: self.quantize.is_some(),
+        }
     }
 }
 

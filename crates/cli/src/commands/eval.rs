@@ -12,7 +12,7 @@ use safetune_eval::bench::{
 };
 use safetune_eval::run::{judge_rows, read_judge_rows, read_judgments};
 use safetune_model::job::{run_generation, JobOptions};
-use safetune_model::{LoadOptions, ModelSpec, Sampling};
+use safetune_model::{ModelSpec, Sampling};
 use safetune_openai::load_generator;
 
 use super::common::{resolve_prompt_set, AdapterArgs, ClientArgs, SplitArgs};
@@ -69,9 +69,8 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 8, value_name = "B")]
     pub batch_size: usize,
 
-    /// GGUF only: keep weights quantized.
-    #[arg(long)]
-    pub quantized: bool,
+    #[command(flatten)]
+    pub weights: super::common::WeightsArgs,
 
     // The client of the model under test; an openai: judge model's client keeps its defaults
     // (the judge library takes no such settings).
@@ -98,12 +97,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create {}", args.output.display()))?;
     let gen_path = args.output.join("generations.jsonl");
-    let load = LoadOptions {
-        quantized: args.quantized,
-        batch_size: args.batch_size,
-        adapter: args.adapter.adapter.clone(),
-        merge_adapter: args.adapter.merge_adapter,
-    };
+    let load = args.weights.load_options(args.batch_size, &args.adapter);
     let client = args.client.client_config(args.batch_size);
     eprintln!("loading {spec}");
     let generator =

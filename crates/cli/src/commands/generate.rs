@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use safetune_model::job::{read_prompts, run_generation, JobOptions};
-use safetune_model::{LoadOptions, ModelSpec, Sampling};
+use safetune_model::{ModelSpec, Sampling};
 use safetune_openai::load_generator;
 
 use super::common::{AdapterArgs, ClientArgs, InputArgs};
@@ -62,9 +62,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub raw: bool,
 
-    /// GGUF only: keep weights quantized (faster decoding, slightly less exact).
-    #[arg(long)]
-    pub quantized: bool,
+    #[command(flatten)]
+    pub weights: super::common::WeightsArgs,
 
     #[command(flatten)]
     pub adapter: AdapterArgs,
@@ -86,12 +85,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let spec = ModelSpec::parse(&args.model)?;
     args.adapter.check_spec(&spec)?;
     let prompts = read_prompts(&args.data.path()?)?;
-    let load = LoadOptions {
-        quantized: args.quantized,
-        batch_size: args.batch_size,
-        adapter: args.adapter.adapter.clone(),
-        merge_adapter: args.adapter.merge_adapter,
-    };
+    let load = args.weights.load_options(args.batch_size, &args.adapter);
     let client = args.client.client_config(args.batch_size);
     eprintln!("loading {spec}");
     let generator =

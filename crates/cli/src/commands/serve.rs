@@ -40,9 +40,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 5, value_name = "MS")]
     pub batch_wait_ms: u64,
 
-    /// GGUF only: keep weights quantized (faster decoding, slightly less exact).
-    #[arg(long)]
-    pub quantized: bool,
+    #[command(flatten)]
+    pub weights: super::common::WeightsArgs,
 
     #[command(flatten)]
     pub adapter: super::common::AdapterArgs,
@@ -69,12 +68,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let spec = ModelSpec::parse(&args.model)?;
     args.adapter.check_spec(&spec)?;
-    let load = LoadOptions {
-        quantized: args.quantized,
-        batch_size: args.max_batch.unwrap_or(LoadOptions::default().batch_size),
-        adapter: args.adapter.adapter.clone(),
-        merge_adapter: args.adapter.merge_adapter,
-    };
+    let load = args.weights.load_options(
+        args.max_batch.unwrap_or(LoadOptions::default().batch_size),
+        &args.adapter,
+    );
     let client = args
         .client
         .client_config(args.max_batch.unwrap_or(args.concurrency));

@@ -69,6 +69,7 @@ pub fn run(args: UtilityArgs) -> anyhow::Result<()> {
             adapter: args.adapter.adapter.clone(),
             merge_adapter: args.adapter.merge_adapter,
             batch_size: LoadOptions::default().batch_size,
+            quantize_dense: false,
         },
     )
     .with_context(|| format!("cannot load {}", args.model))?;
