@@ -113,6 +113,9 @@ pub struct StudyResults {
     /// "Primary judge: NAME (the first `[[judges]]` entry)." and the judge kind's validation figure.
     pub primary_judge_note: String,
     pub steps: BTreeMap<String, usize>,
+    /// Time by stage: the sum of each finished step's last execution in the store (a resumed
+    /// study counts each step once), in plan order of the stages.
+    pub stage_times: Vec<StageTime>,
     pub failed_steps: Vec<(String, String)>,
     pub conditions: Vec<Condition>,
     /// The primary judge's factor effects: one row per contrast and outcome (main effects and
@@ -132,6 +135,16 @@ pub struct StudyResults {
     /// Each judge against the human labels of this study's answers (`safetune label`), where the
     /// store holds some.
     pub judge_accuracy: Option<StudyJudgeCheck>,
+}
+
+/// The time one kind of step took in all.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageTime {
+    /// The step kind (`align`, `tune`, `generate`, ...).
+    pub stage: String,
+    /// Finished steps of that kind with a recorded time.
+    pub steps: usize,
+    pub seconds: f64,
 }
 
 /// Paths of the written files.

@@ -127,6 +127,8 @@ pub struct StepRecord {
     pub output: Option<Json>,
     pub error: Option<String>,
     pub executions: i64,
+    /// Seconds of the step's last execution (`finished_at - started_at`); none while running.
+    pub seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -394,7 +396,8 @@ impl Store {
     pub fn step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
         self.conn
             .query_row(
-                "SELECT key, kind, label, spec, factors, status, output, error, executions
+                "SELECT key, kind, label, spec, factors, status, output, error, executions,
+                        finished_at - started_at
                  FROM steps WHERE key = ?1",
                 params![key],
                 step_from_row,
@@ -407,7 +410,8 @@ impl Store {
         let mut st = self
             .conn
             .prepare(
-                "SELECT key, kind, label, spec, factors, status, output, error, executions
+                "SELECT key, kind, label, spec, factors, status, output, error, executions,
+                        finished_at - started_at
                  FROM steps ORDER BY rowid",
             )
             .map_err(|e| self.e(e))?;
@@ -839,6 +843,10 @@ fn step_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StepRecord> {
         output: r.get::<_, Option<String>>(6)?.map(parse_json),
         error: r.get(7)?,
         executions: r.get(8)?,
+        // A step run again keeps its old finish time until it ends: no figure while running.
+        seconds: r
+            .get::<_, Option<f64>>(9)?
+            .filter(|s| *s >= 0.0 && r.get::<_, String>(5).is_ok_and(|st| st != "running")),
     })
 }
 

@@ -403,6 +403,15 @@ fn a_rerun_reuses_every_finished_step_and_the_report_escapes_model_text() {
     );
     assert_eq!(results.primary_judge.as_deref(), Some("keyword"));
     assert_eq!(results.conditions.len(), 5);
+    // Time by stage counts the latest plan's steps once each (the redone generate steps, the
+    // tunes reused from the first run).
+    let stage = |k: &str| results.stage_times.iter().find(|t| t.stage == k).unwrap();
+    assert_eq!(stage("tune").steps, 4);
+    assert_eq!(stage("generate").steps, 5 * 2);
+    assert_eq!(stage("judge").steps, 5 * 2 * 2);
+    assert!(results.stage_times.iter().all(|t| t.seconds >= 0.0));
+    let md = std::fs::read_to_string(&files.markdown).unwrap();
+    assert!(md.contains("## Time by stage"), "{md}");
     // One seed: every contrast of the 2x2 design has an estimate and no interval, and the
     // report says so instead of drawing one.
     let contrasts: Vec<(Option<&str>, &str, &str)> = results

@@ -50,6 +50,7 @@ impl EvalStep {
 /// The plan's steps by status, its failed steps, and its judge and score steps.
 struct StepIndex {
     by_status: BTreeMap<String, usize>,
+    stage_times: Vec<super::StageTime>,
     /// (label, error) in plan order.
     failed: Vec<(String, String)>,
     judges: Vec<EvalStep>,
@@ -62,6 +63,7 @@ impl StepIndex {
     fn read(store: &Store, plan: &StoredPlan) -> Result<StepIndex, ReportError> {
         let mut ix = StepIndex {
             by_status: BTreeMap::new(),
+            stage_times: Vec::new(),
             failed: Vec::new(),
             judges: Vec::new(),
             scores: Vec::new(),
@@ -71,6 +73,19 @@ impl StepIndex {
             let rec = store.step(&s.key)?;
             let status = rec.as_ref().map_or("pending", |r| r.status.as_str());
             *ix.by_status.entry(status.to_string()).or_default() += 1;
+            if let Some(secs) = rec.as_ref().and_then(|r| r.seconds) {
+                match ix.stage_times.iter_mut().find(|t| t.stage == s.kind) {
+                    Some(t) => {
+                        t.steps += 1;
+                        t.seconds += secs;
+                    }
+                    None => ix.stage_times.push(super::StageTime {
+                        stage: s.kind.clone(),
+                        steps: 1,
+                        seconds: secs,
+                    }),
+                }
+            }
             if let Some(r) = rec.as_ref().filter(|r| r.status == "failed") {
                 ix.failed
                     .push((r.label.clone(), r.error.clone().unwrap_or_default()));
@@ -150,6 +165,7 @@ pub(super) fn study(dir: &Path) -> Result<StudyResults, ReportError> {
         primary_judge_note: primary_note(&StudyIndex::from_plan(&config, &plan_json)),
         primary_judge: ix.primary,
         steps: ix.by_status,
+        stage_times: ix.stage_times,
         failed_steps: ix.failed,
         effects: super::effects::primary_rows(&effect_analysis),
         effect_analysis,

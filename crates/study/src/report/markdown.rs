@@ -17,7 +17,31 @@ pub(super) fn render(r: &StudyResults) -> String {
     o.push_str(&judge_check::markdown(r.judge_accuracy.as_ref()));
     reward_models(&mut o, r);
     failed_steps(&mut o, r);
+    stage_times(&mut o, r);
     o
+}
+
+/// Where the time went: seconds per stage, summed over its finished steps in the store.
+fn stage_times(o: &mut String, r: &StudyResults) {
+    if r.stage_times.is_empty() {
+        return;
+    }
+    let total: f64 = r.stage_times.iter().map(|t| t.seconds).sum();
+    let _ = writeln!(
+        o,
+        "\n## Time by stage\n\nSum of each finished step's time in the store (a resumed study counts each step once): {total:.0} s.\n\n| stage | steps | seconds | share |\n|---|---:|---:|---:|"
+    );
+    for t in &r.stage_times {
+        let share = if total > 0.0 { t.seconds / total } else { 0.0 };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.0} | {} |",
+            t.stage,
+            t.steps,
+            t.seconds,
+            pct(share)
+        );
+    }
 }
 
 /// Title, primary judge, step counts and the table of safety and over-refusal rates.
