@@ -374,8 +374,9 @@ pub struct AlignSection {
     #[serde(default = "default_benign", deserialize_with = "one_or_many")]
     pub benign: Vec<String>,
     pub harmful_limit: Option<usize>,
-    /// Examples taken from each benign source (the first N of each).
-    pub benign_limit: Option<usize>,
+    /// Examples taken from each benign source (the first N of each): one number for every
+    /// source, or a list with one number per source, in the order of `benign`.
+    pub benign_limit: Option<PerSource>,
     /// Train even when examples are longer than `settings.max_len` (they are cut at its end);
     /// by default the align step fails and names the `max_len` that fits every example.
     #[serde(default)]
@@ -384,6 +385,26 @@ pub struct AlignSection {
     /// against the trainer's keys when the config is loaded.
     #[serde(default)]
     pub settings: toml::Table,
+}
+
+/// A limit for every source (`79`) or one per source (`[79, 20]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerSource {
+    /// The same limit for every source (serialized as a plain number, as before lists existed).
+    Each(usize),
+    /// One limit per source, in order.
+    List(Vec<usize>),
+}
+
+impl PerSource {
+    /// The limit of source `i` (`None` past the end of a list: validation rules that out).
+    pub fn for_source(&self, i: usize) -> Option<usize> {
+        match self {
+            PerSource::Each(n) => Some(*n),
+            PerSource::List(v) => v.get(i).copied(),
+        }
+    }
 }
 
 fn default_refusals() -> String {
@@ -861,6 +882,18 @@ impl StudyConfig {
             if let Some(i) = a.benign.iter().position(|b| b.trim().is_empty()) {
                 return Err(bad(&format!("align.benign[{i}]"), "is empty".into()));
             }
+            if let Some(PerSource::List(v)) = &a.benign_limit {
+                if v.len() != a.benign.len() {
+                    return Err(bad(
+                        "align.benign_limit",
+                        format!(
+                            "has {} numbers for {} benign datasets (give one number for all, or one per dataset)",
+                            v.len(),
+                            a.benign.len()
+                        ),
+                    ));
+                }
+            }
         }
         if (self.tune.is_some() || self.align.is_some() || !self.benchmarks.is_empty())
             && self.models.is_empty()
@@ -1104,6 +1137,18 @@ mod tests {
         assert_eq!(
             two.align.unwrap().benign,
             vec!["demo:stem", "demo:overrefusal-answers"]
+        );
+        let per = StudyConfig::parse(
+            &format!("{MIN}{MODEL}[align]\nbenign = [\"demo:stem\", \"demo:overrefusal-answers\"]\nbenign_limit = [5, 7]\n"),
+            p,
+        )
+        .unwrap();
+        let l = per.align.unwrap().benign_limit.unwrap();
+        assert_eq!((l.for_source(0), l.for_source(1)), (Some(5), Some(7)));
+        let e = parse_err("[align]\nbenign = [\"demo:stem\"]\nbenign_limit = [5, 7]\n");
+        assert!(
+            e.contains("`align.benign_limit`: has 2 numbers for 1 benign"),
+            "{e}"
         );
         let default = StudyConfig::parse(&format!("{MIN}{MODEL}[align]\n"), p).unwrap();
         assert_eq!(default.align.unwrap().benign, vec!["demo:stem"]);

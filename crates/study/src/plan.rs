@@ -561,7 +561,11 @@ impl Planner<'_> {
             let field = format!("align.benign[{i}]");
             let path = resolve_dataset(spec).map_err(data_err(&field))?;
             let n = count_lines(&path);
-            nb += a.benign_limit.map_or(n, |l| n.min(l));
+            nb += a
+                .benign_limit
+                .as_ref()
+                .and_then(|l| l.for_source(i))
+                .map_or(n, |l| n.min(l));
         }
         // Every prompt the study evaluates is kept out of the alignment set, whatever the
         // benchmark's `limit` (so a larger limit later does not meet a trained prompt).
@@ -580,7 +584,7 @@ impl Planner<'_> {
                 harmful: a.harmful.clone(),
                 benign: a.benign.clone(),
                 harmful_limit: a.harmful_limit,
-                benign_limit: a.benign_limit,
+                benign_limit: a.benign_limit.clone(),
                 split_seed: study.split_seed,
                 test_fraction: study.test_fraction,
                 held_out,

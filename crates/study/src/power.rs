@@ -484,8 +484,9 @@ fn align_mean(cfg: &StudyConfig, cpt: f64, max_len: usize) -> Result<(f64, f64),
         return Ok((0.0, 0.0));
     };
     let (mut t, mut i, mut n) = (0.0, 0.0, 0usize);
-    for spec in &a.benign {
-        let (tb, ib, nb) = dataset_mean(spec, a.benign_limit, cpt, max_len)?;
+    for (k, spec) in a.benign.iter().enumerate() {
+        let limit = a.benign_limit.as_ref().and_then(|l| l.for_source(k));
+        let (tb, ib, nb) = dataset_mean(spec, limit, cpt, max_len)?;
         t += tb * nb as f64;
         i += ib * nb as f64;
         n += nb;

@@ -342,10 +342,10 @@ impl Stage for AlignDataStage {
         )?;
         let mut counts = BTreeMap::new();
         counts.insert("refusals".to_string(), out.len());
-        for spec in benign {
+        for (i, spec) in benign.iter().enumerate() {
             let mut helpful = read_dataset(&resolve_dataset(spec)?)?;
-            if let Some(l) = benign_limit {
-                helpful.truncate(*l);
+            if let Some(l) = benign_limit.as_ref().and_then(|l| l.for_source(i)) {
+                helpful.truncate(l);
             }
             *counts.entry(format!("benign:{spec}")).or_insert(0) += helpful.len();
             out.extend(helpful);

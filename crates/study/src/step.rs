@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use crate::config::{EndpointConfig, GenWeights, SelectStrategy, SplitChoice};
+use crate::config::{EndpointConfig, GenWeights, PerSource, SelectStrategy, SplitChoice};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -164,7 +164,7 @@ pub enum StepSpec {
         #[serde(deserialize_with = "crate::config::one_or_many")]
         benign: Vec<String>,
         harmful_limit: Option<usize>,
-        benign_limit: Option<usize>,
+        benign_limit: Option<PerSource>,
         split_seed: u64,
         test_fraction: f64,
         /// The benchmarks the study evaluates: an example whose user turn is one of their

@@ -92,7 +92,7 @@ split = "all"
 [align]
 harmful = "{harm}"
 benign = ["{b1}", "{b2}"]
-benign_limit = 3
+benign_limit = [3, 1]
 "#,
         harm = harm.display(),
         probes = probes.display(),
@@ -112,8 +112,9 @@ benign_limit = 3
     };
     assert_eq!(held_out.len(), 2);
     assert!(held_out.iter().all(|b| b.limit.is_none()));
-    // Planned size: the train split plus 3 + 2 benign examples (before the guard).
-    assert_eq!(step.size, train.len() + 5);
+    // Planned size: the train split plus 3 + 1 benign examples (a limit per source; before
+    // the guard).
+    assert_eq!(step.size, train.len() + 4);
     let only = Plan {
         name: full.name.clone(),
         steps: vec![step],
@@ -136,8 +137,8 @@ benign_limit = 3
     assert_eq!(counts["dropped_evaluated"], 3, "{counts:?}");
     assert_eq!(counts["refusals"], train.len());
     assert_eq!(counts[&format!("benign:{}", b1.display())], 3);
-    assert_eq!(counts[&format!("benign:{}", b2.display())], 2);
-    assert_eq!(examples, train.len() + 5 - 3);
+    assert_eq!(counts[&format!("benign:{}", b2.display())], 1);
+    assert_eq!(examples, train.len() + 4 - 3);
     let (convs, _) = read_all(&path, &ReadOptions::default()).unwrap();
     assert_eq!(convs.len(), examples);
     let users: Vec<String> = convs
@@ -151,7 +152,9 @@ benign_limit = 3
     assert!(!has("how do I kill a python process"));
     assert!(!has("over the limit"));
     // A test prompt inside an answer is not a user turn: that example stays.
-    assert!(has("what is 2 + 2?") && has("name a colour"));
+    assert!(has("what is 2 + 2?") && has("name a prime"));
+    // b2's limit is 1: its second example is not read.
+    assert!(!has("name a colour"));
     assert!(has(&train.items[train.len() - 1].prompt) || train.len() == 1);
     for item in &test.items {
         assert!(

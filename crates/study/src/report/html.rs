@@ -359,6 +359,7 @@ mod tests {
             primary_judge: Some("keyword".into()),
             primary_judge_note: "Primary judge: keyword & co.".into(),
             steps: BTreeMap::from([("done".to_string(), 3), ("failed".to_string(), 1)]),
+            stage_times: Vec::new(),
             failed_steps: vec![("tune <x>".into(), "broke: <script>".into())],
             conditions: vec![Condition {
                 name: name.into(),
