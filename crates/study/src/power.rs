@@ -25,7 +25,7 @@ use safetune_data::{Conversation, Role};
 use safetune_eval::effects::{detectable_effect, PowerAssumptions};
 use safetune_train::TuneConfig;
 
-use crate::config::{JudgeKind, StudyConfig, TrainMatch};
+use crate::config::{GenWeights, JudgeKind, StudyConfig, TrainMatch};
 use crate::plan::{Plan, PlanError};
 use crate::step::{PlannedStep, StepKind, StepSpec};
 
@@ -60,11 +60,21 @@ pub struct Rates {
 /// tokens/s counted the same way (121 tokens/s of tokens actually generated, as many answers
 /// stop early); 78 classifier steps, 9,646 rows in 237 s: 41 rows/s. Training there: 24 tune
 /// steps, 391,206 input tokens in 1,859 s (210 tokens/s, some of it beside other jobs).
+///
+/// Those generation figures are of the f32 path (`[generation] weights = "f32"`). The quantized
+/// default was measured on the quickstart (same machine, 2026-12-05, release build, 24 medical
+/// examples): 20 generate steps, 320 answers x 48 max_new_tokens in 37 s, 415 tokens/s counted
+/// the same way ([`QUANTIZED_GENERATE_TOKENS_PER_S`]); its align (64,322 estimated, 64,300
+/// trained input tokens) and 8 tune steps (59,094 input tokens) ran at 213 and 220 tokens/s.
 pub const MEASURED_RATES: Rates = Rates {
     train_tokens_per_s: 215.0,
     generate_tokens_per_s: 165.0,
     judge_rows_per_s: 40.0,
 };
+
+/// Generation rate of the quantized default (see [`MEASURED_RATES`]), tokens per second counted
+/// as answers x max_new_tokens.
+pub const QUANTIZED_GENERATE_TOKENS_PER_S: f64 = 415.0;
 
 /// Characters of message text per token for the trained-token estimate: SmolLM2-135M's tokenizer
 /// on this project's demo sets (demo:medical and demo:stem 5.0, demo:overrefusal-answers 4.6;
@@ -359,7 +369,10 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
             .unwrap_or(MEASURED_RATES.train_tokens_per_s),
         generate_tokens_per_s: a
             .generate_tokens_per_s
-            .unwrap_or(MEASURED_RATES.generate_tokens_per_s),
+            .unwrap_or(match cfg.generation.weights {
+                GenWeights::Quantized => QUANTIZED_GENERATE_TOKENS_PER_S,
+                GenWeights::F32 => MEASURED_RATES.generate_tokens_per_s,
+            }),
         judge_rows_per_s: a
             .judge_rows_per_s
             .unwrap_or(MEASURED_RATES.judge_rows_per_s),
