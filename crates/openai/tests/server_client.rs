@@ -899,6 +899,45 @@ fn a_failed_run_keeps_finished_rows_and_a_rerun_does_only_the_rest() {
 }
 
 #[test]
+fn run_rows_moves_bad_lines_aside_and_keeps_finished_rows() {
+    let rows: Vec<RowInput> = (0..5)
+        .map(|i| RowInput {
+            id: format!("r{i}"),
+            request: chat(&format!("row {i}"), 8),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut make = |_: &RowInput, o: &GenOutput| json!({"response": o.text});
+    let opts = RunOptions { chunk_size: 2 };
+    run_rows(&Fake::new(), &rows, &out, &opts, &mut make, &mut |_| {}).unwrap();
+    let clean = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = clean.lines().collect();
+    // r1 replaced by garbage, r4 cut mid-line by a kill.
+    let cut = &lines[4][..lines[4].len() / 2];
+    std::fs::write(
+        &out,
+        format!("{}\n#junk\n{}\n{}\n{cut}", lines[0], lines[2], lines[3]),
+    )
+    .unwrap();
+    let fake = Fake::new();
+    let prog = run_rows(&fake, &rows, &out, &opts, &mut make, &mut |_| {}).unwrap();
+    assert_eq!((prog.skipped, prog.done), (3, 2));
+    assert_eq!(*fake.seen.lock().unwrap(), ["row 1", "row 4"]);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        format!(
+            "{}\n{}\n{}\n{}\n{}\n",
+            lines[0], lines[2], lines[3], lines[1], lines[4]
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out.jsonl.corrupt")).unwrap(),
+        format!("#junk\n{cut}\n")
+    );
+}
+
+#[test]
 fn duplicate_ids_are_rejected() {
     let rows = vec![
         RowInput {
