@@ -1,5 +1,6 @@
 //! `safetune study` as a process: `kill -9` in the middle of a generate step, then `--resume`
-//! redoes no finished step and loses no finished row. The model is a slow OpenAI-compatible
+//! redoes no finished step and loses no finished row; a second runner meanwhile fails at once
+//! on the study lock while `safetune report` reads. The model is a slow OpenAI-compatible
 //! fake on loopback, so the kill lands while rows are being committed; the store is read with a
 //! second, read-only connection while the study writes (WAL).
 
@@ -138,6 +139,29 @@ fn kill_9_then_resume_redoes_no_finished_step_and_loses_no_row() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A second runner on the same directory fails at once, naming the directory and the pid
+    // of the first; the report is a reader and runs while the first holds the lock.
+    let t = Instant::now();
+    let second = study(&cfg, &out, &["--resume"]).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&out.display().to_string()) && err.contains(&format!("pid {}", child.id())),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let report = Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .arg("report")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the first run goes on");
+
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
@@ -177,6 +201,13 @@ fn kill_9_then_resume_redoes_no_finished_step_and_loses_no_row() {
     let stderr = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{stderr}");
     assert!(stderr.contains("5 reused from the store"), "{stderr}");
+    // The generate step the kill left `running` is redone, and said so.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("redo") && l.contains("left running by a run that stopped")),
+        "{stderr}"
+    );
 
     let s = Store::open_read_only(&db).unwrap();
     let rows_after = s.generations(&gen_key(&s)).unwrap();
