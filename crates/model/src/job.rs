@@ -254,7 +254,7 @@ pub fn finished_ids(out: &Path) -> Result<HashSet<String>> {
     let cpath = corrupt_path(out);
     for c in &rec.corrupt {
         eprintln!(
-            "warning: {}: line {} is not a complete JSON row with an id; moved it to {} and its row will be redone",
+            "warning: {}: line {} is not a complete JSON row with an id; moved it to {} (its row, if any, is done again)",
             out.display(),
             c.line,
             cpath.display()

@@ -57,12 +57,9 @@ impl FaultServer {
         let (req2, stop2) = (requests.clone(), stop.clone());
         std::thread::spawn(move || {
             while !stop2.load(Ordering::SeqCst) {
-                let stream = match listener.accept() {
-                    Ok((s, _)) => s,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(2));
-                        continue;
-                    }
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
                 };
                 let next = script.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
                 let fault = match (next, repeat) {
