@@ -428,7 +428,7 @@ mod tests {
         };
         assert!(run_generation(&failing, &prompts, &out, &opts, &mut |_| {}).is_err());
         assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
-        // A partial line from a kill is dropped on resume.
+        // A partial line from a kill is moved to OUT.corrupt on resume and its row redone.
         std::fs::OpenOptions::new()
             .append(true)
             .open(&out)
@@ -451,6 +451,10 @@ mod tests {
         assert_eq!(rows[0]["meta"]["category"], "x");
         assert_eq!(rows[2]["id"], "7");
         assert_eq!(rows[2]["finish_reason"], "stop");
+        assert_eq!(
+            std::fs::read_to_string(corrupt_path(&out)).unwrap(),
+            "{\"id\": \"7\", \"resp\n"
+        );
     }
 
     #[test]

@@ -858,7 +858,7 @@ fn a_failed_run_keeps_finished_rows_and_a_rerun_does_only_the_rest() {
     let kept = std::fs::read_to_string(&out).unwrap();
     assert_eq!(kept.lines().count(), 6);
 
-    // A kill mid-write leaves a partial line; it is dropped on resume.
+    // A kill mid-write leaves a partial line; on resume it goes to OUT.corrupt.
     std::fs::OpenOptions::new()
         .append(true)
         .open(&out)
