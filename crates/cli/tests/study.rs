@@ -1,5 +1,6 @@
 //! `safetune study` as a process: `kill -9` in the middle of a generate step, then `--resume`
-//! redoes no finished step and loses no finished row. The model is a slow OpenAI-compatible
+//! redoes no finished step and loses no finished row; a second runner meanwhile fails at once
+//! on the study lock while `safetune report` reads. The model is a slow OpenAI-compatible
 //! fake on loopback, so the kill lands while rows are being committed; the store is read with a
 //! second, read-only connection while the study writes (WAL).
 
@@ -7,23 +8,25 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use safetune_study::runner::STORE_FILE;
 use safetune_study::store::Store;
 
-/// Answers every chat request after `delay` with a refusal; counts requests.
-fn slow_server(delay: Duration) -> (String, Arc<AtomicUsize>) {
+/// Answers every chat request after `delay` with a refusal; counts requests. While the
+/// returned flag is set, answers are held back (the study waits, still running).
+fn slow_server(delay: Duration) -> (String, Arc<AtomicUsize>, Arc<AtomicBool>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1", l.local_addr().unwrap());
     let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
+    let hold = Arc::new(AtomicBool::new(false));
+    let (c, h) = (count.clone(), hold.clone());
     std::thread::spawn(move || {
         for stream in l.incoming() {
             let Ok(mut s) = stream else { continue };
-            let c = c.clone();
+            let (c, h) = (c.clone(), h.clone());
             std::thread::spawn(move || loop {
                 let mut r = BufReader::new(s.try_clone().unwrap());
                 let mut line = String::new();
@@ -49,6 +52,9 @@ fn slow_server(delay: Duration) -> (String, Arc<AtomicUsize>) {
                     return;
                 }
                 c.fetch_add(1, Ordering::SeqCst);
+                while h.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 std::thread::sleep(delay);
                 let text = r#"{"id":"x","object":"chat.completion","created":0,"model":"fake","choices":[{"index":0,"message":{"role":"assistant","content":"I cannot help with that."},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":6,"total_tokens":9}}"#;
                 if write!(
@@ -63,7 +69,7 @@ fn slow_server(delay: Duration) -> (String, Arc<AtomicUsize>) {
             });
         }
     });
-    (url, count)
+    (url, count, hold)
 }
 
 const PROMPTS: usize = 30;
@@ -113,7 +119,7 @@ fn study(cfg: &Path, out: &Path, extra: &[&str]) -> Command {
 #[test]
 fn kill_9_then_resume_redoes_no_finished_step_and_loses_no_row() {
     let tmp = tempfile::tempdir().unwrap();
-    let (url, requests) = slow_server(Duration::from_millis(120));
+    let (url, requests, hold) = slow_server(Duration::from_millis(120));
     let cfg = write_config(tmp.path(), &url);
     let out = tmp.path().join("run");
     let mut child = study(&cfg, &out, &["--no-report"])
@@ -138,8 +144,48 @@ fn kill_9_then_resume_redoes_no_finished_step_and_loses_no_row() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A second runner on the same directory fails at once, naming the directory and the pid
+    // of the first; the report is a reader and runs while the first holds the lock. The server
+    // holds its answers meanwhile, so the first is still generating however slow the machine.
+    hold.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    let mut second = study(&cfg, &out, &["--resume"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while second.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(20) {
+            for c in [&mut second, &mut child] {
+                c.kill().unwrap();
+                c.wait().unwrap();
+            }
+            panic!("a second runner on the same directory did not stop at once");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&out.display().to_string()) && err.contains(&format!("pid {}", child.id())),
+        "{err}"
+    );
+    let report = Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .arg("report")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the first run goes on");
+
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    hold.store(false, Ordering::SeqCst);
 
     let s = Store::open_read_only(&db).unwrap();
     let rows_before = s.generations(&gen_key(&s)).unwrap();
@@ -177,6 +223,13 @@ fn kill_9_then_resume_redoes_no_finished_step_and_loses_no_row() {
     let stderr = String::from_utf8_lossy(&resumed.stderr);
     assert!(resumed.status.success(), "{stderr}");
     assert!(stderr.contains("5 reused from the store"), "{stderr}");
+    // The generate step the kill left `running` is redone, and said so.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("redo") && l.contains("left running by a run that stopped")),
+        "{stderr}"
+    );
 
     let s = Store::open_read_only(&db).unwrap();
     let rows_after = s.generations(&gen_key(&s)).unwrap();

@@ -278,6 +278,7 @@ fn fast() -> RmOptions {
             max_retries: 2,
             initial_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(20),
+            max_retry_after: Duration::from_millis(50),
             timeout: Duration::from_secs(10),
             concurrency: 2,
             api_key_env: "SAFETUNE_TEST_NO_KEY".into(),
@@ -619,4 +620,78 @@ fn item_labels_and_variants_round_trip_through_scoring() {
     assert_eq!(f.items[0].variant.as_deref(), Some("plain"));
     assert_eq!(f.items[1].label, Some(false));
     assert_ne!(f.items[0].score, f.items[1].score);
+}
+
+/// A score endpoint that first answers 429/500/503 with odd `Retry-After` values (`inf`, `1e20`,
+/// `nan`, `-5`, `abc`, an HTTP-date, empty), a 200 cut short and a dropped connection: scoring
+/// neither panics nor waits past the cap, and every row is written once.
+#[test]
+fn remote_scoring_rides_out_odd_retry_after_values_and_gives_up_clearly() {
+    use safetune_openai::testing::{Fault, FaultServer};
+    let faults = vec![
+        Fault::status(429, "inf"),
+        Fault::status(503, "1e20"),
+        Fault::status(500, "nan"),
+        Fault::status(429, "-5"),
+        Fault::status(503, "abc"),
+        Fault::status(429, "Wed, 21 Oct 2015 07:28:00 GMT"),
+        Fault::status(500, ""),
+        Fault::TruncatedBody,
+        Fault::Drop,
+    ];
+    let n_faults = faults.len();
+    let server = FaultServer::start(faults, r#"{"data":[{"score":0.25}]}"#, false);
+    let opts = |max_retries| RmOptions {
+        remote: RemoteOptions {
+            max_retries,
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(5),
+            max_retry_after: Duration::from_millis(100),
+            timeout: Duration::from_secs(5),
+            concurrency: 2,
+            api_key_env: "SAFETUNE_TEST_NO_KEY".into(),
+        },
+        ..Default::default()
+    };
+    let rm = open_rm(&format!("score:{}#m", server.url()), &opts(12)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = pairs_file(dir.path(), 3);
+    let task = load_task(&data, &ReadOptions::default(), None, None).unwrap();
+    let out = dir.path().join("scores.jsonl");
+    let t = std::time::Instant::now();
+    let p = run_scoring(
+        rm.as_ref(),
+        &task,
+        &out,
+        &ScoreOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(p.done, 3);
+    // Two inputs per pair, plus one request per fault.
+    assert_eq!(server.requests(), 2 * 3 + n_faults);
+    let rows = lines(&out);
+    let mut ids: Vec<&str> = rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, ["p0", "p1", "p2"]);
+    assert!(rows
+        .iter()
+        .all(|r| r["chosen"] == 0.25 && r["rejected"] == 0.25));
+
+    // Retry-After: 1e20 on every answer: two waits cut to 100 ms, then a clear error.
+    let server = FaultServer::start(vec![Fault::status(503, "1e20")], "{}", true);
+    let rm = open_rm(&format!("score:{}#m", server.url()), &opts(2)).unwrap();
+    let t = std::time::Instant::now();
+    let e = rm.score(&[input("a")]).unwrap_err().to_string();
+    let elapsed = t.elapsed();
+    assert!(
+        e.contains("HTTP 503") && e.contains("gave up after 3 attempts"),
+        "{e}"
+    );
+    assert_eq!(server.requests(), 3);
+    assert!(
+        elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(5),
+        "{elapsed:?}"
+    );
 }

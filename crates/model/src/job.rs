@@ -1,11 +1,12 @@
 //! A generation run over a prompt file: reads prompts (JSONL with `prompt` or `messages`),
 //! generates with any [`Generator`], and appends one JSON row per prompt to the output, flushed
-//! as it goes. A rerun skips ids already in the output, so a killed run resumes where it stopped.
+//! as it goes. A rerun skips ids already in the output, so a killed run resumes where it stopped;
+//! a line that holds no finished row is moved to `OUT.corrupt` ([`recover_output`]).
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use safetune_data::{Message, Role};
@@ -139,37 +140,127 @@ impl JobProgress {
     }
 }
 
-/// Ids already written to `out`. A last line cut by a kill is removed from the file.
-pub fn finished_ids(out: &Path) -> Result<HashSet<String>> {
-    let mut ids = HashSet::new();
-    if !out.exists() {
-        return Ok(ids);
+/// A line of a resumable output that holds no finished row: cut by a kill, or garbage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorruptLine {
+    /// 1-based line number in the output as it was found.
+    pub line: usize,
+    /// The line's original bytes, without its newline.
+    pub bytes: Vec<u8>,
+}
+
+/// What [`recover_output`] found in an output before resuming it.
+#[derive(Debug, Clone, Default)]
+pub struct Recovered {
+    /// Ids of the finished rows, which are kept.
+    pub ids: HashSet<String>,
+    /// Lines moved to [`corrupt_path`]; any row they held is redone.
+    pub corrupt: Vec<CorruptLine>,
+    /// Whether the output was rewritten (bad lines dropped, a missing last newline added).
+    pub rewritten: bool,
+}
+
+/// Where [`recover_output`] moves the bad lines of `out`: `OUT.corrupt` next to it.
+pub fn corrupt_path(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".corrupt");
+    out.with_file_name(name)
+}
+
+/// The id of one output line, if it is a finished row: a JSON object with a string or number
+/// `id`.
+fn row_id(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(line).ok()?;
+    match serde_json::from_str::<Json>(text).ok()?.get("id")? {
+        Json::String(s) => Some(s.clone()),
+        Json::Number(n) => Some(n.to_string()),
+        _ => None,
     }
-    let text = std::fs::read_to_string(out).map_err(|e| ModelError::io(out, e))?;
-    let mut good_len = 0;
-    for line in text.split_inclusive('\n') {
-        if !line.ends_with('\n') {
-            break; // partial last line
+}
+
+/// Reads a resumable JSONL output before a run appends to it, and repairs it without losing a
+/// finished row. Every line that is a JSON object with an `id` is a finished row and is kept
+/// byte for byte; blank lines are dropped; every other line (a last line cut by a kill, garbage
+/// anywhere) is appended, as it was, to `OUT.corrupt` ([`corrupt_path`]) and left out of `out`,
+/// so its row is redone. The bad lines are saved before `out` is replaced, and `out` is replaced
+/// atomically ([`safetune_data::util::write_atomic`]): a crash at any point loses nothing. A
+/// complete last row without its newline is kept and the newline added. A missing `out` is an
+/// empty one.
+pub fn recover_output(out: &Path) -> Result<Recovered> {
+    let mut rec = Recovered::default();
+    let bytes = match std::fs::read(out) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(rec),
+        Err(e) => return Err(ModelError::io(out, e)),
+    };
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut dirty = false;
+    let mut lines = bytes.split(|&b| b == b'\n').peekable();
+    let mut n = 0;
+    while let Some(line) = lines.next() {
+        n += 1;
+        let last = lines.peek().is_none();
+        if last && line.is_empty() {
+            break; // the file ended with a newline
         }
-        match serde_json::from_str::<Json>(line) {
-            Ok(v) => {
-                if let Some(id) = v.get("id").and_then(|i| i.as_str()) {
-                    ids.insert(id.to_string());
-                }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            dirty = true;
+            continue;
+        }
+        match row_id(line) {
+            Some(id) => {
+                rec.ids.insert(id);
+                kept.extend_from_slice(line);
+                kept.push(b'\n');
+                dirty |= last; // the newline was missing
             }
-            Err(_) => break,
+            None => {
+                rec.corrupt.push(CorruptLine {
+                    line: n,
+                    bytes: line.to_vec(),
+                });
+                dirty = true;
+            }
         }
-        good_len += line.len();
     }
-    if good_len < text.len() {
-        let f = OpenOptions::new()
-            .write(true)
-            .open(out)
-            .map_err(|e| ModelError::io(out, e))?;
-        f.set_len(good_len as u64)
-            .map_err(|e| ModelError::io(out, e))?;
+    if !dirty {
+        return Ok(rec);
     }
-    Ok(ids)
+    if !rec.corrupt.is_empty() {
+        let cpath = corrupt_path(out);
+        let mut moved = Vec::new();
+        for c in &rec.corrupt {
+            moved.extend_from_slice(&c.bytes);
+            moved.push(b'\n');
+        }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cpath)
+            .map_err(|e| ModelError::io(&cpath, e))?;
+        f.write_all(&moved)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| ModelError::io(&cpath, e))?;
+    }
+    safetune_data::util::write_atomic(out, &kept).map_err(|e| ModelError::io(out, e))?;
+    rec.rewritten = true;
+    Ok(rec)
+}
+
+/// Ids already written to `out`, after [`recover_output`] has moved its bad lines aside; each
+/// moved line is reported on stderr with the file and line number.
+pub fn finished_ids(out: &Path) -> Result<HashSet<String>> {
+    let rec = recover_output(out)?;
+    let cpath = corrupt_path(out);
+    for c in &rec.corrupt {
+        eprintln!(
+            "warning: {}: line {} is not a complete JSON row with an id; moved it to {} (its row, if any, is done again)",
+            out.display(),
+            c.line,
+            cpath.display()
+        );
+    }
+    Ok(rec.ids)
 }
 
 /// A seed per row from the run's seed and the row id, so a resumed run samples what an
@@ -337,7 +428,7 @@ mod tests {
         };
         assert!(run_generation(&failing, &prompts, &out, &opts, &mut |_| {}).is_err());
         assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), 2);
-        // A partial line from a kill is dropped on resume.
+        // A partial line from a kill is moved to OUT.corrupt on resume and its row redone.
         std::fs::OpenOptions::new()
             .append(true)
             .open(&out)
@@ -360,6 +451,99 @@ mod tests {
         assert_eq!(rows[0]["meta"]["category"], "x");
         assert_eq!(rows[2]["id"], "7");
         assert_eq!(rows[2]["finish_reason"], "stop");
+        assert_eq!(
+            std::fs::read_to_string(corrupt_path(&out)).unwrap(),
+            "{\"id\": \"7\", \"resp\n"
+        );
+    }
+
+    #[test]
+    fn resume_moves_bad_lines_aside_and_keeps_every_finished_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let prompts: Vec<PromptRow> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| PromptRow {
+                id: id.to_string(),
+                messages: vec![Message::user(format!("say {id}"))],
+                meta: Map::new(),
+            })
+            .collect();
+        let opts = JobOptions {
+            sampling: Sampling::default(),
+            batch_size: 3,
+            raw: false,
+        };
+        let ok = || Echo {
+            calls: AtomicUsize::new(0),
+            fail_after: usize::MAX,
+        };
+        let clean = dir.path().join("clean.jsonl");
+        run_generation(&ok(), &prompts, &clean, &opts, &mut |_| {}).unwrap();
+        let clean_text = std::fs::read_to_string(&clean).unwrap();
+        let rows: Vec<&str> = clean_text.lines().collect();
+        assert_eq!(rows.len(), 4);
+        // Row a, garbage in the middle, row c, then row d cut by a kill; row b is missing.
+        let out = dir.path().join("gen.jsonl");
+        let cut = &rows[3][..rows[3].len() / 2];
+        let damaged = format!("{}\nnot json {{\n{}\n{cut}", rows[0], rows[2]);
+        std::fs::write(&out, &damaged).unwrap();
+        let prog = run_generation(&ok(), &prompts, &out, &opts, &mut |_| {}).unwrap();
+        assert_eq!((prog.skipped, prog.done), (2, 2));
+        // The finished rows are kept byte for byte and first; b and d are generated again.
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(
+            text,
+            format!("{}\n{}\n{}\n{}\n", rows[0], rows[2], rows[1], rows[3])
+        );
+        assert_eq!(
+            std::fs::read_to_string(corrupt_path(&out)).unwrap(),
+            format!("not json {{\n{cut}\n")
+        );
+        // A clean output is left alone, and no corrupt file appears.
+        let before = std::fs::metadata(&out).unwrap().modified().unwrap();
+        let rec = recover_output(&out).unwrap();
+        assert!(!rec.rewritten && rec.corrupt.is_empty());
+        assert_eq!(rec.ids.len(), 4);
+        assert_eq!(std::fs::metadata(&out).unwrap().modified().unwrap(), before);
+        assert!(!corrupt_path(&clean).exists());
+    }
+
+    #[test]
+    fn recover_output_numbers_lines_appends_to_the_corrupt_file_and_keeps_a_complete_last_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("o.jsonl");
+        let cpath = corrupt_path(&out);
+        assert_eq!(cpath, dir.path().join("o.jsonl.corrupt"));
+        std::fs::write(&cpath, "earlier\n").unwrap();
+        // Line 2 is blank, line 3 an object without id, line 4 invalid UTF-8, line 5 a JSON
+        // array; line 6 is a complete row whose newline is missing.
+        std::fs::write(
+            &out,
+            b"{\"id\": \"x\"}\n\n{\"no\": 1}\n\xff\xfe\n[1]\n{\"id\": 9}",
+        )
+        .unwrap();
+        let rec = recover_output(&out).unwrap();
+        assert!(rec.rewritten);
+        assert_eq!(
+            rec.ids,
+            ["x", "9"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<HashSet<_>>()
+        );
+        let lines: Vec<usize> = rec.corrupt.iter().map(|c| c.line).collect();
+        assert_eq!(lines, [3, 4, 5]);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"{\"id\": \"x\"}\n{\"id\": 9}\n"
+        );
+        assert_eq!(
+            std::fs::read(&cpath).unwrap(),
+            b"earlier\n{\"no\": 1}\n\xff\xfe\n[1]\n"
+        );
+        // A missing output is an empty one.
+        let rec = recover_output(&dir.path().join("none.jsonl")).unwrap();
+        assert!(rec.ids.is_empty() && !rec.rewritten);
     }
 
     #[test]

@@ -15,9 +15,11 @@
 //! Decoding reaches the pool through `par_chunks`, where the `SAFETUNE_POOL` switch can send it
 //! to rayon's pool or candle's barrier pool instead.
 
+use std::any::Any;
 use std::cell::Cell;
 use std::ops::Range;
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -31,8 +33,12 @@ struct Job<'a> {
     chunk: usize,
     /// Next chunk to hand out.
     next: AtomicUsize,
-    /// Chunks finished.
+    /// Chunks finished (run, panicked or skipped after a panic).
     done: AtomicUsize,
+    /// Set by the first chunk that panics; later chunks are skipped.
+    failed: AtomicBool,
+    /// The first panic's payload, re-raised on the calling thread once every chunk is done.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 impl Job<'_> {
@@ -40,7 +46,9 @@ impl Job<'_> {
         self.n_items.div_ceil(self.chunk)
     }
 
-    /// Takes and runs chunks until none is left.
+    /// Takes and runs chunks until none is left. A panic in `f` is caught and kept for the
+    /// caller, so a worker survives it and the chunk still counts as done (the caller waits for
+    /// every chunk, then re-raises the panic).
     fn work(&self) {
         let total = self.chunks();
         loop {
@@ -48,7 +56,14 @@ impl Job<'_> {
             if c >= total {
                 return;
             }
-            (self.f)(c * self.chunk..((c + 1) * self.chunk).min(self.n_items));
+            if !self.failed.load(SeqCst) {
+                let range = c * self.chunk..((c + 1) * self.chunk).min(self.n_items);
+                if let Err(payload) = catch_unwind(AssertUnwindSafe(|| (self.f)(range))) {
+                    self.failed.store(true, SeqCst);
+                    let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+                    first.get_or_insert(payload);
+                }
+            }
             self.done.fetch_add(1, SeqCst);
         }
     }
@@ -108,7 +123,9 @@ impl Pool {
     }
 
     /// Runs `f` over `0..n_items` split into ranges, the calling thread working too and
-    /// returning when every range is done.
+    /// returning when every range is done. If `f` panics, on any thread, the region still waits
+    /// for every worker to leave it, skips the ranges not yet started, and then re-raises the
+    /// first panic on the calling thread with its original payload; the pool stays usable.
     pub fn run(&self, n_items: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
         if n_items == 0 {
             return;
@@ -130,6 +147,8 @@ impl Pool {
             chunk: n_items.div_ceil(threads * 4).max(1),
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            panic: Mutex::new(None),
         };
         let s = self.shared;
         s.job.store(&job as *const Job as *mut (), SeqCst);
@@ -157,6 +176,10 @@ impl Pool {
             std::hint::spin_loop();
         }
         drop(guard);
+        let payload = job.panic.into_inner().unwrap_or_else(|e| e.into_inner());
+        if let Some(payload) = payload {
+            resume_unwind(payload);
+        }
     }
 }
 
@@ -203,7 +226,9 @@ fn which() -> Which {
 
 fn worker(s: &'static Shared) {
     IN_REGION.with(|c| c.set(true));
-    let mut seen = s.generation.load(SeqCst);
+    // The generation when the pool was made, not when this thread first ran: a worker that
+    // starts late (a loaded machine) still joins the regions already under way.
+    let mut seen = 0;
     loop {
         // Spin for a while, then sleep until the next job.
         let start = Instant::now();
@@ -272,5 +297,129 @@ mod tests {
             count.fetch_add(r.len(), SeqCst);
         });
         assert_eq!(count.load(SeqCst), 100);
+    }
+
+    /// Runs `body` on its own thread and waits at most 20 s for it: a region that never ends
+    /// (a worker lost to a panic) fails the test instead of hanging it.
+    fn within_20s<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(body());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the region did not return within 20 s")
+    }
+
+    /// Blocks the first chunk each thread runs until `n` distinct threads have started one (at
+    /// most 10 s), so a region is known to run on the caller and every worker.
+    struct Meet {
+        threads: Mutex<Vec<std::thread::ThreadId>>,
+        n: usize,
+    }
+
+    impl Meet {
+        fn new(n: usize) -> Meet {
+            Meet {
+                threads: Mutex::new(Vec::new()),
+                n,
+            }
+        }
+        fn arrive(&self) {
+            let me = std::thread::current().id();
+            {
+                let mut t = self.threads.lock().unwrap();
+                if t.contains(&me) {
+                    return;
+                }
+                t.push(me);
+            }
+            let start = Instant::now();
+            while self.threads.lock().unwrap().len() < self.n
+                && start.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        fn met(&self) -> usize {
+            self.threads.lock().unwrap().len()
+        }
+    }
+
+    fn is_worker() -> bool {
+        std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("safetune-pool-"))
+    }
+
+    /// A region where one thread (a worker, or the caller) panics while the others are still
+    /// in their chunks: the panic comes back to the caller with its payload, only after no
+    /// chunk is running any more.
+    fn panicking_region(pool: &'static Pool, in_worker: bool) -> (String, usize, usize) {
+        let meet = Meet::new(3);
+        let inside = AtomicUsize::new(0);
+        let panicked = AtomicBool::new(false);
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(60, &|_r: Range<usize>| {
+                meet.arrive();
+                inside.fetch_add(1, SeqCst);
+                if is_worker() == in_worker && !panicked.swap(true, SeqCst) {
+                    inside.fetch_sub(1, SeqCst);
+                    std::panic::panic_any(format!("boom in a worker: {in_worker}"));
+                }
+                // The others are still busy when the panic happens.
+                std::thread::sleep(Duration::from_millis(30));
+                inside.fetch_sub(1, SeqCst);
+            })
+        }));
+        // Read at once: nothing may still run inside the region once it has unwound.
+        let still_inside = inside.load(SeqCst);
+        let payload = r.expect_err("the panic reached the caller");
+        let msg = payload
+            .downcast::<String>()
+            .map(|b| *b)
+            .unwrap_or_else(|_| "not the original String payload".into());
+        (msg, still_inside, meet.met())
+    }
+
+    #[test]
+    fn a_panic_in_a_worker_or_the_caller_reaches_the_caller_after_the_region_ends() {
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(2)));
+        for in_worker in [true, false] {
+            let (msg, still_inside, met) = within_20s(move || panicking_region(pool, in_worker));
+            assert_eq!(msg, format!("boom in a worker: {in_worker}"));
+            assert_eq!(met, 3, "the caller and both workers took part");
+            assert_eq!(
+                still_inside, 0,
+                "the region unwound while chunks were running"
+            );
+        }
+    }
+
+    #[test]
+    fn the_pool_keeps_all_its_workers_after_a_panic() {
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new(2)));
+        within_20s(move || {
+            for round in 0..3 {
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    pool.run(40, &|r: Range<usize>| {
+                        if is_worker() || r.start == 0 {
+                            panic!("round {round}");
+                        }
+                    })
+                }));
+                assert!(r.is_err(), "round {round}");
+            }
+            // Every item of the next region runs once, on the caller and both workers.
+            let meet = Meet::new(3);
+            let hits: Vec<AtomicUsize> = (0..300).map(|_| AtomicUsize::new(0)).collect();
+            pool.run(300, &|r: Range<usize>| {
+                meet.arrive();
+                for i in r {
+                    hits[i].fetch_add(1, SeqCst);
+                }
+            });
+            assert!(hits.iter().all(|h| h.load(SeqCst) == 1));
+            assert_eq!(meet.met(), 3, "a worker was lost");
+        });
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! A batch handed to `generate` runs on up to `concurrency` threads at once. Each HTTP request is
 //! retried with exponential backoff and jitter on 429, 408, 409, 5xx, connection failures and
-//! timeouts, honouring `Retry-After`. The API key is read from an environment variable (its name
+//! timeouts, honouring a `Retry-After` that is a finite, non-negative number of seconds, up to a
+//! cap (`crate::retry`). The API key is read from an environment variable (its name
 //! is configurable, `OPENAI_API_KEY` by default), sent as `Authorization: Bearer`, and never
 //! appears in `Debug` output or in error messages.
 
@@ -17,7 +18,7 @@ use safetune_model::backend::{
 use safetune_model::{ModelError, ModelSpec};
 
 use crate::protocol::*;
-use crate::random_u64;
+use crate::retry::{self, Backoff};
 
 /// The prefix of model specs this backend serves.
 pub const SPEC_PREFIX: &str = "openai:";
@@ -32,7 +33,8 @@ pub struct ClientConfig {
     /// Backoff before the first retry; doubles each retry, up to `max_backoff`, with jitter.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    /// Longest `Retry-After` honoured; longer values are cut to this.
+    /// Longest `Retry-After` honoured; longer values are cut to this, and values that are no
+    /// finite, non-negative number of seconds are ignored ([`crate::retry`]).
     pub max_retry_after: Duration,
     /// Time limit of one HTTP request (connect, send, wait, read).
     pub request_timeout: Duration,
@@ -47,7 +49,7 @@ impl Default for ClientConfig {
             max_retries: 5,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
-            max_retry_after: Duration::from_secs(120),
+            max_retry_after: retry::DEFAULT_MAX_RETRY_AFTER,
             request_timeout: Duration::from_secs(600),
             api_key_env: "OPENAI_API_KEY".to_string(),
         }
@@ -316,21 +318,14 @@ impl OpenAiClient {
         }
     }
 
-    /// Delay before retry number `attempt` (1-based): exponential with "equal jitter"
-    /// (half fixed, half random), never shorter than a server's `Retry-After`.
+    /// Delay before retry number `attempt` (1-based): [`Backoff::delay`].
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        let exp = self
-            .config
-            .initial_backoff
-            .saturating_mul(1u32 << (attempt - 1).min(20));
-        let cap = exp.min(self.config.max_backoff);
-        let half = cap / 2;
-        let jitter = half.mul_f64((random_u64() % 10_000) as f64 / 10_000.0);
-        let delay = half + jitter;
-        match retry_after {
-            Some(ra) => delay.max(ra.min(self.config.max_retry_after)),
-            None => delay,
+        Backoff {
+            initial: self.config.initial_backoff,
+            max: self.config.max_backoff,
+            max_retry_after: self.config.max_retry_after,
         }
+        .delay(attempt, retry_after)
     }
 
     fn attempt(&self, url: &str, body: Option<&serde_json::Value>) -> Attempt {
@@ -355,19 +350,12 @@ impl OpenAiClient {
             Err(e) => return self.transport_error(url, e),
         };
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get("retry-after-ms")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0))
-            .or_else(|| {
-                resp.headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .map(|s| Duration::from_secs_f64(s.max(0.0)))
-            });
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        let retry_after = retry::retry_after(
+            header("retry-after-ms"),
+            header("retry-after"),
+            self.config.max_retry_after,
+        );
         let text = match resp
             .body_mut()
             .with_config()

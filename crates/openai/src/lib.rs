@@ -6,6 +6,8 @@
 //! - [`client`]: [`OpenAiClient`], a [`Generator`] for `openai:BASE_URL#MODEL` specs, with
 //!   concurrency, retries with backoff and jitter, a request timeout and an API key from the
 //!   environment that is never shown;
+//! - [`retry`]: backoff with jitter and a defensive `Retry-After`, shared with the HTTP reward
+//!   models of safetune-eval;
 //! - [`rows`]: a resumable row runner writing JSONL, for judges and other stages;
 //! - [`protocol`]: the serde wire types.
 //!
@@ -40,8 +42,10 @@
 pub mod client;
 pub mod pool;
 pub mod protocol;
+pub mod retry;
 pub mod rows;
 pub mod server;
+pub mod testing;
 
 use std::sync::Arc;
 

@@ -4,9 +4,10 @@
 //! [`safetune_model::job::run_generation`], built on the same output rules).
 //!
 //! Rules, shared with `run_generation` through [`finished_ids`]: ids already in the output are
-//! skipped; a last line cut by a kill is removed; finished rows are appended and flushed chunk by
-//! chunk; a failure keeps every finished row, and the error says how many are done and that a
-//! rerun resumes.
+//! skipped; a line that holds no finished row (a last line cut by a kill, garbage) is moved to
+//! `OUT.corrupt` and its row redone; finished rows are appended and flushed chunk by chunk; a
+//! failure keeps every finished row, and the error says how many are done and that a rerun
+//! resumes.
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;

@@ -13,6 +13,7 @@ use safetune_model::backend::{
 use safetune_openai::protocol::{
     parse_sse, ChatCompletionChunk, CompletionResponse, ErrorResponse,
 };
+use safetune_openai::testing::{Fault, FaultServer};
 use safetune_openai::{
     run_rows, start, ClientConfig, OpenAiClient, OpenAiSpec, RowInput, RunError, RunOptions,
     ServeConfig, ServerHandle,
@@ -857,7 +858,7 @@ fn a_failed_run_keeps_finished_rows_and_a_rerun_does_only_the_rest() {
     let kept = std::fs::read_to_string(&out).unwrap();
     assert_eq!(kept.lines().count(), 6);
 
-    // A kill mid-write leaves a partial line; it is dropped on resume.
+    // A kill mid-write leaves a partial line; on resume it goes to OUT.corrupt.
     std::fs::OpenOptions::new()
         .append(true)
         .open(&out)
@@ -899,6 +900,45 @@ fn a_failed_run_keeps_finished_rows_and_a_rerun_does_only_the_rest() {
 }
 
 #[test]
+fn run_rows_moves_bad_lines_aside_and_keeps_finished_rows() {
+    let rows: Vec<RowInput> = (0..5)
+        .map(|i| RowInput {
+            id: format!("r{i}"),
+            request: chat(&format!("row {i}"), 8),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let mut make = |_: &RowInput, o: &GenOutput| json!({"response": o.text});
+    let opts = RunOptions { chunk_size: 2 };
+    run_rows(&Fake::new(), &rows, &out, &opts, &mut make, &mut |_| {}).unwrap();
+    let clean = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<&str> = clean.lines().collect();
+    // r1 replaced by garbage, r4 cut mid-line by a kill.
+    let cut = &lines[4][..lines[4].len() / 2];
+    std::fs::write(
+        &out,
+        format!("{}\n#junk\n{}\n{}\n{cut}", lines[0], lines[2], lines[3]),
+    )
+    .unwrap();
+    let fake = Fake::new();
+    let prog = run_rows(&fake, &rows, &out, &opts, &mut make, &mut |_| {}).unwrap();
+    assert_eq!((prog.skipped, prog.done), (3, 2));
+    assert_eq!(*fake.seen.lock().unwrap(), ["row 1", "row 4"]);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        format!(
+            "{}\n{}\n{}\n{}\n{}\n",
+            lines[0], lines[2], lines[3], lines[1], lines[4]
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out.jsonl.corrupt")).unwrap(),
+        format!("#junk\n{cut}\n")
+    );
+}
+
+#[test]
 fn duplicate_ids_are_rejected() {
     let rows = vec![
         RowInput {
@@ -923,5 +963,125 @@ fn duplicate_ids_are_rejected() {
     assert!(
         matches!(e, RunError::DuplicateId(ref id) if id == "a"),
         "{e}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault injection: odd Retry-After values, a body cut short, a dropped connection
+
+const COMPLETION: &str = r#"{"id":"c","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"fine"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+
+/// One of each misbehaviour the clients must ride out.
+fn every_fault() -> Vec<Fault> {
+    vec![
+        Fault::status(429, "inf"),
+        Fault::status(503, "1e20"),
+        Fault::status(500, "nan"),
+        Fault::status(429, "-5"),
+        Fault::status(503, "abc"),
+        Fault::status(429, "Wed, 21 Oct 2015 07:28:00 GMT"),
+        Fault::status(500, ""),
+        Fault::TruncatedBody,
+        Fault::Drop,
+    ]
+}
+
+fn fault_config(max_retries: u32) -> ClientConfig {
+    ClientConfig {
+        concurrency: 3,
+        max_retries,
+        initial_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(5),
+        max_retry_after: Duration::from_millis(100),
+        request_timeout: Duration::from_secs(5),
+        api_key_env: "SAFETUNE_TEST_UNSET_KEY".into(),
+    }
+}
+
+#[test]
+fn the_client_rides_out_odd_retry_after_values_cut_bodies_and_dropped_connections() {
+    let server = FaultServer::start(every_fault(), COMPLETION, false);
+    let c = OpenAiClient::from_spec(&format!("openai:{}/v1#m", server.url()), fault_config(12))
+        .unwrap();
+    let rows: Vec<RowInput> = (0..5)
+        .map(|i| RowInput {
+            id: format!("r{i}"),
+            request: chat(&format!("q{i}"), 4),
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    let t = Instant::now();
+    let prog = run_rows(
+        &c,
+        &rows,
+        &out,
+        &RunOptions::default(),
+        &mut |_, o| json!({"response": o.text}),
+        &mut |_| {},
+    )
+    .unwrap();
+    // Only 1e20 is honoured, cut to 100 ms; every other wait is a few ms of backoff.
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert_eq!(prog.done, 5);
+    assert_eq!(server.requests(), 5 + every_fault().len());
+    let text = std::fs::read_to_string(&out).unwrap();
+    let mut ids: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["response"], "fine");
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["r0", "r1", "r2", "r3", "r4"]);
+}
+
+#[test]
+fn the_client_gives_up_with_a_clear_error_and_keeps_finished_rows() {
+    // Retry-After: 1e20 on every answer: each wait is cut to the 100 ms cap.
+    let server = FaultServer::start(vec![Fault::status(503, "1e20")], COMPLETION, true);
+    let c =
+        OpenAiClient::from_spec(&format!("openai:{}/v1#m", server.url()), fault_config(2)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.jsonl");
+    std::fs::write(&out, "{\"id\":\"done\",\"response\":\"kept\"}\n").unwrap();
+    let rows = vec![
+        RowInput {
+            id: "done".into(),
+            request: chat("a", 4),
+        },
+        RowInput {
+            id: "new".into(),
+            request: chat("b", 4),
+        },
+    ];
+    let t = Instant::now();
+    let e = run_rows(
+        &c,
+        &rows,
+        &out,
+        &RunOptions::default(),
+        &mut |_, o| json!({"response": o.text}),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    let elapsed = t.elapsed();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("HTTP 503")
+            && msg.contains("gave up after 3 attempts")
+            && msg.contains("1 of 2 rows finished"),
+        "{msg}"
+    );
+    assert_eq!(server.requests(), 3);
+    assert!(
+        elapsed >= Duration::from_millis(200) && elapsed < Duration::from_secs(5),
+        "two capped waits: {elapsed:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "{\"id\":\"done\",\"response\":\"kept\"}\n"
     );
 }

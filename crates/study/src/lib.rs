@@ -12,6 +12,7 @@
 //!   stages, over the eval and train crates;
 //! - [`store`]: the SQLite store (WAL; rows committed as they finish);
 //! - [`runner`]: keyed, resumable execution of a plan;
+//! - [`lock`]: one runner per study directory (`study.lock`);
 //! - [`report`]: report.html (inline SVG), summary.md, results.json;
 //! - [`labels`]: blind labelling files of a study's answers, their import (`human_labels`), and
 //!   each judge's accuracy against them per condition;
@@ -25,6 +26,7 @@ pub mod export;
 pub mod hash;
 pub mod judge_stage;
 pub mod labels;
+pub mod lock;
 pub mod plan;
 pub mod power;
 pub mod quickstart;

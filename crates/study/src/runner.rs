@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
 use crate::hash::{hash_json, PROGRAM_VERSION};
+use crate::lock::{LockError, StudyLock};
 use crate::plan::Plan;
 use crate::step::*;
 use crate::store::{Store, StoreError};
@@ -99,6 +100,13 @@ pub enum RunEvent {
         kind: StepKind,
         size: usize,
     },
+    /// A step was found in status `running`: a run that held the study lock stopped (killed,
+    /// crashed) in the middle of it. Nobody runs it now (this run holds the lock), so it is done
+    /// again; a stage resumes from what the step kept (stored rows, checkpoints).
+    Interrupted {
+        index: usize,
+        label: String,
+    },
     /// A step was found finished in the store.
     Reused {
         index: usize,
@@ -138,6 +146,8 @@ pub struct RunSummary {
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Locked(#[from] LockError),
     #[error("{path}: {source}", path = path.display())]
     Io {
         path: PathBuf,
@@ -145,7 +155,9 @@ pub enum RunError {
     },
 }
 
-/// Runs `plan` in `dir` (the store is `dir/study.db`, step files under `dir/steps/`).
+/// Runs `plan` in `dir` (the store is `dir/study.db`, step files under `dir/steps/`), holding
+/// the study's lock ([`StudyLock`]) from start to end: a second runner on `dir` fails at once.
+/// Steps left `running` by a run that stopped are done again ([`RunEvent::Interrupted`]).
 pub fn run_plan(
     plan: &Plan,
     config: &serde_json::Value,
@@ -157,6 +169,7 @@ pub fn run_plan(
         path: dir.to_path_buf(),
         source: e,
     })?;
+    let _lock = StudyLock::acquire(dir)?;
     let mut store = Store::open(&dir.join(STORE_FILE))?;
     let keys = step_keys(plan);
     let plan_json = serde_json::to_value(StoredPlan::new(plan, &keys)).unwrap_or_default();
@@ -183,6 +196,12 @@ pub fn run_plan(
                     });
                     continue;
                 }
+            }
+            if rec.status == "running" {
+                events(&RunEvent::Interrupted {
+                    index,
+                    label: step.label.clone(),
+                });
             }
         }
         let inputs: Option<Vec<StepOutput>> =

@@ -14,7 +14,7 @@ use safetune_study::export::{export, Target};
 use safetune_study::judge_stage::JudgeStage;
 use safetune_study::plan::plan;
 use safetune_study::report::write_report;
-use safetune_study::runner::{run_plan, step_keys, RunSummary, STORE_FILE};
+use safetune_study::runner::{run_plan, step_keys, RunEvent, RunSummary, STORE_FILE};
 use safetune_study::stages::{builtin_registry, GenerateStage};
 use safetune_study::step::*;
 use safetune_study::store::{JudgmentRow, MetricRow, ScoreRow, Store};
@@ -842,4 +842,132 @@ fn replicated_seeds_give_effects_with_intervals_and_the_design_power() {
     assert!(md.contains("this design detects main effects of"), "{md}");
     let html = std::fs::read_to_string(&files.html).unwrap();
     assert!(html.contains("Effects on safety") && html.contains("Effects on over-refusal"));
+}
+
+/// Runs a second runner on the same directory from inside a step of the first, so the second
+/// meets the lock the first holds for its whole run.
+struct SecondRunner {
+    plan: safetune_study::plan::Plan,
+    dir: PathBuf,
+    error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Stage for SecondRunner {
+    fn run(
+        &self,
+        step: &PlannedStep,
+        inputs: &[StepOutput],
+        ctx: &mut StepContext<'_>,
+    ) -> Result<StepOutput, StageError> {
+        let second = run_plan(
+            &self.plan,
+            &serde_json::json!({}),
+            &self.dir,
+            &Registry::empty(),
+            &mut |_| {},
+        );
+        *self.error.lock().unwrap() = Some(match second {
+            Ok(_) => "the second runner ran".into(),
+            Err(e) => e.to_string(),
+        });
+        builtin_registry()
+            .get(StepKind::Audit)
+            .unwrap()
+            .run(step, inputs, ctx)
+    }
+}
+
+#[test]
+fn a_second_runner_fails_at_once_with_the_holders_pid_and_readers_do_not_wait() {
+    use safetune_study::lock::{StudyLock, LOCK_FILE};
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "");
+    let dir = tmp.path().join("study");
+    let p = plan(&cfg).unwrap();
+    let error = Arc::new(std::sync::Mutex::new(None));
+    let (reg, _) = registry(None);
+    let reg = reg.with(
+        StepKind::Audit,
+        Arc::new(SecondRunner {
+            plan: p.clone(),
+            dir: dir.clone(),
+            error: error.clone(),
+        }),
+    );
+    let s = run(&cfg, &dir, &reg);
+    assert_eq!(s.failed, vec![]);
+    let pid = std::process::id();
+    let msg = error.lock().unwrap().clone().expect("an audit step ran");
+    assert!(
+        msg.contains(&dir.display().to_string())
+            && msg.contains(&format!("pid {pid}"))
+            && msg.contains("another run of this study is in progress"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join(LOCK_FILE)).unwrap(),
+        format!("{pid}\n")
+    );
+
+    // While a runner holds the lock, the report and the store's readers work.
+    let held = StudyLock::acquire(&dir).unwrap();
+    let (results, files) = write_report(&dir).unwrap();
+    assert!(files.html.exists() && !results.conditions.is_empty());
+    let e = run_plan(&p, &serde_json::json!({}), &dir, &reg, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains(&format!("pid {pid}")), "{e}");
+    drop(held);
+    // Released: the next run reuses everything.
+    let again = run(&cfg, &dir, &reg);
+    assert_eq!((again.executed, again.reused), (0, p.steps.len()));
+}
+
+#[test]
+fn a_step_left_running_by_a_stopped_run_is_redone_on_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "");
+    let dir = tmp.path().join("study");
+    let p = plan(&cfg).unwrap();
+    let (reg, _) = registry(None);
+    run(&cfg, &dir, &reg);
+    // A run killed in the middle of an audit step leaves it `running` in the store.
+    let index = p
+        .steps
+        .iter()
+        .position(|s| s.kind() == StepKind::Audit)
+        .unwrap();
+    let key = &step_keys(&p)[index];
+    let label = p.steps[index].label.clone();
+    {
+        let store = Store::open(&dir.join(STORE_FILE)).unwrap();
+        store
+            .begin_step(
+                key,
+                "audit",
+                &label,
+                &serde_json::json!({}),
+                &serde_json::json!({}),
+            )
+            .unwrap();
+        assert_eq!(store.step(key).unwrap().unwrap().status, "running");
+    }
+    let mut interrupted = Vec::new();
+    let mut finished = Vec::new();
+    let s = run_plan(&p, &serde_json::json!({}), &dir, &reg, &mut |e| match e {
+        RunEvent::Interrupted { label, .. } => interrupted.push(label.clone()),
+        RunEvent::Finished { label, .. } => finished.push(label.clone()),
+        _ => {}
+    })
+    .unwrap();
+    assert_eq!(
+        interrupted, finished,
+        "the interrupted step, and only it, ran"
+    );
+    assert_eq!(finished, [label]);
+    assert_eq!((s.executed, s.reused), (1, p.steps.len() - 1));
+    let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    let rec = store.step(key).unwrap().unwrap();
+    assert_eq!(rec.status, "done");
+    assert!(rec.output.is_some());
+    // Once by the first run, once by the killed one, once now.
+    assert_eq!(rec.executions, 3);
 }

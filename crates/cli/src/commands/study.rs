@@ -92,6 +92,10 @@ pub fn execute(cfg: &StudyConfig, plan: &Plan, dir: &Path, report: bool) -> anyh
             bar.set_position(0);
         }
         RunEvent::Reused { .. } => reused += 1,
+        RunEvent::Interrupted { label, .. } => say(
+            &bar,
+            format!("  redo    {label} (left running by a run that stopped)"),
+        ),
         RunEvent::Progress { done, total, .. } => {
             bar.set_length(*total as u64);
             bar.set_position(*done as u64);

@@ -9,13 +9,15 @@
 //! - `classify:` posts `{"model", "input": ["prompt\n\nanswer", ...]}` (a whole batch) to
 //!   `URL/classify` and reads `data[i].probs[label]`.
 //!
-//! Requests are retried with exponential backoff on connection failures, timeouts, 408, 429 and
-//! 5xx (honouring `Retry-After`); an API key, if the configured environment variable holds one,
+//! Requests are retried with exponential backoff and jitter on connection failures, timeouts, a
+//! body cut short, 408, 429 and 5xx, honouring a `Retry-After` that is a finite, non-negative
+//! number of seconds, up to a cap (`safetune_openai::retry`, shared with the OpenAI client); an API key, if the configured environment variable holds one,
 //! is sent as a bearer token and never printed. Resuming is the scoring runner's job: rows already
 //! written are not sent again.
 
 use std::time::Duration;
 
+use safetune_openai::retry::{self, Backoff};
 use serde_json::{json, Value};
 
 use super::backend::{RewardModel, RmInput};
@@ -62,6 +64,9 @@ pub struct RemoteOptions {
     pub max_retries: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Longest `Retry-After` honoured; values that are no finite, non-negative number of
+    /// seconds are ignored (`safetune_openai::retry`).
+    pub max_retry_after: Duration,
     pub timeout: Duration,
     /// Requests in flight at once (pooling and score send one input per request).
     pub concurrency: usize,
@@ -75,6 +80,7 @@ impl Default for RemoteOptions {
             max_retries: 5,
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            max_retry_after: retry::DEFAULT_MAX_RETRY_AFTER,
             timeout: Duration::from_secs(300),
             concurrency: 8,
             api_key_env: "OPENAI_API_KEY".into(),
@@ -155,30 +161,39 @@ impl RemoteRm {
             let (error, retry_after, retryable) = match req.send_json(body) {
                 Ok(mut resp) => {
                     let status = resp.status().as_u16();
-                    let retry_after = resp
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<f64>().ok())
-                        .map(|s| Duration::from_secs_f64(s.clamp(0.0, 120.0)));
-                    let text = resp
+                    let header =
+                        |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+                    let retry_after = retry::retry_after(
+                        header("retry-after-ms"),
+                        header("retry-after"),
+                        self.opts.max_retry_after,
+                    );
+                    match resp
                         .body_mut()
                         .with_config()
                         .limit(64 << 20)
                         .read_to_string()
-                        .unwrap_or_default();
-                    if (200..300).contains(&status) {
-                        return serde_json::from_str(&text).map_err(|e| {
-                            RmError::Backend(format!("{url} answered with invalid JSON: {e}"))
-                        });
+                    {
+                        // A body cut short (a dropped connection) is retried like no answer.
+                        Err(e) => (
+                            format!("{url} answered HTTP {status} but its body was cut short: {e}"),
+                            retry_after,
+                            true,
+                        ),
+                        Ok(text) if (200..300).contains(&status) => {
+                            return serde_json::from_str(&text).map_err(|e| {
+                                RmError::Backend(format!("{url} answered with invalid JSON: {e}"))
+                            });
+                        }
+                        Ok(text) => {
+                            let snippet: String = text.chars().take(300).collect();
+                            (
+                                format!("{url} answered HTTP {status}: {snippet}"),
+                                retry_after,
+                                matches!(status, 408 | 429 | 500..=599),
+                            )
+                        }
                     }
-                    let snippet: String = text.chars().take(300).collect();
-                    let retryable = matches!(status, 408 | 429 | 500..=599);
-                    (
-                        format!("{url} answered HTTP {status}: {snippet}"),
-                        retry_after,
-                        retryable,
-                    )
                 }
                 Err(e) => (format!("cannot reach {url}: {e}"), None, true),
             };
@@ -199,12 +214,12 @@ impl RemoteRm {
                     "{error} (gave up after {attempt} attempts)"
                 )));
             }
-            let exp = self
-                .opts
-                .initial_backoff
-                .saturating_mul(1u32 << (attempt - 1).min(16))
-                .min(self.opts.max_backoff);
-            std::thread::sleep(retry_after.map_or(exp, |r| r.max(exp)));
+            let backoff = Backoff {
+                initial: self.opts.initial_backoff,
+                max: self.opts.max_backoff,
+                max_retry_after: self.opts.max_retry_after,
+            };
+            std::thread::sleep(backoff.delay(attempt, retry_after));
         }
     }
 

@@ -1,6 +1,6 @@
 //! Scoring items and preference pairs with any [`RewardModel`] into JSONL, resumably: ids already
-//! in the output are skipped, a last line cut by a kill is dropped (the rule of
-//! `safetune_model::job::finished_ids`), and rows are appended and synced chunk by chunk, so a
+//! in the output are skipped, a line that holds no finished row (cut by a kill, or garbage) is
+//! moved to `OUT.corrupt` and its row redone (the rule of `safetune_model::job::finished_ids`), and rows are appended and synced chunk by chunk, so a
 //! failure or a kill loses at most the chunk in flight.
 //!
 //! Item rows: `{"id", "rm", "kind": "item", "score", "label"?, "variant"?, "subset"?}`.
