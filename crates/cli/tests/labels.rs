@@ -2,7 +2,7 @@
 //! `safetune label` / `label import` / `judge-eval --labels STUDY_DIR` / `report` on a small
 //! study whose model is an OpenAI-compatible fake on loopback (two models, so two conditions).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -164,28 +164,9 @@ fn fake_server() -> String {
             let Ok(mut s) = stream else { continue };
             std::thread::spawn(move || loop {
                 let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                let Some(body) = safetune_openai::testing::read_request_body(&mut r) else {
                     return;
-                }
-                let mut len = 0;
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let l = line.trim().to_ascii_lowercase();
-                    if l.is_empty() {
-                        break;
-                    }
-                    if let Some(v) = l.strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                }
-                let mut body = vec![0; len];
-                if r.read_exact(&mut body).is_err() {
-                    return;
-                }
+                };
                 let body = String::from_utf8_lossy(&body);
                 let n: usize = body
                     .split("request ")

@@ -4,7 +4,7 @@
 //! fake on loopback, so the kill lands while rows are being committed; the store is read with a
 //! second, read-only connection while the study writes (WAL).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -29,26 +29,7 @@ fn slow_server(delay: Duration) -> (String, Arc<AtomicUsize>, Arc<AtomicBool>) {
             let (c, h) = (c.clone(), h.clone());
             std::thread::spawn(move || loop {
                 let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut line = String::new();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    return;
-                }
-                let mut len = 0;
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let l = line.trim().to_ascii_lowercase();
-                    if l.is_empty() {
-                        break;
-                    }
-                    if let Some(v) = l.strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                }
-                let mut body = vec![0; len];
-                if r.read_exact(&mut body).is_err() {
+                if safetune_openai::testing::read_request_body(&mut r).is_none() {
                     return;
                 }
                 c.fetch_add(1, Ordering::SeqCst);

@@ -203,7 +203,7 @@ impl Generator for EndpointPool {
 mod tests {
     use super::*;
     use safetune_model::backend::{Prompt, Sampling};
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Write};
     use std::net::TcpListener;
     use std::sync::Arc;
     use std::time::Duration;
@@ -229,26 +229,9 @@ mod tests {
                 let (inf, maxf, srv) = (inf.clone(), maxf.clone(), srv.clone());
                 std::thread::spawn(move || loop {
                     let mut r = BufReader::new(s.try_clone().unwrap());
-                    let mut len = 0usize;
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    if crate::testing::read_request_body(&mut r).is_none() {
                         return;
                     }
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let l = line.trim().to_ascii_lowercase();
-                        if l.is_empty() {
-                            break;
-                        }
-                        if let Some(v) = l.strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    r.read_exact(&mut body).unwrap();
                     let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
                     maxf.fetch_max(now, Ordering::SeqCst);
                     std::thread::sleep(delay);

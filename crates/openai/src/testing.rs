@@ -3,7 +3,7 @@
 //! connection, with the next canned [`Fault`] of a script, then with a fixed success body.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -97,19 +97,15 @@ impl Drop for FaultServer {
 }
 
 /// Reads one request (head and `Content-Length` body), then answers it as `fault` says.
-fn answer(stream: TcpStream, fault: Option<Fault>, ok_body: &str) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let Ok(read_half) = stream.try_clone() else {
-        return;
-    };
-    let mut r = BufReader::new(read_half);
+/// Reads one HTTP/1.1 request (request line, headers, a `Content-Length` body) and returns its
+/// body: `None` when the peer closed first or the body was cut short. For test servers.
+pub fn read_request_body(r: &mut impl BufRead) -> Option<Vec<u8>> {
     let mut len = 0usize;
     let mut line = String::new();
     loop {
         line.clear();
         if r.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
+            return None;
         }
         let l = line.trim().to_ascii_lowercase();
         if l.is_empty() {
@@ -120,7 +116,18 @@ fn answer(stream: TcpStream, fault: Option<Fault>, ok_body: &str) {
         }
     }
     let mut body = vec![0; len];
-    if r.read_exact(&mut body).is_err() {
+    r.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
+fn answer(stream: TcpStream, fault: Option<Fault>, ok_body: &str) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut r = BufReader::new(read_half);
+    if read_request_body(&mut r).is_none() {
         return;
     }
     let mut s = stream;
