@@ -451,9 +451,9 @@ pub fn default_generator(
     Ok(load_generator(&spec, &load, &client)?)
 }
 
-/// Prompts a local model answers together in a study. Measured on 2 shared cores (AMD EPYC,
-/// AVX2), 64 AdvBench prompts x 48 new tokens with SmolLM2-135M: 66 s at batch 8, 38 s at 32,
-/// 32 s at 64; answers are the same at every batch size (greedy).
+/// Prompts a local model answers together in a study. Measured on the f32 path on 2 shared cores
+/// (AMD EPYC with AVX-512), 64 AdvBench prompts x 48 new tokens with SmolLM2-135M: 66 s at batch
+/// 8, 38 s at 32, 32 s at 64; answers are the same at every batch size (greedy).
 pub const LOCAL_BATCH: usize = 32;
 
 /// Generates answers to a benchmark split, committing each chunk of rows to the store as it
