@@ -396,9 +396,7 @@ impl Store {
     pub fn step(&self, key: &str) -> Result<Option<StepRecord>, StoreError> {
         self.conn
             .query_row(
-                "SELECT key, kind, label, spec, factors, status, output, error, executions,
-                        finished_at - started_at
-                 FROM steps WHERE key = ?1",
+                &format!("SELECT {STEP_COLUMNS} FROM steps WHERE key = ?1"),
                 params![key],
                 step_from_row,
             )
@@ -409,11 +407,7 @@ impl Store {
     pub fn steps(&self) -> Result<Vec<StepRecord>, StoreError> {
         let mut st = self
             .conn
-            .prepare(
-                "SELECT key, kind, label, spec, factors, status, output, error, executions,
-                        finished_at - started_at
-                 FROM steps ORDER BY rowid",
-            )
+            .prepare(&format!("SELECT {STEP_COLUMNS} FROM steps ORDER BY rowid"))
             .map_err(|e| self.e(e))?;
         let rows = st
             .query_map([], step_from_row)
@@ -832,21 +826,27 @@ impl Store {
     }
 }
 
+/// The columns [`step_from_row`] reads, in its order.
+const STEP_COLUMNS: &str = "key, kind, label, spec, factors, status, output, error, executions, \
+     finished_at - started_at";
+
 fn step_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StepRecord> {
+    let status: String = r.get(5)?;
+    // A step run again keeps its old finish time until it ends: no figure while running.
+    let seconds = r
+        .get::<_, Option<f64>>(9)?
+        .filter(|s| *s >= 0.0 && status != "running");
     Ok(StepRecord {
         key: r.get(0)?,
         kind: r.get(1)?,
         label: r.get(2)?,
         spec: parse_json(r.get(3)?),
         factors: parse_json(r.get(4)?),
-        status: r.get(5)?,
+        status,
         output: r.get::<_, Option<String>>(6)?.map(parse_json),
         error: r.get(7)?,
         executions: r.get(8)?,
-        // A step run again keeps its old finish time until it ends: no figure while running.
-        seconds: r
-            .get::<_, Option<f64>>(9)?
-            .filter(|s| *s >= 0.0 && r.get::<_, String>(5).is_ok_and(|st| st != "running")),
+        seconds,
     })
 }
 

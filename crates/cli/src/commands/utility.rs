@@ -47,9 +47,8 @@ pub struct UtilityArgs {
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
 
-    /// GGUF: keep matrices quantized (faster, a little less exact).
-    #[arg(long)]
-    pub quantized: bool,
+    #[command(flatten)]
+    pub weights: super::common::WeightsArgs,
 
     /// Write the figures as JSON here too.
     #[arg(long, short, value_name = "FILE")]
@@ -64,13 +63,9 @@ pub fn run(args: UtilityArgs) -> anyhow::Result<()> {
     let data = args.data.spec();
     let engine = LocalEngine::load(
         &spec,
-        &LoadOptions {
-            quantized: args.quantized,
-            adapter: args.adapter.adapter.clone(),
-            merge_adapter: args.adapter.merge_adapter,
-            batch_size: LoadOptions::default().batch_size,
-            quantize_dense: false,
-        },
+        &args
+            .weights
+            .load_options(LoadOptions::default().batch_size, &args.adapter),
     )
     .with_context(|| format!("cannot load {}", args.model))?;
 
