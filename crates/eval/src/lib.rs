@@ -12,6 +12,8 @@
 //! - [`bench`](mod@crate::bench), [`run`], [`metrics`], [`compare`]: benchmark prompts,
 //!   resumable judging of JSONL rows, safety and over-refusal rates with Wilson intervals,
 //!   bootstrap intervals and McNemar's test between two runs;
+//! - [`nonanswer`]: responses without content (empty Markdown skeletons, repetition loops),
+//!   counted apart so a model that degenerates does not look safer;
 //! - [`utility`]: held-out loss, perplexity and multiple-choice accuracy;
 //! - [`rm`]: reward models (local, HTTP, Bradley-Terry heads, implicit rewards), scoring, and
 //!   how far their preferences can be trusted.
@@ -29,6 +31,7 @@ pub mod error;
 pub mod judge;
 pub mod labels;
 pub mod metrics;
+pub mod nonanswer;
 pub mod rm;
 pub mod run;
 pub mod utility;

@@ -11,7 +11,8 @@
 //! - `charts.rs`: the inline SVG charts;
 //! - `html.rs`: the HTML page, rendered from `report.html.j2` with HTML auto-escaping;
 //! - `markdown.rs`: the Markdown summary;
-//! - `judge_check.rs`: the section on each judge against human labels.
+//! - `judge_check.rs`: the section on each judge against human labels;
+//! - `non_answers.rs`: the section on answers without content, and the effects read without them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ mod effects;
 mod html;
 mod judge_check;
 mod markdown;
+mod non_answers;
 mod stats;
 
 pub use effects::{hypothesis_words, power_words, tokens_words, EffectsAnalysis, JudgeEffects};
@@ -81,6 +83,16 @@ pub struct Condition {
     pub safety: Option<Rate>,
     /// Over-refusal rate on the benign benchmarks, primary judge, pooled.
     pub over_refusal: Option<Rate>,
+    /// Share of the answers to harmful prompts that are non-answers (no content at all:
+    /// [`safetune_eval::nonanswer`]), over the primary judge's judged answers.
+    pub non_answers_harmful: Option<Rate>,
+    /// The same share over the answers to benign prompts.
+    pub non_answers_benign: Option<Rate>,
+    /// The safety rate with non-answers counted as not refused (the primary judge's refusals
+    /// that have content).
+    pub safety_strict: Option<Rate>,
+    /// The over-refusal rate with non-answers counted as not refused.
+    pub over_refusal_strict: Option<Rate>,
     /// Per benchmark, per judge: the rate the judge step stored.
     pub by_benchmark: BTreeMap<String, BTreeMap<String, Rate>>,
     /// Mean reward-model score on harmful-benchmark responses, per reward model.
@@ -124,6 +136,9 @@ pub struct StudyResults {
     /// Effects per judge, the paper's hypotheses, run and prompt variance, the detectable effect
     /// and the trained tokens per run.
     pub effect_analysis: EffectsAnalysis,
+    /// The primary judge's effects recomputed with non-answers counted as not refused: a
+    /// check that no effect comes from a factor making the model degenerate rather than refuse.
+    pub effects_non_answers: Option<JudgeEffects>,
     pub judge_agreement: Vec<Agreement>,
     /// Per reward model: mean score of responses judged refusals vs compliances (harmful prompts).
     pub rm_by_verdict: BTreeMap<String, (Option<f64>, Option<f64>)>,

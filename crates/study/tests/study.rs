@@ -26,7 +26,13 @@ struct FakeGen {
     adapter: String,
     requests: Arc<AtomicUsize>,
     fail_after: Option<usize>,
+    /// Answers [`SKELETON`] (a non-answer) where it would otherwise comply, on every other
+    /// such prompt.
+    skeletons: bool,
 }
+
+/// An empty Markdown skeleton: a non-answer ([`safetune_eval::nonanswer`]).
+const SKELETON: &str = "Here is an overview.\n\n**1. **\n\n* ****\n\n* ****\n\n* ****";
 
 impl Generator for FakeGen {
     fn model_id(&self) -> &str {
@@ -57,6 +63,8 @@ impl Generator for FakeGen {
                 let h = p.len() + self.adapter.bytes().map(usize::from).sum::<usize>();
                 let text = if h % 3 == 0 {
                     "I cannot help with that.".to_string()
+                } else if self.skeletons && h % 3 == 1 {
+                    SKELETON.to_string()
                 } else {
                     format!("Sure! <script>alert('{p}')</script> Here is how.")
                 };
@@ -292,6 +300,10 @@ struct Fakes {
 }
 
 fn registry(fail_after: Option<usize>) -> (Registry, Fakes) {
+    registry_with(fail_after, false)
+}
+
+fn registry_with(fail_after: Option<usize>, skeletons: bool) -> (Registry, Fakes) {
     let requests = Arc::new(AtomicUsize::new(0));
     let tunes = Arc::new(AtomicUsize::new(0));
     let r2 = requests.clone();
@@ -306,6 +318,7 @@ fn registry(fail_after: Option<usize>) -> (Registry, Fakes) {
                     .unwrap_or_default(),
                 requests: r2.clone(),
                 fail_after,
+                skeletons,
             }) as Arc<dyn Generator>)
         });
     let reg = builtin_registry()
@@ -842,6 +855,110 @@ fn replicated_seeds_give_effects_with_intervals_and_the_design_power() {
     assert!(md.contains("this design detects main effects of"), "{md}");
     let html = std::fs::read_to_string(&files.html).unwrap();
     assert!(html.contains("Effects on safety") && html.contains("Effects on over-refusal"));
+}
+
+#[test]
+fn non_answers_are_counted_and_the_effects_are_read_without_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), "");
+    cfg.study.seeds = vec![0, 1];
+    // The fake model judge first (primary): it calls every answer without `<script>`, the
+    // skeleton included, a refusal (bar every fourth row, which it flips).
+    cfg.judges.swap(0, 1);
+    let dir = tmp.path().join("study");
+    let (reg, _) = registry_with(None, true);
+    run(&cfg, &dir, &reg);
+    let (results, files) = write_report(&dir).unwrap();
+
+    // Recount from the store: per condition, skeleton answers and refusals that are not one.
+    let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    let mut want: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    for step in store.steps().unwrap() {
+        if !(step.label.starts_with("judge ")
+            && step.label.ends_with(" by llm")
+            && step.label.contains("/ harm "))
+        {
+            continue;
+        }
+        let condition = step.label["judge ".len()..step.label.find(" / ").unwrap()].to_string();
+        let gen_label = format!(
+            "generate {}",
+            &step.label["judge ".len()..step.label.len() - " by llm".len()]
+        );
+        let gen = store
+            .steps()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.label == gen_label)
+            .unwrap();
+        let texts: BTreeMap<String, String> = store
+            .generations(&gen.key)
+            .unwrap()
+            .into_iter()
+            .map(|g| (g.row_id, g.response))
+            .collect();
+        let e = want.entry(condition).or_default();
+        for j in store.judgments(&step.key).unwrap() {
+            let skeleton = texts[&j.row_id] == SKELETON;
+            e.0 += 1;
+            e.1 += u64::from(skeleton);
+            e.2 += u64::from(j.verdict == "refusal" && !skeleton);
+        }
+    }
+    assert!(
+        want.values().map(|w| w.1).sum::<u64>() > 0,
+        "no skeleton was written: {want:?}"
+    );
+    let mut flipped = 0;
+    for c in &results.conditions {
+        let (n, na, strict) = want[&c.name];
+        let share = c.non_answers_harmful.as_ref().unwrap();
+        let safe = c.safety_strict.as_ref().unwrap();
+        assert_eq!(
+            (share.count, share.total, safe.count, safe.total),
+            (na, n, strict, n),
+            "{}",
+            c.name
+        );
+        let reported = c.safety.as_ref().unwrap();
+        assert!(safe.count <= reported.count);
+        flipped += reported.count - safe.count;
+    }
+    assert!(flipped > 0, "some skeletons were judged refusals");
+    // The effects, read both ways: one row per reported main effect; different estimates.
+    let strict = results
+        .effects_non_answers
+        .as_ref()
+        .expect("a sensitivity analysis");
+    assert_eq!(strict.judge, "llm, non-answers not refused");
+    let main: Vec<_> = results
+        .effects
+        .iter()
+        .filter(|e| e.factor.is_some())
+        .collect();
+    assert!(!main.is_empty());
+    for e in &main {
+        let twin = strict
+            .effects
+            .iter()
+            .find(|t| t.outcome == e.outcome && t.factor == e.factor && t.contrast == e.contrast)
+            .expect("the same contrast read without non-answers");
+        assert_eq!(twin.n_prompts, e.n_prompts);
+    }
+    assert!(main.iter().any(|e| {
+        strict.effects.iter().any(|t| {
+            t.factor == e.factor
+                && t.outcome == e.outcome
+                && (t.estimate_points - e.estimate_points).abs() > 1e-9
+        })
+    }));
+    let md = std::fs::read_to_string(&files.markdown).unwrap();
+    assert!(
+        md.contains("## Non-answers") && md.contains("non-answers not refused"),
+        "{md}"
+    );
+    let html = std::fs::read_to_string(&files.html).unwrap();
+    assert!(html.contains("<h2>Non-answers</h2>"));
 }
 
 /// Runs a second runner on the same directory from inside a step of the first, so the second

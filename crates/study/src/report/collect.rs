@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use safetune_eval::nonanswer::non_answer;
+
 use crate::labels::{primary_note, StudyIndex};
 use crate::runner::{StoredPlan, StoredStep, STORE_FILE};
 use crate::store::Store;
@@ -111,6 +113,9 @@ struct Verdicts {
     primary: BTreeMap<String, BTreeMap<String, String>>,
     /// Every judge's verdicts per generate step.
     all: JudgeVerdicts,
+    /// Per generate step a judge read: the row ids of its non-answers
+    /// ([`safetune_eval::nonanswer`]).
+    non_answers: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Verdicts {
@@ -118,8 +123,18 @@ impl Verdicts {
         let mut v = Verdicts {
             primary: BTreeMap::new(),
             all: BTreeMap::new(),
+            non_answers: BTreeMap::new(),
         };
         for j in &ix.judges {
+            if !v.non_answers.contains_key(&j.gen_key) {
+                let rows = store
+                    .generations(&j.gen_key)?
+                    .into_iter()
+                    .filter(|g| non_answer(&g.response).is_some())
+                    .map(|g| g.row_id)
+                    .collect();
+                v.non_answers.insert(j.gen_key.clone(), rows);
+            }
             let rows: BTreeMap<String, String> = store
                 .judgments(&j.key)?
                 .into_iter()
@@ -155,10 +170,11 @@ pub(super) fn study(dir: &Path) -> Result<StudyResults, ReportError> {
     let mut conditions = conditions(&store, &ix)?;
     let verdicts = Verdicts::read(&store, &ix)?;
     let rm_by_verdict = reward_models(&store, &ix, &verdicts, &mut conditions)?;
+    non_answer_rates(&store, &ix, &verdicts, &mut conditions)?;
     let judge_agreement = stats::judge_agreement(&verdicts.all);
     let samples = samples(&store, &ix, &verdicts)?;
     let conditions: Vec<Condition> = conditions.into_values().collect();
-    let effect_analysis = effects(&store, &plan, &ix, &verdicts, &config)?;
+    let (effect_analysis, effects_non_answers) = effects(&store, &plan, &ix, &verdicts, &config)?;
     Ok(StudyResults {
         study: name,
         program_version: crate::hash::PROGRAM_VERSION.to_string(),
@@ -169,6 +185,7 @@ pub(super) fn study(dir: &Path) -> Result<StudyResults, ReportError> {
         failed_steps: ix.failed,
         effects: super::effects::primary_rows(&effect_analysis),
         effect_analysis,
+        effects_non_answers,
         rm_vs_safety: stats::rm_vs_safety(&conditions, rm_by_verdict.keys()),
         conditions,
         judge_agreement,
@@ -196,6 +213,10 @@ fn conditions(store: &Store, ix: &StepIndex) -> Result<BTreeMap<String, Conditio
                     factors: j.condition_factors.clone(),
                     safety: None,
                     over_refusal: None,
+                    non_answers_harmful: None,
+                    non_answers_benign: None,
+                    safety_strict: None,
+                    over_refusal_strict: None,
                     by_benchmark: BTreeMap::new(),
                     rm_mean: BTreeMap::new(),
                 });
@@ -263,7 +284,7 @@ fn effects(
     ix: &StepIndex,
     verdicts: &Verdicts,
     config: &serde_json::Value,
-) -> Result<super::effects::EffectsAnalysis, ReportError> {
+) -> Result<(super::effects::EffectsAnalysis, Option<super::JudgeEffects>), ReportError> {
     let fallback = harmful_benchmarks(store, ix);
     let mut judged = Vec::new();
     for j in ix
@@ -287,6 +308,7 @@ fn effects(
             harmful: generated_harmful(store, &j.gen_key)?
                 .unwrap_or_else(|| fallback.contains(j.factor("benchmark"))),
             verdicts: rows,
+            gen_key: &j.gen_key,
         });
     }
     // Primary judge first.
@@ -303,11 +325,85 @@ fn effects(
             tune_outputs.push((crate::plan::describe(&cf), out));
         }
     }
-    Ok(super::effects::analyse(
-        &judged,
-        &tune_outputs,
-        config.get("analysis"),
-    ))
+    let analysis = super::effects::analyse(&judged, &tune_outputs, config.get("analysis"));
+    // The primary judge again, with its refusals that are non-answers read as not refused.
+    let strict_rows: Vec<BTreeMap<String, String>> = judged
+        .iter()
+        .filter(|j| Some(j.judge) == ix.primary.as_deref())
+        .map(|j| {
+            let empty = verdicts.non_answers.get(j.gen_key);
+            j.verdicts
+                .iter()
+                .map(|(row, v)| {
+                    let na = v == "refusal" && empty.is_some_and(|e| e.contains(row));
+                    (
+                        row.clone(),
+                        if na { "non_answer".into() } else { v.clone() },
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let strict: Vec<super::effects::JudgedRun> = judged
+        .iter()
+        .filter(|j| Some(j.judge) == ix.primary.as_deref())
+        .zip(&strict_rows)
+        .map(|(j, rows)| super::effects::JudgedRun {
+            verdicts: rows,
+            ..*j
+        })
+        .collect();
+    let sensitivity = super::effects::analyse(&strict, &[], None)
+        .judges
+        .into_iter()
+        .next()
+        .map(|mut j| {
+            j.judge = format!("{}, non-answers not refused", j.judge);
+            j
+        });
+    Ok((analysis, sensitivity))
+}
+
+/// Per condition, from the primary judge's steps: the share of answers that are non-answers,
+/// and the safety and over-refusal rates with non-answers counted as not refused.
+fn non_answer_rates(
+    store: &Store,
+    ix: &StepIndex,
+    verdicts: &Verdicts,
+    conds: &mut BTreeMap<String, Condition>,
+) -> Result<(), ReportError> {
+    let fallback = harmful_benchmarks(store, ix);
+    // (condition, harmful) -> (answers, non-answers, refusals that are not non-answers)
+    let mut counts: BTreeMap<(String, bool), (u64, u64, u64)> = BTreeMap::new();
+    for j in ix.judges.iter().filter(|j| ix.is_primary(j)) {
+        let (Some(rows), Some(empty)) = (
+            verdicts.primary.get(&j.gen_key),
+            verdicts.non_answers.get(&j.gen_key),
+        ) else {
+            continue;
+        };
+        let harmful = generated_harmful(store, &j.gen_key)?
+            .unwrap_or_else(|| fallback.contains(j.factor("benchmark")));
+        let e = counts.entry((j.condition.clone(), harmful)).or_default();
+        for (row, v) in rows.iter().filter(|(_, v)| stats::bin(v).is_some()) {
+            let na = empty.contains(row);
+            e.0 += 1;
+            e.1 += u64::from(na);
+            e.2 += u64::from(v == "refusal" && !na);
+        }
+    }
+    for ((condition, harmful), (n, na, strict)) in counts {
+        if let Some(c) = conds.get_mut(&condition) {
+            let (share, rate) = if harmful {
+                (&mut c.non_answers_harmful, &mut c.safety_strict)
+            } else {
+                (&mut c.non_answers_benign, &mut c.over_refusal_strict)
+            };
+            *share = Some(Rate::new(na, n));
+            *rate = Some(Rate::new(strict, n));
+        }
+    }
+    Ok(())
 }
 
 /// Reward-model scores of answers to harmful prompts: each condition's mean per reward model

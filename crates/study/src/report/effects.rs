@@ -73,8 +73,11 @@ pub(super) struct JudgedRun<'a> {
     pub factors: &'a BTreeMap<String, String>,
     pub benchmark: &'a str,
     pub harmful: bool,
-    /// Row id to verdict.
+    /// Row id to verdict: `refusal`, `compliance`, or `non_answer` (a refusal verdict on an
+    /// answer without content, read as not refused; see the report's non-answer sensitivity).
     pub verdicts: &'a BTreeMap<String, String>,
+    /// The generate step the verdicts are about.
+    pub gen_key: &'a str,
 }
 
 /// Analyses the judged runs. `tune_outputs` are (run, tune step output) pairs; `analysis` is
@@ -142,7 +145,7 @@ pub(super) fn analyse(
                     j.verdicts.iter().filter_map(move |(row, v)| {
                         let refused = match v.as_str() {
                             "refusal" => true,
-                            "compliance" => false,
+                            "compliance" | "non_answer" => false,
                             _ => return None,
                         };
                         Some(Answer {

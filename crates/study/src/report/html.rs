@@ -56,6 +56,9 @@ struct Page<'a> {
     agreement: &'a [Agreement],
     /// The judge-accuracy section's HTML; empty without human labels.
     judge_accuracy: String,
+    /// The non-answer section, when answers were read.
+    non_answers: Option<super::non_answers::Section>,
+    non_answer_note: &'static str,
     samples: &'a [Sample],
 }
 
@@ -167,6 +170,8 @@ fn page(r: &StudyResults) -> Page<'_> {
         agreement_chart: agreement_chart(&r.judge_agreement),
         agreement: &r.judge_agreement,
         judge_accuracy: judge_check::html(r.judge_accuracy.as_ref()),
+        non_answers: super::non_answers::section(r),
+        non_answer_note: super::non_answers::NOTE,
         samples: &r.samples[..r.samples.len().min(SAMPLES)],
     }
 }
@@ -366,11 +371,16 @@ mod tests {
                 factors: BTreeMap::from([("model".to_string(), "m<script>".to_string())]),
                 safety: Some(rate(3, 4)),
                 over_refusal: None,
+                non_answers_harmful: Some(rate(1, 4)),
+                non_answers_benign: None,
+                safety_strict: Some(rate(2, 4)),
+                over_refusal_strict: None,
                 by_benchmark,
                 rm_mean: BTreeMap::new(),
             }],
             effects: vec![],
             effect_analysis: Default::default(),
+            effects_non_answers: None,
             judge_agreement: vec![],
             rm_by_verdict: BTreeMap::new(),
             rm_vs_safety: BTreeMap::new(),

@@ -13,6 +13,7 @@ pub(super) fn render(r: &StudyResults) -> String {
     let mut o = String::new();
     conditions(&mut o, r);
     effects(&mut o, r);
+    non_answers(&mut o, r);
     agreement(&mut o, r);
     o.push_str(&judge_check::markdown(r.judge_accuracy.as_ref()));
     reward_models(&mut o, r);
@@ -117,6 +118,32 @@ fn effects(o: &mut String, r: &StudyResults) {
             row.n_runs,
             row.n_prompts
         );
+    }
+}
+
+/// The non-answer section (`non_answers.rs`).
+fn non_answers(o: &mut String, r: &StudyResults) {
+    let Some(sec) = super::non_answers::section(r) else {
+        return;
+    };
+    let _ = writeln!(o, "\n## Non-answers\n\n{}\n", super::non_answers::NOTE);
+    let _ = writeln!(
+        o,
+        "| condition | non-answers (harmful) | safety without them | non-answers (benign) | over-refusal without them |\n|---|---:|---:|---:|---:|"
+    );
+    for row in &sec.conditions {
+        let cells: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
+        let _ = writeln!(o, "| {} |", cells.join(" | "));
+    }
+    if let Some(judge) = &sec.judge {
+        let _ = writeln!(
+            o,
+            "\nThe main effects again, with non-answers counted as not refused ({judge}):\n\n| effect | outcome | as reported | non-answers not refused |\n|---|---|---:|---:|"
+        );
+        for row in &sec.effects {
+            let cells: Vec<String> = row.iter().map(|c| c.replace('|', "\\|")).collect();
+            let _ = writeln!(o, "| {} |", cells.join(" | "));
+        }
     }
 }
 
