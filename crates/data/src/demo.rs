@@ -55,6 +55,16 @@ pub const DEMO_SETS: &[(&str, &str, &str)] = &[
         "sealed test set for refusal judges (240 labelled responses; never read to change a judge)",
     ),
     (
+        "judge-dev2",
+        include_str!("../../../data/judge_dev2.jsonl"),
+        "dev set for refusal judges (240 labelled responses by a third writer; read to choose rules)",
+    ),
+    (
+        "judge-test2",
+        include_str!("../../../data/judge_test2.jsonl"),
+        "second sealed test set for refusal judges (240 labelled responses by a fourth writer; never read)",
+    ),
+    (
         "utility-mcq",
         include_str!("../../../data/utility_mcq.jsonl"),
         "multiple-choice utility questions",

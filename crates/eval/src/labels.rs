@@ -18,7 +18,12 @@
 //!   reported once (2026-12-04), and its misses have since been read to choose features, so it
 //!   is dev data now.
 //! - `data/judge_test.jsonl` (`judge-labels:test`, written later by a different writer, never
-//!   read to change a judge) is the sealed test set: the figure to report.
+//!   read to change a judge) was the sealed test set; its figure was reported once
+//!   (2026-12-05, 89.2%) and once more after the rule changes chosen on `judge-labels:dev2`.
+//! - `data/judge_dev2.jsonl` (`judge-labels:dev2`, a third writer, 2026-12-05): dev data, its
+//!   misses read to choose the rules of that day.
+//! - `data/judge_test2.jsonl` (`judge-labels:test2`, a fourth writer under the same brief as
+//!   dev2, never read): the sealed test set, the figure to report.
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +42,10 @@ pub const JUDGE_LABELS_TEST_FRACTION: f64 = 0.4;
 const JUDGE_LABELS_FILE: &str = "data/judge_labels.jsonl";
 /// Where `judge-labels:test` errors point.
 const JUDGE_TEST_FILE: &str = "data/judge_test.jsonl";
+/// Where `judge-labels:dev2` errors point.
+const JUDGE_DEV2_FILE: &str = "data/judge_dev2.jsonl";
+/// Where `judge-labels:test2` errors point.
+const JUDGE_TEST2_FILE: &str = "data/judge_test2.jsonl";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelledResponse {
@@ -73,8 +82,11 @@ pub struct LabelSet {
 /// train data, PyRIT's two files dev data (regression floors). `None` for other files.
 pub fn label_role(spec: &str) -> Option<&'static str> {
     match spec {
-        "judge-labels:test" | "judge-test" | "demo:judge-test" => Some("test"),
-        "judge-labels:dev" => Some("dev"),
+        "judge-labels:test2" | "judge-test2" | "demo:judge-test2" => Some("test"),
+        "judge-labels:test" | "judge-test" | "demo:judge-test" => {
+            Some("test (reported twice: once before and once after the rules chosen on dev2)")
+        }
+        "judge-labels:dev" | "judge-labels:dev2" | "judge-dev2" | "demo:judge-dev2" => Some("dev"),
         "judge-labels:train" => Some("train"),
         "judge-labels" | "demo:judge-labels" => Some("train and dev together (not a test figure)"),
         "refusal" | "pyrit" | "refusal_extra" | "refusal-extra" => Some("dev (regression floor)"),
@@ -103,6 +115,12 @@ pub fn load_labels(spec: &str) -> Result<LabelSet> {
     let embedded = match spec {
         "judge-labels:test" | "judge-test" | "demo:judge-test" => {
             Some(("judge-test", JUDGE_TEST_FILE, None))
+        }
+        "judge-labels:test2" | "judge-test2" | "demo:judge-test2" => {
+            Some(("judge-test2", JUDGE_TEST2_FILE, None))
+        }
+        "judge-labels:dev2" | "judge-dev2" | "demo:judge-dev2" => {
+            Some(("judge-dev2", JUDGE_DEV2_FILE, None))
         }
         "judge-labels" | "demo:judge-labels" => Some(("judge-labels", JUDGE_LABELS_FILE, None)),
         "judge-labels:dev" => Some(("judge-labels", JUDGE_LABELS_FILE, Some(Split::Test))),
@@ -564,21 +582,50 @@ mod tests {
     /// The sealed test set is a file of its own, not a part of the split one: every row
     /// labelled, 60 in each label x identity cell, no id shared with `judge_labels.jsonl`.
     #[test]
-    fn the_sealed_test_set_is_balanced_and_disjoint() {
-        let set = load_labels("judge-labels:test").unwrap();
-        assert_eq!(set.role, Some("test"));
-        assert_eq!((set.rows.len(), set.unclear, set.unlabelled), (240, 0, 0));
+    fn the_sealed_test_sets_are_balanced_and_disjoint() {
+        for spec in [
+            "judge-labels:test",
+            "judge-labels:dev2",
+            "judge-labels:test2",
+        ] {
+            let set = load_labels(spec).unwrap();
+            assert!(set
+                .role
+                .is_some_and(|r| r.starts_with(if spec.ends_with("dev2") {
+                    "dev"
+                } else {
+                    "test"
+                })));
+            balanced_and_disjoint(&set, spec);
+        }
+    }
+
+    fn balanced_and_disjoint(set: &LabelSet, spec: &str) {
+        assert_eq!(
+            (set.rows.len(), set.unclear, set.unlabelled),
+            (240, 0, 0),
+            "{spec}"
+        );
         for (refusal, identity) in [(true, true), (true, false), (false, true), (false, false)] {
             let n = set
                 .rows
                 .iter()
                 .filter(|r| r.refusal == refusal && r.identity == Some(identity))
                 .count();
-            assert_eq!(n, 60, "refusal {refusal}, identity {identity}");
+            assert_eq!(n, 60, "{spec}: refusal {refusal}, identity {identity}");
         }
-        // No shared id; the only responses both sets hold are stock one-line refusals
+        // No shared id; the only responses two sets hold are stock one-line refusals
         // ("I can't help with that."), which two writers are bound to share.
-        let other = judge_labels_all().unwrap();
+        let mut other = judge_labels_all().unwrap();
+        for o in [
+            "judge-labels:test",
+            "judge-labels:dev2",
+            "judge-labels:test2",
+        ] {
+            if o != spec {
+                other.extend(load_labels(o).unwrap().rows);
+            }
+        }
         for r in &set.rows {
             assert!(other.iter().all(|o| o.id != r.id), "{:?}", r.id);
             if other.iter().any(|o| o.input.response == r.input.response) {

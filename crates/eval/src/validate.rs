@@ -53,10 +53,10 @@ pub struct IdentitySplit {
 pub fn validation_note(kind: &str) -> Option<&'static str> {
     match kind {
         "classifier" => Some(
-            "On this project's sealed test set of labelled responses (data/judge_test.jsonl, 240 rows written apart from the judges, nothing fitted or chosen on them) it scores 214/240 = 89.2% [84.6, 92.5] (Wilson 95%): it reads 22 of 120 compliant answers as refusals and misses 4 of 120 refusals, so it overstates safety and over-refusal; 88.3% with an identity statement and 90.0% without (difference -1.7 points [-9.8, +6.4]). The keyword judge scores 67.1% there.",
+            "On this project's sealed test set of labelled responses (data/judge_test2.jsonl, 240 rows by a writer who saw neither the judges nor the other label sets; nothing fitted or chosen on them) it scores 216/240 = 90.0% [85.6, 93.2] (Wilson 95%): it reads 9 of 120 compliant answers as refusals and misses 15 of 120 refusals; 88.3% with an identity statement and 91.7% without (difference -3.3 points [-11.2, +4.5]). On an earlier test set by another writer it scores 89.6%, its errors leaning the other way (23 false refusals, 2 misses). The keyword judge scores 73.8% and 71.2% there.",
         ),
         "keyword" => Some(
-            "On this project's sealed test set of labelled responses (data/judge_test.jsonl, 240 rows) it scores 161/240 = 67.1% [60.9, 72.7] (Wilson 95%): it reads 4 of 120 compliant answers as refusals and misses 75 of 120 refusals (those without a decline phrase), so it understates safety.",
+            "On this project's sealed test set of labelled responses (data/judge_test2.jsonl, 240 rows) it scores 177/240 = 73.8% [67.8, 78.9] (Wilson 95%): it reads no compliant answer as a refusal and misses 63 of 120 refusals (those without a decline phrase), so it understates safety.",
         ),
         _ => None,
     }

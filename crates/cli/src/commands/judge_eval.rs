@@ -19,7 +19,12 @@ use super::common::OutputFormat;
 use super::judge::JudgeArgs;
 
 /// The label sets checked when `--labels` is not given.
-pub const DEFAULT_LABELS: &[&str] = &["judge-labels:test", "refusal", "refusal_extra"];
+pub const DEFAULT_LABELS: &[&str] = &[
+    "judge-labels:test2",
+    "judge-labels:test",
+    "refusal",
+    "refusal_extra",
+];
 
 /// The role of a study's own labelled answers.
 const STUDY_ROLE: &str = "test (human labels of this study's answers)";
@@ -29,15 +34,17 @@ pub struct JudgeEvalArgs {
     #[command(flatten)]
     pub judge: JudgeArgs,
 
-    /// Labelled responses, repeatable: `judge-labels:test` (this project's sealed test set
-    /// `data/judge_test.jsonl`, role test), `judge-labels:dev` (the part of
+    /// Labelled responses, repeatable: `judge-labels:test2` (this project's sealed test set
+    /// `data/judge_test2.jsonl`, role test), `judge-labels:test` (`data/judge_test.jsonl`, an
+    /// earlier test set, reported twice), `judge-labels:dev2` (`data/judge_dev2.jsonl`, role dev:
+    /// rules were chosen on it), `judge-labels:dev` (the part of
     /// `data/judge_labels.jsonl` no head is fitted on, role dev), `judge-labels:train` (its
     /// fitting part), `judge-labels` (train and dev),
     /// `refusal` and `refusal_extra` (PyRIT's files in the asset cache, role dev: rules were
     /// chosen on them), a CSV (prompt, response, human_score with 1 = refusal), a labelling JSONL
     /// (prompt, response, label refusal|compliance|unclear, optional identity true|false), or a
     /// study directory (every judge of the study against `safetune label import`ed labels, per
-    /// condition). Default: judge-labels:test, refusal, refusal_extra.
+    /// condition). Default: judge-labels:test2, judge-labels:test, refusal, refusal_extra.
     #[arg(long, value_name = "SPEC")]
     pub labels: Vec<String>,
 
@@ -186,7 +193,7 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
 fn study(dir: &Path, text: bool) -> anyhow::Result<serde_json::Value> {
     if !dir.join(STORE_FILE).exists() {
         bail!(
-            "{}: a directory without {STORE_FILE}\nhint: --labels takes a label file, a named set (judge-labels:test, judge-labels:dev, refusal, refusal_extra) or a study directory",
+            "{}: a directory without {STORE_FILE}\nhint: --labels takes a label file, a named set (judge-labels:test2, judge-labels:test, judge-labels:dev2, judge-labels:dev, refusal, refusal_extra) or a study directory",
             dir.display()
         );
     }

@@ -64,10 +64,13 @@ pub struct Features {
     pub opening_phrase: bool,
     /// The response declines in so many words ([`declines`]).
     pub declines: bool,
+    /// The response asks question after question and answers nothing
+    /// ([`crate::judge::clauses::only_asks`]).
+    pub only_asks: bool,
 }
 
 pub use crate::judge::clauses::declines;
-use crate::judge::clauses::strip_hedges;
+use crate::judge::clauses::{only_asks, strip_hedges};
 
 /// [`Features`] of each (request, response).
 pub fn features(enc: &BertEncoder, prompts: &[&str], responses: &[&str]) -> Result<Vec<Features>> {
@@ -85,7 +88,8 @@ pub fn features(enc: &BertEncoder, prompts: &[&str], responses: &[&str]) -> Resu
         .zip(p)
         .zip(&os)
         .zip(&rs)
-        .map(|((((r, o), p), open), rs_i)| {
+        .zip(responses)
+        .map(|(((((r, o), p), open), rs_i), raw)| {
             let relevance = r.iter().zip(&p).map(|(x, y)| x * y).sum();
             let interaction = r.iter().zip(&p).map(|(x, y)| x * y).collect();
             let mut embeddings = r;
@@ -96,6 +100,8 @@ pub fn features(enc: &BertEncoder, prompts: &[&str], responses: &[&str]) -> Resu
                 relevance,
                 opening_phrase: !kw.matches(open).is_empty(),
                 declines: declines(rs_i),
+                // On the text as written: a list's line breaks are gone after stripping.
+                only_asks: only_asks(raw),
             }
         })
         .collect())

@@ -248,6 +248,7 @@ mod tests {
                     relevance: 1.0,
                     opening_phrase: false,
                     declines: false,
+                    only_asks: false,
                 },
             )
         };
