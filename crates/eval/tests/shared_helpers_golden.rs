@@ -16,7 +16,9 @@ fn sample_a() -> Vec<f64> {
 }
 
 fn sample_b() -> Vec<f64> {
-    (0..41).map(|i| ((i * 53) % 13) as f64 * 0.75 + 1.0).collect()
+    (0..41)
+        .map(|i| ((i * 53) % 13) as f64 * 0.75 + 1.0)
+        .collect()
 }
 
 fn fig(e_value: f64, lo: f64, hi: f64, count: Option<usize>) -> String {
@@ -32,7 +34,7 @@ fn judge_metric_bootstraps_are_pinned() {
     let p = metrics::bootstrap_diff_paired(&pairs, 500, 11);
     let got = [m, u, p]
         .iter()
-        .map(|e| fig(e.value, e.lo, e.hi, Some(e.n)))
+        .map(|e| fig(e.value, e.lo, e.hi, e.n))
         .collect::<Vec<_>>();
     assert_eq!(
         got,
@@ -51,13 +53,14 @@ fn reward_model_bootstraps_are_pinned() {
         resamples: 1000,
         seed: 5,
         level: 0.9,
+        ..Default::default()
     };
     let m = stats::bootstrap_mean(&a, &opts).unwrap();
     let t = stats::kendall_tau_ci(&a, &b[..30], &opts).unwrap();
     let r = stats::spearman_rho_ci(&a, &b[..30], &BootstrapOptions::default()).unwrap();
     let got = [m, t, r]
         .iter()
-        .map(|e| fig(e.value, e.lo, e.hi, Some(e.resamples)))
+        .map(|e| fig(e.value, e.lo, e.hi, e.resamples))
         .collect::<Vec<_>>();
     assert_eq!(
         got,
@@ -103,6 +106,7 @@ fn variant_bootstrap_is_pinned() {
             resamples: 400,
             seed: 9,
             level: 0.95,
+            ..Default::default()
         },
         tie_eps: 1e-9,
     };
@@ -112,11 +116,11 @@ fn variant_bootstrap_is_pinned() {
         .iter()
         .map(|v| {
             let e = &v.mean_score;
-            fig(e.value, e.lo, e.hi, Some(e.resamples))
+            fig(e.value, e.lo, e.hi, e.resamples)
         })
         .collect();
     for e in [c.kendall_tau.unwrap(), c.spearman_rho.unwrap()] {
-        got.push(fig(e.value, e.lo, e.hi, Some(e.resamples)));
+        got.push(fig(e.value, e.lo, e.hi, e.resamples));
     }
     assert_eq!(
         got,
@@ -194,5 +198,9 @@ fn bradley_terry_fit_is_pinned() {
     for (got, want) in w.iter().zip(expect) {
         assert!((got - want).abs() < 1e-6, "weights {w:?}");
     }
-    assert!((report.train_loss - 0.638797147105784).abs() < 1e-6, "loss {}", report.train_loss);
+    assert!(
+        (report.train_loss - 0.638797147105784).abs() < 1e-6,
+        "loss {}",
+        report.train_loss
+    );
 }
