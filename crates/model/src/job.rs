@@ -273,6 +273,11 @@ pub fn finished_ids(out: &Path) -> Result<HashSet<String>> {
     Ok(rec.ids)
 }
 
+/// The work of [`run_resumable`] on one chunk: the chunk's rows and the progress so far, to one
+/// output row each.
+pub type ChunkWork<'a, T, E> =
+    dyn FnMut(&[&T], &mut JobProgress) -> std::result::Result<Vec<Json>, E> + 'a;
+
 /// Why [`run_resumable`] stopped.
 #[derive(Debug)]
 pub enum ResumeError<E> {
@@ -301,7 +306,7 @@ pub fn run_resumable<T, E>(
     id: impl Fn(&T) -> &str,
     out: &Path,
     chunk_size: usize,
-    work: &mut dyn FnMut(&[&T], &mut JobProgress) -> std::result::Result<Vec<Json>, E>,
+    work: &mut ChunkWork<'_, T, E>,
     progress: &mut dyn FnMut(&JobProgress),
 ) -> std::result::Result<JobProgress, ResumeError<E>> {
     let mut seen = HashSet::new();
