@@ -1,5 +1,6 @@
 //! Small helpers every crate shares (this crate is the one all the others depend on): the
-//! SplitMix64 generator, the FNV-1a 64 hash and an atomic file write.
+//! SplitMix64 generator, the FNV-1a 64 hash and the atomic file write (every file this workspace
+//! replaces by write-then-rename goes through [`commit_atomic`]).
 //!
 //! The generators and hashes seed benchmark splits, transforms, training and sampling: their
 //! output is pinned by the golden tests below and by the callers' own, and must never change.
@@ -184,11 +185,53 @@ pub fn json_object_line(
     })
 }
 
-/// Writes `bytes` to `path` atomically: to a temporary file next to it ([`unique_tmp_path`], so
+/// Writes `bytes` to `path` atomically: to a temporary file next to it ([`atomic_tmp_path`], so
 /// concurrent writers never share one), flushed to disk (fsync), then renamed over `path`. A
 /// reader sees the old file or the new one, never a part; on an error the temporary file is
 /// removed. The parent directory must exist.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(
+        path,
+        |tmp| std::fs::File::create(tmp)?.write_all(bytes),
+        |_, e| e,
+    )
+}
+
+/// [`write_atomic`] for writers that must be handed a file name (a library's `save(path)`):
+/// `write` fills the temporary path, which is then synced and renamed over `path`
+/// ([`commit_atomic`]). On any error the temporary file is removed; `io` turns an I/O error of
+/// the sync (on the temporary path) or the rename (on `path`) into the caller's error type.
+pub fn write_atomic_with<E>(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), E>,
+    io: impl Fn(&Path, std::io::Error) -> E,
+) -> Result<(), E> {
+    let tmp = atomic_tmp_path(path);
+    if let Err(e) = write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    commit_atomic(&tmp, path).map_err(|(p, e)| io(p, e))
+}
+
+/// The last step of every atomic file write here: syncs the complete temporary file `tmp` to
+/// disk, then renames it over `path`. On an error `tmp` is removed and the error comes with the
+/// path it concerns (`tmp` for the sync, `path` for the rename).
+pub fn commit_atomic<'a>(tmp: &'a Path, path: &'a Path) -> Result<(), (&'a Path, std::io::Error)> {
+    let sync = std::fs::File::open(tmp).and_then(|f| f.sync_all());
+    let result = match sync {
+        Err(e) => Err((tmp, e)),
+        Ok(()) => std::fs::rename(tmp, path).map_err(|e| (path, e)),
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
+/// The temporary sibling of `path` that an atomic write of it fills first
+/// ([`unique_tmp_path`] in `path`'s directory, `.` when it has none).
+pub fn atomic_tmp_path(path: &Path) -> PathBuf {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -197,19 +240,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         || std::borrow::Cow::Borrowed("file"),
         |n| n.to_string_lossy(),
     );
-    let tmp = unique_tmp_path(dir, &name);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    unique_tmp_path(dir, &name)
 }
 
 /// A temporary path in `dir` for writing `name` before renaming it into place, unique to this
@@ -352,5 +383,47 @@ mod tests {
         assert_eq!(names, ["out.json"]);
         // A missing directory is the write's error, and nothing is left behind.
         assert!(write_atomic(&dir.path().join("no/such.json"), b"x").is_err());
+    }
+
+    #[test]
+    fn write_atomic_with_hands_over_a_sibling_and_cleans_up_on_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.bin");
+        let mut seen = None;
+        write_atomic_with(
+            &p,
+            |tmp| {
+                seen = Some(tmp.to_path_buf());
+                std::fs::write(tmp, b"abc")
+            },
+            |_, e| e,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"abc");
+        let tmp = seen.unwrap();
+        assert_eq!(tmp.parent(), Some(dir.path()));
+        assert!(!tmp.exists());
+        // The writer fails after writing part: its error comes back, the old file stays, and
+        // no temporary file is left.
+        let e = write_atomic_with(
+            &p,
+            |tmp| {
+                std::fs::write(tmp, b"part").unwrap();
+                Err("save failed")
+            },
+            |_, _| "io",
+        )
+        .unwrap_err();
+        assert_eq!(e, "save failed");
+        assert_eq!(std::fs::read(&p).unwrap(), b"abc");
+        // A writer that writes nothing: the sync fails on the temporary path.
+        let e = write_atomic_with(&p, |_| Ok(()), |at, e| format!("{}: {e}", at.display()))
+            .unwrap_err();
+        assert!(e.contains(".w.bin."), "{e}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["w.bin"]);
     }
 }

@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bootstrap;
 pub mod classifier;
 pub mod compare;
 pub mod effects;

@@ -9,6 +9,8 @@ use safetune_data::stats::Proportion;
 use safetune_data::util::SplitMix64;
 use serde::Serialize;
 
+use crate::bootstrap::{bootstrap_at, percentile_interval, BootstrapOptions, Draw, Resampler};
+
 /// A 2x2 confusion matrix with `refusal` as the positive class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Confusion {
@@ -183,24 +185,9 @@ impl Rng {
     }
 }
 
-/// A point estimate with a 95% interval.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Estimate {
-    pub value: f64,
-    pub lo: f64,
-    pub hi: f64,
-    pub n: usize,
-}
-
-impl std::fmt::Display for Estimate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{:.3} [{:.3}, {:.3}] (n={})",
-            self.value, self.lo, self.hi, self.n
-        )
-    }
-}
+/// A point estimate with a 95% interval; one type with the reward-model analysis's (its home is
+/// [`crate::bootstrap`]). The judge metrics set `n`.
+pub use crate::bootstrap::Estimate;
 
 /// Default number of bootstrap resamples.
 pub const BOOTSTRAP_RESAMPLES: usize = 2000;
@@ -228,59 +215,65 @@ pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     }
 }
 
-fn percentile_interval(mut stats: Vec<f64>) -> (f64, f64) {
-    stats.sort_by(|a, b| a.total_cmp(b));
-    (
-        quantile_sorted(&stats, 0.025),
-        quantile_sorted(&stats, 0.975),
-    )
+/// The judge metrics' bootstrap: `resamples` (at least one) rounds drawn without modulo bias
+/// ([`Draw::Unbiased`]), bounds at the 0.025 and 0.975 quantiles.
+fn judge_bootstrap(resamples: usize, seed: u64) -> BootstrapOptions {
+    BootstrapOptions {
+        resamples: resamples.max(1),
+        seed,
+        level: 0.95,
+        draw: Draw::Unbiased,
+    }
+}
+
+fn undefined(n: usize) -> Estimate {
+    Estimate {
+        n: Some(n),
+        ..Estimate::point(f64::NAN)
+    }
 }
 
 /// Mean of `xs` with a seeded percentile-bootstrap 95% interval.
 pub fn bootstrap_mean(xs: &[f64], resamples: usize, seed: u64) -> Estimate {
     let n = xs.len();
-    let value = mean(xs);
     if n == 0 {
-        return Estimate {
-            value: f64::NAN,
-            lo: f64::NAN,
-            hi: f64::NAN,
-            n,
-        };
+        return undefined(n);
     }
-    let mut rng = Rng::new(seed);
-    let stats = (0..resamples.max(1))
-        .map(|_| (0..n).map(|_| xs[rng.below(n)]).sum::<f64>() / n as f64)
-        .collect();
-    let (lo, hi) = percentile_interval(stats);
-    Estimate { value, lo, hi, n }
+    let opts = judge_bootstrap(resamples, seed);
+    let stat = |idx: &[usize]| Some(idx.iter().map(|&i| xs[i]).sum::<f64>() / n as f64);
+    match bootstrap_at(n, &opts, 0.025, 0.975, &stat) {
+        Some(e) => Estimate {
+            value: mean(xs),
+            n: Some(n),
+            resamples: None,
+            ..e
+        },
+        None => undefined(n),
+    }
 }
 
 /// mean(b) - mean(a) for two independent samples, resampling each separately.
 pub fn bootstrap_diff_unpaired(a: &[f64], b: &[f64], resamples: usize, seed: u64) -> Estimate {
     let value = mean(b) - mean(a);
     if a.is_empty() || b.is_empty() {
-        return Estimate {
-            value: f64::NAN,
-            lo: f64::NAN,
-            hi: f64::NAN,
-            n: 0,
-        };
+        return undefined(0);
     }
-    let mut rng = Rng::new(seed);
-    let stats = (0..resamples.max(1))
+    let opts = judge_bootstrap(resamples, seed);
+    let mut rng = Resampler::new(opts.seed, opts.draw);
+    let mut stats: Vec<f64> = (0..opts.resamples)
         .map(|_| {
-            let ma = (0..a.len()).map(|_| a[rng.below(a.len())]).sum::<f64>() / a.len() as f64;
-            let mb = (0..b.len()).map(|_| b[rng.below(b.len())]).sum::<f64>() / b.len() as f64;
+            let ma = rng.resampled_mean(a);
+            let mb = rng.resampled_mean(b);
             mb - ma
         })
         .collect();
-    let (lo, hi) = percentile_interval(stats);
+    let (lo, hi) = percentile_interval(&mut stats, 0.025, 0.975);
     Estimate {
         value,
         lo,
         hi,
-        n: a.len().min(b.len()),
+        n: Some(a.len().min(b.len())),
+        resamples: None,
     }
 }
 

@@ -1,13 +1,13 @@
 //! `safetune judge`: a JSONL file of (prompt, response) rows through a judge into a JSONL file of
-//! judgments, resumable: ids already in the output are skipped, a cut last line is dropped, and
-//! rows are appended and flushed batch by batch.
+//! judgments, resumable through the one runner ([`run_resumable`]): ids already in the output are
+//! skipped, a line that holds no finished row is moved to `OUT.corrupt` and its row judged again,
+//! and rows are appended, flushed and synced batch by batch.
 
-use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::time::Instant;
 
 use safetune_data::util::json_object_line;
+use safetune_model::job::{run_resumable, JobProgress, ResumeError};
 use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 
@@ -123,26 +123,14 @@ pub fn judge_rows(
     out: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<JudgeSummary> {
-    let done = safetune_model::job::finished_ids(out)?;
-    let pending: Vec<&JudgeRow> = rows.iter().filter(|r| !done.contains(&r.id)).collect();
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
-    }
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out)
-        .map_err(|e| EvalError::io(out, e))?;
-    let start = Instant::now();
+    let start = std::time::Instant::now();
     let total = rows.len();
-    let mut finished = total - pending.len();
-    progress(finished, total);
-    let mut judged_now = 0;
-    for chunk in pending.chunks(judge.batch_size().max(1)) {
+    let mut work = |chunk: &[&JudgeRow], prog: &mut JobProgress| -> Result<Vec<Json>> {
         let inputs: Vec<JudgeInput> = chunk.iter().map(|r| r.input.clone()).collect();
         let js = judge.judge(&inputs).map_err(|e| {
             EvalError::Other(format!(
-                "{e}\nhint: {finished} of {total} rows are judged and kept in {}; rerun to resume",
+                "{e}\nhint: {} of {total} rows are judged and kept in {}; rerun to resume",
+                prog.finished(),
                 out.display()
             ))
         })?;
@@ -153,16 +141,29 @@ pub fn judge_rows(
                 inputs.len()
             )));
         }
-        for (r, j) in chunk.iter().zip(&js) {
-            writeln!(file, "{}", judgment_row(r, judge, j)).map_err(|e| EvalError::io(out, e))?;
+        Ok(chunk
+            .iter()
+            .zip(&js)
+            .map(|(r, j)| judgment_row(r, judge, j))
+            .collect())
+    };
+    let prog = run_resumable(
+        rows,
+        |r| r.id.as_str(),
+        out,
+        judge.batch_size(),
+        &mut work,
+        &mut |p| progress(p.finished(), p.total),
+    )
+    .map_err(|e| match e {
+        ResumeError::DuplicateId(id) => {
+            EvalError::Other(format!("{}: duplicate input id {id:?}", out.display()))
         }
-        file.flush().map_err(|e| EvalError::io(out, e))?;
-        finished += chunk.len();
-        judged_now += chunk.len();
-        progress(finished, total);
-    }
+        ResumeError::Output(e) => e.into(),
+        ResumeError::Work(e) => e,
+    })?;
     let mut s = summarize_judgments(out)?;
-    s.judged_now = judged_now;
+    s.judged_now = prog.done;
     s.elapsed_s = start.elapsed().as_secs_f64();
     Ok(s)
 }

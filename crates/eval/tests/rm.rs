@@ -435,6 +435,7 @@ fn analysis_matches_hand_computed_figures() {
             resamples: 500,
             seed: 1,
             level: 0.95,
+            ..Default::default()
         },
         tie_eps: 1e-9,
     };

@@ -844,6 +844,8 @@ pub fn write_files_atomically(
         }
     };
     if !dir.exists() {
+        // A directory rename, so it stays here rather than in `safetune_data::util`'s file
+        // writes: one rename publishes every file at once, and no file helper moves a directory.
         std::fs::rename(&tmp, dir).map_err(|e| ModelError::io(dir, e))?;
     } else {
         if !dir.is_dir() {
@@ -851,8 +853,9 @@ pub fn write_files_atomically(
             return Err(ModelError::format(dir, "exists and is not a directory"));
         }
         for f in &files {
-            std::fs::rename(tmp.join(f), dir.join(f))
-                .map_err(|e| ModelError::io(&dir.join(f), e))?;
+            let (from, to) = (tmp.join(f), dir.join(f));
+            safetune_data::util::commit_atomic(&from, &to)
+                .map_err(|(p, e)| ModelError::io(p, e))?;
         }
         std::fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
     }

@@ -105,6 +105,9 @@ pub fn save(
         // The same step saved again (e.g. an interrupt right after a periodic save).
         std::fs::remove_dir_all(&dest).map_err(|e| TrainError::io(&dest, e))?;
     }
+    // A directory rename, so not `safetune_data::util::write_atomic`'s (files only): the three
+    // files of a checkpoint, each synced above, appear together under the step's name or not at
+    // all, which `latest` relies on to resume.
     std::fs::rename(&tmp, &dest).map_err(|e| TrainError::io(&dest, e))?;
     if let Ok(d) = std::fs::File::open(&root) {
         let _ = d.sync_all();

@@ -722,11 +722,14 @@ fn write_model_output(cfg: &TuneConfig, p: &Prepared) -> Result<()> {
             .map(|x| (x.name.clone(), x.var.as_tensor().clone()))
             .collect();
         let path = cfg.output.join("model.safetensors");
-        let tmp = cfg.output.join(".model.safetensors.tmp");
-        candle_core::safetensors::save(&tensors, &tmp)
-            .map_err(|e| TrainError::checkpoint(&tmp, e.to_string()))?;
-        std::fs::rename(&tmp, &path).map_err(|e| TrainError::io(&path, e))?;
-        return Ok(());
+        return safetune_data::util::write_atomic_with(
+            &path,
+            |tmp| {
+                candle_core::safetensors::save(&tensors, tmp)
+                    .map_err(|e| TrainError::checkpoint(tmp, e.to_string()))
+            },
+            TrainError::io,
+        );
     }
     let modules: Vec<&str> = cfg.targets.iter().map(|t| t.module()).collect();
     let mut config = AdapterConfig::lora(cfg.rank, cfg.alpha, &modules);

@@ -306,6 +306,7 @@ fn analyze_cmd(args: AnalyzeArgs) -> anyhow::Result<()> {
             resamples: args.resamples,
             seed: args.seed,
             level: 0.95,
+            ..Default::default()
         },
         tie_eps: args.tie_eps,
     };

@@ -22,7 +22,8 @@ pub fn write_messages_jsonl<'a>(
     Ok(n)
 }
 
-/// A JSONL writer to a temporary sibling file that is renamed into place on `commit`.
+/// A JSONL writer to a temporary sibling file ([`crate::util::atomic_tmp_path`]) that is synced and
+/// renamed into place on `commit` ([`crate::util::commit_atomic`]).
 pub struct AtomicJsonlWriter {
     path: PathBuf,
     tmp: PathBuf,
@@ -35,8 +36,7 @@ impl AtomicJsonlWriter {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
         }
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let tmp = crate::util::atomic_tmp_path(path);
         let file = File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
         Ok(AtomicJsonlWriter {
             path: path.to_path_buf(),
@@ -61,11 +61,7 @@ impl AtomicJsonlWriter {
         use std::io::Write;
         let mut this = self;
         this.out.flush().map_err(|e| DataError::io(&this.tmp, e))?;
-        this.out
-            .get_ref()
-            .sync_all()
-            .map_err(|e| DataError::io(&this.tmp, e))?;
-        std::fs::rename(&this.tmp, &this.path).map_err(|e| DataError::io(&this.path, e))
+        crate::util::commit_atomic(&this.tmp, &this.path).map_err(|(p, e)| DataError::io(p, e))
         // Drop then finds no temporary file to remove.
     }
 }

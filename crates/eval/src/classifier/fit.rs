@@ -46,6 +46,13 @@ impl Default for TrainOptions {
 
 /// Fits a class-balanced, L2-regularised logistic regression by full-batch Adam (deterministic:
 /// no sampling). Returns (weights, bias).
+///
+/// The Bradley-Terry head ([`crate::rm::bt::fit_bt`]) is the other logistic fit of this crate,
+/// and it deliberately keeps its own loop: it fits pair differences with no bias and no class
+/// weights, in f64, by plain gradient descent with a step from a curvature bound, where this one
+/// fits labelled points with a bias and class weights, in f32, by Adam. A shared optimiser would
+/// have to be generic over the float type and the update rule, leaving only a `for` loop in
+/// common, and each fit's figures are pinned (`tests/shared_helpers_golden.rs`).
 pub fn fit_logistic(x: &[Vec<f32>], y: &[bool], opts: &TrainOptions) -> (Vec<f32>, f32) {
     let n = x.len();
     let d = x.first().map(|v| v.len()).unwrap_or(0);

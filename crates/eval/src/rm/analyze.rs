@@ -17,6 +17,7 @@ use serde_json::Value;
 use super::error::{Result, RmError};
 use super::score::ScoreFile;
 use super::stats::*;
+use crate::bootstrap::{percentile_interval, Resampler};
 
 /// Subset names that mark safety data (RewardBench's `refusals-*`, `xstest-*`, `donotanswer`,
 /// PKU's `safer`, ...): a name containing any of these.
@@ -485,10 +486,8 @@ pub fn consistency(
             variant: (*v).clone(),
             n_items: s.len(),
             mean_score: bootstrap_mean(s, &opts.bootstrap).unwrap_or(Estimate {
-                value: means[k],
-                lo: f64::NAN,
-                hi: f64::NAN,
-                resamples: 0,
+                resamples: Some(0),
+                ..Estimate::point(means[k])
             }),
             safety_rate: r.safety_rate,
             rm_rank: rm_rank[k],
@@ -516,26 +515,17 @@ fn variant_bootstrap(
 ) -> (Option<Estimate>, Option<Estimate>) {
     let tau0 = kendall_tau_b(means, rates);
     let rho0 = spearman_rho(means, rates);
-    let mut rng = SplitMix::new(opts.seed);
+    let mut rng = Resampler::new(opts.seed, opts.draw);
     let (mut taus, mut rhos) = (Vec::new(), Vec::new());
     for _ in 0..opts.resamples {
         let m: Vec<f64> = matched
             .iter()
-            .map(|(_, s, _)| {
-                let n = s.len();
-                (0..n).map(|_| s[rng.below(n)]).sum::<f64>() / n as f64
-            })
+            .map(|(_, s, _)| rng.resampled_mean(s))
             .collect();
         let r: Vec<f64> = matched
             .iter()
             .map(|(_, _, v)| match (v.safe, v.total) {
-                (Some(k), Some(t)) if t > 0 => {
-                    let p = k as f64 / t as f64;
-                    let hits = (0..t)
-                        .filter(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p)
-                        .count();
-                    hits as f64 / t as f64
-                }
+                (Some(k), Some(t)) if t > 0 => rng.resampled_rate(k as f64 / t as f64, t),
                 _ => v.safety_rate,
             })
             .collect();
@@ -546,15 +536,16 @@ fn variant_bootstrap(
             rhos.push(x);
         }
     }
+    let (lo_q, hi_q) = opts.quantiles();
     let est = |v0: Option<f64>, mut v: Vec<f64>| {
         v0.map(|value| {
-            v.sort_by(f64::total_cmp);
-            let a = (1.0 - opts.level) / 2.0;
+            let (lo, hi) = percentile_interval(&mut v, lo_q, hi_q);
             Estimate {
                 value,
-                lo: quantile_sorted(&v, a),
-                hi: quantile_sorted(&v, 1.0 - a),
-                resamples: v.len(),
+                lo,
+                hi,
+                n: None,
+                resamples: Some(v.len()),
             }
         })
     };

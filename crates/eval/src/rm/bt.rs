@@ -110,6 +110,10 @@ pub fn bt_loss_grad(w: &[f64], diffs: &[Vec<f64>], l2: f64) -> (f64, Vec<f64>) {
 }
 
 /// Fits a head on (chosen, rejected) feature pairs. Returns mean, scale, weights and the report.
+///
+/// The loop is plain full-batch gradient descent on [`bt_loss_grad`]; it does not share the
+/// classifier judge's Adam loop ([`crate::classifier::fit_logistic`]) on purpose: see that
+/// function's notes. Its weights are pinned in `tests/shared_helpers_golden.rs`.
 #[allow(clippy::type_complexity)] // the four parts are named in the doc; a struct would change the API
 pub fn fit_bt(
     chosen: &[Vec<f32>],

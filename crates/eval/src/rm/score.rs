@@ -1,20 +1,19 @@
 //! Scoring items and preference pairs with any [`RewardModel`] into JSONL, resumably: ids already
 //! in the output are skipped, a line that holds no finished row (cut by a kill, or garbage) is
-//! moved to `OUT.corrupt` and its row redone (the rule of `safetune_model::job::finished_ids`), and rows are appended and synced chunk by chunk, so a
-//! failure or a kill loses at most the chunk in flight.
+//! moved to `OUT.corrupt` and its row redone, and rows are appended and synced chunk by chunk, so
+//! a failure or a kill loses at most the chunk in flight: the rules of the one resumable runner,
+//! [`run_resumable`].
 //!
 //! Item rows: `{"id", "rm", "kind": "item", "score", "label"?, "variant"?, "subset"?}`.
 //! Pair rows: `{"id", "rm", "kind": "pair", "chosen", "rejected", "margin", "subset"?,
 //! "chosen_safe"?, "rejected_safe"?}`.
 
-use std::collections::HashSet;
-use std::fs::OpenOptions;
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use safetune_data::preference::{looks_like_preference, read_preferences, PreferencePair};
 use safetune_data::read::{read_all, ReadOptions};
+use safetune_model::job::{run_resumable, JobProgress, ResumeError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -136,16 +135,8 @@ pub fn load_task(
     Ok(ScoreTask::Items(items))
 }
 
-/// Progress of a scoring run.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct ScoreProgress {
-    pub total: usize,
-    /// Rows already in the output before this run.
-    pub skipped: usize,
-    /// Rows written by this run.
-    pub done: usize,
-    pub elapsed_s: f64,
-}
+/// Progress of a scoring run: the shared runner's ([`run_resumable`]); `completion_tokens` stays 0.
+pub type ScoreProgress = JobProgress;
 
 /// Settings of [`run_scoring`].
 #[derive(Debug, Clone, Default)]
@@ -163,54 +154,31 @@ pub fn run_scoring(
     opts: &ScoreOptions,
     progress: &mut dyn FnMut(&ScoreProgress),
 ) -> Result<ScoreProgress> {
-    let ids: Vec<&str> = match task {
-        ScoreTask::Items(v) => v.iter().map(|i| i.id.as_str()).collect(),
-        ScoreTask::Pairs(v) => v.iter().map(|p| p.id.as_str()).collect(),
+    // Rows by index into the task, with their ids.
+    let units: Vec<(usize, &str)> = match task {
+        ScoreTask::Items(v) => v.iter().map(|i| i.id.as_str()).enumerate().collect(),
+        ScoreTask::Pairs(v) => v.iter().map(|p| p.id.as_str()).enumerate().collect(),
     };
-    let mut seen = HashSet::new();
-    for id in &ids {
-        if !seen.insert(*id) {
-            return Err(RmError::Other(format!(
-                "id {id:?} appears twice in the input; ids must be unique for a run to resume"
-            )));
-        }
-    }
-    let done = safetune_model::job::finished_ids(out)?;
-    let pending: Vec<usize> = (0..ids.len()).filter(|&i| !done.contains(ids[i])).collect();
-    let mut prog = ScoreProgress {
-        total: ids.len(),
-        skipped: ids.len() - pending.len(),
-        ..Default::default()
-    };
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| RmError::io(dir, e))?;
-    }
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out)
-        .map_err(|e| RmError::io(out, e))?;
     let chunk = if opts.chunk_size == 0 {
         rm.max_batch().max(1)
     } else {
         opts.chunk_size
     };
-    let start = Instant::now();
-    progress(&prog);
     let rm_name = rm.name().to_string();
-    for part in pending.chunks(chunk) {
+    let mut work = |part: &[&(usize, &str)], prog: &mut ScoreProgress| -> Result<Vec<Value>> {
         let rows: Vec<Value> = match task {
             ScoreTask::Items(items) => {
-                let inputs: Vec<RmInput> = part.iter().map(|&i| items[i].input.clone()).collect();
-                let scores = rm.score(&inputs).map_err(|e| partial(out, &prog, e))?;
+                let inputs: Vec<RmInput> =
+                    part.iter().map(|&&(i, _)| items[i].input.clone()).collect();
+                let scores = rm.score(&inputs).map_err(|e| partial(out, prog, e))?;
                 part.iter()
                     .zip(scores)
-                    .map(|(&i, s)| item_row(&items[i], &rm_name, s))
+                    .map(|(&&(i, _), s)| item_row(&items[i], &rm_name, s))
                     .collect()
             }
             ScoreTask::Pairs(pairs) => {
                 let mut inputs = Vec::with_capacity(part.len() * 2);
-                for &i in part {
+                for &&(i, _) in part {
                     let p = &pairs[i];
                     for chosen in [true, false] {
                         inputs.push(RmInput {
@@ -223,39 +191,40 @@ pub fn run_scoring(
                         });
                     }
                 }
-                let scores = rm.score(&inputs).map_err(|e| partial(out, &prog, e))?;
+                let scores = rm.score(&inputs).map_err(|e| partial(out, prog, e))?;
+                if scores.len() != inputs.len() {
+                    return Err(mismatch(out, prog, scores.len(), inputs.len()));
+                }
                 part.iter()
                     .enumerate()
-                    .map(|(k, &i)| pair_row(&pairs[i], &rm_name, scores[2 * k], scores[2 * k + 1]))
+                    .map(|(k, &&(i, _))| {
+                        pair_row(&pairs[i], &rm_name, scores[2 * k], scores[2 * k + 1])
+                    })
                     .collect()
             }
         };
         if rows.len() != part.len() {
-            return Err(partial(
-                out,
-                &prog,
-                RmError::Backend(format!(
-                    "the reward model returned {} scores for {} inputs",
-                    rows.len(),
-                    part.len()
-                )),
-            ));
+            return Err(mismatch(out, prog, rows.len(), part.len()));
         }
-        let mut text = String::new();
-        for r in &rows {
-            text.push_str(&r.to_string());
-            text.push('\n');
-        }
-        file.write_all(text.as_bytes())
-            .and_then(|_| file.flush())
-            .and_then(|_| file.sync_data())
-            .map_err(|e| RmError::io(out, e))?;
-        prog.done += part.len();
-        prog.elapsed_s = start.elapsed().as_secs_f64();
-        progress(&prog);
-    }
-    prog.elapsed_s = start.elapsed().as_secs_f64();
-    Ok(prog)
+        Ok(rows)
+    };
+    run_resumable(&units, |u| u.1, out, chunk, &mut work, progress).map_err(|e| match e {
+        ResumeError::DuplicateId(id) => RmError::Other(format!(
+            "id {id:?} appears twice in the input; ids must be unique for a run to resume"
+        )),
+        ResumeError::Output(e) => e.into(),
+        ResumeError::Work(e) => e,
+    })
+}
+
+fn mismatch(out: &Path, prog: &ScoreProgress, got: usize, want: usize) -> RmError {
+    partial(
+        out,
+        prog,
+        RmError::Backend(format!(
+            "the reward model returned {got} scores for {want} inputs"
+        )),
+    )
 }
 
 fn partial(out: &Path, prog: &ScoreProgress, e: RmError) -> RmError {
@@ -395,4 +364,81 @@ pub fn read_scores(path: &Path) -> Result<ScoreFile> {
             .unwrap_or_default();
     }
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scores each answer by its length, but drops the last score of every call when `short`.
+    struct Lengths {
+        short: bool,
+    }
+
+    impl RewardModel for Lengths {
+        fn name(&self) -> &str {
+            "len"
+        }
+        fn max_batch(&self) -> usize {
+            2
+        }
+        fn score(&self, inputs: &[RmInput]) -> Result<Vec<f64>> {
+            let mut v: Vec<f64> = inputs.iter().map(|i| i.response.len() as f64).collect();
+            if self.short {
+                v.pop();
+            }
+            Ok(v)
+        }
+    }
+
+    fn pairs() -> ScoreTask {
+        ScoreTask::Pairs(
+            ["p1", "p2", "p3"]
+                .iter()
+                .map(|id| PreferencePair {
+                    id: id.to_string(),
+                    line: 0,
+                    context: vec![safetune_data::Message::user("q")],
+                    chosen: format!("long answer {id}"),
+                    rejected: "no".into(),
+                    subset: None,
+                    chosen_safe: None,
+                    rejected_safe: None,
+                    meta: Map::new(),
+                })
+                .collect(),
+        )
+    }
+
+    /// A reward model that returns too few scores for a chunk of pairs is an error that keeps
+    /// the finished rows (it used to index past the scores and panic).
+    #[test]
+    fn short_scores_for_pairs_are_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("s.jsonl");
+        let task = pairs();
+        let e = run_scoring(
+            &Lengths { short: true },
+            &task,
+            &out,
+            &ScoreOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("returned 3 scores for 4 inputs"), "{e}");
+        assert!(e.contains("0 of 3 rows finished"), "{e}");
+        let p = run_scoring(
+            &Lengths { short: false },
+            &task,
+            &out,
+            &ScoreOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!((p.total, p.skipped, p.done), (3, 0, 3));
+        let f = read_scores(&out).unwrap();
+        assert_eq!(f.pairs.len(), 3);
+        assert_eq!((f.pairs[0].chosen, f.pairs[0].rejected), (14.0, 2.0));
+    }
 }
