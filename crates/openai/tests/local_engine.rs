@@ -74,6 +74,7 @@ fn tiny_local_model_served_and_read_back_by_the_client() {
         .into();
     let text = agent
         .post(&format!("{}/chat/completions", h.base_url()))
+        .header("Content-Type", "application/json")
         .send(body.to_string())
         .unwrap()
         .body_mut()
