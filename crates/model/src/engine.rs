@@ -201,7 +201,11 @@ impl Generator for LocalEngine {
     }
 
     fn prompt_tokens(&self, prompt: &Prompt) -> Option<Result<usize, BackendError>> {
-        Some(self.prompt_ids(prompt).map(|ids| ids.len()).map_err(to_backend))
+        Some(
+            self.prompt_ids(prompt)
+                .map(|ids| ids.len())
+                .map_err(to_backend),
+        )
     }
 
     fn context_length(&self) -> Option<usize> {

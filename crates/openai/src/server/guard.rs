@@ -132,7 +132,11 @@ impl HostAllowList {
         if !wildcard {
             names.push(bind);
         }
-        names.extend(extra.iter().map(|e| host_name(e.trim()).to_ascii_lowercase()));
+        names.extend(
+            extra
+                .iter()
+                .map(|e| host_name(e.trim()).to_ascii_lowercase()),
+        );
         names.sort();
         names.dedup();
         HostAllowList { any: false, names }
@@ -225,7 +229,13 @@ mod tests {
     #[test]
     fn loopback_servers_answer_only_local_names() {
         let l = HostAllowList::for_bind("127.0.0.1", &[]);
-        for ok in ["localhost:8000", "127.0.0.1:8000", "[::1]:8000", "LOCALHOST", "localhost."] {
+        for ok in [
+            "localhost:8000",
+            "127.0.0.1:8000",
+            "[::1]:8000",
+            "LOCALHOST",
+            "localhost.",
+        ] {
             assert_eq!(l.check(Some(ok)), Ok(()), "{ok}");
         }
         for bad in ["evil.example:8000", "127.0.0.1.evil.example", "10.0.0.1"] {
@@ -255,9 +265,13 @@ mod tests {
             assert!(!is_loopback_host(h), "{h}");
         }
         assert!(is_json_content_type(Some("application/json")));
-        assert!(is_json_content_type(Some("Application/JSON; charset=utf-8")));
+        assert!(is_json_content_type(Some(
+            "Application/JSON; charset=utf-8"
+        )));
         assert!(!is_json_content_type(Some("text/plain")));
-        assert!(!is_json_content_type(Some("application/x-www-form-urlencoded")));
+        assert!(!is_json_content_type(Some(
+            "application/x-www-form-urlencoded"
+        )));
         assert!(!is_json_content_type(None));
     }
 }

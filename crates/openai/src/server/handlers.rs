@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use safetune_model::backend::{BackendError, GenOutput, GenRequest, Prompt, Sampling};
 
@@ -108,9 +108,17 @@ impl Collector {
         if self.missing > 0 {
             return None;
         }
-        Some(std::mem::take(&mut self.outs).into_iter().flatten().collect())
+        Some(
+            std::mem::take(&mut self.outs)
+                .into_iter()
+                .flatten()
+                .collect(),
+        )
     }
 }
+
+/// How often a handler waiting on the model checks that its client is still connected.
+pub(super) const PEER_CHECK: Duration = Duration::from_millis(100);
 
 /// Waits for a job's outputs, skipping streamed pieces. While waiting, checks every 100 ms that
 /// the client is still there; once it is gone the job is cancelled (its parts not yet started
@@ -122,9 +130,21 @@ fn wait_done(
     count: usize,
 ) -> Result<Vec<GenOutput>, HttpError> {
     let mut got = Collector::new(count);
+    let mut checked = Instant::now();
     loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Event::Piece(..)) => continue,
+        let event = rx.recv_timeout(PEER_CHECK);
+        if checked.elapsed() >= PEER_CHECK {
+            checked = Instant::now();
+            if request.peer_gone() {
+                cancel.store(true, Ordering::SeqCst);
+                request.close_after();
+                return Err(HttpError::from_backend(BackendError::Other(
+                    "the client went away".into(),
+                )));
+            }
+        }
+        match event {
+            Ok(Event::Piece(..)) | Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Ok(Event::Part(start, Ok(part))) => {
                 if let Some(all) = got.add(start, part) {
                     return Ok(all);
@@ -133,15 +153,6 @@ fn wait_done(
             Ok(Event::Part(_, Err(e))) => {
                 cancel.store(true, Ordering::SeqCst);
                 return Err(HttpError::from_backend(e));
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if request.peer_gone() {
-                    cancel.store(true, Ordering::SeqCst);
-                    request.close_after();
-                    return Err(HttpError::from_backend(BackendError::Other(
-                        "the client went away".into(),
-                    )));
-                }
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return Err(HttpError::scheduler_gone()),
         }

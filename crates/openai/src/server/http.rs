@@ -276,7 +276,12 @@ pub(super) fn socket_closed(s: &TcpStream) -> bool {
     match r {
         Ok(0) => true,
         Ok(_) => !restored,
-        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
             !restored
         }
         Err(_) => true,
@@ -368,11 +373,21 @@ impl<'a> Request<'a> {
             return;
         }
         self.responded = true;
-        let close = !self.keeps_alive() || headers.iter().any(|(k, v)| *k == "Connection" && *v == "close");
+        let close = !self.keeps_alive()
+            || headers
+                .iter()
+                .any(|(k, v)| *k == "Connection" && *v == "close");
         if close {
             self.close = true;
         }
-        let r = write_response(&mut self.conn.writer, self.http11, status, headers, body, close);
+        let r = write_response(
+            &mut self.conn.writer,
+            self.http11,
+            status,
+            headers,
+            body,
+            close,
+        );
         if r.is_err() {
             self.close = true;
         }
@@ -389,7 +404,10 @@ impl<'a> Request<'a> {
             "HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
         };
         let w = &mut self.conn.writer;
-        if w.write_all(head.as_bytes()).and_then(|_| w.flush()).is_err() {
+        if w.write_all(head.as_bytes())
+            .and_then(|_| w.flush())
+            .is_err()
+        {
             self.close = true;
             return None;
         }

@@ -296,10 +296,12 @@ pub fn start(
         addr: config.host.clone(),
         reason: e.to_string(),
     })?;
-    listener.set_nonblocking(true).map_err(|e| ServeError::Bind {
-        addr: addr.to_string(),
-        reason: e.to_string(),
-    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ServeError::Bind {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
     start_on(TcpAcceptor(listener), addr, generator, config)
 }
 
@@ -311,7 +313,10 @@ fn check_config(config: &ServeConfig) -> Result<(), ServeError> {
         ("max_choices", config.max_choices),
         ("max_connections", config.max_connections),
         ("max_connections_per_ip", config.max_connections_per_ip),
-        ("max_requests_per_connection", config.max_requests_per_connection),
+        (
+            "max_requests_per_connection",
+            config.max_requests_per_connection,
+        ),
         ("max_batch", config.max_batch.unwrap_or(1)),
         ("max_prompt_tokens", config.max_prompt_tokens.unwrap_or(1)),
     ];
@@ -451,7 +456,9 @@ impl Shared {
             .model_name
             .clone()
             .unwrap_or_else(|| generator.model_id().to_string());
-        let mut limit = config.max_prompt_tokens.unwrap_or(DEFAULT_MAX_PROMPT_TOKENS);
+        let mut limit = config
+            .max_prompt_tokens
+            .unwrap_or(DEFAULT_MAX_PROMPT_TOKENS);
         if let Some(ctx) = generator.context_length() {
             limit = limit.min(ctx.saturating_sub(1).max(1));
         }
@@ -512,10 +519,8 @@ fn accept_loop(
                 shared.accept_errors.fetch_add(1, Ordering::SeqCst);
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= shared.config.accept_failure_limit {
-                    let reason = format!(
-                        "{e} (failing for {:.0} s)",
-                        since.elapsed().as_secs_f64()
-                    );
+                    let reason =
+                        format!("{e} (failing for {:.0} s)", since.elapsed().as_secs_f64());
                     eprintln!("safetune serve: {reason}; stopping");
                     *shared
                         .accept_failure
@@ -574,4 +579,98 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetune_model::backend::{BackendError, GenOutput, GenRequest, TokenSink};
+    use std::io::{Read, Write};
+
+    struct Nothing;
+
+    impl Generator for Nothing {
+        fn model_id(&self) -> &str {
+            "nothing"
+        }
+        fn generate_streaming(
+            &self,
+            _: &[GenRequest],
+            _: TokenSink<'_>,
+        ) -> Result<Vec<GenOutput>, BackendError> {
+            Err(BackendError::Other("unused".into()))
+        }
+    }
+
+    /// A listener that fails with "too many open files" for its first `fail` calls (all of
+    /// them when `fail` is `usize::MAX`), then accepts from a real one.
+    struct Flaky {
+        inner: TcpListener,
+        fail: usize,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Acceptor for Flaky {
+        fn accept(&self) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail {
+                return Err(std::io::Error::from_raw_os_error(24)); // EMFILE
+            }
+            TcpAcceptor(self.inner.try_clone()?).accept()
+        }
+    }
+
+    fn flaky(fail: usize) -> (Flaky, SocketAddr) {
+        let inner = TcpListener::bind("127.0.0.1:0").unwrap();
+        inner.set_nonblocking(true).unwrap();
+        let addr = inner.local_addr().unwrap();
+        let f = Flaky {
+            inner,
+            fail,
+            calls: std::sync::atomic::AtomicUsize::new(0),
+        };
+        (f, addr)
+    }
+
+    fn health(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn the_accept_loop_rides_out_running_out_of_file_descriptors() {
+        let (acceptor, addr) = flaky(5);
+        let cfg = ServeConfig {
+            port: 0,
+            ..Default::default()
+        };
+        let h = start_on(acceptor, addr, Arc::new(Nothing), cfg).unwrap();
+        let answer = health(addr);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(h.stats().accept_errors, 5);
+        h.shutdown().unwrap();
+    }
+
+    #[test]
+    fn an_accept_loop_that_keeps_failing_stops_the_server_with_an_error() {
+        let (acceptor, addr) = flaky(usize::MAX);
+        let cfg = ServeConfig {
+            port: 0,
+            accept_failure_limit: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let h = start_on(acceptor, addr, Arc::new(Nothing), cfg).unwrap();
+        let t0 = Instant::now();
+        let e = h.wait().unwrap_err();
+        assert!(matches!(e, ServeError::Accept(_)), "{e}");
+        assert!(
+            e.to_string().contains("accepting connections kept failing"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
 }

@@ -130,12 +130,14 @@ fn serve_connection(mut conn: Conn, shared: &Shared) {
                     ),
                     HeadError::TooLarge => HttpError::new(
                         431,
-                        ErrorResponse::new("the request head is too large", "invalid_request_error"),
+                        ErrorResponse::new(
+                            "the request head is too large",
+                            "invalid_request_error",
+                        ),
                     ),
-                    HeadError::Malformed(m) => HttpError::new(
-                        400,
-                        ErrorResponse::new(m, "invalid_request_error"),
-                    ),
+                    HeadError::Malformed(m) => {
+                        HttpError::new(400, ErrorResponse::new(m, "invalid_request_error"))
+                    }
                     HeadError::Closed => unreachable!("handled above"),
                 };
                 let body = serde_json::to_vec(&err.body).unwrap_or_default();
@@ -173,7 +175,8 @@ fn handle(request: &mut Request<'_>, shared: &Shared) {
 /// any answer (so keep-alive connections stay in sync), at most `max_body_bytes` of it.
 fn admit(request: &mut Request<'_>, shared: &Shared) -> Result<Vec<u8>, HttpError> {
     if let Err(e) = shared.hosts.check(request.header("host")) {
-        let body = ErrorResponse::new(e.to_string(), "invalid_request_error").with_code("host_not_allowed");
+        let body = ErrorResponse::new(e.to_string(), "invalid_request_error")
+            .with_code("host_not_allowed");
         return Err(HttpError::new(403, body));
     }
     let path = path_of(request.url());
@@ -184,7 +187,8 @@ fn admit(request: &mut Request<'_>, shared: &Shared) -> Result<Vec<u8>, HttpErro
             }
         }
     }
-    let has_body = request.body_length().unwrap_or(0) > 0 || request.header("transfer-encoding").is_some();
+    let has_body =
+        request.body_length().unwrap_or(0) > 0 || request.header("transfer-encoding").is_some();
     if (request.method() == "POST" || has_body)
         && !guard::is_json_content_type(request.header("content-type"))
     {
@@ -211,8 +215,11 @@ fn admit(request: &mut Request<'_>, shared: &Shared) -> Result<Vec<u8>, HttpErro
         )),
         Err(BodyError::Timeout) => Err(HttpError::new(
             408,
-            ErrorResponse::new("the request body did not arrive in time", "invalid_request_error")
-                .with_code("request_timeout"),
+            ErrorResponse::new(
+                "the request body did not arrive in time",
+                "invalid_request_error",
+            )
+            .with_code("request_timeout"),
         )),
         Err(BodyError::Io) => Err(HttpError::new(
             400,
@@ -223,7 +230,10 @@ fn admit(request: &mut Request<'_>, shared: &Shared) -> Result<Vec<u8>, HttpErro
 
 /// The path of a request target, without query, fragment or trailing slash.
 fn path_of(url: &str) -> &str {
-    url.split(['?', '#']).next().unwrap_or("").trim_end_matches('/')
+    url.split(['?', '#'])
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('/')
 }
 
 fn route(request: &mut Request<'_>, body: &[u8], shared: &Shared) -> Handled {
@@ -246,9 +256,7 @@ fn route(request: &mut Request<'_>, body: &[u8], shared: &Shared) -> Handled {
             }
             ok(request, &model_object(shared))
         }
-        ("/v1/chat/completions", "POST") => {
-            handlers::generate::<chat::Chat>(request, body, shared)
-        }
+        ("/v1/chat/completions", "POST") => handlers::generate::<chat::Chat>(request, body, shared),
         ("/v1/completions", "POST") => {
             handlers::generate::<completions::Completions>(request, body, shared)
         }

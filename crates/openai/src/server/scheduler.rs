@@ -121,7 +121,9 @@ fn take_batch(shared: &Shared) -> Option<Vec<Part>> {
             if front.cancel.load(Ordering::SeqCst) || front.requests.is_empty() {
                 let dropped = q.jobs.pop_front().expect("front exists");
                 q.pending -= dropped.requests.len();
-                shared.cancelled.fetch_add(dropped.requests.len() as u64, Ordering::SeqCst);
+                shared
+                    .cancelled
+                    .fetch_add(dropped.requests.len() as u64, Ordering::SeqCst);
                 continue;
             }
             let left = front.requests.len();

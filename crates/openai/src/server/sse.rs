@@ -5,9 +5,9 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::Instant;
 
-use super::handlers::{usage, Collector, Endpoint, Meta};
+use super::handlers::{usage, Collector, Endpoint, Meta, PEER_CHECK};
 use super::http::Request;
 use super::routes::HttpError;
 use super::scheduler::Event;
@@ -42,17 +42,28 @@ pub(super) fn stream<E: Endpoint>(
         }
     }
     let mut got = Collector::new(count);
+    let mut checked = Instant::now();
     loop {
+        if checked.elapsed() >= PEER_CHECK {
+            checked = Instant::now();
+            if out.peer_gone() {
+                out.broken = true;
+            }
+        }
         if out.broken {
             break;
         }
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        match rx.recv_timeout(PEER_CHECK) {
             Ok(Event::Piece(i, text)) => {
                 out.event(&E::chunk(meta, vec![E::piece(i as u32, text)], None));
             }
             Ok(Event::Part(start, Ok(part))) => {
                 for (k, o) in part.iter().enumerate() {
-                    out.event(&E::chunk(meta, vec![E::finished((start + k) as u32, o)], None));
+                    out.event(&E::chunk(
+                        meta,
+                        vec![E::finished((start + k) as u32, o)],
+                        None,
+                    ));
                 }
                 if let Some(outs) = got.add(start, part) {
                     if include_usage {
@@ -66,11 +77,7 @@ pub(super) fn stream<E: Endpoint>(
                 out.event(&HttpError::from_backend(e).body);
                 break;
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if out.peer_gone() {
-                    out.broken = true;
-                }
-            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 out.event(&HttpError::scheduler_gone().body);
                 break;
