@@ -474,3 +474,25 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     }
     h.shutdown().unwrap();
 }
+
+#[test]
+fn a_client_that_expects_100_continue_gets_the_go_ahead() {
+    let h = server(Fake::new(0, 8), |_| {});
+    let mut s = TcpStream::connect(h.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let body = json!({"messages": [{"role": "user", "content": "hi"}]}).to_string();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(body.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert_eq!(parse_response(&out).0, 200, "{out}");
+    h.shutdown().unwrap();
+}

@@ -238,18 +238,26 @@ impl Conn {
     /// Writes a canned error and closes, for requests refused before a [`Request`] exists.
     pub(super) fn refuse(mut self, status: u16, body: &[u8], extra: &[(&str, &str)]) {
         let _ = write_response(&mut self.writer, false, status, extra, body, true);
+        self.linger(Duration::from_millis(500));
+    }
+
+    /// Closes our side, then reads and drops what the client still sends (at most `wait`, at
+    /// most 16 MiB), so that closing does not reset the connection before the client has read
+    /// our answer (a reset makes the peer discard it).
+    pub(super) fn linger(&mut self, wait: Duration) {
+        let _ = self.writer.flush();
         let _ = self.writer.shutdown(Shutdown::Write);
-        // Read (briefly) what the client sent, so closing does not reset the connection before
-        // it has read the answer.
-        let _ = self
-            .reader
-            .get_ref()
-            .set_read_timeout(Some(Duration::from_millis(200)));
-        let mut sink = [0u8; 4096];
-        for _ in 0..16 {
+        let deadline = Instant::now() + wait;
+        let mut sink = [0u8; 16 * 1024];
+        let mut total = 0usize;
+        while total < 16 << 20 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.reader.get_ref().set_read_timeout(Some(left)).is_err() {
+                break;
+            }
             match self.reader.read(&mut sink) {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {}
+                Ok(n) => total += n,
             }
         }
     }
@@ -323,6 +331,19 @@ impl<'a> Request<'a> {
     pub(super) fn keeps_alive(&self) -> bool {
         !self.close && (self.body_read || self.content_length.unwrap_or(0) == 0 && !self.chunked)
     }
+    /// True when the request announced a body that was not read.
+    pub(super) fn body_unread(&self) -> bool {
+        !self.body_read && (self.chunked || self.content_length.unwrap_or(0) > 0)
+    }
+
+    /// Closes the connection after the answer, lingering while the client sends what we did not
+    /// read (see [`Conn::linger`]).
+    pub(super) fn finish_close(self) {
+        if self.body_unread() {
+            self.conn.linger(Duration::from_secs(2));
+        }
+    }
+
     /// Makes the answer close the connection.
     pub(super) fn close_after(&mut self) {
         self.close = true;
@@ -338,6 +359,20 @@ impl<'a> Request<'a> {
         if len > limit {
             self.close = true;
             return Err(BodyError::TooLarge(len));
+        }
+        // curl and others wait for a go-ahead before sending a large body.
+        let expects = self
+            .header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        if expects && self.http11 && len > 0 {
+            let w = &mut self.conn.writer;
+            if w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .and_then(|_| w.flush())
+                .is_err()
+            {
+                self.close = true;
+                return Err(BodyError::Io);
+            }
         }
         let mut body = vec![0u8; len];
         let mut got = 0;

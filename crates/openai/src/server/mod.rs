@@ -436,6 +436,10 @@ struct Shared {
     accept_errors: AtomicU64,
     /// Why the accept loop gave up, if it did.
     accept_failure: Mutex<Option<String>>,
+    /// When a connection was last turned away for the caps (milliseconds since `started`);
+    /// `u64::MAX` when never.
+    last_refusal_ms: AtomicU64,
+    started: Instant,
     created: u64,
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -472,6 +476,8 @@ impl Shared {
             cancelled: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             accept_failure: Mutex::new(None),
+            last_refusal_ms: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
             config,
             model_name,
             max_batch,
@@ -484,6 +490,20 @@ impl Shared {
             rejected: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// Records that a connection was turned away for the caps.
+    fn note_refusal(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_refusal_ms.store(now, Ordering::SeqCst);
+    }
+
+    /// True when a connection was turned away in the last second: answers then close their
+    /// keep-alive connections, so waiting clients get a turn.
+    fn refused_recently(&self) -> bool {
+        let last = self.last_refusal_ms.load(Ordering::SeqCst);
+        let now = self.started.elapsed().as_millis() as u64;
+        last != u64::MAX && now.saturating_sub(last) < 1000
     }
 
     /// A fresh response id, `PREFIX-<random><counter>`.

@@ -49,6 +49,7 @@ pub(super) fn dispatch(stream: TcpStream, peer: std::net::SocketAddr, shared: &A
 /// briefly first, so the client sees the answer rather than a reset); at most 32 such threads
 /// at once, past that the connection is just closed.
 fn refuse_busy(conn: Conn, shared: &Arc<Shared>) {
+    shared.note_refusal();
     if shared.refusing.fetch_add(1, Ordering::SeqCst) >= 32 {
         shared.refusing.fetch_sub(1, Ordering::SeqCst);
         return;
@@ -150,11 +151,14 @@ fn serve_connection(mut conn: Conn, shared: &Shared) {
             respond(&mut request, HttpError::shutting_down());
             return;
         }
-        if i + 1 == cfg.max_requests_per_connection.max(1) {
+        // The last request allowed, or connections being turned away: close after this answer,
+        // so a client that keeps its connection busy does not hold the slot for good.
+        if i + 1 == cfg.max_requests_per_connection.max(1) || shared.refused_recently() {
             request.close_after();
         }
         handle(&mut request, shared);
         if !request.keeps_alive() {
+            request.finish_close();
             return;
         }
     }
