@@ -259,10 +259,19 @@ mod tests {
         let a = parse(&["--upstream-api-key-env", "UP_KEY", "--api-key", "k1"]);
         assert_eq!(a.client.api_key_env, "UP_KEY");
         assert_eq!(a.api_key.as_deref(), Some("k1"));
+        let a = parse(&["--upstream-api-key-env", "UP_KEY", "--api-key=k1"]);
+        assert_eq!(a.client.api_key_env, "UP_KEY");
+        assert_eq!(a.api_key.as_deref(), Some("k1"));
         // The old spelling of the outgoing key still parses, as a hidden alias.
         let a = parse(&["--api-key-env", "OLD_KEY"]);
         assert_eq!(a.client.api_key_env, "OLD_KEY");
-        assert_eq!(a.api_key, None);
+        // The help shows the new spelling and the incoming key, not the old alias.
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--upstream-api-key-env"), "{help}");
+        assert!(help.contains("--api-key <KEY>"), "{help}");
+        assert!(!help.contains(" --api-key-env"), "{help}");
     }
 
     #[test]

@@ -26,9 +26,8 @@ pub(super) type Handled = Result<(), HttpError>;
 /// connections (or `max_connections_per_ip` from this peer) are open already.
 pub(super) fn dispatch(stream: TcpStream, peer: std::net::SocketAddr, shared: &Arc<Shared>) {
     let cfg = &shared.config;
-    let conn = match Conn::new(stream, cfg.read_timeout, cfg.write_timeout) {
-        Ok(c) => c,
-        Err(_) => return,
+    let Ok(conn) = Conn::new(stream, cfg.read_timeout, cfg.write_timeout) else {
+        return;
     };
     let Some(slot) = Slot::take(shared, peer.ip()) else {
         refuse_busy(conn, shared);

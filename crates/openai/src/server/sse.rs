@@ -128,15 +128,15 @@ impl SseWriter<'_> {
     /// Ends the stream; true when it broke on the way.
     fn finish(mut self) -> bool {
         self.raw(SSE_DONE);
-        if self.chunked && !self.broken {
-            if self
+        if self.chunked
+            && !self.broken
+            && self
                 .out
                 .write_all(b"0\r\n\r\n")
                 .and_then(|_| self.out.flush())
                 .is_err()
-            {
-                self.broken = true;
-            }
+        {
+            self.broken = true;
         }
         self.broken
     }
