@@ -106,7 +106,7 @@ fn a_prompt_over_the_token_limit_is_refused_before_it_is_queued() {
         ..LoadOptions::default()
     };
     let engine = Arc::new(LocalEngine::load(&spec, &load).unwrap());
-    // The tiny model's context is 512 tokens, under the default limit of 4096: the limit in
+    // The tiny model's context is 512 tokens, under the default limit of 2048: the limit in
     // force is 511 prompt tokens. Its tokens are mostly single bytes.
     let h = start(
         engine,

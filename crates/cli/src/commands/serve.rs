@@ -55,7 +55,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 128, value_name = "N")]
     pub max_choices: usize,
 
-    /// Most tokens in one prompt (local models) [default: 4096, or the model's context if
+    /// Most tokens in one prompt (local models) [default: 2048, or the model's context if
     /// smaller].
     #[arg(long, value_name = "N")]
     pub max_prompt_tokens: Option<usize>,

@@ -60,7 +60,7 @@ use guard::{ApiKey, HostAllowList};
 use scheduler::Queue;
 
 /// The default of [`ServeConfig::max_prompt_tokens`], lowered to the model's context.
-pub const DEFAULT_MAX_PROMPT_TOKENS: usize = 4096;
+pub const DEFAULT_MAX_PROMPT_TOKENS: usize = 2048;
 
 /// Settings of [`start`] and [`serve`].
 #[derive(Debug, Clone)]
