@@ -496,3 +496,40 @@ fn a_client_that_expects_100_continue_gets_the_go_ahead() {
     assert_eq!(parse_response(&out).0, 200, "{out}");
     h.shutdown().unwrap();
 }
+
+#[test]
+fn malformed_requests_get_a_clear_error_and_the_connection_closes() {
+    let h = server(Fake::new(0, 8), |_| {});
+    let addr = h.addr();
+    let send = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        parse_response(&out)
+    };
+    let (status, body) = send(b"NOT HTTP AT ALL\r\n\r\n");
+    assert_eq!(status, 400, "{body}");
+    error_of(&body);
+    let (status, body) = send(
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        error_of(&body).error.message.contains("Content-Length"),
+        "{body}"
+    );
+    let (status, body) = send(
+        b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    );
+    assert_eq!(status, 411, "{body}");
+    let mut huge = b"GET /health HTTP/1.1\r\nHost: localhost\r\n".to_vec();
+    for i in 0..2000 {
+        huge.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "a".repeat(20)).as_bytes());
+    }
+    huge.extend_from_slice(b"\r\n");
+    let (status, body) = send(&huge);
+    assert_eq!(status, 431, "{body}");
+    h.shutdown().unwrap();
+}
