@@ -103,4 +103,15 @@ pub trait Generator: Send + Sync {
     fn max_batch(&self) -> usize {
         1
     }
+
+    /// How many tokens `prompt` is, for backends that can tell cheaply (a local model);
+    /// `None` when this one cannot (a remote server checks its own limits).
+    fn prompt_tokens(&self, _prompt: &Prompt) -> Option<Result<usize, BackendError>> {
+        None
+    }
+
+    /// The model's context length in tokens, when known.
+    fn context_length(&self) -> Option<usize> {
+        None
+    }
 }

@@ -200,6 +200,18 @@ impl Generator for LocalEngine {
         self.batch_size
     }
 
+    fn prompt_tokens(&self, prompt: &Prompt) -> Option<Result<usize, BackendError>> {
+        Some(
+            self.prompt_ids(prompt)
+                .map(|ids| ids.len())
+                .map_err(to_backend),
+        )
+    }
+
+    fn context_length(&self) -> Option<usize> {
+        Some(self.model.cfg.max_position_embeddings)
+    }
+
     fn generate_streaming(
         &self,
         requests: &[GenRequest],

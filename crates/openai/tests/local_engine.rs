@@ -74,6 +74,7 @@ fn tiny_local_model_served_and_read_back_by_the_client() {
         .into();
     let text = agent
         .post(&format!("{}/chat/completions", h.base_url()))
+        .header("Content-Type", "application/json")
         .send(body.to_string())
         .unwrap()
         .body_mut()
@@ -91,5 +92,56 @@ fn tiny_local_model_served_and_read_back_by_the_client() {
     // The same through load_generator, which both `serve` and `generate` use.
     let g = load_generator(&spec, &load, &ClientConfig::default()).unwrap();
     assert_eq!(g.max_batch(), 4);
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn a_prompt_over_the_token_limit_is_refused_before_it_is_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    TinyModel::default().write(dir.path()).unwrap();
+    let spec = ModelSpec::parse(dir.path().to_str().unwrap()).unwrap();
+    let load = LoadOptions {
+        quantized: false,
+        batch_size: 2,
+        ..LoadOptions::default()
+    };
+    let engine = Arc::new(LocalEngine::load(&spec, &load).unwrap());
+    // The tiny model's context is 512 tokens, under the default limit of 2048: the limit in
+    // force is 511 prompt tokens. Its tokens are mostly single bytes.
+    let h = start(
+        engine,
+        ServeConfig {
+            port: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(60)))
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .into();
+    let post = |prompt: &str| {
+        let body = serde_json::json!({"prompt": prompt, "max_tokens": 1});
+        let mut r = agent
+            .post(&format!("{}/completions", h.base_url()))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    };
+    let (status, body) = post(&"z".repeat(2000));
+    assert_eq!(status, 400, "{body}");
+    let e: safetune_openai::protocol::ErrorResponse = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        e.error.code.as_deref(),
+        Some("context_length_exceeded"),
+        "{body}"
+    );
+    assert_eq!(e.error.param.as_deref(), Some("prompt"));
+    assert_eq!(h.stats().batches, 0, "the long prompt reached the model");
+    let (status, body) = post("hello");
+    assert_eq!(status, 200, "{body}");
     h.shutdown().unwrap();
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use safetune_model::{LoadOptions, ModelSpec};
+use safetune_openai::server::guard::{is_loopback_host, ApiKey};
 use safetune_openai::{load_generator, ServeConfig, ServeError};
 
 #[derive(Debug, Args)]
@@ -13,15 +14,67 @@ use safetune_openai::{load_generator, ServeConfig, ServeError};
     "Proxy only: retries after the first attempt on connection errors, 408, 429 and 5xx \
      [default: 5]"
 )))]
+// The proxy's outgoing key is --upstream-api-key-env here, so it cannot be mistaken for the key
+// clients of this server send (--api-key); the shared spelling stays as a hidden alias.
+#[command(mut_arg("api_key_env", |a| a
+    .long("upstream-api-key-env")
+    .alias("api-key-env")
+    .help("Proxy only: environment variable holding the key sent to the remote server")))]
 pub struct ServeArgs {
     /// The model: a .gguf file, a Hugging Face directory, or openai:BASE_URL#MODEL to proxy a
     /// remote OpenAI-compatible server.
     #[arg(long, short, value_name = "MODEL")]
     pub model: String,
 
-    /// Address to listen on; 0.0.0.0 exposes the server to the network.
+    /// Address to listen on; 0.0.0.0 exposes the server to the network (and then needs
+    /// --api-key).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+
+    /// Key clients must send as `Authorization: Bearer KEY` on /v1 routes (401 without it).
+    /// Required when --host is not a loopback address. Prefer the environment variable: a
+    /// flag shows in the process list.
+    #[arg(
+        long,
+        env = "SAFETUNE_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
+
+    /// A host name the Host header may carry, besides localhost, 127.0.0.1, ::1 and the --host
+    /// address (repeatable; `*` allows any). Guards a local server against DNS rebinding.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+
+    /// Most prompts in one /v1/completions request.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_prompts: usize,
+
+    /// Most choices (prompts x n) in one request.
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub max_choices: usize,
+
+    /// Most tokens in one prompt (local models) [default: 2048, or the model's context if
+    /// smaller].
+    #[arg(long, value_name = "N")]
+    pub max_prompt_tokens: Option<usize>,
+
+    /// Longest stop sequence accepted, in characters.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_stop_chars: usize,
+
+    /// Most connections open at once; more are answered 503.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_connections: usize,
+
+    /// Most connections open at once from one client address.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_connections_per_ip: usize,
+
+    /// Seconds a request (head and body) may take to arrive, and each write of an answer.
+    #[arg(long, default_value_t = 30, value_name = "S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub socket_timeout: u64,
 
     /// Port to listen on (0 picks a free one and prints it).
     #[arg(long, short, default_value_t = 8000)]
@@ -66,6 +119,27 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.max_batch == Some(0) {
         anyhow::bail!("--batch-size must be at least 1");
     }
+    for (flag, v) in [
+        ("--max-prompts", args.max_prompts),
+        ("--max-choices", args.max_choices),
+        ("--max-connections", args.max_connections),
+        ("--max-connections-per-ip", args.max_connections_per_ip),
+        ("--max-prompt-tokens", args.max_prompt_tokens.unwrap_or(1)),
+    ] {
+        if v == 0 {
+            anyhow::bail!("{flag} must be at least 1");
+        }
+    }
+    let api_key = match args.api_key.as_deref() {
+        Some(k) => Some(ApiKey::new(k).map_err(|e| anyhow::anyhow!("--api-key: {e}"))?),
+        None => None,
+    };
+    if api_key.is_none() && !is_loopback_host(&args.host) {
+        anyhow::bail!(
+            "--host {} exposes the server beyond this machine; it needs --api-key KEY (or SAFETUNE_API_KEY)",
+            args.host
+        );
+    }
     let spec = ModelSpec::parse(&args.model)?;
     args.adapter.check_spec(&spec)?;
     let load = args.weights.load_options(
@@ -86,6 +160,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         batch_wait_ms: args.batch_wait_ms,
         model_name: args.served_model_name.clone(),
         shutdown_timeout: Duration::from_secs(120),
+        api_key,
+        allowed_hosts: args.allowed_hosts.clone(),
+        max_prompts: args.max_prompts,
+        max_choices: args.max_choices,
+        max_prompt_tokens: args.max_prompt_tokens,
+        max_stop_chars: args.max_stop_chars,
+        max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
+        read_timeout: Duration::from_secs(args.socket_timeout),
+        write_timeout: Duration::from_secs(args.socket_timeout),
         ..ServeConfig::default()
     };
     let max_batch = args.max_batch.unwrap_or_else(|| generator.max_batch());
@@ -101,9 +185,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     eprintln!(
-        "serving {model_id} on {} (max batch {max_batch}, queue {}); Ctrl-C stops",
+        "serving {model_id} on {} (max batch {max_batch}, queue {}; API key {}); Ctrl-C stops",
         handle.base_url(),
-        args.max_queue
+        args.max_queue,
+        if args.api_key.is_some() {
+            "required"
+        } else {
+            "off"
+        }
     );
     handle.wait_for_signal()?;
     eprintln!("stopped");
@@ -158,6 +247,55 @@ mod tests {
             Cli::try_parse_from(["serve", "--port", "1"]).is_err(),
             "--model is required"
         );
+    }
+
+    #[test]
+    fn the_incoming_key_and_the_upstream_key_are_separate_flags() {
+        let parse = |argv: &[&str]| {
+            let mut v = vec!["serve", "-m", "openai:http://127.0.0.1:1/v1#m"];
+            v.extend_from_slice(argv);
+            Cli::try_parse_from(v).unwrap().serve
+        };
+        let a = parse(&["--upstream-api-key-env", "UP_KEY", "--api-key", "k1"]);
+        assert_eq!(a.client.api_key_env, "UP_KEY");
+        assert_eq!(a.api_key.as_deref(), Some("k1"));
+        let a = parse(&["--upstream-api-key-env", "UP_KEY", "--api-key=k1"]);
+        assert_eq!(a.client.api_key_env, "UP_KEY");
+        assert_eq!(a.api_key.as_deref(), Some("k1"));
+        // The old spelling of the outgoing key still parses, as a hidden alias.
+        let a = parse(&["--api-key-env", "OLD_KEY"]);
+        assert_eq!(a.client.api_key_env, "OLD_KEY");
+        // The help shows the new spelling and the incoming key, not the old alias.
+        let help = <Cli as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--upstream-api-key-env"), "{help}");
+        assert!(help.contains("--api-key <KEY>"), "{help}");
+        assert!(!help.contains(" --api-key-env"), "{help}");
+    }
+
+    #[test]
+    fn a_public_host_without_a_key_is_refused_before_loading() {
+        let parse = |argv: &[&str]| {
+            let mut v = vec!["serve", "-m", "/no/such/model.gguf"];
+            v.extend_from_slice(argv);
+            Cli::try_parse_from(v).unwrap().serve
+        };
+        let mut a = parse(&["--host", "0.0.0.0"]);
+        a.api_key = None; // not from a SAFETUNE_API_KEY the test runner may have
+        let e = run(a).unwrap_err().to_string();
+        assert!(e.contains("--api-key"), "{e}");
+        // With a key it goes on to load the model (and fails there, naming it).
+        let e = run(parse(&["--host", "0.0.0.0", "--api-key", "k"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/no/such/model.gguf"), "{e}");
+        let e = run(parse(&["--api-key", "has space"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--api-key"), "{e}");
+        let e = run(parse(&["--max-prompts", "0"])).unwrap_err().to_string();
+        assert!(e.contains("--max-prompts"), "{e}");
     }
 
     #[test]

@@ -32,7 +32,12 @@ impl Endpoint for Chat {
             stream_options: req.stream_options,
         };
         let prompts = vec![Prompt::Chat(messages)];
-        common.generation(prompts, shared.config.default_max_tokens, shared)
+        common.generation(
+            prompts,
+            "messages",
+            shared.config.default_max_tokens,
+            shared,
+        )
     }
 
     fn chunk(meta: &Meta, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {

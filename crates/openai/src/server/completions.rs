@@ -46,7 +46,7 @@ impl Endpoint for Completions {
             stream_options: req.stream_options,
         };
         let prompts = prompts.into_iter().map(Prompt::Text).collect();
-        common.generation(prompts, DEFAULT_MAX_TOKENS, shared)
+        common.generation(prompts, "prompt", DEFAULT_MAX_TOKENS, shared)
     }
 
     fn chunk(

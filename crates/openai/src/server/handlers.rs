@@ -3,10 +3,14 @@
 //! or stream it. What differs between `/v1/chat/completions` and `/v1/completions` (the request
 //! type, the default `max_tokens`, the response and chunk shapes) is an [`Endpoint`].
 
-use std::sync::mpsc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
-use safetune_model::backend::{GenOutput, GenRequest, Prompt, Sampling};
+use safetune_model::backend::{BackendError, GenOutput, GenRequest, Prompt, Sampling};
 
+use super::http::Request;
 use super::routes::{ok, Handled, HttpError};
 use super::scheduler::{EnqueueError, Event, Job};
 use super::{sse, unix_now, Shared};
@@ -55,34 +59,104 @@ pub(super) struct Meta {
 
 /// Handles a generation request at endpoint `E`.
 pub(super) fn generate<E: Endpoint>(
-    request: tiny_http::Request,
+    request: &mut Request<'_>,
     body: &[u8],
     shared: &Shared,
 ) -> Handled {
-    let g = match E::parse(body, shared) {
-        Ok(g) => g,
-        Err(e) => return Err((request, e)),
-    };
+    let g = E::parse(body, shared)?;
     let count = g.requests.len();
-    let rx = match submit(shared, g.requests, g.stream) {
-        Ok(rx) => rx,
-        Err(e) => return Err((request, e)),
-    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let rx = submit(shared, g.requests, g.stream, cancel.clone())?;
     let meta = Meta {
         id: shared.new_id(E::ID_PREFIX),
         created: unix_now(),
         model: shared.model_name.clone(),
     };
     if g.stream {
-        sse::stream::<E>(request, &rx, &meta, count, g.n, g.include_usage);
+        sse::stream::<E>(request, &rx, &cancel, &meta, count, g.n, g.include_usage);
         return Ok(());
     }
-    let outs = match wait_done(&rx) {
-        Ok(o) => o,
-        Err(e) => return Err((request, e)),
-    };
+    let outs = wait_done(request, &rx, &cancel, count)?;
     let u = usage(&outs, g.n);
     ok(request, &E::response(meta, outs, u))
+}
+
+/// Collects a job's parts into its outputs in order. `None` while parts are missing.
+pub(super) struct Collector {
+    outs: Vec<Option<GenOutput>>,
+    missing: usize,
+}
+
+impl Collector {
+    pub(super) fn new(count: usize) -> Collector {
+        Collector {
+            outs: vec![None; count],
+            missing: count,
+        }
+    }
+
+    /// Adds a part; returns every output once the last one arrived.
+    pub(super) fn add(&mut self, start: usize, part: Vec<GenOutput>) -> Option<Vec<GenOutput>> {
+        for (i, o) in part.into_iter().enumerate() {
+            if let Some(slot) = self.outs.get_mut(start + i) {
+                if slot.is_none() {
+                    self.missing -= 1;
+                }
+                *slot = Some(o);
+            }
+        }
+        if self.missing > 0 {
+            return None;
+        }
+        Some(
+            std::mem::take(&mut self.outs)
+                .into_iter()
+                .flatten()
+                .collect(),
+        )
+    }
+}
+
+/// How often a handler waiting on the model checks that its client is still connected.
+pub(super) const PEER_CHECK: Duration = Duration::from_millis(100);
+
+/// Waits for a job's outputs, skipping streamed pieces. While waiting, checks every 100 ms that
+/// the client is still there; once it is gone the job is cancelled (its parts not yet started
+/// are dropped) and nothing is answered.
+fn wait_done(
+    request: &mut Request<'_>,
+    rx: &mpsc::Receiver<Event>,
+    cancel: &AtomicBool,
+    count: usize,
+) -> Result<Vec<GenOutput>, HttpError> {
+    let mut got = Collector::new(count);
+    let mut checked = Instant::now();
+    loop {
+        let event = rx.recv_timeout(PEER_CHECK);
+        if checked.elapsed() >= PEER_CHECK {
+            checked = Instant::now();
+            if request.peer_gone() {
+                cancel.store(true, Ordering::SeqCst);
+                request.close_after();
+                return Err(HttpError::from_backend(BackendError::Other(
+                    "the client went away".into(),
+                )));
+            }
+        }
+        match event {
+            Ok(Event::Piece(..)) | Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Ok(Event::Part(start, Ok(part))) => {
+                if let Some(all) = got.add(start, part) {
+                    return Ok(all);
+                }
+            }
+            Ok(Event::Part(_, Err(e))) => {
+                cancel.store(true, Ordering::SeqCst);
+                return Err(HttpError::from_backend(e));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(HttpError::scheduler_gone()),
+        }
+    }
 }
 
 /// The settings both endpoints take, as sent.
@@ -99,11 +173,14 @@ pub(super) struct Common {
 }
 
 impl Common {
-    /// Validates the settings and expands `prompts` × `n` into generation requests;
-    /// `default_max` is the endpoint's `max_tokens` when none is given.
+    /// Validates the settings and the request's size (prompts, prompts x `n`, each prompt's
+    /// tokens, stop strings) and expands `prompts` x `n` into generation requests; `default_max`
+    /// is the endpoint's `max_tokens` when none is given, `prompt_param` the field the prompts
+    /// came in (named by errors).
     pub(super) fn generation(
         self,
         prompts: Vec<Prompt>,
+        prompt_param: &str,
         default_max: usize,
         shared: &Shared,
     ) -> Result<Generation, HttpError> {
@@ -113,6 +190,7 @@ impl Common {
             .map(|o| o.include_usage)
             .unwrap_or(false);
         let (s, n) = sampling(self, default_max, shared)?;
+        check_size(&prompts, prompt_param, n, shared)?;
         Ok(Generation {
             requests: expand(prompts, &s, n),
             n,
@@ -120,6 +198,61 @@ impl Common {
             include_usage,
         })
     }
+}
+
+/// The per-request limits: at most `max_prompts` prompts, `max_choices` prompts x `n`, and
+/// `prompt_token_limit` tokens in each prompt (when the generator can count them). A request
+/// over them is refused whole, before it is queued.
+fn check_size(prompts: &[Prompt], param: &str, n: u32, shared: &Shared) -> Result<(), HttpError> {
+    let cfg = &shared.config;
+    if prompts.len() > cfg.max_prompts {
+        return Err(HttpError::invalid(
+            format!(
+                "{} prompts in one request; this server takes at most {} (--max-prompts)",
+                prompts.len(),
+                cfg.max_prompts
+            ),
+            Some(param),
+        )
+        .with_code("too_many_prompts"));
+    }
+    let choices = prompts.len().saturating_mul(n as usize);
+    if choices > cfg.max_choices {
+        return Err(HttpError::invalid(
+            format!(
+                "{} prompts x n = {n} is {choices} choices; this server takes at most {} per request (--max-choices)",
+                prompts.len(),
+                cfg.max_choices
+            ),
+            Some("n"),
+        )
+        .with_code("too_many_choices"));
+    }
+    let Some(limit) = shared.prompt_token_limit else {
+        return Ok(());
+    };
+    for (i, p) in prompts.iter().enumerate() {
+        match shared.generator.prompt_tokens(p) {
+            None => return Ok(()),
+            Some(Ok(t)) if t > limit => {
+                let which = if prompts.len() > 1 {
+                    format!("{param}[{i}]")
+                } else {
+                    param.to_string()
+                };
+                return Err(HttpError::invalid(
+                    format!(
+                        "{which} has {t} tokens, over this server's limit of {limit} prompt tokens (--max-prompt-tokens)"
+                    ),
+                    Some(param),
+                )
+                .with_code("context_length_exceeded"));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(HttpError::from_backend(e)),
+        }
+    }
+    Ok(())
 }
 
 fn sampling(c: Common, default_max: usize, shared: &Shared) -> Result<(Sampling, u32), HttpError> {
@@ -165,7 +298,7 @@ fn sampling(c: Common, default_max: usize, shared: &Shared) -> Result<(Sampling,
             Some("n"),
         ));
     }
-    let stop = stop_sequences(c.stop)?;
+    let stop = stop_sequences(c.stop, cfg.max_stop_chars)?;
     let seed = c.seed.unwrap_or_else(random_u64);
     let sampling = Sampling {
         max_new_tokens,
@@ -190,7 +323,7 @@ fn top_k(k: Option<i64>) -> Result<usize, HttpError> {
     }
 }
 
-fn stop_sequences(stop: Option<StopSeq>) -> Result<Vec<String>, HttpError> {
+fn stop_sequences(stop: Option<StopSeq>, max_chars: usize) -> Result<Vec<String>, HttpError> {
     let stop = stop.map(StopSeq::into_vec).unwrap_or_default();
     if stop.len() > 16 {
         return Err(HttpError::invalid(
@@ -201,6 +334,15 @@ fn stop_sequences(stop: Option<StopSeq>) -> Result<Vec<String>, HttpError> {
     if stop.iter().any(|s| s.is_empty()) {
         return Err(HttpError::invalid(
             "stop sequences must not be empty",
+            Some("stop"),
+        ));
+    }
+    if let Some(long) = stop.iter().find(|s| s.chars().count() > max_chars) {
+        return Err(HttpError::invalid(
+            format!(
+                "a stop sequence has {} characters; at most {max_chars} are accepted",
+                long.chars().count()
+            ),
             Some("stop"),
         ));
     }
@@ -228,28 +370,20 @@ fn submit(
     shared: &Shared,
     requests: Vec<GenRequest>,
     stream: bool,
+    cancel: Arc<AtomicBool>,
 ) -> Result<mpsc::Receiver<Event>, HttpError> {
     let (tx, rx) = mpsc::channel();
     let job = Job {
-        requests,
+        requests: VecDeque::from(requests),
+        next: 0,
         stream,
         events: tx,
+        cancel,
     };
     match shared.enqueue(job) {
         Ok(()) => Ok(rx),
         Err(EnqueueError::Full) => Err(HttpError::queue_full(shared.config.max_queue)),
         Err(EnqueueError::Closing) => Err(HttpError::shutting_down()),
-    }
-}
-
-/// Waits for a job's outputs, skipping streamed pieces.
-fn wait_done(rx: &mpsc::Receiver<Event>) -> Result<Vec<GenOutput>, HttpError> {
-    loop {
-        match rx.recv() {
-            Ok(Event::Piece(..)) => continue,
-            Ok(Event::Done(r)) => return r.map_err(HttpError::from_backend),
-            Err(_) => return Err(HttpError::scheduler_gone()),
-        }
     }
 }
 

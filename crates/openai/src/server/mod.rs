@@ -1,15 +1,25 @@
 //! An OpenAI-compatible HTTP server over any [`Generator`].
 //!
-//! Threads: one accept loop (tiny_http parses connections on its own threads and hands us whole
-//! requests), one handler thread per request in flight (bounded by
-//! [`ServeConfig::max_connections`]), and one scheduler thread that takes queued jobs, packs them
-//! into batches of at most `max_batch` generation requests (waiting up to `batch_wait_ms` for a
-//! batch to fill) and runs them through the generator. The job queue is bounded: when it holds
-//! `max_queue` jobs, new ones get `429` with OpenAI's error JSON and a `Retry-After` header.
+//! Threads: one accept loop on std's `TcpListener` (it survives accept errors such as running
+//! out of file descriptors, backing off, and stops the server with an error only when accepting
+//! keeps failing for `accept_failure_limit`), one thread per open connection (at most
+//! [`ServeConfig::max_connections`], and [`ServeConfig::max_connections_per_ip`] from one
+//! address; more are answered 503), each reading its requests under read and write deadlines
+//! (see `http`), and one scheduler thread that takes queued jobs, packs them into batches of at
+//! most `max_batch` generation requests (splitting larger jobs, round-robin; waiting up to
+//! `batch_wait_ms` for a batch to fill) and runs them through the generator. The job queue is
+//! bounded: when it holds `max_queue` jobs or `max_queued_requests` generation requests, new ones
+//! get `429` with OpenAI's error JSON and a `Retry-After` header. A request over the
+//! per-request limits (prompts, prompts x `n`, prompt tokens, stop-string length) is refused with
+//! 400 before it is queued; a job whose client disconnects is dropped before its next part.
+//!
+//! What a request must pass first ([`guard`]): a `Host` header on the allow-list, the API key
+//! when one is set (`Authorization: Bearer KEY`, for every `/v1` route), and
+//! `Content-Type: application/json` on posts.
 //!
 //! Shutdown ([`ServerHandle::shutdown`], or SIGINT/SIGTERM through [`ServerHandle::wait_for_signal`]):
-//! stop accepting, answer requests that were accepted but not yet queued with 503, let the
-//! scheduler finish every queued job, wait for in-flight responses to be written, then return.
+//! stop accepting, answer requests that arrive on open connections with 503, let the scheduler
+//! finish every queued job, wait for in-flight responses to be written, then return.
 //!
 //! Request defaults follow OpenAI's API: `temperature` 1.0, `top_p` 1.0, `n` 1, a random seed
 //! when none is given, `max_tokens` from [`ServeConfig::default_max_tokens`] (chat) or 16
@@ -18,7 +28,8 @@
 //! fail the requests it was batched with.
 //!
 //! Layout: this file holds the public API and the lifecycle (bind, the accept loop, shutdown);
-//! `routes` admits requests (every check a request passes before it is routed), routes them and
+//! `http` reads requests and writes answers on a connection; `guard` holds the head checks, public
+//! for other servers; `routes` admits requests (every check a request passes before it is routed), routes them and
 //! writes OpenAI-shaped errors; `scheduler` owns the job queue and batching; `handlers` is the
 //! generation flow both endpoints share, with what differs in `chat` and `completions`; `sse`
 //! writes streamed answers.
@@ -28,12 +39,15 @@
 
 mod chat;
 mod completions;
+pub mod guard;
 mod handlers;
+mod http;
 mod routes;
 mod scheduler;
 mod sse;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -42,7 +56,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use safetune_model::backend::Generator;
 
 use crate::random_u64;
+use guard::{ApiKey, HostAllowList};
 use scheduler::Queue;
+
+/// The default of [`ServeConfig::max_prompt_tokens`], lowered to the model's context.
+pub const DEFAULT_MAX_PROMPT_TOKENS: usize = 2048;
 
 /// Settings of [`start`] and [`serve`].
 #[derive(Debug, Clone)]
@@ -53,6 +71,19 @@ pub struct ServeConfig {
     pub port: u16,
     /// Most jobs (HTTP generation requests) waiting for the model; more are answered with 429.
     pub max_queue: usize,
+    /// Most generation requests (prompts x `n`, over all queued jobs) waiting for the model; a
+    /// job that would pass it is answered with 429 (a job alone in the queue always fits).
+    pub max_queued_requests: usize,
+    /// Most prompts in one `/v1/completions` request (400 above).
+    pub max_prompts: usize,
+    /// Most choices (prompts x `n`) in one request (400 above).
+    pub max_choices: usize,
+    /// Most tokens in one prompt (400 `context_length_exceeded` above); `None` uses
+    /// [`DEFAULT_MAX_PROMPT_TOKENS`]. Lowered to the model's context less one token when the
+    /// generator knows it; checked only where the generator can count tokens (a local model).
+    pub max_prompt_tokens: Option<usize>,
+    /// Longest stop sequence accepted, in characters.
+    pub max_stop_chars: usize,
     /// Most generation requests per generator call; `None` uses `generator.max_batch()`.
     pub max_batch: Option<usize>,
     /// How long the scheduler waits for more requests to fill a batch.
@@ -66,9 +97,28 @@ pub struct ServeConfig {
     pub max_n: u32,
     /// Largest request body accepted, in bytes (413 above).
     pub max_body_bytes: usize,
-    /// Most requests handled at once (queued, generating or writing); more are answered with 503
-    /// without reading them.
+    /// Most connections open at once (idle keep-alive ones included); more are answered with
+    /// 503.
     pub max_connections: usize,
+    /// Most connections open at once from one peer address; more are answered with 503.
+    pub max_connections_per_ip: usize,
+    /// Most requests on one keep-alive connection; the answer to the last closes it.
+    pub max_requests_per_connection: usize,
+    /// Time for a whole request (head and body) to arrive; 408 and close when it runs out.
+    pub read_timeout: Duration,
+    /// Time for each write of an answer; the connection is dropped when it runs out.
+    pub write_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// How long accepting may keep failing (with no connection accepted) before the server
+    /// stops with [`ServeError::Accept`].
+    pub accept_failure_limit: Duration,
+    /// The key clients must send as `Authorization: Bearer KEY` on `/v1` routes; `None` lets
+    /// anyone in. [`start`] refuses a non-loopback `host` without one.
+    pub api_key: Option<ApiKey>,
+    /// Names the `Host` header may carry besides the defaults of
+    /// [`HostAllowList::for_bind`]; `*` allows any.
+    pub allowed_hosts: Vec<String>,
     /// How long a shutdown waits for in-flight requests before giving up on them.
     pub shutdown_timeout: Duration,
     /// The model name reported by `/v1/models` and in responses; `None` uses
@@ -82,6 +132,11 @@ impl Default for ServeConfig {
             host: "127.0.0.1".to_string(),
             port: 8000,
             max_queue: 64,
+            max_queued_requests: 1024,
+            max_prompts: 64,
+            max_choices: 128,
+            max_prompt_tokens: None,
+            max_stop_chars: 256,
             max_batch: None,
             batch_wait_ms: 5,
             default_max_tokens: 256,
@@ -89,6 +144,14 @@ impl Default for ServeConfig {
             max_n: 16,
             max_body_bytes: 8 << 20,
             max_connections: 256,
+            max_connections_per_ip: 64,
+            max_requests_per_connection: 1000,
+            read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(5),
+            accept_failure_limit: Duration::from_secs(60),
+            api_key: None,
+            allowed_hosts: Vec::new(),
             shutdown_timeout: Duration::from_secs(60),
             model_name: None,
         }
@@ -105,6 +168,8 @@ pub enum ServeError {
     Config(String),
     #[error("server thread panicked")]
     Panicked,
+    #[error("the server stopped: accepting connections kept failing: {0}")]
+    Accept(String),
 }
 
 /// Counters of a running server.
@@ -112,12 +177,16 @@ pub enum ServeError {
 pub struct ServerStats {
     /// Jobs waiting in the queue now.
     pub queued: usize,
-    /// Requests being handled now (any route).
+    /// Connections open now (each serving a request or waiting for its next one).
     pub in_flight: usize,
     /// Generator calls made so far.
     pub batches: u64,
     /// Requests answered 429 because the queue was full.
     pub rejected_queue_full: u64,
+    /// Generation requests dropped before they ran, because their client went away.
+    pub cancelled: u64,
+    /// Accept errors survived so far.
+    pub accept_errors: u64,
 }
 
 /// A running server. Dropping it without [`ServerHandle::shutdown`] leaves it running until the
@@ -160,6 +229,8 @@ impl ServerHandle {
             in_flight: self.shared.in_flight.load(Ordering::SeqCst),
             batches: self.shared.batches.load(Ordering::SeqCst),
             rejected_queue_full: self.shared.rejected.load(Ordering::SeqCst),
+            cancelled: self.shared.cancelled.load(Ordering::SeqCst),
+            accept_errors: self.shared.accept_errors.load(Ordering::SeqCst),
         }
     }
 
@@ -197,25 +268,105 @@ impl ServerHandle {
 
     fn join(&mut self) -> Result<(), ServeError> {
         match self.accept.take() {
-            Some(h) => h.join().map_err(|_| ServeError::Panicked),
+            Some(h) => h.join().map_err(|_| ServeError::Panicked)?,
+            None => return Ok(()),
+        }
+        let failed = self
+            .shared
+            .accept_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match failed {
+            Some(reason) => Err(ServeError::Accept(reason)),
             None => Ok(()),
         }
     }
 }
 
-/// Starts a server on a background thread and returns at once.
+/// Starts a server on a background thread and returns at once. Refuses a `host` that is not
+/// loopback when no API key is set.
 pub fn start(
     generator: Arc<dyn Generator>,
     config: ServeConfig,
 ) -> Result<ServerHandle, ServeError> {
-    if config.max_queue == 0 {
-        return Err(ServeError::Config("max_queue must be at least 1".into()));
+    check_config(&config)?;
+    let listener = bind(&config)?;
+    let addr = listener.local_addr().map_err(|e| ServeError::Bind {
+        addr: config.host.clone(),
+        reason: e.to_string(),
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ServeError::Bind {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    start_on(TcpAcceptor(listener), addr, generator, config)
+}
+
+fn check_config(config: &ServeConfig) -> Result<(), ServeError> {
+    let at_least_one = [
+        ("max_queue", config.max_queue),
+        ("max_queued_requests", config.max_queued_requests),
+        ("max_prompts", config.max_prompts),
+        ("max_choices", config.max_choices),
+        ("max_connections", config.max_connections),
+        ("max_connections_per_ip", config.max_connections_per_ip),
+        (
+            "max_requests_per_connection",
+            config.max_requests_per_connection,
+        ),
+        ("max_batch", config.max_batch.unwrap_or(1)),
+        ("max_prompt_tokens", config.max_prompt_tokens.unwrap_or(1)),
+    ];
+    if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+        return Err(ServeError::Config(format!("{name} must be at least 1")));
     }
-    if config.max_batch == Some(0) {
-        return Err(ServeError::Config("max_batch must be at least 1".into()));
+    for (name, d) in [
+        ("read_timeout", config.read_timeout),
+        ("write_timeout", config.write_timeout),
+        ("idle_timeout", config.idle_timeout),
+    ] {
+        if d.is_zero() {
+            return Err(ServeError::Config(format!("{name} must be more than zero")));
+        }
     }
-    let (server, addr) = bind(&config)?;
-    let shared = Arc::new(Shared::new(config, generator.as_ref()));
+    if config.api_key.is_none() && !guard::is_loopback_host(&config.host) {
+        return Err(ServeError::Config(format!(
+            "listening on {} (not a loopback address) needs an API key: pass --api-key or set SAFETUNE_API_KEY",
+            config.host
+        )));
+    }
+    Ok(())
+}
+
+/// Where the accept loop gets connections: a listener, or in tests one that fails on purpose.
+trait Acceptor: Send + 'static {
+    /// A connection, `Ok(None)` when none is waiting (the listener is non-blocking).
+    fn accept(&self) -> std::io::Result<Option<(TcpStream, SocketAddr)>>;
+}
+
+struct TcpAcceptor(TcpListener);
+
+impl Acceptor for TcpAcceptor {
+    fn accept(&self) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {
+        match self.0.accept() {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn start_on(
+    acceptor: impl Acceptor,
+    addr: SocketAddr,
+    generator: Arc<dyn Generator>,
+    config: ServeConfig,
+) -> Result<ServerHandle, ServeError> {
+    check_config(&config)?;
+    let shared = Arc::new(Shared::new(config, generator.clone()));
     let stop = Arc::new(AtomicBool::new(false));
 
     let sched_shared = shared.clone();
@@ -228,7 +379,7 @@ pub fn start(
     let accept_stop = stop.clone();
     let accept = std::thread::Builder::new()
         .name("safetune-serve-accept".into())
-        .spawn(move || accept_loop(server, accept_shared, accept_stop, scheduler))
+        .spawn(move || accept_loop(acceptor, accept_shared, accept_stop, scheduler))
         .map_err(|e| ServeError::Config(format!("cannot start the accept thread: {e}")))?;
 
     Ok(ServerHandle {
@@ -251,24 +402,17 @@ pub fn serve(generator: Arc<dyn Generator>, config: ServeConfig) -> Result<(), S
     Ok(())
 }
 
-/// Listens on `config.host`:`config.port` (IPv6 hosts bracketed) and returns the bound address.
-fn bind(config: &ServeConfig) -> Result<(tiny_http::Server, SocketAddr), ServeError> {
+/// Listens on `config.host`:`config.port` (IPv6 hosts bracketed).
+fn bind(config: &ServeConfig) -> Result<TcpListener, ServeError> {
     let bind = if config.host.contains(':') && !config.host.starts_with('[') {
         format!("[{}]:{}", config.host, config.port)
     } else {
         format!("{}:{}", config.host, config.port)
     };
-    let server = tiny_http::Server::http(bind.as_str()).map_err(|e| ServeError::Bind {
+    TcpListener::bind(bind.as_str()).map_err(|e| ServeError::Bind {
         addr: bind.clone(),
         reason: e.to_string(),
-    })?;
-    match server.server_addr().to_ip() {
-        Some(addr) => Ok((server, addr)),
-        None => Err(ServeError::Bind {
-            addr: bind,
-            reason: "not an IP address".into(),
-        }),
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,8 +420,26 @@ fn bind(config: &ServeConfig) -> Result<(tiny_http::Server, SocketAddr), ServeEr
 
 struct Shared {
     config: ServeConfig,
+    generator: Arc<dyn Generator>,
+    hosts: HostAllowList,
+    /// The prompt-token limit in force (config and model context), if any.
+    prompt_token_limit: Option<usize>,
     model_name: String,
     max_batch: usize,
+    /// Set once the server is stopping: open connections answer their next request with 503.
+    stopping: AtomicBool,
+    /// Open connections per peer address.
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Threads answering 503 to connections over the caps.
+    refusing: AtomicUsize,
+    cancelled: AtomicU64,
+    accept_errors: AtomicU64,
+    /// Why the accept loop gave up, if it did.
+    accept_failure: Mutex<Option<String>>,
+    /// When a connection was last turned away for the caps (milliseconds since `started`);
+    /// `u64::MAX` when never.
+    last_refusal_ms: AtomicU64,
+    started: Instant,
     created: u64,
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -289,7 +451,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn new(config: ServeConfig, generator: &dyn Generator) -> Shared {
+    fn new(config: ServeConfig, generator: Arc<dyn Generator>) -> Shared {
         let max_batch = config
             .max_batch
             .unwrap_or_else(|| generator.max_batch())
@@ -298,7 +460,24 @@ impl Shared {
             .model_name
             .clone()
             .unwrap_or_else(|| generator.model_id().to_string());
+        let mut limit = config
+            .max_prompt_tokens
+            .unwrap_or(DEFAULT_MAX_PROMPT_TOKENS);
+        if let Some(ctx) = generator.context_length() {
+            limit = limit.min(ctx.saturating_sub(1).max(1));
+        }
         Shared {
+            hosts: HostAllowList::for_bind(&config.host, &config.allowed_hosts),
+            prompt_token_limit: Some(limit),
+            generator,
+            stopping: AtomicBool::new(false),
+            per_ip: Mutex::new(HashMap::new()),
+            refusing: AtomicUsize::new(0),
+            cancelled: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+            accept_failure: Mutex::new(None),
+            last_refusal_ms: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
             config,
             model_name,
             max_batch,
@@ -313,6 +492,20 @@ impl Shared {
         }
     }
 
+    /// Records that a connection was turned away for the caps.
+    fn note_refusal(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_refusal_ms.store(now, Ordering::SeqCst);
+    }
+
+    /// True when a connection was turned away in the last second: answers then close their
+    /// keep-alive connections, so waiting clients get a turn.
+    fn refused_recently(&self) -> bool {
+        let last = self.last_refusal_ms.load(Ordering::SeqCst);
+        let now = self.started.elapsed().as_millis() as u64;
+        last != u64::MAX && now.saturating_sub(last) < 1000
+    }
+
     /// A fresh response id, `PREFIX-<random><counter>`.
     fn new_id(&self, prefix: &str) -> String {
         let n = self.next_id.fetch_add(1, Ordering::SeqCst);
@@ -324,29 +517,62 @@ impl Shared {
 // Accepting and shutting down
 
 fn accept_loop(
-    server: tiny_http::Server,
+    acceptor: impl Acceptor,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     scheduler: JoinHandle<()>,
 ) {
+    let mut failing_since: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(10);
     while !stop.load(Ordering::SeqCst) {
-        let request = match server.recv_timeout(Duration::from_millis(50)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(_) => continue,
-        };
-        routes::dispatch(request, &shared);
+        match acceptor.accept() {
+            Ok(Some((stream, peer))) => {
+                failing_since = None;
+                backoff = Duration::from_millis(10);
+                routes::dispatch(stream, peer, &shared);
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) if transient_accept_error(&e) => {}
+            Err(e) => {
+                // Out of file descriptors or memory, or worse: back off (open connections finish
+                // and free what they hold), and give up only when it lasts.
+                shared.accept_errors.fetch_add(1, Ordering::SeqCst);
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= shared.config.accept_failure_limit {
+                    let reason =
+                        format!("{e} (failing for {:.0} s)", since.elapsed().as_secs_f64());
+                    eprintln!("safetune serve: {reason}; stopping");
+                    *shared
+                        .accept_failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                    break;
+                }
+                if backoff == Duration::from_millis(10) {
+                    eprintln!("safetune serve: cannot accept a connection: {e}; retrying");
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
     }
-    // Stop accepting: answer what tiny_http already parsed, then close the listener.
-    while let Ok(Some(request)) = server.try_recv() {
-        routes::refuse_shutting_down(request);
-    }
-    drop(server);
+    // Stop accepting: close the listener; open connections answer their next request with 503.
+    drop(acceptor);
+    shared.stopping.store(true, Ordering::SeqCst);
     // Let the scheduler drain the queue, then wait for every handler to write its response.
     shared.close_queue();
     if wait_idle(&shared) {
         let _ = scheduler.join();
     }
+}
+
+/// Errors that concern one connection only (it was reset before we took it, a signal came).
+fn transient_accept_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
 }
 
 /// Waits until no request is in flight or `shutdown_timeout` has passed; true when none is left.
@@ -373,4 +599,98 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetune_model::backend::{BackendError, GenOutput, GenRequest, TokenSink};
+    use std::io::{Read, Write};
+
+    struct Nothing;
+
+    impl Generator for Nothing {
+        fn model_id(&self) -> &str {
+            "nothing"
+        }
+        fn generate_streaming(
+            &self,
+            _: &[GenRequest],
+            _: TokenSink<'_>,
+        ) -> Result<Vec<GenOutput>, BackendError> {
+            Err(BackendError::Other("unused".into()))
+        }
+    }
+
+    /// A listener that fails with "too many open files" for its first `fail` calls (all of
+    /// them when `fail` is `usize::MAX`), then accepts from a real one.
+    struct Flaky {
+        inner: TcpListener,
+        fail: usize,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Acceptor for Flaky {
+        fn accept(&self) -> std::io::Result<Option<(TcpStream, SocketAddr)>> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail {
+                return Err(std::io::Error::from_raw_os_error(24)); // EMFILE
+            }
+            TcpAcceptor(self.inner.try_clone()?).accept()
+        }
+    }
+
+    fn flaky(fail: usize) -> (Flaky, SocketAddr) {
+        let inner = TcpListener::bind("127.0.0.1:0").unwrap();
+        inner.set_nonblocking(true).unwrap();
+        let addr = inner.local_addr().unwrap();
+        let f = Flaky {
+            inner,
+            fail,
+            calls: std::sync::atomic::AtomicUsize::new(0),
+        };
+        (f, addr)
+    }
+
+    fn health(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn the_accept_loop_rides_out_running_out_of_file_descriptors() {
+        let (acceptor, addr) = flaky(5);
+        let cfg = ServeConfig {
+            port: 0,
+            ..Default::default()
+        };
+        let h = start_on(acceptor, addr, Arc::new(Nothing), cfg).unwrap();
+        let answer = health(addr);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(h.stats().accept_errors, 5);
+        h.shutdown().unwrap();
+    }
+
+    #[test]
+    fn an_accept_loop_that_keeps_failing_stops_the_server_with_an_error() {
+        let (acceptor, addr) = flaky(usize::MAX);
+        let cfg = ServeConfig {
+            port: 0,
+            accept_failure_limit: Duration::from_millis(300),
+            ..Default::default()
+        };
+        let h = start_on(acceptor, addr, Arc::new(Nothing), cfg).unwrap();
+        let t0 = Instant::now();
+        let e = h.wait().unwrap_err();
+        assert!(matches!(e, ServeError::Accept(_)), "{e}");
+        assert!(
+            e.to_string().contains("accepting connections kept failing"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
 }

@@ -2,131 +2,265 @@
 //! OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`).
 //!
 //! Admission happens in two places, both here. [`dispatch`], on the accept thread, reserves a
-//! handler slot (at most `max_connections` requests at once) before anything is read, since the
-//! slot decides whether a thread is started at all. [`admit`], on the handler thread, is the one
-//! gate for checks of the request itself (today the body-size limit, then reading the body); a
-//! check that needs only the request head (a key, the Host header) belongs at its top, before the
-//! body is read.
+//! connection slot (at most `max_connections` connections at once, `max_connections_per_ip` from
+//! one address) before anything is read, since the slot decides whether a thread is started at
+//! all. [`admit`], on the connection thread, is the one gate for checks of each request itself:
+//! first those the head decides (the Host allow-list, the API key, the JSON `Content-Type`, all
+//! from [`guard`]), then the body-size limit and reading the body. Checks of the request's
+//! content (prompt counts, lengths) are the endpoints' parsing, in `handlers`.
 
-use std::io::Read;
+use std::net::TcpStream;
 use std::sync::atomic::Ordering;
-
-use tiny_http::{Header, Method, Response, StatusCode};
+use std::sync::Arc;
 
 use safetune_model::backend::BackendError;
 
-use super::{chat, completions, handlers, Shared};
+use super::http::{BodyError, Conn, HeadError, Request};
+use super::{chat, completions, guard, handlers, Shared};
 use crate::protocol::*;
 
-/// A handler's outcome: an error is answered by [`handle`], with the request handed back.
-pub(super) type Handled = Result<(), (tiny_http::Request, HttpError)>;
+/// A handler's outcome: an error is answered by [`handle`].
+pub(super) type Handled = Result<(), HttpError>;
 
-/// Starts a handler thread for `request`, or answers 503 without reading it when
-/// `max_connections` requests are in flight already.
-pub(super) fn dispatch(request: tiny_http::Request, shared: &std::sync::Arc<Shared>) {
-    if shared.in_flight.load(Ordering::SeqCst) >= shared.config.max_connections {
-        respond(request, HttpError::overloaded());
+/// Starts a connection thread for an accepted stream, or answers 503 when `max_connections`
+/// connections (or `max_connections_per_ip` from this peer) are open already.
+pub(super) fn dispatch(stream: TcpStream, peer: std::net::SocketAddr, shared: &Arc<Shared>) {
+    let cfg = &shared.config;
+    let Ok(conn) = Conn::new(stream, cfg.read_timeout, cfg.write_timeout) else {
         return;
-    }
-    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    };
+    let Some(slot) = Slot::take(shared, peer.ip()) else {
+        refuse_busy(conn, shared);
+        return;
+    };
     let s = shared.clone();
     let spawned = std::thread::Builder::new()
-        .name("safetune-serve-request".into())
+        .name("safetune-serve-conn".into())
         .spawn(move || {
-            let _guard = InFlight(&s);
-            handle(request, &s);
+            let _slot = slot;
+            serve_connection(conn, &s);
+        });
+    // A thread that failed to start dropped its closure, and with it the slot and the socket.
+    let _ = spawned;
+}
+
+/// Answers 503 on a connection over the caps, from a short-lived thread (it reads the request
+/// briefly first, so the client sees the answer rather than a reset); at most 32 such threads
+/// at once, past that the connection is just closed.
+fn refuse_busy(conn: Conn, shared: &Arc<Shared>) {
+    shared.note_refusal();
+    if shared.refusing.fetch_add(1, Ordering::SeqCst) >= 32 {
+        shared.refusing.fetch_sub(1, Ordering::SeqCst);
+        return;
+    }
+    let s = shared.clone();
+    let e = HttpError::overloaded();
+    let spawned = std::thread::Builder::new()
+        .name("safetune-serve-refuse".into())
+        .spawn(move || {
+            let body = serde_json::to_vec(&e.body).unwrap_or_default();
+            let mut headers = e.headers.clone();
+            headers.push(("Content-Type", "application/json"));
+            conn.refuse(e.status, &body, &headers);
+            s.refusing.fetch_sub(1, Ordering::SeqCst);
         });
     if spawned.is_err() {
-        // The request was moved into the closure that failed to start; nothing more to do.
-        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        shared.refusing.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-/// Answers a request that arrived while the server was stopping.
-pub(super) fn refuse_shutting_down(request: tiny_http::Request) {
-    respond(request, HttpError::shutting_down());
+/// A connection slot: counted in `in_flight` and per peer address; given back (waking a waiting
+/// shutdown) when dropped.
+pub(super) struct Slot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
 }
 
-/// Holds a handler slot; gives it back (and wakes a waiting shutdown) when dropped.
-struct InFlight<'a>(&'a Shared);
+impl Slot {
+    fn take(shared: &Arc<Shared>, ip: std::net::IpAddr) -> Option<Slot> {
+        let mut per_ip = shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if shared.in_flight.load(Ordering::SeqCst) >= shared.config.max_connections {
+            return None;
+        }
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= shared.config.max_connections_per_ip {
+            return None;
+        }
+        *n += 1;
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        Some(Slot {
+            shared: shared.clone(),
+            ip,
+        })
+    }
+}
 
-impl Drop for InFlight<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.0.idle.1.notify_all();
+        let mut per_ip = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        drop(per_ip);
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.shared.idle.1.notify_all();
     }
 }
 
-fn handle(mut request: tiny_http::Request, shared: &Shared) {
-    let body = match admit(&mut request, shared) {
+/// Serves requests on one connection until it closes, idles out, fails a deadline or the
+/// server stops; at most `max_requests_per_connection` of them.
+fn serve_connection(mut conn: Conn, shared: &Shared) {
+    let cfg = &shared.config;
+    for i in 0..cfg.max_requests_per_connection.max(1) {
+        let mut request = match conn.next_request(cfg.idle_timeout, i == 0, &shared.stopping) {
+            Ok(r) => r,
+            Err(HeadError::Closed) => return,
+            Err(e) => {
+                let err = match e {
+                    HeadError::Timeout => HttpError::new(
+                        408,
+                        ErrorResponse::new(
+                            "the request did not arrive in time",
+                            "invalid_request_error",
+                        )
+                        .with_code("request_timeout"),
+                    ),
+                    HeadError::TooLarge => HttpError::new(
+                        431,
+                        ErrorResponse::new(
+                            "the request head is too large",
+                            "invalid_request_error",
+                        ),
+                    ),
+                    HeadError::Malformed(m) => {
+                        HttpError::new(400, ErrorResponse::new(m, "invalid_request_error"))
+                    }
+                    HeadError::Closed => unreachable!("handled above"),
+                };
+                let body = serde_json::to_vec(&err.body).unwrap_or_default();
+                conn.refuse(err.status, &body, &[("Content-Type", "application/json")]);
+                return;
+            }
+        };
+        if shared.stopping.load(Ordering::SeqCst) {
+            request.close_after();
+            respond(&mut request, HttpError::shutting_down());
+            return;
+        }
+        // The last request allowed, or connections being turned away: close after this answer,
+        // so a client that keeps its connection busy does not hold the slot for good.
+        if i + 1 == cfg.max_requests_per_connection.max(1) || shared.refused_recently() {
+            request.close_after();
+        }
+        handle(&mut request, shared);
+        if !request.keeps_alive() {
+            request.finish_close();
+            return;
+        }
+    }
+}
+
+fn handle(request: &mut Request<'_>, shared: &Shared) {
+    let body = match admit(request, shared) {
         Ok(body) => body,
         Err(e) => return respond(request, e),
     };
-    if let Err((request, e)) = route(request, &body, shared) {
+    if let Err(e) = route(request, &body, shared) {
         respond(request, e);
     }
 }
 
-/// Every check of a request before it is routed; returns its body. The body is read whole before
+/// Every check of a request before it is routed; returns its body. First what the head alone
+/// decides (the Host header, the API key, the Content-Type), then the body, read whole before
 /// any answer (so keep-alive connections stay in sync), at most `max_body_bytes` of it.
-fn admit(request: &mut tiny_http::Request, shared: &Shared) -> Result<Vec<u8>, HttpError> {
-    let limit = shared.config.max_body_bytes;
-    if let Some(len) = request.body_length() {
-        if len > limit {
-            return Err(HttpError::too_large(format!(
-                "request body of {len} bytes is over the limit of {limit}"
-            )));
+fn admit(request: &mut Request<'_>, shared: &Shared) -> Result<Vec<u8>, HttpError> {
+    if let Err(e) = shared.hosts.check(request.header("host")) {
+        let body = ErrorResponse::new(e.to_string(), "invalid_request_error")
+            .with_code("host_not_allowed");
+        return Err(HttpError::new(403, body));
+    }
+    let path = path_of(request.url());
+    if path.starts_with("/v1") {
+        if let Some(key) = &shared.config.api_key {
+            if !key.accepts(request.header("authorization")) {
+                return Err(HttpError::unauthorized());
+            }
         }
     }
-    let mut body = Vec::new();
-    if request
-        .as_reader()
-        .take(limit as u64 + 1)
-        .read_to_end(&mut body)
-        .is_err()
+    let has_body =
+        request.body_length().unwrap_or(0) > 0 || request.header("transfer-encoding").is_some();
+    if (request.method() == "POST" || has_body)
+        && !guard::is_json_content_type(request.header("content-type"))
     {
-        return Err(HttpError::new(
+        let sent = request.header("content-type").unwrap_or("none").to_string();
+        let body = ErrorResponse::new(
+            format!("Content-Type is `{sent}`; this server takes application/json"),
+            "invalid_request_error",
+        )
+        .with_code("unsupported_media_type");
+        return Err(HttpError::new(415, body));
+    }
+    let limit = shared.config.max_body_bytes;
+    match request.read_body(limit) {
+        Ok(body) => Ok(body),
+        Err(BodyError::TooLarge(len)) => Err(HttpError::too_large(format!(
+            "request body of {len} bytes is over the limit of {limit}"
+        ))),
+        Err(BodyError::Chunked) => Err(HttpError::new(
+            411,
+            ErrorResponse::new(
+                "chunked request bodies are not supported; send Content-Length",
+                "invalid_request_error",
+            ),
+        )),
+        Err(BodyError::Timeout) => Err(HttpError::new(
+            408,
+            ErrorResponse::new(
+                "the request body did not arrive in time",
+                "invalid_request_error",
+            )
+            .with_code("request_timeout"),
+        )),
+        Err(BodyError::Io) => Err(HttpError::new(
             400,
             ErrorResponse::new("cannot read the request body", "invalid_request_error"),
-        ));
+        )),
     }
-    if body.len() > limit {
-        return Err(HttpError::too_large(format!(
-            "request body is over the limit of {limit} bytes"
-        )));
-    }
-    Ok(body)
 }
 
-fn route(request: tiny_http::Request, body: &[u8], shared: &Shared) -> Handled {
-    let method = request.method().clone();
-    let url = request.url().to_string();
-    let path = url
-        .split(['?', '#'])
+/// The path of a request target, without query, fragment or trailing slash.
+fn path_of(url: &str) -> &str {
+    url.split(['?', '#'])
         .next()
         .unwrap_or("")
         .trim_end_matches('/')
-        .to_string();
-    match (path.as_str(), &method) {
-        ("/health", Method::Get) => ok(request, &serde_json::json!({"status": "ok"})),
-        ("/v1/models", Method::Get) => {
+}
+
+fn route(request: &mut Request<'_>, body: &[u8], shared: &Shared) -> Handled {
+    let method = request.method().to_string();
+    let url = request.url().to_string();
+    let path = path_of(&url).to_string();
+    match (path.as_str(), method.as_str()) {
+        ("/health", "GET") => ok(request, &serde_json::json!({"status": "ok"})),
+        ("/v1/models", "GET") => {
             let list = ModelList {
                 object: "list".into(),
                 data: vec![model_object(shared)],
             };
             ok(request, &list)
         }
-        (p, Method::Get) if p.starts_with("/v1/models/") => {
+        (p, "GET") if p.starts_with("/v1/models/") => {
             let id = &p["/v1/models/".len()..];
             if id != shared.model_name {
-                return Err((request, HttpError::no_such_model(id)));
+                return Err(HttpError::no_such_model(id));
             }
             ok(request, &model_object(shared))
         }
-        ("/v1/chat/completions", Method::Post) => {
-            handlers::generate::<chat::Chat>(request, body, shared)
-        }
-        ("/v1/completions", Method::Post) => {
+        ("/v1/chat/completions", "POST") => handlers::generate::<chat::Chat>(request, body, shared),
+        ("/v1/completions", "POST") => {
             handlers::generate::<completions::Completions>(request, body, shared)
         }
         ("/v1/models" | "/v1/chat/completions" | "/v1/completions" | "/health", _) => {
@@ -135,7 +269,7 @@ fn route(request: tiny_http::Request, body: &[u8], shared: &Shared) -> Handled {
                 "invalid_request_error",
             )
             .with_code("method_not_allowed");
-            Err((request, HttpError::new(405, err)))
+            Err(HttpError::new(405, err))
         }
         _ => {
             let err = ErrorResponse::new(
@@ -143,7 +277,7 @@ fn route(request: tiny_http::Request, body: &[u8], shared: &Shared) -> Handled {
                 "invalid_request_error",
             )
             .with_code("unknown_url");
-            Err((request, HttpError::new(404, err)))
+            Err(HttpError::new(404, err))
         }
     }
 }
@@ -188,6 +322,11 @@ impl HttpError {
         }
     }
 
+    pub(super) fn with_code(mut self, code: &str) -> Self {
+        self.body = self.body.with_code(code);
+        self
+    }
+
     fn with_header(mut self, name: &'static str, value: &'static str) -> Self {
         self.headers.push((name, value));
         self
@@ -220,8 +359,18 @@ impl HttpError {
             .with_header("Connection", "close")
     }
 
+    /// 401, as OpenAI answers a missing or wrong key.
+    fn unauthorized() -> Self {
+        let body = ErrorResponse::new(
+            "Incorrect or missing API key: send `Authorization: Bearer KEY` with the key this server was started with (--api-key)",
+            "invalid_request_error",
+        )
+        .with_code("invalid_api_key");
+        HttpError::new(401, body).with_header("WWW-Authenticate", "Bearer")
+    }
+
     fn overloaded() -> Self {
-        let body = ErrorResponse::new("too many requests in flight; retry later", "server_error")
+        let body = ErrorResponse::new("too many connections open; retry later", "server_error")
             .with_code("server_overloaded");
         HttpError::new(503, body).with_header("Retry-After", "1")
     }
@@ -264,40 +413,24 @@ impl HttpError {
 // Writing whole responses
 
 /// Answers 200 with `value` as JSON.
-pub(super) fn ok<T: serde::Serialize>(request: tiny_http::Request, value: &T) -> Handled {
-    let _ = respond_json(request, 200, value);
+pub(super) fn ok<T: serde::Serialize>(request: &mut Request<'_>, value: &T) -> Handled {
+    respond_json(request, 200, value, &[]);
     Ok(())
 }
 
 /// Answers with `e`; a client that went away is not an error of ours.
-fn respond(request: tiny_http::Request, e: HttpError) {
-    let _ = respond_json_with(request, e.status, &e.body, &e.headers);
+pub(super) fn respond(request: &mut Request<'_>, e: HttpError) {
+    respond_json(request, e.status, &e.body, &e.headers);
 }
 
 fn respond_json<T: serde::Serialize>(
-    request: tiny_http::Request,
-    status: u16,
-    value: &T,
-) -> std::io::Result<()> {
-    respond_json_with(request, status, value, &[])
-}
-
-fn respond_json_with<T: serde::Serialize>(
-    request: tiny_http::Request,
+    request: &mut Request<'_>,
     status: u16,
     value: &T,
     headers: &[(&str, &str)],
-) -> std::io::Result<()> {
+) {
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = Response::from_data(body)
-        .with_status_code(StatusCode(status))
-        .with_header(header("Content-Type", "application/json"));
-    for (k, v) in headers {
-        response.add_header(header(k, v));
-    }
-    request.respond(response)
-}
-
-fn header(name: &str, value: &str) -> Header {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header is valid")
+    let mut all: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
+    all.extend_from_slice(headers);
+    request.respond(status, &all, &body);
 }

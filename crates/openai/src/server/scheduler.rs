@@ -1,12 +1,14 @@
 //! The job queue and the scheduler thread: handlers queue jobs (one per HTTP generation request,
 //! each of one or more generation requests), the scheduler packs them into batches of at most
-//! `max_batch` generation requests, waiting up to `batch_wait_ms` for a batch to fill, runs each
-//! batch through the generator and sends every job its events.
+//! `max_batch` generation requests (splitting a larger job into parts, served round-robin with
+//! the other jobs), waiting up to `batch_wait_ms` for a batch to fill, runs each batch through
+//! the generator and sends every job its events. A job whose client has gone is dropped before
+//! its next part.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use safetune_model::backend::{BackendError, GenOutput, GenRequest, Generator};
@@ -16,26 +18,44 @@ use super::Shared;
 #[derive(Default)]
 pub(super) struct Queue {
     jobs: VecDeque<Job>,
+    /// Generation requests not yet handed to the generator, over all queued jobs.
+    pending: usize,
     /// Set at shutdown: no new jobs; the scheduler exits once the queue is empty.
     closing: bool,
 }
 
 /// What a job's handler hears from the scheduler.
 pub(super) enum Event {
-    /// Choice `i` decoded more text (streamed jobs only).
+    /// Choice `i` (of the whole job) decoded more text (streamed jobs only).
     Piece(usize, String),
-    /// Every choice finished (one output per generation request), or the batch failed.
-    Done(Result<Vec<GenOutput>, BackendError>),
+    /// The choices from `start` on, one output per generation request of that part, or the
+    /// part's failure.
+    Part(usize, Result<Vec<GenOutput>, BackendError>),
 }
 
+/// One HTTP generation request: its generation requests (prompts x `n`), handed to the
+/// generator in parts of at most `max_batch`, round-robin with the other jobs, so one large
+/// job does not hold the model while others wait. Once `cancel` is set (the client went away,
+/// or a part failed) its remaining parts are dropped.
 pub(super) struct Job {
-    pub(super) requests: Vec<GenRequest>,
+    pub(super) requests: VecDeque<GenRequest>,
+    /// Index (in the job) of the first request still in `requests`.
+    pub(super) next: usize,
     pub(super) stream: bool,
     pub(super) events: mpsc::Sender<Event>,
+    pub(super) cancel: Arc<AtomicBool>,
+}
+
+/// A part of a job in a batch.
+struct Part {
+    requests: Vec<GenRequest>,
+    start: usize,
+    stream: bool,
+    events: mpsc::Sender<Event>,
 }
 
 pub(super) enum EnqueueError {
-    /// `max_queue` jobs are waiting already.
+    /// `max_queue` jobs, or `max_queued_requests` generation requests, are waiting already.
     Full,
     /// The server is shutting down.
     Closing,
@@ -48,10 +68,15 @@ impl Shared {
         if q.closing {
             return Err(EnqueueError::Closing);
         }
-        if q.jobs.len() >= self.config.max_queue {
+        let n = job.requests.len();
+        // A job alone is always let into an empty queue: its size was checked against the
+        // per-request limits already.
+        let over_requests = q.pending > 0 && q.pending + n > self.config.max_queued_requests;
+        if q.jobs.len() >= self.config.max_queue || over_requests {
             self.rejected.fetch_add(1, Ordering::SeqCst);
             return Err(EnqueueError::Full);
         }
+        q.pending += n;
         q.jobs.push_back(job);
         drop(q);
         self.wake.notify_all();
@@ -80,35 +105,65 @@ pub(super) fn run(shared: &Shared, generator: &dyn Generator) {
     }
 }
 
-/// Blocks for the next batch: the first job, then more while they fit, waiting up to
-/// `batch_wait_ms` to fill. `None` once the queue is closed and empty.
-fn take_batch(shared: &Shared) -> Option<Vec<Job>> {
+/// Blocks for the next batch: parts of the jobs at the front of the queue while they fit,
+/// waiting up to `batch_wait_ms` to fill. A job that fits whole goes whole; the first job of a
+/// batch gives at most `max_batch` requests, and if it has more it goes to the back of the
+/// queue. Cancelled jobs are dropped. `None` once the queue is closed and empty.
+fn take_batch(shared: &Shared) -> Option<Vec<Part>> {
     let wait = Duration::from_millis(shared.config.batch_wait_ms);
-    let mut batch: Vec<Job> = Vec::new();
+    let max = shared.max_batch;
+    let mut batch: Vec<Part> = Vec::new();
     let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-    while q.jobs.is_empty() {
-        if q.closing {
-            return None;
-        }
-        q = shared
-            .wake
-            .wait_timeout(q, Duration::from_millis(100))
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-    }
-    let deadline = Instant::now() + wait;
+    let mut deadline: Option<Instant> = None;
     let mut size = 0usize;
     loop {
-        while let Some(front) = q.jobs.front() {
-            let n = front.requests.len();
-            if !batch.is_empty() && size + n > shared.max_batch {
+        while let Some(front) = q.jobs.front_mut() {
+            if front.cancel.load(Ordering::SeqCst) || front.requests.is_empty() {
+                let dropped = q.jobs.pop_front().expect("front exists");
+                q.pending -= dropped.requests.len();
+                shared
+                    .cancelled
+                    .fetch_add(dropped.requests.len() as u64, Ordering::SeqCst);
+                continue;
+            }
+            let left = front.requests.len();
+            if !batch.is_empty() && size + left > max {
                 break;
             }
-            size += n;
-            batch.push(q.jobs.pop_front().expect("front exists"));
+            let take = left.min(max - size);
+            let requests: Vec<GenRequest> = front.requests.drain(..take).collect();
+            batch.push(Part {
+                requests,
+                start: front.next,
+                stream: front.stream,
+                events: front.events.clone(),
+            });
+            front.next += take;
+            size += take;
+            q.pending -= take;
+            let job = q.jobs.pop_front().expect("front exists");
+            if !job.requests.is_empty() {
+                q.jobs.push_back(job);
+                break;
+            }
+            if size >= max {
+                break;
+            }
+        }
+        if batch.is_empty() {
+            if q.closing && q.jobs.is_empty() {
+                return None;
+            }
+            q = shared
+                .wake
+                .wait_timeout(q, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            continue;
         }
         let now = Instant::now();
-        if size >= shared.max_batch || !q.jobs.is_empty() || now >= deadline || q.closing {
+        let deadline = *deadline.get_or_insert(now + wait);
+        if size >= max || !q.jobs.is_empty() || now >= deadline || q.closing {
             return Some(batch);
         }
         q = shared
@@ -119,26 +174,28 @@ fn take_batch(shared: &Shared) -> Option<Vec<Job>> {
     }
 }
 
-fn run_batch(shared: &Shared, generator: &dyn Generator, batch: Vec<Job>) {
+fn run_batch(shared: &Shared, generator: &dyn Generator, batch: Vec<Part>) {
     shared.batches.fetch_add(1, Ordering::SeqCst);
     match generate(generator, &batch) {
         Ok(outs) => {
             let mut outs = outs.into_iter();
-            for job in &batch {
-                let mine: Vec<GenOutput> = outs.by_ref().take(job.requests.len()).collect();
-                let _ = job.events.send(Event::Done(Ok(mine)));
+            for part in &batch {
+                let mine: Vec<GenOutput> = outs.by_ref().take(part.requests.len()).collect();
+                let _ = part.events.send(Event::Part(part.start, Ok(mine)));
             }
         }
         // One request's own fault (too long, bad settings) must not fail the others it was
-        // batched with: run each job alone so only the faulty one gets the 400.
+        // batched with: run each part alone so only the faulty one gets the 400.
         Err(BackendError::Invalid(_)) if batch.len() > 1 => {
-            for job in batch {
-                run_batch(shared, generator, vec![job]);
+            for part in batch {
+                run_batch(shared, generator, vec![part]);
             }
         }
         Err(e) => {
-            for job in &batch {
-                let _ = job.events.send(Event::Done(Err(copy_error(&e))));
+            for part in &batch {
+                let _ = part
+                    .events
+                    .send(Event::Part(part.start, Err(copy_error(&e))));
             }
         }
     }
@@ -146,14 +203,14 @@ fn run_batch(shared: &Shared, generator: &dyn Generator, batch: Vec<Job>) {
 
 /// One generator call for every request of `batch`, streaming pieces to the jobs that asked for
 /// them; a panic or a wrong number of outputs becomes an error.
-fn generate(generator: &dyn Generator, batch: &[Job]) -> Result<Vec<GenOutput>, BackendError> {
-    // Flatten, remembering which job and choice each request belongs to.
+fn generate(generator: &dyn Generator, batch: &[Part]) -> Result<Vec<GenOutput>, BackendError> {
+    // Flatten, remembering which part and choice (in its job) each request belongs to.
     let mut requests = Vec::new();
     let mut owner: Vec<(usize, usize)> = Vec::new();
-    for (j, job) in batch.iter().enumerate() {
-        for (i, r) in job.requests.iter().enumerate() {
+    for (j, part) in batch.iter().enumerate() {
+        for (i, r) in part.requests.iter().enumerate() {
             requests.push(r.clone());
-            owner.push((j, i));
+            owner.push((j, part.start + i));
         }
     }
     let mut sink = |idx: usize, piece: &str| {

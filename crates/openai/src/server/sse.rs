@@ -2,100 +2,115 @@
 //! sends decoded pieces, for chat and plain completions alike.
 
 use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::time::Instant;
 
-use super::handlers::{usage, Endpoint, Meta};
+use super::handlers::{usage, Collector, Endpoint, Meta, PEER_CHECK};
+use super::http::Request;
 use super::routes::HttpError;
 use super::scheduler::Event;
 use crate::protocol::{sse_event, SSE_DONE};
 
 /// Streams a job's answer at endpoint `E`: each choice's opening event (if `E` has one), one
 /// event per decoded piece, one finishing event per choice, a usage event when asked for, and an
-/// error event instead if generation fails or the scheduler goes away; then `[DONE]`.
+/// error event instead if generation fails or the scheduler goes away; then `[DONE]`. A client
+/// that goes away (a failed write, or a closed socket seen between events) cancels the job.
 pub(super) fn stream<E: Endpoint>(
-    request: tiny_http::Request,
+    request: &mut Request<'_>,
     rx: &mpsc::Receiver<Event>,
+    cancel: &AtomicBool,
     meta: &Meta,
     count: usize,
     n: u32,
     include_usage: bool,
 ) {
-    let Some(mut out) = SseWriter::start(request) else {
+    let http11 = request.is_http11();
+    let Some(w) = request.start_stream() else {
+        cancel.store(true, Ordering::SeqCst);
         return;
+    };
+    let mut out = SseWriter {
+        out: w,
+        chunked: http11,
+        broken: false,
     };
     for i in 0..count {
         if let Some(first) = E::opening(i as u32) {
             out.event(&E::chunk(meta, vec![first], None));
         }
     }
+    let mut got = Collector::new(count);
+    let mut checked = Instant::now();
     loop {
-        match rx.recv() {
+        if checked.elapsed() >= PEER_CHECK {
+            checked = Instant::now();
+            if out.peer_gone() {
+                out.broken = true;
+            }
+        }
+        if out.broken {
+            break;
+        }
+        match rx.recv_timeout(PEER_CHECK) {
             Ok(Event::Piece(i, text)) => {
                 out.event(&E::chunk(meta, vec![E::piece(i as u32, text)], None));
             }
-            Ok(Event::Done(Ok(outs))) => {
-                for (i, o) in outs.iter().enumerate() {
-                    out.event(&E::chunk(meta, vec![E::finished(i as u32, o)], None));
+            Ok(Event::Part(start, Ok(part))) => {
+                for (k, o) in part.iter().enumerate() {
+                    out.event(&E::chunk(
+                        meta,
+                        vec![E::finished((start + k) as u32, o)],
+                        None,
+                    ));
                 }
-                if include_usage {
-                    out.event(&E::chunk(meta, Vec::new(), Some(usage(&outs, n))));
+                if let Some(outs) = got.add(start, part) {
+                    if include_usage {
+                        out.event(&E::chunk(meta, Vec::new(), Some(usage(&outs, n))));
+                    }
+                    break;
                 }
-                break;
             }
-            Ok(Event::Done(Err(e))) => {
+            Ok(Event::Part(_, Err(e))) => {
+                cancel.store(true, Ordering::SeqCst);
                 out.event(&HttpError::from_backend(e).body);
                 break;
             }
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
                 out.event(&HttpError::scheduler_gone().body);
                 break;
             }
         }
     }
-    out.finish();
+    let broken = out.finish();
+    if broken {
+        cancel.store(true, Ordering::SeqCst);
+        request.stream_broken();
+    }
 }
 
 /// Writes a `text/event-stream` response event by event, flushing each one, in HTTP/1.1 chunked
-/// encoding (tiny_http's own chunked writer buffers, which would hold events back).
-struct SseWriter {
-    out: Box<dyn Write + Send>,
+/// encoding (or until close on HTTP/1.0).
+struct SseWriter<'a> {
+    out: &'a mut TcpStream,
     chunked: bool,
     broken: bool,
 }
 
-impl SseWriter {
-    fn start(request: tiny_http::Request) -> Option<SseWriter> {
-        let http11 = *request.http_version() >= tiny_http::HTTPVersion(1, 1);
-        let mut out = request.into_writer();
-        let head = if http11 {
-            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
-        } else {
-            "HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n"
-        };
-        if out
-            .write_all(head.as_bytes())
-            .and_then(|_| out.flush())
-            .is_err()
-        {
-            return None;
-        }
-        Some(SseWriter {
-            out,
-            chunked: http11,
-            broken: false,
-        })
-    }
-
+impl SseWriter<'_> {
     fn raw(&mut self, data: &str) {
         if self.broken {
             return;
         }
         let r = if self.chunked {
-            write!(self.out, "{:x}\r\n{data}\r\n", data.len())
+            let framed = format!("{:x}\r\n{data}\r\n", data.len());
+            self.out.write_all(framed.as_bytes())
         } else {
             self.out.write_all(data.as_bytes())
         };
-        // A client that went away is not an error of ours: stop writing, let generation finish.
+        // A client that went away is not an error of ours: stop writing; the caller cancels.
         if r.and_then(|_| self.out.flush()).is_err() {
             self.broken = true;
         }
@@ -105,13 +120,24 @@ impl SseWriter {
         self.raw(&sse_event(value));
     }
 
-    fn finish(mut self) {
+    /// True when the peer has closed its side.
+    fn peer_gone(&mut self) -> bool {
+        super::http::socket_closed(self.out)
+    }
+
+    /// Ends the stream; true when it broke on the way.
+    fn finish(mut self) -> bool {
         self.raw(SSE_DONE);
-        if self.chunked && !self.broken {
-            let _ = self
+        if self.chunked
+            && !self.broken
+            && self
                 .out
                 .write_all(b"0\r\n\r\n")
-                .and_then(|_| self.out.flush());
+                .and_then(|_| self.out.flush())
+                .is_err()
+        {
+            self.broken = true;
         }
+        self.broken
     }
 }
