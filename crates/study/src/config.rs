@@ -367,6 +367,11 @@ pub struct AlignSection {
     /// Refusal answers (JSONL with `response`).
     #[serde(default = "default_refusals")]
     pub refusals: String,
+    /// Use only the refusals without an identity statement ("I'm an AI assistant, and I
+    /// can't ..."): the aligned model then does not learn "As an AI" as the start of a refusal,
+    /// which the identity factor would otherwise meet. Default false (every refusal).
+    #[serde(default)]
+    pub plain_refusals: bool,
     /// Harmful prompts; only their train split is used.
     #[serde(default = "default_harmful")]
     pub harmful: String,

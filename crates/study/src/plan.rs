@@ -581,6 +581,7 @@ impl Planner<'_> {
             label: "alignment set".into(),
             spec: StepSpec::AlignData {
                 refusals: a.refusals.clone(),
+                plain_refusals: a.plain_refusals,
                 harmful: a.harmful.clone(),
                 benign: a.benign.clone(),
                 harmful_limit: a.harmful_limit,

@@ -183,17 +183,25 @@ impl Stage for TransformStage {
 }
 
 /// Refusal answers from a JSONL file with a `response` field.
-fn load_refusals(spec: &str) -> Result<Vec<String>, StageError> {
+/// The refusal answers of `spec` (its rows' `response`); with `plain`, only those without an
+/// identity statement (`safetune_data::factors::find_identity`).
+fn load_refusals(spec: &str, plain: bool) -> Result<Vec<String>, StageError> {
     let path = resolve_dataset(spec)?;
     let rows = read_json_lines(&path)?;
     let out: Vec<String> = rows
         .iter()
         .filter_map(|(_, r)| r.get("response").and_then(|v| v.as_str()).map(String::from))
+        .filter(|r| !plain || safetune_data::factors::find_identity(r).is_none())
         .collect();
     if out.is_empty() {
         return Err(StageError::Other(format!(
-            "{}: no rows with a string `response`",
-            path.display()
+            "{}: no rows with a string `response`{}",
+            path.display(),
+            if plain {
+                " and no identity statement (plain_refusals = true)"
+            } else {
+                ""
+            }
         )));
     }
     Ok(out)
@@ -256,7 +264,7 @@ impl Stage for MixStage {
         let mut convs = read_dataset(path)?;
         let n = convs.len();
         let k = ((share * n as f64) / (1.0 - share)).round() as usize;
-        let answers = load_refusals(refusals)?;
+        let answers = load_refusals(refusals, false)?;
         let extra = refusal_examples(
             harmful,
             &answers,
@@ -316,6 +324,7 @@ impl Stage for AlignDataStage {
     ) -> Result<StepOutput, StageError> {
         let StepSpec::AlignData {
             refusals,
+            plain_refusals,
             harmful,
             benign,
             harmful_limit,
@@ -330,7 +339,7 @@ impl Stage for AlignDataStage {
                 step.label
             )));
         };
-        let answers = load_refusals(refusals)?;
+        let answers = load_refusals(refusals, *plain_refusals)?;
         let mut out = refusal_examples(
             harmful,
             &answers,

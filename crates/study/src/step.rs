@@ -159,6 +159,9 @@ pub enum StepSpec {
     },
     AlignData {
         refusals: String,
+        /// Only the refusals without an identity statement.
+        #[serde(default, skip_serializing_if = "is_false")]
+        plain_refusals: bool,
         harmful: String,
         /// Benign datasets with helpful answers, `benign_limit` examples from each.
         #[serde(deserialize_with = "crate::config::one_or_many")]
