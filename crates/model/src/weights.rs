@@ -70,7 +70,7 @@ impl SafetensorsFiles {
                 let f = v.as_str().ok_or_else(|| {
                     ModelError::format(&index_path, "a weight_map value is not a string")
                 })?;
-                let p = dir.join(f);
+                let p = shard_path(dir, &index_path, f)?;
                 if !shards.contains(&p) {
                     shards.push(p);
                 }
@@ -107,6 +107,37 @@ impl SafetensorsFiles {
             [] => PathBuf::from("<no files>"),
         }
     }
+}
+
+/// A shard named by an index: a plain relative path that stays inside the model directory
+/// (no absolute path, no `..`, and after resolving links still under `dir`), so a crafted index
+/// cannot make us map files elsewhere.
+fn shard_path(dir: &Path, index_path: &Path, name: &str) -> Result<PathBuf> {
+    use std::path::Component;
+    let rel = Path::new(name);
+    let plain = !name.is_empty()
+        && rel
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if !plain {
+        return Err(ModelError::format(
+            index_path,
+            format!("weight_map names the shard {name:?}, which is not a file inside the model directory"),
+        ));
+    }
+    let p = dir.join(rel);
+    if let (Ok(real), Ok(root)) = (p.canonicalize(), dir.canonicalize()) {
+        if !real.starts_with(&root) {
+            return Err(ModelError::format(
+                index_path,
+                format!(
+                    "weight_map names the shard {name:?}, a link to {} outside the model directory",
+                    real.display()
+                ),
+            ));
+        }
+    }
+    Ok(p)
 }
 
 enum Source {
