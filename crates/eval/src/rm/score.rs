@@ -6,6 +6,10 @@
 //! Item rows: `{"id", "rm", "kind": "item", "score", "label"?, "variant"?, "subset"?}`.
 //! Pair rows: `{"id", "rm", "kind": "pair", "chosen", "rejected", "margin", "subset"?,
 //! "chosen_safe"?, "rejected_safe"?}`.
+//!
+//! A score that is not a finite number (a NaN from the model) is written as `null` with
+//! `"missing": REASON` naming the reward model and the row: the row is finished (a rerun would
+//! get the same answer), and the analysis counts it apart instead of failing on it.
 
 use std::collections::HashSet;
 use std::fs::OpenOptions;
@@ -203,6 +207,8 @@ pub fn run_scoring(
             ScoreTask::Items(items) => {
                 let inputs: Vec<RmInput> = part.iter().map(|&i| items[i].input.clone()).collect();
                 let scores = rm.score(&inputs).map_err(|e| partial(out, &prog, e))?;
+                check_count(&rm_name, scores.len(), inputs.len())
+                    .map_err(|e| partial(out, &prog, e))?;
                 part.iter()
                     .zip(scores)
                     .map(|(&i, s)| item_row(&items[i], &rm_name, s))
@@ -224,6 +230,8 @@ pub fn run_scoring(
                     }
                 }
                 let scores = rm.score(&inputs).map_err(|e| partial(out, &prog, e))?;
+                check_count(&rm_name, scores.len(), inputs.len())
+                    .map_err(|e| partial(out, &prog, e))?;
                 part.iter()
                     .enumerate()
                     .map(|(k, &i)| pair_row(&pairs[i], &rm_name, scores[2 * k], scores[2 * k + 1]))
@@ -258,6 +266,36 @@ pub fn run_scoring(
     Ok(prog)
 }
 
+/// A model must give one score per input: a short (or long) answer is an error, never an
+/// index out of bounds.
+fn check_count(rm: &str, got: usize, sent: usize) -> Result<()> {
+    if got == sent {
+        return Ok(());
+    }
+    Err(RmError::Backend(format!(
+        "reward model {rm} returned {got} scores for {sent} inputs"
+    )))
+}
+
+/// Marks a row whose scores are not all finite: `null` scores and the reason.
+fn mark_missing(m: &mut Map<String, Value>, rm: &str, id: &str, scores: &[(&str, f64)]) {
+    let bad: Vec<String> = scores
+        .iter()
+        .filter(|(_, s)| !s.is_finite())
+        .map(|(what, s)| format!("{what} {s}"))
+        .collect();
+    if !bad.is_empty() {
+        m.insert(
+            "missing".into(),
+            format!(
+                "reward model {rm} returned no finite score for row {id}: {}",
+                bad.join(", ")
+            )
+            .into(),
+        );
+    }
+}
+
 fn partial(out: &Path, prog: &ScoreProgress, e: RmError) -> RmError {
     RmError::Partial {
         path: out.to_path_buf(),
@@ -273,6 +311,7 @@ fn item_row(item: &ItemInput, rm: &str, score: f64) -> Value {
     m.insert("rm".into(), rm.into());
     m.insert("kind".into(), "item".into());
     m.insert("score".into(), finite(score));
+    mark_missing(&mut m, rm, &item.id, &[("score", score)]);
     if let Some(l) = item.label {
         m.insert("label".into(), l.into());
     }
@@ -293,6 +332,12 @@ fn pair_row(p: &PreferencePair, rm: &str, chosen: f64, rejected: f64) -> Value {
     m.insert("chosen".into(), finite(chosen));
     m.insert("rejected".into(), finite(rejected));
     m.insert("margin".into(), finite(chosen - rejected));
+    mark_missing(
+        &mut m,
+        rm,
+        &p.id,
+        &[("chosen", chosen), ("rejected", rejected)],
+    );
     if let Some(s) = &p.subset {
         m.insert("subset".into(), s.clone().into());
     }
@@ -336,6 +381,8 @@ pub struct ScoreFile {
     pub rm: String,
     pub items: Vec<ItemScore>,
     pub pairs: Vec<PairScore>,
+    /// Rows written without a finite score: `(id, reason)`.
+    pub missing: Vec<(String, String)>,
 }
 
 /// Reads a scores file written by [`run_scoring`] (or by hand: rows with `id` and `score`, or
@@ -366,6 +413,10 @@ pub fn read_scores(path: &Path) -> Result<ScoreFile> {
             }
         };
         let text = |k: &str| row.get(k).and_then(Value::as_str).map(str::to_string);
+        if let Some(reason) = text("missing") {
+            f.missing.push((id, reason));
+            continue;
+        }
         if row.contains_key("score") {
             f.items.push(ItemScore {
                 id,
