@@ -31,7 +31,19 @@ pub const EXTREMES: [u64; 11] = [
 
 /// Text that breaks JSON, CSV and templates in interesting ways.
 const TOKENS: [&str; 14] = [
-    "\"", "{", "}", "[", "]", ",", "\n", "#", "\\", "-1", "1e999", "99999999999999999999", "\0",
+    "\"",
+    "{",
+    "}",
+    "[",
+    "]",
+    ",",
+    "\n",
+    "#",
+    "\\",
+    "-1",
+    "1e999",
+    "99999999999999999999",
+    "\0",
     "{{",
 ];
 
@@ -191,8 +203,14 @@ mod tests {
     #[test]
     fn mutations_are_seeded_and_vary() {
         let src: Vec<u8> = (0..200u8).collect();
-        let a: Vec<_> = (0..20).map(|_| ()).scan(Mutator::new(7), |m, _| Some(m.mutate(&src))).collect();
-        let b: Vec<_> = (0..20).map(|_| ()).scan(Mutator::new(7), |m, _| Some(m.mutate(&src))).collect();
+        let a: Vec<_> = (0..20)
+            .map(|_| ())
+            .scan(Mutator::new(7), |m, _| Some(m.mutate(&src)))
+            .collect();
+        let b: Vec<_> = (0..20)
+            .map(|_| ())
+            .scan(Mutator::new(7), |m, _| Some(m.mutate(&src)))
+            .collect();
         assert_eq!(a, b);
         let distinct: std::collections::HashSet<&Vec<u8>> = a.iter().map(|(v, _)| v).collect();
         assert!(distinct.len() > 15);
@@ -202,9 +220,19 @@ mod tests {
     #[test]
     fn a_panicking_check_is_reported_with_its_case() {
         let r = catch_unwind(|| {
-            run("demo", b"abcdef", 3, 50, |b| if b.len() < 6 { panic!("short") } else { Ok(()) }, |_, _| {})
+            run(
+                "demo",
+                b"abcdef",
+                3,
+                50,
+                |b| if b.len() < 6 { panic!("short") } else { Ok(()) },
+                |_, _| {},
+            )
         });
         let msg = r.unwrap_err().downcast::<String>().unwrap();
-        assert!(msg.contains("demo: mutant") && msg.contains("seed 3") && msg.contains("short"), "{msg}");
+        assert!(
+            msg.contains("demo: mutant") && msg.contains("seed 3") && msg.contains("short"),
+            "{msg}"
+        );
     }
 }

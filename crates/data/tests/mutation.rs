@@ -46,7 +46,12 @@ unsafe impl GlobalAlloc for Capped {
 static ALLOC: Capped = Capped;
 
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).unwrap()
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
 }
 
 /// Mutates `src`, writes each mutant as `dir/name` and reads it whole.
@@ -67,7 +72,12 @@ fn mutate_dataset(name: &str, src: &[u8], seed: u64, default_iters: usize) {
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         },
-        |err, what| assert!(err.contains(name), "{name} ({what}): error without the file: {err}"),
+        |err, what| {
+            assert!(
+                err.contains(name),
+                "{name} ({what}): error without the file: {err}"
+            )
+        },
     );
     assert!(out.err > 0, "{name}: no mutant was refused: {out:?}");
 }

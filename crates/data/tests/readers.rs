@@ -120,7 +120,9 @@ fn csv_rows_starting_with_a_hash_are_data_and_comments_only_lead() {
         "r.csv",
         "# note\nprompt,response\nok,fine\n#x,y\nonly-one-field\n",
     );
-    let err = read_all(&p, &ReadOptions::default()).unwrap_err().to_string();
+    let err = read_all(&p, &ReadOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("r.csv:5:"), "{err}");
 }
 

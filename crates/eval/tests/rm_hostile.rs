@@ -80,7 +80,10 @@ fn a_short_answer_is_an_error_not_a_panic() {
         let err = run_scoring(&rm, &task, &out, &ScoreOptions::default(), &mut |_| {})
             .unwrap_err()
             .to_string();
-        assert!(err.contains("odd-rm") && err.contains("scores for"), "{err}");
+        assert!(
+            err.contains("odd-rm") && err.contains("scores for"),
+            "{err}"
+        );
     }
 }
 
@@ -108,7 +111,10 @@ fn a_nan_score_is_written_as_missing_with_a_reason_and_not_retried() {
     assert_eq!(f.missing.len(), 1);
     let (id, reason) = &f.missing[0];
     assert_eq!(id, "b");
-    assert!(reason.contains("odd-rm") && reason.contains("NaN") && reason.contains('b'), "{reason}");
+    assert!(
+        reason.contains("odd-rm") && reason.contains("NaN") && reason.contains('b'),
+        "{reason}"
+    );
     // A rerun has nothing left to score.
     let p = run_scoring(&rm, &task, &out, &ScoreOptions::default(), &mut |_| {}).unwrap();
     assert_eq!((p.skipped, p.done), (3, 0));
@@ -123,17 +129,28 @@ fn the_api_key_of_an_http_reward_model_goes_only_where_it_may() {
         ..RemoteOptions::default()
     };
     // Plain http to another host with a key named for it: refused, naming host and setting.
-    let err = match RemoteRm::new(EndpointKind::Score, "http://10.9.8.7:8000#rm", None, named.clone()) {
+    let err = match RemoteRm::new(
+        EndpointKind::Score,
+        "http://10.9.8.7:8000#rm",
+        None,
+        named.clone(),
+    ) {
         Ok(_) => panic!("the key would go over plain http"),
         Err(e) => e,
     };
     assert!(
-        err.contains("10.9.8.7") && err.contains("SAFETUNE_TEST_RM_NAMED_KEY") && err.contains("allow_insecure"),
+        err.contains("10.9.8.7")
+            && err.contains("SAFETUNE_TEST_RM_NAMED_KEY")
+            && err.contains("allow_insecure"),
         "{err}"
     );
     assert!(!err.contains("sk-rm-named-1234"), "{err}");
     // https, loopback, or allowed: sent.
-    for url in ["https://rm.example.com#rm", "http://127.0.0.1:9#rm", "http://localhost:9#rm"] {
+    for url in [
+        "https://rm.example.com#rm",
+        "http://127.0.0.1:9#rm",
+        "http://localhost:9#rm",
+    ] {
         let rm = RemoteRm::new(EndpointKind::Score, url, None, named.clone()).unwrap();
         assert!(rm.has_api_key(), "{url}");
     }
@@ -141,10 +158,22 @@ fn the_api_key_of_an_http_reward_model_goes_only_where_it_may() {
         allow_insecure: true,
         ..named.clone()
     };
-    let rm = RemoteRm::new(EndpointKind::Score, "http://10.9.8.7:8000#rm", None, insecure).unwrap();
+    let rm = RemoteRm::new(
+        EndpointKind::Score,
+        "http://10.9.8.7:8000#rm",
+        None,
+        insecure,
+    )
+    .unwrap();
     assert!(rm.has_api_key());
     // A host that only starts like a loopback address is not one.
-    assert!(RemoteRm::new(EndpointKind::Score, "http://127.0.0.1.example.com#rm", None, named).is_err());
+    assert!(RemoteRm::new(
+        EndpointKind::Score,
+        "http://127.0.0.1.example.com#rm",
+        None,
+        named
+    )
+    .is_err());
 }
 
 /// A loopback server that answers every request with `reply` (HTTP 200, JSON).
@@ -193,12 +222,24 @@ fn a_classify_answer_that_leaves_an_input_out_is_an_error() {
     let url = one_reply_server(
         r#"{"data": [{"index": 0, "probs": [0.2, 0.8]}, {"index": 0, "probs": [0.3, 0.7]}]}"#,
     );
-    let rm = RemoteRm::new(EndpointKind::Classify, &format!("{url}#clf"), None, quiet.clone()).unwrap();
+    let rm = RemoteRm::new(
+        EndpointKind::Classify,
+        &format!("{url}#clf"),
+        None,
+        quiet.clone(),
+    )
+    .unwrap();
     let err = rm.score(&[input("a"), input("b")]).unwrap_err().to_string();
     assert!(err.contains("no result for input 1"), "{err}");
     // A short answer and an empty probability list are errors too.
     let url = one_reply_server(r#"{"data": [{"index": 0, "probs": []}]}"#);
-    let rm = RemoteRm::new(EndpointKind::Classify, &format!("{url}#clf"), None, quiet.clone()).unwrap();
+    let rm = RemoteRm::new(
+        EndpointKind::Classify,
+        &format!("{url}#clf"),
+        None,
+        quiet.clone(),
+    )
+    .unwrap();
     assert!(rm.score(&[input("a"), input("b")]).is_err());
     assert!(rm.score(&[input("a")]).is_err());
 }

@@ -271,14 +271,12 @@ impl Config {
     /// Reads `config.json` and resolves it; an unusable value is an error naming the file and
     /// the field.
     pub fn from_hf_file(path: &Path) -> Result<Config> {
-        HfConfig::from_file(path)?
-            .resolve()
-            .map_err(|e| match e {
-                ModelError::Config { field, message } => {
-                    ModelError::format(path, format!("field `{field}`: {message}"))
-                }
-                e => e,
-            })
+        HfConfig::from_file(path)?.resolve().map_err(|e| match e {
+            ModelError::Config { field, message } => {
+                ModelError::format(path, format!("field `{field}`: {message}"))
+            }
+            e => e,
+        })
     }
 
     /// Checks the sizes a crafted file could set to values that break the decoder (zero heads,
@@ -294,7 +292,11 @@ impl Config {
             ("num_key_value_heads", self.num_key_value_heads, 1 << 12),
             ("head_dim", self.head_dim, 1 << 14),
             ("vocab_size", self.vocab_size, 1 << 24),
-            ("max_position_embeddings", self.max_position_embeddings, 1 << 26),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 26,
+            ),
         ];
         for (field, value, max) in limits {
             if value == 0 || value > max {
@@ -320,10 +322,16 @@ impl Config {
             );
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return bad("rms_norm_eps", format!("{} is not a finite value >= 0", self.rms_norm_eps));
+            return bad(
+                "rms_norm_eps",
+                format!("{} is not a finite value >= 0", self.rms_norm_eps),
+            );
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad("rope_theta", format!("{} is not a finite value > 0", self.rope_theta));
+            return bad(
+                "rope_theta",
+                format!("{} is not a finite value > 0", self.rope_theta),
+            );
         }
         Ok(())
     }

@@ -142,7 +142,7 @@ impl GgufFile {
             None => match self.metadata("tokenizer.ggml.tokens") {
                 Some(Value::Array(a)) => a.len(),
                 _ => match self.content.tensor_infos.get("token_embd.weight") {
-                        Some(info) if !info.shape.dims().is_empty() => info.shape.dims()[0],
+                    Some(info) if !info.shape.dims().is_empty() => info.shape.dims()[0],
                     _ => {
                         return Err(ModelError::format(
                             &self.path,
@@ -373,7 +373,11 @@ impl Scan<'_> {
             .read_exact(&mut v)
             .map_err(|e| ModelError::io(self.path, e))?;
         self.pos += n;
-        Ok(Some(String::from_utf8_lossy(&v).trim_end_matches('\0').to_string()))
+        Ok(Some(
+            String::from_utf8_lossy(&v)
+                .trim_end_matches('\0')
+                .to_string(),
+        ))
     }
 
     /// Skips one value of GGUF type `ty`; returns integers (for `general.alignment`).
@@ -407,7 +411,9 @@ impl Scan<'_> {
             }
             9 => {
                 if depth >= MAX_VALUE_DEPTH {
-                    return Err(self.err(format!("{what}: arrays nested deeper than {MAX_VALUE_DEPTH}")));
+                    return Err(self.err(format!(
+                        "{what}: arrays nested deeper than {MAX_VALUE_DEPTH}"
+                    )));
                 }
                 let elem = self.u32(&what)?;
                 let n = self.length(&what)?;
@@ -451,7 +457,9 @@ fn prescan(path: &Path, reader: &mut BufReader<File>, len: u64) -> Result<()> {
     };
     let magic = s.u32("the magic number")?;
     if magic != 0x4655_4747 && magic != 0x4747_5546 {
-        return Err(s.err(format!("unknown magic 0x{magic:08x} (a GGUF file starts with `GGUF`)")));
+        return Err(s.err(format!(
+            "unknown magic 0x{magic:08x} (a GGUF file starts with `GGUF`)"
+        )));
     }
     let version = s.u32("the version")?;
     if !(1..=3).contains(&version) {
@@ -460,8 +468,10 @@ fn prescan(path: &Path, reader: &mut BufReader<File>, len: u64) -> Result<()> {
     s.v1 = version == 1;
     let tensor_count = s.length("the tensor count")?;
     let kv_count = s.length("the metadata count")?;
-    // A metadata entry takes at least 13 bytes, a tensor entry at least 20.
-    if kv_count > s.left() / 13 || tensor_count > s.left() / 20 {
+    // A metadata entry takes at least a key length, a type and one byte; a tensor entry at
+    // least a name length, a dimension count, one dimension, a type and an offset.
+    let prefix: u64 = if s.v1 { 4 } else { 8 };
+    if kv_count > s.left() / (prefix + 5) || tensor_count > s.left() / (2 * prefix + 12) {
         return Err(s.err(format!(
             "the header claims {kv_count} metadata entries and {tensor_count} tensors, more than \
              the {len}-byte file can hold"
@@ -498,7 +508,9 @@ fn prescan(path: &Path, reader: &mut BufReader<File>, len: u64) -> Result<()> {
         if n_dims == 0 || n_dims > MAX_TENSOR_DIMS {
             return Err(ModelError::format(
                 path,
-                format!("{what} has {n_dims} dimensions (GGUF tensors have 1 to {MAX_TENSOR_DIMS})"),
+                format!(
+                    "{what} has {n_dims} dimensions (GGUF tensors have 1 to {MAX_TENSOR_DIMS})"
+                ),
             ));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
@@ -507,8 +519,9 @@ fn prescan(path: &Path, reader: &mut BufReader<File>, len: u64) -> Result<()> {
         }
         let ty = s.u32(&what)?;
         let offset = s.u64(&what)?;
-        let dtype = ggml_dtype(ty)
-            .ok_or_else(|| ModelError::format(path, format!("{what} has unknown ggml type {ty}")))?;
+        let dtype = ggml_dtype(ty).ok_or_else(|| {
+            ModelError::format(path, format!("{what} has unknown ggml type {ty}"))
+        })?;
         let elems = dims
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))

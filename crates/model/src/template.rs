@@ -129,9 +129,7 @@ impl ChatTemplate {
         let text: usize = messages.iter().map(|m| m.content.len()).sum();
         let mut out = Capped {
             out: Vec::new(),
-            limit: text
-                .saturating_mul(4)
-                .saturating_add(TEMPLATE_OUTPUT_SLACK),
+            limit: text.saturating_mul(4).saturating_add(TEMPLATE_OUTPUT_SLACK),
             overflowed: false,
         };
         let rendered = tmpl.render_captured_to(ctx, &mut out).map(|_| ());
@@ -356,8 +354,8 @@ mod tests {
     #[test]
     fn a_template_that_writes_too_much_is_stopped() {
         // 100 MB of output from a two-byte conversation.
-        let t = ChatTemplate::new("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}")
-            .unwrap();
+        let t =
+            ChatTemplate::new("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}").unwrap();
         let err = t
             .render(&[Message::user("hi")], false, "", "")
             .unwrap_err()

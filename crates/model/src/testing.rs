@@ -299,17 +299,29 @@ impl TinyModel {
                 .collect(),
         );
         let metadata: Vec<(&str, gguf_file::Value)> = vec![
-            ("general.architecture", gguf_file::Value::String("llama".into())),
+            (
+                "general.architecture",
+                gguf_file::Value::String("llama".into()),
+            ),
             ("llama.embedding_length", u32v(c)),
             ("llama.feed_forward_length", u32v(self.intermediate_size)),
             ("llama.block_count", u32v(self.num_hidden_layers)),
             ("llama.attention.head_count", u32v(h)),
             ("llama.attention.head_count_kv", u32v(k)),
             ("llama.context_length", u32v(512)),
-            ("llama.attention.layer_norm_rms_epsilon", gguf_file::Value::F32(1e-5)),
+            (
+                "llama.attention.layer_norm_rms_epsilon",
+                gguf_file::Value::F32(1e-5),
+            ),
             ("llama.rope.freq_base", gguf_file::Value::F32(10_000.0)),
-            ("tokenizer.ggml.model", gguf_file::Value::String("gpt2".into())),
-            ("tokenizer.ggml.pre", gguf_file::Value::String("smollm".into())),
+            (
+                "tokenizer.ggml.model",
+                gguf_file::Value::String("gpt2".into()),
+            ),
+            (
+                "tokenizer.ggml.pre",
+                gguf_file::Value::String("smollm".into()),
+            ),
             ("tokenizer.ggml.tokens", strings(&tokens)),
             ("tokenizer.ggml.merges", strings(&merges)),
             ("tokenizer.ggml.token_type", types),
@@ -344,7 +356,10 @@ impl TinyModel {
                     .and_then(|t| t.reshape(dims))
                     .map_err(err)?;
             }
-            qtensors.push((gguf_name, QTensor::quantize(&t, GgmlDType::F32).map_err(err)?));
+            qtensors.push((
+                gguf_name,
+                QTensor::quantize(&t, GgmlDType::F32).map_err(err)?,
+            ));
         }
         let meta_refs: Vec<(&str, &gguf_file::Value)> =
             metadata.iter().map(|(k, v)| (*k, v)).collect();

@@ -202,13 +202,15 @@ impl Tok {
             if add_bos { bos.as_deref() } else { None },
         );
         let bytes = serde_json::to_vec(&json).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let inner = read_tokenizer(&g.path, || tokenizers::Tokenizer::from_bytes(bytes))
-            .map_err(|e| match e {
-                ModelError::Format { path, message } => ModelError::Format {
-                    path,
-                    message: format!("embedded tokenizer: {message}"),
-                },
-                e => e,
+        let inner =
+            read_tokenizer(&g.path, || tokenizers::Tokenizer::from_bytes(bytes)).map_err(|e| {
+                match e {
+                    ModelError::Format { path, message } => ModelError::Format {
+                        path,
+                        message: format!("embedded tokenizer: {message}"),
+                    },
+                    e => e,
+                }
             })?;
         let template = g.get_string("tokenizer.chat_template").map(str::to_string);
         Ok(Tok::new(

@@ -13,7 +13,11 @@ use safetune_model::{LoadOptions, LocalEngine};
 
 /// A GGUF file written byte by byte: version 3, `meta` as (key, type id, value bytes) and
 /// tensors as (name, dims, ggml type, offset), then `data` zero bytes of tensor data.
-fn raw_gguf(meta: &[(&str, u32, Vec<u8>)], tensors: &[(&str, &[u64], u32, u64)], data: usize) -> Vec<u8> {
+fn raw_gguf(
+    meta: &[(&str, u32, Vec<u8>)],
+    tensors: &[(&str, &[u64], u32, u64)],
+    data: usize,
+) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(b"GGUF");
     b.extend_from_slice(&3u32.to_le_bytes());
@@ -56,7 +60,9 @@ fn edited_gguf(
     name: &str,
     edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, QTensor)>),
 ) -> PathBuf {
-    let src = TinyModel::default().write_gguf(&dir.join("src.gguf")).unwrap();
+    let src = TinyModel::default()
+        .write_gguf(&dir.join("src.gguf"))
+        .unwrap();
     let mut f = std::fs::File::open(&src).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
     let mut meta: Vec<(String, Value)> = content.metadata.clone().into_iter().collect();
@@ -91,16 +97,33 @@ fn the_tiny_gguf_loads_like_the_hf_directory() {
     let b = LocalEngine::load_hf_dir(&hf, &LoadOptions::default()).unwrap();
     assert_eq!(a.model.cfg.hidden_size, b.model.cfg.hidden_size);
     assert_eq!(a.model.cfg.vocab_size, b.model.cfg.vocab_size);
-    assert_eq!(a.model.cfg.num_key_value_heads, b.model.cfg.num_key_value_heads);
+    assert_eq!(
+        a.model.cfg.num_key_value_heads,
+        b.model.cfg.num_key_value_heads
+    );
 }
 
 #[test]
 fn gguf_alignment_zero_is_an_error_not_a_division_by_zero() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("align0.gguf");
-    std::fs::write(&p, raw_gguf(&[arch(), ("general.alignment", 4, 0u32.to_le_bytes().to_vec())], &[], 0)).unwrap();
+    std::fs::write(
+        &p,
+        raw_gguf(
+            &[
+                arch(),
+                ("general.alignment", 4, 0u32.to_le_bytes().to_vec()),
+            ],
+            &[],
+            0,
+        ),
+    )
+    .unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(err.contains("align0.gguf") && err.contains("general.alignment"), "{err}");
+    assert!(
+        err.contains("align0.gguf") && err.contains("general.alignment"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -108,14 +131,28 @@ fn gguf_tensor_sizes_that_overflow_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("huge.gguf");
     let dims: &[u64] = &[1 << 40, 1 << 40];
-    std::fs::write(&p, raw_gguf(&[arch()], &[("token_embd.weight", dims, 0, 0)], 64)).unwrap();
+    std::fs::write(
+        &p,
+        raw_gguf(&[arch()], &[("token_embd.weight", dims, 0, 0)], 64),
+    )
+    .unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(err.contains("huge.gguf") && err.contains("token_embd.weight"), "{err}");
+    assert!(
+        err.contains("huge.gguf") && err.contains("token_embd.weight"),
+        "{err}"
+    );
     // A Q4_0 tensor whose element count times its block bytes overflows.
     let dims: &[u64] = &[32, u64::MAX / 16];
-    std::fs::write(&p, raw_gguf(&[arch()], &[("token_embd.weight", dims, 2, 0)], 64)).unwrap();
+    std::fs::write(
+        &p,
+        raw_gguf(&[arch()], &[("token_embd.weight", dims, 2, 0)], 64),
+    )
+    .unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(err.contains("huge.gguf") && err.contains("token_embd.weight"), "{err}");
+    assert!(
+        err.contains("huge.gguf") && err.contains("token_embd.weight"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -123,12 +160,19 @@ fn gguf_tensor_without_dimensions_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("scalar.gguf");
     // No vocabulary size anywhere but the embedding, which has no dimensions.
-    std::fs::write(&p, raw_gguf(&[arch()], &[("token_embd.weight", &[], 0, 0)], 64)).unwrap();
+    std::fs::write(
+        &p,
+        raw_gguf(&[arch()], &[("token_embd.weight", &[], 0, 0)], 64),
+    )
+    .unwrap();
     let err = match GgufFile::open(&p) {
         Ok(g) => g.config().unwrap_err().to_string(),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("scalar.gguf") && err.contains("token_embd.weight"), "{err}");
+    assert!(
+        err.contains("scalar.gguf") && err.contains("token_embd.weight"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -137,12 +181,22 @@ fn gguf_head_count_kv_zero_is_an_error_naming_the_key() {
     let p = edited_gguf(dir.path(), "kv0.gguf", |meta, _| {
         set(meta, "llama.attention.head_count_kv", Value::U32(0))
     });
-    let err = GgufFile::open(&p).unwrap().config().unwrap_err().to_string();
-    assert!(err.contains("kv0.gguf") && err.contains("head_count_kv"), "{err}");
+    let err = GgufFile::open(&p)
+        .unwrap()
+        .config()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kv0.gguf") && err.contains("head_count_kv"),
+        "{err}"
+    );
     let err = LocalEngine::load_gguf(&p, &LoadOptions::default())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("kv0.gguf") && err.contains("head_count_kv"), "{err}");
+    assert!(
+        err.contains("kv0.gguf") && err.contains("head_count_kv"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -151,8 +205,15 @@ fn gguf_heads_that_do_not_divide_are_errors() {
     let p = edited_gguf(dir.path(), "kv3.gguf", |meta, _| {
         set(meta, "llama.attention.head_count_kv", Value::U32(3))
     });
-    let err = GgufFile::open(&p).unwrap().config().unwrap_err().to_string();
-    assert!(err.contains("kv3.gguf") && err.contains("head_count_kv"), "{err}");
+    let err = GgufFile::open(&p)
+        .unwrap()
+        .config()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kv3.gguf") && err.contains("head_count_kv"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -183,7 +244,9 @@ fn safetensors_index_cannot_point_outside_the_model_directory() {
             original.replace("model-00001-of-00002.safetensors", &target),
         )
         .unwrap();
-        let err = SafetensorsFiles::find_in_dir(&model).unwrap_err().to_string();
+        let err = SafetensorsFiles::find_in_dir(&model)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("model.safetensors.index.json") && err.contains("outside"),
             "{target}: {err}"
@@ -199,7 +262,9 @@ fn safetensors_index_cannot_point_outside_the_model_directory() {
             original.replace("model-00001-of-00002.safetensors", "link.safetensors"),
         )
         .unwrap();
-        let err = SafetensorsFiles::find_in_dir(&model).unwrap_err().to_string();
+        let err = SafetensorsFiles::find_in_dir(&model)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("outside the model directory"), "{err}");
     }
     // Plain names inside the directory still load.
@@ -226,6 +291,9 @@ fn unusable_config_values_name_the_file_and_field() {
         let err = LocalEngine::load_hf_dir(&model, &LoadOptions::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("config.json") && err.contains(field), "{field}: {err}");
+        assert!(
+            err.contains("config.json") && err.contains(field),
+            "{field}: {err}"
+        );
     }
 }

@@ -142,13 +142,23 @@ fn mutated_config_and_tokenizer_files_never_panic() {
     // A config that changes a size is caught by the weights' shapes, which name the weights.
     mutate_file(&m, &m.join("config.json"), 14, 800, &["model.safetensors"]);
     mutate_file(&m, &m.join("tokenizer.json"), 15, 600, &[]);
-    mutate_file(&m, &m.join("tokenizer_config.json"), 16, 600, &["chat template"]);
+    mutate_file(
+        &m,
+        &m.join("tokenizer_config.json"),
+        16,
+        600,
+        &["chat template"],
+    );
 }
 
 #[test]
 fn mutated_chat_templates_never_panic() {
     let src = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'].strip() | trim + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-    let msgs = [Message::system("s"), Message::user("hi"), Message::assistant("yo")];
+    let msgs = [
+        Message::system("s"),
+        Message::user("hi"),
+        Message::assistant("yo"),
+    ];
     let out = run(
         "template",
         src.as_bytes(),

@@ -31,7 +31,9 @@ fn the_default_key_goes_to_https_and_loopback_only() {
         allow_insecure: true,
         ..ClientConfig::default()
     };
-    assert!(client("http://10.1.2.3:8000/v1", &insecure).unwrap().has_api_key());
+    assert!(client("http://10.1.2.3:8000/v1", &insecure)
+        .unwrap()
+        .has_api_key());
 }
 
 #[test]
@@ -49,7 +51,9 @@ fn a_named_key_over_plain_http_elsewhere_is_refused() {
         "{err}"
     );
     assert!(!err.contains("sk-named-1234"), "{err}");
-    assert!(client("https://api.example.com/v1", &cfg).unwrap().has_api_key());
+    assert!(client("https://api.example.com/v1", &cfg)
+        .unwrap()
+        .has_api_key());
     assert!(client("http://127.0.0.1:9/v1", &cfg).unwrap().has_api_key());
     // A pool with one such endpoint is refused as a whole.
     let eps = vec![
@@ -62,12 +66,16 @@ fn a_named_key_over_plain_http_elsewhere_is_refused() {
         allow_insecure: true,
         ..cfg.clone()
     };
-    assert!(client("http://10.1.2.3:8000/v1", &insecure).unwrap().has_api_key());
+    assert!(client("http://10.1.2.3:8000/v1", &insecure)
+        .unwrap()
+        .has_api_key());
     assert!(EndpointPool::new("m", &eps, &insecure).is_ok());
     // A named variable that is not set sends nothing and refuses nothing.
     let unset = ClientConfig {
         api_key_env: "SAFETUNE_TEST_UNSET_NAMED_KEY".into(),
         ..ClientConfig::default()
     };
-    assert!(!client("http://10.1.2.3:8000/v1", &unset).unwrap().has_api_key());
+    assert!(!client("http://10.1.2.3:8000/v1", &unset)
+        .unwrap()
+        .has_api_key());
 }

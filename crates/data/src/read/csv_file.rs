@@ -91,11 +91,8 @@ impl CsvSource {
         let mut file = BufReader::new(file);
         let mut lines_before = 0;
         loop {
-            let starts_comment = file
-                .fill_buf()
-                .map_err(|e| DataError::io(path, e))?
-                .first()
-                == Some(&b'#');
+            let starts_comment =
+                file.fill_buf().map_err(|e| DataError::io(path, e))?.first() == Some(&b'#');
             if !starts_comment {
                 break;
             }
