@@ -129,14 +129,13 @@ fn the_api_key_of_an_http_reward_model_goes_only_where_it_may() {
         ..RemoteOptions::default()
     };
     // Plain http to another host with a key named for it: refused, naming host and setting.
-    let err = match RemoteRm::new(
+    let Err(err) = RemoteRm::new(
         EndpointKind::Score,
         "http://10.9.8.7:8000#rm",
         None,
         named.clone(),
-    ) {
-        Ok(_) => panic!("the key would go over plain http"),
-        Err(e) => e,
+    ) else {
+        panic!("the key would go over plain http")
     };
     assert!(
         err.contains("10.9.8.7")

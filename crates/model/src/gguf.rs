@@ -387,7 +387,7 @@ impl Scan<'_> {
             match ty {
                 0 | 1 | 7 => Some(1),
                 2 | 3 => Some(2),
-                4 | 5 | 6 => Some(4),
+                4..=6 => Some(4),
                 10..=12 => Some(8),
                 _ => None,
             }
@@ -530,7 +530,7 @@ fn prescan(path: &Path, reader: &mut BufReader<File>, len: u64) -> Result<()> {
                 ModelError::format(path, format!("{what} has absurd dimensions {dims:?}"))
             })?;
         let block = dtype.block_size() as u64;
-        if dims[0] % block != 0 {
+        if !dims[0].is_multiple_of(block) {
             return Err(ModelError::format(
                 path,
                 format!(

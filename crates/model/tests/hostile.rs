@@ -159,12 +159,17 @@ fn gguf_tensor_sizes_that_overflow_are_errors() {
 fn gguf_tensor_without_dimensions_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("scalar.gguf");
-    // No vocabulary size anywhere but the embedding, which has no dimensions.
-    std::fs::write(
-        &p,
-        raw_gguf(&[arch()], &[("token_embd.weight", &[], 0, 0)], 64),
-    )
-    .unwrap();
+    // Every size the config needs, but no vocabulary size anywhere except the embedding,
+    // which has no dimensions (this used to index its first dimension and panic).
+    let u32v = |k: &'static str, v: u32| (k, 4u32, v.to_le_bytes().to_vec());
+    let meta = [
+        arch(),
+        u32v("llama.embedding_length", 64),
+        u32v("llama.attention.head_count", 4),
+        u32v("llama.feed_forward_length", 128),
+        u32v("llama.block_count", 1),
+    ];
+    std::fs::write(&p, raw_gguf(&meta, &[("token_embd.weight", &[], 0, 0)], 64)).unwrap();
     let err = match GgufFile::open(&p) {
         Ok(g) => g.config().unwrap_err().to_string(),
         Err(e) => e.to_string(),
