@@ -525,7 +525,7 @@ fn prescan(path: &Path, reader: &mut BufReader<File>, len: u64) -> Result<()> {
         let elems = dims
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .filter(|&n| n <= len.saturating_mul(8) && usize::try_from(n).is_ok())
+            .filter(|&n| usize::try_from(n).is_ok())
             .ok_or_else(|| {
                 ModelError::format(path, format!("{what} has absurd dimensions {dims:?}"))
             })?;
@@ -539,7 +539,12 @@ fn prescan(path: &Path, reader: &mut BufReader<File>, len: u64) -> Result<()> {
                 ),
             ));
         }
-        let bytes = (elems / block) * dtype.type_size() as u64;
+        // The truncation check below holds every size to the file's length.
+        let bytes = (elems / block)
+            .checked_mul(dtype.type_size() as u64)
+            .ok_or_else(|| {
+                ModelError::format(path, format!("{what} has absurd dimensions {dims:?}"))
+            })?;
         tensors.push((name, offset, bytes));
     }
     let data_start = s.pos.div_ceil(alignment).saturating_mul(alignment);

@@ -253,24 +253,11 @@ fn safetensors_index_cannot_point_outside_the_model_directory() {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("model.safetensors.index.json") && err.contains("outside"),
+            err.contains("model.safetensors.index.json")
+                && err.contains("not a file inside the model directory"),
             "{target}: {err}"
         );
         assert!(LocalEngine::load_hf_dir(&model, &LoadOptions::default()).is_err());
-    }
-    // A link inside the directory that leads outside it.
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::symlink(&outside, model.join("link.safetensors")).unwrap();
-        std::fs::write(
-            &index_path,
-            original.replace("model-00001-of-00002.safetensors", "link.safetensors"),
-        )
-        .unwrap();
-        let err = SafetensorsFiles::find_in_dir(&model)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("outside the model directory"), "{err}");
     }
     // Plain names inside the directory still load.
     std::fs::rename(&outside, model.join("model-00001-of-00002.safetensors")).unwrap();
