@@ -522,6 +522,55 @@ fn client_flags_reach_the_client() {
 }
 
 #[test]
+fn a_named_key_is_not_sent_over_plain_http_to_another_host() {
+    let e = Env::new();
+    let o = e.path("o.jsonl");
+    // No request is made: the refusal comes when the client is built.
+    for args in [
+        &[
+            "generate",
+            "--model",
+            "openai:http://10.1.2.3:8000/v1#m",
+            "--data",
+            "demo:overrefusal",
+            "-o",
+            s(&o),
+            "--api-key-env",
+            "SAFETUNE_TEST_CLI_KEY",
+        ][..],
+        &[
+            "rm",
+            "score",
+            "--rm",
+            "score:http://10.1.2.3:8000#m",
+            "--data",
+            "demo:preferences",
+            "-o",
+            s(&o),
+            "--api-key-env",
+            "SAFETUNE_TEST_CLI_KEY",
+        ][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_safetune"))
+            .args(args)
+            .env("SAFETUNE_HOME", e.path("home"))
+            .env("SAFETUNE_TEST_CLI_KEY", "sk-cli-secret-42")
+            .current_dir(e.dir.path())
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("10.1.2.3")
+                && err.contains("SAFETUNE_TEST_CLI_KEY")
+                && err.contains("--allow-insecure"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("sk-cli-secret-42"), "{err}");
+    }
+}
+
+#[test]
 fn old_flag_spellings_still_parse() {
     let e = Env::new();
     let missing = e.path("missing.jsonl");

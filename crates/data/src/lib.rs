@@ -13,6 +13,7 @@ pub mod error;
 #[allow(unsafe_code)] // AVX2 kernels behind runtime feature checks
 pub mod factors;
 mod fastjson;
+pub mod mutate;
 pub mod preference;
 pub mod prompts;
 pub mod read;

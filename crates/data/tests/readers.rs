@@ -103,6 +103,30 @@ fn prompt_response_jsonl() {
 }
 
 #[test]
+fn csv_rows_starting_with_a_hash_are_data_and_comments_only_lead() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "h.csv",
+        "# about this file\n# second comment\nprompt,response\n#1 tip for sleep?,Rest.\n#hashtag,Tag.\nplain,Text.\n",
+    );
+    let c = read(&p);
+    assert_eq!(c.len(), 3, "{c:?}");
+    assert_eq!(c[0].first_user(), Some("#1 tip for sleep?"));
+    assert_eq!(c[1].first_user(), Some("#hashtag"));
+    // Line numbers count the comment lines: the ragged row is line 5 of the file.
+    let p = write(
+        d.path(),
+        "r.csv",
+        "# note\nprompt,response\nok,fine\n#x,y\nonly-one-field\n",
+    );
+    let err = read_all(&p, &ReadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("r.csv:5:"), "{err}");
+}
+
+#[test]
 fn csv_with_named_and_guessed_columns() {
     let d = tempfile::tempdir().unwrap();
     let p = write(d.path(), "c.csv", "# a comment line\nid,question,answer,category\nq1,\"Why, though?\",\"Because\nof lines.\",x\nq2,Two,2,y\n");

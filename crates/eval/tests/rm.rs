@@ -282,6 +282,7 @@ fn fast() -> RmOptions {
             timeout: Duration::from_secs(10),
             concurrency: 2,
             api_key_env: "SAFETUNE_TEST_NO_KEY".into(),
+            allow_insecure: false,
         },
         ..Default::default()
     }
@@ -651,6 +652,7 @@ fn remote_scoring_rides_out_odd_retry_after_values_and_gives_up_clearly() {
             timeout: Duration::from_secs(5),
             concurrency: 2,
             api_key_env: "SAFETUNE_TEST_NO_KEY".into(),
+            allow_insecure: false,
         },
         ..Default::default()
     };

@@ -206,8 +206,8 @@ impl BertEncoder {
             });
         }
         let tj = dir.join("tokenizer.json");
-        let mut tokenizer = tokenizers::Tokenizer::from_file(&tj)
-            .map_err(|e| ModelError::format(&tj, e.to_string()))?;
+        let mut tokenizer =
+            crate::tokenizer::read_tokenizer(&tj, || tokenizers::Tokenizer::from_file(&tj))?;
         tokenizer.with_padding(None);
         let max_len = 256.min(cfg.max_position_embeddings);
         tokenizer

@@ -235,7 +235,7 @@ impl HfConfig {
             Arch::Qwen2 if !self.use_sliding_window.unwrap_or(false) => None,
             _ => self.sliding_window,
         };
-        Ok(Config {
+        let cfg = Config {
             arch,
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
@@ -260,14 +260,80 @@ impl HfConfig {
                 .as_ref()
                 .map(|e| e.to_vec())
                 .unwrap_or_default(),
-        })
+        };
+        cfg.check()
+            .map_err(|(field, message)| ModelError::Config { field, message })?;
+        Ok(cfg)
     }
 }
 
 impl Config {
-    /// Reads `config.json` and resolves it.
+    /// Reads `config.json` and resolves it; an unusable value is an error naming the file and
+    /// the field.
     pub fn from_hf_file(path: &Path) -> Result<Config> {
-        HfConfig::from_file(path)?.resolve()
+        HfConfig::from_file(path)?.resolve().map_err(|e| match e {
+            ModelError::Config { field, message } => {
+                ModelError::format(path, format!("field `{field}`: {message}"))
+            }
+            e => e,
+        })
+    }
+
+    /// Checks the sizes a crafted file could set to values that break the decoder (zero heads,
+    /// an odd head size) or make it allocate absurdly before any weight is read. The error is
+    /// `(field, message)`; the caller names the file.
+    pub fn check(&self) -> std::result::Result<(), (String, String)> {
+        let bad = |field: &str, message: String| Err((field.to_string(), message));
+        let limits: [(&str, usize, usize); 8] = [
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("intermediate_size", self.intermediate_size, 1 << 22),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 12),
+            ("num_attention_heads", self.num_attention_heads, 1 << 12),
+            ("num_key_value_heads", self.num_key_value_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 14),
+            ("vocab_size", self.vocab_size, 1 << 24),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                1 << 26,
+            ),
+        ];
+        for (field, value, max) in limits {
+            if value == 0 || value > max {
+                return bad(field, format!("{value} is out of range (1 to {max})"));
+            }
+        }
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                    self.num_attention_heads, self.num_key_value_heads
+                ),
+            );
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(
+                "head_dim",
+                format!("{} is odd; RoPE rotates pairs", self.head_dim),
+            );
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(
+                "rms_norm_eps",
+                format!("{} is not a finite value >= 0", self.rms_norm_eps),
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(
+                "rope_theta",
+                format!("{} is not a finite value > 0", self.rope_theta),
+            );
+        }
+        Ok(())
     }
 
     /// Inverse RoPE frequencies, one per rotary pair: `theta^(-2i/d)`, scaled as configured.

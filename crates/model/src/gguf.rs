@@ -43,39 +43,15 @@ impl GgufFile {
     /// Opens and parses the header. A missing, truncated or non-GGUF file is an error naming it.
     pub fn open(path: &Path) -> Result<GgufFile> {
         let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
         let mut reader = BufReader::new(file);
+        prescan(path, &mut reader, file_len)?;
         let content = gguf_file::Content::read(&mut reader)
             .map_err(|e| ModelError::format(path, format!("not a readable GGUF file: {e}")))?;
         let architecture = match content.metadata.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
             _ => "llama".to_string(),
         };
-        // Check that every tensor's data lies inside the file, so a truncated download is
-        // reported at open time with the tensor's name rather than halfway through loading.
-        let file_len = std::fs::metadata(path)
-            .map_err(|e| ModelError::io(path, e))?
-            .len();
-        let mut first_cut: Option<(u64, &String, u64)> = None;
-        for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-            let start = content.tensor_data_offset.saturating_add(info.offset);
-            let end = start.saturating_add(bytes);
-            if end > file_len && first_cut.is_none() || first_cut.is_some_and(|(s, _, _)| start < s)
-            {
-                first_cut = Some((start, name, end));
-            }
-        }
-        if let Some((_, name, end)) = first_cut {
-            return Err(ModelError::format(
-                path,
-                format!(
-                    "file is truncated: tensor `{name}` needs bytes up to {end}, the file has {file_len} \
-                     (hint: download it again)"
-                ),
-            ));
-        }
         Ok(GgufFile {
             path: path.to_path_buf(),
             content,
@@ -148,6 +124,15 @@ impl GgufFile {
         let num_kv = self
             .get_usize(&self.arch_key("attention.head_count_kv"))?
             .unwrap_or(num_heads);
+        if num_kv == 0 || !num_heads.is_multiple_of(num_kv) {
+            return Err(ModelError::format(
+                &self.path,
+                format!(
+                    "metadata `{}` is {num_kv}; it must divide attention.head_count {num_heads}",
+                    self.arch_key("attention.head_count_kv")
+                ),
+            ));
+        }
         let head_dim = self
             .get_usize(&self.arch_key("attention.key_length"))?
             .or(self.get_usize(&self.arch_key("rope.dimension_count"))?)
@@ -157,8 +142,8 @@ impl GgufFile {
             None => match self.metadata("tokenizer.ggml.tokens") {
                 Some(Value::Array(a)) => a.len(),
                 _ => match self.content.tensor_infos.get("token_embd.weight") {
-                    Some(info) => info.shape.dims()[0],
-                    None => {
+                    Some(info) if !info.shape.dims().is_empty() => info.shape.dims()[0],
+                    _ => {
                         return Err(ModelError::format(
                             &self.path,
                             "cannot tell the vocabulary size",
@@ -219,6 +204,9 @@ impl GgufFile {
                 .map(|x| x as u32),
             eos_token_ids,
         };
+        cfg.check().map_err(|(field, message)| {
+            ModelError::format(&self.path, format!("metadata for `{field}`: {message}"))
+        })?;
         Ok(cfg)
     }
 
@@ -273,6 +261,317 @@ impl GgufFile {
     }
 }
 
+/// `(block size, bytes per block)` of a ggml type id, for the types candle reads.
+fn ggml_dtype(id: u32) -> Option<GgmlDType> {
+    Some(match id {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+/// Deepest nesting of metadata arrays the pre-scan follows (candle's reader stops at the same).
+const MAX_VALUE_DEPTH: usize = 64;
+/// Most dimensions a GGUF tensor may have (ggml's limit).
+const MAX_TENSOR_DIMS: u32 = 4;
+
+/// A bounded reader for [`prescan`]: every length it reads is checked against the bytes left in
+/// the file before anything is skipped or allocated.
+struct Scan<'a> {
+    r: &'a mut BufReader<File>,
+    path: &'a Path,
+    pos: u64,
+    len: u64,
+    /// GGUF v1 writes lengths and counts as u32, later versions as u64.
+    v1: bool,
+}
+
+impl Scan<'_> {
+    fn err(&self, message: impl std::fmt::Display) -> ModelError {
+        ModelError::format(self.path, format!("not a readable GGUF file: {message}"))
+    }
+
+    fn left(&self) -> u64 {
+        self.len.saturating_sub(self.pos)
+    }
+
+    fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        use std::io::Read;
+        let mut b = [0u8; N];
+        if self.left() < N as u64 {
+            return Err(self.err(format!("the file ends inside {what} (offset {})", self.pos)));
+        }
+        self.r
+            .read_exact(&mut b)
+            .map_err(|e| ModelError::io(self.path, e))?;
+        self.pos += N as u64;
+        Ok(b)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.bytes::<4>(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.bytes::<8>(what)?))
+    }
+
+    fn length(&mut self, what: &str) -> Result<u64> {
+        if self.v1 {
+            self.u32(what).map(u64::from)
+        } else {
+            self.u64(what)
+        }
+    }
+
+    fn skip(&mut self, n: u64, what: &str) -> Result<()> {
+        if n > self.left() {
+            return Err(self.err(format!(
+                "{what} needs {n} bytes at offset {}, the file has {} left",
+                self.pos,
+                self.left()
+            )));
+        }
+        let step = i64::try_from(n).map_err(|_| self.err(format!("{what} is too long")))?;
+        self.r
+            .seek_relative(step)
+            .map_err(|e| ModelError::io(self.path, e))?;
+        self.pos += n;
+        Ok(())
+    }
+
+    /// A length-prefixed string, read only when it is short (keys), else skipped.
+    fn string(&mut self, what: &str, keep: bool) -> Result<Option<String>> {
+        use std::io::Read;
+        let n = self.length(what)?;
+        if n > self.left() {
+            return Err(self.err(format!(
+                "{what} claims {n} bytes at offset {}, the file has {} left",
+                self.pos,
+                self.left()
+            )));
+        }
+        if !keep || n > 4096 {
+            self.skip(n, what)?;
+            return Ok(None);
+        }
+        let mut v = vec![0u8; n as usize];
+        self.r
+            .read_exact(&mut v)
+            .map_err(|e| ModelError::io(self.path, e))?;
+        self.pos += n;
+        Ok(Some(
+            String::from_utf8_lossy(&v)
+                .trim_end_matches('\0')
+                .to_string(),
+        ))
+    }
+
+    /// Skips one value of GGUF type `ty`; returns integers (for `general.alignment`).
+    fn value(&mut self, ty: u32, key: &str, depth: usize) -> Result<Option<i128>> {
+        let what = format!("metadata `{key}`");
+        let fixed = |ty: u32| -> Option<u64> {
+            match ty {
+                0 | 1 | 7 => Some(1),
+                2 | 3 => Some(2),
+                4..=6 => Some(4),
+                10..=12 => Some(8),
+                _ => None,
+            }
+        };
+        match ty {
+            0 => Ok(Some(self.bytes::<1>(&what)?[0] as i128)),
+            1 => Ok(Some(self.bytes::<1>(&what)?[0] as i8 as i128)),
+            2 => Ok(Some(u16::from_le_bytes(self.bytes::<2>(&what)?) as i128)),
+            3 => Ok(Some(i16::from_le_bytes(self.bytes::<2>(&what)?) as i128)),
+            4 => Ok(Some(self.u32(&what)? as i128)),
+            5 => Ok(Some(self.u32(&what)? as i32 as i128)),
+            10 => Ok(Some(self.u64(&what)? as i128)),
+            11 => Ok(Some(self.u64(&what)? as i64 as i128)),
+            6 | 7 | 12 => {
+                self.skip(fixed(ty).unwrap_or(1), &what)?;
+                Ok(None)
+            }
+            8 => {
+                self.string(&what, false)?;
+                Ok(None)
+            }
+            9 => {
+                if depth >= MAX_VALUE_DEPTH {
+                    return Err(self.err(format!(
+                        "{what}: arrays nested deeper than {MAX_VALUE_DEPTH}"
+                    )));
+                }
+                let elem = self.u32(&what)?;
+                let n = self.length(&what)?;
+                match fixed(elem) {
+                    Some(size) => {
+                        let bytes = n.checked_mul(size).ok_or_else(|| {
+                            self.err(format!("{what}: array length {n} is absurd"))
+                        })?;
+                        self.skip(bytes, &what)?;
+                    }
+                    None => {
+                        // Strings and arrays take at least 4 bytes each.
+                        if n > self.left() / 4 {
+                            return Err(self.err(format!(
+                                "{what}: array of {n} elements cannot fit in the {} bytes left",
+                                self.left()
+                            )));
+                        }
+                        for _ in 0..n {
+                            self.value(elem, key, depth + 1)?;
+                        }
+                    }
+                }
+                Ok(None)
+            }
+            other => Err(self.err(format!("{what} has unknown value type {other}"))),
+        }
+    }
+}
+
+/// Reads the header once with every count, length, alignment and tensor size checked, before
+/// candle's reader sees it: candle divides by `general.alignment` (0 panics) and multiplies
+/// tensor dimensions unchecked. Errors name the file and the key or tensor.
+fn prescan(path: &Path, reader: &mut BufReader<File>, len: u64) -> Result<()> {
+    let mut s = Scan {
+        r: reader,
+        path,
+        pos: 0,
+        len,
+        v1: false,
+    };
+    let magic = s.u32("the magic number")?;
+    if magic != 0x4655_4747 && magic != 0x4747_5546 {
+        return Err(s.err(format!(
+            "unknown magic 0x{magic:08x} (a GGUF file starts with `GGUF`)"
+        )));
+    }
+    let version = s.u32("the version")?;
+    if !(1..=3).contains(&version) {
+        return Err(s.err(format!("unsupported GGUF version {version}")));
+    }
+    s.v1 = version == 1;
+    let tensor_count = s.length("the tensor count")?;
+    let kv_count = s.length("the metadata count")?;
+    // A metadata entry takes at least a key length, a type and one byte; a tensor entry at
+    // least a name length, a dimension count, one dimension, a type and an offset.
+    let prefix: u64 = if s.v1 { 4 } else { 8 };
+    if kv_count > s.left() / (prefix + 5) || tensor_count > s.left() / (2 * prefix + 12) {
+        return Err(s.err(format!(
+            "the header claims {kv_count} metadata entries and {tensor_count} tensors, more than \
+             the {len}-byte file can hold"
+        )));
+    }
+    let mut alignment = gguf_file::DEFAULT_ALIGNMENT;
+    for _ in 0..kv_count {
+        let key = s.string("a metadata key", true)?.unwrap_or_default();
+        let ty = s.u32(&format!("the type of metadata `{key}`"))?;
+        let v = s.value(ty, &key, 0)?;
+        if key == "general.alignment" {
+            // candle uses the value of the u8..u32 and i8..i32 types only.
+            if let (Some(a), 0..=5) = (v, ty) {
+                if a < 0 {
+                    continue;
+                }
+                if a == 0 || !(a as u64).is_power_of_two() {
+                    return Err(ModelError::format(
+                        path,
+                        format!("metadata `general.alignment` is {a}; it must be a power of two"),
+                    ));
+                }
+                alignment = a as u64;
+            }
+        }
+    }
+    let mut tensors: Vec<(String, u64, u64)> = Vec::new();
+    for _ in 0..tensor_count {
+        let name = s
+            .string("a tensor name", true)?
+            .unwrap_or_else(|| "<long name>".into());
+        let what = format!("tensor `{name}`");
+        let n_dims = s.u32(&what)?;
+        if n_dims == 0 || n_dims > MAX_TENSOR_DIMS {
+            return Err(ModelError::format(
+                path,
+                format!(
+                    "{what} has {n_dims} dimensions (GGUF tensors have 1 to {MAX_TENSOR_DIMS})"
+                ),
+            ));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(s.length(&what)?);
+        }
+        let ty = s.u32(&what)?;
+        let offset = s.u64(&what)?;
+        let dtype = ggml_dtype(ty).ok_or_else(|| {
+            ModelError::format(path, format!("{what} has unknown ggml type {ty}"))
+        })?;
+        let elems = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .filter(|&n| usize::try_from(n).is_ok())
+            .ok_or_else(|| {
+                ModelError::format(path, format!("{what} has absurd dimensions {dims:?}"))
+            })?;
+        let block = dtype.block_size() as u64;
+        if !dims[0].is_multiple_of(block) {
+            return Err(ModelError::format(
+                path,
+                format!(
+                    "{what}: its rows of {} values are not whole {dtype:?} blocks of {block}",
+                    dims[0]
+                ),
+            ));
+        }
+        // The truncation check below holds every size to the file's length.
+        let bytes = (elems / block)
+            .checked_mul(dtype.type_size() as u64)
+            .ok_or_else(|| {
+                ModelError::format(path, format!("{what} has absurd dimensions {dims:?}"))
+            })?;
+        tensors.push((name, offset, bytes));
+    }
+    let data_start = s.pos.div_ceil(alignment).saturating_mul(alignment);
+    // Every tensor's data must lie inside the file, so a truncated download is reported here,
+    // with the first tensor it cuts, rather than halfway through loading.
+    let mut first_cut: Option<(u64, &str, u64)> = None;
+    for (name, offset, bytes) in &tensors {
+        let start = data_start.saturating_add(*offset);
+        let end = start.saturating_add(*bytes);
+        if end > len && first_cut.is_none_or(|(s, _, _)| start < s) {
+            first_cut = Some((start, name, end));
+        }
+    }
+    if let Some((_, name, end)) = first_cut {
+        return Err(ModelError::format(
+            path,
+            format!(
+                "file is truncated: tensor `{name}` needs bytes up to {end}, the file has {len} \
+                 (hint: download it again)"
+            ),
+        ));
+    }
+    use std::io::Seek;
+    s.r.rewind().map_err(|e| ModelError::io(path, e))?;
+    Ok(())
+}
+
 /// Integer metadata of any width.
 pub fn value_to_u64(v: &Value) -> Option<u64> {
     Some(match v {
@@ -325,8 +624,13 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
 /// A bias (one dimension) is permuted the same way.
 fn unpermute_rows(t: &QTensor, n_head: usize) -> candle_core::Result<QTensor> {
     let dims = t.shape().dims().to_vec();
-    let rows = dims[0];
-    let row_elems: usize = dims[1..].iter().product::<usize>().max(1);
+    let Some((&rows, rest)) = dims.split_first() else {
+        candle_core::bail!("cannot un-permute a tensor without dimensions");
+    };
+    let row_elems: usize = rest.iter().product::<usize>().max(1);
+    if !row_elems.is_multiple_of(t.dtype().block_size()) {
+        candle_core::bail!("rows of {row_elems} values are not whole blocks");
+    }
     if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
         candle_core::bail!("cannot un-permute {rows} rows into {n_head} heads");
     }

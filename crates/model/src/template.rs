@@ -16,6 +16,37 @@ use crate::tokenizer::{config_chat_template, jinja_chat_template};
 /// ChatML, used when a model ships no template.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// Instructions one render may run: ample for any real template on a long conversation (a
+/// few hundred per message), while a template that loops without end stops with an error.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// Most bytes one render may write beyond four times the conversation's own text.
+pub const TEMPLATE_OUTPUT_SLACK: usize = 1 << 20;
+
+/// A writer that refuses bytes past `limit`, so a template cannot fill memory.
+struct Capped {
+    out: Vec<u8>,
+    limit: usize,
+    overflowed: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() + buf.len() > self.limit {
+            self.overflowed = true;
+            return Err(std::io::Error::other(format!(
+                "the output passed {} bytes",
+                self.limit
+            )));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -48,6 +79,8 @@ impl ChatTemplate {
     /// Compiles a template; syntax errors name the line.
     pub fn new(source: &str) -> Result<ChatTemplate> {
         let mut env = Environment::new();
+        // Templates come from model files: bound the work of one render.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         // transformers renders with trim_blocks and lstrip_blocks.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -93,8 +126,23 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| ModelError::Template(e.to_string()))?;
-        tmpl.render(ctx)
-            .map_err(|e| ModelError::Template(format!("cannot render: {e:#}")))
+        let text: usize = messages.iter().map(|m| m.content.len()).sum();
+        let mut out = Capped {
+            out: Vec::new(),
+            limit: text.saturating_mul(4).saturating_add(TEMPLATE_OUTPUT_SLACK),
+            overflowed: false,
+        };
+        let rendered = tmpl.render_captured_to(ctx, &mut out).map(|_| ());
+        if out.overflowed {
+            return Err(ModelError::Template(format!(
+                "cannot render: the output passed {} bytes (at most four times the \
+                 conversation's text plus {TEMPLATE_OUTPUT_SLACK} bytes)",
+                out.limit
+            )));
+        }
+        rendered.map_err(|e| ModelError::Template(format!("cannot render: {e:#}")))?;
+        String::from_utf8(out.out)
+            .map_err(|e| ModelError::Template(format!("cannot render: not UTF-8: {e}")))
     }
 }
 
@@ -285,5 +333,39 @@ mod tests {
     #[test]
     fn syntax_errors_are_reported() {
         assert!(ChatTemplate::new("{% for %}").is_err());
+    }
+
+    #[test]
+    fn a_template_that_loops_for_long_runs_out_of_fuel() {
+        // Nine million loop turns: far past the fuel of one render.
+        let t = ChatTemplate::new(
+            "{% for i in range(3000) %}{% for j in range(3000) %}{% endfor %}{% endfor %}ok",
+        )
+        .unwrap();
+        let start = std::time::Instant::now();
+        let err = t
+            .render(&[Message::user("hi")], false, "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fuel"), "{err}");
+        assert!(start.elapsed().as_secs() < 30, "{:?}", start.elapsed());
+    }
+
+    #[test]
+    fn a_template_that_writes_too_much_is_stopped() {
+        // 100 MB of output from a two-byte conversation.
+        let t =
+            ChatTemplate::new("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}").unwrap();
+        let err = t
+            .render(&[Message::user("hi")], false, "", "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bytes"), "{err}");
+        // A real template on a long conversation stays well inside both limits.
+        let t = ChatTemplate::new(SMOLLM2_TEMPLATE).unwrap();
+        let long: Vec<Message> = (0..2000)
+            .map(|i| Message::user(format!("message {i} ").repeat(50)))
+            .collect();
+        assert!(t.render(&long, true, "", "").is_ok());
     }
 }

@@ -257,6 +257,122 @@ impl TinyModel {
     }
 }
 
+impl TinyModel {
+    /// Writes the same model as one GGUF file (f32 tensors under llama.cpp's names, q and k rows
+    /// permuted as llama.cpp's converter does, the tokenizer and template in the metadata), as
+    /// a small real file for the GGUF loader's tests. Returns `path`.
+    pub fn write_gguf(&self, path: &Path) -> std::io::Result<PathBuf> {
+        use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+        let err = |e: candle_core::Error| std::io::Error::other(e.to_string());
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let staging = path.with_file_name(format!(".{}.hf", name.unwrap_or_default()));
+        let hf = TinyModel {
+            sharded: false,
+            ..self.clone()
+        };
+        hf.write(&staging)?;
+        let tensors =
+            candle_core::safetensors::load(staging.join("model.safetensors"), &Device::Cpu)
+                .map_err(err);
+        std::fs::remove_dir_all(&staging)?;
+        let tensors = tensors?;
+        let mut tokens = byte_level_alphabet();
+        for m in TINY_MERGES {
+            tokens.push(m.replace(' ', ""));
+        }
+        let n_plain = tokens.len();
+        tokens.extend(TINY_SPECIALS.iter().map(|s| s.to_string()));
+        let (c, h, k) = (
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+        );
+        let d = c / h;
+        let u32v = |x: usize| gguf_file::Value::U32(x as u32);
+        let strings = |v: &[String]| {
+            gguf_file::Value::Array(v.iter().cloned().map(gguf_file::Value::String).collect())
+        };
+        let merges: Vec<String> = TINY_MERGES.iter().map(|s| s.to_string()).collect();
+        let types = gguf_file::Value::Array(
+            (0..tokens.len())
+                .map(|i| gguf_file::Value::I32(if i < n_plain { 1 } else { 3 }))
+                .collect(),
+        );
+        let metadata: Vec<(&str, gguf_file::Value)> = vec![
+            (
+                "general.architecture",
+                gguf_file::Value::String("llama".into()),
+            ),
+            ("llama.embedding_length", u32v(c)),
+            ("llama.feed_forward_length", u32v(self.intermediate_size)),
+            ("llama.block_count", u32v(self.num_hidden_layers)),
+            ("llama.attention.head_count", u32v(h)),
+            ("llama.attention.head_count_kv", u32v(k)),
+            ("llama.context_length", u32v(512)),
+            (
+                "llama.attention.layer_norm_rms_epsilon",
+                gguf_file::Value::F32(1e-5),
+            ),
+            ("llama.rope.freq_base", gguf_file::Value::F32(10_000.0)),
+            (
+                "tokenizer.ggml.model",
+                gguf_file::Value::String("gpt2".into()),
+            ),
+            (
+                "tokenizer.ggml.pre",
+                gguf_file::Value::String("smollm".into()),
+            ),
+            ("tokenizer.ggml.tokens", strings(&tokens)),
+            ("tokenizer.ggml.merges", strings(&merges)),
+            ("tokenizer.ggml.token_type", types),
+            ("tokenizer.ggml.eos_token_id", u32v(tokens.len() - 1)),
+            (
+                "tokenizer.chat_template",
+                gguf_file::Value::String(CHATML_TEMPLATE.into()),
+            ),
+        ];
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let mut qtensors = Vec::new();
+        for name in names {
+            let gguf_name = crate::gguf::hf_to_gguf_name(name)
+                .ok_or_else(|| std::io::Error::other(format!("no GGUF name for {name}")))?;
+            let mut t = tensors[name].clone();
+            // llama.cpp's converter: GGUF row h*d + 2i + j holds Hugging Face row h*d + j*d/2 + i.
+            let heads = if name.contains("self_attn.q_proj.") {
+                Some(h)
+            } else if name.contains("self_attn.k_proj.") {
+                Some(k)
+            } else {
+                None
+            };
+            if let Some(n) = heads {
+                let dims = t.dims().to_vec();
+                let rest: usize = dims[1..].iter().product();
+                t = t
+                    .reshape((n, 2, d / 2, rest))
+                    .and_then(|t| t.transpose(1, 2))
+                    .and_then(|t| t.contiguous())
+                    .and_then(|t| t.reshape(dims))
+                    .map_err(err)?;
+            }
+            qtensors.push((
+                gguf_name,
+                QTensor::quantize(&t, GgmlDType::F32).map_err(err)?,
+            ));
+        }
+        let meta_refs: Vec<(&str, &gguf_file::Value)> =
+            metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> =
+            qtensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        gguf_file::write(&mut f, &meta_refs, &tensor_refs).map_err(err)?;
+        use std::io::Write;
+        f.flush()?;
+        Ok(path.to_path_buf())
+    }
+}
+
 /// Where tests find SmolLM2-135M-Instruct (Q4_1 GGUF). Panics with instructions if it is missing:
 /// tests that need the real model fail rather than skip.
 pub fn smollm2_gguf() -> PathBuf {

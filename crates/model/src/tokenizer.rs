@@ -62,6 +62,29 @@ fn token_text(v: Option<&Json>) -> Option<String> {
     }
 }
 
+/// Builds a tokenizer from a file's JSON. The tokenizers crate panics on some malformed
+/// tokenizer JSON (a decoder it cannot read); that panic becomes an error naming `path`.
+pub(crate) fn read_tokenizer(
+    path: &Path,
+    build: impl FnOnce() -> tokenizers::Result<tokenizers::Tokenizer>,
+) -> Result<tokenizers::Tokenizer> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(ModelError::format(path, e.to_string())),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown error".into());
+            Err(ModelError::format(
+                path,
+                format!("not a readable tokenizer: {msg}"),
+            ))
+        }
+    }
+}
+
 impl Tok {
     /// Builds from a tokenizers `Tokenizer`, finding stop tokens in its vocabulary.
     pub fn new(
@@ -110,8 +133,7 @@ impl Tok {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj)
-            .map_err(|e| ModelError::format(&tj, e.to_string()))?;
+        let inner = read_tokenizer(&tj, || tokenizers::Tokenizer::from_file(&tj))?;
         let tc = dir.join("tokenizer_config.json");
         let (bos, eos, template) = if tc.is_file() {
             let text = std::fs::read_to_string(&tc).map_err(|e| ModelError::io(&tc, e))?;
@@ -180,8 +202,16 @@ impl Tok {
             if add_bos { bos.as_deref() } else { None },
         );
         let bytes = serde_json::to_vec(&json).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| ModelError::format(&g.path, format!("embedded tokenizer: {e}")))?;
+        let inner =
+            read_tokenizer(&g.path, || tokenizers::Tokenizer::from_bytes(bytes)).map_err(|e| {
+                match e {
+                    ModelError::Format { path, message } => ModelError::Format {
+                        path,
+                        message: format!("embedded tokenizer: {message}"),
+                    },
+                    e => e,
+                }
+            })?;
         let template = g.get_string("tokenizer.chat_template").map(str::to_string);
         Ok(Tok::new(
             inner,

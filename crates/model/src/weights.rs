@@ -70,7 +70,7 @@ impl SafetensorsFiles {
                 let f = v.as_str().ok_or_else(|| {
                     ModelError::format(&index_path, "a weight_map value is not a string")
                 })?;
-                let p = dir.join(f);
+                let p = shard_path(dir, &index_path, f)?;
                 if !shards.contains(&p) {
                     shards.push(p);
                 }
@@ -107,6 +107,26 @@ impl SafetensorsFiles {
             [] => PathBuf::from("<no files>"),
         }
     }
+}
+
+/// A shard named by an index: a plain relative path inside the model directory (no absolute
+/// path, no `..`), so a crafted index cannot make us map files elsewhere. Links inside the
+/// directory are the directory's own business (the hub cache links every snapshot file to a
+/// blob outside it).
+fn shard_path(dir: &Path, index_path: &Path, name: &str) -> Result<PathBuf> {
+    use std::path::Component;
+    let rel = Path::new(name);
+    let plain = !name.is_empty()
+        && rel
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if !plain {
+        return Err(ModelError::format(
+            index_path,
+            format!("weight_map names the shard {name:?}, which is not a file inside the model directory"),
+        ));
+    }
+    Ok(dir.join(rel))
 }
 
 enum Source {

@@ -5,7 +5,8 @@
 //! retried with exponential backoff and jitter on 429, 408, 409, 5xx, connection failures and
 //! timeouts, honouring a `Retry-After` that is a finite, non-negative number of seconds, up to a
 //! cap (`crate::retry`). The API key is read from an environment variable (its name
-//! is configurable, `OPENAI_API_KEY` by default), sent as `Authorization: Bearer`, and never
+//! is configurable, `OPENAI_API_KEY` by default), sent as `Authorization: Bearer` only where
+//! [`crate::access`] allows (https, or a loopback host, or `allow_insecure`), and never
 //! appears in `Debug` output or in error messages.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,6 +41,8 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Name of the environment variable holding the API key (never the key itself).
     pub api_key_env: String,
+    /// Send the key over plain http to a host that is not loopback ([`crate::access`]).
+    pub allow_insecure: bool,
 }
 
 impl Default for ClientConfig {
@@ -51,7 +54,8 @@ impl Default for ClientConfig {
             max_backoff: Duration::from_secs(30),
             max_retry_after: retry::DEFAULT_MAX_RETRY_AFTER,
             request_timeout: Duration::from_secs(600),
-            api_key_env: "OPENAI_API_KEY".to_string(),
+            api_key_env: crate::access::DEFAULT_API_KEY_ENV.to_string(),
+            allow_insecure: false,
         }
     }
 }
@@ -140,14 +144,31 @@ impl OpenAiClient {
     /// A client for `openai:BASE_URL#MODEL`, reading the key from `config.api_key_env` now
     /// (no key is fine: local servers need none).
     pub fn from_spec(spec: &str, config: ClientConfig) -> Result<OpenAiClient, ModelError> {
-        Ok(OpenAiClient::new(OpenAiSpec::parse(spec)?, config))
+        OpenAiClient::try_new(OpenAiSpec::parse(spec)?, config)
     }
 
+    /// A client, or an error when a key named for this endpoint would go over plain http to a
+    /// host that is not loopback ([`crate::access::api_key_for`]).
+    pub fn try_new(spec: OpenAiSpec, config: ClientConfig) -> Result<OpenAiClient, ModelError> {
+        let api_key =
+            crate::access::api_key_for(&spec.base_url, &config.api_key_env, config.allow_insecure)
+                .map_err(|message| ModelError::Spec {
+                    spec: format!("openai:{}#{}", spec.base_url, spec.model),
+                    message,
+                })?;
+        Ok(OpenAiClient::with_key(spec, config, api_key))
+    }
+
+    /// A client that withholds a key the access rules would refuse (see [`Self::try_new`]).
     pub fn new(spec: OpenAiSpec, config: ClientConfig) -> OpenAiClient {
-        let api_key = std::env::var(&config.api_key_env)
-            .ok()
-            .filter(|k| !k.trim().is_empty())
-            .map(|k| ApiKey(k.trim().to_string()));
+        let api_key =
+            crate::access::api_key_for(&spec.base_url, &config.api_key_env, config.allow_insecure)
+                .unwrap_or(None);
+        OpenAiClient::with_key(spec, config, api_key)
+    }
+
+    fn with_key(spec: OpenAiSpec, config: ClientConfig, api_key: Option<String>) -> OpenAiClient {
+        let api_key = api_key.map(ApiKey);
         let loopback = is_loopback(&spec.base_url);
         let mut builder = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -174,7 +195,8 @@ impl OpenAiClient {
         &self.config
     }
 
-    /// Whether an API key was found in the configured environment variable.
+    /// Whether an API key is sent: found in the configured environment variable and allowed
+    /// for this endpoint ([`crate::access`]).
     pub fn has_api_key(&self) -> bool {
         self.api_key.is_some()
     }
@@ -379,7 +401,16 @@ impl OpenAiClient {
                 "{msg}\nhint: check the API key in the environment variable {} ({})",
                 self.config.api_key_env,
                 if self.api_key.is_some() {
-                    "it is set"
+                    "it is set and was sent"
+                } else if crate::access::api_key_for(
+                    &self.spec.base_url,
+                    &self.config.api_key_env,
+                    true,
+                )
+                .is_ok_and(|k| k.is_some())
+                {
+                    "it is set but not sent over plain http to a host that is not loopback; \
+                     use https, or allow_insecure = true (--allow-insecure)"
                 } else {
                     "it is not set"
                 }
@@ -464,14 +495,7 @@ fn server_message(body: &str) -> String {
 }
 
 fn is_loopback(url: &str) -> bool {
-    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-    let host = rest.split('/').next().unwrap_or("");
-    let host = if let Some(h) = host.strip_prefix('[') {
-        h.split(']').next().unwrap_or("")
-    } else {
-        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
-    };
-    host == "localhost" || host.starts_with("127.") || host == "::1"
+    crate::access::is_loopback(url)
 }
 
 impl Generator for OpenAiClient {

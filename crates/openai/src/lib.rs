@@ -39,6 +39,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod client;
 pub mod pool;
 pub mod protocol;
@@ -65,7 +66,7 @@ pub fn load_generator(
     client: &ClientConfig,
 ) -> Result<Arc<dyn Generator>, ModelError> {
     match OpenAiSpec::from_model_spec(spec) {
-        Some(remote) => Ok(Arc::new(OpenAiClient::new(remote, client.clone()))),
+        Some(remote) => Ok(Arc::new(OpenAiClient::try_new(remote, client.clone())?)),
         None => Ok(Arc::new(LocalEngine::load(spec, load)?)),
     }
 }

@@ -58,7 +58,7 @@ impl EndpointPool {
             let mut cfg = config.clone();
             cfg.concurrency = (*concurrency).max(1);
             eps.push(PoolEndpoint {
-                client: OpenAiClient::new(spec, cfg),
+                client: OpenAiClient::try_new(spec, cfg)?,
                 concurrency: (*concurrency).max(1),
                 served: AtomicUsize::new(0),
             });

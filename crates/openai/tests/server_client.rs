@@ -179,6 +179,7 @@ fn client_config() -> ClientConfig {
         max_retry_after: Duration::from_millis(50),
         request_timeout: Duration::from_secs(10),
         api_key_env: "SAFETUNE_TEST_UNSET_KEY".into(),
+        allow_insecure: false,
     }
 }
 
@@ -995,6 +996,7 @@ fn fault_config(max_retries: u32) -> ClientConfig {
         max_retry_after: Duration::from_millis(100),
         request_timeout: Duration::from_secs(5),
         api_key_env: "SAFETUNE_TEST_UNSET_KEY".into(),
+        allow_insecure: false,
     }
 }
 

@@ -103,6 +103,53 @@ pub struct ModelConfig {
     /// Requests in flight at the spec's own server (openai: specs).
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// openai: specs: the environment variable holding this model's API key. Without it,
+    /// `OPENAI_API_KEY` is sent to https and loopback servers only.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// openai: specs: send the key over plain http to a server that is not loopback.
+    #[serde(default)]
+    pub allow_insecure: bool,
+}
+
+impl ModelConfig {
+    /// Who gets this model's API key.
+    pub fn access(&self) -> KeyAccess {
+        KeyAccess {
+            api_key_env: self.api_key_env.clone(),
+            allow_insecure: self.allow_insecure,
+        }
+    }
+}
+
+/// Who gets a remote model's API key (`safetune_openai::access`): the variable named for it,
+/// and whether plain http to a host that is not loopback may carry it. Not part of any step's
+/// key: changing it re-runs nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyAccess {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_insecure: bool,
+}
+
+impl KeyAccess {
+    pub fn is_default(&self) -> bool {
+        *self == KeyAccess::default()
+    }
+
+    /// Client settings with this access applied.
+    pub fn apply(
+        &self,
+        mut client: safetune_openai::ClientConfig,
+    ) -> safetune_openai::ClientConfig {
+        if let Some(env) = &self.api_key_env {
+            client.api_key_env = env.clone();
+        }
+        client.allow_insecure = self.allow_insecure;
+        client
+    }
 }
 
 fn default_concurrency() -> usize {
@@ -748,6 +795,28 @@ impl StudyConfig {
                     "must be > 0".into(),
                 ));
             }
+            if let Some(env) = &m.api_key_env {
+                if !m.spec.starts_with("openai:") {
+                    return Err(bad(
+                        &format!("models[{i}].api_key_env"),
+                        "only an openai:URL#MODEL model sends an API key".into(),
+                    ));
+                }
+                if env.is_empty() || !env.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(bad(
+                        &format!("models[{i}].api_key_env"),
+                        format!(
+                            "`{env}` is not an environment variable name (the name, never the key itself)"
+                        ),
+                    ));
+                }
+            }
+            if m.allow_insecure && !m.spec.starts_with("openai:") {
+                return Err(bad(
+                    &format!("models[{i}].allow_insecure"),
+                    "only an openai:URL#MODEL model sends an API key".into(),
+                ));
+            }
             if !m.endpoints.is_empty() && !m.spec.starts_with("openai:") {
                 return Err(bad(
                     &format!("models[{i}].endpoints"),
@@ -973,6 +1042,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn api_key_settings_are_checked_and_left_out_of_step_keys() {
+        let p = Path::new("k.toml");
+        let with = |extra: &str| {
+            format!(
+                "{MIN}[[models]]\nname = \"m\"\nspec = \"openai:http://10.0.0.2:8000/v1#m\"\n{extra}"
+            )
+        };
+        let plain = StudyConfig::parse(&with(""), p).unwrap();
+        let keyed = StudyConfig::parse(
+            &with("api_key_env = \"MY_VLLM_KEY\"\nallow_insecure = true\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(keyed.models[0].api_key_env.as_deref(), Some("MY_VLLM_KEY"));
+        assert!(keyed.models[0].allow_insecure);
+        // Who gets the key changes no step's key.
+        let a = crate::runner::step_keys(&crate::plan::plan(&plain).unwrap());
+        let b = crate::runner::step_keys(&crate::plan::plan(&keyed).unwrap());
+        assert_eq!(a, b);
+        // The setting takes a variable's name, and only on openai: models.
+        let e = StudyConfig::parse(&with("api_key_env = \"sk-abc def\"\n"), p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("api_key_env") && e.contains("environment variable name"),
+            "{e}"
+        );
+        let local =
+            format!("{MIN}[[models]]\nname = \"m\"\nspec = \"m.gguf\"\nallow_insecure = true\n");
+        let e = StudyConfig::parse(&local, p).unwrap_err().to_string();
+        assert!(e.contains("allow_insecure"), "{e}");
     }
 
     #[test]

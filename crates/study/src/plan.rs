@@ -285,6 +285,7 @@ impl Planner<'_> {
                     spec,
                     concurrency: m.concurrency,
                     endpoints: m.endpoints.clone(),
+                    access: m.access(),
                 },
                 deps: vec![],
                 factors,

@@ -75,7 +75,13 @@ fn score_pending(
     step: &PlannedStep,
     ctx: &mut StepContext<'_>,
 ) -> Result<(), StageError> {
-    let done = ctx.store.score_ids(ctx.key)?;
+    let mut done = ctx.store.score_ids(ctx.key)?;
+    done.extend(
+        ctx.store
+            .missing_scores(ctx.key)?
+            .into_iter()
+            .map(|(id, _)| id),
+    );
     let pending: Vec<&(String, RmInput)> =
         items.iter().filter(|(id, _)| !done.contains(id)).collect();
     if pending.is_empty() {
@@ -94,15 +100,25 @@ fn score_pending(
             rm.score(&batch).map_err(|e| e.to_string())
         },
         |store, key, part, scores| {
-            let rows: Vec<ScoreRow> = part
-                .iter()
-                .zip(scores)
-                .map(|((id, _), score)| ScoreRow {
-                    row_id: id.clone(),
-                    score,
-                })
-                .collect();
-            Ok(store.insert_scores(key, &rows)?)
+            // A NaN or infinite score is recorded as missing with its reason, not retried: the
+            // same model gives the same answer on every rerun.
+            let mut rows: Vec<ScoreRow> = Vec::with_capacity(part.len());
+            let mut missing: Vec<(String, String)> = Vec::new();
+            for ((id, _), score) in part.iter().zip(scores) {
+                if score.is_finite() {
+                    rows.push(ScoreRow {
+                        row_id: id.clone(),
+                        score,
+                    });
+                } else {
+                    missing.push((
+                        id.clone(),
+                        format!("reward model {} returned {score} for row {id}", rm.name()),
+                    ));
+                }
+            }
+            store.insert_scores(key, &rows)?;
+            Ok(store.insert_missing_scores(key, &missing)?)
         },
     )
 }
@@ -152,6 +168,7 @@ impl Stage for ScoreStage {
             reward_model: name.clone(),
             rows: all.len(),
             mean,
+            missing: ctx.store.missing_scores(ctx.key)?.len(),
         })
     }
 }
@@ -187,10 +204,20 @@ pub fn select_indices(
     let n = scores.len();
     let k = ((n as f64 * keep).round() as usize).clamp(usize::from(n > 0), n);
     let mut order: Vec<usize> = (0..n).collect();
+    // Examples without a finite score come last either way: never kept before a scored one.
+    let unscored = |i: usize| !scores[i].is_finite();
     match strategy {
         // Ties keep input order (a stable sort).
-        SelectStrategy::Top => order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a])),
-        SelectStrategy::Bottom => order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b])),
+        SelectStrategy::Top => order.sort_by(|&a, &b| {
+            unscored(a)
+                .cmp(&unscored(b))
+                .then(scores[b].total_cmp(&scores[a]))
+        }),
+        SelectStrategy::Bottom => order.sort_by(|&a, &b| {
+            unscored(a)
+                .cmp(&unscored(b))
+                .then(scores[a].total_cmp(&scores[b]))
+        }),
         SelectStrategy::Random => safetune_eval::rm::stats::SplitMix::new(seed).shuffle(&mut order),
     }
     let mut kept = order[..k].to_vec();

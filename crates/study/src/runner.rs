@@ -23,9 +23,14 @@ pub fn step_keys(plan: &Plan) -> Vec<String> {
     let mut keys: Vec<String> = Vec::with_capacity(plan.steps.len());
     for s in &plan.steps {
         let deps: Vec<&String> = s.deps.iter().map(|&d| &keys[d]).collect();
+        let mut spec = serde_json::to_value(&s.spec).unwrap_or_default();
+        // Who gets a remote model's API key changes no result, so no step's key.
+        if let Some(o) = spec.as_object_mut() {
+            o.remove("access");
+        }
         let material = json!({
             "program": PROGRAM_VERSION,
-            "spec": serde_json::to_value(&s.spec).unwrap_or_default(),
+            "spec": spec,
             "inputs": deps,
         });
         keys.push(hash_json(&material));
@@ -184,10 +189,16 @@ pub fn run_plan(
         let key = &keys[index];
         if let Some(rec) = store.step(key)? {
             if rec.status == "done" {
-                if let Some(out) = rec
+                if let Some(mut out) = rec
                     .output
                     .and_then(|o| serde_json::from_value::<StepOutput>(o).ok())
                 {
+                    // Key access is not in the step's key: take today's from the plan.
+                    if let (StepSpec::Model { access, .. }, StepOutput::Model(m)) =
+                        (&step.spec, &mut out)
+                    {
+                        m.access = access.clone();
+                    }
                     outputs[index] = Some(out);
                     summary.reused += 1;
                     events(&RunEvent::Reused {

@@ -105,6 +105,7 @@ impl Stage for ModelStage {
             spec,
             concurrency,
             endpoints,
+            access,
         } = &step.spec
         else {
             return Err(step.not_a("model"));
@@ -116,6 +117,7 @@ impl Stage for ModelStage {
             spec: spec.clone(),
             concurrency: *concurrency,
             endpoints: endpoints.clone(),
+            access: access.clone(),
             adapter: None,
             training: None,
         }))
@@ -439,10 +441,10 @@ pub fn default_generator(
         let load = study_load_options(Some(adapter), weights);
         return Ok(load_generator(&spec, &load, &ClientConfig::default())?);
     }
-    let client = ClientConfig {
+    let client = m.access.apply(ClientConfig {
         concurrency: m.concurrency.max(1),
         ..Default::default()
-    };
+    });
     if !m.endpoints.is_empty() {
         let remote = OpenAiSpec::from_model_spec(&spec).ok_or_else(|| {
             StageError::Other(format!(

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use crate::config::{EndpointConfig, GenWeights, PerSource, SelectStrategy, SplitChoice};
+use crate::config::{
+    EndpointConfig, GenWeights, KeyAccess, PerSource, SelectStrategy, SplitChoice,
+};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -119,6 +121,10 @@ pub enum StepSpec {
         spec: String,
         concurrency: usize,
         endpoints: Vec<EndpointConfig>,
+        /// Left out of the step's key ([`crate::runner::step_keys`]): who gets the API key
+        /// changes no result.
+        #[serde(default, skip_serializing_if = "KeyAccess::is_default")]
+        access: KeyAccess,
     },
     Transform {
         base: String,
@@ -239,6 +245,10 @@ pub struct ModelArtifact {
     pub concurrency: usize,
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// Who gets the API key of a remote model (refreshed from the config when a finished step
+    /// is reused).
+    #[serde(default, skip_serializing_if = "KeyAccess::is_default")]
+    pub access: KeyAccess,
     /// A PEFT adapter directory to apply on top of `spec` (set by align/tune stages).
     #[serde(default)]
     pub adapter: Option<PathBuf>,
@@ -298,7 +308,15 @@ pub enum StepOutput {
         reward_model: String,
         rows: usize,
         mean: f64,
+        /// Rows the model gave no finite score, kept in `score_missing` with the reason and
+        /// left out of `rows` and `mean`.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        missing: usize,
     },
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl StepOutput {

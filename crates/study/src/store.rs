@@ -101,8 +101,16 @@ CREATE TABLE IF NOT EXISTS metrics (
 ";
 
 /// Tables added by schema version 2: a human's label of one answer (a `generations` row, by
-/// `step_key` and `row_id`), one row per labeller.
+/// `step_key` and `row_id`), one row per labeller; and the rows a reward model gave no finite
+/// score (NaN or infinite), with the reason, so a rerun does not score them again (created on
+/// open where missing; older versions ignore it).
 const SCHEMA_V2: &str = "
+CREATE TABLE IF NOT EXISTS score_missing (
+    step_key TEXT NOT NULL,
+    row_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (step_key, row_id)
+);
 CREATE TABLE IF NOT EXISTS human_labels (
     step_key TEXT NOT NULL,
     row_id TEXT NOT NULL,
@@ -554,7 +562,7 @@ impl Store {
     pub fn count_rows(&self, table: &str, step_key: Option<&str>) -> Result<i64, StoreError> {
         let table = match table {
             "generations" | "judgments" | "scores" | "metrics" | "steps" | "artifacts"
-            | "human_labels" => table,
+            | "human_labels" | "score_missing" => table,
             other => return Err(self.e(rusqlite::Error::InvalidParameterName(other.to_string()))),
         };
         match step_key {
@@ -663,6 +671,42 @@ impl Store {
 
     pub fn score_ids(&self, step_key: &str) -> Result<HashSet<String>, StoreError> {
         self.ids("scores", step_key)
+    }
+
+    /// Records rows that got no finite score, `(row_id, reason)`.
+    pub fn insert_missing_scores(
+        &mut self,
+        step_key: &str,
+        rows: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| sql(&path, e))?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO score_missing (step_key, row_id, reason) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(|e| sql(&path, e))?;
+            for (id, reason) in rows {
+                st.execute(params![step_key, id, reason])
+                    .map_err(|e| sql(&path, e))?;
+            }
+        }
+        tx.commit().map_err(|e| sql(&path, e))
+    }
+
+    /// Rows of a score step that got no finite score, `(row_id, reason)`, by row id.
+    pub fn missing_scores(&self, step_key: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT row_id, reason FROM score_missing WHERE step_key=?1 ORDER BY row_id")
+            .map_err(|e| self.e(e))?;
+        let rows = st
+            .query_map(params![step_key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.e(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.e(e))?;
+        Ok(rows)
     }
 
     pub fn scores(&self, step_key: &str) -> Result<Vec<ScoreRow>, StoreError> {

@@ -206,6 +206,7 @@ impl Stage for TrainStage {
                 spec: merged.display().to_string(),
                 concurrency: model.concurrency,
                 endpoints: vec![],
+                access: Default::default(),
                 adapter: None,
                 training,
             }))

@@ -176,6 +176,84 @@ impl safetune_eval::rm::RewardModel for LenRm {
     }
 }
 
+/// A reward model that answers NaN for every response of even length, the length otherwise.
+struct NanRm(Arc<AtomicUsize>);
+
+impl safetune_eval::rm::RewardModel for NanRm {
+    fn name(&self) -> &str {
+        "nan-rm"
+    }
+    fn max_batch(&self) -> usize {
+        4
+    }
+    fn score(&self, inputs: &[safetune_eval::rm::RmInput]) -> safetune_eval::rm::Result<Vec<f64>> {
+        self.0.fetch_add(inputs.len(), Ordering::SeqCst);
+        Ok(inputs
+            .iter()
+            .map(|i| {
+                if i.response.len() % 2 == 0 {
+                    f64::NAN
+                } else {
+                    i.response.len() as f64
+                }
+            })
+            .collect())
+    }
+}
+
+#[test]
+fn a_nan_score_is_recorded_as_missing_with_its_reason_and_not_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), "");
+    let dir = tmp.path().join("study");
+    let scored = Arc::new(AtomicUsize::new(0));
+    let s2 = scored.clone();
+    let opener: Arc<safetune_study::rm_stage::RmOpener> = Arc::new(move |_: &str| {
+        Ok(Arc::new(NanRm(s2.clone())) as Arc<dyn safetune_eval::rm::RewardModel>)
+    });
+    let (reg, _) = registry(None);
+    let reg = reg.with(
+        StepKind::Score,
+        Arc::new(safetune_study::rm_stage::ScoreStage::with_opener(opener)),
+    );
+    let first = run(&cfg, &dir, &reg);
+    assert_eq!(first.failed, vec![], "a NaN score fails no step");
+    assert_eq!(scored.load(Ordering::SeqCst), 75);
+    let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    let scores = store.count_rows("scores", None).unwrap();
+    let missing = store.count_rows("score_missing", None).unwrap();
+    assert!(
+        scores > 0 && missing > 0,
+        "{scores} scored, {missing} missing"
+    );
+    assert_eq!(scores + missing, 75);
+    // Each step's output counts its missing rows; each reason names the model and the row.
+    let mut counted = 0;
+    for rec in store.steps().unwrap() {
+        if rec.kind != "score" {
+            continue;
+        }
+        let out = rec.output.clone().unwrap();
+        counted += out["missing"].as_u64().unwrap_or(0);
+        for (id, reason) in store.missing_scores(&rec.key).unwrap() {
+            assert!(
+                reason.contains("nan-rm") && reason.contains(&id) && reason.contains("NaN"),
+                "{reason}"
+            );
+        }
+    }
+    assert_eq!(counted as i64, missing);
+    drop(store);
+    let second = run(&cfg, &dir, &reg);
+    assert_eq!(second.failed, vec![]);
+    assert_eq!(
+        scored.load(Ordering::SeqCst),
+        75,
+        "missing rows are not scored again"
+    );
+    write_report(&dir).unwrap();
+}
+
 #[test]
 fn the_score_stage_scores_every_generation_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -230,6 +308,7 @@ impl Stage for FakeRm {
             reward_model: "rm".into(),
             rows: rows.len(),
             mean,
+            missing: 0,
         })
     }
 }
@@ -344,6 +423,62 @@ fn executions(dir: &Path) -> BTreeMap<String, i64> {
         .into_iter()
         .map(|r| (r.key, r.executions))
         .collect()
+}
+
+#[test]
+fn key_access_is_taken_from_the_config_of_each_run_without_rerunning_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = config(tmp.path(), "");
+    let mut keyed = plain.clone();
+    keyed.models[0].api_key_env = Some("SAFETUNE_TEST_STUDY_KEY".into());
+    keyed.models[0].allow_insecure = true;
+    assert_eq!(
+        step_keys(&plan(&plain).unwrap()),
+        step_keys(&plan(&keyed).unwrap())
+    );
+    let dir = tmp.path().join("study");
+    // The first run stops generating early, so the second has answers left to generate.
+    let (reg, _) = registry(Some(7));
+    let first = run(&plain, &dir, &reg);
+    assert!(!first.failed.is_empty());
+    let seen: Arc<std::sync::Mutex<Vec<safetune_study::config::KeyAccess>>> = Arc::default();
+    let s2 = seen.clone();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let factory: Arc<safetune_study::stages::GeneratorFactory> =
+        Arc::new(move |m: &ModelArtifact, _weights| {
+            s2.lock().unwrap().push(m.access.clone());
+            Ok(Arc::new(FakeGen {
+                id: m.name.clone(),
+                adapter: String::new(),
+                requests: requests.clone(),
+                fail_after: None,
+                skeletons: false,
+            }) as Arc<dyn Generator>)
+        });
+    let reg = registry(None).0.with(
+        StepKind::Generate,
+        Arc::new(GenerateStage::with_factory(factory)),
+    );
+    let model_step_runs = |dir: &Path| {
+        let s = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+        s.steps()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.kind == "model")
+            .unwrap()
+            .executions
+    };
+    assert_eq!(model_step_runs(&dir), 1);
+    let second = run(&keyed, &dir, &reg);
+    assert_eq!(second.failed, vec![]);
+    // The model step was reused, yet its artifact carries this run's access settings.
+    assert_eq!(model_step_runs(&dir), 1);
+    let seen = seen.lock().unwrap();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter().all(|a| a == &keyed.models[0].access()),
+        "{seen:?}"
+    );
 }
 
 #[test]

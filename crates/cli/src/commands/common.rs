@@ -273,9 +273,16 @@ pub struct ClientArgs {
     #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: Option<u64>,
 
-    /// Remote models: environment variable holding the API key.
+    /// Remote models: environment variable holding the API key. The key goes only to https
+    /// servers and loopback hosts; a variable named here is an error for plain http elsewhere
+    /// (see --allow-insecure), the default one is simply not sent there.
     #[arg(long, default_value = "OPENAI_API_KEY", value_name = "VAR")]
     pub api_key_env: String,
+
+    /// Remote models: send the API key over plain http to a host that is not loopback (a
+    /// trusted network only).
+    #[arg(long)]
+    pub allow_insecure: bool,
 }
 
 impl ClientArgs {
@@ -290,6 +297,7 @@ impl ClientArgs {
                 .map(Duration::from_secs)
                 .unwrap_or(d.request_timeout),
             api_key_env: self.api_key_env.clone(),
+            allow_insecure: self.allow_insecure,
             ..d
         }
     }
@@ -302,6 +310,7 @@ impl ClientArgs {
             timeout: self.timeout.map(Duration::from_secs).unwrap_or(d.timeout),
             concurrency: concurrency.max(1),
             api_key_env: self.api_key_env.clone(),
+            allow_insecure: self.allow_insecure,
             ..d
         }
     }

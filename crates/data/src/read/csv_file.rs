@@ -1,6 +1,7 @@
 //! CSV and TSV with named columns, the prompt, response, system and id columns named or guessed.
 
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -65,7 +66,9 @@ fn pick_column(
 
 pub(super) struct CsvSource {
     path: PathBuf,
-    reader: csv::Reader<File>,
+    reader: csv::Reader<BufReader<File>>,
+    /// Comment lines before the header, added to the reader's line numbers.
+    lines_before: usize,
     header: Vec<String>,
     id: Option<usize>,
     prompt: usize,
@@ -83,9 +86,23 @@ impl CsvSource {
             .extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+        // `#` lines are comments only before the header: a data row whose first field starts
+        // with `#` (a hashtag, "#1 tip") is data, never dropped.
+        let mut file = BufReader::new(file);
+        let mut lines_before = 0;
+        loop {
+            let starts_comment =
+                file.fill_buf().map_err(|e| DataError::io(path, e))?.first() == Some(&b'#');
+            if !starts_comment {
+                break;
+            }
+            let mut skipped = Vec::new();
+            file.read_until(b'\n', &mut skipped)
+                .map_err(|e| DataError::io(path, e))?;
+            lines_before += 1;
+        }
         let mut reader = csv::ReaderBuilder::new()
             .delimiter(if tsv { b'\t' } else { b',' })
-            .comment(Some(b'#'))
             .flexible(false)
             .from_reader(file);
         let header: Vec<String> = reader
@@ -109,6 +126,7 @@ impl CsvSource {
         Ok(CsvSource {
             path: path.to_path_buf(),
             reader,
+            lines_before,
             header,
             id,
             prompt,
@@ -125,7 +143,7 @@ impl Source for CsvSource {
         match self.reader.read_record(&mut self.record) {
             Ok(false) => None,
             Err(e) => {
-                let line = e.position().map(|p| p.line() as usize).unwrap_or(0);
+                let line = e.position().map(|p| p.line() as usize).unwrap_or(0) + self.lines_before;
                 let message = match e.kind() {
                     csv::ErrorKind::UnequalLengths {
                         expected_len, len, ..
@@ -146,7 +164,8 @@ impl Source for CsvSource {
                     .record
                     .position()
                     .map(|p| p.line() as usize)
-                    .unwrap_or(0);
+                    .unwrap_or(0)
+                    + self.lines_before;
                 let get = |i: Option<usize>| i.and_then(|i| self.record.get(i)).map(str::to_string);
                 let mut rec = RawRecord {
                     id: get(self.id).filter(|s| !s.is_empty()),

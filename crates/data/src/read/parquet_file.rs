@@ -17,14 +17,31 @@ pub(super) struct ParquetSource {
     rows: parquet::record::reader::RowIter<'static>,
     row: usize,
     rename: Vec<(String, &'static str)>,
+    /// The parquet crate panicked inside the file: nothing more is read from it.
+    broken: bool,
+}
+
+/// The parquet crate asserts on some corrupt pages instead of returning an error; such a panic
+/// becomes an error naming the file.
+fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown error".into());
+        DataError::file(path, format!("{what}: corrupt Parquet data ({msg})"))
+    })
 }
 
 impl ParquetSource {
     pub(super) fn open(path: &Path, cols: &Columns) -> Result<Self> {
         use parquet::file::reader::{FileReader, SerializedFileReader};
         let file = File::open(path).map_err(|e| DataError::io(path, e))?;
-        let reader = SerializedFileReader::new(file)
-            .map_err(|e| DataError::file(path, format!("not a readable Parquet file: {e}")))?;
+        let reader = guarded(path, "not a readable Parquet file", || {
+            SerializedFileReader::new(file)
+        })?
+        .map_err(|e| DataError::file(path, format!("not a readable Parquet file: {e}")))?;
         let mut rename = Vec::new();
         for (explicit, target) in [
             (&cols.prompt, "prompt"),
@@ -48,19 +65,33 @@ impl ParquetSource {
                 rename.push((name.clone(), target));
             }
         }
-        let rows = parquet::record::reader::RowIter::from_file_into(Box::new(reader));
+        let rows = guarded(path, "not a readable Parquet file", || {
+            parquet::record::reader::RowIter::from_file_into(Box::new(reader))
+        })?;
         Ok(ParquetSource {
             path: path.to_path_buf(),
             rows,
             row: 0,
             rename,
+            broken: false,
         })
     }
 }
 
 impl Source for ParquetSource {
     fn next_record(&mut self) -> Option<Result<(usize, RawRecord)>> {
-        let row = self.rows.next()?;
+        if self.broken {
+            return None;
+        }
+        let row = match guarded(&self.path, &format!("row {}", self.row + 1), || {
+            self.rows.next()
+        }) {
+            Ok(row) => row?,
+            Err(e) => {
+                self.broken = true;
+                return Some(Err(e));
+            }
+        };
         self.row += 1;
         let row = match row {
             Ok(r) => r,

@@ -12,7 +12,8 @@
 //! Requests are retried with exponential backoff and jitter on connection failures, timeouts, a
 //! body cut short, 408, 429 and 5xx, honouring a `Retry-After` that is a finite, non-negative
 //! number of seconds, up to a cap (`safetune_openai::retry`, shared with the OpenAI client); an API key, if the configured environment variable holds one,
-//! is sent as a bearer token and never printed. Resuming is the scoring runner's job: rows already
+//! is sent as a bearer token where `safetune_openai::access` allows it (https, a loopback host,
+//! or `allow_insecure`), and never printed. Resuming is the scoring runner's job: rows already
 //! written are not sent again.
 
 use std::time::Duration;
@@ -72,6 +73,8 @@ pub struct RemoteOptions {
     pub concurrency: usize,
     /// Name of the environment variable holding an API key (never the key itself).
     pub api_key_env: String,
+    /// Send the key over plain http to a host that is not loopback.
+    pub allow_insecure: bool,
 }
 
 impl Default for RemoteOptions {
@@ -83,7 +86,8 @@ impl Default for RemoteOptions {
             max_retry_after: retry::DEFAULT_MAX_RETRY_AFTER,
             timeout: Duration::from_secs(300),
             concurrency: 8,
-            api_key_env: "OPENAI_API_KEY".into(),
+            api_key_env: safetune_openai::access::DEFAULT_API_KEY_ENV.into(),
+            allow_insecure: false,
         }
     }
 }
@@ -128,10 +132,9 @@ impl RemoteRm {
             .proxy(None)
             .build()
             .into();
-        let api_key = std::env::var(&opts.api_key_env)
-            .ok()
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty());
+        let api_key =
+            safetune_openai::access::api_key_for(url, &opts.api_key_env, opts.allow_insecure)
+                .map_err(|e| format!("{}{url}#{model}: {e}", kind.prefix()))?;
         Ok(RemoteRm {
             kind,
             url: url.to_string(),
@@ -142,6 +145,11 @@ impl RemoteRm {
             api_key,
             agent,
         })
+    }
+
+    /// Whether an API key is sent to this endpoint.
+    pub fn has_api_key(&self) -> bool {
+        self.api_key.is_some()
     }
 
     fn endpoint(&self) -> String {
@@ -298,7 +306,7 @@ impl RemoteRm {
                 inputs.len()
             )));
         }
-        let mut out = vec![0.0; inputs.len()];
+        let mut out: Vec<Option<f64>> = vec![None; inputs.len()];
         for (k, d) in data.iter().enumerate() {
             let i = d
                 .get("index")
@@ -315,9 +323,17 @@ impl RemoteRm {
             let slot = out.get_mut(i).ok_or_else(|| {
                 RmError::Backend(format!("{url}: data[{k}].index {i} out of range"))
             })?;
-            *slot = self.pick_label(&probs)?;
+            *slot = Some(self.pick_label(&probs)?);
         }
-        Ok(out)
+        // Indices repeated in the answer leave an input without its result.
+        out.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.ok_or_else(|| {
+                    RmError::Backend(format!("{url}: the answer has no result for input {i}"))
+                })
+            })
+            .collect()
     }
 }
 

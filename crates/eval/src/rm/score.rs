@@ -7,6 +7,10 @@
 //! Item rows: `{"id", "rm", "kind": "item", "score", "label"?, "variant"?, "subset"?}`.
 //! Pair rows: `{"id", "rm", "kind": "pair", "chosen", "rejected", "margin", "subset"?,
 //! "chosen_safe"?, "rejected_safe"?}`.
+//!
+//! A score that is not a finite number (a NaN from the model) is written as `null` with
+//! `"missing": REASON` naming the reward model and the row: the row is finished (a rerun would
+//! get the same answer), and the analysis counts it apart instead of failing on it.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -171,6 +175,8 @@ pub fn run_scoring(
                 let inputs: Vec<RmInput> =
                     part.iter().map(|&&(i, _)| items[i].input.clone()).collect();
                 let scores = rm.score(&inputs).map_err(|e| partial(out, prog, e))?;
+                check_count(&rm_name, scores.len(), inputs.len())
+                    .map_err(|e| partial(out, prog, e))?;
                 part.iter()
                     .zip(scores)
                     .map(|(&&(i, _), s)| item_row(&items[i], &rm_name, s))
@@ -192,9 +198,8 @@ pub fn run_scoring(
                     }
                 }
                 let scores = rm.score(&inputs).map_err(|e| partial(out, prog, e))?;
-                if scores.len() != inputs.len() {
-                    return Err(mismatch(out, prog, scores.len(), inputs.len()));
-                }
+                check_count(&rm_name, scores.len(), inputs.len())
+                    .map_err(|e| partial(out, prog, e))?;
                 part.iter()
                     .enumerate()
                     .map(|(k, &&(i, _))| {
@@ -203,9 +208,7 @@ pub fn run_scoring(
                     .collect()
             }
         };
-        if rows.len() != part.len() {
-            return Err(mismatch(out, prog, rows.len(), part.len()));
-        }
+        check_count(&rm_name, rows.len(), part.len()).map_err(|e| partial(out, prog, e))?;
         Ok(rows)
     };
     run_resumable(&units, |u| u.1, out, chunk, &mut work, progress).map_err(|e| match e {
@@ -217,14 +220,34 @@ pub fn run_scoring(
     })
 }
 
-fn mismatch(out: &Path, prog: &ScoreProgress, got: usize, want: usize) -> RmError {
-    partial(
-        out,
-        prog,
-        RmError::Backend(format!(
-            "the reward model returned {got} scores for {want} inputs"
-        )),
-    )
+/// A model must give one score per input: a short (or long) answer is an error, never an
+/// index out of bounds.
+fn check_count(rm: &str, got: usize, sent: usize) -> Result<()> {
+    if got == sent {
+        return Ok(());
+    }
+    Err(RmError::Backend(format!(
+        "reward model {rm} returned {got} scores for {sent} inputs"
+    )))
+}
+
+/// Marks a row whose scores are not all finite: `null` scores and the reason.
+fn mark_missing(m: &mut Map<String, Value>, rm: &str, id: &str, scores: &[(&str, f64)]) {
+    let bad: Vec<String> = scores
+        .iter()
+        .filter(|(_, s)| !s.is_finite())
+        .map(|(what, s)| format!("{what} {s}"))
+        .collect();
+    if !bad.is_empty() {
+        m.insert(
+            "missing".into(),
+            format!(
+                "reward model {rm} returned no finite score for row {id}: {}",
+                bad.join(", ")
+            )
+            .into(),
+        );
+    }
 }
 
 fn partial(out: &Path, prog: &ScoreProgress, e: RmError) -> RmError {
@@ -242,6 +265,7 @@ fn item_row(item: &ItemInput, rm: &str, score: f64) -> Value {
     m.insert("rm".into(), rm.into());
     m.insert("kind".into(), "item".into());
     m.insert("score".into(), finite(score));
+    mark_missing(&mut m, rm, &item.id, &[("score", score)]);
     if let Some(l) = item.label {
         m.insert("label".into(), l.into());
     }
@@ -262,6 +286,12 @@ fn pair_row(p: &PreferencePair, rm: &str, chosen: f64, rejected: f64) -> Value {
     m.insert("chosen".into(), finite(chosen));
     m.insert("rejected".into(), finite(rejected));
     m.insert("margin".into(), finite(chosen - rejected));
+    mark_missing(
+        &mut m,
+        rm,
+        &p.id,
+        &[("chosen", chosen), ("rejected", rejected)],
+    );
     if let Some(s) = &p.subset {
         m.insert("subset".into(), s.clone().into());
     }
@@ -305,6 +335,8 @@ pub struct ScoreFile {
     pub rm: String,
     pub items: Vec<ItemScore>,
     pub pairs: Vec<PairScore>,
+    /// Rows written without a finite score: `(id, reason)`.
+    pub missing: Vec<(String, String)>,
 }
 
 /// Reads a scores file written by [`run_scoring`] (or by hand: rows with `id` and `score`, or
@@ -335,6 +367,10 @@ pub fn read_scores(path: &Path) -> Result<ScoreFile> {
             }
         };
         let text = |k: &str| row.get(k).and_then(Value::as_str).map(str::to_string);
+        if let Some(reason) = text("missing") {
+            f.missing.push((id, reason));
+            continue;
+        }
         if row.contains_key("score") {
             f.items.push(ItemScore {
                 id,
