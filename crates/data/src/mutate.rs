@@ -12,7 +12,46 @@
 //! Runs are deterministic: the same seed and count give the same mutants. Tests pass a small
 //! count for CI; [`iterations`] lets `SAFETUNE_MUTATIONS` raise it (`bench/mutation`).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// The largest single allocation [`CappedAlloc`] grants: no parser of a file of a few
+/// kilobytes needs anything near it in one piece.
+pub const MAX_ALLOCATION: usize = 256 << 20;
+
+/// A global allocator for mutation tests: the system allocator, except that a request over
+/// [`MAX_ALLOCATION`] returns null, which the standard library turns into an abort ("memory
+/// allocation failed"), failing the test. A parser that trusts a length read from a hostile
+/// header is caught this way. Install it in a test binary with
+/// `#[global_allocator] static ALLOC: CappedAlloc = CappedAlloc;`.
+pub struct CappedAlloc;
+
+// SAFETY: every method forwards to the system allocator with the caller's arguments; a refused
+// size returns null, which `GlobalAlloc` allows.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for CappedAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > MAX_ALLOCATION {
+            return std::ptr::null_mut();
+        }
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if layout.size() > MAX_ALLOCATION {
+            return std::ptr::null_mut();
+        }
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size > MAX_ALLOCATION {
+            return std::ptr::null_mut();
+        }
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
 
 /// Values written over length fields: zero, one, sign and width boundaries, the largest.
 pub const EXTREMES: [u64; 11] = [

@@ -1,49 +1,16 @@
 //! Seeded byte mutations of real dataset files (JSONL, a JSON array, CSV, TSV, Parquet): every
 //! read ends in `Ok` or an error naming the file, never a panic, never an absurd allocation
-//! (the allocator below refuses any single allocation over 256 MiB, which aborts the test).
+//! (`CappedAlloc` refuses any single allocation over 256 MiB, which aborts the test).
 //! CI runs 600 to 1200 mutants per file; `SAFETUNE_MUTATIONS=N` (or `bench/mutation`) runs
 //! more.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 
-use safetune_data::mutate::{iterations, run};
+use safetune_data::mutate::{iterations, run, CappedAlloc};
 use safetune_data::read::{read_all, ReadOptions};
 
-/// No parser of a file of a few kilobytes needs anything near this in one piece.
-const MAX_ALLOCATION: usize = 256 << 20;
-
-struct Capped;
-
-// SAFETY: forwards to the system allocator; a refused size returns null, which the standard
-// library turns into an abort ("memory allocation failed"), failing the test.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Capped {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > MAX_ALLOCATION {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > MAX_ALLOCATION {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > MAX_ALLOCATION {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Capped = Capped;
+static ALLOC: CappedAlloc = CappedAlloc;
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(

@@ -5,47 +5,15 @@
 //! test: sizes read from headers are checked against the file before anything is allocated.
 //! CI runs a bounded count per file; `SAFETUNE_MUTATIONS=N` (or `bench/mutation`) runs more.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 
-use safetune_data::mutate::{iterations, run};
+use safetune_data::mutate::{iterations, run, CappedAlloc};
 use safetune_data::Message;
 use safetune_model::testing::TinyModel;
 use safetune_model::{ChatTemplate, LoadOptions, LocalEngine};
 
-const MAX_ALLOCATION: usize = 256 << 20;
-
-struct Capped;
-
-// SAFETY: forwards to the system allocator; a refused size returns null, which the standard
-// library turns into an abort, failing the test.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Capped {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > MAX_ALLOCATION {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if layout.size() > MAX_ALLOCATION {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > MAX_ALLOCATION {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Capped = Capped;
+static ALLOC: CappedAlloc = CappedAlloc;
 
 /// A small model: two layers of width 32, so each load takes milliseconds.
 fn small() -> TinyModel {
