@@ -48,6 +48,9 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` reached.
     Length,
+    /// Stopped early because its caller no longer wanted it (a served client went away): the
+    /// output holds what was generated until then.
+    Cancelled,
 }
 
 impl FinishReason {
@@ -55,6 +58,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
         }
     }
 }
@@ -82,6 +86,9 @@ pub enum BackendError {
 /// Receives text pieces as they are decoded: `(index of the request in the batch, piece)`.
 pub type TokenSink<'a> = &'a mut (dyn FnMut(usize, &str) + Send);
 
+/// Asked between decode steps: `true` for request `i` of the batch means stop generating it.
+pub type CancelCheck<'a> = &'a (dyn Fn(usize) -> bool + Sync);
+
 /// A text generator. Implementations batch the requests they are given as they see fit.
 pub trait Generator: Send + Sync {
     /// A name for logs and for `/v1/models`.
@@ -98,6 +105,20 @@ pub trait Generator: Send + Sync {
         requests: &[GenRequest],
         sink: TokenSink<'_>,
     ) -> Result<Vec<GenOutput>, BackendError>;
+
+    /// Like `generate_streaming`, stopping request `i` early, with [`FinishReason::Cancelled`],
+    /// once `cancelled(i)` is true; the other requests of the batch go on. Backends that can stop
+    /// mid-generation (the local engine) poll it before every decode step; the default, for those
+    /// that cannot (a remote server, test doubles), never stops early.
+    fn generate_cancellable(
+        &self,
+        requests: &[GenRequest],
+        sink: TokenSink<'_>,
+        cancelled: CancelCheck<'_>,
+    ) -> Result<Vec<GenOutput>, BackendError> {
+        let _ = cancelled;
+        self.generate_streaming(requests, sink)
+    }
 
     /// The most requests this backend wants in one call (the local engine's batch size).
     fn max_batch(&self) -> usize {

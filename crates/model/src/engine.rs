@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use safetune_data::Message;
 
 use crate::backend::{
-    BackendError, FinishReason, GenOutput, GenRequest, Generator, Prompt, TokenSink,
+    BackendError, CancelCheck, FinishReason, GenOutput, GenRequest, Generator, Prompt, TokenSink,
 };
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::generate::{generate_batch, SeqRequest};
+use crate::generate::{generate_batch_cancellable, SeqRequest};
 use crate::gguf::GgufFile;
 use crate::llama::Llama;
 use crate::spec::ModelSpec;
@@ -217,6 +217,15 @@ impl Generator for LocalEngine {
         requests: &[GenRequest],
         sink: TokenSink<'_>,
     ) -> Result<Vec<GenOutput>, BackendError> {
+        self.generate_cancellable(requests, sink, &|_| false)
+    }
+
+    fn generate_cancellable(
+        &self,
+        requests: &[GenRequest],
+        sink: TokenSink<'_>,
+        cancelled: CancelCheck<'_>,
+    ) -> Result<Vec<GenOutput>, BackendError> {
         let max_pos = self.model.cfg.max_position_embeddings;
         let mut seqs = Vec::with_capacity(requests.len());
         for (i, r) in requests.iter().enumerate() {
@@ -253,9 +262,13 @@ impl Generator for LocalEngine {
         let mut out: Vec<Option<GenOutput>> = vec![None; seqs.len()];
         for chunk in order.chunks(self.batch_size) {
             let batch: Vec<SeqRequest> = chunk.iter().map(|&i| seqs[i].clone()).collect();
-            let results = generate_batch(&self.model, &self.tok, &batch, &mut |k, piece| {
-                sink(chunk[k], piece)
-            })
+            let results = generate_batch_cancellable(
+                &self.model,
+                &self.tok,
+                &batch,
+                &mut |k, piece| sink(chunk[k], piece),
+                &|k| chunk.get(k).is_some_and(|&i| cancelled(i)),
+            )
             .map_err(to_backend)?;
             for (k, r) in results.into_iter().enumerate() {
                 let i = chunk[k];

@@ -145,6 +145,7 @@ pub struct BatchTiming {
 }
 
 /// Continues every request in one batch. `sink(i, piece)` receives text as it is decoded.
+/// [`generate_batch_cancellable`] can stop rows early.
 pub fn generate_batch(
     model: &Llama,
     tok: &Tok,
@@ -154,12 +155,36 @@ pub fn generate_batch(
     generate_batch_timed(model, tok, reqs, sink).map(|(out, _)| out)
 }
 
+/// [`generate_batch`], stopping row `i` as soon as `cancelled(i)` is true: it is asked before
+/// the prefill and before every token, and a cancelled row leaves the batch with what it has
+/// generated so far and [`FinishReason::Cancelled`]; the other rows go on as if it had never been
+/// there.
+pub fn generate_batch_cancellable(
+    model: &Llama,
+    tok: &Tok,
+    reqs: &[SeqRequest],
+    sink: &mut dyn FnMut(usize, &str),
+    cancelled: &dyn Fn(usize) -> bool,
+) -> Result<Vec<SeqOutput>> {
+    run_batch(model, tok, reqs, sink, cancelled).map(|(out, _)| out)
+}
+
 /// [`generate_batch`], also reporting where the time went.
 pub fn generate_batch_timed(
     model: &Llama,
     tok: &Tok,
     reqs: &[SeqRequest],
     sink: &mut dyn FnMut(usize, &str),
+) -> Result<(Vec<SeqOutput>, BatchTiming)> {
+    run_batch(model, tok, reqs, sink, &|_| false)
+}
+
+fn run_batch(
+    model: &Llama,
+    tok: &Tok,
+    reqs: &[SeqRequest],
+    sink: &mut dyn FnMut(usize, &str),
+    cancelled: &dyn Fn(usize) -> bool,
 ) -> Result<(Vec<SeqOutput>, BatchTiming)> {
     let start = Instant::now();
     let mut timing = BatchTiming::default();
@@ -190,19 +215,22 @@ pub fn generate_batch_timed(
             next_pos: r.prompt_ids.len() as u32,
             done: if r.sampling.max_new_tokens == 0 {
                 Some(FinishReason::Length)
+            } else if cancelled(i) {
+                Some(FinishReason::Cancelled)
             } else {
                 None
             },
             text: String::new(),
         })
         .collect();
-    if max_new == 0 {
+    // Nothing to generate (every row wants no tokens or is cancelled already): no prefill.
+    if max_new == 0 || rows.iter().all(|r| r.done.is_some()) {
         let out = rows
             .iter()
-            .map(|_| SeqOutput {
+            .map(|r| SeqOutput {
                 ids: vec![],
                 text: String::new(),
-                finish_reason: FinishReason::Length,
+                finish_reason: r.done.unwrap_or(FinishReason::Length),
             })
             .collect();
         timing.prefill = start.elapsed();
@@ -256,6 +284,11 @@ pub fn generate_batch_timed(
         for (k, &ri) in active.iter().enumerate() {
             let row = &mut rows[ri];
             if row.done.is_some() {
+                continue;
+            }
+            // A cancelled row keeps what it generated so far and leaves the batch below.
+            if cancelled(row.req) {
+                row.done = Some(FinishReason::Cancelled);
                 continue;
             }
             let s = &reqs[row.req].sampling;

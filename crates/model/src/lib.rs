@@ -39,7 +39,8 @@ pub mod vecmath;
 pub mod weights;
 
 pub use backend::{
-    BackendError, FinishReason, GenOutput, GenRequest, Generator, Prompt, Sampling, TokenSink,
+    BackendError, CancelCheck, FinishReason, GenOutput, GenRequest, Generator, Prompt, Sampling,
+    TokenSink,
 };
 pub use config::{Config, HfConfig};
 pub use engine::{LoadOptions, LocalEngine};

@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Tensor};
 use safetune_data::Message;
-use safetune_model::generate::{generate_batch, SeqRequest};
+use safetune_model::generate::{generate_batch, generate_batch_cancellable, SeqRequest};
 use safetune_model::testing::TinyModel;
 use safetune_model::weights::SafetensorsFiles;
 use safetune_model::*;
@@ -190,6 +190,100 @@ fn batched_left_padded_generation_matches_unbatched() {
         a,
         "another seed samples differently"
     );
+}
+
+#[test]
+fn a_cancelled_row_stops_mid_generation_and_the_others_go_on() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = tiny(dir.path(), TinyModel::default());
+    // No stop tokens: left alone, every row runs to its length.
+    e.tok.stop_ids.clear();
+    let reqs: Vec<SeqRequest> = ["hello there", "the thought is"]
+        .iter()
+        .map(|p| SeqRequest {
+            prompt_ids: e.tok.encode(p, false).unwrap(),
+            sampling: Sampling {
+                max_new_tokens: 200,
+                ..Sampling::default()
+            },
+        })
+        .collect();
+    let full = generate_batch(&e.model, &e.tok, &reqs, &mut |_, _| {}).unwrap();
+    assert!(full.iter().all(|o| o.ids.len() == 200), "{full:?}");
+
+    // Row 0's flag is set from inside the decode loop once row 0 has streamed 5 pieces.
+    let flag = AtomicBool::new(false);
+    let pieces = AtomicUsize::new(0);
+    let polls = AtomicUsize::new(0);
+    let out = generate_batch_cancellable(
+        &e.model,
+        &e.tok,
+        &reqs,
+        &mut |i, _| {
+            if i == 0 && pieces.fetch_add(1, Ordering::SeqCst) + 1 == 5 {
+                flag.store(true, Ordering::SeqCst);
+            }
+        },
+        &|i| {
+            if i == 0 {
+                polls.fetch_add(1, Ordering::SeqCst);
+            }
+            i == 0 && flag.load(Ordering::SeqCst)
+        },
+    )
+    .unwrap();
+    let stopped = &out[0];
+    println!(
+        "row 0: {} of 200 tokens, {:?}; row 1: {} tokens, {:?}",
+        stopped.ids.len(),
+        stopped.finish_reason,
+        out[1].ids.len(),
+        out[1].finish_reason
+    );
+    assert_eq!(stopped.finish_reason, FinishReason::Cancelled);
+    assert!(
+        !stopped.ids.is_empty() && stopped.ids.len() < 20,
+        "row 0 generated {} of 200 tokens after its flag was set",
+        stopped.ids.len()
+    );
+    // Polled before every token: the loop stopped at the first poll after the flag was set.
+    let polls = polls.load(Ordering::SeqCst);
+    assert_eq!(polls, stopped.ids.len() + 2, "polls {polls}");
+    assert_eq!(
+        stopped.ids,
+        full[0].ids[..stopped.ids.len()],
+        "what row 0 generated before it stopped is what it generates uncancelled"
+    );
+    // The other row is untouched by its neighbour leaving the batch.
+    assert_eq!(out[1], full[1]);
+
+    // Rows cancelled before they start generate nothing (and skip the prefill).
+    let none =
+        generate_batch_cancellable(&e.model, &e.tok, &reqs, &mut |_, _| {}, &|_| true).unwrap();
+    assert!(none
+        .iter()
+        .all(|o| o.ids.is_empty() && o.finish_reason == FinishReason::Cancelled));
+
+    // Through the Generator trait: the index asked about is the request's own, not its
+    // position in the engine's (length-sorted) batches.
+    let gen: Vec<GenRequest> = ["a much longer prompt than the other", "hi"]
+        .iter()
+        .map(|p| GenRequest {
+            prompt: Prompt::Text(p.to_string()),
+            sampling: Sampling {
+                max_new_tokens: 50,
+                ..Sampling::default()
+            },
+        })
+        .collect();
+    let outs = e
+        .generate_cancellable(&gen, &mut |_, _| {}, &|i| i == 0)
+        .unwrap();
+    assert_eq!(outs[0].finish_reason, FinishReason::Cancelled);
+    assert_eq!(outs[0].completion_tokens, 0);
+    assert_eq!(outs[1].finish_reason, FinishReason::Length);
+    assert_eq!(outs[1].completion_tokens, 50);
 }
 
 #[test]

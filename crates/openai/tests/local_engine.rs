@@ -1,13 +1,17 @@
 //! The server over the real local engine (a tiny random-weight Llama the test writes), with the
 //! client on the other side: what arrives over HTTP is what the engine generates directly.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use safetune_data::Message;
 use safetune_model::testing::TinyModel;
 use safetune_model::{
-    GenRequest, Generator, LoadOptions, LocalEngine, ModelSpec, Prompt, Sampling,
+    BackendError, CancelCheck, FinishReason, GenOutput, GenRequest, Generator, LoadOptions,
+    LocalEngine, ModelSpec, Prompt, Sampling, TokenSink,
 };
 use safetune_openai::protocol::{parse_sse, ChatCompletionChunk};
 use safetune_openai::{load_generator, start, ClientConfig, OpenAiClient, ServeConfig};
@@ -143,5 +147,226 @@ fn a_prompt_over_the_token_limit_is_refused_before_it_is_queued() {
     assert_eq!(h.stats().batches, 0, "the long prompt reached the model");
     let (status, body) = post("hello");
     assert_eq!(status, 200, "{body}");
+    h.shutdown().unwrap();
+}
+
+/// The tiny engine with every decode step slowed to at least `step` per row (the tiny model
+/// is too fast for a client to leave in the middle otherwise), recording every output it
+/// returns and how many requests each call had. It honours the scheduler's cancel check
+/// by handing it to the engine.
+struct Slowed {
+    engine: LocalEngine,
+    step: Duration,
+    steps: AtomicUsize,
+    outputs: Mutex<Vec<(String, GenOutput)>>,
+    calls: Mutex<Vec<usize>>,
+}
+
+impl Slowed {
+    /// The tiny model without stop tokens, so a request left alone runs to `max_tokens`.
+    fn new(dir: &std::path::Path, batch_size: usize, step_ms: u64) -> Arc<Slowed> {
+        TinyModel::default().write(dir).unwrap();
+        let spec = ModelSpec::parse(dir.to_str().unwrap()).unwrap();
+        let load = LoadOptions {
+            batch_size,
+            ..LoadOptions::default()
+        };
+        let mut engine = LocalEngine::load(&spec, &load).unwrap();
+        engine.tok.stop_ids.clear();
+        Arc::new(Slowed {
+            engine,
+            step: Duration::from_millis(step_ms),
+            steps: AtomicUsize::new(0),
+            outputs: Mutex::new(Vec::new()),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The output recorded for the prompt `text`, once its generator call returned.
+    fn output(&self, text: &str) -> Option<GenOutput> {
+        let outs = self.outputs.lock().unwrap();
+        outs.iter().find(|(p, _)| p == text).map(|(_, o)| o.clone())
+    }
+}
+
+impl Generator for Slowed {
+    fn model_id(&self) -> &str {
+        self.engine.model_id()
+    }
+    fn max_batch(&self) -> usize {
+        self.engine.max_batch()
+    }
+    fn generate_streaming(
+        &self,
+        requests: &[GenRequest],
+        sink: TokenSink<'_>,
+    ) -> Result<Vec<GenOutput>, BackendError> {
+        self.generate_cancellable(requests, sink, &|_| false)
+    }
+    fn generate_cancellable(
+        &self,
+        requests: &[GenRequest],
+        sink: TokenSink<'_>,
+        cancelled: CancelCheck<'_>,
+    ) -> Result<Vec<GenOutput>, BackendError> {
+        self.calls.lock().unwrap().push(requests.len());
+        // The engine asks before every token of every row: the place to slow each step down.
+        let slow = |i: usize| {
+            self.steps.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.step);
+            cancelled(i)
+        };
+        let outs = self.engine.generate_cancellable(requests, sink, &slow)?;
+        let mut rec = self.outputs.lock().unwrap();
+        for (r, o) in requests.iter().zip(&outs) {
+            let text = match &r.prompt {
+                Prompt::Text(t) => t.clone(),
+                Prompt::Chat(m) => m.last().map(|m| m.content.clone()).unwrap_or_default(),
+            };
+            rec.push((text, o.clone()));
+        }
+        Ok(outs)
+    }
+}
+
+/// Sends a completion request on a raw connection and returns it open, without reading.
+fn send_completion(addr: std::net::SocketAddr, body: &serde_json::Value) -> TcpStream {
+    let body = body.to_string();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s
+}
+
+fn wait_for<T>(what: &str, secs: u64, mut get: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = get() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn decoding_stops_within_a_few_tokens_when_the_client_disconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    // 5 ms a step: left alone, the 400 tokens asked for take at least 2 s.
+    let g = Slowed::new(dir.path(), 4, 5);
+    let h = start(
+        g.clone(),
+        ServeConfig {
+            port: 0,
+            batch_wait_ms: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for stream in [false, true] {
+        let prompt = format!("leaving, stream={stream}");
+        let body = serde_json::json!({"prompt": prompt, "max_tokens": 400, "temperature": 0,
+            "stream": stream});
+        let before = g.steps.load(Ordering::SeqCst);
+        let s = send_completion(h.addr(), &body);
+        wait_for("decoding to start", 10, || {
+            (g.steps.load(Ordering::SeqCst) > before + 3).then_some(())
+        });
+        drop(s);
+        let out = wait_for("the generator call to return", 10, || g.output(&prompt));
+        println!(
+            "stream={stream}: {} of 400 tokens, {:?}",
+            out.completion_tokens, out.finish_reason
+        );
+        assert_eq!(
+            out.finish_reason,
+            FinishReason::Cancelled,
+            "stream={stream}"
+        );
+        // The server checks its client every 100 ms: about 20 steps of 5 ms, then a token.
+        assert!(
+            out.completion_tokens < 100,
+            "stream={stream}: {} of 400 tokens were generated for a client that left",
+            out.completion_tokens
+        );
+    }
+    wait_for("the stopped requests to be counted", 5, || {
+        (h.stats().cancelled >= 2).then_some(())
+    });
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn a_request_batched_with_a_cancelled_one_is_answered_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Slowed::new(dir.path(), 2, 5);
+    let stays_req = GenRequest {
+        prompt: Prompt::Text("the one who stays".into()),
+        sampling: Sampling {
+            max_new_tokens: 150,
+            temperature: 0.0,
+            ..Sampling::default()
+        },
+    };
+    let direct = g.engine.generate(std::slice::from_ref(&stays_req)).unwrap();
+    assert_eq!(direct[0].completion_tokens, 150);
+    // A long wait for the batch to fill, so that both requests share one generator call.
+    let h = start(
+        g.clone(),
+        ServeConfig {
+            port: 0,
+            batch_wait_ms: 2000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let leaves = send_completion(
+        h.addr(),
+        &serde_json::json!({"prompt": "the one who leaves", "max_tokens": 400, "temperature": 0}),
+    );
+    let addr = h.addr();
+    let stays = std::thread::spawn(move || {
+        let mut s = send_completion(
+            addr,
+            &serde_json::json!({"prompt": "the one who stays", "max_tokens": 150,
+                "temperature": 0}),
+        );
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    });
+    // Leave once a few steps of the shared batch have run.
+    wait_for("decoding to start", 10, || {
+        (g.steps.load(Ordering::SeqCst) > 6).then_some(())
+    });
+    drop(leaves);
+    let answer = stays.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{body}");
+    assert_eq!(v["usage"]["completion_tokens"], 150, "{body}");
+    assert_eq!(v["choices"][0]["text"], direct[0].text.as_str(), "{body}");
+    assert_eq!(
+        *g.calls.lock().unwrap(),
+        vec![2],
+        "both requests were decoded in one batch"
+    );
+    let left = g.output("the one who leaves").unwrap();
+    println!(
+        "left: {} of 400 tokens, {:?}; stayed: {} of 150 tokens",
+        left.completion_tokens, left.finish_reason, v["usage"]["completion_tokens"]
+    );
+    assert_eq!(left.finish_reason, FinishReason::Cancelled);
+    assert!(
+        left.completion_tokens < 100,
+        "{} of 400 tokens were generated for the client that left",
+        left.completion_tokens
+    );
     h.shutdown().unwrap();
 }

@@ -122,7 +122,7 @@ pub(super) const PEER_CHECK: Duration = Duration::from_millis(100);
 
 /// Waits for a job's outputs, skipping streamed pieces. While waiting, checks every 100 ms that
 /// the client is still there; once it is gone the job is cancelled (its parts not yet started
-/// are dropped) and nothing is answered.
+/// are dropped, the one decoding stops at its next token) and nothing is answered.
 fn wait_done(
     request: &mut Request<'_>,
     rx: &mpsc::Receiver<Event>,

@@ -183,7 +183,8 @@ pub struct ServerStats {
     pub batches: u64,
     /// Requests answered 429 because the queue was full.
     pub rejected_queue_full: u64,
-    /// Generation requests dropped before they ran, because their client went away.
+    /// Generation requests dropped before they ran, or stopped while they were decoding, because
+    /// their client went away.
     pub cancelled: u64,
     /// Accept errors survived so far.
     pub accept_errors: u64,

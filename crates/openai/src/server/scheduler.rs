@@ -3,7 +3,8 @@
 //! `max_batch` generation requests (splitting a larger job into parts, served round-robin with
 //! the other jobs), waiting up to `batch_wait_ms` for a batch to fill, runs each batch through
 //! the generator and sends every job its events. A job whose client has gone is dropped before
-//! its next part.
+//! its next part, and the generator stops decoding its part in flight within a token (the other
+//! jobs of that batch go on).
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use safetune_model::backend::{BackendError, GenOutput, GenRequest, Generator};
+use safetune_model::backend::{BackendError, FinishReason, GenOutput, GenRequest, Generator};
 
 use super::Shared;
 
@@ -36,7 +37,8 @@ pub(super) enum Event {
 /// One HTTP generation request: its generation requests (prompts x `n`), handed to the
 /// generator in parts of at most `max_batch`, round-robin with the other jobs, so one large
 /// job does not hold the model while others wait. Once `cancel` is set (the client went away,
-/// or a part failed) its remaining parts are dropped.
+/// or a part failed) its remaining parts are dropped and the generator stops decoding the part
+/// in flight, if it can.
 pub(super) struct Job {
     pub(super) requests: VecDeque<GenRequest>,
     /// Index (in the job) of the first request still in `requests`.
@@ -52,6 +54,7 @@ struct Part {
     start: usize,
     stream: bool,
     events: mpsc::Sender<Event>,
+    cancel: Arc<AtomicBool>,
 }
 
 pub(super) enum EnqueueError {
@@ -137,6 +140,7 @@ fn take_batch(shared: &Shared) -> Option<Vec<Part>> {
                 start: front.next,
                 stream: front.stream,
                 events: front.events.clone(),
+                cancel: front.cancel.clone(),
             });
             front.next += take;
             size += take;
@@ -181,6 +185,15 @@ fn run_batch(shared: &Shared, generator: &dyn Generator, batch: Vec<Part>) {
             let mut outs = outs.into_iter();
             for part in &batch {
                 let mine: Vec<GenOutput> = outs.by_ref().take(part.requests.len()).collect();
+                // Stopped mid-decode because the client went away: no one waits for these.
+                let stopped = mine
+                    .iter()
+                    .filter(|o| o.finish_reason == FinishReason::Cancelled)
+                    .count();
+                if stopped > 0 {
+                    shared.cancelled.fetch_add(stopped as u64, Ordering::SeqCst);
+                    continue;
+                }
                 let _ = part.events.send(Event::Part(part.start, Ok(mine)));
             }
         }
@@ -221,8 +234,14 @@ fn generate(generator: &dyn Generator, batch: &[Part]) -> Result<Vec<GenOutput>,
             }
         }
     };
+    // Polled by the generator between decode steps: a job whose client went away stops there.
+    let cancelled = |idx: usize| {
+        owner
+            .get(idx)
+            .is_some_and(|&(j, _)| batch[j].cancel.load(Ordering::SeqCst))
+    };
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        generator.generate_streaming(&requests, &mut sink)
+        generator.generate_cancellable(&requests, &mut sink, &cancelled)
     }));
     match result {
         Ok(Ok(outs)) if outs.len() == requests.len() => Ok(outs),
