@@ -38,7 +38,7 @@ pub struct Bench {
 /// How to pick the prompts.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// `None`: the test split for built-in harmful sets, everything otherwise.
+    /// `None`: the test split for built-in sets (harmful or benign), every prompt of a file.
     pub split: Option<Split>,
     /// Use every prompt (no split).
     pub all: bool,
@@ -69,11 +69,12 @@ pub fn load_bench(spec: &str, opts: &BenchOptions) -> Result<Bench> {
     let mut bench = match builtin {
         Some((name, _, harmful)) => {
             let set = PromptSet::load(name, None)?;
+            // The test split by default, benign sets too: alignment trains on the train split
+            // of the over-refusal probes, so their whole set would mix in trained prompts.
             let split = if opts.all {
                 None
             } else {
-                opts.split
-                    .or(if *harmful { Some(Split::Test) } else { None })
+                Some(opts.split.unwrap_or(Split::Test))
             };
             let set = match split {
                 Some(s) => set.split(s, opts.split_seed, opts.test_fraction),
@@ -376,6 +377,39 @@ pub fn summary_markdown(m: &SafetyMetrics) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// The built-in over-refusal probes default to their test split, as the harmful sets do:
+    /// a study's alignment trains on the train split.
+    #[test]
+    fn builtin_benign_probes_default_to_the_test_split() {
+        let test = load_bench("overrefusal", &BenchOptions::default()).unwrap();
+        let all = load_bench(
+            "overrefusal",
+            &BenchOptions {
+                all: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(!test.harmful);
+        assert!(
+            test.items.len() < all.items.len(),
+            "{} of {}",
+            test.items.len(),
+            all.items.len()
+        );
+        let explicit = load_bench(
+            "overrefusal",
+            &BenchOptions {
+                split: Some(Split::Test),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ids = |b: &Bench| b.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&test), ids(&explicit));
+    }
+
     use super::*;
     use serde_json::json;
 
@@ -475,7 +509,5 @@ mod tests {
             "{}",
             test.items.len()
         );
-        let or = load_bench("overrefusal", &BenchOptions::default()).unwrap();
-        assert!(!or.harmful && or.items.len() == 154);
     }
 }

@@ -43,7 +43,8 @@ pub struct EvalArgs {
     #[arg(long, short, value_name = "DIR")]
     pub output: PathBuf,
 
-    /// Split of a built-in set (default: test for harmful sets, all for overrefusal).
+    /// Split of a built-in set (default: test, for the benign over-refusal probes too: a
+    /// study's alignment trains on their train split).
     #[arg(long, value_parser = |s: &str| s.parse::<Split>())]
     pub split: Option<Split>,
 
