@@ -93,6 +93,15 @@ pub fn split_of(id: &str, seed: u64, test_fraction: f64) -> Split {
     }
 }
 
+/// An item's place in a seeded sample ([`PromptSet::sample`]): SplitMix64 of the FNV-1a hash of
+/// its id, mixed with the seed.
+pub fn sample_key(seed: u64, id: &str) -> u64 {
+    use crate::util::{fnv1a64, SplitMix64, GOLDEN_GAMMA};
+    let mut h = fnv1a64(id.as_bytes());
+    h ^= seed.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA);
+    SplitMix64::new(h).next_u64()
+}
+
 impl PromptSet {
     pub fn len(&self) -> usize {
         self.items.len()
@@ -121,6 +130,33 @@ impl PromptSet {
                 .cloned()
                 .collect(),
         }
+    }
+
+    /// A seeded random sample of `n` items (all of them when `n` is at least the set's size):
+    /// the `n` items with the smallest [`sample_key`] under `seed`, so a larger `n` draws a
+    /// superset and every caller with the same seed gets the same items. The items keep the
+    /// set's order. Never the first `n`: a set's order often groups its categories.
+    pub fn sample(&self, n: usize, seed: u64) -> PromptSet {
+        let mut s = self.clone();
+        if n < s.items.len() {
+            let mut order: Vec<(u64, usize)> = s
+                .items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| (sample_key(seed, &item.id), i))
+                .collect();
+            order.sort_unstable();
+            let mut keep = vec![false; s.items.len()];
+            for &(_, i) in &order[..n] {
+                keep[i] = true;
+            }
+            let mut at = 0;
+            s.items.retain(|_| {
+                at += 1;
+                keep[at - 1]
+            });
+        }
+        s
     }
 
     /// Loads a built-in set by name, or a user file (JSONL or CSV with a prompt column).

@@ -44,7 +44,10 @@ pub struct BenchOptions {
     pub all: bool,
     pub split_seed: u64,
     pub test_fraction: f64,
+    /// A seeded random sample of this many prompts ([`PromptSet::sample`]).
     pub limit: Option<usize>,
+    /// Seed of that sample.
+    pub sample_seed: u64,
     /// For files: whether the prompts are harmful (default true).
     pub harmful: Option<bool>,
     pub prompt_column: Option<String>,
@@ -58,6 +61,7 @@ impl Default for BenchOptions {
             split_seed: 0,
             test_fraction: 0.5,
             limit: None,
+            sample_seed: 0,
             harmful: None,
             prompt_column: None,
         }
@@ -107,7 +111,12 @@ pub fn load_bench(spec: &str, opts: &BenchOptions) -> Result<Bench> {
         }
     };
     if let Some(n) = opts.limit {
-        bench.items.truncate(n);
+        // A seeded sample, as a study draws one (`[study] sample_seed`), never the first N.
+        let set = PromptSet {
+            name: bench.name.clone(),
+            items: std::mem::take(&mut bench.items),
+        };
+        bench.items = set.sample(n, opts.sample_seed).items;
     }
     if bench.items.is_empty() {
         return Err(EvalError::Other(format!(
@@ -377,6 +386,31 @@ pub fn summary_markdown(m: &SafetyMetrics) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// `limit` draws the study's seeded sample of the split, not its first N.
+    #[test]
+    fn a_limit_is_the_seeded_sample_a_study_draws() {
+        let opts = |limit, sample_seed| BenchOptions {
+            limit,
+            sample_seed,
+            ..Default::default()
+        };
+        let whole = load_bench("overrefusal", &opts(None, 0)).unwrap();
+        let ids = |b: &Bench| b.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>();
+        let eight = load_bench("overrefusal", &opts(Some(8), 0)).unwrap();
+        let set = PromptSet {
+            name: whole.name.clone(),
+            items: whole.items.clone(),
+        };
+        let sampled: Vec<String> = set.sample(8, 0).items.into_iter().map(|i| i.id).collect();
+        assert_eq!(ids(&eight), sampled);
+        assert_ne!(ids(&eight), ids(&whole)[..8].to_vec(), "not the first 8");
+        let other_seed = load_bench("overrefusal", &opts(Some(8), 1)).unwrap();
+        assert_ne!(ids(&eight), ids(&other_seed));
+        // A larger sample contains the smaller one.
+        let sixteen = ids(&load_bench("overrefusal", &opts(Some(16), 0)).unwrap());
+        assert!(ids(&eight).iter().all(|i| sixteen.contains(i)));
+    }
 
     /// The built-in over-refusal probes default to their test split, as the harmful sets do:
     /// a study's alignment trains on the train split.

@@ -158,43 +158,19 @@ pub fn benchmark_ref(
 }
 
 /// The prompts a generate step runs: the chosen split, or with `limit = N` a seeded random
-/// sample of N of its prompts. The sample is the N prompts of the split with the smallest
-/// [`sample_key`] under `sample_seed`, so a larger N draws a superset and every model of a
-/// study gets the same prompts. The prompts keep the split's order.
+/// sample of N of its prompts ([`PromptSet::sample`] under `sample_seed`: a larger N draws a
+/// superset and every model of a study gets the same prompts). The prompts keep the split's
+/// order.
 pub fn select_prompts(set: &PromptSet, b: &BenchmarkRef) -> PromptSet {
-    let mut s = match b.split {
+    let s = match b.split {
         SplitChoice::All => set.clone(),
         SplitChoice::Test => set.split(Split::Test, b.split_seed, b.test_fraction),
         SplitChoice::Train => set.split(Split::Train, b.split_seed, b.test_fraction),
     };
-    if let Some(l) = b.limit.filter(|&l| l < s.items.len()) {
-        let mut order: Vec<(u64, usize)> = s
-            .items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| (sample_key(b.sample_seed, &item.id), i))
-            .collect();
-        order.sort_unstable();
-        let mut keep = vec![false; s.items.len()];
-        for &(_, i) in &order[..l] {
-            keep[i] = true;
-        }
-        let mut at = 0;
-        s.items.retain(|_| {
-            at += 1;
-            keep[at - 1]
-        });
+    match b.limit {
+        Some(l) => s.sample(l, b.sample_seed),
+        None => s,
     }
-    s
-}
-
-/// A prompt's place in the seeded sample of its benchmark: SplitMix64 of the FNV-1a hash of
-/// its id, mixed with the seed.
-pub fn sample_key(seed: u64, id: &str) -> u64 {
-    use safetune_data::util::{fnv1a64, SplitMix64, GOLDEN_GAMMA};
-    let mut h = fnv1a64(id.as_bytes());
-    h ^= seed.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA);
-    SplitMix64::new(h).next_u64()
 }
 
 /// Plans a study: the steps of `cfg` in dependency order. The stages, in plan order: one step

@@ -55,9 +55,14 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub split_args: SplitArgs,
 
-    /// Only the first N prompts.
+    /// A seeded random sample of N prompts of the split (the sample a study with `limit = N`
+    /// and the same `--sample-seed` draws), never the first N.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+
+    /// Seed of the `--limit` sample.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub sample_seed: u64,
 
     /// A prompt file holds benign prompts (report over-refusal instead of safety).
     #[arg(long)]
@@ -90,6 +95,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         split_seed: args.split_args.split_seed,
         test_fraction: args.split_args.test_fraction,
         limit: args.limit,
+        sample_seed: args.sample_seed,
         harmful: Some(!args.benign),
         prompt_column: None,
     };
