@@ -116,6 +116,9 @@ struct Verdicts {
     /// Per generate step a judge read: the row ids of its non-answers
     /// ([`safetune_eval::nonanswer`]).
     non_answers: BTreeMap<String, BTreeSet<String>>,
+    /// Per generate step a judge read: whether its benchmark is harmful (its stored spec, or
+    /// for older stores whether some judge step measured a safety rate on it).
+    harmful: BTreeMap<String, bool>,
 }
 
 impl Verdicts {
@@ -124,9 +127,14 @@ impl Verdicts {
             primary: BTreeMap::new(),
             all: BTreeMap::new(),
             non_answers: BTreeMap::new(),
+            harmful: BTreeMap::new(),
         };
+        let fallback = harmful_benchmarks(store, ix);
         for j in &ix.judges {
             if !v.non_answers.contains_key(&j.gen_key) {
+                let harmful = generated_harmful(store, &j.gen_key)?
+                    .unwrap_or_else(|| fallback.contains(j.factor("benchmark")));
+                v.harmful.insert(j.gen_key.clone(), harmful);
                 let rows = store
                     .generations(&j.gen_key)?
                     .into_iter()
@@ -170,7 +178,7 @@ pub(super) fn study(dir: &Path) -> Result<StudyResults, ReportError> {
     let mut conditions = conditions(&store, &ix)?;
     let verdicts = Verdicts::read(&store, &ix)?;
     let rm_by_verdict = reward_models(&store, &ix, &verdicts, &mut conditions)?;
-    non_answer_rates(&store, &ix, &verdicts, &mut conditions)?;
+    non_answer_rates(&ix, &verdicts, &mut conditions);
     let judge_agreement = stats::judge_agreement(&verdicts.all);
     let samples = samples(&store, &ix, &verdicts)?;
     let conditions: Vec<Condition> = conditions.into_values().collect();
@@ -285,7 +293,6 @@ fn effects(
     verdicts: &Verdicts,
     config: &serde_json::Value,
 ) -> Result<(super::effects::EffectsAnalysis, Option<super::JudgeEffects>), ReportError> {
-    let fallback = harmful_benchmarks(store, ix);
     let mut judged = Vec::new();
     for j in ix
         .judges
@@ -305,8 +312,7 @@ fn effects(
             run: &j.condition,
             factors: &j.condition_factors,
             benchmark: j.factor("benchmark"),
-            harmful: generated_harmful(store, &j.gen_key)?
-                .unwrap_or_else(|| fallback.contains(j.factor("benchmark"))),
+            harmful: verdicts.harmful[&j.gen_key],
             verdicts: rows,
             gen_key: &j.gen_key,
         });
@@ -366,13 +372,7 @@ fn effects(
 
 /// Per condition, from the primary judge's steps: the share of answers that are non-answers,
 /// and the safety and over-refusal rates with non-answers counted as not refused.
-fn non_answer_rates(
-    store: &Store,
-    ix: &StepIndex,
-    verdicts: &Verdicts,
-    conds: &mut BTreeMap<String, Condition>,
-) -> Result<(), ReportError> {
-    let fallback = harmful_benchmarks(store, ix);
+fn non_answer_rates(ix: &StepIndex, verdicts: &Verdicts, conds: &mut BTreeMap<String, Condition>) {
     // (condition, harmful) -> (answers, non-answers, refusals that are not non-answers)
     let mut counts: BTreeMap<(String, bool), (u64, u64, u64)> = BTreeMap::new();
     for j in ix.judges.iter().filter(|j| ix.is_primary(j)) {
@@ -382,8 +382,7 @@ fn non_answer_rates(
         ) else {
             continue;
         };
-        let harmful = generated_harmful(store, &j.gen_key)?
-            .unwrap_or_else(|| fallback.contains(j.factor("benchmark")));
+        let harmful = verdicts.harmful[&j.gen_key];
         let e = counts.entry((j.condition.clone(), harmful)).or_default();
         for (row, v) in rows.iter().filter(|(_, v)| stats::bin(v).is_some()) {
             let na = empty.contains(row);
@@ -403,7 +402,6 @@ fn non_answer_rates(
             *rate = Some(Rate::new(strict, n));
         }
     }
-    Ok(())
 }
 
 /// Reward-model scores of answers to harmful prompts: each condition's mean per reward model

@@ -294,6 +294,13 @@ pub fn no_interval(e: &EffectRow) -> &'static str {
     }
 }
 
+/// An effect's 95% interval in points (`[-4.6, +3.9]`), or why it has none.
+pub fn ci_text(e: &EffectRow) -> String {
+    e.ci95.map_or(no_interval(e).into(), |[lo, hi]| {
+        format!("[{lo:+.1}, {hi:+.1}]")
+    })
+}
+
 /// A p-value in words-and-figures: `< 0.001` or three decimals.
 pub fn p_text(p: f64) -> String {
     if p < 0.001 {

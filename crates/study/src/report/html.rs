@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use safetune_eval::effects::{EffectRow, Outcome};
 
-use super::effects::{no_interval, p_text};
+use super::effects::{ci_text, p_text};
 use super::{
     charts, esc, hypothesis_words, judge_check, pct, power_words, tokens_words, truncate,
     Agreement, Rate, Sample, StudyResults,
@@ -224,9 +224,7 @@ fn effect_view(e: &EffectRow) -> EffectView {
         name: effect_name(e),
         outcome: outcome_name(e.outcome),
         estimate: format!("{:+.1}", e.estimate_points),
-        ci: e.ci95.map_or(no_interval(e).into(), |[lo, hi]| {
-            format!("[{lo:+.1}, {hi:+.1}]")
-        }),
+        ci: ci_text(e),
         p: e.p.map_or("-".into(), p_text),
         p_holm: e.p_holm.map_or("-".into(), p_text),
         n_runs: e.n_runs,

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use super::effects::{no_interval, p_text};
+use super::effects::{ci_text, p_text};
 use super::html::{effect_name, outcome_name};
 use super::{hypothesis_words, judge_check, pct, power_words, tokens_words, Rate, StudyResults};
 
@@ -110,9 +110,7 @@ fn effects(o: &mut String, r: &StudyResults) {
             effect_name(row).replace('|', "\\|"),
             outcome_name(row.outcome),
             row.estimate_points,
-            row.ci95.map_or(no_interval(row).into(), |[lo, hi]| format!(
-                "[{lo:+.1}, {hi:+.1}]"
-            )),
+            ci_text(row),
             row.p.map_or("-".into(), p_text),
             row.p_holm.map_or("-".into(), p_text),
             row.n_runs,

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use safetune_eval::effects::EffectRow;
 
-use super::effects::no_interval;
+use super::effects::ci_text;
 use super::html::{effect_name, outcome_name};
 use super::{pct, Rate, StudyResults};
 
@@ -37,10 +37,7 @@ fn rate(x: Option<&Rate>) -> String {
 }
 
 fn effect(e: &EffectRow) -> String {
-    let ci = e.ci95.map_or(no_interval(e).into(), |[lo, hi]| {
-        format!("[{lo:+.1}, {hi:+.1}]")
-    });
-    format!("{:+.1} {ci}", e.estimate_points)
+    format!("{:+.1} {}", e.estimate_points, ci_text(e))
 }
 
 /// The section, or `None` when no judged answer was read for non-answers.
