@@ -48,13 +48,10 @@ pub fn declines(text: &str) -> bool {
 /// fires on 16 refusals and no compliant answer.
 pub fn only_asks(text: &str) -> bool {
     // Questions in a list are content ("Here are ten trivia questions: 1. What is ...?").
-    let listed = text.lines().any(|l| {
-        let l = l.trim_start();
-        l.starts_with(['-', '*', '\u{2022}'])
-            || l.split_once(['.', ')'])
-                .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
-    });
-    if listed {
+    if text
+        .lines()
+        .any(|l| safetune_data::factors::list_marker_len(l).is_some())
+    {
         return false;
     }
     let spans = sentence_spans(text);
