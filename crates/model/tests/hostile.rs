@@ -11,6 +11,12 @@ use safetune_model::testing::TinyModel;
 use safetune_model::weights::SafetensorsFiles;
 use safetune_model::{LoadOptions, LocalEngine};
 
+/// The error names the file and the field (or tensor) at fault.
+#[track_caller]
+fn assert_names(err: &str, file: &str, what: &str) {
+    assert!(err.contains(file) && err.contains(what), "{err}");
+}
+
 /// A GGUF file written byte by byte: version 3, `meta` as (key, type id, value bytes) and
 /// tensors as (name, dims, ggml type, offset), then `data` zero bytes of tensor data.
 fn raw_gguf(
@@ -120,10 +126,7 @@ fn gguf_alignment_zero_is_an_error_not_a_division_by_zero() {
     )
     .unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(
-        err.contains("align0.gguf") && err.contains("general.alignment"),
-        "{err}"
-    );
+    assert_names(&err, "align0.gguf", "general.alignment");
 }
 
 #[test]
@@ -137,10 +140,7 @@ fn gguf_tensor_sizes_that_overflow_are_errors() {
     )
     .unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(
-        err.contains("huge.gguf") && err.contains("token_embd.weight"),
-        "{err}"
-    );
+    assert_names(&err, "huge.gguf", "token_embd.weight");
     // A Q4_0 tensor whose element count times its block bytes overflows.
     let dims: &[u64] = &[32, u64::MAX / 16];
     std::fs::write(
@@ -149,10 +149,7 @@ fn gguf_tensor_sizes_that_overflow_are_errors() {
     )
     .unwrap();
     let err = GgufFile::open(&p).unwrap_err().to_string();
-    assert!(
-        err.contains("huge.gguf") && err.contains("token_embd.weight"),
-        "{err}"
-    );
+    assert_names(&err, "huge.gguf", "token_embd.weight");
 }
 
 #[test]
@@ -174,10 +171,7 @@ fn gguf_tensor_without_dimensions_is_an_error() {
         Ok(g) => g.config().unwrap_err().to_string(),
         Err(e) => e.to_string(),
     };
-    assert!(
-        err.contains("scalar.gguf") && err.contains("token_embd.weight"),
-        "{err}"
-    );
+    assert_names(&err, "scalar.gguf", "token_embd.weight");
 }
 
 #[test]
@@ -191,17 +185,11 @@ fn gguf_head_count_kv_zero_is_an_error_naming_the_key() {
         .config()
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("kv0.gguf") && err.contains("head_count_kv"),
-        "{err}"
-    );
+    assert_names(&err, "kv0.gguf", "head_count_kv");
     let err = LocalEngine::load_gguf(&p, &LoadOptions::default())
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("kv0.gguf") && err.contains("head_count_kv"),
-        "{err}"
-    );
+    assert_names(&err, "kv0.gguf", "head_count_kv");
 }
 
 #[test]
@@ -215,10 +203,7 @@ fn gguf_heads_that_do_not_divide_are_errors() {
         .config()
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("kv3.gguf") && err.contains("head_count_kv"),
-        "{err}"
-    );
+    assert_names(&err, "kv3.gguf", "head_count_kv");
 }
 
 #[test]
