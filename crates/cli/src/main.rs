@@ -75,6 +75,8 @@ enum Command {
     Rm(commands::rm::RmArgs),
     /// Utility: held-out loss and perplexity on a domain split, multiple-choice accuracy.
     Utility(commands::utility::UtilityArgs),
+    /// Every answer of a study as one row: CSV, JSON Lines or Parquet (for pandas, R).
+    Results(commands::results::ResultsArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -110,6 +112,7 @@ fn main() {
         Command::Report(args) => commands::report::run(args),
         Command::Export(args) => commands::export::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Results(args) => commands::results::run(args),
         Command::DebugLogits(args) => commands::debug_logits::run(args),
         Command::DebugDecodeBench(args) => commands::debug_decode_bench::run(args),
     };

@@ -16,6 +16,8 @@
 //! - [`report`]: report.html (inline SVG), summary.md, results.json;
 //! - [`labels`]: blind labelling files of a study's answers, their import (`human_labels`), and
 //!   each judge's accuracy against them per condition;
+//! - [`results`]: every answer as one table row (`safetune results`: CSV, JSON Lines,
+//!   Parquet through the small writer in [`parquet`]);
 //! - [`export`]: dataset variants and trainer configs for LLaMA-Factory and Axolotl;
 //! - [`quickstart`]: `safetune quickstart`.
 
@@ -27,10 +29,12 @@ pub mod hash;
 pub mod judge_stage;
 pub mod labels;
 pub mod lock;
+pub mod parquet;
 pub mod plan;
 pub mod power;
 pub mod quickstart;
 pub mod report;
+pub mod results;
 pub mod rm_stage;
 pub mod runner;
 pub mod stages;

@@ -16,6 +16,7 @@ pub mod merge;
 pub mod prompts;
 pub mod quickstart;
 pub mod report;
+pub mod results;
 pub mod rm;
 pub mod serve;
 pub mod study;
