@@ -18,6 +18,8 @@
 //!   each judge's accuracy against them per condition;
 //! - [`results`]: every answer as one table row (`safetune results`: CSV, JSON Lines,
 //!   Parquet through the small writer in [`parquet`]);
+//! - [`view`]: `safetune view`, a local web view of a study (progress, results, answers,
+//!   labelling);
 //! - [`export`]: dataset variants and trainer configs for LLaMA-Factory and Axolotl;
 //! - [`quickstart`]: `safetune quickstart`.
 
@@ -41,3 +43,4 @@ pub mod stages;
 pub mod step;
 pub mod store;
 pub mod train_stage;
+pub mod view;

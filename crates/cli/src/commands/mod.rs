@@ -23,3 +23,4 @@ pub mod study;
 pub mod transform;
 pub mod tune;
 pub mod utility;
+pub mod view;
