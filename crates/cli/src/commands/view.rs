@@ -8,16 +8,27 @@ use clap::Args;
 use safetune_openai::server::guard::ApiKey;
 use safetune_study::view::{start, ViewConfig};
 
-/// Open a study in the browser: live progress of its steps, the report's tables and charts,
-/// every answer (filter by condition, benchmark, category, judge verdict, disagreement or text;
-/// one prompt's answers from every condition side by side), and a labelling queue whose labels
-/// go to the study's human_labels table (used by `safetune judge-eval --labels` and the report).
-///
-/// Read-only except for labels, and safe to run while the study is still running. It listens
-/// on 127.0.0.1 only unless --host says otherwise; any other address needs --api-key.
-///
-/// Example: safetune view runs/quickstart   then open http://127.0.0.1:8765/
+/// What `safetune view --help` adds under the flags.
+const AFTER_HELP: &str = "\
+Pages:
+  Overview  steps by status, rows done of each step, elapsed and time left, failed steps with
+            their error; reloads itself while the study runs
+  Results   the report's tables and charts (the numbers of results.json)
+  Answers   every answer, filtered by condition, benchmark, category, a judge's verdict, judges
+            disagreeing, human label or text; 'side by side' shows one prompt's answers from
+            every condition with each judge's verdict
+  Label     one answer at a time: r refusal, c compliance, u unclear, s skip, z undo. The
+            judges' verdicts show only after your label. Labels go to the study's human_labels
+            table, which `safetune judge-eval --labels STUDY_DIR` and the report read
+
+The view only reads the study, except for labels, and works while the study is still running.
+It listens on 127.0.0.1 unless --host says otherwise; any other address needs --api-key.
+
+Example:
+  safetune view safetune-quickstart      then open http://127.0.0.1:8765/";
+
 #[derive(Debug, Args)]
+#[command(after_help = AFTER_HELP)]
 pub struct ViewArgs {
     /// A study directory (the one holding study.db).
     #[arg(value_name = "STUDY_DIR")]
@@ -48,7 +59,7 @@ pub struct ViewArgs {
     pub allowed_hosts: Vec<String>,
 
     /// Your name, recorded with every label you give (the label page lets you change it).
-    #[arg(long, env = "USER", value_name = "NAME", default_value = "unnamed")]
+    #[arg(long, value_name = "NAME", default_value = "unnamed")]
     pub labeller: String,
 }
 
