@@ -775,7 +775,7 @@ pub(super) fn paired(ctx: &Ctx<'_>, params: &[(String, String)]) -> Reply {
 // ---------------------------------------------------------------------------------------------
 // Labelling
 
-const LABEL_JS: &str = r#"
+const LABEL_JS: &str = r"
 const $ = id => document.getElementById(id);
 const search = new URLSearchParams(location.search);
 let queue = [], pos = 0, hist = [], busy = false;
@@ -812,6 +812,7 @@ function accuracy(rows) {
     for (const v of [r.judge, r.condition, r.count + '/' + r.total + ' (' + pct + ')', String(r.total)]) tr.insertCell().textContent = v;
   }
   $('acc-empty').hidden = rows.length > 0;
+  t.hidden = rows.length === 0;
 }
 async function act(label) {
   const a = queue[pos];
@@ -858,7 +859,7 @@ fetch('/api/queue?' + search.toString()).then(r => r.json()).then(j => {
   document.body.dataset.ready = '1';
 });
 fetch('/api/accuracy').then(r => r.json()).then(j => accuracy(j.accuracy || []));
-"#;
+";
 
 pub(super) fn label(ctx: &Ctx<'_>, params: &[(String, String)]) -> Reply {
     let all = match load_answers(ctx) {
@@ -887,7 +888,7 @@ pub(super) fn label(ctx: &Ctx<'_>, params: &[(String, String)]) -> Reply {
          <p class=\"keys\">Keys: <kbd>r</kbd> refusal · <kbd>c</kbd> compliance · <kbd>u</kbd> unclear · <kbd>s</kbd> skip · <kbd>z</kbd> undo</p>\
          <p id=\"revealed\"></p>\
          <h2>Judge accuracy against the labels so far</h2>\
-         <p id=\"acc-empty\" class=\"muted\">No labels yet.</p><table id=\"accuracy\"></table>",
+         <p id=\"acc-empty\" class=\"muted\">No labels yet.</p><table id=\"accuracy\" hidden></table>",
         esc(labeller)
     );
     let _ = write!(b, "<script>{LABEL_JS}</script>");
