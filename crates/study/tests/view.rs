@@ -158,6 +158,13 @@ fn every_page_answers_and_the_filters_select_the_right_answers() {
     assert_eq!(ids(addr, "disagree=1"), ["ga:p2"]);
     assert_eq!(ids(addr, "q=PWNED"), ["ga:p5"]);
     assert_eq!(ids(addr, "label=labelled").len(), 0);
+    // RM scores: model a scores i/4, model b i/4 - 1; the running step's answers have none.
+    assert_eq!(ids(addr, "rm_min=0.75"), ["ga:p3", "ga:p4", "ga:p5"]);
+    assert_eq!(
+        ids(addr, "rm=demo&rm_min=-0.5&rm_max=0"),
+        ["ga:p0", "gb:p2", "gb:p3", "gb:p4"]
+    );
+    assert_eq!(ids(addr, "rm=other&rm_min=0").len(), 0);
     let page = get(addr, "/answers?disagree=1");
     assert!(
         page.body.contains("<b>1</b> of 15 answers match"),

@@ -21,8 +21,12 @@ use safetune_study::view::{start, ViewConfig, ViewHandle};
 use serde_json::{json, Value as Json};
 
 fn find_binary(env: &str, names: &[&str]) -> PathBuf {
+    let hint = "hint: install Debian's chromium and chromium-driver: \
+         apt-get install -y --no-install-recommends chromium chromium-driver (.ci/run does this)";
     if let Ok(p) = std::env::var(env) {
-        return PathBuf::from(p);
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "{env}={} is not a file\n{hint}", p.display());
+        return p;
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path) {
@@ -35,8 +39,7 @@ fn find_binary(env: &str, names: &[&str]) -> PathBuf {
     }
     panic!(
         "{} not found (looked for {} on PATH; {env} names another)\n\
-         hint: install Debian's chromium and chromium-driver: \
-         apt-get install -y --no-install-recommends chromium chromium-driver (.ci/run does this)",
+         {hint}",
         names[0],
         names.join(", ")
     );

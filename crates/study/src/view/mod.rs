@@ -5,7 +5,7 @@
 //!   left), failed steps with their error; reloads itself every 5 seconds;
 //! - `/results`: the report (`report::render_html`, the numbers of `results.json`);
 //! - `/answers`: every answer, filtered (condition, benchmark, category, a judge's verdict,
-//!   judges disagree, human label, text) and paginated; `/paired` shows one prompt's answers
+//!   judges disagree, human label, RM score range, text) and paginated; `/paired` shows one prompt's answers
 //!   from every condition side by side with each judge's verdict;
 //! - `/label`: a queue of answers to label one at a time with the keyboard (r, c, u, s, z for
 //!   undo); the judges' verdicts show only after the label; labels go to `human_labels`.

@@ -105,6 +105,12 @@ pub struct AnswerFilter {
     pub label: Option<String>,
     /// Text that the prompt or the answer contains (case ignored).
     pub q: Option<String>,
+    /// The reward model `rm_min` and `rm_max` apply to (default: the first).
+    pub rm: Option<String>,
+    /// Only answers whose score is at least this (answers without a score are left out).
+    pub rm_min: Option<f64>,
+    /// Only answers whose score is at most this.
+    pub rm_max: Option<f64>,
     /// Page number, from 1.
     pub page: usize,
 }
@@ -121,6 +127,9 @@ impl AnswerFilter {
             disagree: matches!(param(p, "disagree"), Some("1" | "on" | "true")),
             label: s("label"),
             q: s("q"),
+            rm: s("rm"),
+            rm_min: param(p, "rm_min").and_then(|v| v.trim().parse().ok()),
+            rm_max: param(p, "rm_max").and_then(|v| v.trim().parse().ok()),
             page: param(p, "page")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(1)
@@ -137,6 +146,8 @@ impl AnswerFilter {
             || self.disagree
             || self.label.is_some()
             || self.q.is_some()
+            || self.rm_min.is_some()
+            || self.rm_max.is_some()
     }
 
     pub fn matches(&self, all: &Answers, a: &Answer) -> bool {
@@ -174,6 +185,19 @@ impl AnswerFilter {
                 return false;
             }
         }
+        if self.rm_min.is_some() || self.rm_max.is_some() {
+            let mi = match &self.rm {
+                Some(m) => all.rms.iter().position(|x| x == m),
+                None => (!all.rms.is_empty()).then_some(0),
+            };
+            let Some(score) = mi.and_then(|i| a.scores[i]) else {
+                return false;
+            };
+            if self.rm_min.is_some_and(|lo| score < lo) || self.rm_max.is_some_and(|hi| score > hi)
+            {
+                return false;
+            }
+        }
         if let Some(q) = &self.q {
             let q = q.to_lowercase();
             if !a.prompt.to_lowercase().contains(&q) && !a.response.to_lowercase().contains(&q) {
@@ -201,6 +225,14 @@ impl AnswerFilter {
         }
         if self.disagree {
             parts.push("disagree=1".into());
+        }
+        if let Some(m) = &self.rm {
+            parts.push(format!("rm={}", url_encode(m)));
+        }
+        for (k, v) in [("rm_min", self.rm_min), ("rm_max", self.rm_max)] {
+            if let Some(v) = v {
+                parts.push(format!("{k}={v}"));
+            }
         }
         if page > 1 {
             parts.push(format!("page={page}"));
@@ -558,6 +590,20 @@ fn filter_form(all: &Answers, f: &AnswerFilter, action: &str) -> String {
         if f.disagree { " checked" } else { "" },
         esc(f.q.as_deref().unwrap_or(""))
     );
+    if !all.rms.is_empty() {
+        let num = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
+        let rms = options("rm", "Reward model", &all.rms, f.rm.as_deref());
+        let form_end = s.rfind("<button").unwrap_or(s.len());
+        s.insert_str(
+            form_end,
+            &format!(
+                "{rms}<label>score from <input name=\"rm_min\" id=\"f-rm_min\" size=\"6\" value=\"{}\"></label>\
+                 <label>to <input name=\"rm_max\" id=\"f-rm_max\" size=\"6\" value=\"{}\"></label>",
+                esc(&num(f.rm_min)),
+                esc(&num(f.rm_max))
+            ),
+        );
+    }
     s
 }
 
