@@ -376,6 +376,21 @@ fn the_host_check_key_and_content_type_guard_every_request() {
     );
     h.shutdown();
 
+    // A key with characters a cookie cannot hold as they are goes in encoded.
+    let h = server(dir.path(), Some("k;e=y,1"));
+    let addr = h.addr();
+    let a = get(addr, "/?key=k%3Be%3Dy%2C1");
+    assert_eq!(a.status, 303, "{}", a.body);
+    assert!(
+        a.headers
+            .contains("Set-Cookie: safetune_view_key=k%3Be%3Dy%2C1;"),
+        "{}",
+        a.headers
+    );
+    let cookie = [("Cookie", "safetune_view_key=k%3Be%3Dy%2C1")];
+    assert_eq!(request(addr, "GET", "/", &cookie, "").status, 200);
+    h.shutdown();
+
     // Listening beyond loopback without a key is refused; a missing store is named.
     let mut cfg = ViewConfig::new(dir.path());
     cfg.host = "0.0.0.0".into();

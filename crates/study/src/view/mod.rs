@@ -347,7 +347,7 @@ fn handle(request: &mut Request<'_>, shared: &Shared) -> Reply {
     if let Some(key) = &shared.config.api_key {
         let by_header = key.accepts(request.header("authorization"));
         let by_cookie = cookie(request.header("cookie"), KEY_COOKIE)
-            .is_some_and(|c| key.accepts(Some(&format!("Bearer {c}"))));
+            .is_some_and(|c| key.accepts(Some(&format!("Bearer {}", pages::url_decode(c)))));
         let by_query = params
             .iter()
             .find(|(k, _)| k == "key")
@@ -373,7 +373,10 @@ fn handle(request: &mut Request<'_>, shared: &Shared) -> Reply {
             r.headers.push(("Location", location));
             r.headers.push((
                 "Set-Cookie",
-                format!("{KEY_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/"),
+                format!(
+                    "{KEY_COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
+                    pages::url_encode(&value)
+                ),
             ));
             return r;
         }

@@ -34,7 +34,7 @@ impl Ctx<'_> {
 // Query strings
 
 /// Decodes `%XX` and `+` of a query component (invalid escapes are kept as they are).
-fn url_decode(s: &str) -> String {
+pub(crate) fn url_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
