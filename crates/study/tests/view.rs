@@ -106,7 +106,7 @@ fn every_page_answers_and_the_filters_select_the_right_answers() {
     assert_eq!(o.status, 200, "{}", o.body);
     assert!(o
         .headers
-        .contains("Content-Security-Policy: default-src 'none'"));
+        .contains("Content-Security-Policy: default-src 'none'; script-src 'sha256-"));
     // Steps by status, the running step's progress, the failed step's error, escaped.
     assert!(o.body.contains("done: <b>8</b>"), "{}", o.body);
     assert!(o.body.contains("running: <b>1</b>"));

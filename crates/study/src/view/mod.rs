@@ -301,18 +301,28 @@ impl Reply {
             ("X-Content-Type-Options", "nosniff"),
             ("Referrer-Policy", "no-referrer"),
             ("X-Frame-Options", "DENY"),
-            // Inline script and style only, requests to this server only: a model's text
-            // cannot load or run anything even if an escape were missed.
-            (
-                "Content-Security-Policy",
-                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-            ),
+            // Only the label page's own script (by its hash), inline style, requests to this
+            // server: a model's text cannot load or run anything even if an escape were missed.
+            ("Content-Security-Policy", csp()),
         ];
         for (k, v) in &self.headers {
             headers.push((k, v.as_str()));
         }
         request.respond(self.status, &headers, &self.body);
     }
+}
+
+/// The Content-Security-Policy of every answer: no source but the label page's script, whose
+/// SHA-256 it names.
+fn csp() -> &'static str {
+    static CSP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CSP.get_or_init(|| {
+        format!(
+            "default-src 'none'; script-src '{}'; style-src 'unsafe-inline'; img-src data:; \
+             connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+            pages::label_script_hash()
+        )
+    })
 }
 
 /// The path and query of a request target.
