@@ -158,6 +158,10 @@ fn every_page_answers_and_the_filters_select_the_right_answers() {
     assert_eq!(ids(addr, "disagree=1"), ["ga:p2"]);
     assert_eq!(ids(addr, "q=PWNED"), ["ga:p5"]);
     assert_eq!(ids(addr, "label=labelled").len(), 0);
+    // Pages: 50 a page, and a page past the end (however far) is empty, not an error.
+    assert_eq!(ids(addr, "page=2").len(), 0);
+    assert_eq!(ids(addr, "page=18446744073709551615").len(), 0);
+    assert_eq!(get(addr, "/answers?page=18446744073709551615").status, 200);
     // RM scores: model a scores i/4, model b i/4 - 1; the running step's answers have none.
     assert_eq!(ids(addr, "rm_min=0.75"), ["ga:p3", "ga:p4", "ga:p5"]);
     assert_eq!(

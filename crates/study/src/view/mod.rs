@@ -242,7 +242,11 @@ fn serve_connection(mut conn: Conn, shared: &Shared) {
                 return;
             }
         };
-        let reply = handle(&mut request, shared);
+        // A bug in a page answers 500 instead of dropping the connection.
+        let reply = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handle(&mut request, shared)
+        }))
+        .unwrap_or_else(|_| Reply::text(500, "internal error in safetune view (please report it)"));
         reply.send(&mut request);
         if !request.keeps_alive() {
             request.finish_close();

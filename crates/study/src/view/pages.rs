@@ -733,7 +733,7 @@ pub(super) fn api_answers(ctx: &Ctx<'_>, params: &[(String, String)]) -> Reply {
     let matching: Vec<&Answer> = all.rows.iter().filter(|a| f.matches(&all, a)).collect();
     let rows: Vec<Json> = matching
         .iter()
-        .skip((f.page - 1) * PAGE_SIZE)
+        .skip((f.page - 1).saturating_mul(PAGE_SIZE))
         .take(PAGE_SIZE)
         .map(|a| answer_json(&all, a, true))
         .collect();
