@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 
 use crate::labels::{open_study, LabelError, StudyIndex};
 use crate::parquet::{self, ColumnData, ParquetColumn};
@@ -362,10 +362,13 @@ impl Table {
 
     /// One JSON object a line, keys in column order, null where a value is missing.
     pub fn to_jsonl(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = String::new();
         for r in 0..self.rows {
-            let mut m = Map::new();
+            out.push('{');
             for (c, col) in self.columns.iter().enumerate() {
+                if c > 0 {
+                    out.push(',');
+                }
                 let v = match self.cell(c, r) {
                     Cell::Null => Json::Null,
                     Cell::Str(s) => Json::String(s),
@@ -374,13 +377,13 @@ impl Table {
                         serde_json::Number::from_f64(f).map_or(Json::Null, Json::Number)
                     }
                 };
-                m.insert(col.name.clone(), v);
+                out.push_str(&Json::String(col.name.clone()).to_string());
+                out.push(':');
+                out.push_str(&v.to_string());
             }
-            // A map of strings, numbers and nulls always serializes.
-            let _ = serde_json::to_writer(&mut out, &Json::Object(m));
-            out.push(b'\n');
+            out.push_str("}\n");
         }
-        out
+        out.into_bytes()
     }
 
     /// A Parquet file (see [`crate::parquet`]).

@@ -83,12 +83,22 @@ fn csv_and_jsonl_carry_the_same_rows() {
     let mut out = Vec::new();
     let s = export(dir.path(), Format::Jsonl, None, &mut out).unwrap();
     assert_eq!(s.rows, 15);
-    let rows: Vec<Json> = String::from_utf8(out)
-        .unwrap()
+    let jsonl = String::from_utf8(out).unwrap();
+    let rows: Vec<Json> = jsonl
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), 15);
+    // Keys in the CSV's column order.
+    let first = jsonl.lines().next().unwrap();
+    let keys: Vec<&str> = header.split(',').collect();
+    let mut at = 0;
+    for k in &keys {
+        let i = first[at..]
+            .find(&format!("\"{k}\":"))
+            .unwrap_or_else(|| panic!("{k} missing or out of order"));
+        at += i + 1;
+    }
     let p1 = rows.iter().find(|r| r["answer_id"] == "ga:p1").unwrap();
     assert_eq!(p1["human_label"], "mixed");
     assert_eq!(p1["human_labellers"], "ann,bob");
