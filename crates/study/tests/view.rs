@@ -407,3 +407,26 @@ fn the_host_check_key_and_content_type_guard_every_request() {
         .expect("no store");
     assert!(e.to_string().contains("study.db"), "{e}");
 }
+
+#[test]
+fn pages_read_while_a_writer_holds_a_transaction_and_see_its_rows_once_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    common::write_study(dir.path());
+    let h = server(dir.path(), None);
+    let addr = h.addr();
+    // The runner's side: a write transaction left open, as while a generate chunk is written.
+    let w = rusqlite::Connection::open(dir.path().join("study.db")).unwrap();
+    w.execute_batch(
+        "BEGIN IMMEDIATE; INSERT INTO generations VALUES \
+         ('grun', 'p3', 'harmful prompt number 3', 'partial', 1, 'stop', '{}');",
+    )
+    .unwrap();
+    for page in ["/", "/answers", "/results", "/api/overview"] {
+        assert_eq!(get(addr, page).status, 200, "{page}");
+    }
+    assert_eq!(ids(addr, "").len(), 15);
+    w.execute_batch("COMMIT;").unwrap();
+    assert_eq!(ids(addr, "").len(), 16);
+    assert!(get(addr, "/").body.contains("4 / 10"));
+    h.shutdown();
+}
