@@ -75,6 +75,10 @@ enum Command {
     Rm(commands::rm::RmArgs),
     /// Utility: held-out loss and perplexity on a domain split, multiple-choice accuracy.
     Utility(commands::utility::UtilityArgs),
+    /// Every answer of a study as one row: CSV, JSON Lines or Parquet (for pandas, R).
+    Results(commands::results::ResultsArgs),
+    /// A local web view of a study: progress, results, answers side by side, labelling.
+    View(commands::view::ViewArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -87,7 +91,7 @@ fn main() {
             e.exit()
         }
     };
-    if !matches!(cli.command, Command::Serve(_)) {
+    if !matches!(cli.command, Command::Serve(_) | Command::View(_)) {
         alloc::quiet_broken_pipe();
     }
     let result = match cli.command {
@@ -110,6 +114,8 @@ fn main() {
         Command::Report(args) => commands::report::run(args),
         Command::Export(args) => commands::export::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Results(args) => commands::results::run(args),
+        Command::View(args) => commands::view::run(args),
         Command::DebugLogits(args) => commands::debug_logits::run(args),
         Command::DebugDecodeBench(args) => commands::debug_decode_bench::run(args),
     };

@@ -16,6 +16,10 @@
 //! - [`report`]: report.html (inline SVG), summary.md, results.json;
 //! - [`labels`]: blind labelling files of a study's answers, their import (`human_labels`), and
 //!   each judge's accuracy against them per condition;
+//! - [`results`]: every answer as one table row (`safetune results`: CSV, JSON Lines,
+//!   Parquet through the small writer in [`parquet`]);
+//! - [`view`]: `safetune view`, a local web view of a study (progress, results, answers,
+//!   labelling);
 //! - [`export`]: dataset variants and trainer configs for LLaMA-Factory and Axolotl;
 //! - [`quickstart`]: `safetune quickstart`.
 
@@ -27,13 +31,16 @@ pub mod hash;
 pub mod judge_stage;
 pub mod labels;
 pub mod lock;
+pub mod parquet;
 pub mod plan;
 pub mod power;
 pub mod quickstart;
 pub mod report;
+pub mod results;
 pub mod rm_stage;
 pub mod runner;
 pub mod stages;
 pub mod step;
 pub mod store;
 pub mod train_stage;
+pub mod view;

@@ -801,6 +801,38 @@ impl Store {
         Ok(counts)
     }
 
+    /// Deletes one labeller's label of one answer (an undo in `safetune view`); true when a row
+    /// was there.
+    pub fn delete_human_label(
+        &self,
+        step_key: &str,
+        row_id: &str,
+        labeller: &str,
+    ) -> Result<bool, StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM human_labels WHERE step_key=?1 AND row_id=?2 AND labeller=?3",
+                params![step_key, row_id, labeller],
+            )
+            .map_err(|e| self.e(e))?;
+        Ok(n > 0)
+    }
+
+    /// When each step's last execution started (seconds since the Unix epoch), by step key.
+    pub fn step_started_at(&self) -> Result<std::collections::HashMap<String, f64>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT key, started_at FROM steps WHERE started_at IS NOT NULL")
+            .map_err(|e| self.e(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?)))
+            .map_err(|e| self.e(e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.e(e))?;
+        Ok(rows)
+    }
+
     /// Every human label, ordered by answer and labeller. Empty for a version 1 store opened
     /// read-only (it has no `human_labels` table).
     pub fn human_labels(&self) -> Result<Vec<HumanLabel>, StoreError> {

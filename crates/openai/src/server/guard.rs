@@ -1,7 +1,7 @@
 //! Request guards for a local HTTP server: the API key, the Host allow-list and the JSON
 //! `Content-Type` rule. Plain functions over header values, with no HTTP types of their own, so
-//! any server in the workspace (`safetune serve` today, a local web UI later) can call them on
-//! the request head before it reads the body.
+//! any server in the workspace (`safetune serve`, and `safetune view` in safetune-study) can
+//! call them on the request head before it reads the body.
 //!
 //! What each guard is for:
 //! - [`ApiKey`]: the key a client sends as `Authorization: Bearer KEY` (how vLLM and OpenAI's

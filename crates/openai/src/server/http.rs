@@ -7,6 +7,11 @@
 //! socket gives each of those to us: a whole request head and body must arrive within
 //! `read_timeout`, a keep-alive connection is closed after `idle_timeout` without a request,
 //! every write gives up after `write_timeout`, and the accept loop (in `mod.rs`) is ours.
+//!
+//! Public so that other local servers of the workspace (`safetune view`, in safetune-study)
+//! read requests with the same limits and deadlines instead of a second HTTP stack: accept a
+//! `TcpStream`, wrap it in [`Conn::new`], loop on [`Conn::next_request`], check the head with
+//! [`super::guard`], [`Request::read_body`], [`Request::respond`].
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -21,7 +26,7 @@ const MAX_HEADERS: usize = 64;
 const STOP_POLL: Duration = Duration::from_millis(100);
 
 /// One accepted connection.
-pub(super) struct Conn {
+pub struct Conn {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     /// When the next request head started arriving (the deadline of its head and body).
@@ -30,7 +35,7 @@ pub(super) struct Conn {
 }
 
 /// Why no request could be read from a connection.
-pub(super) enum HeadError {
+pub enum HeadError {
     /// The peer closed, stayed idle too long, or the server is stopping: close quietly.
     Closed,
     /// The head did not arrive within `read_timeout`: answer 408 and close.
@@ -42,7 +47,7 @@ pub(super) enum HeadError {
 }
 
 /// A parsed request head, with the connection to read its body from and answer on.
-pub(super) struct Request<'a> {
+pub struct Request<'a> {
     method: String,
     url: String,
     http11: bool,
@@ -59,7 +64,7 @@ pub(super) struct Request<'a> {
 
 impl Conn {
     /// Wraps an accepted stream, with its write timeout set.
-    pub(super) fn new(
+    pub fn new(
         stream: TcpStream,
         read_timeout: Duration,
         write_timeout: Duration,
@@ -79,7 +84,7 @@ impl Conn {
     /// Reads the next request head. The first byte must come within `idle` (checking `stop`
     /// every 100 ms); then the whole head (and later the body) within `read_timeout`. For the
     /// first request of a connection the clock starts at accept.
-    pub(super) fn next_request(
+    pub fn next_request(
         &mut self,
         idle: Duration,
         first: bool,
@@ -236,7 +241,7 @@ impl Conn {
     }
 
     /// Writes a canned error and closes, for requests refused before a [`Request`] exists.
-    pub(super) fn refuse(mut self, status: u16, body: &[u8], extra: &[(&str, &str)]) {
+    pub fn refuse(mut self, status: u16, body: &[u8], extra: &[(&str, &str)]) {
         let _ = write_response(&mut self.writer, false, status, extra, body, true);
         self.linger(Duration::from_millis(500));
     }
@@ -244,7 +249,7 @@ impl Conn {
     /// Closes our side, then reads and drops what the client still sends (at most `wait`, at
     /// most 16 MiB), so that closing does not reset the connection before the client has read
     /// our answer (a reset makes the peer discard it).
-    pub(super) fn linger(&mut self, wait: Duration) {
+    pub fn linger(&mut self, wait: Duration) {
         let _ = self.writer.flush();
         let _ = self.writer.shutdown(Shutdown::Write);
         let deadline = Instant::now() + wait;
@@ -264,7 +269,7 @@ impl Conn {
 
     /// True when the peer has closed its side (or the socket failed): a client that went away.
     /// Data the client already sent (a pipelined request) does not count as gone.
-    pub(super) fn peer_gone(&mut self) -> bool {
+    pub fn peer_gone(&mut self) -> bool {
         if !self.reader.buffer().is_empty() {
             return false;
         }
@@ -274,7 +279,7 @@ impl Conn {
 
 /// True when the peer of `s` has closed its side (or the socket failed). Data waiting to be
 /// read does not count as closed.
-pub(super) fn socket_closed(s: &TcpStream) -> bool {
+pub fn socket_closed(s: &TcpStream) -> bool {
     if s.set_nonblocking(true).is_err() {
         return true;
     }
@@ -297,7 +302,7 @@ pub(super) fn socket_closed(s: &TcpStream) -> bool {
 }
 
 /// Why a body could not be read.
-pub(super) enum BodyError {
+pub enum BodyError {
     /// Over the limit (by `Content-Length`, or by what arrived).
     TooLarge(usize),
     /// A chunked body (not supported: send `Content-Length`).
@@ -308,49 +313,49 @@ pub(super) enum BodyError {
 }
 
 impl<'a> Request<'a> {
-    pub(super) fn method(&self) -> &str {
+    pub fn method(&self) -> &str {
         &self.method
     }
-    pub(super) fn url(&self) -> &str {
+    pub fn url(&self) -> &str {
         &self.url
     }
-    pub(super) fn is_http11(&self) -> bool {
+    pub fn is_http11(&self) -> bool {
         self.http11
     }
     /// The first value of header `name` (lower case).
-    pub(super) fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
-    pub(super) fn body_length(&self) -> Option<usize> {
+    pub fn body_length(&self) -> Option<usize> {
         self.content_length
     }
     /// Whether the connection will be kept open after this request's answer.
-    pub(super) fn keeps_alive(&self) -> bool {
+    pub fn keeps_alive(&self) -> bool {
         !self.close && (self.body_read || self.content_length.unwrap_or(0) == 0 && !self.chunked)
     }
     /// True when the request announced a body that was not read.
-    pub(super) fn body_unread(&self) -> bool {
+    pub fn body_unread(&self) -> bool {
         !self.body_read && (self.chunked || self.content_length.unwrap_or(0) > 0)
     }
 
     /// Closes the connection after the answer, lingering while the client sends what we did not
     /// read (see [`Conn::linger`]).
-    pub(super) fn finish_close(self) {
+    pub fn finish_close(self) {
         if self.body_unread() {
             self.conn.linger(Duration::from_secs(2));
         }
     }
 
     /// Makes the answer close the connection.
-    pub(super) fn close_after(&mut self) {
+    pub fn close_after(&mut self) {
         self.close = true;
     }
 
     /// Reads the whole body (at most `limit` bytes) before `read_timeout` runs out.
-    pub(super) fn read_body(&mut self, limit: usize) -> Result<Vec<u8>, BodyError> {
+    pub fn read_body(&mut self, limit: usize) -> Result<Vec<u8>, BodyError> {
         if self.chunked {
             self.close = true;
             return Err(BodyError::Chunked);
@@ -403,7 +408,7 @@ impl<'a> Request<'a> {
     }
 
     /// Answers with a whole body. A failed write closes the connection.
-    pub(super) fn respond(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+    pub fn respond(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
         if self.responded {
             return;
         }
@@ -430,7 +435,7 @@ impl<'a> Request<'a> {
 
     /// Starts a streamed `text/event-stream` answer (chunked on HTTP/1.1, until close on
     /// HTTP/1.0); `None` when the client is gone.
-    pub(super) fn start_stream(&mut self) -> Option<&mut TcpStream> {
+    pub fn start_stream(&mut self) -> Option<&mut TcpStream> {
         self.responded = true;
         let head = if self.http11 {
             "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -450,12 +455,12 @@ impl<'a> Request<'a> {
     }
 
     /// Marks a streamed answer as broken: the connection closes after it.
-    pub(super) fn stream_broken(&mut self) {
+    pub fn stream_broken(&mut self) {
         self.close = true;
     }
 
     /// True when the client has gone away (see [`Conn::peer_gone`]).
-    pub(super) fn peer_gone(&mut self) -> bool {
+    pub fn peer_gone(&mut self) -> bool {
         self.conn.peer_gone()
     }
 }
@@ -494,6 +499,8 @@ fn write_response(
 fn reason(status: u16) -> &'static str {
     match status {
         200 => "OK",
+        204 => "No Content",
+        303 => "See Other",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",

@@ -41,7 +41,7 @@ mod chat;
 mod completions;
 pub mod guard;
 mod handlers;
-mod http;
+pub mod http;
 mod routes;
 mod scheduler;
 mod sse;
