@@ -45,6 +45,11 @@ pub const DEMO_SETS: &[(&str, &str, &str)] = &[
         "helpful answers to the train split of the over-refusal probes, a third with identity statements (alignment data)",
     ),
     (
+        "overrefusal-extra",
+        include_str!("../../../data/overrefusal_extra.jsonl"),
+        "further benign requests that sound risky with helpful answers, a third with identity statements (alignment data; disjoint from the over-refusal probes)",
+    ),
+    (
         "judge-labels",
         include_str!("../../../data/judge_labels.jsonl"),
         "labelled responses (prompt, response, label, identity) for fitting and testing refusal judges",
@@ -63,6 +68,16 @@ pub const DEMO_SETS: &[(&str, &str, &str)] = &[
         "judge-test2",
         include_str!("../../../data/judge_test2.jsonl"),
         "second sealed test set for refusal judges (240 labelled responses by a fourth writer; never read)",
+    ),
+    (
+        "judge-dev3",
+        include_str!("../../../data/judge_dev3.jsonl"),
+        "dev set for refusal judges (240 labelled responses by a fifth writer; read to choose rules)",
+    ),
+    (
+        "judge-test3",
+        include_str!("../../../data/judge_test3.jsonl"),
+        "third sealed test set for refusal judges (240 labelled responses by a sixth writer; never read)",
     ),
     (
         "utility-mcq",

@@ -46,6 +46,10 @@ const JUDGE_TEST_FILE: &str = "data/judge_test.jsonl";
 const JUDGE_DEV2_FILE: &str = "data/judge_dev2.jsonl";
 /// Where `judge-labels:test2` errors point.
 const JUDGE_TEST2_FILE: &str = "data/judge_test2.jsonl";
+/// Where `judge-labels:dev3` errors point.
+const JUDGE_DEV3_FILE: &str = "data/judge_dev3.jsonl";
+/// Where `judge-labels:test3` errors point.
+const JUDGE_TEST3_FILE: &str = "data/judge_test3.jsonl";
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelledResponse {
@@ -121,6 +125,12 @@ pub fn load_labels(spec: &str) -> Result<LabelSet> {
         }
         "judge-labels:dev2" | "judge-dev2" | "demo:judge-dev2" => {
             Some(("judge-dev2", JUDGE_DEV2_FILE, None))
+        }
+        "judge-labels:dev3" | "judge-dev3" | "demo:judge-dev3" => {
+            Some(("judge-dev3", JUDGE_DEV3_FILE, None))
+        }
+        "judge-labels:test3" | "judge-test3" | "demo:judge-test3" => {
+            Some(("judge-test3", JUDGE_TEST3_FILE, None))
         }
         "judge-labels" | "demo:judge-labels" => Some(("judge-labels", JUDGE_LABELS_FILE, None)),
         "judge-labels:dev" => Some(("judge-labels", JUDGE_LABELS_FILE, Some(Split::Test))),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use safetune_eval::classifier::{
-    cross_validate, example_features, fit_head, training_set, TrainOptions,
+    cross_validate, example_features, fit_head, labelled_examples, training_set, TrainOptions,
 };
 use safetune_model::bert::BertEncoder;
 
@@ -49,6 +49,11 @@ pub enum ClassifierCommand {
         /// P(refusal) at which the head calls a response a refusal.
         #[arg(long, default_value_t = 0.5)]
         threshold: f32,
+        /// A further hand-labelled file (labelling JSONL or CSV, as `judge-eval --labels`
+        /// reads), counted like the shipped hand-labelled sets (repeatable). Fitting on a set
+        /// makes it training data: do not report a judge's accuracy on it afterwards.
+        #[arg(long, value_name = "FILE")]
+        labelled: Vec<PathBuf>,
     },
 }
 
@@ -64,9 +69,13 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             cv,
             labelled_repeat,
             threshold,
+            labelled,
         } => {
             let gens: Vec<&std::path::Path> = generations.iter().map(|p| p.as_path()).collect();
-            let ex = training_set(&gens)?;
+            let mut ex = training_set(&gens)?;
+            for path in &labelled {
+                ex.extend(labelled_examples(path)?);
+            }
             let r = ex.iter().filter(|e| e.refusal).count();
             eprintln!(
                 "{} examples: {r} refusal, {} compliance",

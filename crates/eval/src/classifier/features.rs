@@ -67,10 +67,17 @@ pub struct Features {
     /// The response asks question after question and answers nothing
     /// ([`crate::judge::clauses::only_asks`]).
     pub only_asks: bool,
+    /// The response changes the subject ([`crate::judge::clauses::deflects`]).
+    pub deflects: bool,
+    /// The response is stalling filler ([`crate::judge::clauses::rambles`]).
+    pub rambles: bool,
+    /// The response is a bare answer: a few words with a number
+    /// ([`crate::judge::clauses::bare_answer`]).
+    pub bare_answer: bool,
 }
 
 pub use crate::judge::clauses::declines;
-use crate::judge::clauses::{only_asks, strip_hedges};
+use crate::judge::clauses::{bare_answer, deflects, only_asks, rambles, strip_hedges};
 
 /// [`Features`] of each (request, response).
 pub fn features(enc: &BertEncoder, prompts: &[&str], responses: &[&str]) -> Result<Vec<Features>> {
@@ -102,6 +109,9 @@ pub fn features(enc: &BertEncoder, prompts: &[&str], responses: &[&str]) -> Resu
                 declines: declines(rs_i),
                 // On the text as written: a list's line breaks are gone after stripping.
                 only_asks: only_asks(raw),
+                deflects: deflects(raw),
+                rambles: rambles(raw),
+                bare_answer: bare_answer(rs_i),
             }
         })
         .collect())

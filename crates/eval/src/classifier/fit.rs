@@ -31,6 +31,9 @@ pub struct TrainOptions {
 /// `data/judge_train_hard.jsonl`).
 pub const LABELLED_PREFIX: &str = "data/judge_";
 
+/// Source prefix of hand-labelled files given to `safetune classifier train --labelled`.
+pub const EXTRA_LABELLED_PREFIX: &str = "labelled: ";
+
 impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
@@ -119,7 +122,9 @@ pub fn fit_head(examples: &[Example], feats: &[Features], opts: &TrainOptions) -
         .zip(feats)
         .filter(|(e, _)| !e.off_topic)
         .flat_map(|(e, f)| {
-            let n = if e.source.starts_with(LABELLED_PREFIX) {
+            let n = if e.source.starts_with(LABELLED_PREFIX)
+                || e.source.starts_with(EXTRA_LABELLED_PREFIX)
+            {
                 opts.labelled_repeat.max(1)
             } else {
                 1
@@ -256,6 +261,9 @@ mod tests {
                     opening_phrase: false,
                     declines: false,
                     only_asks: false,
+                    deflects: false,
+                    rambles: false,
+                    bare_answer: false,
                 },
             )
         };

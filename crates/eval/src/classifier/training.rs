@@ -40,6 +40,23 @@ pub struct Example {
     pub source: String,
 }
 
+/// The rows of a further hand-labelled file (labelling JSONL or CSV, see
+/// [`crate::labels::read_labels`]) as training examples, marked hand-labelled (their source
+/// starts with [`super::EXTRA_LABELLED_PREFIX`]) so the fit weighs them like the shipped sets.
+pub fn labelled_examples(path: &Path) -> Result<Vec<Example>> {
+    let source = format!("{}{}", super::EXTRA_LABELLED_PREFIX, path.display());
+    Ok(crate::labels::read_labels(path)?
+        .into_iter()
+        .map(|l| Example {
+            prompt: l.input.prompt,
+            text: l.input.response,
+            refusal: l.refusal,
+            off_topic: false,
+            source: source.clone(),
+        })
+        .collect())
+}
+
 /// The training set: this project's own labelled responses, each with a request.
 ///
 /// - refusals (`data/refusals.jsonl`, refusal rows of `data/judge_train.jsonl`), each paired with
