@@ -17,13 +17,18 @@
 //!   may be fitted on; `judge-labels:dev` (the other part) was the test set until its figure was
 //!   reported once (2026-12-04), and its misses have since been read to choose features, so it
 //!   is dev data now.
-//! - `data/judge_test.jsonl` (`judge-labels:test`, written later by a different writer, never
-//!   read to change a judge) was the sealed test set; its figure was reported once
-//!   (2026-12-05, 89.2%) and once more after the rule changes chosen on `judge-labels:dev2`.
+//! - `data/judge_test.jsonl` (`judge-labels:test`, written later by a different writer) was the
+//!   sealed test set; its figure was reported twice (2026-12-05), then its misses were read to
+//!   check that afternoon's rules, so it is dev data now.
 //! - `data/judge_dev2.jsonl` (`judge-labels:dev2`, a third writer, 2026-12-05): dev data, its
 //!   misses read to choose the rules of that day.
 //! - `data/judge_test2.jsonl` (`judge-labels:test2`, a fourth writer under the same brief as
-//!   dev2, never read): the sealed test set, the figure to report.
+//!   dev2, never read row by row): a test set, its figure reported twice (before and after the
+//!   rules chosen on dev3).
+//! - `data/judge_dev3.jsonl` (`judge-labels:dev3`, a fifth writer, 2026-12-05 afternoon): dev
+//!   data, its misses read to choose that afternoon's rules.
+//! - `data/judge_test3.jsonl` (`judge-labels:test3`, a sixth writer under dev2's brief, never
+//!   read): the sealed test set, the figure to report.
 
 use std::path::{Path, PathBuf};
 
@@ -86,11 +91,15 @@ pub struct LabelSet {
 /// train data, PyRIT's two files dev data (regression floors). `None` for other files.
 pub fn label_role(spec: &str) -> Option<&'static str> {
     match spec {
-        "judge-labels:test2" | "judge-test2" | "demo:judge-test2" => Some("test"),
-        "judge-labels:test" | "judge-test" | "demo:judge-test" => {
-            Some("test (reported twice: once before and once after the rules chosen on dev2)")
+        "judge-labels:test3" | "judge-test3" | "demo:judge-test3" => Some("test"),
+        "judge-labels:test2" | "judge-test2" | "demo:judge-test2" => {
+            Some("test (reported twice: before and after the rules chosen on dev3)")
         }
-        "judge-labels:dev" | "judge-labels:dev2" | "judge-dev2" | "demo:judge-dev2" => Some("dev"),
+        "judge-labels:test" | "judge-test" | "demo:judge-test" => {
+            Some("dev (a test set until 2026-12-05; its misses were then read)")
+        }
+        "judge-labels:dev" | "judge-labels:dev2" | "judge-dev2" | "demo:judge-dev2"
+        | "judge-labels:dev3" | "judge-dev3" | "demo:judge-dev3" => Some("dev"),
         "judge-labels:train" => Some("train"),
         "judge-labels" | "demo:judge-labels" => Some("train and dev together (not a test figure)"),
         "refusal" | "pyrit" | "refusal_extra" | "refusal-extra" => Some("dev (regression floor)"),
@@ -593,19 +602,15 @@ mod tests {
     /// labelled, 60 in each label x identity cell, no id shared with `judge_labels.jsonl`.
     #[test]
     fn the_sealed_test_sets_are_balanced_and_disjoint() {
-        for spec in [
-            "judge-labels:test",
-            "judge-labels:dev2",
-            "judge-labels:test2",
+        for (spec, role) in [
+            ("judge-labels:test", "dev"),
+            ("judge-labels:dev2", "dev"),
+            ("judge-labels:test2", "test"),
+            ("judge-labels:dev3", "dev"),
+            ("judge-labels:test3", "test"),
         ] {
             let set = load_labels(spec).unwrap();
-            assert!(set
-                .role
-                .is_some_and(|r| r.starts_with(if spec.ends_with("dev2") {
-                    "dev"
-                } else {
-                    "test"
-                })));
+            assert!(set.role.is_some_and(|r| r.starts_with(role)), "{spec}");
             balanced_and_disjoint(&set, spec);
         }
     }
@@ -631,6 +636,8 @@ mod tests {
             "judge-labels:test",
             "judge-labels:dev2",
             "judge-labels:test2",
+            "judge-labels:dev3",
+            "judge-labels:test3",
         ] {
             if o != spec {
                 other.extend(load_labels(o).unwrap().rows);

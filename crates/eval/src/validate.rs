@@ -53,10 +53,10 @@ pub struct IdentitySplit {
 pub fn validation_note(kind: &str) -> Option<&'static str> {
     match kind {
         "classifier" => Some(
-            "On this project's sealed test set of labelled responses (data/judge_test2.jsonl, 240 rows by a writer who saw neither the judges nor the other label sets; nothing fitted or chosen on them) it scores 216/240 = 90.0% [85.6, 93.2] (Wilson 95%): it reads 9 of 120 compliant answers as refusals and misses 15 of 120 refusals; 88.3% with an identity statement and 91.7% without (difference -3.3 points [-11.2, +4.5]). On an earlier test set by another writer it scores 89.6%, its errors leaning the other way (23 false refusals, 2 misses). The keyword judge scores 73.8% and 71.2% there.",
+            "On this project's sealed test set of labelled responses (data/judge_test3.jsonl, 240 rows by a writer who saw neither the judges nor the other label sets; nothing fitted or chosen on them) it scores 209/240 = 87.1% [82.2, 90.7] (Wilson 95%): it reads 11 of 120 compliant answers as refusals and misses 20 of 120 refusals; 88.3% with an identity statement and 85.8% without (difference +2.5 points [-6.2, +11.2]). On an earlier test set by another writer (data/judge_test2.jsonl, reported twice) it scores 89.6%. The keyword judge scores 67.9% and 75.0% there.",
         ),
         "keyword" => Some(
-            "On this project's sealed test set of labelled responses (data/judge_test2.jsonl, 240 rows) it scores 177/240 = 73.8% [67.8, 78.9] (Wilson 95%): it reads no compliant answer as a refusal and misses 63 of 120 refusals (those without a decline phrase), so it understates safety.",
+            "On this project's sealed test set of labelled responses (data/judge_test3.jsonl, 240 rows) it scores 163/240 = 67.9% [61.8, 73.5] (Wilson 95%): it reads 1 of 120 compliant answers as a refusal and misses 76 of 120 refusals (those without a decline phrase), so it understates safety; it misses more refusals without an identity statement than with one (accuracy 58.3% against 77.5%).",
         ),
         _ => None,
     }

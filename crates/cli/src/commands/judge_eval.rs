@@ -20,8 +20,8 @@ use super::judge::JudgeArgs;
 
 /// The label sets checked when `--labels` is not given.
 pub const DEFAULT_LABELS: &[&str] = &[
+    "judge-labels:test3",
     "judge-labels:test2",
-    "judge-labels:test",
     "refusal",
     "refusal_extra",
 ];
@@ -34,17 +34,18 @@ pub struct JudgeEvalArgs {
     #[command(flatten)]
     pub judge: JudgeArgs,
 
-    /// Labelled responses, repeatable: `judge-labels:test2` (this project's sealed test set
-    /// `data/judge_test2.jsonl`, role test), `judge-labels:test` (`data/judge_test.jsonl`, an
-    /// earlier test set, reported twice), `judge-labels:dev2` (`data/judge_dev2.jsonl`, role dev:
-    /// rules were chosen on it), `judge-labels:dev` (the part of
+    /// Labelled responses, repeatable: `judge-labels:test3` (this project's sealed test set
+    /// `data/judge_test3.jsonl`, role test), `judge-labels:test2` (`data/judge_test2.jsonl`, an
+    /// earlier test set, reported twice), `judge-labels:dev3`, `judge-labels:dev2` and
+    /// `judge-labels:test` (`data/judge_dev3.jsonl`, `data/judge_dev2.jsonl`,
+    /// `data/judge_test.jsonl`, role dev: rules were chosen on them), `judge-labels:dev` (the part of
     /// `data/judge_labels.jsonl` no head is fitted on, role dev), `judge-labels:train` (its
     /// fitting part), `judge-labels` (train and dev),
     /// `refusal` and `refusal_extra` (PyRIT's files in the asset cache, role dev: rules were
     /// chosen on them), a CSV (prompt, response, human_score with 1 = refusal), a labelling JSONL
     /// (prompt, response, label refusal|compliance|unclear, optional identity true|false), or a
     /// study directory (every judge of the study against `safetune label import`ed labels, per
-    /// condition). Default: judge-labels:test2, judge-labels:test, refusal, refusal_extra.
+    /// condition). Default: judge-labels:test3, judge-labels:test2, refusal, refusal_extra.
     #[arg(long, value_name = "SPEC")]
     pub labels: Vec<String>,
 
@@ -193,7 +194,7 @@ pub fn run(args: JudgeEvalArgs) -> anyhow::Result<()> {
 fn study(dir: &Path, text: bool) -> anyhow::Result<serde_json::Value> {
     if !dir.join(STORE_FILE).exists() {
         bail!(
-            "{}: a directory without {STORE_FILE}\nhint: --labels takes a label file, a named set (judge-labels:test2, judge-labels:test, judge-labels:dev2, judge-labels:dev, refusal, refusal_extra) or a study directory",
+            "{}: a directory without {STORE_FILE}\nhint: --labels takes a label file, a named set (judge-labels:test3, judge-labels:test2, judge-labels:dev3, judge-labels:dev2, judge-labels:test, judge-labels:dev, refusal, refusal_extra) or a study directory",
             dir.display()
         );
     }
