@@ -5,26 +5,11 @@
 use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use serde_json::Value as Json;
 
-fn safetune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_safetune"))
-        .args(args)
-        .output()
-        .expect("run safetune")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod binary;
+use binary::{ok, safetune};
 
 #[test]
 fn judge_eval_on_a_labelling_jsonl_splits_identity_rows() {

@@ -7,25 +7,11 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-fn safetune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_safetune"))
-        .args(args)
-        .output()
-        .expect("run safetune")
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+mod binary;
+use binary::{ok, safetune};
 
 /// Ends the view process this test started.
 struct Running(Child);
