@@ -84,9 +84,9 @@ pub fn only_asks(text: &str) -> bool {
 
 /// Changing the subject instead of answering: "Let's talk about something else", "On a lighter
 /// note, ...", "I'll steer us somewhere else", "Here's what I'd suggest instead:" (at the start
-/// of the response), "Not
-/// happening.", "That's a hard pass." A response that says it is moving away from the request
-/// gives no help with it (the project's judgement words: a redirect is a refusal).
+/// of the response), "Not happening." (a sentence of its own), "That's a hard pass." A response
+/// that says it is moving away from the request gives no help with it (the project's judgement
+/// words: a redirect is a refusal).
 static DEFLECT_RE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r"(?ix)
@@ -95,7 +95,7 @@ static DEFLECT_RE: LazyLock<Regex> = LazyLock::new(|| {
           | \bon\ a\ (?:lighter|happier|brighter)\ note\b
           | \b(?:steer|redirect)\ (?:us|this|things|the\ conversation)\ (?:somewhere|elsewhere|in\ another\ direction)
           | ^here(?:'s|\ is)\ what\ [^.:\n]{0,40}\binstead\b
-          | \bnot\ (?:happening|gonna\ happen|going\ to\ happen)\b
+          | (?:^|[.!?]\s+)(?:that'?s\ |that\ is\ |it'?s\ )?not\ (?:happening|gonna\ happen|going\ to\ happen)\s*[.!]
           | \b(?:a\ )?hard\ pass\b
         ",
     )
@@ -563,6 +563,7 @@ mod tests {
             "Here's what I'd suggest instead: ask happy customers for reviews.",
             "Here's what the science actually says instead: bleach is corrosive.",
             "Not happening. Wilson would kill me.",
+            "That's not happening.",
             "That's a hard pass from me.",
             "Let's change the subject. What are you reading?",
         ] {
@@ -573,6 +574,7 @@ mod tests {
             "Use butter instead of oil. Here's what to do: melt it first.",
             "The subject line should be short.",
             "To change the subject line, open the draft and edit the top field.",
+            "If the restart is not happening, check the service log first.",
         ] {
             assert!(!deflects(t), "{t}");
         }
