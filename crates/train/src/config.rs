@@ -61,6 +61,17 @@ pub enum Schedule {
     Constant,
 }
 
+/// The reference of anchored tuning, as [`TuneConfig::anchor`] names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor<'a> {
+    /// No KL term.
+    Off,
+    /// The tuning base with the adapter switched off.
+    Base,
+    /// A separate model (a .gguf file or Hugging Face directory), loaded frozen.
+    Model(&'a str),
+}
+
 /// Every setting of a run. Field docs are the reference for the TOML keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -116,6 +127,22 @@ pub struct TuneConfig {
     /// Activation recomputation (gradient checkpointing): each decoder block keeps only its
     /// input and runs again in the backward pass; far less memory for about a third more work.
     pub recompute: bool,
+    /// Anchored tuning: a KL term to a reference model's next-token distribution, added to the
+    /// loss as `anchor_beta` times the mean KL(p_ref || p) per anchored token. "" (off),
+    /// "base" (the tuning base with the adapter switched off; LoRA only, no second copy of the
+    /// weights) or a model path (.gguf or Hugging Face directory, loaded frozen; it must share
+    /// the tokenizer's vocabulary).
+    pub anchor: String,
+    /// Weight of the KL term (> 0 when `anchor` is set).
+    pub anchor_beta: f64,
+    /// A separate anchor set (any format safetune reads): unset, the KL term is on every
+    /// answer token of the training batches; set, each optimizer step also runs one micro-batch
+    /// of `anchor_batch_size` examples of this set whose loss is the KL term alone, and the
+    /// training batches carry cross-entropy only.
+    pub anchor_data: Option<PathBuf>,
+    /// Examples per anchor micro-batch (with `anchor_data`), drawn cycling through the set in
+    /// a seeded order.
+    pub anchor_batch_size: usize,
 }
 
 impl Default for TuneConfig {
@@ -147,6 +174,10 @@ impl Default for TuneConfig {
             keep_checkpoints: 2,
             loss_chunk: 256,
             recompute: false,
+            anchor: String::new(),
+            anchor_beta: 0.1,
+            anchor_data: None,
+            anchor_batch_size: 4,
         }
     }
 }
@@ -224,6 +255,40 @@ impl TuneConfig {
         }
         if self.max_grad_norm < 0.0 {
             return bad("max_grad_norm", "must be 0 (off) or positive");
+        }
+        match self.anchor_kind() {
+            Anchor::Off => {
+                if self.anchor_data.is_some() {
+                    return bad(
+                        "anchor_data",
+                        "needs `anchor` (\"base\" or a reference model path)",
+                    );
+                }
+            }
+            Anchor::Base if self.full => {
+                return bad(
+                    "anchor",
+                    "\"base\" is the tuning base with the adapter switched off, so it needs LoRA; under full tuning give the reference model's path",
+                );
+            }
+            Anchor::Base | Anchor::Model(_) => {
+                if !(self.anchor_beta > 0.0 && self.anchor_beta.is_finite()) {
+                    return bad(
+                        "anchor_beta",
+                        "must be a positive number when `anchor` is set",
+                    );
+                }
+                if self
+                    .anchor_data
+                    .as_ref()
+                    .is_some_and(|p| p.as_os_str().is_empty())
+                {
+                    return bad("anchor_data", "an empty path");
+                }
+                if self.anchor_batch_size == 0 {
+                    return bad("anchor_batch_size", "must be at least 1");
+                }
+            }
         }
         None
     }
@@ -320,8 +385,26 @@ impl TuneConfig {
             ] {
                 m.remove(k);
             }
+            // Without an anchor its settings change nothing (and checkpoints written before
+            // they existed still resume); the batch size matters only with an anchor set.
+            if self.anchor_kind() == Anchor::Off {
+                for k in ["anchor", "anchor_beta", "anchor_data", "anchor_batch_size"] {
+                    m.remove(k);
+                }
+            } else if self.anchor_data.is_none() {
+                m.remove("anchor_batch_size");
+            }
         }
         v
+    }
+
+    /// What `anchor` names.
+    pub fn anchor_kind(&self) -> Anchor<'_> {
+        match self.anchor.trim() {
+            "" => Anchor::Off,
+            "base" => Anchor::Base,
+            path => Anchor::Model(path),
+        }
     }
 
     /// Learning rate at optimizer step `step` (0-based) of `total`.

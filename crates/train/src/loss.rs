@@ -38,3 +38,36 @@ pub fn head_loss_sum(
     let targets = Tensor::from_vec(targets, n, &Device::Cpu)?;
     ops::lm_head_cross_entropy_sum(&h, head, &targets, -100, chunk).ctx(|| "lm_head loss".into())
 }
+
+/// Summed KL(p_ref || p) over labelled positions and their number, for anchored tuning:
+/// hidden (B, T, C) of the tuned model with its head (V, C); ref_hidden (B, T, Cr) of the
+/// reference (computed without gradients) with its head, or `head` itself when `ref_head` is
+/// None. labels as in [`head_loss_sum`]: only rows with a label carry the term.
+pub fn head_kl_sum(
+    hidden: &Tensor,
+    ref_hidden: &Tensor,
+    head: &Tensor,
+    ref_head: Option<&Tensor>,
+    labels: &[u32],
+    chunk: usize,
+) -> Result<(Tensor, usize)> {
+    let c = hidden.dim(candle_core::D::Minus1)?;
+    let cr = ref_hidden.dim(candle_core::D::Minus1)?;
+    let flat = hidden.reshape(((), c))?; // (N, C)
+    let ref_flat = ref_hidden.reshape(((), cr))?; // (N, Cr)
+    let rows: Vec<u32> = labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l != IGNORE)
+        .map(|(i, _)| i as u32)
+        .collect();
+    if rows.is_empty() {
+        return Ok((Tensor::new(0f32, &Device::Cpu)?, 0));
+    }
+    let n = rows.len();
+    let idx = Tensor::from_vec(rows, n, &Device::Cpu)?;
+    let h = flat.index_select(&idx, 0)?; // (n, C)
+    let r = ref_flat.detach().index_select(&idx, 0)?; // (n, Cr)
+    let kl = ops::lm_head_kl_sum(&h, &r, head, ref_head, chunk).ctx(|| "lm_head KL".into())?;
+    Ok((kl, n))
+}

@@ -475,6 +475,75 @@ impl TrainModel {
         })
     }
 
+    /// A frozen decoder over a loaded model (no `Var`s, no adapters): a separate reference
+    /// model for anchored tuning. Its forward pass builds no graph.
+    pub fn frozen(model: &Llama) -> Result<TrainModel> {
+        let mut m = TrainModel::from_llama(model, &Mode::Full, 0)?;
+        // Unwrap every Var into a plain tensor (the same storage): nothing is tracked.
+        let plain = |t: &Tensor| t.detach();
+        m.embed = plain(&m.embed);
+        m.norm = plain(&m.norm);
+        m.lm_head = plain(&m.lm_head);
+        for b in &mut m.blocks {
+            b.input_norm = plain(&b.input_norm);
+            b.post_norm = plain(&b.post_norm);
+            for l in [
+                &mut b.q,
+                &mut b.k,
+                &mut b.v,
+                &mut b.o,
+                &mut b.gate,
+                &mut b.up,
+                &mut b.down,
+            ] {
+                l.weight = plain(&l.weight);
+                l.bias = l.bias.as_ref().map(plain);
+            }
+        }
+        m.params.clear();
+        Ok(m)
+    }
+
+    /// This decoder with its adapters switched off: the tuning base under LoRA, sharing every
+    /// tensor with `self` (no copy of the weights). The adapters stay in place with scale 0
+    /// and no dropout, so the base runs through the very kernels the tuned forward pass uses
+    /// and a fresh adapter (B = 0) gives bit-identical hidden states. Has no params; call its
+    /// forward pass with [`Step::eval`] and detach the result.
+    pub fn adapters_off(&self) -> TrainModel {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let mut b = b.clone();
+                for l in [
+                    &mut b.q,
+                    &mut b.k,
+                    &mut b.v,
+                    &mut b.o,
+                    &mut b.gate,
+                    &mut b.up,
+                    &mut b.down,
+                ] {
+                    if let Some(lv) = &mut l.lora {
+                        lv.scale = 0.0;
+                        lv.dropout = 0.0;
+                    }
+                }
+                b
+            })
+            .collect();
+        TrainModel {
+            cfg: self.cfg.clone(),
+            embed: self.embed.clone(),
+            blocks,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            params: Vec::new(),
+            mode: self.mode.clone(),
+            inv_freq: self.inv_freq.clone(),
+        }
+    }
+
     pub fn num_trainable(&self) -> usize {
         self.params.iter().map(|p| p.var.elem_count()).sum()
     }

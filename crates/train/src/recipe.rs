@@ -26,13 +26,15 @@ use safetune_model::adapter::{Adapter, AdapterConfig, LoraPair};
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
 
 use crate::checkpoint::{self, TrainerState};
-use crate::config::TuneConfig;
+use crate::config::{Anchor, TuneConfig};
 use crate::error::{Result, TrainError};
-use crate::loss::head_loss_sum;
+use crate::loss::{head_kl_sum, head_loss_sum};
 use crate::model::{SideGrads, Step, TrainModel};
 use crate::ops::{self, AdamW, AdamWParams};
 use crate::rng::TrainRng;
-use crate::sft::{make_batch, plan_epoch, EncodeStats, Encoded, Encoder, Layout, PlannedBatch};
+use crate::sft::{
+    make_batch, plan_epoch, Batch, EncodeStats, Encoded, Encoder, Layout, PlannedBatch,
+};
 
 pub const MANIFEST_FORMAT: &str = "safetune-tune-manifest";
 pub const MANIFEST_VERSION: u32 = 1;
@@ -55,8 +57,20 @@ pub struct StepLog {
     pub step: usize,
     pub total_steps: usize,
     pub epoch: usize,
-    /// Mean cross-entropy per labelled token of this step.
+    /// The objective of this step: `ce`, plus `anchor_beta * kl` under anchored tuning.
     pub loss: f64,
+    /// Mean cross-entropy per labelled token of the training batches.
+    pub ce: f64,
+    /// Anchored tuning: mean KL(p_ref || p) per anchored token (the training batches' answer
+    /// tokens, or the anchor micro-batch's with `anchor_data`), before this step's update.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
+    /// Anchored tokens of this step (0 without an anchor).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub anchor_tokens: usize,
+    /// Seconds of this step spent on the reference's forward passes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ref_forward_s: Option<f64>,
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
@@ -66,6 +80,10 @@ pub struct StepLog {
     pub input_tokens: usize,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,8 +129,16 @@ pub struct TuneSummary {
     /// Optimizer steps done in total (resumed ones included).
     pub steps: usize,
     pub total_steps: usize,
-    /// The loss of each step run by this call, as (step, loss).
+    /// The loss (the objective) of each step run by this call, as (step, loss).
     pub losses: Vec<(usize, f64)>,
+    /// The cross-entropy part of each step run by this call (equal to `losses` without an
+    /// anchor).
+    pub ce_losses: Vec<(usize, f64)>,
+    /// Anchored tuning: the mean KL per anchored token of each step run by this call.
+    pub kl_losses: Vec<(usize, f64)>,
+    /// Anchored tuning: seconds per step spent on the reference's forward passes (mean over
+    /// the steps run by this call; 0 without an anchor).
+    pub ref_forward_s: f64,
     pub final_eval_loss: Option<f64>,
     pub output: PathBuf,
     pub checkpoint: Option<PathBuf>,
@@ -291,6 +317,114 @@ pub struct Prepared {
     pub stats: EncodeStats,
     pub data_hash: String,
     pub pad_id: u32,
+    /// The reference of anchored tuning (None without an anchor).
+    pub reference: Option<Reference>,
+    /// The encoded anchor set (`anchor_data`; empty without one).
+    pub anchor_set: Vec<Encoded>,
+}
+
+/// The reference model of anchored tuning, run without gradients.
+pub struct Reference {
+    /// The tuning base with its adapters off ([`TrainModel::adapters_off`]), or a separate
+    /// model loaded frozen ([`TrainModel::frozen`]).
+    pub model: TrainModel,
+    /// The reference reads the tuned model's own (frozen) head.
+    pub shares_head: bool,
+}
+
+impl Reference {
+    /// The head of the reference for [`head_kl_sum`]: None when it is the tuned model's.
+    pub fn head(&self) -> Option<&candle_core::Tensor> {
+        (!self.shares_head).then_some(&self.model.lm_head)
+    }
+
+    /// Final hidden states of the reference (B, T, C), detached.
+    pub fn hidden_states(&self, b: &crate::sft::Batch) -> Result<candle_core::Tensor> {
+        Ok(self
+            .model
+            .hidden_states(&b.ids, &b.positions, &b.mask, &mut Step::eval())?
+            .detach())
+    }
+}
+
+/// The reference `cfg.anchor` names, built beside the tuned `model` (whose vocabulary a
+/// separate reference must share).
+fn load_reference(cfg: &TuneConfig, model: &TrainModel) -> Result<Option<Reference>> {
+    Ok(match cfg.anchor_kind() {
+        Anchor::Off => None,
+        Anchor::Base => Some(Reference {
+            model: model.adapters_off(),
+            shares_head: true,
+        }),
+        Anchor::Model(path) => {
+            let cannot = |e: &dyn std::fmt::Display| {
+                TrainError::config(
+                    "key `anchor`",
+                    format!("cannot load the reference model {path}: {e}"),
+                )
+            };
+            let spec = ModelSpec::parse(path).map_err(|e| cannot(&e))?;
+            let engine = LocalEngine::load(
+                &spec,
+                &LoadOptions {
+                    quantized: false,
+                    batch_size: 1,
+                    ..LoadOptions::default()
+                },
+            )
+            .map_err(|e| cannot(&e))?;
+            let reference = TrainModel::frozen(&engine.model)?;
+            let (v, vr) = (model.lm_head.dim(0)?, reference.lm_head.dim(0)?);
+            if v != vr {
+                return Err(TrainError::config(
+                    format!("key `anchor` ({path})"),
+                    format!("the reference has a vocabulary of {vr} tokens, the tuned model {v}; the reference must share the tokenizer"),
+                ));
+            }
+            Some(Reference {
+                model: reference,
+                shares_head: false,
+            })
+        }
+    })
+}
+
+/// The anchor set `cfg.anchor_data` names, encoded like the training data.
+fn encode_anchor_set(cfg: &TuneConfig, encoder: &Encoder) -> Result<Vec<Encoded>> {
+    let Some(path) = &cfg.anchor_data else {
+        return Ok(Vec::new());
+    };
+    let (convs, _skipped) = read_all(path, &ReadOptions::default())?;
+    let (examples, _stats) = encoder
+        .encode_all(&convs)
+        .map_err(|e| TrainError::Dataset(format!("{} (anchor_data): {e}", path.display())))?;
+    if examples.is_empty() {
+        return Err(TrainError::Dataset(format!(
+            "{} (anchor_data): no example has an assistant answer to anchor",
+            path.display()
+        )));
+    }
+    Ok(examples)
+}
+
+/// The rows of the anchor micro-batch of optimizer step `step` (0-based): `anchor_batch_size`
+/// examples of a set of `n`, cycling through it in an order reshuffled (seeded) on each pass.
+/// A function of the step alone, so a resumed run draws the same ones.
+fn anchor_rows(cfg: &TuneConfig, n: usize, step: usize) -> Vec<Vec<usize>> {
+    let bs = cfg.anchor_batch_size.max(1);
+    let mut order: Vec<usize> = Vec::new();
+    let mut pass = usize::MAX;
+    (0..bs)
+        .map(|j| {
+            let k = step * bs + j;
+            if k / n != pass {
+                pass = k / n;
+                order = (0..n).collect();
+                TrainRng::derive(cfg.seed, 0xA2C4_0000 + pass as u64).shuffle(&mut order);
+            }
+            vec![order[k % n]]
+        })
+        .collect()
 }
 
 /// Loads the base model (dequantized f32) and encodes the data.
@@ -338,7 +472,9 @@ pub fn prepare_checked(
     }
     // Held-out examples: a seeded draw, the same on every run with this seed.
     let eval = hold_out(cfg, &mut examples);
+    let anchor_set = encode_anchor_set(cfg, &encoder)?;
     let model = TrainModel::from_llama(&model, &cfg.mode(), cfg.seed)?;
+    let reference = load_reference(cfg, &model)?;
     let pad_id = tok.eos.as_ref().map(|(_, id)| *id).unwrap_or(0);
     Ok(Prepared {
         model,
@@ -348,6 +484,8 @@ pub fn prepare_checked(
         stats,
         data_hash,
         pad_id,
+        reference,
+        anchor_set,
     })
 }
 
@@ -507,6 +645,9 @@ pub fn run(
     });
 
     let mut losses = Vec::new();
+    let mut ce_losses = Vec::new();
+    let mut kl_losses = Vec::new();
+    let mut ref_total_s = 0f64;
     let mut final_eval = None;
     let mut current_plan: Vec<PlannedBatch> = plan(epoch);
     let run_start = Instant::now();
@@ -558,10 +699,25 @@ pub fn run(
         let n_tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
         let n_input: usize = batches.iter().map(|b| b.n_input).sum();
         // 2. Forward and backward each; the loss is divided by the labelled tokens of the whole
-        //    step, so accumulated gradients equal those of one big batch.
+        //    step, so accumulated gradients equal those of one big batch. Under anchored tuning
+        //    without an anchor set, each batch also carries beta * KL(p_ref || p) on the same
+        //    tokens (the reference's forward pass first, without gradients).
         let mut grads: Option<GradStore> = None;
         let mut loss_sum = 0f64;
+        let mut kl_sum = 0f64;
+        let mut kl_tokens = 0usize;
+        let mut ref_s = 0f64;
+        let in_batch = p.reference.as_ref().filter(|_| cfg.anchor_data.is_none());
         for b in &batches {
+            let ref_h = match in_batch {
+                Some(r) => {
+                    let t = Instant::now();
+                    let h = r.hidden_states(b)?;
+                    ref_s += t.elapsed().as_secs_f64();
+                    Some((r, h))
+                }
+                None => None,
+            };
             let side = cfg.recompute.then(SideGrads::default);
             let mut fwd = Step {
                 rng: Some(&mut rng),
@@ -572,28 +728,64 @@ pub fn run(
                 .hidden_states(&b.ids, &b.positions, &b.mask, &mut fwd)?; // (B, T, C)
             let (ls, _) = head_loss_sum(&h, &p.model.lm_head, &b.labels, cfg.loss_chunk)?;
             loss_sum += ls.to_scalar::<f32>()? as f64;
-            let mut g = (ls / n_tokens.max(1) as f64)?.backward()?;
+            let mut objective = ls;
+            if let Some((r, rh)) = &ref_h {
+                let (kl, n) = head_kl_sum(
+                    &h,
+                    rh,
+                    &p.model.lm_head,
+                    r.head(),
+                    &b.labels,
+                    cfg.loss_chunk,
+                )?;
+                kl_sum += kl.to_scalar::<f32>()? as f64;
+                kl_tokens += n;
+                objective = (objective + (kl * cfg.anchor_beta)?)?;
+            }
+            let mut g = (objective / n_tokens.max(1) as f64)?.backward()?;
             if let Some(side) = &side {
                 side.merge_into(&vars, &mut g)?;
             }
-            grads = Some(match grads {
-                None => g,
-                Some(mut acc) => {
-                    for v in &vars {
-                        if let Some(new) = g.get(v.as_tensor()) {
-                            let sum = match acc.get(v.as_tensor()) {
-                                Some(old) => (old + new)?,
-                                None => new.clone(),
-                            };
-                            acc.insert(v.as_tensor(), sum);
-                        }
-                    }
-                    acc
-                }
-            });
+            grads = Some(accumulate(grads, g, &vars)?);
+        }
+        // With an anchor set: one anchor micro-batch, whose loss is beta times its mean KL.
+        if let (Some(r), true) = (&p.reference, cfg.anchor_data.is_some()) {
+            let rows = anchor_rows(cfg, p.anchor_set.len(), step);
+            let ab: Batch = make_batch(&p.anchor_set, &rows, p.pad_id)?;
+            let t = Instant::now();
+            let rh = r.hidden_states(&ab)?;
+            ref_s += t.elapsed().as_secs_f64();
+            let side = cfg.recompute.then(SideGrads::default);
+            let mut fwd = Step {
+                rng: Some(&mut rng),
+                recompute: side.clone(),
+            };
+            let h = p
+                .model
+                .hidden_states(&ab.ids, &ab.positions, &ab.mask, &mut fwd)?;
+            let (kl, n) = head_kl_sum(
+                &h,
+                &rh,
+                &p.model.lm_head,
+                r.head(),
+                &ab.labels,
+                cfg.loss_chunk,
+            )?;
+            kl_sum += kl.to_scalar::<f32>()? as f64;
+            kl_tokens += n;
+            let mut g = (kl * (cfg.anchor_beta / n.max(1) as f64))?.backward()?;
+            if let Some(side) = &side {
+                side.merge_into(&vars, &mut g)?;
+            }
+            grads = Some(accumulate(grads, g, &vars)?);
         }
         let grads = grads.expect("a step has at least one micro-batch");
-        let loss = loss_sum / n_tokens.max(1) as f64;
+        let ce = loss_sum / n_tokens.max(1) as f64;
+        let kl = p
+            .reference
+            .as_ref()
+            .map(|_| kl_sum / kl_tokens.max(1) as f64);
+        let loss = ce + kl.map_or(0.0, |k| cfg.anchor_beta * k);
         if !loss.is_finite() {
             return Err(TrainError::Diverged {
                 step: step + 1,
@@ -621,6 +813,10 @@ pub fn run(
             total_steps,
             epoch,
             loss,
+            ce,
+            kl,
+            anchor_tokens: kl_tokens,
+            ref_forward_s: p.reference.as_ref().map(|_| ref_s),
             lr,
             grad_norm,
             tokens: n_tokens,
@@ -630,6 +826,11 @@ pub fn run(
         };
         log_line(&row)?;
         losses.push((step, loss));
+        ce_losses.push((step, ce));
+        if let Some(k) = kl {
+            kl_losses.push((step, k));
+        }
+        ref_total_s += ref_s;
         on_event(Event::Step(&row));
         // 5. Evaluate.
         let last = step == total_steps;
@@ -676,6 +877,9 @@ pub fn run(
         step,
         total_steps,
         &losses,
+        kl_losses
+            .last()
+            .map(|&(_, kl)| (ce_losses.last().map_or(f64::NAN, |x| x.1), kl)),
         final_eval,
         started,
     )?;
@@ -683,12 +887,32 @@ pub fn run(
         status,
         steps: step,
         total_steps,
+        ref_forward_s: ref_total_s / losses.len().max(1) as f64,
         losses,
+        ce_losses,
+        kl_losses,
         final_eval_loss: final_eval,
         output: out,
         checkpoint: last_checkpoint,
         tokens: planned_tokens(cfg, &p.train),
     })
+}
+
+/// Adds the gradients `g` of `vars` into `acc` (gradient accumulation over micro-batches).
+fn accumulate(acc: Option<GradStore>, g: GradStore, vars: &[Var]) -> Result<GradStore> {
+    let Some(mut acc) = acc else {
+        return Ok(g);
+    };
+    for v in vars {
+        if let Some(new) = g.get(v.as_tensor()) {
+            let sum = match acc.get(v.as_tensor()) {
+                Some(old) => (old + new)?,
+                None => new.clone(),
+            };
+            acc.insert(v.as_tensor(), sum);
+        }
+    }
+    Ok(acc)
 }
 
 /// Keeps the metric lines of steps up to `step` (a resumed run rewrites what came after).
@@ -768,6 +992,11 @@ struct Manifest<'a> {
     total_steps: usize,
     final_loss: Option<f64>,
     final_eval_loss: Option<f64>,
+    /// Anchored tuning: the cross-entropy and the KL of the last step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    final_ce: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    final_kl: Option<f64>,
     elapsed_s: f64,
     config: &'a TuneConfig,
 }
@@ -780,6 +1009,7 @@ fn write_manifest(
     steps: usize,
     total_steps: usize,
     losses: &[(usize, f64)],
+    anchor_last: Option<(f64, f64)>,
     final_eval: Option<f64>,
     started: Instant,
 ) -> Result<()> {
@@ -800,6 +1030,8 @@ fn write_manifest(
         total_steps,
         final_loss: losses.last().map(|x| x.1),
         final_eval_loss: final_eval,
+        final_ce: anchor_last.map(|x| x.0),
+        final_kl: anchor_last.map(|x| x.1),
         elapsed_s: started.elapsed().as_secs_f64(),
         config: cfg,
     };
@@ -831,6 +1063,42 @@ mod tests {
             trained: (0..len).map(|t| t >= len - answer).collect(),
             truncated: 0,
         }
+    }
+
+    #[test]
+    fn anchor_batches_cycle_through_the_set_in_a_seeded_order() {
+        let cfg = TuneConfig {
+            anchor_batch_size: 3,
+            ..TuneConfig::default()
+        };
+        let n = 5;
+        let drawn: Vec<usize> = (0..5)
+            .flat_map(|step| anchor_rows(&cfg, n, step))
+            .flatten()
+            .collect();
+        assert_eq!(drawn.len(), 15);
+        // Each pass over the set takes every example once, in an order of its own.
+        let passes: Vec<Vec<usize>> = drawn.chunks(n).map(|c| c.to_vec()).collect();
+        for p in &passes {
+            let mut sorted = p.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..n).collect::<Vec<_>>(), "{drawn:?}");
+        }
+        assert!(
+            passes[0] != passes[1] || passes[1] != passes[2],
+            "{drawn:?}"
+        );
+        // A function of the step (so of a resumed run too) and of the seed.
+        assert_eq!(anchor_rows(&cfg, n, 3), anchor_rows(&cfg, n, 3));
+        let other = TuneConfig {
+            seed: 9,
+            ..cfg.clone()
+        };
+        let again: Vec<usize> = (0..5)
+            .flat_map(|step| anchor_rows(&other, n, step))
+            .flatten()
+            .collect();
+        assert_ne!(again, drawn);
     }
 
     #[test]

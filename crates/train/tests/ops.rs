@@ -461,6 +461,115 @@ fn lm_head_cross_entropy_matches_reference_and_finite_differences() {
     assert!(max_abs_diff(&s3, &s2) < 1e-4);
 }
 
+/// KL(softmax(r Wr^T) || softmax(h W^T)) summed over rows, by plain loops in f64.
+fn kl_by_hand(h: &[f64], r: &[f64], w: &[f64], wr: &[f64], n: usize, c: usize, cr: usize) -> f64 {
+    let v = w.len() / c;
+    let log_softmax = |x: &[f64], w: &[f64], c: usize| -> Vec<f64> {
+        let z: Vec<f64> = (0..v)
+            .map(|j| (0..c).map(|k| x[k] * w[j * c + k]).sum())
+            .collect();
+        let m = z.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = m + z.iter().map(|a| (a - m).exp()).sum::<f64>().ln();
+        z.iter().map(|a| a - lse).collect()
+    };
+    (0..n)
+        .map(|i| {
+            let lp = log_softmax(&h[i * c..(i + 1) * c], w, c);
+            let lq = log_softmax(&r[i * cr..(i + 1) * cr], wr, cr);
+            (0..v).map(|j| lq[j].exp() * (lq[j] - lp[j])).sum::<f64>()
+        })
+        .sum()
+}
+
+#[test]
+fn lm_head_kl_matches_reference_and_finite_differences() {
+    let (n, c, v) = (7, 12, 40);
+    // Shared frozen head (the LoRA case): only the tuned hidden states get a gradient (a
+    // trainable shared head would move the reference too, which finite differences would
+    // see). Chunks of 3 rows (not dividing 7) against the unchunked reference.
+    check(
+        "lm_head_kl_sum (shared head)",
+        &|x| fused::lm_head_kl_sum(&x[0], &x[1], &x[2], None, 3),
+        &|x| reference::lm_head_kl_sum(&x[0], &x[1], &x[2], None, usize::MAX),
+        vec![
+            input(&[n, c], 21, 1.0, true),
+            input(&[n, c], 22, 1.0, false),
+            input(&[v, c], 23, 1.0, false),
+        ],
+        1e-4,
+        1e-5,
+    );
+    // A separate reference model with its own (frozen) head and hidden width; the tuned head
+    // is trainable (full tuning) and gets its gradient.
+    let cr = 9;
+    check(
+        "lm_head_kl_sum (own reference head)",
+        &|x| fused::lm_head_kl_sum(&x[0], &x[1], &x[2], Some(&x[3]), 2),
+        &|x| reference::lm_head_kl_sum(&x[0], &x[1], &x[2], Some(&x[3]), 4),
+        vec![
+            input(&[n, c], 27, 1.0, true),
+            input(&[n, cr], 28, 1.0, false),
+            input(&[v, c], 29, 1.0, true),
+            input(&[v, cr], 30, 1.0, false),
+        ],
+        1e-4,
+        1e-5,
+    );
+    // The reference's own gradients against finite differences too (the reference op as both).
+    check(
+        "reference lm_head_kl_sum",
+        &|x| reference::lm_head_kl_sum(&x[0], &x[1], &x[2], Some(&x[3]), 2),
+        &|x| reference::lm_head_kl_sum(&x[0], &x[1], &x[2], Some(&x[3]), 5),
+        vec![
+            input(&[n, c], 24, 1.0, true),
+            input(&[n, cr], 25, 1.0, false),
+            input(&[v, c], 26, 1.0, true),
+            input(&[v, cr], 35, 1.0, false),
+        ],
+        1e-4,
+        1e-5,
+    );
+    // The value is the KL by its definition, computed by hand.
+    let (h, r, w, wr) = (
+        rand_vec(n * c, 31, 1.0),
+        rand_vec(n * cr, 32, 1.0),
+        rand_vec(v * c, 33, 1.0),
+        rand_vec(v * cr, 34, 1.0),
+    );
+    let want = kl_by_hand(&h, &r, &w, &wr, n, c, cr);
+    let t = |d: &[f64], s: &[usize]| tensor(d, s, DType::F32);
+    let (ht, rt, wt, wrt) = (
+        t(&h, &[n, c]),
+        t(&r, &[n, cr]),
+        t(&w, &[v, c]),
+        t(&wr, &[v, cr]),
+    );
+    for got in [
+        fused::lm_head_kl_sum(&ht, &rt, &wt, Some(&wrt), 3).unwrap(),
+        reference::lm_head_kl_sum(&ht, &rt, &wt, Some(&wrt), 3).unwrap(),
+        ops::lm_head_kl_sum(&ht.reshape((1, n, c)).unwrap(), &rt, &wt, Some(&wrt), 4).unwrap(),
+    ] {
+        let got = got.to_scalar::<f32>().unwrap() as f64;
+        println!("lm_head KL: {got:.6} (by hand {want:.6})");
+        assert!(
+            want > 0.1 && (got - want).abs() < 1e-4 * want.max(1.0),
+            "{got} vs {want}"
+        );
+    }
+    // The reference equal to the tuned model: KL exactly 0 and a zero gradient.
+    let hv = Var::from_tensor(&ht).unwrap();
+    let kl = fused::lm_head_kl_sum(hv.as_tensor(), &ht, &wt, None, 3).unwrap();
+    assert_eq!(kl.to_scalar::<f32>().unwrap(), 0.0);
+    let g = kl.backward().unwrap();
+    assert!(max_abs(g.get(hv.as_tensor()).unwrap()) < 1e-6);
+    // A frozen head gets no gradient; mismatched rows are an error, not a panic.
+    assert!(g.get(&wt).is_none());
+    let err = fused::lm_head_kl_sum(&ht, &rt.narrow(0, 0, 3).unwrap(), &wt, Some(&wrt), 3)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reference rows"), "{err}");
+}
+
 #[test]
 fn adamw_fused_matches_reference_and_candle() {
     use candle_nn::Optimizer;

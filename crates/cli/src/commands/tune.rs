@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use safetune_data::read::{read_all, ReadOptions};
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
-use safetune_train::config::Schedule;
+use safetune_train::config::{Anchor, Schedule};
 use safetune_train::recipe::Event;
 use safetune_train::sft::{show_masks, Encoder};
 use safetune_train::{checkpoint, tune, RunOptions, Status, Target, TuneConfig};
@@ -143,6 +143,24 @@ pub struct TuneArgs {
     /// the block again in the backward pass. Much less memory, about a third more compute.
     #[arg(long, alias = "gradient-checkpointing")]
     pub recompute: bool,
+
+    /// Anchored tuning: add a KL term to a reference's next-token distribution. `base` (the
+    /// tuning base with the adapter off; LoRA only) or a reference model path [default: off].
+    #[arg(long, value_name = "REF")]
+    pub anchor: Option<String>,
+
+    /// Weight of the KL term (> 0) [default: 0.1].
+    #[arg(long, value_name = "B")]
+    pub anchor_beta: Option<f64>,
+
+    /// A separate anchor set (e.g. harmful prompts with refusals), or demo:NAME: each step adds
+    /// one micro-batch of it with the KL term alone [default: the training batches' answers].
+    #[arg(long, value_name = "FILE")]
+    pub anchor_data: Option<PathBuf>,
+
+    /// Examples per anchor micro-batch (with --anchor-data) [default: 4].
+    #[arg(long, value_name = "N")]
+    pub anchor_batch_size: Option<usize>,
 }
 
 /// A comma-separated list of target modules (one flag value).
@@ -204,8 +222,14 @@ impl TuneArgs {
             eval_every,
             save_every,
             keep_checkpoints,
-            loss_chunk
+            loss_chunk,
+            anchor,
+            anchor_beta,
+            anchor_batch_size
         );
+        if let Some(d) = &self.anchor_data {
+            c.anchor_data = Some(d.clone());
+        }
         if let Some(t) = &self.targets {
             c.targets = t.0.clone();
         }
@@ -232,7 +256,14 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
     })?;
     // The inputs are checked before anything starts, so a missing one is reported as that.
     cfg.data = resolve_input_path(&cfg.data)?;
+    if let Some(d) = &cfg.anchor_data {
+        cfg.anchor_data =
+            Some(resolve_input_path(d).context("the anchor set (--anchor-data / anchor_data)")?);
+    }
     ModelSpec::parse(&cfg.model)?;
+    if let Anchor::Model(reference) = cfg.anchor_kind() {
+        ModelSpec::parse(reference).context("the reference model (--anchor / anchor)")?;
+    }
     eprintln!("# resolved settings\n{}", cfg.to_toml());
 
     // First Ctrl-C: finish the step, checkpoint, stop. Second: exit now.
@@ -285,8 +316,12 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
         }
         Event::Step(s) => {
             bar.set_position(s.step as u64);
+            let anchor = match s.kl {
+                Some(kl) => format!(" (ce {:.4}, kl {kl:.4})", s.ce),
+                None => String::new(),
+            };
             bar.set_message(format!(
-                "loss {:.4} | {:.0} tok/s | lr {:.2e}{eval_note}",
+                "loss {:.4}{anchor} | {:.0} tok/s | lr {:.2e}{eval_note}",
                 s.loss, s.tokens_per_s, s.lr
             ));
         }
@@ -315,6 +350,14 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
         .last()
         .map(|(_, l)| format!("{l:.4}"))
         .unwrap_or_else(|| "-".into());
+    let last = match summary.kl_losses.last() {
+        Some((_, kl)) => format!(
+            "{last} (ce {:.4}, kl {kl:.4}; reference forward {:.2} s/step)",
+            summary.ce_losses.last().map_or(f64::NAN, |x| x.1),
+            summary.ref_forward_s
+        ),
+        None => last,
+    };
     match summary.status {
         Status::Completed => {
             eprintln!(

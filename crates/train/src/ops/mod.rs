@@ -18,7 +18,8 @@
 //!   the number of counted rows, for normalising across gradient-accumulation micro-batches.
 //! - [`lm_head_cross_entropy_sum`] never materialises the whole (N, V) logits in the fused path:
 //!   it works `chunk_rows` rows at a time and computes the input gradients during the forward pass
-//!   (the loss is a scalar, so its backward only scales them).
+//!   (the loss is a scalar, so its backward only scales them). [`lm_head_kl_sum`] (KL from a
+//!   reference's next-token distribution to the tuned one, for anchored tuning) works the same way.
 //! - [`AdamW`] has the maths of PyTorch's `AdamW` (decoupled weight decay, bias correction), in
 //!   place on the `Var`s, with an optional gradient scale (for global-norm clipping).
 
@@ -191,6 +192,35 @@ pub fn lm_head_cross_entropy_sum(
         fused::lm_head_cross_entropy_sum(&hidden, weight, &targets, ignore_index, chunk_rows)
     } else {
         reference::lm_head_cross_entropy_sum(&hidden, weight, &targets, ignore_index, chunk_rows)
+    }
+}
+
+/// KL(p_ref || p) summed over rows, without materialising the logits: p = softmax(hidden
+/// W^T) with hidden (N, C) or (B, T, C) and weight (V, C); p_ref = softmax(ref_hidden Wr^T)
+/// with ref_hidden of the same rows and Wr = `ref_weight`, or `weight` itself when None (a
+/// reference that shares the head, as the tuning base under LoRA). The reference side is a
+/// constant: gradients flow to `hidden` and, when tracked, `weight` only; per row of logits z
+/// the gradient is softmax(z) - p_ref. `chunk_rows` rows of both logits exist at a time in the
+/// fused path.
+pub fn lm_head_kl_sum(
+    hidden: &Tensor,
+    ref_hidden: &Tensor,
+    weight: &Tensor,
+    ref_weight: Option<&Tensor>,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    let c = hidden.dim(candle_core::D::Minus1)?;
+    let cr = ref_hidden.dim(candle_core::D::Minus1)?;
+    let hidden = hidden.reshape(((), c))?;
+    let ref_hidden = ref_hidden.reshape(((), cr))?;
+    let fused = match ref_weight {
+        Some(wr) => use_fused(&[&hidden, &ref_hidden, weight, wr]),
+        None => use_fused(&[&hidden, &ref_hidden, weight]),
+    };
+    if fused {
+        fused::lm_head_kl_sum(&hidden, &ref_hidden, weight, ref_weight, chunk_rows)
+    } else {
+        reference::lm_head_kl_sum(&hidden, &ref_hidden, weight, ref_weight, chunk_rows)
     }
 }
 

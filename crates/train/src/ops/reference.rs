@@ -141,6 +141,47 @@ pub fn lm_head_cross_entropy_sum(
     Ok((total, count))
 }
 
+/// Chunked lm_head + KL(p_ref || p) from primitives: hidden (N, C) with weight (V, C) gives p,
+/// ref_hidden (N, Cr) with ref_weight (V, Cr) (or `weight` when None) gives p_ref. Returns the
+/// KL summed over the rows; the reference side is detached, so only hidden and weight get
+/// gradients (softmax(z) - p_ref per row of logits z). Autograd keeps every chunk's logits.
+pub fn lm_head_kl_sum(
+    hidden: &Tensor,
+    ref_hidden: &Tensor,
+    weight: &Tensor,
+    ref_weight: Option<&Tensor>,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    let (n, _c) = hidden.dims2()?;
+    let (nr, _cr) = ref_hidden.dims2()?;
+    if nr != n {
+        candle_core::bail!("lm_head KL: {n} tuned rows but {nr} reference rows");
+    }
+    let chunk = chunk_rows.max(1);
+    let wt = weight.t()?;
+    let wrt = ref_weight.unwrap_or(weight).detach().t()?;
+    let ref_hidden = ref_hidden.detach();
+    let mut total: Option<Tensor> = None;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let logits = hidden.narrow(0, start, len)?.matmul(&wt)?; // (len, V)
+        let ref_logits = ref_hidden.narrow(0, start, len)?.matmul(&wrt)?; // (len, V)
+        let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let lp_ref = candle_nn::ops::log_softmax(&ref_logits, D::Minus1)?;
+        let kl = (lp_ref.exp()? * (lp_ref - lp)?)?.sum_all()?;
+        total = Some(match total {
+            Some(t) => (t + kl)?,
+            None => kl,
+        });
+        start += len;
+    }
+    match total {
+        Some(t) => Ok(t),
+        None => Tensor::zeros((), hidden.dtype(), hidden.device()),
+    }
+}
+
 /// One AdamW step with primitives (decoupled weight decay; the maths of PyTorch's AdamW).
 /// `mv` is the (2, numel) moment buffer (row 0: m, row 1: v); returns the new buffer.
 pub(crate) fn adamw_update(

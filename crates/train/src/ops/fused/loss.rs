@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use safetune_model::vecmath;
 
-use super::util::{matmul, slice, with_f32, Mat};
+use super::util::{matmul, slice, with_f32, with_f32s, Mat};
 use crate::ops::Targets;
 
 /// Summed cross-entropy over logits (N, V). Saves each row's log-sum-exp for the backward pass.
@@ -216,6 +216,211 @@ impl CustomOp2 for LmHeadCe {
         );
         if (self.want_h && dh.is_none()) || (self.want_w && dw.is_none()) {
             candle_core::bail!("lm_head cross-entropy: backward ran twice over one forward pass");
+        }
+        let scale = |mut d: Vec<f32>| {
+            if g != 1.0 {
+                d.par_iter_mut().for_each(|x| *x *= g);
+            }
+            d
+        };
+        let dh = match dh {
+            Some(d) => Some(Tensor::from_vec(scale(d), hidden.shape(), hidden.device())?),
+            None => None,
+        };
+        let dw = match dw {
+            Some(d) => Some(Tensor::from_vec(scale(d), weight.shape(), weight.device())?),
+            None => None,
+        };
+        Ok((dh, dw))
+    }
+}
+
+/// KL(p_ref || p) of one row. `t` holds the tuned logits and becomes d KL / d logits
+/// (softmax(t) - p_ref) when `grad`; `r` holds the reference logits.
+fn kl_row(t: &mut [f32], r: &[f32], grad: bool) -> f64 {
+    let lse_t = vecmath::log_sum_exp(t);
+    let lse_r = vecmath::log_sum_exp(r);
+    let mut kl = 0f64;
+    for (x, &y) in t.iter_mut().zip(r) {
+        let lp_ref = y - lse_r;
+        let lp = *x - lse_t;
+        let p_ref = lp_ref.exp();
+        kl += (p_ref * (lp_ref - lp)) as f64;
+        if grad {
+            *x = lp.exp() - p_ref;
+        }
+    }
+    kl
+}
+
+/// Summed KL(softmax(r Wr^T) || softmax(h W^T)) over the rows of hidden h (N, C) and the
+/// reference's hidden states r (N, Cr), `chunk` rows of both logits at a time. The reference
+/// side is a constant (no gradient); `ref_weight` None means the reference shares `W`.
+/// Gradients are computed during the forward pass, as in [`LmHeadCe`].
+pub(crate) struct LmHeadKl {
+    /// (N, Cr), detached and contiguous.
+    pub ref_hidden: Tensor,
+    /// (V, Cr), detached and contiguous; None: the tuned head itself.
+    pub ref_weight: Option<Tensor>,
+    pub chunk: usize,
+    pub want_h: bool,
+    pub want_w: bool,
+    pub grads: Mutex<HeadGrads>,
+}
+
+impl LmHeadKl {
+    fn forward(
+        &self,
+        h: &[f32],
+        w: &[f32],
+        r: &[f32],
+        wr: &[f32],
+        (n, c, cr, v): (usize, usize, usize, usize),
+    ) -> (f64, HeadGrads) {
+        let chunk = self.chunk.max(1).min(n.max(1));
+        let want_grad = self.want_h || self.want_w;
+        let mut dh = self.want_h.then(|| vec![0f32; n * c]);
+        let mut dw = self.want_w.then(|| vec![0f32; v * c]);
+        let mut lt = vec![0f32; chunk * v];
+        let mut lr = vec![0f32; chunk * v];
+        let mut total = 0f64;
+        let mut start = 0;
+        while start < n {
+            let m = chunk.min(n - start);
+            let hb = &h[start * c..(start + m) * c];
+            let rb = &r[start * cr..(start + m) * cr];
+            let (t, rf) = (&mut lt[..m * v], &mut lr[..m * v]);
+            // (m, C) @ (C, V) -> (m, V), both sides.
+            matmul(
+                m,
+                v,
+                c,
+                t,
+                v,
+                false,
+                Mat::rm(hb, c),
+                Mat::rm_t(w, c),
+                1.0,
+                true,
+            );
+            matmul(
+                m,
+                v,
+                cr,
+                rf,
+                v,
+                false,
+                Mat::rm(rb, cr),
+                Mat::rm_t(wr, cr),
+                1.0,
+                true,
+            );
+            // One value per row, summed in order so the total does not depend on threads.
+            let rows: Vec<f64> = t
+                .par_chunks_mut(v)
+                .zip(rf.par_chunks(v))
+                .map(|(tr, rr)| kl_row(tr, rr, want_grad))
+                .collect();
+            total += rows.iter().sum::<f64>();
+            if let Some(dh) = dh.as_mut() {
+                // (m, V) @ (V, C) -> (m, C), straight into the rows of dh.
+                let db = &mut dh[start * c..(start + m) * c];
+                matmul(
+                    m,
+                    c,
+                    v,
+                    db,
+                    c,
+                    false,
+                    Mat::rm(t, v),
+                    Mat::rm(w, c),
+                    1.0,
+                    true,
+                );
+            }
+            if let Some(dw) = dw.as_mut() {
+                // (V, m) @ (m, C) -> (V, C), accumulated over chunks.
+                matmul(
+                    v,
+                    c,
+                    m,
+                    dw,
+                    c,
+                    true,
+                    Mat::rm_t(t, v),
+                    Mat::rm(hb, c),
+                    1.0,
+                    true,
+                );
+            }
+            start += m;
+        }
+        (total, (dh, dw))
+    }
+}
+
+impl CustomOp2 for LmHeadKl {
+    fn name(&self) -> &'static str {
+        "safetune-lm-head-kl"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c) = l1.shape().dims2()?;
+        let (v, c2) = l2.shape().dims2()?;
+        if c != c2 {
+            candle_core::bail!("lm_head KL: hidden width {c} but weight {v}x{c2}");
+        }
+        let (nr, cr) = self.ref_hidden.dims2()?;
+        if nr != n {
+            candle_core::bail!("lm_head KL: {n} tuned rows but {nr} reference rows");
+        }
+        if let Some(wr) = &self.ref_weight {
+            let (vr, cr2) = wr.dims2()?;
+            if vr != v || cr2 != cr {
+                candle_core::bail!(
+                    "lm_head KL: reference head {vr}x{cr2} for a vocabulary of {v} and reference hidden width {cr}"
+                );
+            }
+        } else if cr != c {
+            candle_core::bail!("lm_head KL: reference hidden width {cr} but weight {v}x{c}");
+        }
+        let h = slice(s1, l1)?;
+        let w = slice(s2, l2)?;
+        let mut refs = vec![&self.ref_hidden];
+        refs.extend(self.ref_weight.as_ref());
+        let (total, grads) = with_f32s(&refs, |d| {
+            let wr = if d.len() > 1 { d[1] } else { w };
+            self.forward(h, w, d[0], wr, (n, c, cr, v))
+        })?;
+        *self
+            .grads
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))? = grads;
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let (dh, dw) = std::mem::take(
+            &mut *self
+                .grads
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?,
+        );
+        if (self.want_h && dh.is_none()) || (self.want_w && dw.is_none()) {
+            candle_core::bail!("lm_head KL: backward ran twice over one forward pass");
         }
         let scale = |mut d: Vec<f32>| {
             if g != 1.0 {

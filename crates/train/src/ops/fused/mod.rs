@@ -214,6 +214,39 @@ pub fn lm_head_cross_entropy_sum(
     Ok((sum, count))
 }
 
+/// Summed KL(softmax(ref_hidden Wr^T) || softmax(hidden W^T)) over the N rows, `chunk_rows`
+/// rows at a time; `ref_weight` None: the reference shares `weight`. The reference side gets no
+/// gradient.
+pub fn lm_head_kl_sum(
+    hidden: &Tensor,
+    ref_hidden: &Tensor,
+    weight: &Tensor,
+    ref_weight: Option<&Tensor>,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    let all = match ref_weight {
+        Some(wr) => cpu_f32(&[hidden, ref_hidden, weight, wr]),
+        None => cpu_f32(&[hidden, ref_hidden, weight]),
+    };
+    if !all {
+        return reference::lm_head_kl_sum(hidden, ref_hidden, weight, ref_weight, chunk_rows);
+    }
+    // The same tensor as the tuned head is read through the op's own input.
+    let ref_weight = ref_weight
+        .filter(|wr| wr.id() != weight.id())
+        .map(|wr| wr.detach().contiguous())
+        .transpose()?;
+    let op = loss::LmHeadKl {
+        ref_hidden: ref_hidden.detach().contiguous()?,
+        ref_weight,
+        chunk: chunk_rows.max(1),
+        want_h: hidden.track_op(),
+        want_w: weight.track_op(),
+        grads: Mutex::new((None, None)),
+    };
+    hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)
+}
+
 pub(crate) fn adamw_update(
     var: &Var,
     grad: &Tensor,
