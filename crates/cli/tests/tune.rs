@@ -147,6 +147,81 @@ fn config_file_with_flag_overrides_and_unknown_keys_rejected() {
     );
 }
 
+#[test]
+fn anchor_flags_reach_the_run_and_bad_ones_name_the_setting() {
+    let f = fixture();
+    let out_dir = f.root.join("anchored");
+    let anchor_set = f.root.join("refusals.jsonl");
+    std::fs::write(
+        &anchor_set,
+        "{\"messages\":[{\"role\":\"user\",\"content\":\"do harm\"},{\"role\":\"assistant\",\"content\":\"no, I will not\"}]}\n",
+    )
+    .unwrap();
+    let base = [
+        "tune",
+        "--model",
+        &f.model,
+        "--data",
+        &f.data,
+        "--rank",
+        "2",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-len",
+        "48",
+    ];
+    let mut args = base.to_vec();
+    let out_s = out_dir.display().to_string();
+    args.extend([
+        "-o",
+        &out_s,
+        "--anchor",
+        "base",
+        "--anchor-beta",
+        "0.5",
+        "--anchor-data",
+        anchor_set.to_str().unwrap(),
+        "--anchor-batch-size",
+        "2",
+    ]);
+    let out = safetune(&args);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("anchor = \"base\"") && err.contains("kl "), "{err}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["config"]["anchor"], "base");
+    assert_eq!(m["config"]["anchor_beta"], 0.5);
+    assert_eq!(m["config"]["anchor_batch_size"], 2);
+    assert!(m["final_kl"].as_f64().unwrap() >= 0.0, "{m}");
+    let rows = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+    assert_eq!(first["kl"], 0.0, "{first}");
+    assert!(first["ce"].as_f64().unwrap() > 0.0 && first["ref_forward_s"].is_number());
+
+    // A beta of 0, "base" under --full, a missing anchor set: errors naming the setting or file.
+    let other = f.root.join("other").display().to_string();
+    for (extra, want) in [
+        (vec!["--anchor", "base", "--anchor-beta", "0"], "anchor_beta"),
+        (vec!["--anchor", "base", "--full"], "anchor"),
+        (
+            vec!["--anchor", "base", "--anchor-data", "missing-anchor.jsonl"],
+            "missing-anchor.jsonl",
+        ),
+    ] {
+        let mut args = base.to_vec();
+        args.extend(["-o", &other]);
+        args.extend(extra.iter().copied());
+        let out = safetune(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(want), "{extra:?}: {err}");
+    }
+}
+
 /// A `safetune tune` child killed with SIGKILL after some checkpoints, then resumed, logs the
 /// same losses for every step as an uninterrupted run.
 #[test]
