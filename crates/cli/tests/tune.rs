@@ -189,7 +189,10 @@ fn anchor_flags_reach_the_run_and_bad_ones_name_the_setting() {
     let out = safetune(&args);
     let err = text(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("anchor = \"base\"") && err.contains("kl "), "{err}");
+    assert!(
+        err.contains("anchor = \"base\"") && err.contains("kl "),
+        "{err}"
+    );
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("manifest.json")).unwrap())
             .unwrap();
@@ -205,7 +208,10 @@ fn anchor_flags_reach_the_run_and_bad_ones_name_the_setting() {
     // A beta of 0, "base" under --full, a missing anchor set: errors naming the setting or file.
     let other = f.root.join("other").display().to_string();
     for (extra, want) in [
-        (vec!["--anchor", "base", "--anchor-beta", "0"], "anchor_beta"),
+        (
+            vec!["--anchor", "base", "--anchor-beta", "0"],
+            "anchor_beta",
+        ),
         (vec!["--anchor", "base", "--full"], "anchor"),
         (
             vec!["--anchor", "base", "--anchor-data", "missing-anchor.jsonl"],
