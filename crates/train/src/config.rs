@@ -462,6 +462,47 @@ mod tests {
     }
 
     #[test]
+    fn anchor_settings_enter_the_trajectory_only_when_an_anchor_is_set() {
+        let keys = |c: &TuneConfig| -> Vec<String> {
+            let v = c.trajectory_key();
+            let mut k: Vec<String> = v
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| k.starts_with("anchor"))
+                .cloned()
+                .collect();
+            k.sort();
+            k
+        };
+        // Off: none of them, so checkpoints written before these settings existed resume.
+        let off = TuneConfig {
+            anchor_beta: 3.0,
+            ..TuneConfig::default()
+        };
+        assert!(keys(&off).is_empty());
+        assert_eq!(off.trajectory_key(), TuneConfig::default().trajectory_key());
+        let base = TuneConfig {
+            anchor: "base".into(),
+            ..TuneConfig::default()
+        };
+        assert_eq!(keys(&base), ["anchor", "anchor_beta", "anchor_data"]);
+        let other_beta = TuneConfig {
+            anchor_beta: 0.2,
+            ..base.clone()
+        };
+        assert_ne!(base.trajectory_key(), other_beta.trajectory_key());
+        let set = TuneConfig {
+            anchor_data: Some("a.jsonl".into()),
+            ..base.clone()
+        };
+        assert_eq!(
+            keys(&set),
+            ["anchor", "anchor_batch_size", "anchor_beta", "anchor_data"]
+        );
+    }
+
+    #[test]
     fn settings_are_checked_by_name_type_and_value() {
         let cfg = TuneConfig::from_settings(&table("lr = 1e-4\nrank = 4\nmax_len = 64")).unwrap();
         assert_eq!((cfg.lr, cfg.rank, cfg.max_len), (1e-4, 4, 64));

@@ -2,12 +2,15 @@
 //! the optimizer, (resume,) then loop: micro-batches with gradient accumulation, loss normalised
 //! by the labelled tokens of the whole optimizer step, global-norm clipping, scheduled learning
 //! rate, AdamW; eval loss, metrics line, checkpoint; finally the adapter and a manifest.
+//! Anchored tuning (`anchor` set) adds beta * KL(p_ref || p) to the loss: on the training
+//! batches' answer tokens, or on one micro-batch of the anchor set per step (`anchor_data`).
 //!
 //! Output directory:
 //! - `adapter_config.json`, `adapter_model.safetensors`: the LoRA adapter (PEFT layout); or
 //!   `model.safetensors` with every tuned weight under `--full`;
 //! - `metrics.jsonl`: one line per optimizer step (`"kind": "train"`) and per evaluation
-//!   (`"kind": "eval"`);
+//!   (`"kind": "eval"`); under anchored tuning a step's line also holds its KL term and the
+//!   seconds of the reference's forward passes (see [`StepLog`]);
 //! - `manifest.json`: format version, status, resolved settings, input hash, results;
 //! - `checkpoints/step-NNNNNN/`: see [`crate::checkpoint`].
 
