@@ -199,6 +199,12 @@ impl Weights {
         }
     }
 
+    /// The stored shape of a tensor (Hugging Face order, (out, in) for a linear weight), without
+    /// loading it; an error names the file and the tensor when it is missing.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.shape_of(&self.full(name))
+    }
+
     fn shape_of(&self, full: &str) -> Result<Vec<usize>> {
         match &*self.src {
             Source::Safetensors(s) => {
