@@ -627,3 +627,37 @@ fn bad_input_gives_errors_naming_the_tensor_or_option() {
     assert!(err.contains("missing"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_gguf_base_gives_the_same_projection_as_its_safetensors_twin() {
+    let f = fixture();
+    let gguf = TinyModel::default()
+        .write_gguf(&f.root.join("base.gguf"))
+        .unwrap();
+    let (out_g, out_f) = (f.root.join("gguf"), f.root.join("factors"));
+    let sg = project(&opts(
+        &f.tuned,
+        &f.aligned_model,
+        Some(&gguf),
+        &out_g,
+        Projector::Exact,
+        Selection::Threshold(0.5),
+    ))
+    .unwrap();
+    let sf = project(&opts(
+        &f.tuned,
+        &f.aligned_adapter,
+        Some(&gguf),
+        &out_f,
+        Projector::Exact,
+        Selection::Threshold(0.5),
+    ))
+    .unwrap();
+    assert_eq!(sg.projected, 8);
+    let (lg, lf) = (by_module(&sg), by_module(&sf));
+    let (ug, uf) = (updates(&out_g), updates(&out_f));
+    for (m, l) in &lg {
+        assert_eq!((l.projected, l.v_rank), (lf[m].projected, lf[m].v_rank), "{m}");
+        assert!(rel(&ug[m], &uf[m]) < 1e-4, "{m}");
+    }
+}
