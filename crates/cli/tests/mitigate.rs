@@ -47,12 +47,27 @@ fn mitigate_project_writes_an_adapter_a_table_and_a_summary() {
     // Factor route, exact projector, every layer with a similarity projected.
     let out = root.join("out");
     let o = safetune(&[
-        "mitigate", "project", "--adapter", s(&tuned), "--aligned", s(&aligned), "--base",
-        s(&base), "-o", s(&out), "--projector", "exact", "--threshold", "2",
+        "mitigate",
+        "project",
+        "--adapter",
+        s(&tuned),
+        "--aligned",
+        s(&aligned),
+        "--base",
+        s(&base),
+        "-o",
+        s(&out),
+        "--projector",
+        "exact",
+        "--threshold",
+        "2",
     ]);
     let stdout = ok(&o);
     let lines: Vec<&str> = stdout.lines().collect();
-    assert!(lines[0].starts_with("module") && lines[0].contains("similarity"), "{stdout}");
+    assert!(
+        lines[0].starts_with("module") && lines[0].contains("similarity"),
+        "{stdout}"
+    );
     assert_eq!(lines.len(), 1 + 6 + 1, "{stdout}");
     let row = lines
         .iter()
@@ -81,7 +96,14 @@ fn mitigate_project_writes_an_adapter_a_table_and_a_summary() {
     // Defaults: scaled projector, threshold 0.5.
     let out2 = root.join("out2");
     ok(&safetune(&[
-        "mitigate", "project", "--adapter", s(&tuned), "--aligned", s(&aligned), "-o", s(&out2),
+        "mitigate",
+        "project",
+        "--adapter",
+        s(&tuned),
+        "--aligned",
+        s(&aligned),
+        "-o",
+        s(&out2),
     ]));
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out2.join("projection.json")).unwrap())
@@ -92,10 +114,22 @@ fn mitigate_project_writes_an_adapter_a_table_and_a_summary() {
     // Dense route: --base is required.
     let merged = root.join("merged");
     ok(&safetune(&[
-        "merge", "-m", s(&base), "--adapter", s(&aligned), "-o", s(&merged),
+        "merge",
+        "-m",
+        s(&base),
+        "--adapter",
+        s(&aligned),
+        "-o",
+        s(&merged),
     ]));
     let o = safetune(&[
-        "mitigate", "project", "--adapter", s(&tuned), "--aligned", s(&merged), "-o",
+        "mitigate",
+        "project",
+        "--adapter",
+        s(&tuned),
+        "--aligned",
+        s(&merged),
+        "-o",
         s(&root.join("out3")),
     ]);
     assert!(!o.status.success());
@@ -103,18 +137,40 @@ fn mitigate_project_writes_an_adapter_a_table_and_a_summary() {
     assert!(err.contains("--base is required"), "{err}");
     let out4 = root.join("out4");
     let stdout = ok(&safetune(&[
-        "mitigate", "project", "--adapter", s(&tuned), "--aligned", s(&merged), "--base",
-        s(&base), "-o", s(&out4), "--share", "0.5",
+        "mitigate",
+        "project",
+        "--adapter",
+        s(&tuned),
+        "--aligned",
+        s(&merged),
+        "--base",
+        s(&base),
+        "-o",
+        s(&out4),
+        "--share",
+        "0.5",
     ]));
     assert!(
-        stdout.lines().last().unwrap().starts_with("projected 2 of 6 layers (scaled projector, share 0.5, V from the two models' weights"),
+        stdout.lines().last().unwrap().starts_with(
+            "projected 2 of 6 layers (scaled projector, share 0.5, V from the two models' weights"
+        ),
         "{stdout}"
     );
 
     // --threshold and --share exclude each other.
     let o = safetune(&[
-        "mitigate", "project", "--adapter", s(&tuned), "--aligned", s(&aligned), "-o",
-        s(&root.join("out5")), "--threshold", "0.3", "--share", "0.5",
+        "mitigate",
+        "project",
+        "--adapter",
+        s(&tuned),
+        "--aligned",
+        s(&aligned),
+        "-o",
+        s(&root.join("out5")),
+        "--threshold",
+        "0.3",
+        "--share",
+        "0.5",
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(!root.join("out5").exists());

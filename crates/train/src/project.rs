@@ -219,14 +219,11 @@ pub fn project(opts: &ProjectOptions) -> Result<ProjectSummary> {
     for (layer, cb) in results {
         let orig = &tuned.tensors[&layer.module];
         let b = match (&cb, layer.projected) {
-            (Some(cb), true) => {
-                Tensor::from_vec(cb.to_f32(), (cb.rows, cb.cols), &Device::Cpu).map_err(|e| {
-                    TrainError::Tensor {
-                        context: format!("projected B of `{}`", layer.module),
-                        source: e,
-                    }
-                })?
-            }
+            (Some(cb), true) => Tensor::from_vec(cb.to_f32(), (cb.rows, cb.cols), &Device::Cpu)
+                .map_err(|e| TrainError::Tensor {
+                    context: format!("projected B of `{}`", layer.module),
+                    source: e,
+                })?,
             _ => orig.b.clone(),
         };
         tensors.insert(
@@ -253,7 +250,9 @@ pub fn project(opts: &ProjectOptions) -> Result<ProjectSummary> {
 }
 
 fn check_options(opts: &ProjectOptions) -> Result<()> {
-    let bad = |field: &str, msg: String| TrainError::config("mitigate project", format!("`{field}`: {msg}"));
+    let bad = |field: &str, msg: String| {
+        TrainError::config("mitigate project", format!("`{field}`: {msg}"))
+    };
     match opts.selection {
         Selection::Threshold(t) if !t.is_finite() => {
             return Err(bad("threshold", format!("{t} is not a finite number")))
@@ -294,12 +293,13 @@ fn write_output(
     let mut named: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len() * 2);
     for (module, p) in tensors {
         for (which, t) in [('A', &p.a), ('B', &p.b)] {
-            let t = t.to_dtype(DType::F32).and_then(|t| t.contiguous()).map_err(|e| {
-                TrainError::Tensor {
+            let t = t
+                .to_dtype(DType::F32)
+                .and_then(|t| t.contiguous())
+                .map_err(|e| TrainError::Tensor {
                     context: format!("tensor `{}`", lora_key(module, which)),
                     source: e,
-                }
-            })?;
+                })?;
             named.push((lora_key(module, which), t));
         }
     }
@@ -626,7 +626,10 @@ fn open_model(spec: &str) -> Result<ModelWeights> {
             &path,
         )?)?)
     } else if path.is_file() {
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
             let g = GgufFile::open(&path)?;
             let cfg = g.config()?;
             Weights::from_gguf(g, (cfg.num_attention_heads, cfg.num_key_value_heads), false)
@@ -664,7 +667,15 @@ impl ModelWeights {
         let name = self.weight_name(module);
         let shape = self.w.shape(&name)?;
         if shape != [out, inp] {
-            return Err(shape_error(&self.path, &name, &shape, module, out, inp, adapter_file));
+            return Err(shape_error(
+                &self.path,
+                &name,
+                &shape,
+                module,
+                out,
+                inp,
+                adapter_file,
+            ));
         }
         to_mat(&self.w.get(&shape, &name)?)
     }
@@ -701,7 +712,15 @@ fn check_against_model(
     let name = model.weight_name(module);
     let shape = model.w.shape(&name)?;
     if shape != [b.rows, a.cols] {
-        return Err(shape_error(&model.path, &name, &shape, module, b.rows, a.cols, adapter_file));
+        return Err(shape_error(
+            &model.path,
+            &name,
+            &shape,
+            module,
+            b.rows,
+            a.cols,
+            adapter_file,
+        ));
     }
     Ok(())
 }
@@ -784,13 +803,9 @@ impl Mat {
     }
 
     fn columns(&self) -> Vec<Vec<f64>> {
-        let mut c = vec![vec![0.0; self.rows]; self.cols];
-        for i in 0..self.rows {
-            for (j, &x) in self.row(i).iter().enumerate() {
-                c[j][i] = x;
-            }
-        }
-        c
+        (0..self.cols)
+            .map(|j| (0..self.rows).map(|i| self.at(i, j)).collect())
+            .collect()
     }
 
     fn to_f32(&self) -> Vec<f32> {
@@ -858,8 +873,12 @@ impl Mat {
         let mut data = vec![0.0; self.rows * other.rows];
         for i in 0..self.rows {
             for j in 0..other.rows {
-                data[i * other.rows + j] =
-                    self.row(i).iter().zip(other.row(j)).map(|(a, b)| a * b).sum();
+                data[i * other.rows + j] = self
+                    .row(i)
+                    .iter()
+                    .zip(other.row(j))
+                    .map(|(a, b)| a * b)
+                    .sum();
             }
         }
         Mat {
@@ -875,7 +894,9 @@ mod tests {
     use super::*;
 
     fn mat(rows: usize, cols: usize, seed: u64) -> Mat {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let data = (0..rows * cols)
             .map(|_| {
                 s = s
@@ -939,12 +960,26 @@ mod tests {
                 None,
             )
         };
-        let mut r = vec![mk("a", 0.9), mk("b", 0.1), mk("c", f64::NAN), mk("d", 0.5), mk("e", 0.3)];
+        let mut r = vec![
+            mk("a", 0.9),
+            mk("b", 0.1),
+            mk("c", f64::NAN),
+            mk("d", 0.5),
+            mk("e", 0.3),
+        ];
         select(&mut r, Selection::Share(0.5));
-        let picked: Vec<&str> = r.iter().filter(|x| x.0.projected).map(|x| x.0.module.as_str()).collect();
+        let picked: Vec<&str> = r
+            .iter()
+            .filter(|x| x.0.projected)
+            .map(|x| x.0.module.as_str())
+            .collect();
         assert_eq!(picked, ["b", "e"]);
         select(&mut r, Selection::Threshold(0.6));
-        let picked: Vec<&str> = r.iter().filter(|x| x.0.projected).map(|x| x.0.module.as_str()).collect();
+        let picked: Vec<&str> = r
+            .iter()
+            .filter(|x| x.0.projected)
+            .map(|x| x.0.module.as_str())
+            .collect();
         assert_eq!(picked, ["b", "d", "e"]);
     }
 }

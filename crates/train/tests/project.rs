@@ -57,7 +57,11 @@ impl M {
                 }
             }
         }
-        M { r: self.r, c: o.c, d }
+        M {
+            r: self.r,
+            c: o.c,
+            d,
+        }
     }
     fn t(&self) -> M {
         let mut d = vec![0.0; self.r * self.c];
@@ -154,7 +158,9 @@ fn fixture() -> Fixture {
     // q_proj: B = B_a R with R (2 x 4) random, so s B A lies in col(B_a) = col(V).
     let mut mixed = tuned.clone();
     let r = Tensor::from_vec(
-        (0..8).map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.3).collect::<Vec<f32>>(),
+        (0..8)
+            .map(|i| ((i * 7 % 5) as f32 - 2.0) * 0.3)
+            .collect::<Vec<f32>>(),
         (2, 4),
         &Device::Cpu,
     )
@@ -204,9 +210,7 @@ fn updates(dir: &Path) -> BTreeMap<String, M> {
             let sc = a.config.scale(m, p.rank());
             (
                 m.clone(),
-                M::from_tensor(&p.b)
-                    .mul(&M::from_tensor(&p.a))
-                    .scaled(sc),
+                M::from_tensor(&p.b).mul(&M::from_tensor(&p.a)).scaled(sc),
             )
         })
         .collect()
@@ -221,8 +225,11 @@ fn by_module(s: &ProjectSummary) -> BTreeMap<String, LayerProjection> {
 
 /// Dense weights of every linear layer of a model directory.
 fn weights(dir: &Path) -> BTreeMap<String, M> {
-    let e = LocalEngine::load(&ModelSpec::HfDir(dir.to_path_buf()), &LoadOptions::default())
-        .unwrap();
+    let e = LocalEngine::load(
+        &ModelSpec::HfDir(dir.to_path_buf()),
+        &LoadOptions::default(),
+    )
+    .unwrap();
     linears(&e.model)
         .into_iter()
         .map(|l| (l.name.clone(), M::from_tensor(&l.dense_weight().unwrap())))
@@ -336,11 +343,20 @@ fn factor_and_dense_routes_agree_and_match_a_dense_reference() {
                     // (b) both routes equal the dense reference ...
                     assert!((a.similarity - sim).abs() < 1e-5, "{module} {a:?} vs {sim}");
                     assert!((b.similarity - sim).abs() < 1e-5, "{module} {b:?} vs {sim}");
-                    assert!(rel(&uf[module], &cdw) < 1e-4, "{module}: factors vs reference");
-                    assert!(rel(&ud[module], &cdw) < 1e-4, "{module}: dense vs reference");
+                    assert!(
+                        rel(&uf[module], &cdw) < 1e-4,
+                        "{module}: factors vs reference"
+                    );
+                    assert!(
+                        rel(&ud[module], &cdw) < 1e-4,
+                        "{module}: dense vs reference"
+                    );
                     // (a) ... and each other.
                     assert!(rel(&uf[module], &ud[module]) < 1e-4, "{module}");
-                    assert!(rel(&uf[module], dw) > 1e-2, "{module}: the projection changed it");
+                    assert!(
+                        rel(&uf[module], dw) > 1e-2,
+                        "{module}: the projection changed it"
+                    );
                 }
             }
         }
@@ -433,7 +449,14 @@ fn threshold_and_share_pick_the_right_layers() {
         .collect();
     assert_eq!(
         picked,
-        ["down_proj", "up_proj", "v_proj", "down_proj", "up_proj", "v_proj"]
+        [
+            "down_proj",
+            "up_proj",
+            "v_proj",
+            "down_proj",
+            "up_proj",
+            "v_proj"
+        ]
     );
     assert_eq!(st.projected, 6);
     let after = updates(&out);
@@ -448,7 +471,10 @@ fn threshold_and_share_pick_the_right_layers() {
     assert_eq!(json["options"]["projector"], "exact");
     assert_eq!(json["options"]["selection"]["threshold"], 0.5);
     let first = &json["layers"][0];
-    assert!(first["rank_of_V"].is_u64() && first["module"].is_string(), "{first}");
+    assert!(
+        first["rank_of_V"].is_u64() && first["module"].is_string(),
+        "{first}"
+    );
 
     // Share: a quarter of the 8 layers with a similarity = 2, the two lowest.
     let sims: Vec<(f64, String)> = {
@@ -532,8 +558,8 @@ fn output_is_a_loadable_adapter_with_the_original_rank_and_config() {
             "{m}: A is kept"
         );
     }
-    let mut e = LocalEngine::load(&ModelSpec::HfDir(f.base.clone()), &LoadOptions::default())
-        .unwrap();
+    let mut e =
+        LocalEngine::load(&ModelSpec::HfDir(f.base.clone()), &LoadOptions::default()).unwrap();
     new.apply(&mut e.model, true).unwrap();
 }
 
@@ -657,7 +683,11 @@ fn a_gguf_base_gives_the_same_projection_as_its_safetensors_twin() {
     let (lg, lf) = (by_module(&sg), by_module(&sf));
     let (ug, uf) = (updates(&out_g), updates(&out_f));
     for (m, l) in &lg {
-        assert_eq!((l.projected, l.v_rank), (lf[m].projected, lf[m].v_rank), "{m}");
+        assert_eq!(
+            (l.projected, l.v_rank),
+            (lf[m].projected, lf[m].v_rank),
+            "{m}"
+        );
         assert!(rel(&ug[m], &uf[m]) < 1e-4, "{m}");
     }
 }

@@ -105,7 +105,10 @@ fn run_project(args: ProjectArgs) -> anyhow::Result<()> {
         .max()
         .unwrap_or(0)
         .max("module".len());
-    println!("{:<width$}  {:>10}  {:>7}  projected", "module", "similarity", "rank(V)");
+    println!(
+        "{:<width$}  {:>10}  {:>7}  projected",
+        "module", "similarity", "rank(V)"
+    );
     for l in &s.layers {
         let sim = if l.similarity.is_finite() {
             format!("{:.4}", l.similarity)
