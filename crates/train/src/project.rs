@@ -15,7 +15,12 @@
 //! Two routes to `V`:
 //! - **dense**: `aligned` is a model (Hugging Face safetensors directory or GGUF file) and `base`
 //!   the model it was aligned from; each adapted layer's two weights are read (GGUF
-//!   dequantized) and subtracted, one layer at a time.
+//!   dequantized) and subtracted, one layer at a time. Both weights carry the rounding of their
+//!   stored format (an aligned model saved in bf16 differs from its base in every entry), so a
+//!   pivot of `V` also has to exceed the noise that rounding makes ([`NOISE_FACTOR`],
+//!   `Weights::unit_roundoff`): a layer whose difference is only rounding has rank 0 and is
+//!   treated as `V = 0`. A pivoted QR of every `V` (for its rank, with both projectors) costs
+//!   about `out * in * rank` operations per layer.
 //! - **factors**: `aligned` is a PEFT adapter directory, the aligned model being the base plus
 //!   that adapter, so `V = s_a B_a A_a` and everything is computed from the factors without any
 //!   out x out (or out x in) matrix.
@@ -116,7 +121,8 @@ pub struct LayerProjection {
     pub similarity: f64,
     /// Whether the output adapter holds the projected `B` for this layer.
     pub projected: bool,
-    /// The numerical rank of `V` ([`RANK_TOLERANCE`]).
+    /// The numerical rank of `V` ([`RANK_TOLERANCE`]; on the dense route also above the
+    /// rounding noise).
     #[serde(rename = "rank_of_V")]
     pub v_rank: usize,
     /// Whether the alignment changed the layer: false where `V = 0` (a layer the aligned
@@ -203,10 +209,14 @@ pub fn project(opts: &ProjectOptions) -> Result<ProjectSummary> {
                 cols: wa.cols,
                 data: wa.data.iter().zip(&wb.data).map(|(x, y)| x - y).collect(),
             };
+            let floor = noise_floor(
+                (&wa, aligned.unit_roundoff(module)?),
+                (&wb, base.unit_roundoff(module)?),
+            );
             drop((wa, wb));
             let (cb, rank) = match opts.projector {
-                Projector::Exact => dense_exact(&v, &b),
-                Projector::Scaled => dense_scaled(&v, &b),
+                Projector::Exact => dense_exact(&v, &b, floor),
+                Projector::Scaled => dense_scaled(&v, &b, floor),
             };
             results.push(layer_result(module, &a, &b, cb, rank, true));
         }
@@ -422,10 +432,10 @@ fn trace_prod(x: &Mat, y: &Mat) -> f64 {
 // The four projections of B.
 
 /// Scaled projector from a dense `V`: `C B = V (V^T B) / ||V||_F`; the rank of `V` as well.
-fn dense_scaled(v: &Mat, b: &Mat) -> (Mat, usize) {
-    let rank = rank_revealing_qr(&v.columns(), RANK_TOLERANCE).rank;
+fn dense_scaled(v: &Mat, b: &Mat, floor: f64) -> (Mat, usize) {
+    let rank = rank_revealing_qr(&v.columns(), RANK_TOLERANCE, floor, false).rank;
     let norm = v.frobenius();
-    if norm == 0.0 {
+    if norm == 0.0 || rank == 0 {
         return (Mat::zeros(b.rows, b.cols), 0);
     }
     let vtb = v.t_matmul(b); // in x r
@@ -434,9 +444,23 @@ fn dense_scaled(v: &Mat, b: &Mat) -> (Mat, usize) {
     (cb, rank)
 }
 
+/// How many times the expected rounding noise a pivot of a dense `V` must exceed to count.
+pub const NOISE_FACTOR: f64 = 4.0;
+
+/// The pivot below which a dense `V = W_a - W_b` is rounding noise of the stored formats: a
+/// column of the noise has norm about `sqrt(out)` times the noise's standard deviation,
+/// `sqrt(((u_a rms(W_a))^2 + (u_b rms(W_b))^2) / 3)` for round-to-nearest with unit roundoff
+/// `u`; [`NOISE_FACTOR`] times that.
+fn noise_floor(a: (&Mat, f64), b: (&Mat, f64)) -> f64 {
+    let rms = |m: &Mat| m.frobenius() / ((m.rows * m.cols).max(1) as f64).sqrt();
+    let (ea, eb) = (a.1 * rms(a.0), b.1 * rms(b.0));
+    let std = ((ea * ea + eb * eb) / 3.0).sqrt();
+    NOISE_FACTOR * (a.0.rows as f64).sqrt() * std
+}
+
 /// Exact projector from a dense `V`: `C B = Q (Q^T B)`, `Q` from a rank-revealing QR of `V`.
-fn dense_exact(v: &Mat, b: &Mat) -> (Mat, usize) {
-    let qr = rank_revealing_qr(&v.columns(), RANK_TOLERANCE);
+fn dense_exact(v: &Mat, b: &Mat, floor: f64) -> (Mat, usize) {
+    let qr = rank_revealing_qr(&v.columns(), RANK_TOLERANCE, floor, true);
     (project_onto(&qr.q, b), qr.rank)
 }
 
@@ -471,7 +495,7 @@ fn factor_exact(aa: &Mat, ba: &Mat, b: &Mat) -> (Mat, usize) {
 fn factor_basis(aa: &Mat, ba: &Mat) -> Qr {
     // A_a^T's columns are A_a's rows.
     let rows: Vec<Vec<f64>> = (0..aa.rows).map(|i| aa.row(i).to_vec()).collect();
-    let qa = rank_revealing_qr(&rows, 0.0);
+    let qa = rank_revealing_qr(&rows, 0.0, 0.0, false);
     // M[:, j] = sum_i B_a[:, perm[i]] R[j][i]   (R^T's (i, j) = R[j][i]).
     let mut m_cols = vec![vec![0.0; ba.rows]; qa.r.len()];
     for (j, rj) in qa.r.iter().enumerate() {
@@ -485,7 +509,7 @@ fn factor_basis(aa: &Mat, ba: &Mat) -> Qr {
             }
         }
     }
-    rank_revealing_qr(&m_cols, RANK_TOLERANCE)
+    rank_revealing_qr(&m_cols, RANK_TOLERANCE, 0.0, true)
 }
 
 /// `Q (Q^T B)` for `Q` given as orthonormal columns.
@@ -520,9 +544,9 @@ struct Qr {
 }
 
 /// Householder QR with column pivoting of the matrix whose columns are `cols` (each of length
-/// m). Stops when the largest remaining column norm is at most `tol` times the first pivot (or
-/// exactly zero).
-fn rank_revealing_qr(cols: &[Vec<f64>], tol: f64) -> Qr {
+/// m); `Q` is formed only when `want_q`. Stops when the largest remaining column norm is at
+/// most `tol` times the first pivot, at most `floor` (noise), or zero.
+fn rank_revealing_qr(cols: &[Vec<f64>], tol: f64, floor: f64, want_q: bool) -> Qr {
     let n = cols.len();
     let m = cols.first().map_or(0, |c| c.len());
     let mut w: Vec<Vec<f64>> = cols.to_vec();
@@ -544,7 +568,7 @@ fn rank_revealing_qr(cols: &[Vec<f64>], tol: f64) -> Qr {
         if k == 0 {
             first = best;
         }
-        if best == 0.0 || best <= tol * first {
+        if best == 0.0 || best <= tol * first || best <= floor {
             break;
         }
         w.swap(k, p);
@@ -588,7 +612,7 @@ fn rank_revealing_qr(cols: &[Vec<f64>], tol: f64) -> Qr {
         .map(|i| (0..n).map(|j| if j >= i { w[j][i] } else { 0.0 }).collect())
         .collect();
     // Q's columns: H_0 ... H_{rank-1} e_i.
-    let q: Vec<Vec<f64>> = (0..rank)
+    let q: Vec<Vec<f64>> = (0..if want_q { rank } else { 0 })
         .into_par_iter()
         .map(|i| {
             let mut e = vec![0.0; m];
@@ -659,6 +683,11 @@ impl ModelWeights {
         } else {
             name
         }
+    }
+
+    /// The unit roundoff of the stored format of `module`'s weight.
+    fn unit_roundoff(&self, module: &str) -> Result<f64> {
+        Ok(self.w.unit_roundoff(&self.weight_name(module))?)
     }
 
     /// The (out, in) f64 weight of `module`; an error names both the model's tensor and the
@@ -912,7 +941,7 @@ mod tests {
     fn qr_finds_the_rank_and_an_orthonormal_basis() {
         // A 12 x 9 matrix of rank 3.
         let v = mat(12, 3, 1).matmul(&mat(3, 9, 2));
-        let qr = rank_revealing_qr(&v.columns(), RANK_TOLERANCE);
+        let qr = rank_revealing_qr(&v.columns(), RANK_TOLERANCE, 0.0, true);
         assert_eq!(qr.rank, 3);
         for (i, qi) in qr.q.iter().enumerate() {
             for (j, qj) in qr.q.iter().enumerate() {
@@ -933,7 +962,10 @@ mod tests {
                 assert!((rec - v.at(i, orig)).abs() < 1e-10);
             }
         }
-        assert_eq!(rank_revealing_qr(&Mat::zeros(5, 4).columns(), 1e-6).rank, 0);
+        assert_eq!(
+            rank_revealing_qr(&Mat::zeros(5, 4).columns(), 1e-6, 0.0, true).rank,
+            0
+        );
     }
 
     #[test]
@@ -943,7 +975,10 @@ mod tests {
         let ba = mat(7, 4, 5);
         assert_eq!(factor_basis(&aa, &ba).rank, 2);
         let dense = ba.matmul(&aa);
-        assert_eq!(rank_revealing_qr(&dense.columns(), RANK_TOLERANCE).rank, 2);
+        assert_eq!(
+            rank_revealing_qr(&dense.columns(), RANK_TOLERANCE, 0.0, false).rank,
+            2
+        );
     }
 
     #[test]

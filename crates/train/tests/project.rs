@@ -691,3 +691,44 @@ fn a_gguf_base_gives_the_same_projection_as_its_safetensors_twin() {
         assert!(rel(&ug[m], &uf[m]) < 1e-4, "{m}");
     }
 }
+
+#[test]
+fn an_aligned_model_saved_in_bf16_keeps_the_rank_of_its_adapter() {
+    let f = fixture();
+    let bf16 = f.root.join("aligned-bf16");
+    merge(
+        &ModelSpec::HfDir(f.base.clone()),
+        Some(&f.aligned_adapter),
+        &bf16,
+        SaveDType::Bf16,
+    )
+    .unwrap();
+    let (out_b, out_f) = (f.root.join("from-bf16"), f.root.join("factors"));
+    let sb = project(&opts(
+        &f.tuned,
+        &bf16,
+        Some(&f.base),
+        &out_b,
+        Projector::Exact,
+        Selection::Threshold(2.0),
+    ))
+    .unwrap();
+    project(&opts(
+        &f.tuned,
+        &f.aligned_adapter,
+        None,
+        &out_f,
+        Projector::Exact,
+        Selection::Threshold(2.0),
+    ))
+    .unwrap();
+    // Every weight differs from the base by bf16 rounding; only the adapted layers count.
+    let (ub, uf) = (updates(&out_b), updates(&out_f));
+    for l in &sb.layers {
+        let aligned = ALIGNED.iter().any(|m| l.module.ends_with(m));
+        assert_eq!(l.v_rank, if aligned { 2 } else { 0 }, "{l:?}");
+        assert_eq!(l.projected, aligned, "{l:?}");
+        // bf16 keeps 8 bits: the projection agrees to about 1%.
+        assert!(rel(&ub[&l.module], &uf[&l.module]) < 2e-2, "{l:?}");
+    }
+}
