@@ -15,11 +15,11 @@
 //! Two routes to `V`:
 //! - **dense**: `aligned` is a model (Hugging Face safetensors directory or GGUF file) and `base`
 //!   the model it was aligned from; each adapted layer's two weights are read (GGUF
-//!   dequantized) and subtracted, one layer at a time. Both weights carry the rounding of their
-//!   stored format (an aligned model saved in bf16 differs from its base in every entry), so a
-//!   pivot of `V` also has to exceed the noise that rounding makes ([`NOISE_FACTOR`],
-//!   `Weights::unit_roundoff`): a layer whose difference is only rounding has rank 0 and is
-//!   treated as `V = 0`. A pivoted QR of every `V` (for its rank, with both projectors) costs
+//!   dequantized) and subtracted, one layer at a time. The aligned weights carry the rounding
+//!   of their stored format (an aligned model saved in bf16 differs from its base in every
+//!   entry), so a pivot of `V` also has to exceed the noise that rounding makes
+//!   ([`NOISE_FACTOR`], `Weights::unit_roundoff`): a layer whose difference is only rounding
+//!   has rank 0 and is treated as `V = 0`. A pivoted QR of every `V` (for its rank, with both projectors) costs
 //!   about `out * in * rank` operations per layer.
 //! - **factors**: `aligned` is a PEFT adapter directory, the aligned model being the base plus
 //!   that adapter, so `V = s_a B_a A_a` and everything is computed from the factors without any
@@ -209,10 +209,7 @@ pub fn project(opts: &ProjectOptions) -> Result<ProjectSummary> {
                 cols: wa.cols,
                 data: wa.data.iter().zip(&wb.data).map(|(x, y)| x - y).collect(),
             };
-            let floor = noise_floor(
-                (&wa, aligned.unit_roundoff(module)?),
-                (&wb, base.unit_roundoff(module)?),
-            );
+            let floor = noise_floor(&wa, aligned.unit_roundoff(module)?);
             drop((wa, wb));
             let (cb, rank) = match opts.projector {
                 Projector::Exact => dense_exact(&v, &b, floor),
@@ -447,15 +444,17 @@ fn dense_scaled(v: &Mat, b: &Mat, floor: f64) -> (Mat, usize) {
 /// How many times the expected rounding noise a pivot of a dense `V` must exceed to count.
 pub const NOISE_FACTOR: f64 = 4.0;
 
-/// The pivot below which a dense `V = W_a - W_b` is rounding noise of the stored formats: a
-/// column of the noise has norm about `sqrt(out)` times the noise's standard deviation,
-/// `sqrt(((u_a rms(W_a))^2 + (u_b rms(W_b))^2) / 3)` for round-to-nearest with unit roundoff
-/// `u`; [`NOISE_FACTOR`] times that.
-fn noise_floor(a: (&Mat, f64), b: (&Mat, f64)) -> f64 {
-    let rms = |m: &Mat| m.frobenius() / ((m.rows * m.cols).max(1) as f64).sqrt();
-    let (ea, eb) = (a.1 * rms(a.0), b.1 * rms(b.0));
-    let std = ((ea * ea + eb * eb) / 3.0).sqrt();
-    NOISE_FACTOR * (a.0.rows as f64).sqrt() * std
+/// The pivot below which a dense `V = W_a - W_b` is rounding noise. The aligned weights were
+/// stored as `round(W_b + delta)` in the aligned model's format, so `V` differs from the true
+/// `delta` by that rounding: entries of standard deviation about `u rms(W_a) / sqrt(3)` for
+/// round-to-nearest with unit roundoff `u`, and a column of it has norm about `sqrt(out)`
+/// times that; the floor is [`NOISE_FACTOR`] times the column norm. The base's own format
+/// does not count: the base is the reference the alignment started from (a base quantized
+/// after the alignment was trained elsewhere puts its quantization error into `V`, which no
+/// tolerance can separate).
+fn noise_floor(aligned: &Mat, u: f64) -> f64 {
+    let rms = aligned.frobenius() / ((aligned.rows * aligned.cols).max(1) as f64).sqrt();
+    NOISE_FACTOR * (aligned.rows as f64).sqrt() * u * rms / 3f64.sqrt()
 }
 
 /// Exact projector from a dense `V`: `C B = Q (Q^T B)`, `Q` from a rank-revealing QR of `V`.
