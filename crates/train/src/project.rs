@@ -118,6 +118,7 @@ pub struct LayerProjection {
     pub module: String,
     /// Cosine between `C dW` and `dW`; `NaN` (`null` in JSON) where it is undefined: `V = 0`
     /// or `dW = 0`.
+    #[serde(deserialize_with = "nan_from_null")]
     pub similarity: f64,
     /// Whether the output adapter holds the projected `B` for this layer.
     pub projected: bool,
@@ -129,6 +130,11 @@ pub struct LayerProjection {
     /// adapter does not cover, or an aligned weight equal to the base weight); such a layer is
     /// left unchanged.
     pub in_aligned: bool,
+}
+
+/// Reads back the `null` that serde_json writes for `NaN`.
+fn nan_from_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// What [`project`] did; written as `projection.json` in the output directory.

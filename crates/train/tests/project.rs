@@ -475,6 +475,27 @@ fn threshold_and_share_pick_the_right_layers() {
         first["rank_of_V"].is_u64() && first["module"].is_string(),
         "{first}"
     );
+    // It reads back as a ProjectSummary, the undefined similarities (null) as NaN.
+    let back: ProjectSummary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("projection.json")).unwrap())
+            .unwrap();
+    assert_eq!(back.projected, 6);
+    for (a, b) in back.layers.iter().zip(&st.layers) {
+        assert_eq!(
+            (&a.module, a.projected, a.v_rank),
+            (&b.module, b.projected, b.v_rank)
+        );
+        // serde_json's default float parsing may differ in the last bit.
+        assert!(
+            (a.similarity - b.similarity).abs() < 1e-12
+                || (a.similarity.is_nan() && b.similarity.is_nan()),
+            "{a:?} {b:?}"
+        );
+    }
+    assert_eq!(
+        back.layers.iter().filter(|l| l.similarity.is_nan()).count(),
+        6
+    );
 
     // Share: a quarter of the 8 layers with a similarity = 2, the two lowest.
     let sims: Vec<(f64, String)> = {
