@@ -79,6 +79,10 @@ enum Command {
     Results(commands::results::ResultsArgs),
     /// A local web view of a study: progress, results, answers side by side, labelling.
     View(commands::view::ViewArgs),
+    /// Repair a tuned model after training: `mitigate project` projects a LoRA adapter onto the
+    /// alignment subspace (Safe LoRA).
+    #[command(subcommand_required = true)]
+    Mitigate(commands::mitigate::MitigateArgs),
     // -- new commands go above this line, one per module in commands/ --
 }
 
@@ -114,6 +118,7 @@ fn main() {
         Command::Report(args) => commands::report::run(args),
         Command::Export(args) => commands::export::run(args),
         Command::Merge(args) => commands::merge::run(args),
+        Command::Mitigate(args) => commands::mitigate::run(args),
         Command::Results(args) => commands::results::run(args),
         Command::View(args) => commands::view::run(args),
         Command::DebugLogits(args) => commands::debug_logits::run(args),

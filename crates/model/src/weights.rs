@@ -199,6 +199,64 @@ impl Weights {
         }
     }
 
+    /// The stored shape of a tensor (Hugging Face order, (out, in) for a linear weight), without
+    /// loading it; an error names the file and the tensor when it is missing.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        self.shape_of(&self.full(name))
+    }
+
+    /// The relative rounding error of a tensor's stored format, as a scale for what differences
+    /// between two checkpoints are noise: the unit roundoff of a float format (f32 2^-24, f16
+    /// 2^-11, bf16 2^-8), and for GGUF blocks roughly half a quantization step relative to a
+    /// weight of typical size (Q8 2^-6, Q6_K 2^-4, Q5 2^-3, Q4 2^-2, Q3_K 2^-1, Q2_K 1).
+    pub fn unit_roundoff(&self, name: &str) -> Result<f64> {
+        let full = self.full(name);
+        let bits: i32 = match &*self.src {
+            Source::Safetensors(s) => {
+                let i = *s
+                    .index
+                    .get(&full)
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        path: s.describe(),
+                        tensor: full.clone(),
+                        hint: String::new(),
+                    })?;
+                let (path, st) = &s.files[i];
+                let view = st
+                    .get(&full)
+                    .map_err(|e| ModelError::format(path, format!("tensor `{full}`: {e}")))?;
+                use safetensors::Dtype;
+                match view.dtype() {
+                    Dtype::F64 => 53,
+                    Dtype::F16 => 11,
+                    Dtype::BF16 => 8,
+                    _ => 24,
+                }
+            }
+            Source::Gguf(g) => {
+                let (_, dtype) = g
+                    .tensor_info(&full)
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        path: g.path.clone(),
+                        tensor: full.clone(),
+                        hint: String::new(),
+                    })?;
+                match dtype {
+                    GgmlDType::F32 => 24,
+                    GgmlDType::F16 => 11,
+                    GgmlDType::BF16 => 8,
+                    GgmlDType::Q8_0 | GgmlDType::Q8_1 | GgmlDType::Q8K => 6,
+                    GgmlDType::Q6K => 4,
+                    GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => 3,
+                    GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => 2,
+                    GgmlDType::Q3K => 1,
+                    _ => 0,
+                }
+            }
+        };
+        Ok(2f64.powi(-bits))
+    }
+
     fn shape_of(&self, full: &str) -> Result<Vec<usize>> {
         match &*self.src {
             Source::Safetensors(s) => {

@@ -9,6 +9,7 @@
 //!   passes, and an unfused reference from candle primitives) and [`ops::AdamW`].
 //! - [`recipe`]: the training loop, top to bottom; [`checkpoint`]: exact resume.
 //! - [`rng`]: the checkpointable random generator.
+//! - [`project`]: Safe LoRA style projection of a tuned adapter onto the alignment subspace.
 
 pub mod checkpoint;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod peft;
+pub mod project;
 pub mod recipe;
 pub mod rng;
 pub mod sft;

@@ -13,6 +13,7 @@ pub mod judge;
 pub mod judge_eval;
 pub mod label;
 pub mod merge;
+pub mod mitigate;
 pub mod prompts;
 pub mod quickstart;
 pub mod report;
