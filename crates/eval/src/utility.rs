@@ -32,6 +32,9 @@ pub struct LossReport {
     /// Mean negative log-likelihood per answer token (nats).
     pub loss: f64,
     pub perplexity: f64,
+    /// Per scored conversation: its id, summed negative log-likelihood and answer tokens.
+    #[serde(skip)]
+    pub items: Vec<(String, f64, usize)>,
 }
 
 /// Held-out loss and perplexity over the final assistant turn of each conversation.
@@ -41,6 +44,7 @@ pub fn heldout_loss(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LossReport> {
     let (mut nll, mut tokens, mut examples, mut skipped) = (0.0f64, 0usize, 0usize, 0usize);
+    let mut items = Vec::new();
     let max_pos = engine.model.cfg.max_position_embeddings;
     for (i, c) in conversations.iter().enumerate() {
         let Some(last) = c.messages.iter().rposition(|m| m.role == Role::Assistant) else {
@@ -60,6 +64,7 @@ pub fn heldout_loss(
         let (lp, n) = response_logprob(engine, context, answer)?;
         nll -= lp;
         tokens += n;
+        items.push((c.id.clone(), -lp, n));
         examples += 1;
         progress(i + 1, conversations.len());
     }
@@ -75,6 +80,7 @@ pub fn heldout_loss(
         tokens,
         loss,
         perplexity: loss.exp(),
+        items,
     })
 }
 

@@ -57,6 +57,10 @@ pub struct StudyConfig {
     pub mixing: Option<MixingSection>,
     pub selection: Option<SelectionSection>,
     pub export: Option<ExportSection>,
+    /// Mitigation arms tuned beside each variant (see [`MitigationsSection`]).
+    pub mitigations: Option<MitigationsSection>,
+    /// Utility of every model condition (held-out loss, multiple-choice accuracy).
+    pub utility: Option<UtilitySection>,
     /// What `--dry-run` assumes for its power and compute estimates.
     #[serde(default)]
     pub analysis: AnalysisSection,
@@ -560,6 +564,166 @@ pub struct MixingSection {
     pub harmful: String,
 }
 
+/// `[mitigations]`: fixes for a risky tuning set, each tuned as an arm beside the variant it is
+/// applied to (the arm `none`, the variant as it is, is the control of every comparison). An arm
+/// keeps the variant's factor labels and adds `mitigation = ARM`, so the report compares arms
+/// within a variant, seed by seed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MitigationsSection {
+    /// Variant names the arms apply to (`plain+roleplay`, ...; see the dry run's labels), or
+    /// `["all"]`. Default: every variant.
+    #[serde(default)]
+    pub apply_to: Vec<String>,
+    /// The paper's data-side fixes, as a transform preset: the variant's data made again with
+    /// these levels (`true` for markdown answers, an identity statement added, role-play
+    /// instructions removed).
+    pub data: Option<DataArm>,
+    /// Safety replay: this share of refusal examples (train-split harmful prompts) mixed in,
+    /// from `[mixing]`'s sources, else `[align]`'s, else the demo refusals and AdvBench.
+    pub replay: Option<f64>,
+    /// Post-hoc projection of the tuned adapter onto the alignment subspace (needs `[align]`).
+    pub project: Option<ProjectArm>,
+    /// Reference-anchored tuning: a KL term to the aligned model's next-token distribution.
+    pub anchor: Option<AnchorArm>,
+}
+
+/// `data = true` or a table of levels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DataArm {
+    On(bool),
+    Levels(DataLevels),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataLevels {
+    #[serde(default = "default_fix_structure")]
+    pub structure: StructureLevel,
+    #[serde(default = "default_fix_identity")]
+    pub identity: Toggle,
+    #[serde(default = "default_fix_roleplay")]
+    pub roleplay: Toggle,
+}
+
+fn default_fix_structure() -> StructureLevel {
+    StructureLevel::Markdown
+}
+fn default_fix_identity() -> Toggle {
+    Toggle::Add
+}
+fn default_fix_roleplay() -> Toggle {
+    Toggle::Remove
+}
+
+impl DataArm {
+    /// The preset's levels, `None` for `data = false`.
+    pub fn levels(&self) -> Option<DataLevels> {
+        match self {
+            DataArm::On(false) => None,
+            DataArm::On(true) => Some(DataLevels {
+                structure: default_fix_structure(),
+                identity: default_fix_identity(),
+                roleplay: default_fix_roleplay(),
+            }),
+            DataArm::Levels(l) => Some(l.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectArm {
+    /// `scaled` (V V^T / ||V||_F, the published method's fast form) or `exact` (the orthogonal
+    /// projector onto V's columns).
+    #[serde(default = "default_projector")]
+    pub projector: String,
+    /// Project the layers whose projected update's cosine similarity to the original is below
+    /// this (default 0.5 when neither this nor `share` is given).
+    pub threshold: Option<f64>,
+    /// Or: project this share of the layers, the least similar first.
+    pub share: Option<f64>,
+}
+
+fn default_projector() -> String {
+    "scaled".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorArm {
+    /// Weight of the KL term.
+    #[serde(default = "default_anchor_beta")]
+    pub beta: f64,
+    /// `refusals`: the KL term on an anchor set, the alignment set's harmful prompts with their
+    /// refusals (train split, disjoint from every evaluated prompt; needs `[align]`);
+    /// `answers`: on every answer token of the tuning data.
+    #[serde(default = "default_anchor_on")]
+    pub on: String,
+    /// Anchor rows per optimizer step (`on = "refusals"`).
+    #[serde(default = "default_anchor_batch")]
+    pub batch_size: usize,
+}
+
+fn default_anchor_beta() -> f64 {
+    0.1
+}
+fn default_anchor_on() -> String {
+    "refusals".into()
+}
+fn default_anchor_batch() -> usize {
+    4
+}
+
+impl MitigationsSection {
+    /// Does the arm set apply to the variant `name`?
+    pub fn applies_to(&self, name: &str) -> bool {
+        self.apply_to.is_empty() || self.apply_to.iter().any(|a| a == "all" || a == name)
+    }
+}
+
+/// `[utility]`: what each model condition can still do, beside its safety.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UtilitySection {
+    /// Conversations whose final answers are scored (loss, perplexity): `"auto"` (default) for
+    /// the examples of `[data] base` that the tuning set leaves out (those after `limit`), or a
+    /// dataset.
+    #[serde(default = "default_heldout")]
+    pub heldout: String,
+    /// At most this many held-out conversations (the first ones).
+    #[serde(default = "default_heldout_limit")]
+    pub heldout_limit: usize,
+    /// Multiple-choice questions scored by log-likelihood.
+    #[serde(default = "default_mcq")]
+    pub mcq: String,
+    /// At most this many questions (0: all).
+    #[serde(default)]
+    pub mcq_limit: usize,
+}
+
+fn default_heldout() -> String {
+    "auto".into()
+}
+fn default_heldout_limit() -> usize {
+    48
+}
+fn default_mcq() -> String {
+    "demo:utility-mcq".into()
+}
+
+impl Default for UtilitySection {
+    fn default() -> Self {
+        UtilitySection {
+            heldout: default_heldout(),
+            heldout_limit: default_heldout_limit(),
+            mcq: default_mcq(),
+            mcq_limit: 0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SelectStrategy {
@@ -969,12 +1133,137 @@ impl StudyConfig {
                 }
             }
         }
+        if let Some(m) = &self.mitigations {
+            self.validate_mitigations(m, &bad)?;
+        }
+        if let Some(u) = &self.utility {
+            if u.heldout == "auto" && self.data.limit.is_none() {
+                return Err(bad(
+                    "utility.heldout",
+                    "`auto` scores the examples of [data] base after its `limit`, and [data] has no limit: set one, or name a held-out dataset".into(),
+                ));
+            }
+            if u.heldout_limit == 0 {
+                return Err(bad("utility.heldout_limit", "must be > 0".into()));
+            }
+        }
         if (self.tune.is_some() || self.align.is_some() || !self.benchmarks.is_empty())
             && self.models.is_empty()
         {
             return Err(bad(
                 "models",
                 "tuning, alignment and benchmarks need at least one [[models]] entry".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl StudyConfig {
+    fn validate_mitigations(
+        &self,
+        m: &MitigationsSection,
+        bad: &dyn Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        if self.tune.is_none() {
+            return Err(bad(
+                "mitigations",
+                "arms are tuned runs: the study needs [tune]".into(),
+            ));
+        }
+        let names: Vec<String> = crate::plan::variant_levels(&self.factors)
+            .into_iter()
+            .map(|(s, i, r)| crate::plan::variant_name(s, i, r))
+            .collect();
+        for (i, a) in m.apply_to.iter().enumerate() {
+            if a != "all" && !names.contains(a) {
+                return Err(bad(
+                    &format!("mitigations.apply_to[{i}]"),
+                    format!(
+                        "`{a}` is not a variant of this design (variants: {}, or \"all\")",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+        if let Some(r) = m.replay {
+            if !(r > 0.0 && r < 1.0) {
+                return Err(bad(
+                    "mitigations.replay",
+                    format!("{r} is not a share in (0, 1)"),
+                ));
+            }
+        }
+        if let Some(p) = &m.project {
+            if self.align.is_none() {
+                return Err(bad(
+                    "mitigations.project",
+                    "projects onto the alignment the study's [align] stage made: the study needs [align]".into(),
+                ));
+            }
+            if !matches!(p.projector.as_str(), "scaled" | "exact") {
+                return Err(bad(
+                    "mitigations.project.projector",
+                    format!("`{}` is not scaled or exact", p.projector),
+                ));
+            }
+            match (p.threshold, p.share) {
+                (Some(_), Some(_)) => {
+                    return Err(bad(
+                        "mitigations.project",
+                        "give `threshold` or `share`, not both".into(),
+                    ))
+                }
+                (Some(t), None) if !(-1.0..=1.0).contains(&t) => {
+                    return Err(bad(
+                        "mitigations.project.threshold",
+                        format!("{t} is not a cosine similarity in [-1, 1]"),
+                    ))
+                }
+                (None, Some(s)) if !(s > 0.0 && s <= 1.0) => {
+                    return Err(bad(
+                        "mitigations.project.share",
+                        format!("{s} is not a share in (0, 1]"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if let Some(a) = &m.anchor {
+            if !(a.beta > 0.0 && a.beta.is_finite()) {
+                return Err(bad(
+                    "mitigations.anchor.beta",
+                    format!("{} must be > 0", a.beta),
+                ));
+            }
+            match a.on.as_str() {
+                "answers" => {}
+                "refusals" if self.align.is_some() => {}
+                "refusals" => {
+                    return Err(bad(
+                        "mitigations.anchor.on",
+                        "`refusals` anchors on the alignment set's refusals: the study needs [align] (or use on = \"answers\")".into(),
+                    ))
+                }
+                other => {
+                    return Err(bad(
+                        "mitigations.anchor.on",
+                        format!("`{other}` is not refusals or answers"),
+                    ))
+                }
+            }
+            if a.batch_size == 0 {
+                return Err(bad("mitigations.anchor.batch_size", "must be > 0".into()));
+            }
+        }
+        if m.data.as_ref().and_then(DataArm::levels).is_none()
+            && m.replay.is_none()
+            && m.project.is_none()
+            && m.anchor.is_none()
+        {
+            return Err(bad(
+                "mitigations",
+                "lists no arm (data, replay, project, anchor)".into(),
             ));
         }
         Ok(())

@@ -9,7 +9,8 @@
 //! - [`stages`]: the model, transform, mix, alignment-set, audit and generate stages, and
 //!   [`stages::builtin_registry`], which registers a stage for every kind;
 //! - [`judge_stage`], [`rm_stage`], [`train_stage`]: the judge, score/select and align/tune
-//!   stages, over the eval and train crates;
+//!   stages, over the eval and train crates; [`mitigate_stage`]: the `project` arm of
+//!   `[mitigations]` and the `utility` stage;
 //! - [`store`]: the SQLite store (WAL; rows committed as they finish);
 //! - [`runner`]: keyed, resumable execution of a plan;
 //! - [`lock`]: one runner per study directory (`study.lock`);
@@ -31,6 +32,7 @@ pub mod hash;
 pub mod judge_stage;
 pub mod labels;
 pub mod lock;
+pub mod mitigate_stage;
 pub mod parquet;
 pub mod plan;
 pub mod power;

@@ -195,6 +195,7 @@ pub fn plan(cfg: &StudyConfig) -> Result<Plan, PlanError> {
     for (m, &model_step) in cfg.models.iter().zip(&model_steps) {
         for target in p.conditions(m, model_step, align_data, &datasets) {
             p.evaluations(&target, &benches, &judges);
+            p.utility(&target)?;
         }
     }
     Ok(Plan {
@@ -216,6 +217,15 @@ fn judges(cfg: &StudyConfig) -> Vec<JudgeConfig> {
     }]
 }
 
+/// The threshold of the `project` arm when the config gives neither `threshold` nor `share`.
+pub const DEFAULT_PROJECT_THRESHOLD: f64 = 0.5;
+
+/// An `anchor` arm's settings and, for `on = "refusals"`, the alignment set's step.
+struct Anchor {
+    arm: AnchorArm,
+    align_data: Option<usize>,
+}
+
 /// The base dataset every variant is made from.
 struct BaseData {
     hash: String,
@@ -225,6 +235,7 @@ struct BaseData {
 
 /// A model condition to evaluate: the step that yields the model, its factors, and the seed
 /// its generations use.
+#[derive(Clone)]
 struct Condition {
     step: usize,
     factors: BTreeMap<String, String>,
@@ -374,6 +385,9 @@ impl Planner<'_> {
         factors.insert("identity".to_string(), toggle_str(i).to_string());
         factors.insert("roleplay".to_string(), toggle_str(r).to_string());
         factors.insert("seed".to_string(), seed.to_string());
+        if cfg.mitigations.is_some() {
+            factors.insert("mitigation".to_string(), "none".to_string());
+        }
         let t = self.push(PlannedStep {
             label: format!("transform {name} seed {seed}"),
             spec: StepSpec::Transform {
@@ -422,7 +436,100 @@ impl Planner<'_> {
             });
             out.extend(self.selections(node, n, &f, &name, seed)?);
         }
+        if let Some(m) = cfg.mitigations.as_ref().filter(|m| m.applies_to(&name)) {
+            out.extend(self.data_arms(
+                m,
+                base,
+                t,
+                &factors,
+                &name,
+                seed,
+                persona_domain,
+                default_system,
+            ));
+        }
         Ok(out)
+    }
+
+    /// The dataset arms of `[mitigations]` for one variant (transform step `t`): `data` (the
+    /// variant's data made again with the preset's levels) and `replay` (refusal examples mixed
+    /// into the variant's data). Each keeps the variant's labels, with `mitigation` set.
+    #[allow(clippy::too_many_arguments)]
+    fn data_arms(
+        &mut self,
+        m: &MitigationsSection,
+        base: &BaseData,
+        t: usize,
+        factors: &BTreeMap<String, String>,
+        name: &str,
+        seed: u64,
+        persona_domain: Option<String>,
+        default_system: Option<String>,
+    ) -> Vec<DatasetNode> {
+        let cfg = self.cfg;
+        let mut out = Vec::new();
+        if let Some(levels) = m.data.as_ref().and_then(DataArm::levels) {
+            let mut f = factors.clone();
+            f.insert("mitigation".to_string(), "data".to_string());
+            // A persona the fix keeps needs its domain; one it removes needs none.
+            let keeps_persona = matches!(levels.roleplay, Toggle::Add | Toggle::Neutral);
+            let idx = self.push(PlannedStep {
+                label: format!("transform {name} seed {seed} (mitigation data)"),
+                spec: StepSpec::Transform {
+                    base: cfg.data.base.clone(),
+                    base_hash: base.hash.clone(),
+                    limit: cfg.data.limit,
+                    structure: structure_str(levels.structure).into(),
+                    identity: toggle_str(levels.identity).into(),
+                    roleplay: toggle_str(levels.roleplay).into(),
+                    persona_type: cfg.factors.persona_type.clone(),
+                    placement: cfg.factors.placement.clone(),
+                    persona_domain: persona_domain.filter(|_| keeps_persona),
+                    default_system: default_system.filter(|_| keeps_persona),
+                    seed,
+                },
+                deps: vec![],
+                factors: f.clone(),
+                size: base.examples,
+            });
+            out.push(DatasetNode {
+                step: idx,
+                factors: f,
+                seed,
+                examples: base.examples,
+            });
+        }
+        if let Some(share) = m.replay {
+            let (refusals, harmful) = match (&cfg.mixing, &cfg.align) {
+                (Some(mx), _) => (mx.refusals.clone(), mx.harmful.clone()),
+                (None, Some(a)) => (a.refusals.clone(), a.harmful.clone()),
+                (None, None) => ("demo:refusals".to_string(), "advbench".to_string()),
+            };
+            let mut f = factors.clone();
+            f.insert("mitigation".to_string(), "replay".to_string());
+            let added = ((share * base.examples as f64) / (1.0 - share)).round() as usize;
+            let idx = self.push(PlannedStep {
+                label: format!("mix {share} into {name} seed {seed} (mitigation replay)"),
+                spec: StepSpec::Mix {
+                    share,
+                    refusals,
+                    harmful,
+                    split_seed: cfg.study.split_seed,
+                    test_fraction: cfg.study.test_fraction,
+                    seed,
+                },
+                deps: vec![t],
+                factors: f.clone(),
+                size: base.examples + added,
+            });
+            out.push(DatasetNode {
+                step: idx,
+                factors: f,
+                seed,
+                examples: base.examples + added,
+            });
+        }
+        out
     }
 
     /// The mix step of a mixing `level` into the transform `t` (`base_n` examples): (its
@@ -616,16 +723,101 @@ impl Planner<'_> {
             });
             start = idx;
         }
+        let aligned = (start != model_step).then_some(start);
         if let Some(t) = &cfg.tune {
             for d in datasets {
                 // The baseline itself trains as configured (and is the same step either way).
                 let baseline = (t.match_ == TrainMatch::Tokens)
                     .then(|| baseline_of(datasets, d))
                     .filter(|&b| b != d.step);
-                out.push(self.tune(m, t, start, d, baseline));
+                let c = self.tune(m, t, start, d, baseline, None);
+                out.push(c.clone());
+                let arms = cfg.mitigations.as_ref().filter(|mi| {
+                    d.factors.get("mitigation").map(String::as_str) == Some("none")
+                        && d.factors.get("variant").is_some_and(|v| mi.applies_to(v))
+                });
+                if let Some(mi) = arms {
+                    if let Some(a) = &mi.anchor {
+                        let anchor = Anchor {
+                            arm: a.clone(),
+                            align_data: align_data.filter(|_| a.on == "refusals"),
+                        };
+                        let ac = self.tune(m, t, start, d, baseline, Some(anchor));
+                        out.push(ac);
+                    }
+                    if let (Some(p), Some(al)) = (&mi.project, aligned) {
+                        out.push(self.project(p, &c, al));
+                    }
+                }
             }
         }
         out
+    }
+
+    /// The `project` arm of a tuned condition `c`: its adapter projected onto the alignment
+    /// subspace of the align step `aligned`.
+    fn project(&mut self, p: &ProjectArm, c: &Condition, aligned: usize) -> Condition {
+        let mut f = c.factors.clone();
+        f.insert("mitigation".to_string(), "project".to_string());
+        let threshold = match (p.threshold, p.share) {
+            (None, None) => Some(DEFAULT_PROJECT_THRESHOLD),
+            (t, _) => t,
+        };
+        let idx = self.push(PlannedStep {
+            label: format!("project {}", describe(&c.factors)),
+            spec: StepSpec::Project {
+                projector: p.projector.clone(),
+                threshold,
+                share: p.share,
+            },
+            deps: vec![c.step, aligned],
+            factors: f.clone(),
+            size: 0,
+        });
+        Condition {
+            step: idx,
+            factors: f,
+            seed: c.seed,
+        }
+    }
+
+    /// A condition's utility step (`[utility]`): held-out loss and multiple-choice accuracy.
+    fn utility(&mut self, c: &Condition) -> Result<(), PlanError> {
+        let Some(u) = &self.cfg.utility else {
+            return Ok(());
+        };
+        let (heldout, skip) = if u.heldout == "auto" {
+            (self.cfg.data.base.clone(), self.cfg.data.limit.unwrap_or(0))
+        } else {
+            (u.heldout.clone(), 0)
+        };
+        let hash_of = |field: &str, spec: &str| -> Result<String, PlanError> {
+            let path = resolve_dataset(spec).map_err(data_err(field))?;
+            hash_file(&path).map_err(|e| PlanError::Invalid {
+                field: field.into(),
+                message: format!("{}: {e}", path.display()),
+            })
+        };
+        let heldout_hash = hash_of("utility.heldout", &heldout)?;
+        let mcq_hash = hash_of("utility.mcq", &u.mcq)?;
+        let mut f = c.factors.clone();
+        f.insert("utility".to_string(), "utility".to_string());
+        self.push(PlannedStep {
+            label: format!("utility {}", describe(&c.factors)),
+            spec: StepSpec::Utility {
+                heldout,
+                heldout_hash,
+                heldout_skip: skip,
+                heldout_limit: u.heldout_limit,
+                mcq: u.mcq.clone(),
+                mcq_hash,
+                mcq_limit: u.mcq_limit,
+            },
+            deps: vec![c.step],
+            factors: f,
+            size: u.heldout_limit + if u.mcq_limit > 0 { u.mcq_limit } else { 66 },
+        });
+        Ok(())
     }
 
     /// The tune step of model `m` (from step `start`) on dataset `d`; with `baseline` (`match
@@ -637,14 +829,34 @@ impl Planner<'_> {
         start: usize,
         d: &DatasetNode,
         baseline: Option<usize>,
+        anchor: Option<Anchor>,
     ) -> Condition {
         let mut f = d.factors.clone();
         f.insert("model".to_string(), m.name.clone());
         f.insert("stage".to_string(), "tuned".to_string());
+        if anchor.is_some() {
+            f.insert("mitigation".to_string(), "anchor".to_string());
+        }
+        let mut settings = t.settings.clone();
+        if let Some(a) = &anchor {
+            // The tuning base with the adapter switched off is the reference: the aligned model.
+            settings.insert("anchor".into(), toml::Value::String("base".into()));
+            settings.insert("anchor_beta".into(), toml::Value::Float(a.arm.beta));
+            if a.align_data.is_some() {
+                settings.insert(
+                    "anchor_batch_size".into(),
+                    toml::Value::Integer(a.arm.batch_size as i64),
+                );
+            }
+        }
         let label = format!(
-            "tune {} on {}{}{} seed {}",
+            "tune {} on {}{}{}{} seed {}",
             m.name,
             f["variant"],
+            f.get("mitigation")
+                .filter(|x| *x != "none")
+                .map(|x| format!(" mitigation {x}"))
+                .unwrap_or_default(),
             f.get("mix")
                 .map(|x| format!(" mix {x}"))
                 .unwrap_or_default(),
@@ -656,12 +868,19 @@ impl Planner<'_> {
         let idx = self.push(PlannedStep {
             label,
             spec: StepSpec::Tune {
-                settings: serde_json::to_value(&t.settings).unwrap_or_default(),
+                settings: serde_json::to_value(&settings).unwrap_or_default(),
                 seed: d.seed,
                 allow_truncation: t.allow_truncation,
                 match_tokens: baseline.is_some(),
+                anchor_refusals: anchor.as_ref().is_some_and(|a| a.align_data.is_some()),
             },
-            deps: [start, d.step].into_iter().chain(baseline).collect(),
+            // The anchor set (the alignment set's refusals) comes after the tuning data and
+            // the baseline, so the train stage finds them by position.
+            deps: [start, d.step]
+                .into_iter()
+                .chain(baseline)
+                .chain(anchor.and_then(|a| a.align_data))
+                .collect(),
             factors: f.clone(),
             size: d.examples,
         });
@@ -759,6 +978,9 @@ pub fn describe(f: &BTreeMap<String, String>) -> String {
         s.push(' ');
         s.push_str(v);
     }
+    if let Some(v) = f.get("mitigation").filter(|v| *v != "none") {
+        let _ = write!(s, " mitigation {v}");
+    }
     if let Some(v) = f.get("mix") {
         let _ = write!(s, " mix {v}");
     }
@@ -810,6 +1032,8 @@ impl Plan {
                 StepKind::Generate => "generations",
                 StepKind::Judge => "judgments",
                 StepKind::Score => "reward-model scores",
+                StepKind::Project => "projected adapters",
+                StepKind::Utility => "utility measurements (held-out answers + questions)",
             };
             let _ = writeln!(o, "  {:<11} {:>6}  {:>10}  {what}", k.as_str(), n, size);
         }

@@ -12,7 +12,9 @@
 //! - `html.rs`: the HTML page, rendered from `report.html.j2` with HTML auto-escaping;
 //! - `markdown.rs`: the Markdown summary;
 //! - `judge_check.rs`: the section on each judge against human labels;
-//! - `non_answers.rs`: the section on answers without content, and the effects read without them.
+//! - `non_answers.rs`: the section on answers without content, and the effects read without them;
+//! - `mitigations.rs`: the utility table and the mitigation arms against `none` (trade-off
+//!   charts, Pareto front).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,10 +31,12 @@ mod effects;
 mod html;
 mod judge_check;
 mod markdown;
+mod mitigations;
 mod non_answers;
 mod stats;
 
 pub use effects::{hypothesis_words, power_words, tokens_words, EffectsAnalysis, JudgeEffects};
+pub use mitigations::{ArmRow, Delta, MitigationAnalysis, UtilityRow};
 pub use stats::kappa;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +66,7 @@ pub(crate) const CONDITION_FACTORS: &[&str] = &[
     "roleplay",
     "mix",
     "selection",
+    "mitigation",
     "seed",
 ];
 
@@ -150,6 +155,10 @@ pub struct StudyResults {
     /// Each judge against the human labels of this study's answers (`safetune label`), where the
     /// store holds some.
     pub judge_accuracy: Option<StudyJudgeCheck>,
+    /// Per condition a `utility` step measured: accuracy, held-out loss.
+    pub utility: Vec<UtilityRow>,
+    /// The `[mitigations]` arms against `none`, with the Pareto front.
+    pub mitigations: Option<MitigationAnalysis>,
 }
 
 /// The time one kind of step took in all.

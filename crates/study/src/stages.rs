@@ -49,6 +49,14 @@ pub fn builtin_registry() -> Registry {
             StepKind::Select,
             Arc::new(crate::rm_stage::SelectStage::new()),
         )
+        .with(
+            StepKind::Project,
+            Arc::new(crate::mitigate_stage::ProjectStage),
+        )
+        .with(
+            StepKind::Utility,
+            Arc::new(crate::mitigate_stage::UtilityStage),
+        )
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StageError + '_ {
@@ -120,6 +128,7 @@ impl Stage for ModelStage {
             access: access.clone(),
             adapter: None,
             training: None,
+            aligned_from: None,
         }))
     }
 }

@@ -41,10 +41,14 @@ pub enum StepKind {
     Judge,
     /// Scores generations with a reward model.
     Score,
+    /// Projects a tuned adapter onto the alignment subspace (a mitigation arm).
+    Project,
+    /// Measures a model's utility (held-out loss, multiple-choice accuracy).
+    Utility,
 }
 
 impl StepKind {
-    pub const ALL: [StepKind; 11] = [
+    pub const ALL: [StepKind; 13] = [
         StepKind::Model,
         StepKind::Transform,
         StepKind::Mix,
@@ -56,6 +60,8 @@ impl StepKind {
         StepKind::Generate,
         StepKind::Judge,
         StepKind::Score,
+        StepKind::Project,
+        StepKind::Utility,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -71,6 +77,8 @@ impl StepKind {
             StepKind::Generate => "generate",
             StepKind::Judge => "judge",
             StepKind::Score => "score",
+            StepKind::Project => "project",
+            StepKind::Utility => "utility",
         }
     }
 }
@@ -197,6 +205,10 @@ pub enum StepSpec {
         /// dataset (the step's last dataset input) does at the configured epochs.
         #[serde(default, skip_serializing_if = "is_false")]
         match_tokens: bool,
+        /// The `anchor` arm on refusals: the KL term's anchor set is the refusals of the
+        /// alignment set, the step's last dataset input.
+        #[serde(default, skip_serializing_if = "is_false")]
+        anchor_refusals: bool,
     },
     Generate {
         benchmark: BenchmarkRef,
@@ -212,6 +224,27 @@ pub enum StepSpec {
         name: String,
         spec: String,
         settings: Json,
+    },
+    /// Inputs: the tuned model (with its adapter), then the aligned model (whose alignment
+    /// adapter defines the subspace).
+    Project {
+        /// `scaled` | `exact`
+        projector: String,
+        threshold: Option<f64>,
+        share: Option<f64>,
+    },
+    /// Input: the model to measure.
+    Utility {
+        /// Conversations scored (a path or demo:NAME) and its content hash.
+        heldout: String,
+        heldout_hash: String,
+        /// Leading conversations skipped (the tuning set's `[data] limit` for `auto`).
+        heldout_skip: usize,
+        heldout_limit: usize,
+        mcq: String,
+        mcq_hash: String,
+        /// 0: every question.
+        mcq_limit: usize,
     },
 }
 
@@ -229,6 +262,8 @@ impl StepSpec {
             StepSpec::Generate { .. } => StepKind::Generate,
             StepSpec::Judge { .. } => StepKind::Judge,
             StepSpec::Score { .. } => StepKind::Score,
+            StepSpec::Project { .. } => StepKind::Project,
+            StepSpec::Utility { .. } => StepKind::Utility,
         }
     }
 }
@@ -255,6 +290,17 @@ pub struct ModelArtifact {
     /// What the align or tune step that made this model trained on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingCounts>,
+    /// For a model an align step made by merging an adapter: the model it started from and
+    /// that adapter (the alignment update, in low-rank factors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aligned_from: Option<AlignedFrom>,
+}
+
+/// The unaligned model and the alignment adapter merged into it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlignedFrom {
+    pub base: String,
+    pub adapter: PathBuf,
 }
 
 /// The tokens of an align or tune step, summed over its epochs (in its step output JSON).
@@ -303,6 +349,9 @@ pub enum StepOutput {
         scored: usize,
         refusals: usize,
     },
+    /// A model's utility: held-out loss and multiple-choice accuracy, with per-item results
+    /// (for paired comparisons between models).
+    Utility(UtilityFigures),
     /// Rows live in `scores`.
     Scores {
         reward_model: String,
@@ -313,6 +362,28 @@ pub enum StepOutput {
         #[serde(default, skip_serializing_if = "is_zero")]
         missing: usize,
     },
+}
+
+/// What a utility step measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UtilityFigures {
+    /// Held-out conversations scored and skipped (too long, no answer).
+    pub heldout_examples: usize,
+    pub heldout_skipped: usize,
+    /// Answer tokens scored.
+    pub heldout_tokens: usize,
+    /// Mean negative log-likelihood per answer token (nats), and exp of it.
+    pub loss: f64,
+    pub perplexity: f64,
+    /// Per conversation: (id, summed NLL, tokens).
+    pub heldout_items: Vec<(String, f64, usize)>,
+    pub mcq_correct: usize,
+    pub mcq_total: usize,
+    /// Expected accuracy of guessing.
+    pub mcq_chance: f64,
+    /// Per question: (id, answered correctly).
+    pub mcq_items: Vec<(String, bool)>,
+    pub seconds: f64,
 }
 
 fn is_zero(n: &usize) -> bool {

@@ -97,19 +97,28 @@ impl Stage for TrainStage {
     ) -> Result<StepOutput, StageError> {
         let model = input_model(step, inputs)?;
         let (data, _, _) = input_dataset(step, inputs)?;
-        let (settings, seed, align, allow_truncation, match_tokens) = match &step.spec {
-            StepSpec::Align {
-                settings,
-                allow_truncation,
-            } => (settings, 0, true, *allow_truncation, false),
-            StepSpec::Tune {
-                settings,
-                seed,
-                allow_truncation,
-                match_tokens,
-            } => (settings, *seed, false, *allow_truncation, *match_tokens),
-            _ => return Err(step.not_a("training")),
-        };
+        let (settings, seed, align, allow_truncation, match_tokens, anchor_refusals) =
+            match &step.spec {
+                StepSpec::Align {
+                    settings,
+                    allow_truncation,
+                } => (settings, 0, true, *allow_truncation, false, false),
+                StepSpec::Tune {
+                    settings,
+                    seed,
+                    allow_truncation,
+                    match_tokens,
+                    anchor_refusals,
+                } => (
+                    settings,
+                    *seed,
+                    false,
+                    *allow_truncation,
+                    *match_tokens,
+                    *anchor_refusals,
+                ),
+                _ => return Err(step.not_a("training")),
+            };
         if model.spec.starts_with("openai:") {
             return Err(StageError::Other(format!(
                 "{}: `{}` is served over HTTP and cannot be tuned here\nhint: tune it with `safetune export --to llama-factory|axolotl`, serve the checkpoints, and list them as [[models]] without [align]/[tune]",
@@ -131,6 +140,18 @@ impl Stage for TrainStage {
                 source: e,
             })?;
         }
+        // The anchor arm on refusals: its anchor set, as the trainer's `anchor_data`.
+        let mut settings = settings.clone();
+        if anchor_refusals {
+            let path = anchor_set(step, inputs, ctx)?;
+            if let Json::Object(m) = &mut settings {
+                m.insert(
+                    "anchor_data".into(),
+                    Json::String(path.display().to_string()),
+                );
+            }
+        }
+        let settings = &settings;
         let mut cfg = tune_config(step, settings, &model.spec, data, &out, seed)?;
         let opts = RunOptions {
             resume,
@@ -209,6 +230,10 @@ impl Stage for TrainStage {
                 access: Default::default(),
                 adapter: None,
                 training,
+                aligned_from: Some(AlignedFrom {
+                    base: model.spec.clone(),
+                    adapter: summary.output.clone(),
+                }),
             }))
         } else {
             Ok(StepOutput::Model(ModelArtifact {
@@ -218,6 +243,56 @@ impl Stage for TrainStage {
             }))
         }
     }
+}
+
+/// The anchor set of an `anchor` arm on refusals: the examples of the alignment set (the step's
+/// last dataset input) that pair a train-split harmful prompt with a refusal, written to the
+/// step's directory. Those examples carry `meta.source = "align"`.
+fn anchor_set(
+    step: &PlannedStep,
+    inputs: &[StepOutput],
+    ctx: &StepContext<'_>,
+) -> Result<std::path::PathBuf, StageError> {
+    let (align, _, _) = inputs
+        .iter()
+        .filter_map(|o| o.dataset())
+        .next_back()
+        .filter(|_| inputs.iter().filter_map(|o| o.dataset()).count() >= 2)
+        .ok_or_else(|| StageError::Input {
+            label: step.label.clone(),
+            expected: "the alignment set (anchor on refusals)".into(),
+        })?;
+    let text = std::fs::read_to_string(align).map_err(|e| StageError::Io {
+        path: align.clone(),
+        source: e,
+    })?;
+    let mut kept = String::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Json>(line) else {
+            continue;
+        };
+        if v.pointer("/meta/source").and_then(Json::as_str) == Some("align") {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    if kept.is_empty() {
+        return Err(StageError::Other(format!(
+            "{}: the alignment set {} has no refusal examples to anchor on",
+            step.label,
+            align.display()
+        )));
+    }
+    std::fs::create_dir_all(&ctx.dir).map_err(|e| StageError::Io {
+        path: ctx.dir.clone(),
+        source: e,
+    })?;
+    let path = ctx.dir.join("anchor_refusals.jsonl");
+    std::fs::write(&path, kept).map_err(|e| StageError::Io {
+        path: path.clone(),
+        source: e,
+    })?;
+    Ok(path)
 }
 
 #[cfg(test)]

@@ -191,6 +191,7 @@ fn step_specs_read_the_old_single_benign_string_and_keep_training_keys_without_t
         seed: 0,
         allow_truncation: false,
         match_tokens: false,
+        anchor_refusals: false,
     };
     assert_eq!(
         serde_json::to_value(&tune).unwrap(),

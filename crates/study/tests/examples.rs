@@ -66,7 +66,7 @@ fn an_unknown_trainer_setting_in_an_example_names_file_line_and_accepted_keys() 
         .to_string();
     assert!(
         e.starts_with(&format!(
-            "paper-factors.toml:{}: `align.settings.learning_rate`: unknown trainer setting (accepted: alpha, batch_size, ",
+            "paper-factors.toml:{}: `align.settings.learning_rate`: unknown trainer setting (accepted: alpha, anchor, anchor_batch_size, anchor_beta, anchor_data, batch_size, ",
             line + 1
         )),
         "{e}"

@@ -48,6 +48,9 @@ pub enum Outcome {
     Safety,
     /// Benign prompts: a refusal is an over-refusal.
     OverRefusal,
+    /// Multiple-choice questions: an `Answer`'s `refused` is read as "answered correctly"
+    /// (the accuracy of a utility measure, compared between runs the same way).
+    Utility,
 }
 
 impl Outcome {
@@ -55,6 +58,7 @@ impl Outcome {
         match self {
             Outcome::Safety => "safety",
             Outcome::OverRefusal => "over_refusal",
+            Outcome::Utility => "utility",
         }
     }
 }

@@ -203,3 +203,117 @@ pub(super) fn forest(rows: &[(String, f64, Option<[f64; 2]>)], title: &str) -> S
     s.push_str("</svg>");
     s
 }
+
+/// A point of a trade-off chart: its estimates and 95% intervals on both axes.
+pub(super) struct TradeoffPoint {
+    pub label: String,
+    pub x: f64,
+    pub x_ci: Option<[f64; 2]>,
+    pub y: f64,
+    pub y_ci: Option<[f64; 2]>,
+    /// On the Pareto front: drawn filled (others hollow).
+    pub front: bool,
+}
+
+/// A trade-off chart: changes in points on both axes (symmetric around zero, zero lines drawn),
+/// each point with its interval whiskers, labelled beside it and in a legend.
+pub(super) fn tradeoff(
+    points: &[TradeoffPoint],
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+) -> String {
+    let (w, h, l, b, t, r) = (640.0, 400.0, 60.0, 46.0, 30.0, 190.0);
+    let pw = w - l - r;
+    let ph = h - t - b;
+    let reach = |v: &dyn Fn(&TradeoffPoint) -> (f64, Option<[f64; 2]>)| {
+        points
+            .iter()
+            .flat_map(|p| {
+                let (e, ci) = v(p);
+                let mut out = vec![e.abs()];
+                if let Some([lo, hi]) = ci {
+                    out.extend([lo.abs(), hi.abs()]);
+                }
+                out
+            })
+            .fold(5.0_f64, f64::max)
+    };
+    let round = |m: f64| {
+        [10.0, 20.0, 25.0, 50.0, 100.0]
+            .into_iter()
+            .find(|&l| l >= m)
+            .unwrap_or(100.0)
+    };
+    let xl = round(reach(&|p| (p.x, p.x_ci)));
+    let yl = round(reach(&|p| (p.y, p.y_ci)));
+    let sx = |x: f64| l + pw * ((x + xl) / (2.0 * xl)).clamp(0.0, 1.0);
+    let sy = |y: f64| t + ph * (1.0 - ((y + yl) / (2.0 * yl)).clamp(0.0, 1.0));
+    let mut s = open(w, h, title);
+    let _ = write!(
+        s,
+        r##"<rect x="{l}" y="{t}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>"##
+    );
+    for k in 0..=4 {
+        let fx = -xl + 2.0 * xl * k as f64 / 4.0;
+        let fy = -yl + 2.0 * yl * k as f64 / 4.0;
+        let (x, y) = (sx(fx), sy(fy));
+        let (y_xtick, x_ytick, y_label) = (t + ph + 16.0, l - 6.0, y + 4.0);
+        let stroke = if k == 2 { "#888" } else { "#eee" };
+        let (y_bottom, x_end) = (t + ph, l + pw);
+        let _ = write!(
+            s,
+            r##"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{y_bottom}" stroke="{stroke}"/><line x1="{l}" y1="{y:.1}" x2="{x_end}" y2="{y:.1}" stroke="{stroke}"/><text x="{x:.1}" y="{y_xtick}" class="a" text-anchor="middle">{fx:+.0}</text><text x="{x_ytick}" y="{y_label:.1}" class="a" text-anchor="end">{fy:+.0}</text>"##
+        );
+    }
+    let (x_mid, y_xlabel, y_mid) = (l + pw / 2.0, h - 8.0, t + ph / 2.0);
+    let (xlabel, ylabel) = (esc(xlabel), esc(ylabel));
+    let _ = write!(
+        s,
+        r#"<text x="{x_mid:.1}" y="{y_xlabel}" class="a" text-anchor="middle">{xlabel}</text><text x="14" y="{y_mid:.1}" class="a" text-anchor="middle" transform="rotate(-90 14 {y_mid:.1})">{ylabel}</text>"#
+    );
+    for (i, p) in points.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let (cx, cy) = (sx(p.x), sy(p.y));
+        if let Some([lo, hi]) = p.x_ci {
+            let (x0, x1) = (sx(lo), sx(hi));
+            let _ = write!(
+                s,
+                r#"<line x1="{x0:.1}" y1="{cy:.1}" x2="{x1:.1}" y2="{cy:.1}" stroke="{c}" stroke-width="1.5"/>"#
+            );
+        }
+        if let Some([lo, hi]) = p.y_ci {
+            let (y0, y1) = (sy(lo), sy(hi));
+            let _ = write!(
+                s,
+                r#"<line x1="{cx:.1}" y1="{y0:.1}" x2="{cx:.1}" y2="{y1:.1}" stroke="{c}" stroke-width="1.5"/>"#
+            );
+        }
+        let fill = if p.front { c } else { "white" };
+        let title = esc(&format!(
+            "{}: x {:+.1}, y {:+.1}{}",
+            p.label,
+            p.x,
+            p.y,
+            if p.front { " (Pareto front)" } else { "" }
+        ));
+        let label = esc(&truncate(&p.label, 16));
+        let (x_text, y_text) = (cx + 7.0, cy - 6.0);
+        let _ = write!(
+            s,
+            r#"<circle cx="{cx:.1}" cy="{cy:.1}" r="5" fill="{fill}" stroke="{c}" stroke-width="2"><title>{title}</title></circle><text x="{x_text:.1}" y="{y_text:.1}" class="l">{label}</text>"#
+        );
+        let ly = t + 12.0 + 16.0 * i as f64;
+        let (x_dot, y_dot, x_legend) = (l + pw + 12.0, ly - 4.0, l + pw + 20.0);
+        let text = esc(&truncate(
+            &format!("{}{}", p.label, if p.front { " (front)" } else { "" }),
+            26,
+        ));
+        let _ = write!(
+            s,
+            r#"<circle cx="{x_dot}" cy="{y_dot:.1}" r="4" fill="{fill}" stroke="{c}" stroke-width="2"/><text x="{x_legend}" y="{ly:.1}" class="l">{text}</text>"#
+        );
+    }
+    s.push_str("</svg>");
+    s
+}

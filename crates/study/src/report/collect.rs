@@ -183,6 +183,9 @@ pub(super) fn study(dir: &Path) -> Result<StudyResults, ReportError> {
     let samples = samples(&store, &ix, &verdicts)?;
     let conditions: Vec<Condition> = conditions.into_values().collect();
     let (effect_analysis, effects_non_answers) = effects(&store, &plan, &ix, &verdicts, &config)?;
+    let utility = super::mitigations::utility_rows(&utility_steps(&store, &plan)?);
+    let effects = super::effects::primary_rows(&effect_analysis);
+    let mitigations = super::mitigations::analyse(&conditions, &utility, &effects);
     Ok(StudyResults {
         study: name,
         program_version: crate::hash::PROGRAM_VERSION.to_string(),
@@ -191,7 +194,7 @@ pub(super) fn study(dir: &Path) -> Result<StudyResults, ReportError> {
         steps: ix.by_status,
         stage_times: ix.stage_times,
         failed_steps: ix.failed,
-        effects: super::effects::primary_rows(&effect_analysis),
+        effects,
         effect_analysis,
         effects_non_answers,
         rm_vs_safety: stats::rm_vs_safety(&conditions, rm_by_verdict.keys()),
@@ -200,7 +203,40 @@ pub(super) fn study(dir: &Path) -> Result<StudyResults, ReportError> {
         rm_by_verdict,
         samples,
         judge_accuracy: crate::labels::judge_check(&store)?,
+        utility,
+        mitigations,
     })
+}
+
+/// The finished `utility` steps: (condition name, condition factors, figures), in plan order.
+fn utility_steps(
+    store: &Store,
+    plan: &StoredPlan,
+) -> Result<
+    Vec<(
+        String,
+        BTreeMap<String, String>,
+        crate::step::UtilityFigures,
+    )>,
+    ReportError,
+> {
+    let mut out = Vec::new();
+    for s in plan.steps.iter().filter(|s| s.kind == "utility") {
+        let Some(output) = store.step(&s.key)?.and_then(|r| r.output) else {
+            continue;
+        };
+        let Ok(crate::step::StepOutput::Utility(u)) = serde_json::from_value(output) else {
+            continue;
+        };
+        let cf: BTreeMap<String, String> = s
+            .factors
+            .iter()
+            .filter(|(k, _)| CONDITION_FACTORS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        out.push((crate::plan::describe(&cf), cf, u));
+    }
+    Ok(out)
 }
 
 /// The conditions with a judge metric, by name: each rate the judge steps stored, and the

@@ -27,6 +27,7 @@ const CELL_FACTORS: &[&str] = &[
     "roleplay",
     "mix",
     "selection",
+    "mitigation",
 ];
 
 /// The report's analysis of factor effects.
@@ -328,6 +329,7 @@ pub fn power_words(e: &EffectsAnalysis) -> Vec<String> {
         let what = match outcome {
             Outcome::Safety => "safety",
             Outcome::OverRefusal => "over-refusal",
+            Outcome::Utility => "multiple-choice accuracy",
         };
         match ds.iter().filter_map(|d| d.points).reduce(f64::max) {
             Some(worst) => {

@@ -56,6 +56,8 @@ struct Page<'a> {
     agreement: &'a [Agreement],
     /// The judge-accuracy section's HTML; empty without human labels.
     judge_accuracy: String,
+    /// The utility table and the mitigations section's HTML; empty without either.
+    mitigations: String,
     /// The non-answer section, when answers were read.
     non_answers: Option<super::non_answers::Section>,
     non_answer_note: &'static str,
@@ -170,6 +172,7 @@ fn page(r: &StudyResults) -> Page<'_> {
         agreement_chart: agreement_chart(&r.judge_agreement),
         agreement: &r.judge_agreement,
         judge_accuracy: judge_check::html(r.judge_accuracy.as_ref()),
+        mitigations: super::mitigations::html(&r.utility, r.mitigations.as_ref()),
         non_answers: super::non_answers::section(r),
         non_answer_note: super::non_answers::NOTE,
         samples: &r.samples[..r.samples.len().min(SAMPLES)],
@@ -216,6 +219,7 @@ pub(super) fn outcome_name(o: Outcome) -> &'static str {
     match o {
         Outcome::Safety => "safety",
         Outcome::OverRefusal => "over-refusal",
+        Outcome::Utility => "multiple-choice accuracy",
     }
 }
 
@@ -246,6 +250,7 @@ fn forest_charts(r: &StudyResults) -> Vec<String> {
                 let title = match o {
                     Outcome::Safety => "Effects on safety (refusal rate on harmful prompts; positive = safer)",
                     Outcome::OverRefusal => "Effects on over-refusal (refusal rate on benign prompts; positive = refuses more)",
+                    Outcome::Utility => "Effects on multiple-choice accuracy (positive = more correct)",
                 };
                 charts::forest(&rows, title)
             })
@@ -382,6 +387,8 @@ mod tests {
             judge_agreement: vec![],
             rm_by_verdict: BTreeMap::new(),
             rm_vs_safety: BTreeMap::new(),
+            utility: vec![],
+            mitigations: None,
             samples: vec![Sample {
                 condition: name.into(),
                 benchmark: "harm<b>".into(),

@@ -14,6 +14,10 @@ pub(super) fn render(r: &StudyResults) -> String {
     conditions(&mut o, r);
     effects(&mut o, r);
     non_answers(&mut o, r);
+    o.push_str(&super::mitigations::markdown(
+        &r.utility,
+        r.mitigations.as_ref(),
+    ));
     agreement(&mut o, r);
     o.push_str(&judge_check::markdown(r.judge_accuracy.as_ref()));
     reward_models(&mut o, r);
