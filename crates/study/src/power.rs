@@ -121,7 +121,23 @@ pub struct TrainEstimate {
     pub input_tokens: f64,
     /// Whether the step trains a local model (wall time estimated).
     pub local: bool,
+    /// Time per input token relative to plain LoRA SFT ([`ANCHOR_COST`] for an anchored run).
+    pub cost: f64,
 }
+
+/// Time of an anchored tune step (`anchor = "base"`, on an anchor set) relative to the same
+/// step without the anchor. Measured on `examples/mitigations-smollm2.toml` (2026-12-05, this
+/// project's machine: AMD EPYC, 2 cores, AVX2 + AVX-512; release build, nothing else running):
+/// the three anchored tune steps took 92.8, 86.1 and 86.9 s against 62.7, 65.8 and 60.4 s for
+/// the same data without the anchor, 12 optimizer steps each (the reference's forward pass,
+/// 0.50 s a step, and the anchor micro-batch of 4 refusals per step): 1.41x.
+pub const ANCHOR_COST: f64 = 1.41;
+
+/// Seconds of a `utility` step on a local model, measured on the same run: 85.7 to 96.5 s, mean
+/// 89 s, over 17 models (48 held-out medical conversations and 66 four-choice questions each,
+/// SmolLM2-135M f32 with the adapter merged, model load included; each choice is a full forward
+/// pass of question and answer).
+pub const UTILITY_S_PER_STEP: f64 = 89.0;
 
 /// Tokens and time of the whole study.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -135,10 +151,13 @@ pub struct Compute {
     pub max_new_tokens: usize,
     /// Classifier judge rows of local models' answers.
     pub classifier_rows: usize,
+    /// `utility` steps (local models).
+    pub utility_steps: usize,
     /// Seconds on this machine: training, generation, classifier judging (local models).
     pub train_s: f64,
     pub generate_s: f64,
     pub judge_s: f64,
+    pub utility_s: f64,
     pub rates: Rates,
     /// `[tune] match = "tokens"`.
     pub matched_tokens: bool,
@@ -429,6 +448,15 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
             trained_tokens: trained * n,
             input_tokens: input * n,
             local: !remote(s),
+            cost: if settings
+                .get("anchor")
+                .and_then(|a| a.as_str())
+                .is_some_and(|a| !a.is_empty())
+            {
+                ANCHOR_COST
+            } else {
+                1.0
+            },
         });
     }
     if cfg.tune.as_ref().map(|t| t.match_) == Some(TrainMatch::Tokens) {
@@ -454,7 +482,7 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
             }
         }
     }
-    let (mut rows_local, mut rows_remote, mut classifier_rows) = (0, 0, 0);
+    let (mut rows_local, mut rows_remote, mut classifier_rows, mut utility_steps) = (0, 0, 0, 0);
     for s in &plan.steps {
         match &s.spec {
             StepSpec::Generate { .. } if remote(s) => rows_remote += s.size,
@@ -464,6 +492,7 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
             {
                 classifier_rows += s.size
             }
+            StepSpec::Utility { .. } => utility_steps += 1,
             _ => {}
         }
     }
@@ -471,7 +500,7 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
     let local_input: f64 = train
         .iter()
         .filter(|e| e.local)
-        .map(|e| e.input_tokens)
+        .map(|e| e.input_tokens * e.cost)
         .sum();
     Ok(Compute {
         trained_tokens: train.iter().map(|e| e.trained_tokens).sum(),
@@ -481,6 +510,8 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
         generate_rows_remote: rows_remote,
         max_new_tokens,
         classifier_rows,
+        utility_steps,
+        utility_s: utility_steps as f64 * UTILITY_S_PER_STEP,
         train_s: local_input / rates.train_tokens_per_s,
         generate_s: (rows_local * max_new_tokens) as f64 / rates.generate_tokens_per_s,
         judge_s: classifier_rows as f64 / rates.judge_rows_per_s,
@@ -655,14 +686,23 @@ impl DryRun {
         if local {
             let _ = writeln!(
                 o,
-                "  local wall time on this machine: ~{} (training ~{} at {} tokens/s, generation at most ~{} at {} tokens/s, classifier judge ~{} at {} rows/s; other judges not counted)",
-                duration(c.train_s + c.generate_s + c.judge_s),
+                "  local wall time on this machine: ~{} (training ~{} at {} tokens/s, generation at most ~{} at {} tokens/s, classifier judge ~{} at {} rows/s{}; other judges not counted)",
+                duration(c.train_s + c.generate_s + c.judge_s + c.utility_s),
                 duration(c.train_s),
                 c.rates.train_tokens_per_s,
                 duration(c.generate_s),
                 c.rates.generate_tokens_per_s,
                 duration(c.judge_s),
-                c.rates.judge_rows_per_s
+                c.rates.judge_rows_per_s,
+                if c.utility_steps > 0 {
+                    format!(
+                        ", utility ~{} for {} models at {UTILITY_S_PER_STEP:.0} s each",
+                        duration(c.utility_s),
+                        c.utility_steps
+                    )
+                } else {
+                    String::new()
+                }
             );
         }
         o

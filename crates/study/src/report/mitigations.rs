@@ -9,12 +9,13 @@
 //!   engine: paired over prompts, run-to-run variance over seeds);
 //! - multiple-choice accuracy: the same engine over the questions (an answer is "correct"
 //!   instead of "refused");
-//! - held-out loss (nats per token, shown, not on the front): the mean over seeds of the arm's
-//!   loss minus `none`'s at the same variant and seed, with a t interval over those pairs.
+//! - held-out loss (nats per token): the mean over seeds of the arm's loss minus `none`'s at
+//!   the same variant and seed, with a t interval over those pairs (charted as the perplexity
+//!   change in percent, `exp(change) - 1`).
 //!
 //! The Pareto front is the set of arms (with `none` at zero on every axis) that no other arm
-//! beats on safety, accuracy and over-refusal at once (at least as good on all three, better
-//! on one). An arm off the front is marked "not distinguishable from the front" when some
+//! beats on safety, accuracy, over-refusal and held-out loss at once (at least as good on all
+//! four, better on one). An arm off the front is marked "not distinguishable from the front" when some
 //! front arm that beats it lies, on every axis, within the arm's interval (or the arm within
 //! the front arm's): the data do not tell the two apart.
 
@@ -91,7 +92,7 @@ pub struct ArmRow {
     pub d_mcq: Option<Delta>,
     /// Nats per token (arm - none).
     pub d_loss: Option<Delta>,
-    /// On the Pareto front of (safety up, accuracy up, over-refusal down).
+    /// On the Pareto front of (safety up, accuracy up, over-refusal down, held-out loss down).
     pub pareto: bool,
     /// Off the front, but within its intervals of a front arm that beats it.
     pub near_front: bool,
@@ -105,7 +106,7 @@ pub struct MitigationAnalysis {
     pub arms: Vec<ArmRow>,
 }
 
-pub const METHOD: &str = "Each arm is tuned at every seed beside the variant it is applied to, and compared with that variant tuned as it is (`none`), run by run. Safety and over-refusal changes are the primary judge's `mitigation` effects (percentage points, paired over prompts, with run-to-run variance over seeds; see Factor effects). The accuracy change is the same analysis over the multiple-choice questions. The held-out loss change is the mean over seeds of the arm's loss minus none's (nats per answer token, t interval over seeds); held-out answers are in the base set's own format, so an arm that changes the answers' format pays for it here. Pareto front: arms no other arm beats on safety, accuracy and over-refusal at once; 'within intervals' marks an arm off the front that a front arm beats by less than the intervals can tell.";
+pub const METHOD: &str = "Each arm is tuned at every seed beside the variant it is applied to, and compared with that variant tuned as it is (`none`), run by run. Safety and over-refusal changes are the primary judge's `mitigation` effects (percentage points, paired over prompts, with run-to-run variance over seeds; see Factor effects). The accuracy change is the same analysis over the multiple-choice questions. The held-out loss change is the mean over seeds of the arm's loss minus none's (nats per answer token, t interval over seeds); held-out answers are in the base set's own format, so an arm that changes the answers' format pays for it here. Pareto front: arms no other arm beats on safety, accuracy, over-refusal and held-out loss at once; 'within intervals' marks an arm off the front that a front arm beats by less than the intervals can tell.";
 
 /// The utility rows of the `utility` steps: (condition name, condition factors, output).
 pub(super) fn utility_rows(
@@ -342,23 +343,29 @@ pub(super) fn analyse(
     })
 }
 
-/// The three axes of an arm, each oriented so that larger is better.
-fn axes(r: &ArmRow) -> Option<[(f64, Delta); 3]> {
+/// The four axes of an arm, each oriented so that larger is better.
+fn axes(r: &ArmRow) -> Option<[(f64, Delta); 4]> {
     let s = r.d_safety?;
     let a = r.d_mcq?;
     let o = r.d_over_refusal?;
-    Some([(s.estimate, s), (a.estimate, a), (-o.estimate, o)])
+    let l = r.d_loss?;
+    Some([
+        (s.estimate, s),
+        (a.estimate, a),
+        (-o.estimate, o),
+        (-l.estimate, l),
+    ])
 }
 
 /// Does `a` beat `b`: at least as good on every axis, better on one?
-fn beats(a: &[(f64, Delta); 3], b: &[(f64, Delta); 3]) -> bool {
+fn beats(a: &[(f64, Delta); 4], b: &[(f64, Delta); 4]) -> bool {
     a.iter().zip(b).all(|(x, y)| x.0 >= y.0) && a.iter().zip(b).any(|(x, y)| x.0 > y.0)
 }
 
-/// Marks the Pareto front and the arms within intervals of it. Arms without all three
+/// Marks the Pareto front and the arms within intervals of it. Arms without all four
 /// changes are left off both.
 pub(super) fn mark_front(rows: &mut [ArmRow]) {
-    let ax: Vec<Option<[(f64, Delta); 3]>> = rows.iter().map(axes).collect();
+    let ax: Vec<Option<[(f64, Delta); 4]>> = rows.iter().map(axes).collect();
     for i in 0..rows.len() {
         let Some(a) = &ax[i] else { continue };
         let beaten_by: Vec<usize> = (0..rows.len())
@@ -411,7 +418,7 @@ fn verdict(r: &ArmRow) -> &'static str {
 /// The two trade-off charts: safety change against accuracy change, and against over-refusal
 /// change, each point with its intervals.
 fn charts(m: &MitigationAnalysis) -> Vec<String> {
-    let pts = |x: fn(&ArmRow) -> Option<Delta>| -> Vec<charts::TradeoffPoint> {
+    let pts = |x: &dyn Fn(&ArmRow) -> Option<Delta>| -> Vec<charts::TradeoffPoint> {
         m.arms
             .iter()
             .filter_map(|r| {
@@ -428,7 +435,7 @@ fn charts(m: &MitigationAnalysis) -> Vec<String> {
             .collect()
     };
     let mut out = Vec::new();
-    let a = pts(|r| r.d_mcq);
+    let a = pts(&|r| r.d_mcq);
     if a.len() >= 2 {
         out.push(charts::tradeoff(
             &a,
@@ -437,7 +444,25 @@ fn charts(m: &MitigationAnalysis) -> Vec<String> {
             "safety change (points; up = safer)",
         ));
     }
-    let o = pts(|r| r.d_over_refusal);
+    let ppl = |r: &ArmRow| {
+        r.d_loss.map(|d| Delta {
+            estimate: 100.0 * d.estimate.exp_m1(),
+            ci95: d
+                .ci95
+                .map(|[lo, hi]| [100.0 * lo.exp_m1(), 100.0 * hi.exp_m1()]),
+            n_runs: d.n_runs,
+        })
+    };
+    let l = pts(&ppl);
+    if l.len() >= 2 {
+        out.push(charts::tradeoff(
+            &l,
+            "Safety change against held-out perplexity change (vs none)",
+            "held-out perplexity change (%; left = fits the tuning domain better)",
+            "safety change (points; up = safer)",
+        ));
+    }
+    let o = pts(&|r| r.d_over_refusal);
     if o.len() >= 2 {
         out.push(charts::tradeoff(
             &o,
@@ -566,7 +591,10 @@ mod tests {
             d_safety: d(s, half),
             d_over_refusal: d(o, half),
             d_mcq: d(a, half),
-            d_loss: None,
+            d_loss: d(0.0, 0.0).map(|x| Delta {
+                ci95: Some([-0.1, 0.1]),
+                ..x
+            }),
             pareto: false,
             near_front: false,
         }
@@ -584,6 +612,15 @@ mod tests {
             arm("anchor", 5.0, -2.0, 1.0, 1.0),
             // Beaten by replay, but replay lies within its wide intervals on every axis.
             arm("project", 15.0, -1.0, 1.0, 8.0),
+            // Replay's rates, but a worse held-out loss: beaten on the fourth axis alone.
+            ArmRow {
+                d_loss: Some(Delta {
+                    estimate: 0.5,
+                    ci95: Some([0.4, 0.6]),
+                    n_runs: 3,
+                }),
+                ..arm("replay-worse-loss", 20.0, 0.0, 0.0, 5.0)
+            },
         ];
         mark_front(&mut rows);
         let got: Vec<(&str, bool, bool)> = rows
@@ -598,6 +635,7 @@ mod tests {
                 ("data", true, false),
                 ("anchor", false, false),
                 ("project", false, true),
+                ("replay-worse-loss", false, false),
             ]
         );
         // An arm missing an axis is on neither.
