@@ -215,6 +215,9 @@ pub(super) struct TradeoffPoint {
     pub front: bool,
 }
 
+/// One axis of a trade-off point: its estimate and interval.
+type Axis = dyn Fn(&TradeoffPoint) -> (f64, Option<[f64; 2]>);
+
 /// A trade-off chart: changes in points on both axes (symmetric around zero, zero lines drawn),
 /// each point with its interval whiskers, labelled beside it and in a legend.
 pub(super) fn tradeoff(
@@ -226,7 +229,7 @@ pub(super) fn tradeoff(
     let (w, h, l, b, t, r) = (640.0, 400.0, 60.0, 46.0, 30.0, 190.0);
     let pw = w - l - r;
     let ph = h - t - b;
-    let reach = |v: &dyn Fn(&TradeoffPoint) -> (f64, Option<[f64; 2]>)| {
+    let reach = |v: &Axis| {
         points
             .iter()
             .flat_map(|p| {
@@ -263,7 +266,7 @@ pub(super) fn tradeoff(
         let (y_bottom, x_end) = (t + ph, l + pw);
         let _ = write!(
             s,
-            r##"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{y_bottom}" stroke="{stroke}"/><line x1="{l}" y1="{y:.1}" x2="{x_end}" y2="{y:.1}" stroke="{stroke}"/><text x="{x:.1}" y="{y_xtick}" class="a" text-anchor="middle">{fx:+.0}</text><text x="{x_ytick}" y="{y_label:.1}" class="a" text-anchor="end">{fy:+.0}</text>"##
+            r#"<line x1="{x:.1}" y1="{t}" x2="{x:.1}" y2="{y_bottom}" stroke="{stroke}"/><line x1="{l}" y1="{y:.1}" x2="{x_end}" y2="{y:.1}" stroke="{stroke}"/><text x="{x:.1}" y="{y_xtick}" class="a" text-anchor="middle">{fx:+.0}</text><text x="{x_ytick}" y="{y_label:.1}" class="a" text-anchor="end">{fy:+.0}</text>"#
         );
     }
     let (x_mid, y_xlabel, y_mid) = (l + pw / 2.0, h - 8.0, t + ph / 2.0);

@@ -208,18 +208,15 @@ pub(super) fn study(dir: &Path) -> Result<StudyResults, ReportError> {
     })
 }
 
-/// The finished `utility` steps: (condition name, condition factors, figures), in plan order.
-fn utility_steps(
-    store: &Store,
-    plan: &StoredPlan,
-) -> Result<
-    Vec<(
-        String,
-        BTreeMap<String, String>,
-        crate::step::UtilityFigures,
-    )>,
-    ReportError,
-> {
+/// A finished `utility` step: its condition's name and factors, and what it measured.
+type UtilityStep = (
+    String,
+    BTreeMap<String, String>,
+    crate::step::UtilityFigures,
+);
+
+/// The finished `utility` steps, in plan order.
+fn utility_steps(store: &Store, plan: &StoredPlan) -> Result<Vec<UtilityStep>, ReportError> {
     let mut out = Vec::new();
     for s in plan.steps.iter().filter(|s| s.kind == "utility") {
         let Some(output) = store.step(&s.key)?.and_then(|r| r.output) else {
