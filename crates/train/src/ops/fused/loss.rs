@@ -206,32 +206,15 @@ impl CustomOp2 for LmHeadCe {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
         // Taken, not cloned: the backward pass of a graph runs once.
-        let (dh, dw) = std::mem::take(
-            &mut *self
-                .grads
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?,
-        );
-        if (self.want_h && dh.is_none()) || (self.want_w && dw.is_none()) {
-            candle_core::bail!("lm_head cross-entropy: backward ran twice over one forward pass");
-        }
-        let scale = |mut d: Vec<f32>| {
-            if g != 1.0 {
-                d.par_iter_mut().for_each(|x| *x *= g);
-            }
-            d
-        };
-        let dh = match dh {
-            Some(d) => Some(Tensor::from_vec(scale(d), hidden.shape(), hidden.device())?),
-            None => None,
-        };
-        let dw = match dw {
-            Some(d) => Some(Tensor::from_vec(scale(d), weight.shape(), weight.device())?),
-            None => None,
-        };
-        Ok((dh, dw))
+        take_scaled(
+            &self.grads,
+            (self.want_h, self.want_w),
+            "lm_head cross-entropy",
+            hidden,
+            weight,
+            grad,
+        )
     }
 }
 
@@ -412,30 +395,50 @@ impl CustomOp2 for LmHeadKl {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-        let (dh, dw) = std::mem::take(
-            &mut *self
-                .grads
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("poisoned".into()))?,
-        );
-        if (self.want_h && dh.is_none()) || (self.want_w && dw.is_none()) {
-            candle_core::bail!("lm_head KL: backward ran twice over one forward pass");
-        }
-        let scale = |mut d: Vec<f32>| {
-            if g != 1.0 {
-                d.par_iter_mut().for_each(|x| *x *= g);
-            }
-            d
-        };
-        let dh = match dh {
-            Some(d) => Some(Tensor::from_vec(scale(d), hidden.shape(), hidden.device())?),
-            None => None,
-        };
-        let dw = match dw {
-            Some(d) => Some(Tensor::from_vec(scale(d), weight.shape(), weight.device())?),
-            None => None,
-        };
-        Ok((dh, dw))
+        take_scaled(
+            &self.grads,
+            (self.want_h, self.want_w),
+            "lm_head KL",
+            hidden,
+            weight,
+            grad,
+        )
     }
+}
+
+/// The gradients a fused head op stored in its forward pass, taken (the backward pass of a
+/// graph runs once) and scaled by the incoming gradient `grad`; `want` says which of the
+/// hidden states and the head weight need one, and `what` names the op in the error.
+fn take_scaled(
+    grads: &Mutex<HeadGrads>,
+    want: (bool, bool),
+    what: &str,
+    hidden: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+    let (dh, dw) = std::mem::take(
+        &mut *grads
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?,
+    );
+    if (want.0 && dh.is_none()) || (want.1 && dw.is_none()) {
+        candle_core::bail!("{what}: backward ran twice over one forward pass");
+    }
+    let scale = |mut d: Vec<f32>| {
+        if g != 1.0 {
+            d.par_iter_mut().for_each(|x| *x *= g);
+        }
+        d
+    };
+    let dh = match dh {
+        Some(d) => Some(Tensor::from_vec(scale(d), hidden.shape(), hidden.device())?),
+        None => None,
+    };
+    let dw = match dw {
+        Some(d) => Some(Tensor::from_vec(scale(d), weight.shape(), weight.device())?),
+        None => None,
+    };
+    Ok((dh, dw))
 }
