@@ -1445,7 +1445,7 @@ mod tests {
             "[align]\nbenign = \"demo:stem\"\nsettings = { epochs = 3, learning_rate = 1e-4 }\n",
         );
         assert!(
-            e.starts_with("s.toml:10: `align.settings.learning_rate`: unknown trainer setting (accepted: alpha, batch_size, "),
+            e.starts_with("s.toml:10: `align.settings.learning_rate`: unknown trainer setting (accepted: alpha, anchor, anchor_batch_size, anchor_beta, anchor_data, batch_size, "),
             "{e}"
         );
         // The accepted keys are the trainer's, less those the step sets itself.
