@@ -114,7 +114,7 @@ impl StudyIndex {
         for s in &plan.steps {
             match s.kind.as_str() {
                 "generate" => {
-                    let cf = condition_factors(&s.factors);
+                    let cf = crate::report::condition_factors(&s.factors);
                     ix.gens.push(GenStep {
                         key: s.key.clone(),
                         condition: crate::plan::describe(&cf),
@@ -167,13 +167,6 @@ impl StudyIndex {
             .iter()
             .find(|j| j.judge == judge && j.gen_key == gen_key)
     }
-}
-
-fn condition_factors(f: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    f.iter()
-        .filter(|(k, _)| crate::report::CONDITION_FACTORS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
 }
 
 /// The sentence naming the primary judge and why it is primary, with the judge kind's

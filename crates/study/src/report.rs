@@ -70,6 +70,14 @@ pub(crate) const CONDITION_FACTORS: &[&str] = &[
     "seed",
 ];
 
+/// The factors of `f` that identify its model condition ([`CONDITION_FACTORS`]).
+pub(crate) fn condition_factors(f: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    f.iter()
+        .filter(|(k, _)| CONDITION_FACTORS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// `count` of `total`, with the Wilson 95% interval of the share.
 #[derive(Debug, Clone, Serialize)]
 pub struct Rate {

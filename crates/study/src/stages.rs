@@ -59,6 +59,10 @@ pub fn builtin_registry() -> Registry {
         )
 }
 
+/// `meta.source` of the alignment set's refusal examples (harmful train-split prompts with a
+/// refusal), which the `anchor` arm's anchor set is made of.
+pub const ALIGN_REFUSAL_SOURCE: &str = "align";
+
 fn io(path: &Path) -> impl Fn(std::io::Error) -> StageError + '_ {
     move |e| StageError::Io {
         path: path.to_path_buf(),
@@ -358,7 +362,7 @@ impl Stage for AlignDataStage {
             *split_seed,
             *test_fraction,
             0,
-            "align",
+            ALIGN_REFUSAL_SOURCE,
         )?;
         let mut counts = BTreeMap::new();
         counts.insert("refusals".to_string(), out.len());

@@ -247,7 +247,7 @@ impl Stage for TrainStage {
 
 /// The anchor set of an `anchor` arm on refusals: the examples of the alignment set (the step's
 /// last dataset input) that pair a train-split harmful prompt with a refusal, written to the
-/// step's directory. Those examples carry `meta.source = "align"`.
+/// step's directory. Those examples carry `meta.source` [`crate::stages::ALIGN_REFUSAL_SOURCE`].
 fn anchor_set(
     step: &PlannedStep,
     inputs: &[StepOutput],
@@ -271,7 +271,9 @@ fn anchor_set(
         let Ok(v) = serde_json::from_str::<Json>(line) else {
             continue;
         };
-        if v.pointer("/meta/source").and_then(Json::as_str) == Some("align") {
+        if v.pointer("/meta/source").and_then(Json::as_str)
+            == Some(crate::stages::ALIGN_REFUSAL_SOURCE)
+        {
             kept.push_str(line);
             kept.push('\n');
         }

@@ -20,21 +20,11 @@ pub fn head_loss_sum(
     labels: &[u32],
     chunk: usize,
 ) -> Result<(Tensor, usize)> {
-    let c = hidden.dim(candle_core::D::Minus1)?;
-    let flat = hidden.reshape(((), c))?; // (N, C)
-    let rows: Vec<u32> = labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l != IGNORE)
-        .map(|(i, _)| i as u32)
-        .collect();
-    if rows.is_empty() {
+    let Some((idx, targets)) = labelled_rows(labels)? else {
         return Ok((Tensor::new(0f32, &Device::Cpu)?, 0));
-    }
-    let targets: Vec<u32> = rows.iter().map(|&i| labels[i as usize]).collect();
-    let n = rows.len();
-    let idx = Tensor::from_vec(rows, n, &Device::Cpu)?;
-    let h = flat.index_select(&idx, 0)?; // (n, C)
+    };
+    let n = targets.len();
+    let h = rows_of(hidden, &idx)?; // (n, C)
     let targets = Tensor::from_vec(targets, n, &Device::Cpu)?;
     ops::lm_head_cross_entropy_sum(&h, head, &targets, -100, chunk).ctx(|| "lm_head loss".into())
 }
@@ -51,10 +41,19 @@ pub fn head_kl_sum(
     labels: &[u32],
     chunk: usize,
 ) -> Result<(Tensor, usize)> {
-    let c = hidden.dim(candle_core::D::Minus1)?;
-    let cr = ref_hidden.dim(candle_core::D::Minus1)?;
-    let flat = hidden.reshape(((), c))?; // (N, C)
-    let ref_flat = ref_hidden.reshape(((), cr))?; // (N, Cr)
+    let Some((idx, targets)) = labelled_rows(labels)? else {
+        return Ok((Tensor::new(0f32, &Device::Cpu)?, 0));
+    };
+    let n = targets.len();
+    let h = rows_of(hidden, &idx)?; // (n, C)
+    let r = rows_of(&ref_hidden.detach(), &idx)?; // (n, Cr)
+    let kl = ops::lm_head_kl_sum(&h, &r, head, ref_head, chunk).ctx(|| "lm_head KL".into())?;
+    Ok((kl, n))
+}
+
+/// The positions that carry a label, as an index tensor, and their labels; `None` when no
+/// position does.
+fn labelled_rows(labels: &[u32]) -> Result<Option<(Tensor, Vec<u32>)>> {
     let rows: Vec<u32> = labels
         .iter()
         .enumerate()
@@ -62,12 +61,15 @@ pub fn head_kl_sum(
         .map(|(i, _)| i as u32)
         .collect();
     if rows.is_empty() {
-        return Ok((Tensor::new(0f32, &Device::Cpu)?, 0));
+        return Ok(None);
     }
+    let targets = rows.iter().map(|&i| labels[i as usize]).collect();
     let n = rows.len();
-    let idx = Tensor::from_vec(rows, n, &Device::Cpu)?;
-    let h = flat.index_select(&idx, 0)?; // (n, C)
-    let r = ref_flat.detach().index_select(&idx, 0)?; // (n, Cr)
-    let kl = ops::lm_head_kl_sum(&h, &r, head, ref_head, chunk).ctx(|| "lm_head KL".into())?;
-    Ok((kl, n))
+    Ok(Some((Tensor::from_vec(rows, n, &Device::Cpu)?, targets)))
+}
+
+/// The rows `idx` of `hidden` (B, T, C) or (N, C), flattened to (n, C).
+fn rows_of(hidden: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    let c = hidden.dim(candle_core::D::Minus1)?;
+    Ok(hidden.reshape(((), c))?.index_select(idx, 0)?)
 }

@@ -297,6 +297,21 @@ pub struct TrainBlock {
     pub down: TrainLinear,
 }
 
+impl TrainBlock {
+    /// The block's seven linear layers, in checkpoint order (q, k, v, o, gate, up, down).
+    fn linears_mut(&mut self) -> [&mut TrainLinear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
+
 /// Rotary cos/sin at each row's positions: (B, T, D/2) each.
 pub struct RopeTables {
     pub cos: Tensor,
@@ -487,15 +502,7 @@ impl TrainModel {
         for b in &mut m.blocks {
             b.input_norm = plain(&b.input_norm);
             b.post_norm = plain(&b.post_norm);
-            for l in [
-                &mut b.q,
-                &mut b.k,
-                &mut b.v,
-                &mut b.o,
-                &mut b.gate,
-                &mut b.up,
-                &mut b.down,
-            ] {
+            for l in b.linears_mut() {
                 l.weight = plain(&l.weight);
                 l.bias = l.bias.as_ref().map(plain);
             }
@@ -515,15 +522,7 @@ impl TrainModel {
             .iter()
             .map(|b| {
                 let mut b = b.clone();
-                for l in [
-                    &mut b.q,
-                    &mut b.k,
-                    &mut b.v,
-                    &mut b.o,
-                    &mut b.gate,
-                    &mut b.up,
-                    &mut b.down,
-                ] {
+                for l in b.linears_mut() {
                     if let Some(lv) = &mut l.lora {
                         lv.scale = 0.0;
                         lv.dropout = 0.0;

@@ -12,7 +12,7 @@ use crate::runner::{StoredPlan, StoredStep, STORE_FILE};
 use crate::store::Store;
 
 use super::stats::{self, JudgeVerdicts};
-use super::{Condition, Rate, ReportError, Sample, StudyResults, CONDITION_FACTORS};
+use super::{Condition, Rate, ReportError, Sample, StudyResults};
 
 /// A judge or score step of the plan.
 struct EvalStep {
@@ -28,12 +28,7 @@ struct EvalStep {
 
 impl EvalStep {
     fn new(plan: &StoredPlan, s: &StoredStep) -> EvalStep {
-        let condition_factors: BTreeMap<String, String> = s
-            .factors
-            .iter()
-            .filter(|(k, _)| CONDITION_FACTORS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let condition_factors = super::condition_factors(&s.factors);
         EvalStep {
             key: s.key.clone(),
             factors: s.factors.clone(),
@@ -225,12 +220,7 @@ fn utility_steps(store: &Store, plan: &StoredPlan) -> Result<Vec<UtilityStep>, R
         let Ok(crate::step::StepOutput::Utility(u)) = serde_json::from_value(output) else {
             continue;
         };
-        let cf: BTreeMap<String, String> = s
-            .factors
-            .iter()
-            .filter(|(k, _)| CONDITION_FACTORS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let cf = super::condition_factors(&s.factors);
         out.push((crate::plan::describe(&cf), cf, u));
     }
     Ok(out)
@@ -354,12 +344,7 @@ fn effects(
     judged.sort_by_key(|j| Some(j.judge) != ix.primary.as_deref());
     let mut tune_outputs = Vec::new();
     for s in plan.steps.iter().filter(|s| s.kind == "tune") {
-        let cf: BTreeMap<String, String> = s
-            .factors
-            .iter()
-            .filter(|(k, _)| CONDITION_FACTORS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let cf = super::condition_factors(&s.factors);
         if let Some(out) = store.step(&s.key)?.and_then(|r| r.output) {
             tune_outputs.push((crate::plan::describe(&cf), out));
         }

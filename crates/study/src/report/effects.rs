@@ -30,6 +30,40 @@ const CELL_FACTORS: &[&str] = &[
     "mitigation",
 ];
 
+/// The design of some tuned runs, given as (run id, condition factors) in plan order (a run may
+/// come more than once): each cell factor that has a level, with its levels in the order met
+/// (the first is the reference of its contrasts), and each run once with its levels.
+pub(super) fn design_of<'a>(
+    runs: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, String>)>,
+) -> (Design, Vec<Run>) {
+    let mut levels: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut by_id: BTreeMap<&str, Run> = BTreeMap::new();
+    for (id, factors) in runs {
+        by_id.entry(id).or_insert_with(|| Run {
+            id: id.to_string(),
+            levels: CELL_FACTORS
+                .iter()
+                .filter_map(|f| factors.get(*f).map(|l| (f.to_string(), l.clone())))
+                .collect(),
+        });
+        for f in CELL_FACTORS {
+            if let Some(l) = factors.get(*f) {
+                let ls = levels.entry(f).or_default();
+                if !ls.contains(l) {
+                    ls.push(l.clone());
+                }
+            }
+        }
+    }
+    let design = Design {
+        factors: CELL_FACTORS
+            .iter()
+            .filter_map(|f| levels.get(f).map(|l| (f.to_string(), l.clone())))
+            .collect(),
+    };
+    (design, by_id.into_values().collect())
+}
+
 /// The report's analysis of factor effects.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct EffectsAnalysis {
@@ -88,33 +122,7 @@ pub(super) fn analyse(
     tune_outputs: &[(String, Json)],
     analysis: Option<&Json>,
 ) -> EffectsAnalysis {
-    // The design: each cell factor that has a level, with levels in plan order.
-    let mut levels: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let mut runs: BTreeMap<&str, Run> = BTreeMap::new();
-    for j in judged {
-        runs.entry(j.run).or_insert_with(|| Run {
-            id: j.run.to_string(),
-            levels: CELL_FACTORS
-                .iter()
-                .filter_map(|f| j.factors.get(*f).map(|l| (f.to_string(), l.clone())))
-                .collect(),
-        });
-        for f in CELL_FACTORS {
-            if let Some(l) = j.factors.get(*f) {
-                let ls = levels.entry(f).or_default();
-                if !ls.contains(l) {
-                    ls.push(l.clone());
-                }
-            }
-        }
-    }
-    let design = Design {
-        factors: CELL_FACTORS
-            .iter()
-            .filter_map(|f| levels.get(f).map(|l| (f.to_string(), l.clone())))
-            .collect(),
-    };
-    let runs: Vec<Run> = runs.into_values().collect();
+    let (design, runs) = design_of(judged.iter().map(|j| (j.run, j.factors)));
     let cells: BTreeSet<Vec<&String>> = runs
         .iter()
         .map(|r| design.factors.iter().map(|(f, _)| &r.levels[f]).collect())

@@ -24,7 +24,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use safetune_eval::effects::{analyze, Answer, Design, EffectRow, Outcome, Run};
+use safetune_eval::effects::dist::t_quantile;
+use safetune_eval::effects::{analyze, Answer, EffectRow, Outcome};
 
 use super::{charts, esc, pct, Condition, Rate};
 use crate::step::UtilityFigures;
@@ -127,64 +128,28 @@ pub(super) fn utility_rows(
         .collect()
 }
 
-/// Factors that make a tuned run's cell for the accuracy analysis (as for the effects).
-const CELL: &[&str] = &[
-    "model",
-    "structure",
-    "identity",
-    "roleplay",
-    "mix",
-    "selection",
-    "mitigation",
-];
-
 /// The multiple-choice accuracy changes of each arm against `none`, by arm.
 fn accuracy_effects(utility: &[UtilityRow]) -> BTreeMap<String, Delta> {
+    // The tuned runs in plan order: `none` comes first, so it is every contrast's reference.
     let tuned: Vec<&UtilityRow> = utility
         .iter()
         .filter(|u| u.factors.contains_key("mitigation"))
         .collect();
-    let mut levels: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let mut runs = Vec::new();
-    let mut answers = Vec::new();
-    for u in &tuned {
-        for f in CELL {
-            if let Some(l) = u.factors.get(*f) {
-                let ls = levels.entry(f).or_default();
-                if !ls.contains(l) {
-                    // `none` first: the reference of every contrast.
-                    if l == "none" {
-                        ls.insert(0, l.clone());
-                    } else {
-                        ls.push(l.clone());
-                    }
-                }
-            }
-        }
-        runs.push(Run {
-            id: u.condition.clone(),
-            levels: CELL
-                .iter()
-                .filter_map(|f| u.factors.get(*f).map(|l| (f.to_string(), l.clone())))
-                .collect(),
-        });
-        for (q, correct) in &u.mcq_items {
-            answers.push(Answer {
+    let answers: Vec<Answer> = tuned
+        .iter()
+        .flat_map(|u| {
+            u.mcq_items.iter().map(|(q, correct)| Answer {
                 run: u.condition.clone(),
                 prompt: q.clone(),
                 refused: *correct,
-            });
-        }
-    }
+            })
+        })
+        .collect();
     if answers.is_empty() {
         return BTreeMap::new();
     }
-    let design = Design {
-        factors: CELL
-            .iter()
-            .filter_map(|f| levels.get(f).map(|l| (f.to_string(), l.clone())))
-            .collect(),
-    };
+    let (design, runs) =
+        super::effects::design_of(tuned.iter().map(|u| (u.condition.as_str(), &u.factors)));
     analyze(&design, &runs, &answers, Outcome::Utility)
         .effects
         .iter()
@@ -222,7 +187,7 @@ fn loss_change(utility: &[UtilityRow], arm: &str) -> Option<Delta> {
     let mean = diffs.iter().sum::<f64>() / n;
     let ci95 = (diffs.len() >= 2).then(|| {
         let var = diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0);
-        let half = t975(diffs.len() - 1) * (var / n).sqrt();
+        let half = t_quantile(0.975, n - 1.0) * (var / n).sqrt();
         [mean - half, mean + half]
     });
     Some(Delta {
@@ -230,20 +195,6 @@ fn loss_change(utility: &[UtilityRow], arm: &str) -> Option<Delta> {
         ci95,
         n_runs: diffs.len(),
     })
-}
-
-/// The 97.5% quantile of Student's t with `df` degrees of freedom.
-fn t975(df: usize) -> f64 {
-    const T: [f64; 10] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    ];
-    match df {
-        0 => f64::NAN,
-        1..=10 => T[df - 1],
-        11..=20 => 2.1,
-        21..=40 => 2.04,
-        _ => 1.98,
-    }
 }
 
 fn pool(rates: impl Iterator<Item = Rate>) -> Option<Rate> {
