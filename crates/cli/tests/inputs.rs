@@ -218,7 +218,7 @@ fn generate_judge_prompts_export_and_utility_take_demo_sets() {
     let cfg = e.path("study.toml");
     std::fs::write(
         &cfg,
-        "[study]\nname = \"t\"\n[data]\nbase = \"demo:medical\"\nlimit = 4\n[factors]\nstructure = [\"keep\", \"plain\"]\n[export]\nbase_model = \"meta-llama/Llama-3.2-1B-Instruct\"\n",
+        "[study]\nname = \"t\"\n[data]\nbase = \"demo:medical\"\nlimit = 4\n[factors]\nstructure = [\"keep\", \"plain\"]\n[export]\nbase_model = \"meta-llama/Llama-3.2-1B-Instruct\"\ntemplate = \"llama3\"\n",
     )
     .unwrap();
     let out = e.path("export");

@@ -84,6 +84,11 @@ pub struct StudySection {
     /// the study gets the same sample; a larger `limit` draws a superset).
     #[serde(default)]
     pub sample_seed: u64,
+    /// A directory the external trainers and the model servers both see (a shared
+    /// filesystem): external align/tune steps write their data, config and output under it.
+    /// Checked when a study starts: it must exist and be writable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_dir: Option<PathBuf>,
 }
 
 fn default_seeds() -> Vec<u64> {
@@ -114,6 +119,11 @@ pub struct ModelConfig {
     /// openai: specs: send the key over plain http to a server that is not loopback.
     #[serde(default)]
     pub allow_insecure: bool,
+    /// The trainer's view of this model for external backends (`{base_model}`): a Hugging
+    /// Face id or a directory. Required for an `openai:` model tuned by an external backend;
+    /// default: the spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_model: Option<String>,
 }
 
 impl ModelConfig {
@@ -441,6 +451,25 @@ pub struct AlignSection {
     /// against the trainer's keys when the config is loaded.
     #[serde(default)]
     pub settings: toml::Table,
+    /// Who trains: `local` (safetune-train, default), `llama-factory`, `axolotl`, `trl` or
+    /// `command` (see `crate::external_train`).
+    #[serde(default)]
+    pub backend: crate::external_train::Backend,
+    /// The trainer's command template (required for `command`; overrides the backend's
+    /// default otherwise). Placeholders: {config}, {data}, {data_dir}, {output_dir},
+    /// {base_model}, {seed}, {name}, {step_dir}, {args}.
+    pub command: Option<String>,
+    /// A wrapper put in front of the command (`srun`, `sbatch --wait --parsable job.sh`).
+    pub launcher: Option<String>,
+    /// Environment variables of the trainer's process (e.g. `{ FORCE_TORCHRUN = "1" }`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// External train steps run at once (each a child process); local steps run one at a time.
+    #[serde(default = "one_parallel")]
+    pub max_parallel_train: usize,
+    /// Keys written into the trainer's own config as they are (not validated here).
+    #[serde(default)]
+    pub backend_settings: toml::Table,
 }
 
 /// A limit for every source (`79`) or one per source (`[79, 20]`).
@@ -514,6 +543,69 @@ pub struct TuneSection {
     /// Trainer settings, checked against the trainer's keys when the config is loaded.
     #[serde(default)]
     pub settings: toml::Table,
+    /// Who trains: `local` (safetune-train, default), `llama-factory`, `axolotl`, `trl` or
+    /// `command` (see `crate::external_train`).
+    #[serde(default)]
+    pub backend: crate::external_train::Backend,
+    /// The trainer's command template (required for `command`; overrides the backend's
+    /// default otherwise). Placeholders: {config}, {data}, {data_dir}, {output_dir},
+    /// {base_model}, {seed}, {name}, {step_dir}, {args}.
+    pub command: Option<String>,
+    /// A wrapper put in front of the command (`srun`, `sbatch --wait --parsable job.sh`).
+    pub launcher: Option<String>,
+    /// Environment variables of the trainer's process (e.g. `{ FORCE_TORCHRUN = "1" }`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// External train steps run at once (each a child process); local steps run one at a time.
+    #[serde(default = "one_parallel")]
+    pub max_parallel_train: usize,
+    /// Keys written into the trainer's own config as they are (not validated here).
+    #[serde(default)]
+    pub backend_settings: toml::Table,
+}
+
+fn one_parallel() -> usize {
+    1
+}
+
+/// The trainer options `[align]` and `[tune]` share, beside `settings`.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainerOptions<'a> {
+    pub backend: crate::external_train::Backend,
+    pub command: Option<&'a str>,
+    pub launcher: Option<&'a str>,
+    pub env: &'a BTreeMap<String, String>,
+    pub max_parallel_train: usize,
+    pub backend_settings: &'a toml::Table,
+    pub settings: &'a toml::Table,
+}
+
+impl AlignSection {
+    pub fn trainer(&self) -> TrainerOptions<'_> {
+        TrainerOptions {
+            backend: self.backend,
+            command: self.command.as_deref(),
+            launcher: self.launcher.as_deref(),
+            env: &self.env,
+            max_parallel_train: self.max_parallel_train,
+            backend_settings: &self.backend_settings,
+            settings: &self.settings,
+        }
+    }
+}
+
+impl TuneSection {
+    pub fn trainer(&self) -> TrainerOptions<'_> {
+        TrainerOptions {
+            backend: self.backend,
+            command: self.command.as_deref(),
+            launcher: self.launcher.as_deref(),
+            env: &self.env,
+            max_parallel_train: self.max_parallel_train,
+            backend_settings: &self.backend_settings,
+            settings: &self.settings,
+        }
+    }
 }
 
 /// `[tune] match`: what the variants' runs hold equal.
@@ -551,6 +643,9 @@ pub struct AnalysisSection {
     pub judge_rows_per_s: Option<f64>,
     /// Characters per token of the chat-rendered training text (the token estimate).
     pub chars_per_token: Option<f64>,
+    /// External trainers' speed, input tokens per second per GPU (the dry run's GPU-hours;
+    /// default `safetune_study::power::GPU_TRAIN_TOKENS_PER_S`).
+    pub gpu_tokens_per_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -744,69 +839,16 @@ pub struct SelectionSection {
     pub strategies: Vec<SelectStrategy>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[export]`: overrides of what `safetune export` takes from the study (the training
+/// settings always come from `[tune]`/`[align]`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSection {
-    /// The base model the exported trainer configs tune (a hub name or path).
-    pub base_model: String,
-    /// LLaMA-Factory chat template name.
-    #[serde(default = "default_template")]
-    pub template: String,
-    #[serde(default = "default_rank")]
-    pub lora_rank: usize,
-    #[serde(default = "default_alpha")]
-    pub lora_alpha: usize,
-    #[serde(default = "default_lr")]
-    pub learning_rate: f64,
-    #[serde(default = "default_epochs")]
-    pub epochs: f64,
-    #[serde(default = "default_seq")]
-    pub sequence_len: usize,
-    #[serde(default = "default_mbs")]
-    pub micro_batch_size: usize,
-    #[serde(default = "default_ga")]
-    pub gradient_accumulation_steps: usize,
-}
-
-fn default_template() -> String {
-    "llama3".into()
-}
-fn default_rank() -> usize {
-    8
-}
-fn default_alpha() -> usize {
-    16
-}
-fn default_lr() -> f64 {
-    1e-4
-}
-fn default_epochs() -> f64 {
-    3.0
-}
-fn default_seq() -> usize {
-    2048
-}
-fn default_mbs() -> usize {
-    4
-}
-fn default_ga() -> usize {
-    4
-}
-
-impl Default for ExportSection {
-    fn default() -> Self {
-        ExportSection {
-            base_model: "meta-llama/Llama-3.1-8B-Instruct".into(),
-            template: default_template(),
-            lora_rank: default_rank(),
-            lora_alpha: default_alpha(),
-            learning_rate: default_lr(),
-            epochs: default_epochs(),
-            sequence_len: default_seq(),
-            micro_batch_size: default_mbs(),
-            gradient_accumulation_steps: default_ga(),
-        }
-    }
+    /// The model the exported configs tune (a hub id or path); default: the first model's
+    /// `train_model`, else its spec.
+    pub base_model: Option<String>,
+    /// LLaMA-Factory's chat template name (else `[tune] backend_settings.template`).
+    pub template: Option<String>,
 }
 
 impl StudyConfig {
@@ -827,6 +869,7 @@ impl StudyConfig {
         })?;
         cfg.validate(path)?;
         cfg.check_trainer_settings(text, path)?;
+        cfg.check_external(text, path)?;
         Ok(cfg)
     }
 
@@ -881,6 +924,155 @@ impl StudyConfig {
                 },
             });
         }
+        Ok(())
+    }
+
+    /// Checks the external trainer options of `[align]` and `[tune]`: a `command` for the
+    /// `command` backend, known placeholders, settings every chosen backend can take (the
+    /// mapping of [`crate::external_train::MAPPING`]), a `train_model` for `openai:` models.
+    fn check_external(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        use crate::external_train::{check_template, map_settings, Backend};
+        let bad = |field: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message,
+        };
+        let sections = [
+            ("align", self.align.as_ref().map(AlignSection::trainer)),
+            ("tune", self.tune.as_ref().map(TuneSection::trainer)),
+        ];
+        for (section, t) in sections {
+            let Some(t) = t else { continue };
+            if t.max_parallel_train == 0 {
+                return Err(bad(
+                    format!("{section}.max_parallel_train"),
+                    "must be at least 1".into(),
+                ));
+            }
+            if t.backend == Backend::Local {
+                for (field, set) in [
+                    ("command", t.command.is_some()),
+                    ("launcher", t.launcher.is_some()),
+                    ("env", !t.env.is_empty()),
+                    ("backend_settings", !t.backend_settings.is_empty()),
+                ] {
+                    if set {
+                        return Err(bad(
+                            format!("{section}.{field}"),
+                            "is read by external backends only: set `backend` (llama-factory, axolotl, trl or command)".into(),
+                        ));
+                    }
+                }
+                continue;
+            }
+            let b = t.backend.as_str();
+            if t.backend == Backend::Command && t.command.is_none() {
+                return Err(bad(
+                    format!("{section}.command"),
+                    "the `command` backend needs a command template, e.g. \"my-trainer --config {config}\"".into(),
+                ));
+            }
+            for (field, v) in [("command", t.command), ("launcher", t.launcher)] {
+                if let Some(v) = v {
+                    check_template(v).map_err(|m| bad(format!("{section}.{field}"), m))?;
+                }
+            }
+            for k in [
+                "model",
+                "data",
+                "output",
+                "model_name_or_path",
+                "base_model",
+                "output_dir",
+                "dataset_dir",
+                "datasets",
+            ] {
+                if t.backend_settings.contains_key(k) {
+                    return Err(bad(
+                        format!("{section}.backend_settings.{k}"),
+                        "set by the step itself (the model, its data and its output)".into(),
+                    ));
+                }
+            }
+            if t.backend == Backend::LlamaFactory && !t.backend_settings.contains_key("template") {
+                return Err(bad(
+                    format!("{section}.backend_settings.template"),
+                    "llama-factory needs its chat template's name (e.g. template = \"llama3\" or \"qwen\")".into(),
+                ));
+            }
+            if t.backend != Backend::Command {
+                if let Err(e) = map_settings(t.backend, t.settings) {
+                    let field = format!("{section}.settings.{}", e.key);
+                    return Err(match settings_line(text, section, &e.key) {
+                        Some(line) => ConfigError::At {
+                            path: path.to_path_buf(),
+                            line,
+                            field,
+                            message: format!("backend `{b}`: {}", e.message),
+                        },
+                        None => bad(field, format!("backend `{b}`: {}", e.message)),
+                    });
+                }
+            }
+            if section == "tune" {
+                if self
+                    .tune
+                    .as_ref()
+                    .is_some_and(|x| x.match_ == TrainMatch::Tokens)
+                {
+                    return Err(bad(
+                        "tune.match".into(),
+                        format!("`tokens` counts tokens with the local trainer's tokenizer and cuts runs in its optimizer steps; backend `{b}` trains by epochs (use match = \"steps\")"),
+                    ));
+                }
+                if self
+                    .mitigations
+                    .as_ref()
+                    .is_some_and(|m| m.anchor.is_some())
+                {
+                    return Err(bad(
+                        "mitigations.anchor".into(),
+                        format!("the anchor arm sets the trainer's anchor keys (anchor, anchor_beta, ...), which have no equivalent in backend `{b}`"),
+                    ));
+                }
+            }
+            for (i, m) in self.models.iter().enumerate() {
+                let remote = m.spec.starts_with("openai:");
+                if remote && section == "align" {
+                    return Err(bad(
+                        "align.backend".into(),
+                        format!("models[{i}] `{}` is served over HTTP: an aligned model is a merged model, which the server must load as its base; align it with the trainer, serve the merged model and list that as the model (without [align])", m.name),
+                    ));
+                }
+                let needs = remote || (t.backend != Backend::Command && m.spec.ends_with(".gguf"));
+                if needs && m.train_model.as_deref().is_none_or(|x| x.trim().is_empty()) {
+                    return Err(bad(
+                        format!("models[{i}].train_model"),
+                        format!("backend `{b}` trains `{}` as the trainer sees it: set train_model to its Hugging Face id or directory", m.spec),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks `[study] shared_dir` (when set): it exists and a file can be written there.
+    /// Called when a study starts, not when the config is read (a dry run needs no cluster).
+    pub fn check_shared_dir(&self) -> Result<(), ConfigError> {
+        let Some(d) = &self.study.shared_dir else {
+            return Ok(());
+        };
+        let bad = |message: String| ConfigError::Invalid {
+            path: d.clone(),
+            field: "study.shared_dir".into(),
+            message,
+        };
+        if !d.is_dir() {
+            return Err(bad("does not exist (or is not a directory); create it on the filesystem the trainers and servers share".into()));
+        }
+        let probe = d.join(format!(".safetune-write-test-{}", std::process::id()));
+        std::fs::write(&probe, b"ok").map_err(|e| bad(format!("is not writable: {e}")))?;
+        let _ = std::fs::remove_file(&probe);
         Ok(())
     }
 
@@ -940,6 +1132,7 @@ impl StudyConfig {
             ("analysis.generate_tokens_per_s", an.generate_tokens_per_s),
             ("analysis.judge_rows_per_s", an.judge_rows_per_s),
             ("analysis.chars_per_token", an.chars_per_token),
+            ("analysis.gpu_tokens_per_s", an.gpu_tokens_per_s),
         ] {
             if v.is_some_and(|x| !(x > 0.0 && x.is_finite())) {
                 return Err(bad(field, "must be a number > 0".into()));

@@ -1,14 +1,16 @@
-//! `safetune export --to llama-factory|axolotl`: writes the study's dataset variants (and the
-//! alignment set, if the study has one) with a matching training config per variant, so large
-//! models can be tuned on those trainers and evaluated back here by listing the tuned
-//! checkpoints as `[[models]]`.
+//! `safetune export --to llama-factory|axolotl|trl`: writes the study's dataset variants (and
+//! the alignment set, if the study has one) with a training config per variant, made from the
+//! study itself: the model is the first `[[models]]` entry's `train_model` (else its spec; an
+//! `[export] base_model` overrides it) and the settings are `[tune]`'s (`[align]`'s for the
+//! alignment set), written through the same mapping as the external trainer backends
+//! ([`crate::external_train::MAPPING`]), so the exported runs train what the study's tune
+//! steps train.
 //!
-//! Layout of the output directory:
-//! - LLaMA-Factory: `data/NAME.json` (OpenAI-style `messages` records), `data/dataset_info.json`,
-//!   `NAME.yaml` per variant (`llamafactory-cli train NAME.yaml`);
-//! - Axolotl: `data/NAME.jsonl` (`messages` records), `NAME.yaml` with a `chat_template`
-//!   dataset (`axolotl train NAME.yaml`);
-//! - both: `export.json`, the list of variants with their factor levels, files and commands.
+//! Layout of the output directory, one folder per variant `NAME/`: `data/` (LLaMA-Factory:
+//! `train.json` and `dataset_info.json`; Axolotl: messages JSONL; TRL: prompt-completion
+//! JSONL), the config (`train.yaml`; TRL: `trl_args.txt`, its flags) and `output/` for the
+//! trainer's adapter; `export.json` lists the variants with their factor levels, files and
+//! exact commands.
 //!
 //! The variants are made by the study's own transform/mix steps (run and cached in
 //! `OUT/.study`), so they are the very files a local study would tune on.
@@ -17,12 +19,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use serde_json::{json, Value as Json};
 
-use safetune_data::read::{read_all, ReadOptions};
-use safetune_data::Conversation;
-
-use crate::config::{ExportSection, StudyConfig};
+use crate::config::{StudyConfig, TrainerOptions};
+use crate::external_train::{
+    command_line, trainer_config, write_data, Backend, ExternalTrain, JobPaths,
+};
 use crate::plan::{plan, Plan, PlanError};
 use crate::runner::{run_plan, RunError, RunEvent};
 use crate::stages::builtin_registry;
@@ -34,6 +35,18 @@ use crate::store::Store;
 pub enum Target {
     LlamaFactory,
     Axolotl,
+    Trl,
+}
+
+impl Target {
+    /// The external backend that trains for this target.
+    pub fn backend(self) -> Backend {
+        match self {
+            Target::LlamaFactory => Backend::LlamaFactory,
+            Target::Axolotl => Backend::Axolotl,
+            Target::Trl => Backend::Trl,
+        }
+    }
 }
 
 impl std::str::FromStr for Target {
@@ -42,8 +55,9 @@ impl std::str::FromStr for Target {
         match s {
             "llama-factory" | "llamafactory" => Ok(Target::LlamaFactory),
             "axolotl" => Ok(Target::Axolotl),
+            "trl" => Ok(Target::Trl),
             _ => Err(format!(
-                "unknown export target `{s}` (expected llama-factory or axolotl)"
+                "unknown export target `{s}` (expected llama-factory, axolotl or trl)"
             )),
         }
     }
@@ -61,6 +75,9 @@ pub enum ExportError {
     Data(#[from] safetune_data::DataError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The study cannot be written for the target (its model or settings); names the key.
+    #[error("`{field}`: {message}")]
+    Settings { field: String, message: String },
     #[error("{path}: {source}", path = path.display())]
     Io {
         path: PathBuf,
@@ -96,11 +113,6 @@ fn safe_name(s: &str) -> String {
             }
         })
         .collect()
-}
-
-/// A YAML double-quoted scalar (JSON string escapes are valid YAML).
-fn q(s: &str) -> String {
-    Json::String(s.to_string()).to_string()
 }
 
 /// Only the dataset-producing steps of a plan (transform, mix, alignment set), reindexed.
@@ -149,14 +161,68 @@ fn variant_name(
     safe_name(&n)
 }
 
+/// The model the exported configs train: `[export] base_model`, else the first model's
+/// `train_model`, else its spec (an `hf:` spec without its prefix).
+fn base_model(cfg: &StudyConfig) -> Result<String, ExportError> {
+    if let Some(b) = cfg.export.as_ref().and_then(|e| e.base_model.clone()) {
+        return Ok(b);
+    }
+    let bad = |field: &str, message: &str| ExportError::Settings {
+        field: field.into(),
+        message: message.into(),
+    };
+    let m = cfg.models.first().ok_or_else(|| {
+        bad(
+            "models",
+            "the study lists no model: add a [[models]] entry with train_model, or set [export] base_model",
+        )
+    })?;
+    if let Some(t) = &m.train_model {
+        return Ok(t.clone());
+    }
+    if m.spec.starts_with("openai:") {
+        return Err(bad(
+            "models[0].train_model",
+            "the model is served over HTTP: set train_model to its Hugging Face id or directory",
+        ));
+    }
+    let spec = crate::config::resolve_model_spec(&m.spec).unwrap_or_else(|_| m.spec.clone());
+    Ok(spec.strip_prefix("hf:").map(String::from).unwrap_or(spec))
+}
+
 pub fn export(
     cfg: &StudyConfig,
     target: Target,
     out: &Path,
     events: &mut dyn FnMut(&RunEvent),
 ) -> Result<ExportSummary, ExportError> {
+    let backend = target.backend();
+    let model = base_model(cfg)?;
+    // The trainer options of the study's sections, when they name this backend.
+    let section = |t: Option<TrainerOptions<'_>>| -> (toml::Table, Option<String>, toml::Table) {
+        match t {
+            Some(t) if t.backend == backend => (
+                t.settings.clone(),
+                t.command.map(String::from),
+                t.backend_settings.clone(),
+            ),
+            Some(t) => (t.settings.clone(), None, toml::Table::new()),
+            None => (toml::Table::new(), None, toml::Table::new()),
+        }
+    };
+    let tune = section(cfg.tune.as_ref().map(|t| t.trainer()));
+    let align = section(cfg.align.as_ref().map(|a| a.trainer()));
+    let template = cfg.export.as_ref().and_then(|e| e.template.clone());
     let full = plan(cfg)?;
     let dplan = dataset_plan(&full);
+    std::fs::create_dir_all(out).map_err(|e| ExportError::Io {
+        path: out.to_path_buf(),
+        source: e,
+    })?;
+    let out_abs = std::fs::canonicalize(out).map_err(|e| ExportError::Io {
+        path: out.to_path_buf(),
+        source: e,
+    })?;
     let work = out.join(".study");
     let config_json = serde_json::to_value(cfg).unwrap_or_default();
     let summary = run_plan(&dplan, &config_json, &work, &builtin_registry(), events)?;
@@ -165,15 +231,7 @@ pub fn export(
     }
     let store = Store::open_read_only(&work.join(crate::runner::STORE_FILE))?;
     let keys = crate::runner::step_keys(&dplan);
-    let settings = cfg.export.clone().unwrap_or_default();
-    let data_dir = out.join("data");
-    std::fs::create_dir_all(&data_dir).map_err(|e| ExportError::Io {
-        path: data_dir.clone(),
-        source: e,
-    })?;
     let mut variants = Vec::new();
-    let mut dataset_info = serde_json::Map::new();
-    // A dataset step that feeds a mix step at level 0 is exported once, under its own name.
     for (i, s) in dplan.steps.iter().enumerate() {
         let rec = store.step(&keys[i])?;
         let Some(out_json) = rec.and_then(|r| r.output) else {
@@ -190,68 +248,56 @@ pub fn export(
             .get("seed")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let (convs, _) = read_all(&path, &ReadOptions::default())?;
-        let (data, config, command) = match target {
-            Target::LlamaFactory => {
-                let file = data_dir.join(format!("{name}.json"));
-                let records: Vec<Json> = convs.iter().map(messages_record).collect();
-                write_text(
-                    &file,
-                    &(serde_json::to_string_pretty(&records).unwrap_or_default() + "\n"),
-                )?;
-                dataset_info.insert(
-                    name.clone(),
-                    json!({
-                        "file_name": format!("{name}.json"),
-                        "formatting": "sharegpt",
-                        "columns": {"messages": "messages"},
-                        "tags": {
-                            "role_tag": "role",
-                            "content_tag": "content",
-                            "user_tag": "user",
-                            "assistant_tag": "assistant",
-                            "system_tag": "system"
-                        }
-                    }),
-                );
-                let yaml = llama_factory_yaml(&name, &s.label, seed, &settings);
-                let cfg_path = out.join(format!("{name}.yaml"));
-                write_text(&cfg_path, &yaml)?;
-                (
-                    file,
-                    cfg_path,
-                    format!("llamafactory-cli train {name}.yaml"),
-                )
-            }
-            Target::Axolotl => {
-                let file = data_dir.join(format!("{name}.jsonl"));
-                let mut text = String::new();
-                for c in &convs {
-                    text.push_str(&messages_record(c).to_string());
-                    text.push('\n');
-                }
-                write_text(&file, &text)?;
-                let yaml = axolotl_yaml(&name, &s.label, seed, &settings);
-                let cfg_path = out.join(format!("{name}.yaml"));
-                write_text(&cfg_path, &yaml)?;
-                (file, cfg_path, format!("axolotl train {name}.yaml"))
-            }
+        let (sname, (settings, command, mut extra)) = if s.kind() == StepKind::AlignData {
+            ("align", align.clone())
+        } else {
+            ("tune", tune.clone())
         };
+        if let Some(t) = &template {
+            extra.insert("template".into(), toml::Value::String(t.clone()));
+        }
+        if backend == Backend::LlamaFactory && !extra.contains_key("template") {
+            return Err(ExportError::Settings {
+                field: format!("{sname}.backend_settings.template"),
+                message: "LLaMA-Factory needs its chat template's name: set [export] template or [tune] backend_settings.template (e.g. \"llama3\", \"qwen\")".into(),
+            });
+        }
+        let ext = ExternalTrain {
+            backend,
+            command: command
+                .or_else(|| backend.default_command().map(String::from))
+                .unwrap_or_default(),
+            launcher: None,
+            env: Default::default(),
+            backend_settings: serde_json::to_value(&extra).unwrap_or_default(),
+            base_model: model.clone(),
+            max_parallel_train: 1,
+            shared_dir: None,
+        };
+        let settings = serde_json::to_value(&settings).unwrap_or_default();
+        let paths = JobPaths::new(backend, &out_abs.join(&name));
+        write_data(backend, &path, &paths)
+            .map_err(|e| ExportError::Step(name.clone(), e.to_string()))?;
+        let (text, args) = trainer_config(&ext, &settings, seed, &model, &paths, &s.label)
+            .map_err(|e| ExportError::Settings {
+                field: format!("{sname}.settings.{}", e.key),
+                message: format!("backend `{}`: {}", backend.as_str(), e.message),
+            })?;
+        write_text(&paths.config, &text)?;
+        let command = command_line(&ext, &paths, &model, seed, &name, &args).map_err(|m| {
+            ExportError::Settings {
+                field: format!("{sname}.command"),
+                message: m,
+            }
+        })?;
         variants.push(ExportedVariant {
             name,
             factors: s.factors.clone(),
             examples,
-            data,
-            config,
+            data: paths.data.clone(),
+            config: paths.config.clone(),
             command,
         });
-    }
-    if target == Target::LlamaFactory {
-        let p = data_dir.join("dataset_info.json");
-        write_text(
-            &p,
-            &(serde_json::to_string_pretty(&Json::Object(dataset_info)).unwrap_or_default() + "\n"),
-        )?;
     }
     let summary = ExportSummary {
         target,
@@ -265,119 +311,9 @@ pub fn export(
     Ok(summary)
 }
 
-/// `{"messages": [{"role", "content"}, ...]}`.
-fn messages_record(c: &Conversation) -> Json {
-    json!({
-        "messages": c.messages.iter().map(|m| json!({"role": m.role.as_str(), "content": m.content})).collect::<Vec<_>>()
-    })
-}
-
 fn write_text(path: &Path, text: &str) -> Result<(), ExportError> {
     std::fs::write(path, text).map_err(|e| ExportError::Io {
         path: path.to_path_buf(),
         source: e,
     })
-}
-
-fn llama_factory_yaml(name: &str, label: &str, seed: u64, s: &ExportSection) -> String {
-    format!(
-        "# Written by safetune export for: {label}\n\
-         # Run from this directory: llamafactory-cli train {name}.yaml\n\
-         ### model\n\
-         model_name_or_path: {model}\n\
-         \n\
-         ### method\n\
-         stage: sft\n\
-         do_train: true\n\
-         finetuning_type: lora\n\
-         lora_rank: {rank}\n\
-         lora_alpha: {alpha}\n\
-         lora_target: all\n\
-         \n\
-         ### dataset\n\
-         dataset: {dataset}\n\
-         dataset_dir: data\n\
-         template: {template}\n\
-         cutoff_len: {cutoff}\n\
-         overwrite_cache: true\n\
-         preprocessing_num_workers: 8\n\
-         \n\
-         ### output\n\
-         output_dir: {output}\n\
-         logging_steps: 10\n\
-         save_strategy: epoch\n\
-         plot_loss: true\n\
-         overwrite_output_dir: true\n\
-         \n\
-         ### train\n\
-         per_device_train_batch_size: {mbs}\n\
-         gradient_accumulation_steps: {ga}\n\
-         learning_rate: {lr}\n\
-         num_train_epochs: {epochs:?}\n\
-         lr_scheduler_type: cosine\n\
-         warmup_ratio: 0.1\n\
-         bf16: true\n\
-         seed: {seed}\n",
-        model = q(&s.base_model),
-        rank = s.lora_rank,
-        alpha = s.lora_alpha,
-        dataset = q(name),
-        template = q(&s.template),
-        cutoff = s.sequence_len,
-        output = q(&format!("saves/{name}")),
-        mbs = s.micro_batch_size,
-        ga = s.gradient_accumulation_steps,
-        lr = s.learning_rate,
-        epochs = s.epochs,
-    )
-}
-
-fn axolotl_yaml(name: &str, label: &str, seed: u64, s: &ExportSection) -> String {
-    format!(
-        "# Written by safetune export for: {label}\n\
-         # Run from this directory: axolotl train {name}.yaml\n\
-         base_model: {model}\n\
-         chat_template: tokenizer_default\n\
-         datasets:\n\
-         \x20 - path: {path}\n\
-         \x20   type: chat_template\n\
-         \x20   field_messages: messages\n\
-         \x20   message_property_mappings:\n\
-         \x20     role: role\n\
-         \x20     content: content\n\
-         \x20   roles_to_train:\n\
-         \x20     - assistant\n\
-         dataset_prepared_path: {prepared}\n\
-         val_set_size: 0.0\n\
-         output_dir: {output}\n\
-         \n\
-         adapter: lora\n\
-         lora_r: {rank}\n\
-         lora_alpha: {alpha}\n\
-         lora_dropout: 0.05\n\
-         lora_target_linear: true\n\
-         \n\
-         sequence_len: {seq}\n\
-         sample_packing: false\n\
-         micro_batch_size: {mbs}\n\
-         gradient_accumulation_steps: {ga}\n\
-         num_epochs: {epochs:?}\n\
-         learning_rate: {lr}\n\
-         optimizer: adamw_torch\n\
-         lr_scheduler: cosine\n\
-         warmup_ratio: 0.1\n\
-         bf16: auto\n\
-         seed: {seed}\n",
-        model = q(&s.base_model),
-        path = q(&format!("data/{name}.jsonl")),
-        prepared = q(&format!("prepared/{name}")),
-        output = q(&format!("outputs/{name}")),
-        rank = s.lora_rank,
-        alpha = s.lora_alpha,
-        seq = s.sequence_len,
-        mbs = s.micro_batch_size,
-        ga = s.gradient_accumulation_steps,
-        lr = s.learning_rate,
-        epochs = s.epochs,
-    )
 }

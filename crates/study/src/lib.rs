@@ -21,13 +21,16 @@
 //!   Parquet through the small writer in [`parquet`]);
 //! - [`view`]: `safetune view`, a local web view of a study (progress, results, answers,
 //!   labelling);
-//! - [`export`]: dataset variants and trainer configs for LLaMA-Factory and Axolotl;
+//! - [`external_train`]: external trainer backends of align/tune steps (LLaMA-Factory,
+//!   Axolotl, TRL, any command): the settings mapping, configs, running and validation;
+//! - [`export`]: dataset variants and trainer configs for LLaMA-Factory, Axolotl and TRL;
 //! - [`quickstart`]: `safetune quickstart`.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod export;
+pub mod external_train;
 pub mod hash;
 pub mod judge_stage;
 pub mod labels;

@@ -204,6 +204,41 @@ pub fn plan(cfg: &StudyConfig) -> Result<Plan, PlanError> {
     })
 }
 
+/// The external trainer of an align/tune step of model `m` (`None` for the local trainer).
+pub fn external(
+    cfg: &StudyConfig,
+    m: &ModelConfig,
+    t: crate::config::TrainerOptions<'_>,
+) -> Option<crate::external_train::ExternalTrain> {
+    use crate::external_train::{Backend, ExternalTrain};
+    if t.backend == Backend::Local {
+        return None;
+    }
+    let command = t
+        .command
+        .map(String::from)
+        .or_else(|| t.backend.default_command().map(String::from))
+        .unwrap_or_default();
+    let base_model = m.train_model.clone().unwrap_or_else(|| {
+        let spec = resolve_model_spec(&m.spec).unwrap_or_else(|_| m.spec.clone());
+        spec.strip_prefix("hf:").map(String::from).unwrap_or(spec)
+    });
+    Some(ExternalTrain {
+        backend: t.backend,
+        command,
+        launcher: t.launcher.map(String::from),
+        env: t.env.clone(),
+        backend_settings: serde_json::to_value(t.backend_settings).unwrap_or_default(),
+        base_model,
+        max_parallel_train: t.max_parallel_train,
+        shared_dir: cfg
+            .study
+            .shared_dir
+            .as_ref()
+            .map(|d| d.join(crate::external_train::run_name(&cfg.study.name))),
+    })
+}
+
 /// The judges of the study: its `[[judges]]`, or the keyword judge when it lists none.
 fn judges(cfg: &StudyConfig) -> Vec<JudgeConfig> {
     if !cfg.judges.is_empty() {
@@ -711,6 +746,7 @@ impl Planner<'_> {
                 spec: StepSpec::Align {
                     settings: serde_json::to_value(&a.settings).unwrap_or_default(),
                     allow_truncation: a.allow_truncation,
+                    external: external(cfg, m, a.trainer()),
                 },
                 deps: vec![model_step, ad],
                 factors: f.clone(),
@@ -873,6 +909,7 @@ impl Planner<'_> {
                 allow_truncation: t.allow_truncation,
                 match_tokens: baseline.is_some(),
                 anchor_refusals: anchor.as_ref().is_some_and(|a| a.align_data.is_some()),
+                external: external(self.cfg, m, t.trainer()),
             },
             // The anchor set (the alignment set's refusals) comes after the tuning data and
             // the baseline, so the train stage finds them by position.

@@ -121,9 +121,17 @@ pub struct TrainEstimate {
     pub input_tokens: f64,
     /// Whether the step trains a local model (wall time estimated).
     pub local: bool,
+    /// Whether an external trainer runs the step (GPU-hours estimated).
+    pub external: bool,
     /// Time per input token relative to plain LoRA SFT ([`ANCHOR_COST`] for an anchored run).
     pub cost: f64,
 }
+
+/// The assumed speed of an external trainer, input tokens per second per GPU, for `--dry-run`'s
+/// GPU-hours: LoRA SFT of a 7-8B model in bf16 on one 80 GB data-centre GPU. An assumption
+/// (nothing here has such a GPU to measure it), stated in the dry run; set your own with
+/// `[analysis] gpu_tokens_per_s`.
+pub const GPU_TRAIN_TOKENS_PER_S: f64 = 2500.0;
 
 /// Time of an anchored tune step (`anchor = "base"`, on an anchor set) relative to the same
 /// step without the anchor. Measured on `examples/mitigations-smollm2.toml` (2026-12-05, this
@@ -159,6 +167,12 @@ pub struct Compute {
     pub judge_s: f64,
     pub utility_s: f64,
     pub rates: Rates,
+    /// External trainers: input tokens per second per GPU assumed (`[analysis]
+    /// gpu_tokens_per_s`, default [`GPU_TRAIN_TOKENS_PER_S`]), and the GPU-hours that gives.
+    pub gpu_tokens_per_s: f64,
+    pub gpu_hours: f64,
+    /// Input tokens of the external train steps.
+    pub external_input_tokens: f64,
     /// `[tune] match = "tokens"`.
     pub matched_tokens: bool,
     /// Characters per token of the trained-token estimate.
@@ -441,13 +455,24 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
             t.epochs as f64
         };
         let n = examples as f64 * epochs;
+        let external = matches!(
+            &s.spec,
+            StepSpec::Align {
+                external: Some(_),
+                ..
+            } | StepSpec::Tune {
+                external: Some(_),
+                ..
+            }
+        );
         train.push(TrainEstimate {
             label: s.label.clone(),
             examples,
             epochs,
             trained_tokens: trained * n,
             input_tokens: input * n,
-            local: !remote(s),
+            local: !remote(s) && !external,
+            external,
             cost: if settings
                 .get("anchor")
                 .and_then(|a| a.as_str())
@@ -502,7 +527,16 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
         .filter(|e| e.local)
         .map(|e| e.input_tokens * e.cost)
         .sum();
+    let gpu_tokens_per_s = a.gpu_tokens_per_s.unwrap_or(GPU_TRAIN_TOKENS_PER_S);
+    let external_input_tokens: f64 = train
+        .iter()
+        .filter(|e| e.external)
+        .map(|e| e.input_tokens)
+        .sum();
     Ok(Compute {
+        gpu_tokens_per_s,
+        gpu_hours: external_input_tokens / gpu_tokens_per_s / 3600.0,
+        external_input_tokens,
         trained_tokens: train.iter().map(|e| e.trained_tokens).sum(),
         input_tokens: train.iter().map(|e| e.input_tokens).sum(),
         train,
@@ -672,6 +706,16 @@ impl DryRun {
             tokens(c.input_tokens),
             c.train.len()
         );
+        if c.train.iter().any(|e| e.external) {
+            let _ = writeln!(
+                o,
+                "  external trainers: ~{} input tokens in {} steps: ~{:.1} GPU-hours at {} input tokens/s per GPU ([analysis] gpu_tokens_per_s; an assumed rate for LoRA on a 7-8B model)",
+                tokens(c.external_input_tokens),
+                c.train.iter().filter(|e| e.external).count(),
+                c.gpu_hours,
+                c.gpu_tokens_per_s
+            );
+        }
         let rows = c.generate_rows_local + c.generate_rows_remote;
         let _ = writeln!(
             o,

@@ -27,6 +27,12 @@ pub fn step_keys(plan: &Plan) -> Vec<String> {
         // Who gets a remote model's API key changes no result, so no step's key.
         if let Some(o) = spec.as_object_mut() {
             o.remove("access");
+            // Where and how an external trainer runs changes no result either.
+            if let Some(Json::Object(e)) = o.get_mut("external") {
+                for k in crate::external_train::UNKEYED {
+                    e.remove(*k);
+                }
+            }
         }
         let material = json!({
             "program": PROGRAM_VERSION,
@@ -185,6 +191,7 @@ pub fn run_plan(
         steps: total,
         ..Default::default()
     };
+    let mut in_flight: Vec<InFlight> = Vec::new();
     for (index, step) in plan.steps.iter().enumerate() {
         let key = &keys[index];
         if let Some(rec) = store.step(key)? {
@@ -215,6 +222,30 @@ pub fn run_plan(
                 });
             }
         }
+        // An input still training in the background is waited for.
+        let waiting: Vec<usize> = step
+            .deps
+            .iter()
+            .copied()
+            .filter(|d| in_flight.iter().any(|f| f.index == *d))
+            .collect();
+        for d in waiting {
+            if let Some(pos) = in_flight.iter().position(|f| f.index == d) {
+                let f = in_flight.remove(pos);
+                let fi = f.index;
+                let result = f.join();
+                record(
+                    &mut store,
+                    plan,
+                    &keys,
+                    fi,
+                    result,
+                    &mut outputs,
+                    &mut summary,
+                    events,
+                )?;
+            }
+        }
         let inputs: Option<Vec<StepOutput>> =
             step.deps.iter().map(|&d| outputs[d].clone()).collect();
         let Some(inputs) = inputs else {
@@ -240,6 +271,47 @@ pub fn run_plan(
         let step_dir = dir
             .join("steps")
             .join(format!("{}-{}", step.kind().as_str(), &key[..16]));
+        let parallel = parallel_train(step);
+        if let (Some(n), Some(stage)) = (parallel, registry.get(step.kind())) {
+            // An external train step: a child process, run beside the steps that follow.
+            while in_flight.len() >= n {
+                let f = in_flight.remove(0);
+                let fi = f.index;
+                let result = f.join();
+                record(
+                    &mut store,
+                    plan,
+                    &keys,
+                    fi,
+                    result,
+                    &mut outputs,
+                    &mut summary,
+                    events,
+                )?;
+            }
+            let (stage, step, key, db) = (
+                stage.clone(),
+                step.clone(),
+                key.clone(),
+                dir.join(STORE_FILE),
+            );
+            let handle = std::thread::spawn(move || -> Result<StepOutput, String> {
+                let mut store = Store::open(&db).map_err(|e| e.to_string())?;
+                let mut progress = |_: &StepProgress| {};
+                let mut ctx = StepContext {
+                    key: &key,
+                    input_keys: &input_keys,
+                    dir: step_dir,
+                    store: &mut store,
+                    progress: &mut progress,
+                };
+                stage
+                    .run(&step, &inputs, &mut ctx)
+                    .map_err(|e| e.to_string())
+            });
+            in_flight.push(InFlight { index, handle });
+            continue;
+        }
         let result = match registry.get(step.kind()) {
             None => Err(missing(step.kind())),
             Some(stage) => {
@@ -260,28 +332,96 @@ pub fn run_plan(
                 stage.run(step, &inputs, &mut ctx)
             }
         };
-        match result {
-            Ok(out) => {
-                store.finish_step(key, &serde_json::to_value(&out).unwrap_or_default())?;
-                outputs[index] = Some(out);
-                events(&RunEvent::Finished {
-                    index,
-                    label: step.label.clone(),
-                });
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                store.fail_step(key, &msg)?;
-                summary.failed.push((step.label.clone(), msg.clone()));
-                events(&RunEvent::Failed {
-                    index,
-                    label: step.label.clone(),
-                    error: msg,
-                });
-            }
-        }
+        let result = result.map_err(|e| e.to_string());
+        record(
+            &mut store,
+            plan,
+            &keys,
+            index,
+            result,
+            &mut outputs,
+            &mut summary,
+            events,
+        )?;
+    }
+    for f in in_flight {
+        let index = f.index;
+        let result = f.join();
+        record(
+            &mut store,
+            plan,
+            &keys,
+            index,
+            result,
+            &mut outputs,
+            &mut summary,
+            events,
+        )?;
     }
     Ok(summary)
+}
+
+/// An external train step running on its own thread.
+struct InFlight {
+    index: usize,
+    handle: std::thread::JoinHandle<Result<StepOutput, String>>,
+}
+
+impl InFlight {
+    fn join(self) -> Result<StepOutput, String> {
+        self.handle
+            .join()
+            .unwrap_or_else(|_| Err("the step's thread panicked".into()))
+    }
+}
+
+/// `Some(max_parallel_train)` for an external align/tune step whose section allows more than
+/// one at a time; those run on their own threads (each waits on a child process).
+fn parallel_train(step: &PlannedStep) -> Option<usize> {
+    match &step.spec {
+        StepSpec::Align {
+            external: Some(e), ..
+        }
+        | StepSpec::Tune {
+            external: Some(e), ..
+        } if e.max_parallel_train > 1 => Some(e.max_parallel_train),
+        _ => None,
+    }
+}
+
+/// Stores a step's result and reports it.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    store: &mut Store,
+    plan: &Plan,
+    keys: &[String],
+    index: usize,
+    result: Result<StepOutput, String>,
+    outputs: &mut [Option<StepOutput>],
+    summary: &mut RunSummary,
+    events: &mut dyn FnMut(&RunEvent),
+) -> Result<(), RunError> {
+    let label = plan.steps[index].label.clone();
+    match result {
+        Ok(out) => {
+            store.finish_step(
+                &keys[index],
+                &serde_json::to_value(&out).unwrap_or_default(),
+            )?;
+            outputs[index] = Some(out);
+            events(&RunEvent::Finished { index, label });
+        }
+        Err(msg) => {
+            store.fail_step(&keys[index], &msg)?;
+            summary.failed.push((label.clone(), msg.clone()));
+            events(&RunEvent::Failed {
+                index,
+                label,
+                error: msg,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The error for a step whose kind has no stage in the registry. The binary always runs with

@@ -195,6 +195,9 @@ pub enum StepSpec {
         /// Train on examples longer than `max_len` (cut) instead of failing.
         #[serde(default, skip_serializing_if = "is_false")]
         allow_truncation: bool,
+        /// An external trainer (`backend` other than local); `None`: safetune-train.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        external: Option<crate::external_train::ExternalTrain>,
     },
     Tune {
         settings: Json,
@@ -209,6 +212,9 @@ pub enum StepSpec {
         /// alignment set, the step's last dataset input.
         #[serde(default, skip_serializing_if = "is_false")]
         anchor_refusals: bool,
+        /// An external trainer (`backend` other than local); `None`: safetune-train.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        external: Option<crate::external_train::ExternalTrain>,
     },
     Generate {
         benchmark: BenchmarkRef,

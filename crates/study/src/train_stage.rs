@@ -21,6 +21,7 @@ use safetune_train::recipe::{
 use safetune_train::sft::EncodeStats;
 use safetune_train::{checkpoint, Event, RunOptions, TuneConfig};
 
+use crate::external_train::run_external;
 use crate::step::*;
 
 pub struct TrainStage;
@@ -100,8 +101,20 @@ impl Stage for TrainStage {
         let (settings, seed, align, allow_truncation, match_tokens, anchor_refusals) =
             match &step.spec {
                 StepSpec::Align {
+                    external: Some(e),
+                    settings,
+                    ..
+                } => return run_external(step, inputs, ctx, e, settings, 0, true),
+                StepSpec::Tune {
+                    external: Some(e),
+                    settings,
+                    seed,
+                    ..
+                } => return run_external(step, inputs, ctx, e, settings, *seed, false),
+                StepSpec::Align {
                     settings,
                     allow_truncation,
+                    ..
                 } => (settings, 0, true, *allow_truncation, false, false),
                 StepSpec::Tune {
                     settings,
@@ -109,6 +122,7 @@ impl Stage for TrainStage {
                     allow_truncation,
                     match_tokens,
                     anchor_refusals,
+                    ..
                 } => (
                     settings,
                     *seed,
@@ -121,7 +135,7 @@ impl Stage for TrainStage {
             };
         if model.spec.starts_with("openai:") {
             return Err(StageError::Other(format!(
-                "{}: `{}` is served over HTTP and cannot be tuned here\nhint: tune it with `safetune export --to llama-factory|axolotl`, serve the checkpoints, and list them as [[models]] without [align]/[tune]",
+                "{}: `{}` is served over HTTP and cannot be tuned here\nhint: set `backend` in [tune] (llama-factory, axolotl, trl or command) and `train_model` on the model, so an external trainer tunes it",
                 step.label, model.spec
             )));
         }

@@ -1,4 +1,4 @@
-//! `safetune export CONFIG.toml --to llama-factory|axolotl`: the study's dataset variants with
+//! `safetune export CONFIG.toml --to llama-factory|axolotl|trl`: the study's dataset variants with
 //! a matching training config each.
 
 use std::path::PathBuf;
@@ -12,12 +12,14 @@ use safetune_study::runner::RunEvent;
 pub enum TargetArg {
     LlamaFactory,
     Axolotl,
+    Trl,
 }
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// The study config whose [data] and [factors] (and [mixing], [align]) define the variants;
-    /// its [export] section sets the base model and training settings.
+    /// the model is its first [[models]] entry's train_model and the settings are [tune]'s
+    /// ([export] base_model and template override the model and LLaMA-Factory's template).
     #[allow(rustdoc::broken_intra_doc_links)] // clap help text (TOML section names), not markdown
     #[arg(value_name = "CONFIG.toml")]
     pub config: PathBuf,
@@ -36,6 +38,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let target = match args.to {
         TargetArg::LlamaFactory => Target::LlamaFactory,
         TargetArg::Axolotl => Target::Axolotl,
+        TargetArg::Trl => Target::Trl,
     };
     let summary = export(&cfg, target, &args.output, &mut |e| {
         if let RunEvent::Finished { label, .. } = e {
@@ -54,8 +57,9 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "Run the commands from {}; then list the tuned checkpoints as [[models]] in a study config.",
-        summary.out_dir.display()
+        "The commands are listed in {}; or let the study run them: [tune] backend = \"{}\".",
+        summary.out_dir.join("export.json").display(),
+        summary.target.backend().as_str()
     );
     Ok(())
 }

@@ -48,13 +48,23 @@ pub fn run(args: StudyArgs) -> anyhow::Result<()> {
         let power = dry_run(&cfg, &plan).with_context(|| {
             format!("estimating power and compute of {}", args.config.display())
         })?;
-        print!("{}{}", plan.render(), power.render());
+        let dir = args
+            .output
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.study.name));
+        print!(
+            "{}{}{}",
+            plan.render(),
+            power.render(),
+            safetune_study::external_train::render_commands(&plan, &dir)
+        );
         return Ok(());
     }
     let dir = args
         .output
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.study.name));
+    cfg.check_shared_dir()?;
     let store = dir.join(STORE_FILE);
     if store.exists() && !args.resume {
         bail!(
