@@ -466,9 +466,10 @@ pub fn map_settings(
     Ok(out)
 }
 
-/// What an external align/tune step runs (part of its [`StepSpec`]). `launcher`, `env`,
-/// `max_parallel_train` and `shared_dir` say where and how, not what: they are left out of the
-/// step's key.
+/// What an external align/tune step runs (part of its [`StepSpec`]). `command`, `launcher`,
+/// `env`, `max_parallel_train` and `shared_dir` say where and how, not what (that is the
+/// backend, the settings, `backend_settings`, the model and the data): they are left out of
+/// the step's key, so fixing a command reruns only the steps without a finished output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExternalTrain {
     pub backend: Backend,
@@ -496,7 +497,13 @@ fn one() -> usize {
 }
 
 /// The fields of [`ExternalTrain`] that are not part of a step's key.
-pub const UNKEYED: &[&str] = &["launcher", "env", "max_parallel_train", "shared_dir"];
+pub const UNKEYED: &[&str] = &[
+    "command",
+    "launcher",
+    "env",
+    "max_parallel_train",
+    "shared_dir",
+];
 
 /// The files of one external training run.
 #[derive(Debug, Clone, PartialEq)]
