@@ -1008,9 +1008,9 @@ impl StudyConfig {
                             path: path.to_path_buf(),
                             line,
                             field,
-                            message: format!("backend `{b}`: {}", e.message),
+                            message: e.message,
                         },
-                        None => bad(field, format!("backend `{b}`: {}", e.message)),
+                        None => bad(field, e.message),
                     });
                 }
             }

@@ -281,7 +281,7 @@ pub fn export(
         let (text, args) = trainer_config(&ext, &settings, seed, &model, &paths, &s.label)
             .map_err(|e| ExportError::Settings {
                 field: format!("{sname}.settings.{}", e.key),
-                message: format!("backend `{}`: {}", backend.as_str(), e.message),
+                message: e.message,
             })?;
         write_text(&paths.config, &text)?;
         let command = command_line(&ext, &paths, &model, seed, &name, &args).map_err(|m| {

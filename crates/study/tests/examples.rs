@@ -28,6 +28,9 @@ fn every_example_config_loads_and_plans() {
         let cfg = StudyConfig::load(file).unwrap_or_else(|e| panic!("{e}"));
         let p = plan(&cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(!p.steps.is_empty(), "{name}: empty plan");
+        // Every external train step's exact command line renders (no mapping error).
+        let commands = safetune_study::external_train::render_commands(&p, Path::new("runs/x"));
+        assert!(!commands.contains("error:"), "{name}: {commands}");
         // The trainer builds its config from every align/tune step as the stage does.
         for s in &p.steps {
             let (StepSpec::Align { settings, .. } | StepSpec::Tune { settings, .. }) = &s.spec
@@ -66,7 +69,7 @@ fn an_unknown_trainer_setting_in_an_example_names_file_line_and_accepted_keys() 
         .to_string();
     assert!(
         e.starts_with(&format!(
-            "paper-factors.toml:{}: `align.settings.learning_rate`: unknown trainer setting (accepted: alpha, anchor, anchor_batch_size, anchor_beta, anchor_data, batch_size, ",
+            "paper-factors.toml:{}: `tune.settings.learning_rate`: unknown trainer setting (accepted: alpha, anchor, anchor_batch_size, anchor_beta, anchor_data, batch_size, ",
             line + 1
         )),
         "{e}"
@@ -111,4 +114,58 @@ fn generation_weights_default_to_the_fast_kernels_and_f32_keeps_old_step_keys() 
     let bad = text.replace("[generation]", "[generation]\nweights = \"int3\"");
     let e = StudyConfig::parse(&bad, &file).unwrap_err().to_string();
     assert!(e.contains("weights") || e.contains("int3"), "{e}");
+}
+
+#[test]
+fn the_paper_factors_dry_run_shows_each_tune_steps_backend_command_and_gpu_hours() {
+    let file = examples()
+        .into_iter()
+        .find(|f| f.ends_with("paper-factors.toml"))
+        .unwrap();
+    let cfg = StudyConfig::load(&file).unwrap();
+    let p = plan(&cfg).unwrap();
+    let tunes = p
+        .steps
+        .iter()
+        .filter(|s| s.kind() == safetune_study::step::StepKind::Tune)
+        .count();
+    assert_eq!(
+        tunes,
+        12 * 3 * 3 * 2,
+        "variants x seeds x mixing levels x selections"
+    );
+    let text = safetune_study::external_train::render_commands(&p, Path::new("runs/pf"));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1 + 2 * tunes, "{text}");
+    for pair in lines[1..].chunks(2) {
+        assert!(
+            pair[0].starts_with("  tune llama-3.1-8b on ") && pair[0].ends_with(" [llama-factory]"),
+            "{}",
+            pair[0]
+        );
+        let cmd = pair[1]
+            .strip_prefix("    $ FORCE_TORCHRUN=1 llamafactory-cli train /shared/safetune/paper-factors/tune-")
+            .unwrap_or_else(|| panic!("{}", pair[1]));
+        assert!(
+            cmd.ends_with("/train.yaml") && cmd.len() == 16 + "/train.yaml".len(),
+            "{cmd}"
+        );
+    }
+    let dry = safetune_study::power::dry_run(&cfg, &p).unwrap();
+    let c = &dry.compute;
+    assert_eq!(c.gpu_tokens_per_s, 2500.0);
+    assert!(c.external_input_tokens > 0.0 && c.external_input_tokens == c.input_tokens);
+    let hours = c.external_input_tokens / 2500.0 / 3600.0;
+    assert!((c.gpu_hours - hours).abs() < 1e-9);
+    let rendered = dry.render();
+    assert!(
+        rendered.contains(&format!(
+            "in {tunes} steps: ~{hours:.1} GPU-hours at 2500 input tokens/s per GPU"
+        )),
+        "{rendered}"
+    );
+    assert!(
+        rendered.contains("generated tokens: at most "),
+        "{rendered}"
+    );
 }
