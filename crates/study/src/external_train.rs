@@ -408,8 +408,8 @@ pub fn map_settings(
         let v: Option<Json> = match r.setting {
             "full" => match backend {
                 Backend::LlamaFactory => Some(json!(if cfg.full { "full" } else { "lora" })),
-                Backend::Axolotl => lora.then(|| json!("lora")),
-                _ => lora.then(|| json!(true)),
+                Backend::Axolotl => lora.then_some(json!("lora")),
+                _ => lora.then_some(json!(true)),
             },
             "rank" => lora.then(|| json!(cfg.rank)),
             "alpha" if lora => {

@@ -192,6 +192,7 @@ fn step_specs_read_the_old_single_benign_string_and_keep_training_keys_without_t
         allow_truncation: false,
         match_tokens: false,
         anchor_refusals: false,
+        external: None,
     };
     assert_eq!(
         serde_json::to_value(&tune).unwrap(),
@@ -200,6 +201,7 @@ fn step_specs_read_the_old_single_benign_string_and_keep_training_keys_without_t
     let allowed = StepSpec::Align {
         settings: json!({}),
         allow_truncation: true,
+        external: None,
     };
     assert_eq!(
         serde_json::to_value(&allowed).unwrap()["allow_truncation"],
