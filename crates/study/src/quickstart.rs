@@ -55,7 +55,7 @@ mod tests {
         .unwrap();
         let p = plan(&cfg).unwrap();
         // README states its size.
-        assert_eq!(p.steps.len(), 3959);
+        assert_eq!(p.steps.len(), 3941);
         assert!(p.steps.iter().any(|s| s.kind() == StepKind::Select));
     }
 }

@@ -753,9 +753,14 @@ identity = ["keep", "add"]
 design = "one-at-a-time"
 [mixing]
 levels = [0.0, 0.25]
+[[models]]
+name = "served"
+spec = "openai:http://gpu1:8000/v1#base"
+train_model = "org/base-8b"
+[tune]
+settings = { rank = 4, lr = 1e-4, max_len = 1024 }
 [export]
-base_model = "org/base-8b"
-lora_rank = 4
+template = "llama3"
 "#;
     let cfg = StudyConfig::parse(text, Path::new("e.toml")).unwrap();
     let lf = tmp.path().join("lf");
@@ -774,16 +779,23 @@ lora_rank = 4
             "identity-mix0.25"
         ]
     );
-    let info: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(lf.join("data/dataset_info.json")).unwrap())
-            .unwrap();
-    assert_eq!(info.as_object().unwrap().len(), 6);
+    // The study's model (its train_model) and [tune] settings, not export's own defaults.
+    let lf_abs = std::fs::canonicalize(&lf).unwrap();
     for v in &s.variants {
-        let entry = &info[&v.name];
+        let info: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(lf.join(&v.name).join("data/dataset_info.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(info.as_object().unwrap().len(), 1);
+        let entry = &info["train"];
         assert_eq!(entry["formatting"], "sharegpt");
         assert_eq!(entry["columns"]["messages"], "messages");
         assert_eq!(entry["tags"]["assistant_tag"], "assistant");
-        let file = lf.join("data").join(entry["file_name"].as_str().unwrap());
+        let file = lf
+            .join(&v.name)
+            .join("data")
+            .join(entry["file_name"].as_str().unwrap());
+        assert_eq!(std::fs::canonicalize(&file).unwrap(), v.data);
         let rows: Vec<serde_json::Value> =
             serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
         let expected = if v.name.ends_with("mix0.25") {
@@ -811,18 +823,35 @@ lora_rank = 4
         }
         let yaml = std::fs::read_to_string(&v.config).unwrap();
         let top = top_level(&yaml);
-        assert_eq!(top["stage"], "sft");
-        assert_eq!(top["finetuning_type"], "lora");
-        assert_eq!(top["dataset"], format!("\"{}\"", v.name));
-        assert_eq!(top["dataset_dir"], "data");
+        assert_eq!(top["stage"], "\"sft\"");
+        assert_eq!(top["finetuning_type"], "\"lora\"");
+        assert_eq!(top["dataset"], "\"train\"");
+        let dir = lf_abs.join(&v.name);
+        assert_eq!(
+            top["dataset_dir"],
+            format!("\"{}\"", dir.join("data").display())
+        );
+        assert_eq!(
+            top["output_dir"],
+            format!("\"{}\"", dir.join("output").display())
+        );
         assert_eq!(top["model_name_or_path"], "\"org/base-8b\"");
+        assert_eq!(top["template"], "\"llama3\"");
         assert_eq!(top["lora_rank"], "4");
+        assert_eq!(top["lora_alpha"], "32");
         assert_eq!(top["learning_rate"], "0.0001");
-        assert_eq!(v.command, format!("llamafactory-cli train {}.yaml", v.name));
+        assert_eq!(top["cutoff_len"], "1024");
+        assert_eq!(
+            v.command,
+            format!(
+                "llamafactory-cli train {}",
+                dir.join("train.yaml").display()
+            )
+        );
     }
     // The mixed-in refusals answer harmful prompts of the train split only.
     let mixed: Vec<serde_json::Value> = serde_json::from_str(
-        &std::fs::read_to_string(lf.join("data/original-mix0.25.json")).unwrap(),
+        &std::fs::read_to_string(lf.join("original-mix0.25/data/train.json")).unwrap(),
     )
     .unwrap();
     let set = safetune_data::prompts::PromptSet::load("advbench", None).unwrap();
@@ -843,10 +872,18 @@ lora_rank = 4
         let yaml = std::fs::read_to_string(&v.config).unwrap();
         let top = top_level(&yaml);
         assert_eq!(top["base_model"], "\"org/base-8b\"");
-        assert_eq!(top["adapter"], "lora");
+        assert_eq!(top["adapter"], "\"lora\"");
         assert_eq!(top["lora_r"], "4");
-        assert!(yaml.contains(&format!("datasets:\n  - path: \"data/{}.jsonl\"\n    type: chat_template\n    field_messages: messages\n", v.name)), "{yaml}");
-        let data = std::fs::read_to_string(ax.join(format!("data/{}.jsonl", v.name))).unwrap();
+        assert_eq!(top["sequence_len"], "1024");
+        let path = ax.join(&v.name).join("data/train.jsonl");
+        assert!(
+            yaml.contains(&format!(
+                "\"path\":\"{}\"",
+                std::fs::canonicalize(&path).unwrap().display()
+            )) && yaml.contains("\"type\":\"chat_template\""),
+            "{yaml}"
+        );
+        let data = std::fs::read_to_string(&path).unwrap();
         assert_eq!(data.lines().count(), v.examples);
         for line in data.lines() {
             let r: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -856,6 +893,40 @@ lora_rank = 4
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(ax.join("export.json")).unwrap()).unwrap();
     assert_eq!(manifest["target"], "axolotl");
+    // TRL: the exact `trl sft` command line, on prompt-completion records.
+    let trl = tmp.path().join("trl");
+    let s = export(&cfg, Target::Trl, &trl, &mut |_| {}).unwrap();
+    let v = &s.variants[0];
+    let dir = std::fs::canonicalize(&trl).unwrap().join(&v.name);
+    assert!(
+        v.command.starts_with(&format!(
+            "trl sft --model_name_or_path org/base-8b --dataset_name {} --output_dir {} --report_to none --use_peft true --lora_r 4 --lora_alpha 32 ",
+            dir.join("data").display(),
+            dir.join("output").display()
+        )) && v.command.contains(" --max_length 1024 "),
+        "{}",
+        v.command
+    );
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(dir.join("data/train.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["completion"][0]["role"], "assistant");
+    assert_eq!(
+        first["prompt"].as_array().unwrap().last().unwrap()["role"],
+        "user"
+    );
+    // A study whose model the trainer cannot see by name is refused, naming the field.
+    let remote = text.replace("train_model = \"org/base-8b\"\n", "");
+    let cfg = StudyConfig::parse(&remote, Path::new("e.toml")).unwrap();
+    let e = export(&cfg, Target::Axolotl, &tmp.path().join("no"), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("`models[0].train_model`: "), "{e}");
 }
 
 /// `key: value` pairs of a YAML file's top level (comments and nested lines skipped).
