@@ -116,6 +116,7 @@ fn a_command_backend_running_safetune_tune_gives_real_adapters_and_factor_effect
     let tunes = tune_outputs(&cfg, &dir);
     assert_eq!(tunes.len(), 4);
     let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    let mut spans = Vec::new();
     for (label, out, key) in &tunes {
         let Some(StepOutput::Model(m)) = out else {
             panic!("{label}: {out:?}")
@@ -136,6 +137,7 @@ fn a_command_backend_running_safetune_tune_gives_real_adapters_and_factor_effect
                 .unwrap();
         assert_eq!(run.exit_code, Some(0));
         assert!(run.wall_s > 0.0);
+        spans.push((run.started_unix_s, run.started_unix_s + run.wall_s));
         // Hashed into the store as the step's artifact.
         let hash = run.output_hash.expect("the validated output's hash");
         assert_eq!(
@@ -149,6 +151,10 @@ fn a_command_backend_running_safetune_tune_gives_real_adapters_and_factor_effect
             "{conf}"
         );
     }
+    // max_parallel_train = 2: some trainers ran at the same time, never more than two.
+    let overlapping = |t: f64| spans.iter().filter(|(a, b)| *a <= t && t < *b).count();
+    let most = spans.iter().map(|(a, _)| overlapping(*a)).max().unwrap();
+    assert_eq!(most, 2, "{spans:?}");
     // The two variants' trained adapters differ (different data).
     let w = |i: usize| {
         let Some(StepOutput::Model(m)) = &tunes[i].1 else {

@@ -798,6 +798,9 @@ pub struct TrainerRun {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
     pub wall_s: f64,
+    /// When the command started (seconds since the Unix epoch).
+    #[serde(default)]
+    pub started_unix_s: f64,
     pub log: PathBuf,
     pub output_dir: PathBuf,
     /// Content hash of the adapter (or checkpoint) files, once validated.
@@ -1108,6 +1111,10 @@ fn execute(
     }
     let err = f.try_clone().map_err(io(log))?;
     let started = Instant::now();
+    let started_unix_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
     let status = std::process::Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -1131,6 +1138,7 @@ fn execute(
         exit_code: status.code(),
         signal,
         wall_s: started.elapsed().as_secs_f64(),
+        started_unix_s,
         log: log.to_path_buf(),
         output_dir: paths.output_dir.clone(),
         output_hash: None,

@@ -192,7 +192,8 @@ pub fn run_plan(
         ..Default::default()
     };
     let mut in_flight: Vec<InFlight> = Vec::new();
-    for (index, step) in plan.steps.iter().enumerate() {
+    for index in run_order(plan) {
+        let step = &plan.steps[index];
         let key = &keys[index];
         if let Some(rec) = store.step(key)? {
             if rec.status == "done" {
@@ -361,6 +362,26 @@ pub fn run_plan(
     Ok(summary)
 }
 
+/// The order steps are started in: plan order, except that an external train step that may
+/// run in parallel is moved up to just after its last input, so that several of them are
+/// started before the steps that wait for them (in plan order each tune step is followed by
+/// its own evaluations). Every step still comes after its inputs.
+fn run_order(plan: &Plan) -> Vec<usize> {
+    let n = plan.steps.len();
+    let mut key = vec![0.0f64; n];
+    for (i, s) in plan.steps.iter().enumerate() {
+        key[i] = if parallel_train(s).is_some() {
+            let after = s.deps.iter().map(|&d| key[d]).fold(-1.0, f64::max);
+            after + 0.25 + i as f64 / (4.0 * (n + 1) as f64)
+        } else {
+            i as f64
+        };
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| key[a].total_cmp(&key[b]));
+    order
+}
+
 /// An external train step running on its own thread.
 struct InFlight {
     index: usize,
@@ -442,6 +463,66 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn parallel_external_train_steps_start_right_after_their_inputs() {
+        let ext = crate::external_train::ExternalTrain {
+            backend: crate::external_train::Backend::Command,
+            command: "true".into(),
+            launcher: None,
+            env: Default::default(),
+            backend_settings: json!({}),
+            base_model: "m".into(),
+            max_parallel_train: 2,
+            shared_dir: None,
+        };
+        let tune =
+            |deps: Vec<usize>, ext: Option<crate::external_train::ExternalTrain>| PlannedStep {
+                label: "tune".into(),
+                spec: StepSpec::Tune {
+                    settings: json!({}),
+                    seed: 0,
+                    allow_truncation: false,
+                    match_tokens: false,
+                    anchor_refusals: false,
+                    external: ext,
+                },
+                deps,
+                factors: BTreeMap::new(),
+                size: 0,
+            };
+        let other = |deps: Vec<usize>| PlannedStep {
+            label: "audit".into(),
+            spec: StepSpec::Audit,
+            deps,
+            factors: BTreeMap::new(),
+            size: 0,
+        };
+        // 0 data, 1 tune, 2 a step needing 1 (a project arm), 3 data, 4 tune on 3, 5 tune on 0.
+        let steps = vec![
+            other(vec![]),
+            tune(vec![0], Some(ext.clone())),
+            other(vec![1]),
+            other(vec![]),
+            tune(vec![3], Some(ext.clone())),
+            tune(vec![0], Some(ext.clone())),
+        ];
+        let plan = Plan {
+            name: "p".into(),
+            steps,
+        };
+        assert_eq!(run_order(&plan), vec![0, 1, 5, 2, 3, 4]);
+        // One at a time (or the local trainer): plan order.
+        let mut one = ext;
+        one.max_parallel_train = 1;
+        let mut serial = plan.clone();
+        for i in [1, 4, 5] {
+            serial.steps[i] = tune(serial.steps[i].deps.clone(), Some(one.clone()));
+        }
+        assert_eq!(run_order(&serial), (0..6).collect::<Vec<_>>());
+        serial.steps[5] = tune(vec![0], None);
+        assert_eq!(run_order(&serial), (0..6).collect::<Vec<_>>());
+    }
 
     #[test]
     fn the_stored_plan_reads_back_as_written() {
