@@ -245,3 +245,58 @@ fn a_failed_and_a_killed_trainer_fail_their_own_steps_and_a_fixed_rerun_trains_o
         safetune_model::adapter::Adapter::load(m.adapter.as_ref().unwrap()).unwrap();
     }
 }
+
+#[test]
+fn an_external_align_step_is_merged_into_the_local_base_and_tuning_starts_from_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = setup(
+        tmp.path(),
+        r#"["keep"]"#,
+        "[0]",
+        &format!("{BIN} tune --config {{config}}"),
+        1,
+    );
+    let harm = tmp.path().join("harm.jsonl");
+    // The same trainer command for [align]; [tune] stays on the local trainer.
+    let tune_at = base.find("[tune]").unwrap();
+    let cfg = format!(
+        "{}[align]\nharmful = \"{}\"\nbenign_limit = 4\nbackend = \"command\"\ncommand = '{BIN} tune --config {{config}}'\nsettings = {{ epochs = 1, max_len = 256, batch_size = 4, rank = 2, alpha = 4.0 }}\n[tune]\nallow_truncation = true\nsettings = {{ epochs = 1, max_len = 256, batch_size = 4, rank = 2, alpha = 4.0 }}\n",
+        &base[..tune_at],
+        harm.display()
+    );
+    let dir = tmp.path().join("study");
+    let (s, _, _) = run(&cfg, &dir);
+    assert_eq!(s.failed, vec![], "{:?}", s.failed);
+    let parsed = StudyConfig::parse(&cfg, Path::new("external.toml")).unwrap();
+    let p = plan(&parsed).unwrap();
+    let keys = step_keys(&p);
+    let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    let out = |kind: StepKind| -> StepOutput {
+        let i = p.steps.iter().position(|s| s.kind() == kind).unwrap();
+        serde_json::from_value(store.step(&keys[i]).unwrap().unwrap().output.unwrap()).unwrap()
+    };
+    let StepOutput::Model(aligned) = out(StepKind::Align) else {
+        panic!()
+    };
+    let from = aligned
+        .aligned_from
+        .clone()
+        .expect("an align step's merged model");
+    assert!(
+        aligned.spec.ends_with("/merged") && aligned.adapter.is_none(),
+        "{aligned:?}"
+    );
+    assert!(Path::new(&aligned.spec).join("config.json").is_file());
+    assert!(from.adapter.ends_with("output"));
+    let run: TrainerRun = serde_json::from_str(
+        &std::fs::read_to_string(from.adapter.parent().unwrap().join("trainer.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run.exit_code, Some(0));
+    // The local tune step trained on top of the merged model.
+    let StepOutput::Model(tuned) = out(StepKind::Tune) else {
+        panic!()
+    };
+    assert_eq!(tuned.spec, aligned.spec);
+    assert!(tuned.adapter.is_some());
+}

@@ -249,3 +249,28 @@ fn bad_trainer_keys_name_their_field() {
     )
     .unwrap();
 }
+
+#[test]
+fn shared_dir_is_checked_when_the_study_starts_not_when_it_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nowhere");
+    let text = |d: &Path| {
+        format!(
+            "[study]\nname = \"t\"\nshared_dir = \"{}\"\n[data]\nbase = \"demo:medical\"\n{LOCAL}[tune]\nbackend = \"trl\"\n",
+            d.display()
+        )
+    };
+    // Read (and dry-run) without the directory ...
+    let cfg = StudyConfig::parse(&text(&missing), Path::new("s.toml")).unwrap();
+    let e = cfg.check_shared_dir().unwrap_err().to_string();
+    assert!(e.contains("`study.shared_dir`: does not exist"), "{e}");
+    // ... and the steps work under it, one folder per study.
+    let cfg = StudyConfig::parse(&text(tmp.path()), Path::new("s.toml")).unwrap();
+    cfg.check_shared_dir().unwrap();
+    let p = safetune_study::plan::plan(&cfg).unwrap();
+    let text = safetune_study::external_train::render_commands(&p, Path::new("runs/t"));
+    assert!(
+        text.contains(&format!("--output_dir {}/t/tune-", tmp.path().display())),
+        "{text}"
+    );
+}
