@@ -170,16 +170,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let serves_loras = !args.loras.is_empty() || args.allow_runtime_lora;
+    if serves_loras && args.adapter.adapter.is_some() {
+        anyhow::bail!(
+            "--adapter and --lora do not go together: adapters are served on the base; serve the adapter of --adapter as --lora NAME=DIR too, or merge it into the base first"
+        );
+    }
     let spec = ModelSpec::parse(&args.model)?;
     args.adapter.check_spec(&spec)?;
     if serves_loras && matches!(spec, ModelSpec::OpenAi { .. }) {
         anyhow::bail!(
             "--lora and --allow-runtime-lora need a local model; a proxied server serves its own adapters (name them as the model, openai:URL#NAME)"
-        );
-    }
-    if serves_loras && args.adapter.adapter.is_some() {
-        anyhow::bail!(
-            "--adapter and --lora do not go together: adapters are served on the base; serve the adapter of --adapter as --lora NAME=DIR too, or merge it into the base first"
         );
     }
     let load = args.weights.load_options(
