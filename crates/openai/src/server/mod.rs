@@ -23,8 +23,9 @@
 //!
 //! Request defaults follow OpenAI's API: `temperature` 1.0, `top_p` 1.0, `n` 1, a random seed
 //! when none is given, `max_tokens` from [`ServeConfig::default_max_tokens`] (chat) or 16
-//! (completions). The request's `model` is not checked: a server serves one model, and answers
-//! name it. A request the model rejects (`BackendError::Invalid`) is retried alone, so it does not
+//! (completions). The request's `model` picks a served LoRA adapter ([`lora`]) when it names one;
+//! a server without adapters serves one model, does not check `model`, and answers name it; once
+//! it serves adapters, a name that is neither the base's nor an adapter's is 404. A request the model rejects (`BackendError::Invalid`) is retried alone, so it does not
 //! fail the requests it was batched with.
 //!
 //! Layout: this file holds the public API and the lifecycle (bind, the accept loop, shutdown);
