@@ -340,9 +340,8 @@ fn runtime_loading_needs_the_key_and_answers_as_vllm_does() {
     );
     let broken = root.path().join("broken");
     std::fs::create_dir_all(&broken).unwrap();
-    for f in ["adapter_model.safetensors"] {
-        std::fs::copy(dir.join(f), broken.join(f)).unwrap();
-    }
+    let weights = "adapter_model.safetensors";
+    std::fs::copy(dir.join(weights), broken.join(weights)).unwrap();
     std::fs::write(
         broken.join("adapter_config.json"),
         "{\"peft_type\": \"LORA\"",

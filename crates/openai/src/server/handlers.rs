@@ -12,7 +12,7 @@ use safetune_model::backend::{BackendError, GenOutput, GenRequest, Prompt, Sampl
 
 use super::http::Request;
 use super::routes::{ok, Handled, HttpError};
-use super::scheduler::{EnqueueError, Event, Job};
+use super::scheduler::{AdapterRef, EnqueueError, Event, Job};
 use super::{sse, unix_now, Shared};
 use crate::protocol::*;
 use crate::random_u64;
@@ -91,10 +91,7 @@ pub(super) fn generate<E: Endpoint>(
 /// What a request's `model` asks for: the base (`None`: its own name, or empty) or a served
 /// adapter with its generator. Once the server serves adapters a name that is neither is 404;
 /// a server without adapters answers every name with its one model.
-fn resolve_model(
-    shared: &Shared,
-    model: &str,
-) -> Result<Option<(String, Arc<dyn safetune_model::backend::Generator>)>, HttpError> {
+fn resolve_model(shared: &Shared, model: &str) -> Result<Option<AdapterRef>, HttpError> {
     if model.is_empty() || model == shared.model_name {
         return Ok(None);
     }
@@ -398,7 +395,7 @@ fn submit(
     requests: Vec<GenRequest>,
     stream: bool,
     cancel: Arc<AtomicBool>,
-    adapter: Option<(String, Arc<dyn safetune_model::backend::Generator>)>,
+    adapter: Option<AdapterRef>,
 ) -> Result<mpsc::Receiver<Event>, HttpError> {
     let (tx, rx) = mpsc::channel();
     let job = Job {

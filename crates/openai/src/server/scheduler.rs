@@ -30,6 +30,9 @@ pub(super) struct Queue {
     closing: bool,
 }
 
+/// An adapter a job asked for: its served name and the generator that applies it.
+pub(super) type AdapterRef = (String, Arc<dyn Generator>);
+
 /// What a job's handler hears from the scheduler.
 pub(super) enum Event {
     /// Choice `i` (of the whole job) decoded more text (streamed jobs only).
@@ -52,7 +55,7 @@ pub(super) struct Job {
     pub(super) events: mpsc::Sender<Event>,
     pub(super) cancel: Arc<AtomicBool>,
     /// The adapter it asked for (`None`: the base) and the generator that applies it.
-    pub(super) adapter: Option<(String, Arc<dyn Generator>)>,
+    pub(super) adapter: Option<AdapterRef>,
 }
 
 impl Job {
@@ -68,7 +71,7 @@ struct Part {
     stream: bool,
     events: mpsc::Sender<Event>,
     cancel: Arc<AtomicBool>,
-    adapter: Option<(String, Arc<dyn Generator>)>,
+    adapter: Option<AdapterRef>,
 }
 
 pub(super) enum EnqueueError {
