@@ -449,7 +449,7 @@ pub fn default_generator(
     if let Some(adapter) = &m.adapter {
         if OpenAiSpec::from_model_spec(&spec).is_some() {
             return Err(StageError::Other(format!(
-                "model `{}`: an adapter cannot be applied to an openai: model; the server applies it when it serves it by name\nhint: set `lora_name` (adapters registered with the server) or `dynamic_lora = true` on the [[models]] entry",
+                "model `{}`: an adapter cannot be applied to an openai: model; the server applies it when it serves it by name\nhint: set `lora_name = \"{{variant}}-s{{seed}}\"` on the [[models]] entry and register the adapters with the server (vLLM --lora-modules NAME=DIR, safetune serve --lora NAME=DIR), or set `dynamic_lora = true`",
                 m.name
             )));
         }
@@ -624,9 +624,9 @@ struct ServedAdapter {
     clients: Vec<OpenAiClient>,
 }
 
-/// `Some` for an `openai:` model that carries a tuned adapter: the adapter is evaluated by its
-/// served name (`lora_name`, rendered with the step's labels, or with `dynamic_lora` a name of
-/// the tune step's own). An error when the entry says neither, and when the "adapter" is a full
+/// `Some` for an `openai:` model that carries a tuned adapter and says how it is served: the
+/// adapter is evaluated by its served name (`lora_name`, rendered with the step's labels, or
+/// with `dynamic_lora` a name of the tune step's own). An error when the "adapter" is a full
 /// checkpoint (a model of its own, served and listed as one).
 fn served_adapter(
     step: &PlannedStep,
@@ -641,13 +641,10 @@ fn served_adapter(
     else {
         return Ok(None);
     };
+    // Without `lora_name` or `dynamic_lora` the generator factory decides (the default one
+    // refuses an adapter on an openai: model, naming the two keys).
     let Some(lora) = &m.lora else {
-        return Err(StageError::Other(format!(
-            "{}: model `{}` is served over HTTP and the tuned adapter {} is not served by name\nhint: set `lora_name = \"{{variant}}-s{{seed}}\"` on the [[models]] entry and register the adapters with the server (vLLM --lora-modules NAME=DIR, safetune serve --lora NAME=DIR), or set `dynamic_lora = true`",
-            step.label,
-            m.name,
-            adapter.display()
-        )));
+        return Ok(None);
     };
     if !adapter.join(safetune_model::adapter::CONFIG_FILE).is_file()
         && adapter.join("config.json").is_file()

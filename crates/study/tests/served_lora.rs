@@ -314,3 +314,27 @@ harmful = true
     .unwrap();
     parse(&format!("{served}dynamic_lora = true\n")).unwrap();
 }
+
+#[test]
+fn an_adapter_on_an_openai_model_without_the_keys_is_refused_with_both_ways() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = ModelArtifact {
+        name: "served".into(),
+        spec: "openai:http://127.0.0.1:9/v1#base".into(),
+        concurrency: 1,
+        endpoints: vec![],
+        access: Default::default(),
+        adapter: Some(tmp.path().join("adapter")),
+        lora: None,
+        training: None,
+        aligned_from: None,
+    };
+    let e = safetune_study::stages::default_generator(&m, safetune_study::config::GenWeights::F32)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("lora_name") && e.contains("dynamic_lora") && e.contains("--lora-modules"),
+        "{e}"
+    );
+}
