@@ -204,6 +204,15 @@ fn each_request_gets_the_adapter_it_names_even_in_a_mixed_batch() {
         serde_json::json!({"lora_name": "C", "lora_path": dir_a}),
     );
     assert_eq!(status, 404, "{body}");
+    // The client says what the server lacks.
+    let e = client(&url, "C", "SAFETUNE_TEST_NO_KEY")
+        .load_lora_adapter("C", &dir_a.display().to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("HTTP 404") && e.contains("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"),
+        "{e}"
+    );
     h.shutdown().unwrap();
 }
 
