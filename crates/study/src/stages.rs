@@ -18,7 +18,9 @@ use safetune_data::transform::{apply, Recipe, Rng};
 use safetune_data::{Conversation, Message, Role, Structure};
 use safetune_model::backend::{GenRequest, Generator, Prompt, Sampling};
 use safetune_model::{LoadOptions, ModelSpec};
-use safetune_openai::{load_generator, ClientConfig, EndpointPool, OpenAiClient, OpenAiSpec};
+use safetune_openai::{
+    load_generator, ClientConfig, EndpointPool, LoraLoad, OpenAiClient, OpenAiSpec,
+};
 
 use crate::config::GenWeights;
 use crate::hash::hash_file;
@@ -690,19 +692,33 @@ fn served_adapter(
 }
 
 impl ServedAdapter {
-    /// Loads the adapter on every server of the model (one loaded already, e.g. by a killed
-    /// run, is fine); the guard unloads it when dropped.
+    /// Loads the adapter on every server of the model; the guard unloads it when dropped. A
+    /// name loaded already (e.g. by a killed run) is kept when the server lists it with this
+    /// path (or no path); one the server lists with another directory is unloaded and loaded
+    /// again from this one.
     fn load(&self, label: &str) -> Result<LoadedAdapter<'_>, StageError> {
         let guard = LoadedAdapter(self);
         for c in &self.clients {
-            c.load_lora_adapter(&c.spec().model, &self.path)
-                .map_err(|e| {
-                    StageError::Other(format!(
-                        "{label}: cannot load adapter {} as `{}`: {e}",
-                        self.path,
-                        c.spec().model
-                    ))
-                })?;
+            let name = &c.spec().model;
+            let fail = |e: safetune_model::backend::BackendError| {
+                StageError::Other(format!(
+                    "{label}: cannot load adapter {} as `{name}`: {e}",
+                    self.path
+                ))
+            };
+            if c.load_lora_adapter(name, &self.path).map_err(fail)? == LoraLoad::AlreadyLoaded {
+                let listed = c.list_models().map_err(fail)?;
+                let other = listed
+                    .data
+                    .iter()
+                    .find(|m| &m.id == name)
+                    .and_then(|m| m.root.as_deref())
+                    .is_some_and(|root| root != self.path);
+                if other {
+                    c.unload_lora_adapter(name).map_err(fail)?;
+                    c.load_lora_adapter(name, &self.path).map_err(fail)?;
+                }
+            }
         }
         Ok(guard)
     }

@@ -159,10 +159,44 @@ settings = {{ epochs = 2, max_len = 48, batch_size = 2, rank = 4, alpha = 16.0, 
             twin: twin.display().to_string(),
         }),
     );
+    // A stale adapter under the first variant's name, as a run of another study could leave:
+    // the step replaces it with its own (the answers below come from the study's adapters).
+    let keys = step_keys(&p);
+    let first_tune = p
+        .steps
+        .iter()
+        .position(|st| st.kind() == StepKind::Tune)
+        .unwrap();
+    let stale_name = format!("safetune-tune-{}", &keys[first_tune][..16]);
+    let stale = tmp.path().join("stale");
+    safetune_model::adapter::Adapter::init(
+        &engine.model,
+        safetune_model::adapter::AdapterConfig::lora(4, 8.0, &["q_proj", "v_proj"]),
+        safetune_model::adapter::LoraInit::Gaussian {
+            seed: 9,
+            std_a: 0.3,
+            std_b: 0.3,
+        },
+    )
+    .unwrap()
+    .save(&stale)
+    .unwrap();
+    let admin = safetune_openai::OpenAiClient::from_spec(
+        &format!("openai:{}#tiny-base", server.base_url()),
+        safetune_openai::ClientConfig {
+            api_key_env: KEY_ENV.into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    admin
+        .load_lora_adapter(&stale_name, &stale.display().to_string())
+        .unwrap();
+    recording.loads.lock().unwrap().clear();
+
     let s = run_plan(&p, &serde_json::json!({}), &dir, &reg, &mut |_| {}).unwrap();
     assert_eq!(s.failed, vec![], "{:?}", s.failed);
 
-    let keys = step_keys(&p);
     let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
     let output = |i: usize| -> StepOutput {
         serde_json::from_value(store.step(&keys[i]).unwrap().unwrap().output.unwrap()).unwrap()
@@ -244,16 +278,7 @@ settings = {{ epochs = 2, max_len = 48, batch_size = 2, rank = 4, alpha = 16.0, 
             .to_string_lossy();
         assert_eq!(name, &format!("safetune-{step}"));
     }
-    let listed = safetune_openai::OpenAiClient::from_spec(
-        &format!("openai:{}#tiny-base", server.base_url()),
-        safetune_openai::ClientConfig {
-            api_key_env: KEY_ENV.into(),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .list_models()
-    .unwrap();
+    let listed = admin.list_models().unwrap();
     assert_eq!(listed.data.len(), 1, "every adapter unloaded: {listed:?}");
     drop(store);
 
