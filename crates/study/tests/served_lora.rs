@@ -363,3 +363,104 @@ fn an_adapter_on_an_openai_model_without_the_keys_is_refused_with_both_ways() {
         "{e}"
     );
 }
+
+/// A tune stage whose "adapter" is a full checkpoint (the served base's twin directory).
+struct FullCheckpointTune {
+    dir: PathBuf,
+}
+
+impl Stage for FullCheckpointTune {
+    fn run(
+        &self,
+        step: &PlannedStep,
+        inputs: &[StepOutput],
+        _ctx: &mut StepContext<'_>,
+    ) -> Result<StepOutput, StageError> {
+        Ok(StepOutput::Model(ModelArtifact {
+            adapter: Some(self.dir.clone()),
+            ..input_model(step, inputs)?.clone()
+        }))
+    }
+}
+
+#[test]
+fn a_full_checkpoint_in_place_of_an_adapter_fails_its_steps_saying_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let twin = TinyModel::default()
+        .write(&tmp.path().join("tiny"))
+        .unwrap();
+    let engine = Arc::new(
+        LocalEngine::load(&ModelSpec::HfDir(twin.clone()), &LoadOptions::default()).unwrap(),
+    );
+    let server = start_with_loras(
+        engine.clone(),
+        Loras {
+            loader: engine.clone(),
+            modules: vec![],
+        },
+        ServeConfig {
+            port: 0,
+            model_name: Some("tiny-base".into()),
+            ..ServeConfig::default()
+        },
+    )
+    .unwrap();
+    let harm = tmp.path().join("harm.jsonl");
+    std::fs::write(
+        &harm,
+        "{\"id\":\"h0\",\"prompt\":\"x\"}\n{\"id\":\"h1\",\"prompt\":\"y\"}\n",
+    )
+    .unwrap();
+    let cfg = format!(
+        r#"
+[study]
+name = "full"
+[[models]]
+name = "served"
+spec = "openai:{url}#tiny-base"
+lora_name = "{{variant}}-s{{seed}}"
+[data]
+base = "demo:medical"
+limit = 2
+[[benchmarks]]
+name = "harm"
+source = "{harm}"
+harmful = true
+split = "all"
+[generation]
+max_new_tokens = 2
+[tune]
+settings = {{ epochs = 1 }}
+"#,
+        url = server.base_url(),
+        harm = harm.display()
+    );
+    let cfg = StudyConfig::parse(&cfg, Path::new("full.toml")).unwrap();
+    let p = plan(&cfg).unwrap();
+    let mut reg = builtin_registry();
+    reg.set(
+        StepKind::Tune,
+        Arc::new(FullCheckpointTune { dir: twin.clone() }),
+    );
+    let s = run_plan(
+        &p,
+        &serde_json::json!({}),
+        &tmp.path().join("study"),
+        &reg,
+        &mut |_| {},
+    )
+    .unwrap();
+    let generate_failures: Vec<_> = s
+        .failed
+        .iter()
+        .filter(|(label, _)| label.starts_with("generate"))
+        .collect();
+    assert!(!generate_failures.is_empty(), "{:?}", s.failed);
+    for (label, e) in generate_failures {
+        assert!(
+            e.contains("full checkpoint") && e.contains(&twin.display().to_string()),
+            "{label}: {e}"
+        );
+    }
+    server.shutdown().unwrap();
+}
