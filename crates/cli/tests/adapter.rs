@@ -332,3 +332,92 @@ fn serve_with_an_adapter_answers_like_generate_with_it() {
         "{chat}"
     );
 }
+
+#[test]
+fn serve_lora_answers_each_name_like_generate_with_or_without_the_adapter() {
+    use std::io::{BufRead, BufReader};
+    let root = tempfile::tempdir().unwrap();
+    let (base, _, random) = setup(root.path());
+    let prompts = root.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"id\":\"a\",\"prompt\":\"hello there\"}\n").unwrap();
+    let gen = |adapter: Option<&Path>, out: &Path| {
+        let mut args = vec!["generate", "--model", s(&base)];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        args.extend(["--prompts", s(&prompts), "-o", s(out)]);
+        args.extend(["--max-new-tokens", "8"]);
+        ok(&args);
+        responses(out)[0].trim_start_matches("a:").to_string()
+    };
+    let want_lora = gen(Some(&random), &root.path().join("lora.jsonl"));
+    let want_base = gen(None, &root.path().join("base.jsonl"));
+    assert_ne!(want_lora, want_base);
+
+    let lora = format!("rnd={}", s(&random));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_safetune"))
+        .args([
+            "serve",
+            "--model",
+            s(&base),
+            "--lora",
+            &lora,
+            "--served-model-name",
+            "tiny",
+            "--port",
+            "0",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("serve exited early").unwrap();
+        if let Some(rest) = line.strip_prefix("serving ") {
+            break rest
+                .split(" on ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+        }
+    };
+    let models = http(&url, "GET", "/v1/models", "");
+    let ask = |model: &str| {
+        let body = format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello there"}}],"max_tokens":8,"temperature":0}}"#
+        );
+        http(&url, "POST", "/v1/chat/completions", &body)
+    };
+    let (lora_answer, base_answer, unknown) = (ask("rnd"), ask("tiny"), ask("other"));
+    // Runtime loading is off without --allow-runtime-lora.
+    let load = http(
+        &url,
+        "POST",
+        "/v1/load_lora_adapter",
+        &format!(r#"{{"lora_name":"x","lora_path":"{}"}}"#, s(&random)),
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let ids: Vec<String> = serde_json::from_str::<serde_json::Value>(&models).unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["tiny", "rnd"], "{models}");
+    let content = |chat: &str| {
+        let v: serde_json::Value =
+            serde_json::from_str(chat).unwrap_or_else(|e| panic!("{e}: {chat}"));
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(content(&lora_answer), want_lora, "{lora_answer}");
+    assert_eq!(content(&base_answer), want_base, "{base_answer}");
+    assert!(unknown.contains("model_not_found"), "{unknown}");
+    assert!(load.contains("unknown_url"), "{load}");
+}

@@ -300,3 +300,191 @@ fn an_external_align_step_is_merged_into_the_local_base_and_tuning_starts_from_i
     assert_eq!(tuned.spec, aligned.spec);
     assert!(tuned.adapter.is_some());
 }
+
+/// Issue 14's end-to-end path: the study's trainer is a command (this binary's `safetune tune`,
+/// fed `{base_model}`, the served model's `train_model` twin) and the model is `openai:`,
+/// served by this binary's `safetune serve` with runtime adapter loading and an API key; each
+/// tuned variant is generated through the server by its own adapter (`dynamic_lora`), equal to
+/// local generation with that adapter, and the report computes the factor effect over the
+/// externally trained, remotely served variants. Afterwards the server serves its base only.
+#[test]
+fn externally_trained_variants_are_evaluated_through_safetune_serve_with_runtime_lora() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    use safetune_data::Message;
+    use safetune_model::{
+        GenRequest, Generator, LoadOptions, LocalEngine, ModelSpec, Prompt, Sampling,
+    };
+    use safetune_study::step::StepSpec;
+
+    const KEY: &str = "sk-external-served";
+    const KEY_ENV: &str = "SAFETUNE_TEST_EXTERNAL_SERVED_KEY";
+    std::env::set_var(KEY_ENV, KEY);
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    TinyModel::default().write(&model).unwrap();
+    /// Kills the server when the test ends, also when it panics.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Command::new(BIN)
+        .args(["serve", "--model"])
+        .arg(&model)
+        .args(["--served-model-name", "tiny-base", "--port", "0"])
+        .args(["--api-key", KEY, "--allow-runtime-lora"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let server = Server(server);
+    let url = loop {
+        let line = lines.next().expect("serve exited early").unwrap();
+        if let Some(rest) = line.strip_prefix("serving ") {
+            break rest
+                .split(" on ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string();
+        }
+    };
+    // Keep draining the server's stderr so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+
+    let harm = tmp.path().join("harm.jsonl");
+    let text: String = (0..6)
+        .map(|i| format!("{{\"id\":\"h{i}\",\"prompt\":\"do a bad thing {i}\"}}\n"))
+        .collect();
+    std::fs::write(&harm, text).unwrap();
+    let cfg = format!(
+        r#"
+[study]
+name = "external-served"
+seeds = [0, 1]
+[[models]]
+name = "served"
+spec = "openai:{url}#tiny-base"
+api_key_env = "{KEY_ENV}"
+train_model = "{model}"
+dynamic_lora = true
+[data]
+base = "demo:medical"
+limit = 4
+[factors]
+structure = ["keep", "markdown"]
+[[benchmarks]]
+name = "harm"
+source = "{harm}"
+harmful = true
+split = "all"
+[generation]
+max_new_tokens = 6
+[tune]
+backend = "command"
+command = '{BIN} tune --config {{config}}'
+settings = {{ epochs = 1, max_len = 256, batch_size = 4, rank = 2, alpha = 4.0, lr = 0.05 }}
+"#,
+        model = model.display(),
+        harm = harm.display()
+    );
+    let dir = tmp.path().join("study");
+    let (s, _, _) = run(&cfg, &dir);
+    let models_after = {
+        use std::io::{Read, Write};
+        let host = url.trim_start_matches("http://").split('/').next().unwrap();
+        let mut c = std::net::TcpStream::connect(host).unwrap();
+        write!(
+            c,
+            "GET /v1/models HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(text)
+    };
+    drop(server);
+    assert_eq!(s.failed, vec![], "{:?}", s.failed);
+
+    let parsed = StudyConfig::parse(&cfg, Path::new("external.toml")).unwrap();
+    let p = plan(&parsed).unwrap();
+    let keys = step_keys(&p);
+    let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
+    let engine = LocalEngine::load(&ModelSpec::HfDir(model.clone()), &LoadOptions::default())
+        .unwrap();
+    let (mut tuned, mut differs, mut base_answers) = (0, false, None::<Vec<String>>);
+    for (i, st) in p.steps.iter().enumerate() {
+        let StepSpec::Generate { sampling, .. } = &st.spec else {
+            continue;
+        };
+        let rows = store.generations(&keys[i]).unwrap();
+        assert_eq!(rows.len(), 6, "{}", st.label);
+        let requests: Vec<GenRequest> = rows
+            .iter()
+            .map(|r| GenRequest {
+                prompt: Prompt::Chat(vec![Message::user(r.prompt.clone())]),
+                sampling: Sampling {
+                    max_new_tokens: sampling.max_new_tokens,
+                    temperature: sampling.temperature,
+                    seed: sampling.seed,
+                    ..Sampling::default()
+                },
+            })
+            .collect();
+        let got: Vec<String> = rows.iter().map(|r| r.response.clone()).collect();
+        let rec = store.step(&keys[st.deps[0]]).unwrap().unwrap();
+        let Some(StepOutput::Model(m)) = rec.output.and_then(|o| serde_json::from_value(o).ok())
+        else {
+            panic!("{}: input is not a model", st.label)
+        };
+        let want: Vec<String> = match &m.adapter {
+            None => engine.generate(&requests).unwrap(),
+            Some(adapter) => {
+                tuned += 1;
+                // Trained by the command, then generated remotely under the adapter's name.
+                assert!(m.spec.starts_with("openai:"), "{}", m.spec);
+                engine
+                    .with_adapter(adapter, "local")
+                    .unwrap()
+                    .generate(&requests)
+                    .unwrap()
+            }
+        }
+        .into_iter()
+        .map(|o| o.text)
+        .collect();
+        assert_eq!(got, want, "{}: answers from the server", st.label);
+        match (&m.adapter, &base_answers) {
+            (None, _) => base_answers = Some(got),
+            (Some(_), Some(b)) => differs |= b != &got,
+            _ => {}
+        }
+    }
+    assert_eq!(tuned, 4);
+    assert!(differs, "some externally trained variant answers unlike the base");
+    // Every adapter was unloaded after its steps: the server lists its base only.
+    let v: serde_json::Value = serde_json::from_str(&models_after)
+        .unwrap_or_else(|e| panic!("{e}: {models_after}"));
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["tiny-base"], "{models_after}");
+    let (results, _) = write_report(&dir).unwrap();
+    let e = results
+        .effects
+        .iter()
+        .find(|e| e.factor.as_deref() == Some("structure") && e.outcome.as_str() == "safety")
+        .unwrap_or_else(|| panic!("no structure effect: {:?}", results.effects));
+    assert_eq!(e.contrast, "markdown - keep");
+    assert_eq!((e.n_runs, e.n_prompts), (4, 6));
+}

@@ -464,7 +464,14 @@ impl Adapter {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "adapter directory not found"),
             ));
         }
-        let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let cpath = dir.join(CONFIG_FILE);
+        if !cpath.is_file() && dir.join("config.json").is_file() {
+            return Err(ModelError::format(
+                &cpath,
+                "file not found, but the directory has config.json: it is a full checkpoint, not a LoRA adapter (serve it as a model of its own, not as an adapter)",
+            ));
+        }
+        let config = AdapterConfig::from_file(&cpath)?;
         let wpath = dir.join(WEIGHTS_FILE);
         if !wpath.is_file() {
             let hint = if dir.join("adapter_model.bin").is_file() {

@@ -98,6 +98,36 @@ impl LocalEngine {
         Ok(e)
     }
 
+    /// This model with the LoRA adapter at `dir` attached as a separate low-rank path
+    /// (never merged), named `name`. The weights are shared with `self` (tensors are
+    /// reference-counted), so each adapter costs only its own matrices. The adapter is read and
+    /// checked against this model first: a missing or malformed file, a full checkpoint in
+    /// place of an adapter, a layer this model lacks or a shape that does not fit is an error
+    /// naming the file. This engine must carry no adapter itself.
+    pub fn with_adapter(&self, dir: &Path, name: &str) -> Result<LocalEngine> {
+        let adapter = crate::adapter::Adapter::load(dir)?;
+        let mut model = self.model.clone();
+        if let Some(l) = crate::adapter::linears(&model)
+            .into_iter()
+            .find(|l| l.lora.is_some())
+        {
+            return Err(ModelError::Other(format!(
+                "`{}` already carries an adapter (layer `{}`); serve adapters on a base without one",
+                self.model_id, l.name
+            )));
+        }
+        adapter.apply(&mut model, false)?;
+        let template =
+            ChatTemplate::new(self.tok.chat_template.as_deref().unwrap_or(CHATML_TEMPLATE))?;
+        Ok(LocalEngine {
+            model,
+            tok: self.tok.clone(),
+            template,
+            model_id: name.to_string(),
+            batch_size: self.batch_size,
+        })
+    }
+
     /// A GGUF file: config, tokenizer and template from its metadata.
     pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LocalEngine> {
         let g = GgufFile::open(path)?;

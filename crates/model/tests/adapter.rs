@@ -701,3 +701,39 @@ fn quantize_dense_holds_the_merged_weights_as_q8_0_blocks() {
     assert!(d > 0.0, "the weights were quantized");
     assert!(d < 0.05 * scale, "logits moved by {d}");
 }
+
+#[test]
+fn with_adapter_shares_the_base_and_equals_loading_with_the_adapter() {
+    let root = tempfile::tempdir().unwrap();
+    let (base, adir) = base_and_adapter(root.path(), AdapterConfig::lora(4, 8.0, &ALL), 31);
+    let plain = load(&base, None, false);
+    let before = logits(&plain);
+    let adapted = plain.with_adapter(&adir, "a").unwrap();
+    assert_eq!(adapted.model_id, "a");
+    // The same logits as loading the model with the adapter unmerged...
+    let loaded = load(&base, Some(&adir), false);
+    assert_eq!(max_abs_diff(&logits(&adapted), &logits(&loaded)), 0.0);
+    // ...different from the base's, and the base itself is left as it was.
+    assert!(max_abs_diff(&logits(&adapted), &before) > 1e-3);
+    assert_eq!(max_abs_diff(&logits(&plain), &before), 0.0);
+    // A base that carries an adapter already takes no second one.
+    let e = loaded.with_adapter(&adir, "b").unwrap_err().to_string();
+    assert!(e.contains("already carries an adapter"), "{e}");
+    // A full checkpoint passed as an adapter is named as such.
+    let e = plain.with_adapter(&base, "c").unwrap_err().to_string();
+    assert!(
+        e.contains("adapter_config.json") && e.contains("full checkpoint"),
+        "{e}"
+    );
+    // An adapter for another shape of model names the file and the tensor.
+    let other = TinyModel {
+        hidden_size: 32,
+        intermediate_size: 64,
+        ..TinyModel::default()
+    }
+    .write(&root.path().join("other"))
+    .unwrap();
+    let small = load(&other, None, false);
+    let e = small.with_adapter(&adir, "d").unwrap_err().to_string();
+    assert!(e.contains(WEIGHTS_FILE) && e.contains("lora_A"), "{e}");
+}

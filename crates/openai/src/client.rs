@@ -212,6 +212,87 @@ impl OpenAiClient {
         })
     }
 
+    /// Loads a LoRA adapter on the server (`POST /v1/load_lora_adapter`, as vLLM and
+    /// `safetune serve --allow-runtime-lora` take it), `path` as the server sees it. An adapter
+    /// of that name loaded already is [`LoraLoad::AlreadyLoaded`], not an error, so a rerun can
+    /// load again. Transient failures are retried like every request.
+    pub fn load_lora_adapter(&self, name: &str, path: &str) -> Result<LoraLoad, BackendError> {
+        let body = serde_json::json!({"lora_name": name, "lora_path": path});
+        match self.post_status("load_lora_adapter", &body)? {
+            (200..=299, _) => Ok(LoraLoad::Loaded),
+            (400, text) if text.contains("already been loaded") => Ok(LoraLoad::AlreadyLoaded),
+            (status, text) => Err(self.lora_error("load_lora_adapter", status, &text)),
+        }
+    }
+
+    /// Unloads a LoRA adapter (`POST /v1/unload_lora_adapter`); `false` when the server did not
+    /// have it (404), which is not an error.
+    pub fn unload_lora_adapter(&self, name: &str) -> Result<bool, BackendError> {
+        let body = serde_json::json!({"lora_name": name});
+        match self.post_status("unload_lora_adapter", &body)? {
+            (200..=299, _) => Ok(true),
+            (404, text) if text.contains("cannot be found") => Ok(false),
+            (status, text) => Err(self.lora_error("unload_lora_adapter", status, &text)),
+        }
+    }
+
+    fn lora_error(&self, endpoint: &str, status: u16, text: &str) -> BackendError {
+        let url = format!("{}/{endpoint}", self.spec.base_url);
+        let hint = match status {
+            401 | 403 => format!(
+                "\nhint: the server wants its API key; set it in the environment variable {}",
+                self.config.api_key_env
+            ),
+            404 | 405 if !text.contains("NotFoundError") => "\nhint: the server does not load adapters at run time: start vLLM with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or safetune serve with --allow-runtime-lora and --api-key".to_string(),
+            _ => String::new(),
+        };
+        self.scrub_err(BackendError::Other(format!(
+            "{url} answered HTTP {status}: {}{hint}",
+            server_message(text)
+        )))
+    }
+
+    /// POSTs `body`, retrying connection failures, 408, 429 and 5xx; returns the final status
+    /// and body whatever the status.
+    fn post_status(
+        &self,
+        endpoint: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, String), BackendError> {
+        let url = format!("{}/{endpoint}", self.spec.base_url);
+        let attempts = self.config.max_retries + 1;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let mut req = self.agent.post(&url).header("Accept", "application/json");
+            if let Some(key) = &self.api_key {
+                req = req.header("Authorization", &format!("Bearer {}", key.0));
+            }
+            let failure = match req.send_json(body) {
+                Ok(mut resp) => {
+                    let status = resp.status().as_u16();
+                    let text = resp
+                        .body_mut()
+                        .with_config()
+                        .limit(1 << 20)
+                        .read_to_string()
+                        .unwrap_or_default();
+                    if !matches!(status, 408 | 429 | 500..=599) {
+                        return Ok((status, text));
+                    }
+                    format!("{url} answered HTTP {status}: {}", server_message(&text))
+                }
+                Err(e) => format!("cannot reach {url}: {e}"),
+            };
+            if attempt >= attempts {
+                return Err(BackendError::Unavailable(
+                    self.scrub(&format!("{failure} (gave up after {attempt} attempts)")),
+                ));
+            }
+            std::thread::sleep(self.backoff(attempt, None));
+        }
+    }
+
     /// Generates one request (with retries).
     pub fn generate_one(&self, request: &GenRequest) -> Result<GenOutput, BackendError> {
         let s = &request.sampling;
@@ -460,6 +541,14 @@ impl OpenAiClient {
             BackendError::Other(m) => BackendError::Other(self.scrub(&m)),
         }
     }
+}
+
+/// What [`OpenAiClient::load_lora_adapter`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraLoad {
+    Loaded,
+    /// The server had an adapter of that name already.
+    AlreadyLoaded,
 }
 
 enum Attempt {

@@ -50,10 +50,13 @@ pub mod testing;
 
 use std::sync::Arc;
 
-pub use client::{ClientConfig, OpenAiClient, OpenAiSpec};
+pub use client::{ClientConfig, LoraLoad, OpenAiClient, OpenAiSpec};
 pub use pool::EndpointPool;
 pub use rows::{run_rows, RowInput, RunError, RunOptions, RunProgress};
-pub use server::{serve, start, ServeConfig, ServeError, ServerHandle, ServerStats};
+pub use server::{
+    serve, start, start_with_loras, LoraLoadError, LoraLoader, Loras, ServeConfig, ServeError,
+    ServerHandle, ServerStats,
+};
 
 use safetune_model::backend::Generator;
 use safetune_model::{LoadOptions, LocalEngine, ModelError, ModelSpec};

@@ -238,6 +238,12 @@ pub struct ModelObject {
     pub object: String,
     pub created: u64,
     pub owned_by: String,
+    /// vLLM's field: an adapter's directory (absent for a base model here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+    /// vLLM's field: the base model an adapter applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// Response of `GET /v1/models`; `object` is `list`.

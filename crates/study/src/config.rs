@@ -124,9 +124,27 @@ pub struct ModelConfig {
     /// default: the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_model: Option<String>,
+    /// openai: specs: the name under which the server serves a tuned variant's adapter, a
+    /// template over the variant's labels, e.g. `"{variant}-s{seed}"` (see
+    /// [`crate::step::LORA_NAME_KEYS`]). Without `dynamic_lora` the user registers every name
+    /// when starting the server (vLLM `--lora-modules NAME=DIR`, `safetune serve --lora`).
+    #[serde(default)]
+    pub lora_name: Option<String>,
+    /// openai: specs: load each tuned variant's adapter through the server's
+    /// `/v1/load_lora_adapter` before generating, and unload it after.
+    #[serde(default)]
+    pub dynamic_lora: bool,
 }
 
 impl ModelConfig {
+    /// How a tuned variant's adapter is served, when `lora_name` or `dynamic_lora` is set.
+    pub fn lora_serving(&self) -> Option<crate::step::LoraServing> {
+        (self.lora_name.is_some() || self.dynamic_lora).then(|| crate::step::LoraServing {
+            name: self.lora_name.clone(),
+            dynamic: self.dynamic_lora,
+        })
+    }
+
     /// Who gets this model's API key.
     pub fn access(&self) -> KeyAccess {
         KeyAccess {
@@ -1173,6 +1191,21 @@ impl StudyConfig {
                     &format!("models[{i}].allow_insecure"),
                     "only an openai:URL#MODEL model sends an API key".into(),
                 ));
+            }
+            for (key, set) in [
+                ("lora_name", m.lora_name.is_some()),
+                ("dynamic_lora", m.dynamic_lora),
+            ] {
+                if set && !m.spec.starts_with("openai:") {
+                    return Err(bad(
+                        &format!("models[{i}].{key}"),
+                        "only an openai:URL#MODEL model serves adapters by name; a local model applies the tuned adapter itself".into(),
+                    ));
+                }
+            }
+            if let Some(t) = &m.lora_name {
+                crate::step::LoraServing::placeholders(t)
+                    .map_err(|e| bad(&format!("models[{i}].lora_name"), e))?;
             }
             if !m.endpoints.is_empty() && !m.spec.starts_with("openai:") {
                 return Err(bad(

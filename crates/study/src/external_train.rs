@@ -1080,6 +1080,7 @@ pub fn run_external(
             access: Default::default(),
             adapter: None,
             training: None,
+            lora: model.lora.clone(),
             aligned_from: Some(AlignedFrom {
                 base: model.spec.clone(),
                 adapter: paths.output_dir.clone(),

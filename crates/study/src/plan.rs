@@ -308,6 +308,7 @@ impl Planner<'_> {
                     concurrency: m.concurrency,
                     endpoints: m.endpoints.clone(),
                     access: m.access(),
+                    lora: m.lora_serving(),
                 },
                 deps: vec![],
                 factors,

@@ -18,7 +18,9 @@ use safetune_data::transform::{apply, Recipe, Rng};
 use safetune_data::{Conversation, Message, Role, Structure};
 use safetune_model::backend::{GenRequest, Generator, Prompt, Sampling};
 use safetune_model::{LoadOptions, ModelSpec};
-use safetune_openai::{load_generator, ClientConfig, EndpointPool, OpenAiSpec};
+use safetune_openai::{
+    load_generator, ClientConfig, EndpointPool, LoraLoad, OpenAiClient, OpenAiSpec,
+};
 
 use crate::config::GenWeights;
 use crate::hash::hash_file;
@@ -118,6 +120,7 @@ impl Stage for ModelStage {
             concurrency,
             endpoints,
             access,
+            lora,
         } = &step.spec
         else {
             return Err(step.not_a("model"));
@@ -131,6 +134,7 @@ impl Stage for ModelStage {
             endpoints: endpoints.clone(),
             access: access.clone(),
             adapter: None,
+            lora: lora.clone(),
             training: None,
             aligned_from: None,
         }))
@@ -447,7 +451,7 @@ pub fn default_generator(
     if let Some(adapter) = &m.adapter {
         if OpenAiSpec::from_model_spec(&spec).is_some() {
             return Err(StageError::Other(format!(
-                "model `{}`: an adapter cannot be applied to an openai: model",
+                "model `{}`: an adapter cannot be applied to an openai: model; the server applies it when it serves it by name\nhint: set `lora_name = \"{{variant}}-s{{seed}}\"` on the [[models]] entry and register the adapters with the server (vLLM --lora-modules NAME=DIR, safetune serve --lora NAME=DIR), or set `dynamic_lora = true`",
                 m.name
             )));
         }
@@ -532,7 +536,9 @@ impl Stage for GenerateStage {
         else {
             return Err(step.not_a("generate"));
         };
-        let model = input_model(step, inputs)?;
+        let input = input_model(step, inputs)?;
+        let served = served_adapter(step, input)?;
+        let model = served.as_ref().map(|s| &s.model).unwrap_or(input);
         let set = PromptSet::load(&benchmark.source, None)?;
         let prompts = select_prompts(&set, benchmark);
         let done = ctx.store.generation_ids(ctx.key)?;
@@ -548,6 +554,12 @@ impl Stage for GenerateStage {
             total,
         });
         if !pending.is_empty() {
+            // A dynamically served adapter is loaded for this step and unloaded after it,
+            // whether the step finishes or fails.
+            let _loaded = match &served {
+                Some(s) if s.dynamic => Some(s.load(&step.label)?),
+                _ => None,
+            };
             let generator = self.generator(model, sampling.weights)?;
             let chunk = if sampling.chunk_size > 0 {
                 sampling.chunk_size
@@ -599,6 +611,130 @@ impl Stage for GenerateStage {
             harmful: benchmark.harmful,
             rows: total,
         })
+    }
+}
+
+/// A tuned variant of a model behind an OpenAI-compatible server: the model as the server
+/// serves the variant (`openai:URL#NAME`, no adapter of its own) and how its adapter gets there.
+struct ServedAdapter {
+    model: ModelArtifact,
+    /// Loaded through `/v1/load_lora_adapter` for the step (`dynamic_lora`).
+    dynamic: bool,
+    /// The adapter directory as the server reads it.
+    path: String,
+    /// Every server of the model (the spec's and its extra endpoints), by base URL.
+    clients: Vec<OpenAiClient>,
+}
+
+/// `Some` for an `openai:` model that carries a tuned adapter and says how it is served: the
+/// adapter is evaluated by its served name (`lora_name`, rendered with the step's labels, or
+/// with `dynamic_lora` a name of the tune step's own). An error when the "adapter" is a full
+/// checkpoint (a model of its own, served and listed as one).
+fn served_adapter(
+    step: &PlannedStep,
+    m: &ModelArtifact,
+) -> Result<Option<ServedAdapter>, StageError> {
+    let Some(adapter) = &m.adapter else {
+        return Ok(None);
+    };
+    let Some(remote) = OpenAiSpec::matches(&m.spec)
+        .then(|| OpenAiSpec::parse(&m.spec).ok())
+        .flatten()
+    else {
+        return Ok(None);
+    };
+    // Without `lora_name` or `dynamic_lora` the generator factory decides (the default one
+    // refuses an adapter on an openai: model, naming the two keys).
+    let Some(lora) = &m.lora else {
+        return Ok(None);
+    };
+    if !adapter.join(safetune_model::adapter::CONFIG_FILE).is_file()
+        && adapter.join("config.json").is_file()
+    {
+        return Err(StageError::Other(format!(
+            "{}: {} is a full checkpoint (config.json, no adapter_config.json), not a LoRA adapter\nhint: serve it as a model of its own and list it as a [[models]] entry",
+            step.label,
+            adapter.display()
+        )));
+    }
+    let name = lora.served_name(&step.factors, adapter).map_err(|e| {
+        StageError::Other(format!("{}: model `{}`: lora_name {e}", step.label, m.name))
+    })?;
+    let client_cfg = m.access.apply(ClientConfig {
+        concurrency: 1,
+        ..Default::default()
+    });
+    let mut clients = Vec::new();
+    if lora.dynamic {
+        for base_url in std::iter::once(remote.base_url.clone())
+            .chain(m.endpoints.iter().map(|e| e.url.clone()))
+        {
+            let spec = OpenAiSpec::parse(&format!("openai:{base_url}#{name}"))?;
+            clients.push(OpenAiClient::try_new(spec, client_cfg.clone())?);
+        }
+    }
+    // TODO(shared_dir): once [study] shared_dir lands, map the store path to the server's
+    // view of it; today the server must see the study's directory at the same path.
+    let path = std::fs::canonicalize(adapter)
+        .unwrap_or_else(|_| adapter.clone())
+        .display()
+        .to_string();
+    Ok(Some(ServedAdapter {
+        model: ModelArtifact {
+            spec: format!("openai:{}#{name}", remote.base_url),
+            adapter: None,
+            ..m.clone()
+        },
+        dynamic: lora.dynamic,
+        path,
+        clients,
+    }))
+}
+
+impl ServedAdapter {
+    /// Loads the adapter on every server of the model; the guard unloads it when dropped. A
+    /// name loaded already (e.g. by a killed run) is kept when the server lists it with this
+    /// path (or no path); one the server lists with another directory is unloaded and loaded
+    /// again from this one.
+    fn load(&self, label: &str) -> Result<LoadedAdapter<'_>, StageError> {
+        let guard = LoadedAdapter(self);
+        for c in &self.clients {
+            let name = &c.spec().model;
+            let fail = |e: safetune_model::backend::BackendError| {
+                StageError::Other(format!(
+                    "{label}: cannot load adapter {} as `{name}`: {e}",
+                    self.path
+                ))
+            };
+            if c.load_lora_adapter(name, &self.path).map_err(fail)? == LoraLoad::AlreadyLoaded {
+                let listed = c.list_models().map_err(fail)?;
+                let other = listed
+                    .data
+                    .iter()
+                    .find(|m| &m.id == name)
+                    .and_then(|m| m.root.as_deref())
+                    .is_some_and(|root| root != self.path);
+                if other {
+                    c.unload_lora_adapter(name).map_err(fail)?;
+                    c.load_lora_adapter(name, &self.path).map_err(fail)?;
+                }
+            }
+        }
+        Ok(guard)
+    }
+}
+
+/// Unloads a dynamically loaded adapter when dropped (a name already gone is fine; a failure
+/// to unload is only printed, since the answers are stored already).
+struct LoadedAdapter<'a>(&'a ServedAdapter);
+
+impl Drop for LoadedAdapter<'_> {
+    fn drop(&mut self) {
+        for c in &self.0.clients {
+            if let Err(e) = c.unload_lora_adapter(&c.spec().model) {
+                eprintln!("warning: cannot unload adapter `{}`: {e}", c.spec().model);
+            }
+        }
     }
 }
 

@@ -133,6 +133,10 @@ pub enum StepSpec {
         /// changes no result.
         #[serde(default, skip_serializing_if = "KeyAccess::is_default")]
         access: KeyAccess,
+        /// openai: models: how a tuned variant's adapter is served (`lora_name`,
+        /// `dynamic_lora`); absent otherwise, so other models keep their keys.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lora: Option<LoraServing>,
     },
     Transform {
         base: String,
@@ -278,6 +282,92 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+/// How a model behind an OpenAI-compatible server (vLLM, `safetune serve`) evaluates a tuned
+/// variant: by the name under which the server serves the variant's adapter. From the
+/// `[[models]]` keys `lora_name` and `dynamic_lora`; the generate stage
+/// ([`crate::stages::GenerateStage`]) applies it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LoraServing {
+    /// The served name, a template over the variant's labels ([`LORA_NAME_KEYS`] in braces,
+    /// e.g. `"{variant}-s{seed}"`). `None` (only with `dynamic`): a name of the tune step's own,
+    /// `safetune-` and its folder (`safetune-tune-0123456789abcdef`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Load the adapter through `POST /v1/load_lora_adapter` before generating and unload it
+    /// after; otherwise the user registered it when starting the server.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub dynamic: bool,
+}
+
+/// The labels a `lora_name` template may use: a tuned condition's factors.
+pub const LORA_NAME_KEYS: [&str; 9] = [
+    "model",
+    "variant",
+    "seed",
+    "structure",
+    "identity",
+    "roleplay",
+    "mix",
+    "selection",
+    "mitigation",
+];
+
+impl LoraServing {
+    /// The placeholders of a template, or an error naming what is wrong with it.
+    pub fn placeholders(template: &str) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            let after = &rest[open + 1..];
+            let close = after
+                .find('}')
+                .ok_or_else(|| format!("`{template}`: a `{{` is not closed"))?;
+            let key = &after[..close];
+            if !LORA_NAME_KEYS.contains(&key) {
+                return Err(format!(
+                    "`{template}`: unknown placeholder {{{key}}}; the labels are {}",
+                    LORA_NAME_KEYS.map(|k| format!("{{{k}}}")).join(", ")
+                ));
+            }
+            out.push(key.to_string());
+            rest = &after[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("`{template}`: a `}}` has no `{{`"));
+        }
+        if template.contains('#') || template.chars().any(char::is_whitespace) {
+            return Err(format!(
+                "`{template}`: a served name has no `#` and no spaces"
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The served name of the adapter at `adapter` for a step labelled `factors`.
+    pub fn served_name(
+        &self,
+        factors: &BTreeMap<String, String>,
+        adapter: &std::path::Path,
+    ) -> Result<String, String> {
+        let Some(template) = &self.name else {
+            let step = adapter
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "adapter".into());
+            return Ok(format!("safetune-{step}"));
+        };
+        let mut name = template.clone();
+        for key in Self::placeholders(template)? {
+            let value = factors
+                .get(&key)
+                .ok_or_else(|| format!("`{template}`: this condition has no `{key}` label"))?;
+            name = name.replace(&format!("{{{key}}}"), value);
+        }
+        Ok(name)
+    }
+}
+
 /// A model a later step can load: a spec, extra endpoints, and an adapter from a tune step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelArtifact {
@@ -293,6 +383,9 @@ pub struct ModelArtifact {
     /// A PEFT adapter directory to apply on top of `spec` (set by align/tune stages).
     #[serde(default)]
     pub adapter: Option<PathBuf>,
+    /// openai: models: how the server serves `adapter` (from the model step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraServing>,
     /// What the align or tune step that made this model trained on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingCounts>,
@@ -641,4 +734,66 @@ pub fn input_generations<'a>(
             label: step.label.clone(),
             expected: "generations".into(),
         })
+}
+
+#[cfg(test)]
+mod lora_serving_tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_template_names_each_variant_and_seed() {
+        let l = LoraServing {
+            name: Some("{model}-{variant}-s{seed}".into()),
+            dynamic: false,
+        };
+        let f = labels(&[
+            ("model", "llama8b"),
+            ("variant", "itemized+identity"),
+            ("seed", "2"),
+            ("structure", "itemized"),
+        ]);
+        let a = std::path::Path::new("/s/steps/tune-0123/adapter");
+        assert_eq!(
+            l.served_name(&f, a).unwrap(),
+            "llama8b-itemized+identity-s2"
+        );
+        // A label the condition lacks (no mixing levels) is an error naming it.
+        let l = LoraServing {
+            name: Some("{variant}-m{mix}".into()),
+            dynamic: false,
+        };
+        let e = l.served_name(&f, a).unwrap_err();
+        assert!(e.contains("`mix`"), "{e}");
+        // Without a template (dynamic loading), the name is the tune step's folder.
+        let l = LoraServing {
+            name: None,
+            dynamic: true,
+        };
+        assert_eq!(l.served_name(&f, a).unwrap(), "safetune-tune-0123");
+    }
+
+    #[test]
+    fn bad_templates_are_refused() {
+        for (t, want) in [
+            ("{variant", "not closed"),
+            ("variant}", "has no"),
+            ("{varient}", "unknown placeholder {varient}"),
+            ("a#{seed}", "no `#`"),
+            ("a {seed}", "no spaces"),
+        ] {
+            let e = LoraServing::placeholders(t).unwrap_err();
+            assert!(e.contains(want), "{t}: {e}");
+        }
+        assert_eq!(
+            LoraServing::placeholders("{variant}-s{seed}").unwrap(),
+            ["variant", "seed"]
+        );
+    }
 }

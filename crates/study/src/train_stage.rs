@@ -243,6 +243,7 @@ impl Stage for TrainStage {
                 endpoints: vec![],
                 access: Default::default(),
                 adapter: None,
+                lora: model.lora.clone(),
                 training,
                 aligned_from: Some(AlignedFrom {
                     base: model.spec.clone(),

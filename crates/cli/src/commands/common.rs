@@ -254,7 +254,7 @@ impl AdapterArgs {
 pub fn check_adapter(has_adapter: bool, spec: &ModelSpec) -> anyhow::Result<()> {
     if has_adapter && matches!(spec, ModelSpec::OpenAi { .. }) {
         bail!(
-            "an adapter with an openai: model must be served by the server; pass the served adapter name as the model (openai:URL#NAME)\nhint: `safetune serve --model BASE --adapter DIR --served-model-name NAME` serves one"
+            "an adapter with an openai: model must be served by the server; pass the served adapter name as the model (openai:URL#NAME)\nhint: `safetune serve --model BASE --lora NAME=DIR` serves it as NAME (vLLM: --enable-lora --lora-modules NAME=DIR)"
         );
     }
     Ok(())

@@ -1,13 +1,15 @@
 //! `safetune serve`: an OpenAI-compatible HTTP server over a local model or a remote
 //! OpenAI-compatible one (a proxy). Flags only; the server lives in safetune-openai.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use safetune_model::{LoadOptions, ModelSpec};
+use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
 use safetune_openai::server::guard::{is_loopback_host, ApiKey};
-use safetune_openai::{load_generator, ServeConfig, ServeError};
+use safetune_openai::{load_generator, LoraLoader, Loras, ServeConfig, ServeError};
 
 #[derive(Debug, Args)]
 #[command(mut_arg("retries", |a| a.help(
@@ -103,6 +105,18 @@ pub struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     pub served_model_name: Option<String>,
 
+    /// Serve a LoRA adapter (PEFT directory) on the base as NAME: a request whose `model` is
+    /// NAME gets the base with that adapter, the base's own name gets the base (repeatable;
+    /// vLLM's --lora-modules NAME=DIR). Local models only.
+    #[arg(long = "lora", value_name = "NAME=DIR", value_parser = parse_lora)]
+    pub loras: Vec<(String, PathBuf)>,
+
+    /// Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime adapter
+    /// endpoints) so clients load adapters while the server runs. Needs --api-key (or
+    /// SAFETUNE_API_KEY); local models only.
+    #[arg(long)]
+    pub allow_runtime_lora: bool,
+
     /// Proxy only: requests sent to the remote server at once.
     #[arg(long, default_value_t = 8, value_name = "N")]
     pub concurrency: usize,
@@ -110,6 +124,16 @@ pub struct ServeArgs {
     // Proxy only: the client of the remote server.
     #[command(flatten)]
     pub client: super::common::ClientArgs,
+}
+
+/// `NAME=DIR` of `--lora`.
+fn parse_lora(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.trim().is_empty() && !dir.is_empty() => {
+            Ok((name.trim().to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!("`{s}` is not NAME=DIR")),
+    }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -140,8 +164,24 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             args.host
         );
     }
+    if args.allow_runtime_lora && api_key.is_none() {
+        anyhow::bail!(
+            "--allow-runtime-lora lets clients load adapters from this machine's disk; it needs --api-key KEY (or SAFETUNE_API_KEY)"
+        );
+    }
+    let serves_loras = !args.loras.is_empty() || args.allow_runtime_lora;
+    if serves_loras && args.adapter.adapter.is_some() {
+        anyhow::bail!(
+            "--adapter and --lora do not go together: adapters are served on the base; serve the adapter of --adapter as --lora NAME=DIR too, or merge it into the base first"
+        );
+    }
     let spec = ModelSpec::parse(&args.model)?;
     args.adapter.check_spec(&spec)?;
+    if serves_loras && matches!(spec, ModelSpec::OpenAi { .. }) {
+        anyhow::bail!(
+            "--lora and --allow-runtime-lora need a local model; a proxied server serves its own adapters (name them as the model, openai:URL#NAME)"
+        );
+    }
     let load = args.weights.load_options(
         args.max_batch.unwrap_or(LoadOptions::default().batch_size),
         &args.adapter,
@@ -150,8 +190,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .client
         .client_config(args.max_batch.unwrap_or(args.concurrency));
     eprintln!("loading {spec}");
-    let generator =
-        load_generator(&spec, &load, &client).with_context(|| format!("cannot load {spec}"))?;
+    let (generator, loras) = if serves_loras {
+        let engine = Arc::new(
+            LocalEngine::load(&spec, &load).with_context(|| format!("cannot load {spec}"))?,
+        );
+        let loras = Loras {
+            loader: engine.clone() as Arc<dyn LoraLoader>,
+            modules: args.loras.clone(),
+        };
+        (engine as Arc<dyn safetune_model::Generator>, Some(loras))
+    } else {
+        let g =
+            load_generator(&spec, &load, &client).with_context(|| format!("cannot load {spec}"))?;
+        (g, None)
+    };
     let config = ServeConfig {
         host: args.host.clone(),
         port: args.port,
@@ -170,6 +222,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_connections_per_ip: args.max_connections_per_ip,
         read_timeout: Duration::from_secs(args.socket_timeout),
         write_timeout: Duration::from_secs(args.socket_timeout),
+        allow_runtime_lora: args.allow_runtime_lora,
         ..ServeConfig::default()
     };
     let max_batch = args.max_batch.unwrap_or_else(|| generator.max_batch());
@@ -177,7 +230,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .served_model_name
         .clone()
         .unwrap_or_else(|| generator.model_id().to_string());
-    let handle = match safetune_openai::start(generator, config) {
+    let started = match loras {
+        Some(l) => {
+            for (name, dir) in &l.modules {
+                eprintln!("adapter {name}: {}", dir.display());
+            }
+            safetune_openai::start_with_loras(generator, l, config)
+        }
+        None => safetune_openai::start(generator, config),
+    };
+    let handle = match started {
         Ok(h) => h,
         Err(e @ ServeError::Bind { .. }) => {
             anyhow::bail!("{e}\nhint: pick another --port, or --port 0 for a free one")
@@ -185,13 +247,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     eprintln!(
-        "serving {model_id} on {} (max batch {max_batch}, queue {}; API key {}); Ctrl-C stops",
+        "serving {model_id} on {} (max batch {max_batch}, queue {}; API key {}{}{}); Ctrl-C stops",
         handle.base_url(),
         args.max_queue,
         if args.api_key.is_some() {
             "required"
         } else {
             "off"
+        },
+        if args.loras.is_empty() {
+            String::new()
+        } else {
+            format!("; {} adapter(s)", args.loras.len())
+        },
+        if args.allow_runtime_lora {
+            "; runtime adapter loading on"
+        } else {
+            ""
         }
     );
     handle.wait_for_signal()?;
@@ -296,6 +368,58 @@ mod tests {
         assert!(e.contains("--api-key"), "{e}");
         let e = run(parse(&["--max-prompts", "0"])).unwrap_err().to_string();
         assert!(e.contains("--max-prompts"), "{e}");
+    }
+
+    #[test]
+    fn lora_flags_parse_and_runtime_loading_needs_a_key_and_a_local_model() {
+        let parse = |argv: &[&str]| {
+            let mut v = vec!["serve", "-m", "/no/such/model.gguf"];
+            v.extend_from_slice(argv);
+            Cli::try_parse_from(v).map(|c| c.serve)
+        };
+        let a = parse(&["--lora", "a=/x/a", "--lora", "b=rel/b"]).unwrap();
+        assert_eq!(
+            a.loras,
+            vec![
+                ("a".to_string(), PathBuf::from("/x/a")),
+                ("b".to_string(), PathBuf::from("rel/b"))
+            ]
+        );
+        assert!(!a.allow_runtime_lora);
+        for bad in ["noequals", "=dir", "name="] {
+            let e = parse(&["--lora", bad]).unwrap_err().to_string();
+            assert!(e.contains("NAME=DIR"), "{bad}: {e}");
+        }
+        // The flag without a key is refused before anything is loaded.
+        let mut a = parse(&["--allow-runtime-lora"]).unwrap();
+        a.api_key = None;
+        let e = run(a).unwrap_err().to_string();
+        assert!(
+            e.contains("--allow-runtime-lora") && e.contains("--api-key"),
+            "{e}"
+        );
+        // With a key it goes on to load the model (and fails there, naming it).
+        let e = run(parse(&["--allow-runtime-lora", "--api-key", "k"]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/no/such/model.gguf"), "{e}");
+        // A proxy cannot apply adapters.
+        let mut a = Cli::try_parse_from([
+            "serve",
+            "-m",
+            "openai:http://127.0.0.1:1/v1#m",
+            "--lora",
+            "a=/x",
+        ])
+        .unwrap()
+        .serve;
+        a.api_key = None;
+        let e = run(a).unwrap_err().to_string();
+        assert!(e.contains("need a local model"), "{e}");
+        let e = run(parse(&["--lora", "a=/x", "--adapter", "/y"]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--adapter and --lora"), "{e}");
     }
 
     #[test]

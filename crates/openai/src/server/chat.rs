@@ -32,12 +32,14 @@ impl Endpoint for Chat {
             stream_options: req.stream_options,
         };
         let prompts = vec![Prompt::Chat(messages)];
-        common.generation(
+        let mut g = common.generation(
             prompts,
             "messages",
             shared.config.default_max_tokens,
             shared,
-        )
+        )?;
+        g.model = req.model;
+        Ok(g)
     }
 
     fn chunk(meta: &Meta, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> ChatCompletionChunk {

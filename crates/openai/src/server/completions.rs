@@ -46,7 +46,9 @@ impl Endpoint for Completions {
             stream_options: req.stream_options,
         };
         let prompts = prompts.into_iter().map(Prompt::Text).collect();
-        common.generation(prompts, "prompt", DEFAULT_MAX_TOKENS, shared)
+        let mut g = common.generation(prompts, "prompt", DEFAULT_MAX_TOKENS, shared)?;
+        g.model = req.model;
+        Ok(g)
     }
 
     fn chunk(

@@ -12,7 +12,7 @@ use safetune_model::backend::{BackendError, GenOutput, GenRequest, Prompt, Sampl
 
 use super::http::Request;
 use super::routes::{ok, Handled, HttpError};
-use super::scheduler::{EnqueueError, Event, Job};
+use super::scheduler::{AdapterRef, EnqueueError, Event, Job};
 use super::{sse, unix_now, Shared};
 use crate::protocol::*;
 use crate::random_u64;
@@ -48,6 +48,8 @@ pub(super) struct Generation {
     pub(super) n: u32,
     pub(super) stream: bool,
     pub(super) include_usage: bool,
+    /// The request's `model`: the base's name, an adapter's, or empty (the base).
+    pub(super) model: String,
 }
 
 /// What every chunk and response of one answer repeats.
@@ -64,13 +66,18 @@ pub(super) fn generate<E: Endpoint>(
     shared: &Shared,
 ) -> Handled {
     let g = E::parse(body, shared)?;
+    let adapter = resolve_model(shared, &g.model)?;
+    let model = match &adapter {
+        Some((name, _)) => name.clone(),
+        None => shared.model_name.clone(),
+    };
     let count = g.requests.len();
     let cancel = Arc::new(AtomicBool::new(false));
-    let rx = submit(shared, g.requests, g.stream, cancel.clone())?;
+    let rx = submit(shared, g.requests, g.stream, cancel.clone(), adapter)?;
     let meta = Meta {
         id: shared.new_id(E::ID_PREFIX),
         created: unix_now(),
-        model: shared.model_name.clone(),
+        model,
     };
     if g.stream {
         sse::stream::<E>(request, &rx, &cancel, &meta, count, g.n, g.include_usage);
@@ -79,6 +86,22 @@ pub(super) fn generate<E: Endpoint>(
     let outs = wait_done(request, &rx, &cancel, count)?;
     let u = usage(&outs, g.n);
     ok(request, &E::response(meta, outs, u))
+}
+
+/// What a request's `model` asks for: the base (`None`: its own name, or empty) or a served
+/// adapter with its generator. Once the server serves adapters a name that is neither is 404;
+/// a server without adapters answers every name with its one model.
+fn resolve_model(shared: &Shared, model: &str) -> Result<Option<AdapterRef>, HttpError> {
+    if model.is_empty() || model == shared.model_name {
+        return Ok(None);
+    }
+    if let Some(served) = shared.adapters.get(model) {
+        return Ok(Some((model.to_string(), served.generator)));
+    }
+    if shared.adapters.enabled() {
+        return Err(HttpError::no_such_model(model));
+    }
+    Ok(None)
 }
 
 /// Collects a job's parts into its outputs in order. `None` while parts are missing.
@@ -196,6 +219,7 @@ impl Common {
             n,
             stream,
             include_usage,
+            model: String::new(),
         })
     }
 }
@@ -371,6 +395,7 @@ fn submit(
     requests: Vec<GenRequest>,
     stream: bool,
     cancel: Arc<AtomicBool>,
+    adapter: Option<AdapterRef>,
 ) -> Result<mpsc::Receiver<Event>, HttpError> {
     let (tx, rx) = mpsc::channel();
     let job = Job {
@@ -379,6 +404,7 @@ fn submit(
         stream,
         events: tx,
         cancel,
+        adapter,
     };
     match shared.enqueue(job) {
         Ok(()) => Ok(rx),

@@ -23,8 +23,9 @@
 //!
 //! Request defaults follow OpenAI's API: `temperature` 1.0, `top_p` 1.0, `n` 1, a random seed
 //! when none is given, `max_tokens` from [`ServeConfig::default_max_tokens`] (chat) or 16
-//! (completions). The request's `model` is not checked: a server serves one model, and answers
-//! name it. A request the model rejects (`BackendError::Invalid`) is retried alone, so it does not
+//! (completions). The request's `model` picks a served LoRA adapter ([`lora`]) when it names one;
+//! a server without adapters serves one model, does not check `model`, and answers name it; once
+//! it serves adapters, a name that is neither the base's nor an adapter's is 404. A request the model rejects (`BackendError::Invalid`) is retried alone, so it does not
 //! fail the requests it was batched with.
 //!
 //! Layout: this file holds the public API and the lifecycle (bind, the accept loop, shutdown);
@@ -42,6 +43,7 @@ mod completions;
 pub mod guard;
 mod handlers;
 pub mod http;
+pub mod lora;
 mod routes;
 mod scheduler;
 mod sse;
@@ -57,6 +59,7 @@ use safetune_model::backend::Generator;
 
 use crate::random_u64;
 use guard::{ApiKey, HostAllowList};
+pub use lora::{LoraLoadError, LoraLoader, Loras};
 use scheduler::Queue;
 
 /// The default of [`ServeConfig::max_prompt_tokens`], lowered to the model's context.
@@ -124,6 +127,10 @@ pub struct ServeConfig {
     /// The model name reported by `/v1/models` and in responses; `None` uses
     /// `generator.model_id()`.
     pub model_name: Option<String>,
+    /// Serve `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` (see [`lora`]); needs
+    /// an API key and a [`LoraLoader`] ([`start_with_loras`]). Off by default: both routes are
+    /// then unknown (404).
+    pub allow_runtime_lora: bool,
 }
 
 impl Default for ServeConfig {
@@ -154,6 +161,7 @@ impl Default for ServeConfig {
             allowed_hosts: Vec::new(),
             shutdown_timeout: Duration::from_secs(60),
             model_name: None,
+            allow_runtime_lora: false,
         }
     }
 }
@@ -303,7 +311,33 @@ pub fn start(
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
-    start_on(TcpAcceptor(listener), addr, generator, config)
+    start_on(TcpAcceptor(listener), addr, generator, None, config)
+}
+
+/// [`start`] with LoRA adapters: the ones of `loras.modules` are loaded first (a failure is
+/// [`ServeError::Config`] naming the adapter and its file), and with
+/// [`ServeConfig::allow_runtime_lora`] more can be loaded and unloaded while the server runs.
+/// A request whose `model` names an adapter is answered by the base with that adapter; once
+/// the server serves adapters, a `model` that names neither the base nor an adapter is 404
+/// (`model_not_found`), so a misspelt adapter never gets the base's answers.
+pub fn start_with_loras(
+    generator: Arc<dyn Generator>,
+    loras: Loras,
+    config: ServeConfig,
+) -> Result<ServerHandle, ServeError> {
+    check_config(&config)?;
+    let listener = bind(&config)?;
+    let addr = listener.local_addr().map_err(|e| ServeError::Bind {
+        addr: config.host.clone(),
+        reason: e.to_string(),
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| ServeError::Bind {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    start_on(TcpAcceptor(listener), addr, generator, Some(loras), config)
 }
 
 fn check_config(config: &ServeConfig) -> Result<(), ServeError> {
@@ -332,6 +366,11 @@ fn check_config(config: &ServeConfig) -> Result<(), ServeError> {
         if d.is_zero() {
             return Err(ServeError::Config(format!("{name} must be more than zero")));
         }
+    }
+    if config.allow_runtime_lora && config.api_key.is_none() {
+        return Err(ServeError::Config(
+            "loading adapters at run time (--allow-runtime-lora) needs an API key: pass --api-key or set SAFETUNE_API_KEY".into(),
+        ));
     }
     if config.api_key.is_none() && !guard::is_loopback_host(&config.host) {
         return Err(ServeError::Config(format!(
@@ -364,16 +403,25 @@ fn start_on(
     acceptor: impl Acceptor,
     addr: SocketAddr,
     generator: Arc<dyn Generator>,
+    loras: Option<Loras>,
     config: ServeConfig,
 ) -> Result<ServerHandle, ServeError> {
     check_config(&config)?;
-    let shared = Arc::new(Shared::new(config, generator.clone()));
+    if config.allow_runtime_lora && loras.is_none() {
+        return Err(ServeError::Config(
+            "loading adapters at run time needs a model that can take them (a local model)".into(),
+        ));
+    }
+    let mut shared = Shared::new(config, generator.clone());
+    shared.adapters =
+        lora::Adapters::start(loras, &shared.model_name).map_err(ServeError::Config)?;
+    let shared = Arc::new(shared);
     let stop = Arc::new(AtomicBool::new(false));
 
     let sched_shared = shared.clone();
     let scheduler = std::thread::Builder::new()
         .name("safetune-serve-scheduler".into())
-        .spawn(move || scheduler::run(&sched_shared, generator.as_ref()))
+        .spawn(move || scheduler::run(&sched_shared, generator))
         .map_err(|e| ServeError::Config(format!("cannot start the scheduler thread: {e}")))?;
 
     let accept_shared = shared.clone();
@@ -426,6 +474,8 @@ struct Shared {
     /// The prompt-token limit in force (config and model context), if any.
     prompt_token_limit: Option<usize>,
     model_name: String,
+    /// The adapters served beside the base (none unless started with [`start_with_loras`]).
+    adapters: lora::Adapters,
     max_batch: usize,
     /// Set once the server is stopping: open connections answer their next request with 503.
     stopping: AtomicBool,
@@ -481,6 +531,7 @@ impl Shared {
             started: Instant::now(),
             config,
             model_name,
+            adapters: lora::Adapters::default(),
             max_batch,
             created: unix_now(),
             queue: Mutex::new(Queue::default()),
@@ -669,7 +720,7 @@ mod tests {
             port: 0,
             ..Default::default()
         };
-        let h = start_on(acceptor, addr, Arc::new(Nothing), cfg).unwrap();
+        let h = start_on(acceptor, addr, Arc::new(Nothing), None, cfg).unwrap();
         let answer = health(addr);
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         assert_eq!(h.stats().accept_errors, 5);
@@ -684,7 +735,7 @@ mod tests {
             accept_failure_limit: Duration::from_millis(300),
             ..Default::default()
         };
-        let h = start_on(acceptor, addr, Arc::new(Nothing), cfg).unwrap();
+        let h = start_on(acceptor, addr, Arc::new(Nothing), None, cfg).unwrap();
         let t0 = Instant::now();
         let e = h.wait().unwrap_err();
         assert!(matches!(e, ServeError::Accept(_)), "{e}");

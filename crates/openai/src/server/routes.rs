@@ -246,18 +246,29 @@ fn route(request: &mut Request<'_>, body: &[u8], shared: &Shared) -> Handled {
     match (path.as_str(), method.as_str()) {
         ("/health", "GET") => ok(request, &serde_json::json!({"status": "ok"})),
         ("/v1/models", "GET") => {
+            let mut data = vec![model_object(shared)];
+            data.extend(adapter_objects(shared));
             let list = ModelList {
                 object: "list".into(),
-                data: vec![model_object(shared)],
+                data,
             };
             ok(request, &list)
         }
         (p, "GET") if p.starts_with("/v1/models/") => {
             let id = &p["/v1/models/".len()..];
-            if id != shared.model_name {
-                return Err(HttpError::no_such_model(id));
+            if id == shared.model_name {
+                return ok(request, &model_object(shared));
             }
-            ok(request, &model_object(shared))
+            match adapter_objects(shared).into_iter().find(|m| m.id == id) {
+                Some(m) => ok(request, &m),
+                None => Err(HttpError::no_such_model(id)),
+            }
+        }
+        ("/v1/load_lora_adapter", "POST") if shared.config.allow_runtime_lora => {
+            super::lora::load(request, body, shared)
+        }
+        ("/v1/unload_lora_adapter", "POST") if shared.config.allow_runtime_lora => {
+            super::lora::unload(request, body, shared)
         }
         ("/v1/chat/completions", "POST") => handlers::generate::<chat::Chat>(request, body, shared),
         ("/v1/completions", "POST") => {
@@ -288,7 +299,26 @@ fn model_object(shared: &Shared) -> ModelObject {
         object: "model".into(),
         created: shared.created,
         owned_by: "safetune".into(),
+        root: None,
+        parent: None,
     }
+}
+
+/// The served adapters as vLLM lists them: `root` their directory, `parent` the base.
+fn adapter_objects(shared: &Shared) -> Vec<ModelObject> {
+    shared
+        .adapters
+        .list()
+        .into_iter()
+        .map(|(name, path)| ModelObject {
+            id: name,
+            object: "model".into(),
+            created: shared.created,
+            owned_by: "safetune".into(),
+            root: Some(path.display().to_string()),
+            parent: Some(shared.model_name.clone()),
+        })
+        .collect()
 }
 
 /// The JSON body of a request, as `T`.
@@ -398,7 +428,7 @@ impl HttpError {
         )
     }
 
-    fn no_such_model(id: &str) -> Self {
+    pub(super) fn no_such_model(id: &str) -> Self {
         let body = ErrorResponse::new(
             format!("The model `{id}` does not exist"),
             "invalid_request_error",

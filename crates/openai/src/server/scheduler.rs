@@ -5,6 +5,11 @@
 //! the generator and sends every job its events. A job whose client has gone is dropped before
 //! its next part, and the generator stops decoding its part in flight within a token (the other
 //! jobs of that batch go on).
+//!
+//! Adapters: a job names the adapter it was queued for (`None`: the base) and carries that
+//! adapter's generator. A batch holds jobs of one adapter only: requests for different adapters
+//! (or an adapter and the base) never share a forward pass. The first job in the queue picks
+//! the batch's adapter; jobs for other adapters stay queued, in order, for the next batches.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -24,6 +29,9 @@ pub(super) struct Queue {
     /// Set at shutdown: no new jobs; the scheduler exits once the queue is empty.
     closing: bool,
 }
+
+/// An adapter a job asked for: its served name and the generator that applies it.
+pub(super) type AdapterRef = (String, Arc<dyn Generator>);
 
 /// What a job's handler hears from the scheduler.
 pub(super) enum Event {
@@ -46,6 +54,14 @@ pub(super) struct Job {
     pub(super) stream: bool,
     pub(super) events: mpsc::Sender<Event>,
     pub(super) cancel: Arc<AtomicBool>,
+    /// The adapter it asked for (`None`: the base) and the generator that applies it.
+    pub(super) adapter: Option<AdapterRef>,
+}
+
+impl Job {
+    fn adapter_name(&self) -> Option<&str> {
+        self.adapter.as_ref().map(|(n, _)| n.as_str())
+    }
 }
 
 /// A part of a job in a batch.
@@ -55,6 +71,7 @@ struct Part {
     stream: bool,
     events: mpsc::Sender<Event>,
     cancel: Arc<AtomicBool>,
+    adapter: Option<AdapterRef>,
 }
 
 pub(super) enum EnqueueError {
@@ -102,50 +119,70 @@ impl Shared {
 }
 
 /// The scheduler thread: runs batches until the queue is closed and empty.
-pub(super) fn run(shared: &Shared, generator: &dyn Generator) {
+pub(super) fn run(shared: &Shared, base: Arc<dyn Generator>) {
     while let Some(batch) = take_batch(shared) {
-        run_batch(shared, generator, batch);
+        // Every part of a batch asked for the same adapter.
+        let generator = match batch.first().and_then(|p| p.adapter.as_ref()) {
+            Some((_, g)) => g.clone(),
+            None => base.clone(),
+        };
+        run_batch(shared, generator.as_ref(), batch);
     }
 }
 
-/// Blocks for the next batch: parts of the jobs at the front of the queue while they fit,
-/// waiting up to `batch_wait_ms` to fill. A job that fits whole goes whole; the first job of a
-/// batch gives at most `max_batch` requests, and if it has more it goes to the back of the
-/// queue. Cancelled jobs are dropped. `None` once the queue is closed and empty.
+/// Blocks for the next batch: parts of the queued jobs for one adapter (the first job's) while
+/// they fit, waiting up to `batch_wait_ms` to fill. A job that fits whole goes whole; the first
+/// job of a batch gives at most `max_batch` requests, and if it has more it goes to the back of
+/// the queue. Jobs for other adapters are passed over and keep their place. Cancelled jobs are
+/// dropped. `None` once the queue is closed and empty.
 fn take_batch(shared: &Shared) -> Option<Vec<Part>> {
     let wait = Duration::from_millis(shared.config.batch_wait_ms);
     let max = shared.max_batch;
     let mut batch: Vec<Part> = Vec::new();
+    // The adapter of this batch, once its first part is taken.
+    let mut adapter: Option<Option<String>> = None;
     let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
     let mut deadline: Option<Instant> = None;
     let mut size = 0usize;
     loop {
-        while let Some(front) = q.jobs.front_mut() {
-            if front.cancel.load(Ordering::SeqCst) || front.requests.is_empty() {
-                let dropped = q.jobs.pop_front().expect("front exists");
+        let mut i = 0;
+        while i < q.jobs.len() {
+            let job = &q.jobs[i];
+            if job.cancel.load(Ordering::SeqCst) || job.requests.is_empty() {
+                let dropped = q.jobs.remove(i).expect("index in range");
                 q.pending -= dropped.requests.len();
                 shared
                     .cancelled
                     .fetch_add(dropped.requests.len() as u64, Ordering::SeqCst);
                 continue;
             }
-            let left = front.requests.len();
+            if adapter
+                .as_ref()
+                .is_some_and(|a| a.as_deref() != job.adapter_name())
+            {
+                i += 1;
+                continue;
+            }
+            let left = job.requests.len();
             if !batch.is_empty() && size + left > max {
                 break;
             }
             let take = left.min(max - size);
-            let requests: Vec<GenRequest> = front.requests.drain(..take).collect();
+            let job = &mut q.jobs[i];
+            let requests: Vec<GenRequest> = job.requests.drain(..take).collect();
             batch.push(Part {
                 requests,
-                start: front.next,
-                stream: front.stream,
-                events: front.events.clone(),
-                cancel: front.cancel.clone(),
+                start: job.next,
+                stream: job.stream,
+                events: job.events.clone(),
+                cancel: job.cancel.clone(),
+                adapter: job.adapter.clone(),
             });
-            front.next += take;
+            adapter = Some(job.adapter_name().map(String::from));
+            job.next += take;
             size += take;
             q.pending -= take;
-            let job = q.jobs.pop_front().expect("front exists");
+            let job = q.jobs.remove(i).expect("index in range");
             if !job.requests.is_empty() {
                 q.jobs.push_back(job);
                 break;
