@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""PyTorch + PEFT peer for safetune's LoRA training step (issue 4, point 9). Not run in CI.
+"""PyTorch + PEFT peer for safetune's LoRA training step (issue 4, point 9), and with --full for
+full fine-tuning (every weight trained, no PEFT). Not run in CI.
 
     python3 bench/train_pytorch_lora.py --model DIR --data data/medical.jsonl \
-        [--steps 50 --batch 8 --seq 256 --rank 16 --alpha 32 --lr 2e-4 --threads 2 --out FILE]
+        [--steps 50 --batch 8 --seq 256 --rank 16 --alpha 32 --lr 2e-4 --threads 2 --full --out FILE]
 
 DIR is a Hugging Face directory of SmolLM2-135M-Instruct in f32, e.g. written from the GGUF in
 the asset cache by `safetune merge --model <gguf> -o DIR` (dequantized, the same weights the Rust
@@ -10,7 +11,9 @@ trainer starts from). Each conversation (messages JSONL) is rendered with the mo
 template; loss is on assistant tokens only; rows are packed to --seq tokens (examples may share a
 row; like a plain causal LM they then attend across the boundary, which costs the same). LoRA r on
 q, k, v, o, gate, up, down; AdamW. Prints one JSON line per step and a summary with tokens/s
-(input tokens, after --warmup steps), the loss after the last step and peak RSS.
+(input tokens, after --warmup steps), the loss after the last step, peak RSS and the kernel ISA
+ATen dispatched to (`torch.backends.cpu.get_cpu_capability()`; ATEN_CPU_CAPABILITY,
+MKL_ENABLE_INSTRUCTIONS and ONEDNN_MAX_CPU_ISA restrict it, see bench/README.md).
 """
 import argparse
 import json
@@ -32,6 +35,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -43,14 +47,15 @@ def main():
     torch.manual_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32)
-    cfg = LoraConfig(
-        r=a.rank,
-        lora_alpha=a.alpha,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, cfg)
+    if not a.full:
+        cfg = LoraConfig(
+            r=a.rank,
+            lora_alpha=a.alpha,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, cfg)
     model.train()
 
     # Encode: assistant-only labels from the lengths of rendered prefixes.
@@ -110,8 +115,11 @@ def main():
             tokens.append(ids.numel())
         print(json.dumps({"step": step + 1, "loss": losses[-1], "seconds": dt, "tokens": ids.numel(), "real_tokens": n}), flush=True)
     summary = {
-        "peer": "pytorch+peft",
+        "peer": "pytorch" if a.full else "pytorch+peft",
+        "mode": "full" if a.full else "lora",
         "torch": torch.__version__,
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "mkl": torch.backends.mkl.is_available(),
         "threads": a.threads,
         "steps": a.steps,
         "batch": a.batch,

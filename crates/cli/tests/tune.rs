@@ -333,3 +333,92 @@ fn killed_run_resumes_to_the_same_losses() {
         want.len()
     );
 }
+
+/// `SAFETUNE_ISA` forces the training kernels' instruction set: `tune` says which one ran (on
+/// stderr and in the manifest), a forced narrower one gives the same losses as the default to
+/// f32 rounding, and an unknown value stops the run with an error naming the variable.
+#[test]
+fn safetune_isa_forces_the_kernels_and_bad_values_are_refused() {
+    use safetune_train::ops::Isa;
+    let f = fixture();
+    let run = |out: &Path, isa: &str| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_safetune"))
+            .env("SAFETUNE_ISA", isa)
+            .args([
+                "tune",
+                "--model",
+                &f.model,
+                "--data",
+                &f.data,
+                "-o",
+                out.to_str().unwrap(),
+                "--rank",
+                "4",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "3",
+                "--max-len",
+                "48",
+                "--lr",
+                "0.01",
+            ])
+            .output()
+            .unwrap()
+    };
+    let manifest_isa = |out: &Path| -> String {
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
+                .unwrap();
+        m["kernel_isa"].as_str().unwrap().to_string()
+    };
+    let auto = f.root.join("auto");
+    let o = run(&auto, "auto");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let best = Isa::detect().name();
+    assert!(
+        text(&o.stderr).contains(&format!("training kernels: {best}")),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(manifest_isa(&auto), best);
+
+    // The narrowest SIMD set this CPU has below the best (scalar where there is none).
+    let narrow = if Isa::detect() == Isa::Avx512f && Isa::Avx2Fma.available() {
+        Isa::Avx2Fma
+    } else {
+        Isa::Scalar
+    };
+    let forced = f.root.join("forced");
+    let setting = if narrow == Isa::Avx2Fma {
+        "avx2"
+    } else {
+        "scalar"
+    };
+    let o = run(&forced, setting);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains(&format!("training kernels: {}", narrow.name())),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(manifest_isa(&forced), narrow.name());
+    let (a, b) = (losses(&auto), losses(&forced));
+    assert_eq!(a.len(), 3);
+    assert_eq!(a.len(), b.len());
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert!(
+            (x - y).abs() <= 1e-4 * x.abs().max(1.0),
+            "step {s}: {x} vs {y}"
+        );
+    }
+
+    let o = run(&f.root.join("bad"), "sse9");
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("SAFETUNE_ISA") && err.contains("sse9"),
+        "{err}"
+    );
+    assert!(!f.root.join("bad").join("metrics.jsonl").exists());
+}

@@ -204,16 +204,8 @@ impl TrainLinear {
     /// The layer from candle primitives: full fine-tuning, projections without an adapter, and
     /// the reference the fused adapter op is tested against.
     pub fn forward_reference(&self, x: &Tensor, step: &mut Step) -> Result<Tensor> {
-        let mut y = if self.weight.is_variable() {
-            x.matmul(&self.weight.t()?)
-        } else {
-            // Frozen: candle's matmul backward would also compute (and keep) a gradient for
-            // the weight; this op only sends one back to x.
-            x.contiguous()?.apply_op1(FrozenMatmul {
-                w: self.weight.clone(),
-            })
-        }
-        .ctx(|| self.name.clone())?; // (N, out)
+        // A frozen weight gets no gradient (see `ops::linear`).
+        let mut y = ops::linear(x, &self.weight).ctx(|| self.name.clone())?; // (N, out)
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -227,37 +219,6 @@ impl TrainLinear {
             y = (y + (delta * l.scale)?)?;
         }
         Ok(y)
-    }
-}
-
-/// `x W^T` for a frozen W (out, in): forward as a matmul, backward only `grad W` for x.
-struct FrozenMatmul {
-    w: Tensor,
-}
-
-impl candle_core::CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &candle_core::CpuStorage,
-        layout: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let data = storage.as_slice::<f32>()?;
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frozen-matmul: input must be contiguous");
-        };
-        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?; // (N, in)
-        let y = x.matmul(&self.w.t()?)?; // (N, out)
-        let shape = y.shape().clone();
-        let v = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((candle_core::CpuStorage::F32(v), shape))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?)) // (N, out) x (out, in) -> (N, in)
     }
 }
 

@@ -525,6 +525,11 @@ pub fn tune(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<TuneSummary> {
     cfg.validate()?;
+    // An unknown SAFETUNE_ISA, or one this CPU lacks, stops the run before any work.
+    crate::ops::isa_from_env().map_err(|message| TrainError::Config {
+        origin: "environment".into(),
+        message,
+    })?;
     let out = cfg.output.clone();
     std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
     if !opts.resume && checkpoint::latest(&out).is_some() {
@@ -1001,6 +1006,8 @@ struct Manifest<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     final_kl: Option<f64>,
     elapsed_s: f64,
+    /// The instruction set of the training matrix products (`ops::isa_name`).
+    kernel_isa: &'static str,
     config: &'a TuneConfig,
 }
 
@@ -1036,6 +1043,7 @@ fn write_manifest(
         final_ce: anchor_last.map(|x| x.0),
         final_kl: anchor_last.map(|x| x.1),
         elapsed_s: started.elapsed().as_secs_f64(),
+        kernel_isa: crate::ops::isa_name(),
         config: cfg,
     };
     let path = cfg.output.join("manifest.json");

@@ -669,3 +669,119 @@ fn grad_global_norm_is_the_l2_norm() {
     let n = ops::grad_global_norm(&[a, b], &g).unwrap();
     assert!((n - 13.0).abs() < 1e-5, "{n}");
 }
+
+#[test]
+fn linear_matches_reference_and_finite_differences() {
+    // Full fine-tuning: gradients for x and w.
+    check(
+        "linear",
+        &|t| fused::linear(&t[0], &t[1]),
+        &|t| reference::linear(&t[0], &t[1]),
+        vec![
+            input(&[19, 24], 1, 1.0, true),
+            input(&[40, 24], 2, 0.5, true),
+        ],
+        1e-5,
+        1e-5,
+    );
+    // A frozen weight: a gradient for x only.
+    check(
+        "linear (frozen w)",
+        &|t| fused::linear(&t[0], &t[1]),
+        &|t| reference::linear(&t[0], &t[1]),
+        vec![
+            input(&[19, 24], 3, 1.0, true),
+            input(&[40, 24], 4, 0.5, false),
+        ],
+        1e-5,
+        1e-5,
+    );
+}
+
+/// The training ops whose products go through the ISA dispatch, run on every ISA this CPU has
+/// (forced with `ops::set_isa`), against each other and against candle's reference. An ISA the
+/// CPU lacks is named as not tested; the others must still agree.
+#[test]
+fn every_available_isa_gives_the_same_training_ops() {
+    use safetune_train::ops::Isa;
+    let (n, inp, out, r) = (70, 96, 130, 8);
+    let x = input(&[n, inp], 11, 1.0, true);
+    let w = input(&[out, inp], 12, 0.2, true);
+    let wf = input(&[out, inp], 12, 0.2, false);
+    let a = input(&[r, inp], 13, 0.3, true);
+    let b = input(&[out, r], 14, 0.3, true);
+    let q = input(&[2, 4, 33, 16], 15, 1.0, true);
+    let k = input(&[2, 2, 33, 16], 16, 1.0, true);
+    let v = input(&[2, 2, 33, 16], 17, 1.0, true);
+    let mask = Tensor::zeros((2, 1, 33, 33), DType::F32, &Device::Cpu).unwrap();
+    let attention = |t: &[Tensor]| fused::causal_attention(&t[0], &t[1], &t[2], 0.25, Some(&mask));
+    let cases: Vec<(&str, Vec<&Input>, OpFn)> = vec![
+        ("linear", vec![&x, &w], &|t| fused::linear(&t[0], &t[1])),
+        ("linear (frozen w)", vec![&x, &wf], &|t| {
+            fused::linear(&t[0], &t[1])
+        }),
+        ("lora_linear", vec![&x, &wf, &a, &b], &|t| {
+            fused::lora_linear(&t[0], &t[1], None, &t[2], &t[3], 2.0, None)
+        }),
+        ("attention", vec![&q, &k, &v], &attention),
+    ];
+    let clone = |i: &Input| Input {
+        data: i.data.clone(),
+        shape: i.shape.clone(),
+        grad: i.grad,
+    };
+    let mut tested = Vec::new();
+    let mut first: Vec<(Tensor, Vec<Option<Tensor>>)> = Vec::new();
+    for isa in Isa::ALL {
+        if !isa.available() {
+            println!("could not test {}: this CPU lacks it", isa.name());
+            continue;
+        }
+        ops::set_isa(Some(isa));
+        assert_eq!(ops::isa(), isa);
+        for (c, (name, ins, op)) in cases.iter().enumerate() {
+            let ins: Vec<Input> = ins.iter().map(|i| clone(i)).collect();
+            let r = rand_vec(4 * n * out, 99, 1.0);
+            let out_len = op(&ins
+                .iter()
+                .map(|i| tensor(&i.data, &i.shape, DType::F32))
+                .collect::<Vec<_>>())
+            .unwrap()
+            .elem_count();
+            let (o, g) = run(*op, &ins, &r[..out_len]);
+            if first.len() <= c {
+                first.push((o, g));
+                continue;
+            }
+            let (fo, fg) = &first[c];
+            let d = max_abs_diff(&o, fo);
+            println!(
+                "{name}: {} vs {}: forward max diff {d:.3e}",
+                isa.name(),
+                tested[0]
+            );
+            assert!(
+                d <= 1e-4 * max_abs(fo).max(1.0),
+                "{name} on {}: forward differs by {d}",
+                isa.name()
+            );
+            for (j, (gi, fgi)) in g.iter().zip(fg).enumerate() {
+                let (Some(gi), Some(fgi)) = (gi, fgi) else {
+                    assert_eq!(gi.is_some(), fgi.is_some());
+                    continue;
+                };
+                let d = max_abs_diff(gi, fgi);
+                assert!(
+                    d <= 1e-4 * max_abs(fgi).max(1.0),
+                    "{name} on {}: gradient of input {j} differs by {d}",
+                    isa.name()
+                );
+            }
+        }
+        tested.push(isa.name());
+    }
+    ops::set_isa(None);
+    println!("tested: {}", tested.join(", "));
+    #[cfg(target_arch = "x86_64")]
+    assert!(tested.len() >= 2, "only {tested:?} could run");
+}

@@ -165,6 +165,7 @@ fn outputs_are_a_peft_adapter_metrics_and_a_manifest() {
     assert_eq!(m["steps"], s.steps);
     assert_eq!(m["config"]["rank"], 4);
     assert!(m["data_hash"].as_str().unwrap().starts_with("fnv1a64:"));
+    assert_eq!(m["kernel_isa"], safetune_train::ops::isa_name());
     assert_eq!(train_losses(out).len(), s.steps);
     // Checkpoints every 2 steps, the newest 2 kept.
     let cks: Vec<usize> = checkpoint::list(out).into_iter().map(|(s, _)| s).collect();

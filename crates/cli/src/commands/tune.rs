@@ -307,6 +307,11 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
                 stats.dropped_empty,
                 if start_step > 0 { format!(", resuming after step {start_step}") } else { String::new() }
             );
+            eprintln!(
+                "training kernels: {} ({} forces one: auto, avx512, avx2, scalar)",
+                safetune_train::ops::isa_name(),
+                safetune_train::ops::ISA_ENV
+            );
             started = true;
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             bar.set_prefix("tune");

@@ -24,7 +24,10 @@
 //!   place on the `Var`s, with an optional gradient scale (for global-norm clipping).
 
 pub mod fused;
+pub mod isa;
 pub mod reference;
+
+pub use isa::{isa, isa_from_env, isa_name, set_isa, Isa, ISA_ENV};
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -118,6 +121,17 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         fused::silu_mul(gate, up)
     } else {
         reference::silu_mul(gate, up)
+    }
+}
+
+/// A linear layer without adapter: x (N, in), w (out, in) -> x W^T (N, out). Gradients flow to
+/// whichever of x and w is tracked (w a `Var` in full fine-tuning; a frozen w gets none, and
+/// costs no weight-gradient product).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if use_fused(&[x, w]) {
+        fused::linear(x, w)
+    } else {
+        reference::linear(x, w)
     }
 }
 

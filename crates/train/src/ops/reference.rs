@@ -208,6 +208,50 @@ pub(crate) fn adamw_update(
     Tensor::stack(&[&m, &v], 0)
 }
 
+/// A linear layer without adapter from primitives: `x W^T`. A tracked w (full fine-tuning) uses
+/// candle's matmul; a frozen f32 one uses `FrozenMatmul`, whose backward only forms x's
+/// gradient (other dtypes take candle's matmul of the detached w).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.track_op() {
+        x.matmul(&w.t()?)
+    } else if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+        x.matmul(&w.detach().t()?)
+    } else {
+        x.contiguous()?.apply_op1(FrozenMatmul { w: w.clone() })
+    }
+}
+
+/// `x W^T` for a frozen W (out, in): forward as a matmul, backward only `grad W` for x.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let data = storage.as_slice::<f32>()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul: input must be contiguous");
+        };
+        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?; // (N, in)
+        let y = x.matmul(&self.w.t()?)?; // (N, out)
+        let shape = y.shape().clone();
+        let v = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(v), shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.w)?)) // (N, out) x (out, in) -> (N, in)
+    }
+}
+
 /// A frozen linear layer with a LoRA adapter from primitives: `x W^T + bias + scale * (mask * x)
 /// A^T B^T` (w and bias detached, so no gradient is formed for them).
 pub fn lora_linear(

@@ -1,11 +1,13 @@
 //! Fused CPU kernels (f32): candle custom ops whose forward and backward passes each run as one
-//! multi-threaded pass (rayon) over raw memory, with matrix products through the gemm crate.
+//! multi-threaded pass (rayon) over raw memory, with matrix products through the gemm crate's
+//! blocked algorithm on the ISA of [`super::isa`].
 //! Each function falls back to [`super::reference`] for inputs it does not handle (another dtype
 //! or device).
 
 mod adamw;
 mod attention;
 mod elementwise;
+mod linear;
 mod lora;
 mod loss;
 mod util;
@@ -119,6 +121,24 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
     gate.contiguous()?
         .apply_op2(&up.contiguous()?, elementwise::SiluMul)
+}
+
+/// A linear layer without adapter: x (N, in), w (out, in) -> x W^T (N, out), with gradients for
+/// whichever of x and w is tracked.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !cpu_f32(&[x, w]) {
+        return reference::linear(x, w);
+    }
+    let (_, inp) = x.dims2()?;
+    let (_, w_in) = w.dims2()?;
+    if w_in != inp {
+        candle_core::bail!("linear: x {:?} and w {:?} do not fit", x.shape(), w.shape());
+    }
+    let op = linear::Linear {
+        grad_x: x.track_op(),
+        grad_w: w.track_op(),
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
 /// A frozen linear layer (w (out, in), bias (out)) with a LoRA adapter (a (r, in), b (out, r)):

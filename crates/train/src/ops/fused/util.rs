@@ -1,7 +1,10 @@
-//! Raw f32 access to CPU tensors and a thin wrapper over the gemm crate.
+//! Raw f32 access to CPU tensors and the matrix product of the fused ops (on the ISA that
+//! [`crate::ops::isa`] chooses).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+
+use crate::ops::isa;
 
 /// The contiguous f32 data a layout covers.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -75,6 +78,16 @@ pub(crate) struct Mat {
     pub cs: isize,
 }
 
+impl From<Mat> for isa::MatRef {
+    fn from(m: Mat) -> isa::MatRef {
+        isa::MatRef {
+            ptr: m.ptr,
+            rs: m.rs,
+            cs: m.cs,
+        }
+    }
+}
+
 impl Mat {
     /// Row-major (rows, cols) at the start of `s`.
     pub fn rm(s: &[f32], cols: usize) -> Mat {
@@ -122,34 +135,20 @@ pub(crate) fn matmul(
         return;
     }
     assert!(dst.len() >= (m - 1) * dst_rs + n, "matmul: dst too small");
-    let par = if parallel {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: dst covers (m, n) with row stride dst_rs (checked above); a and b are views into
-    // live slices covering (m, k) and (k, n), guaranteed by the callers.
+    // live slices covering (m, k) and (k, n), guaranteed by the callers; `isa()` only returns an
+    // ISA this CPU has.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        isa::matmul_with(
+            isa::isa(),
+            (m, n, k),
             dst.as_mut_ptr(),
-            1,
             dst_rs as isize,
             accumulate,
-            a.ptr,
-            a.cs,
-            a.rs,
-            b.ptr,
-            b.cs,
-            b.rs,
-            1.0,
+            a.into(),
+            b.into(),
             scale,
-            false,
-            false,
-            false,
-            par,
+            parallel,
         )
     }
 }
