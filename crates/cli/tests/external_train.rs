@@ -408,7 +408,9 @@ settings = {{ epochs = 1, max_len = 256, batch_size = 4, rank = 2, alpha = 4.0, 
         .unwrap();
         let mut text = String::new();
         c.read_to_string(&mut text).unwrap();
-        text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(text)
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or(text)
     };
     drop(server);
     assert_eq!(s.failed, vec![], "{:?}", s.failed);
@@ -417,8 +419,8 @@ settings = {{ epochs = 1, max_len = 256, batch_size = 4, rank = 2, alpha = 4.0, 
     let p = plan(&parsed).unwrap();
     let keys = step_keys(&p);
     let store = Store::open_read_only(&dir.join(STORE_FILE)).unwrap();
-    let engine = LocalEngine::load(&ModelSpec::HfDir(model.clone()), &LoadOptions::default())
-        .unwrap();
+    let engine =
+        LocalEngine::load(&ModelSpec::HfDir(model.clone()), &LoadOptions::default()).unwrap();
     let (mut tuned, mut differs, mut base_answers) = (0, false, None::<Vec<String>>);
     for (i, st) in p.steps.iter().enumerate() {
         let StepSpec::Generate { sampling, .. } = &st.spec else {
@@ -468,10 +470,13 @@ settings = {{ epochs = 1, max_len = 256, batch_size = 4, rank = 2, alpha = 4.0, 
         }
     }
     assert_eq!(tuned, 4);
-    assert!(differs, "some externally trained variant answers unlike the base");
+    assert!(
+        differs,
+        "some externally trained variant answers unlike the base"
+    );
     // Every adapter was unloaded after its steps: the server lists its base only.
-    let v: serde_json::Value = serde_json::from_str(&models_after)
-        .unwrap_or_else(|e| panic!("{e}: {models_after}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&models_after).unwrap_or_else(|e| panic!("{e}: {models_after}"));
     let ids: Vec<&str> = v["data"]
         .as_array()
         .unwrap()

@@ -673,8 +673,9 @@ fn served_adapter(
             clients.push(OpenAiClient::try_new(spec, client_cfg.clone())?);
         }
     }
-    // TODO(shared_dir): once [study] shared_dir lands, map the store path to the server's
-    // view of it; today the server must see the study's directory at the same path.
+    // The server reads the adapter from this path: with `[study] shared_dir` the step folders
+    // live there, and the server must mount that directory at the same path (README, Running
+    // at scale).
     let path = std::fs::canonicalize(adapter)
         .unwrap_or_else(|_| adapter.clone())
         .display()
