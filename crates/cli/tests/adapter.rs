@@ -8,6 +8,8 @@ use safetune_model::adapter::{Adapter, AdapterConfig, LoraInit};
 use safetune_model::testing::TinyModel;
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
 
+mod binary;
+
 fn safetune(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_safetune"))
         .args(args)
@@ -266,7 +268,6 @@ fn http(base_url: &str, method: &str, path: &str, body: &str) -> String {
 
 #[test]
 fn serve_with_an_adapter_answers_like_generate_with_it() {
-    use std::io::{BufRead, BufReader};
     let root = tempfile::tempdir().unwrap();
     let (base, _, random) = setup(root.path());
     let prompts = root.path().join("p.jsonl");
@@ -287,33 +288,8 @@ fn serve_with_an_adapter_answers_like_generate_with_it() {
     ]);
     let want = responses(&out)[0].trim_start_matches("a:").to_string();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_safetune"))
-        .args([
-            "serve",
-            "--model",
-            s(&base),
-            "--adapter",
-            s(&random),
-            "--port",
-            "0",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("serve exited early").unwrap();
-        if let Some(rest) = line.strip_prefix("serving ") {
-            break rest
-                .split(" on ")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string();
-        }
-    };
+    let server = binary::serve(&["--model", s(&base), "--adapter", s(&random)]);
+    let url = server.url.clone();
     let models = http(&url, "GET", "/v1/models", "");
     let chat = http(
         &url,
@@ -321,8 +297,7 @@ fn serve_with_an_adapter_answers_like_generate_with_it() {
         "/v1/chat/completions",
         r#"{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":8,"temperature":0}"#,
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(server);
     assert!(models.contains("base+random"), "{models}");
     let v: serde_json::Value =
         serde_json::from_str(&chat).unwrap_or_else(|e| panic!("{e}: {chat}"));
@@ -335,7 +310,6 @@ fn serve_with_an_adapter_answers_like_generate_with_it() {
 
 #[test]
 fn serve_lora_answers_each_name_like_generate_with_or_without_the_adapter() {
-    use std::io::{BufRead, BufReader};
     let root = tempfile::tempdir().unwrap();
     let (base, _, random) = setup(root.path());
     let prompts = root.path().join("p.jsonl");
@@ -355,35 +329,15 @@ fn serve_lora_answers_each_name_like_generate_with_or_without_the_adapter() {
     assert_ne!(want_lora, want_base);
 
     let lora = format!("rnd={}", s(&random));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_safetune"))
-        .args([
-            "serve",
-            "--model",
-            s(&base),
-            "--lora",
-            &lora,
-            "--served-model-name",
-            "tiny",
-            "--port",
-            "0",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("serve exited early").unwrap();
-        if let Some(rest) = line.strip_prefix("serving ") {
-            break rest
-                .split(" on ")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string();
-        }
-    };
+    let server = binary::serve(&[
+        "--model",
+        s(&base),
+        "--lora",
+        &lora,
+        "--served-model-name",
+        "tiny",
+    ]);
+    let url = server.url.clone();
     let models = http(&url, "GET", "/v1/models", "");
     let ask = |model: &str| {
         let body = format!(
@@ -399,8 +353,7 @@ fn serve_lora_answers_each_name_like_generate_with_or_without_the_adapter() {
         "/v1/load_lora_adapter",
         &format!(r#"{{"lora_name":"x","lora_path":"{}"}}"#, s(&random)),
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(server);
     let ids: Vec<String> = serde_json::from_str::<serde_json::Value>(&models).unwrap()["data"]
         .as_array()
         .unwrap()

@@ -16,6 +16,8 @@ use safetune_study::stages::builtin_registry;
 use safetune_study::step::{StepKind, StepOutput};
 use safetune_study::store::Store;
 
+mod binary;
+
 const BIN: &str = env!("CARGO_BIN_EXE_safetune");
 
 fn setup(root: &Path, structure: &str, seeds: &str, command: &str, parallel: usize) -> String {
@@ -309,9 +311,6 @@ fn an_external_align_step_is_merged_into_the_local_base_and_tuning_starts_from_i
 /// externally trained, remotely served variants. Afterwards the server serves its base only.
 #[test]
 fn externally_trained_variants_are_evaluated_through_safetune_serve_with_runtime_lora() {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
-
     use safetune_data::Message;
     use safetune_model::{
         GenRequest, Generator, LoadOptions, LocalEngine, ModelSpec, Prompt, Sampling,
@@ -324,40 +323,16 @@ fn externally_trained_variants_are_evaluated_through_safetune_serve_with_runtime
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("tiny");
     TinyModel::default().write(&model).unwrap();
-    /// Kills the server when the test ends, also when it panics.
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut server = Command::new(BIN)
-        .args(["serve", "--model"])
-        .arg(&model)
-        .args(["--served-model-name", "tiny-base", "--port", "0"])
-        .args(["--api-key", KEY, "--allow-runtime-lora"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    let server = Server(server);
-    let url = loop {
-        let line = lines.next().expect("serve exited early").unwrap();
-        if let Some(rest) = line.strip_prefix("serving ") {
-            break rest
-                .split(" on ")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .to_string();
-        }
-    };
-    // Keep draining the server's stderr so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let server = binary::serve(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--served-model-name",
+        "tiny-base",
+        "--api-key",
+        KEY,
+        "--allow-runtime-lora",
+    ]);
+    let url = server.url.clone();
 
     let harm = tmp.path().join("harm.jsonl");
     let text: String = (0..6)
