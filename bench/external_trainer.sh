@@ -70,7 +70,8 @@ weights = "f32"
 backend = "trl"
 allow_truncation = true
 settings = { max_steps = $STEPS, lr = 0.0005, rank = 8, alpha = 16.0, max_len = 256, batch_size = 4 }
-backend_settings = { report_to = "none", logging_steps = 1, save_strategy = "no" }
+# On a CPU: TRL (transformers) trains in bf16 by default and needs use_cpu there.
+backend_settings = { use_cpu = true, bf16 = false, logging_steps = 1, save_strategy = "no" }
 TOML
 
 echo "== the study's plan (dry run: each tune step's backend and command)"
@@ -104,7 +105,7 @@ pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do grep -q "^serving " "$tmp/serve.log" && break; sleep 0.5; done
 url="$(grep -m1 '^serving ' "$tmp/serve.log" | sed 's/.* on \([^ ]*\).*/\1/')"
-"$BIN" generate -m "openai:$url/v1#trl-v" --data "$tmp/prompts.jsonl" -o "$tmp/served.jsonl" --max-new-tokens 32 --temperature 0 >/dev/null
+"$BIN" generate -m "openai:$url#trl-v" --data "$tmp/prompts.jsonl" -o "$tmp/served.jsonl" --max-new-tokens 32 --temperature 0 >/dev/null
 kill $pid
 python3 - "$tmp" <<'PY'
 import json, sys
