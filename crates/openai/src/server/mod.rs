@@ -299,30 +299,14 @@ pub fn start(
     generator: Arc<dyn Generator>,
     config: ServeConfig,
 ) -> Result<ServerHandle, ServeError> {
-    check_config(&config)?;
-    let listener = bind(&config)?;
-    let addr = listener.local_addr().map_err(|e| ServeError::Bind {
-        addr: config.host.clone(),
-        reason: e.to_string(),
-    })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| ServeError::Bind {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
-    start_on(TcpAcceptor(listener), addr, generator, None, config)
+    start_listening(generator, None, config)
 }
 
-/// [`start`] with LoRA adapters: the ones of `loras.modules` are loaded first (a failure is
-/// [`ServeError::Config`] naming the adapter and its file), and with
-/// [`ServeConfig::allow_runtime_lora`] more can be loaded and unloaded while the server runs.
-/// A request whose `model` names an adapter is answered by the base with that adapter; once
-/// the server serves adapters, a `model` that names neither the base nor an adapter is 404
-/// (`model_not_found`), so a misspelt adapter never gets the base's answers.
-pub fn start_with_loras(
+/// Checks the config, binds its address (non-blocking) and starts serving, with or without
+/// adapters.
+fn start_listening(
     generator: Arc<dyn Generator>,
-    loras: Loras,
+    loras: Option<Loras>,
     config: ServeConfig,
 ) -> Result<ServerHandle, ServeError> {
     check_config(&config)?;
@@ -337,7 +321,21 @@ pub fn start_with_loras(
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
-    start_on(TcpAcceptor(listener), addr, generator, Some(loras), config)
+    start_on(TcpAcceptor(listener), addr, generator, loras, config)
+}
+
+/// [`start`] with LoRA adapters: the ones of `loras.modules` are loaded first (a failure is
+/// [`ServeError::Config`] naming the adapter and its file), and with
+/// [`ServeConfig::allow_runtime_lora`] more can be loaded and unloaded while the server runs.
+/// A request whose `model` names an adapter is answered by the base with that adapter; once
+/// the server serves adapters, a `model` that names neither the base nor an adapter is 404
+/// (`model_not_found`), so a misspelt adapter never gets the base's answers.
+pub fn start_with_loras(
+    generator: Arc<dyn Generator>,
+    loras: Loras,
+    config: ServeConfig,
+) -> Result<ServerHandle, ServeError> {
+    start_listening(generator, Some(loras), config)
 }
 
 fn check_config(config: &ServeConfig) -> Result<(), ServeError> {
