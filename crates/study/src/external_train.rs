@@ -320,6 +320,7 @@ pub const MAPPING: &[MapRow] = &[
         K("gradient_checkpointing"),
         K("gradient_checkpointing"),
     ),
+    row("bf16", false, K("bf16"), K("bf16"), K("bf16")),
     row("anchor", false, NO_ANCHOR, NO_ANCHOR, NO_ANCHOR),
     row("anchor_beta", false, NO_ANCHOR, NO_ANCHOR, NO_ANCHOR),
     row("anchor_data", false, NO_ANCHOR, NO_ANCHOR, NO_ANCHOR),
@@ -453,6 +454,7 @@ pub fn map_settings(
             "eval_every" => (cfg.eval_every > 0).then(|| json!(cfg.eval_every)),
             "save_every" => (cfg.save_every > 0).then(|| json!(cfg.save_every)),
             "keep_checkpoints" => Some(json!(cfg.keep_checkpoints)),
+            "bf16" => Some(json!(cfg.bf16)),
             "recompute" => Some(json!(match backend {
                 Backend::LlamaFactory => !cfg.recompute,
                 _ => cfg.recompute,

@@ -127,6 +127,10 @@ pub struct TuneConfig {
     /// Activation recomputation (gradient checkpointing): each decoder block keeps only its
     /// input and runs again in the backward pass; far less memory for about a third more work.
     pub recompute: bool,
+    /// bf16 matrix products (operands rounded to bf16, sums in f32) for the linears and the
+    /// lm_head; weights, gradients and optimizer state stay f32. Needs a CPU with AMX-BF16
+    /// (an error before anything loads otherwise); see `ops::bf16`.
+    pub bf16: bool,
     /// Anchored tuning: a KL term to a reference model's next-token distribution, added to the
     /// loss as `anchor_beta` times the mean KL(p_ref || p) per anchored token. "" (off),
     /// "base" (the tuning base with the adapter switched off; LoRA only, no second copy of the
@@ -174,6 +178,7 @@ impl Default for TuneConfig {
             keep_checkpoints: 2,
             loss_chunk: 256,
             recompute: false,
+            bf16: false,
             anchor: String::new(),
             anchor_beta: 0.1,
             anchor_data: None,
@@ -387,6 +392,10 @@ impl TuneConfig {
             }
             // Without an anchor its settings change nothing (and checkpoints written before
             // they existed still resume); the batch size matters only with an anchor set.
+            // Off, bf16 leaves the key as runs before it had it (their checkpoints resume).
+            if !self.bf16 {
+                m.remove("bf16");
+            }
             if self.anchor_kind() == Anchor::Off {
                 for k in ["anchor", "anchor_beta", "anchor_data", "anchor_batch_size"] {
                     m.remove(k);

@@ -530,6 +530,11 @@ pub fn tune(
         origin: "environment".into(),
         message,
     })?;
+    // bf16 on a CPU without AMX-BF16 (or with SAFETUNE_ISA below AVX-512) stops here too.
+    crate::ops::set_bf16(cfg.bf16).map_err(|message| TrainError::Config {
+        origin: "bf16".into(),
+        message,
+    })?;
     let out = cfg.output.clone();
     std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
     if !opts.resume && checkpoint::latest(&out).is_some() {
@@ -1008,6 +1013,8 @@ struct Manifest<'a> {
     elapsed_s: f64,
     /// The instruction set of the training matrix products (`ops::isa_name`).
     kernel_isa: &'static str,
+    /// Whether the large products ran in bf16 (`ops::bf16`).
+    bf16: bool,
     config: &'a TuneConfig,
 }
 
@@ -1044,6 +1051,7 @@ fn write_manifest(
         final_kl: anchor_last.map(|x| x.1),
         elapsed_s: started.elapsed().as_secs_f64(),
         kernel_isa: crate::ops::isa_name(),
+        bf16: crate::ops::bf16_enabled(),
         config: cfg,
     };
     let path = cfg.output.join("manifest.json");

@@ -144,6 +144,11 @@ pub struct TuneArgs {
     #[arg(long, alias = "gradient-checkpointing")]
     pub recompute: bool,
 
+    /// bf16 matrix products (f32 sums, f32 weights and optimizer state) for the linears and the
+    /// lm_head: needs a CPU with AMX-BF16 (an error otherwise, before anything loads).
+    #[arg(long)]
+    pub bf16: bool,
+
     /// Anchored tuning: add a KL term to a reference's next-token distribution. `base` (the
     /// tuning base with the adapter off; LoRA only) or a reference model path [default: off].
     #[arg(long, value_name = "REF")]
@@ -242,6 +247,9 @@ impl TuneArgs {
         if self.recompute {
             c.recompute = true;
         }
+        if self.bf16 {
+            c.bf16 = true;
+        }
         Ok(c)
     }
 }
@@ -261,6 +269,11 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
             Some(resolve_input_path(d).context("the anchor set (--anchor-data / anchor_data)")?);
     }
     ModelSpec::parse(&cfg.model)?;
+    if cfg.bf16 {
+        if let Some(e) = safetune_train::ops::bf16_unavailable() {
+            anyhow::bail!("{e}");
+        }
+    }
     if let Anchor::Model(reference) = cfg.anchor_kind() {
         ModelSpec::parse(reference).context("the reference model (--anchor / anchor)")?;
     }
@@ -308,8 +321,13 @@ pub fn run(args: TuneArgs) -> anyhow::Result<()> {
                 if start_step > 0 { format!(", resuming after step {start_step}") } else { String::new() }
             );
             eprintln!(
-                "training kernels: {} ({} forces one: auto, avx512, avx2, scalar)",
+                "training kernels: {}{} ({} forces one: auto, avx512, avx2, scalar)",
                 safetune_train::ops::isa_name(),
+                if safetune_train::ops::bf16_enabled() {
+                    ", bf16 products on AMX"
+                } else {
+                    ""
+                },
                 safetune_train::ops::ISA_ENV
             );
             started = true;

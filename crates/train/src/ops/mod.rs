@@ -23,10 +23,12 @@
 //! - [`AdamW`] has the maths of PyTorch's `AdamW` (decoupled weight decay, bias correction), in
 //!   place on the `Var`s, with an optional gradient scale (for global-norm clipping).
 
+pub mod bf16;
 pub mod fused;
 pub mod isa;
 pub mod reference;
 
+pub use bf16::{bf16_enabled, bf16_unavailable, set_bf16};
 pub use isa::{isa, isa_from_env, isa_name, set_isa, Isa, ISA_ENV};
 
 use std::sync::atomic::{AtomicU8, Ordering};

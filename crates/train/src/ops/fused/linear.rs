@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::util::{matmul, slice, with_f32s, Mat};
+use super::util::{matmul_big as matmul, slice, with_f32s, Mat};
 
 pub(crate) struct Linear {
     /// Whether x is tracked (else no gradient is formed for it).

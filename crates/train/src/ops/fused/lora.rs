@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::util::{matmul, slice, with_f32s, Mat};
+use super::util::{matmul, matmul_big, slice, with_f32s, Mat};
 
 pub(crate) struct LoraLinear {
     /// (out, in), frozen.
@@ -75,7 +75,7 @@ impl LoraLinear {
     ) -> Vec<f32> {
         let mut y = vec![0f32; n * out];
         let (xm, wm) = (Mat::rm(x, inp), Mat::rm_t(w, inp));
-        matmul(n, out, inp, &mut y, out, false, xm, wm, 1.0, true);
+        matmul_big(n, out, inp, &mut y, out, false, xm, wm, 1.0, true);
         let mut buf = Vec::new();
         let (_, h) = adapter_input(x, mask, a, (n, inp, r), &mut buf);
         let (hm, bm) = (Mat::rm(&h, r), Mat::rm_t(b, r));
@@ -117,7 +117,7 @@ impl LoraLinear {
         matmul(r, inp, n, &mut grad_a, inp, false, ght, xdm, 1.0, true);
         // grad x = g W + m * (gh A)
         let mut grad_x = vec![0f32; n * inp];
-        matmul(
+        matmul_big(
             n,
             inp,
             out,

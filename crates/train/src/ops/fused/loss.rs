@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use safetune_model::vecmath;
 
-use super::util::{matmul, slice, with_f32, with_f32s, Mat};
+use super::util::{matmul_big, slice, with_f32, with_f32s, Mat};
 use crate::ops::Targets;
 
 /// Summed cross-entropy over logits (N, V). Saves each row's log-sum-exp for the backward pass.
@@ -124,7 +124,7 @@ impl CustomOp2 for LmHeadCe {
             let hb = &hbuf[..m * c];
             let lg = &mut logits[..m * v];
             // (m, C) @ (C, V) -> (m, V)
-            matmul(
+            matmul_big(
                 m,
                 v,
                 c,
@@ -160,7 +160,7 @@ impl CustomOp2 for LmHeadCe {
             if let Some(dh) = dh.as_mut() {
                 // (m, V) @ (V, C) -> (m, C)
                 let db = &mut dhbuf[..m * c];
-                matmul(
+                matmul_big(
                     m,
                     c,
                     v,
@@ -178,7 +178,7 @@ impl CustomOp2 for LmHeadCe {
             }
             if let Some(dw) = dw.as_mut() {
                 // (V, m) @ (m, C) -> (V, C), accumulated over chunks.
-                matmul(
+                matmul_big(
                     v,
                     c,
                     m,
@@ -274,7 +274,7 @@ impl LmHeadKl {
             let rb = &r[start * cr..(start + m) * cr];
             let (t, rf) = (&mut lt[..m * v], &mut lr[..m * v]);
             // (m, C) @ (C, V) -> (m, V), both sides.
-            matmul(
+            matmul_big(
                 m,
                 v,
                 c,
@@ -286,7 +286,7 @@ impl LmHeadKl {
                 1.0,
                 true,
             );
-            matmul(
+            matmul_big(
                 m,
                 v,
                 cr,
@@ -308,7 +308,7 @@ impl LmHeadKl {
             if let Some(dh) = dh.as_mut() {
                 // (m, V) @ (V, C) -> (m, C), straight into the rows of dh.
                 let db = &mut dh[start * c..(start + m) * c];
-                matmul(
+                matmul_big(
                     m,
                     c,
                     v,
@@ -323,7 +323,7 @@ impl LmHeadKl {
             }
             if let Some(dw) = dw.as_mut() {
                 // (V, m) @ (m, C) -> (V, C), accumulated over chunks.
-                matmul(
+                matmul_big(
                     v,
                     c,
                     m,

@@ -4,7 +4,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
-use crate::ops::isa;
+use crate::ops::{bf16, isa};
 
 /// The contiguous f32 data a layout covers.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -149,6 +149,45 @@ pub(crate) fn matmul(
             b.into(),
             scale,
             parallel,
+        )
+    }
+}
+
+/// [`matmul`] for the large products of the linears and the lm_head: in bf16 (operands rounded,
+/// f32 sums, [`crate::ops::bf16`]) when [`bf16::bf16_enabled`], else exactly [`matmul`].
+/// The small LoRA products (rank r on one side) stay on [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_big(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    parallel: bool,
+) {
+    if !bf16::bf16_enabled() || k < 32 {
+        return matmul(m, n, k, dst, dst_rs, accumulate, a, b, scale, parallel);
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_rs + n, "matmul: dst too small");
+    // SAFETY: as in `matmul`; `set_bf16` only switches bf16 on where AMX is available (or the
+    // emulation is chosen).
+    unsafe {
+        bf16::matmul_bf16(
+            bf16::kernel(),
+            (m, n, k),
+            dst.as_mut_ptr(),
+            dst_rs as isize,
+            accumulate,
+            a.into(),
+            b.into(),
+            scale,
         )
     }
 }
