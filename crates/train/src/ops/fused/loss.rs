@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use safetune_model::vecmath;
 
-use super::util::{matmul_big, slice, with_f32, with_f32s, Mat};
+use super::util::{matmul_big, matmul_big_packed, pack_big, slice, with_f32, with_f32s, Mat};
 use crate::ops::Targets;
 
 /// Summed cross-entropy over logits (N, V). Saves each row's log-sum-exp for the backward pass.
@@ -115,6 +115,13 @@ impl CustomOp2 for LmHeadCe {
         let mut hbuf = vec![0f32; chunk.min(rows.len().max(1)) * c];
         let mut dhbuf = vec![0f32; chunk.min(rows.len().max(1)) * c];
         let mut total = 0f64;
+        // In bf16, the weight is packed once for all chunks (W^T for the logits, W for dh).
+        let w_t = pack_big(c, v, Mat::rm_t(w, c));
+        let w_n = if self.want_h {
+            pack_big(v, c, Mat::rm(w, c))
+        } else {
+            None
+        };
         for part in rows.chunks(chunk) {
             let m = part.len();
             // Gather the kept rows: (m, C).
@@ -124,7 +131,7 @@ impl CustomOp2 for LmHeadCe {
             let hb = &hbuf[..m * c];
             let lg = &mut logits[..m * v];
             // (m, C) @ (C, V) -> (m, V)
-            matmul_big(
+            matmul_big_packed(
                 m,
                 v,
                 c,
@@ -133,8 +140,8 @@ impl CustomOp2 for LmHeadCe {
                 false,
                 Mat::rm(hb, c),
                 Mat::rm_t(w, c),
+                w_t.as_ref(),
                 1.0,
-                true,
             );
             let want_grad = self.want_h || self.want_w;
             let loss: f64 = lg
@@ -160,7 +167,7 @@ impl CustomOp2 for LmHeadCe {
             if let Some(dh) = dh.as_mut() {
                 // (m, V) @ (V, C) -> (m, C)
                 let db = &mut dhbuf[..m * c];
-                matmul_big(
+                matmul_big_packed(
                     m,
                     c,
                     v,
@@ -169,8 +176,8 @@ impl CustomOp2 for LmHeadCe {
                     false,
                     Mat::rm(lg, v),
                     Mat::rm(w, c),
+                    w_n.as_ref(),
                     1.0,
-                    true,
                 );
                 for (j, &i) in part.iter().enumerate() {
                     dh[i * c..(i + 1) * c].copy_from_slice(&db[j * c..(j + 1) * c]);

@@ -191,3 +191,48 @@ pub(crate) fn matmul_big(
         )
     }
 }
+
+/// The right operand (k, n) of [`matmul_big`] packed once for bf16 (for a weight that several
+/// products read, e.g. the lm_head's over the loss chunks), or `None` when bf16 is off.
+pub(crate) fn pack_big(k: usize, n: usize, b: Mat) -> Option<bf16::PackedB> {
+    // SAFETY: callers pass a view inside a live slice covering (k, n).
+    (bf16::bf16_enabled() && k >= 32).then(|| unsafe { bf16::pack_b(k, n, b.into()) })
+}
+
+/// [`matmul_big`] with the right operand already packed by [`pack_big`] (`packed` from the
+/// same b), else exactly [`matmul_big`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_big_packed(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    packed: Option<&bf16::PackedB>,
+    scale: f32,
+) {
+    let Some(pb) = packed.filter(|_| bf16::bf16_enabled()) else {
+        return matmul_big(m, n, k, dst, dst_rs, accumulate, a, b, scale, true);
+    };
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_rs + n, "matmul: dst too small");
+    // SAFETY: as in `matmul_big`; `pb` packs b, whose (k, n) the caller guarantees.
+    unsafe {
+        let pa = bf16::pack_a(m, k, a.into());
+        bf16::matmul_packed(
+            bf16::kernel(),
+            (m, n),
+            dst.as_mut_ptr(),
+            dst_rs as isize,
+            accumulate,
+            &pa,
+            pb,
+            scale,
+        )
+    }
+}
