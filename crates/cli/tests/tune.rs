@@ -422,3 +422,69 @@ fn safetune_isa_forces_the_kernels_and_bad_values_are_refused() {
     );
     assert!(!f.root.join("bad").join("metrics.jsonl").exists());
 }
+
+/// `tune --bf16` where it cannot run (no AMX-BF16, or the kernels forced below AVX-512 with
+/// `SAFETUNE_ISA=avx2`) stops before loading anything, naming what is missing; where it can,
+/// it trains and says so.
+#[test]
+fn bf16_is_refused_without_its_instructions_before_loading() {
+    use safetune_train::ops::Isa;
+    let f = fixture();
+    let run = |out: &Path, isa: &str| -> Output {
+        Command::new(env!("CARGO_BIN_EXE_safetune"))
+            .env("SAFETUNE_ISA", isa)
+            .args([
+                "tune",
+                "--model",
+                &f.model,
+                "--data",
+                &f.data,
+                "-o",
+                out.to_str().unwrap(),
+                "--rank",
+                "4",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "2",
+                "--max-len",
+                "48",
+                "--bf16",
+            ])
+            .output()
+            .unwrap()
+    };
+    let amx = safetune_train::ops::bf16::amx_available();
+    if Isa::Avx2Fma.available() {
+        let out = f.root.join("avx2");
+        let o = run(&out, "avx2");
+        let err = text(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains("--bf16"), "{err}");
+        assert!(
+            if amx {
+                err.contains("AVX-512") && err.contains("avx2")
+            } else {
+                err.contains("AMX-BF16")
+            },
+            "{err}"
+        );
+        assert!(!err.contains("loading"), "{err}");
+        assert!(!out.exists());
+    }
+    let out = f.root.join("auto");
+    let o = run(&out, "auto");
+    let err = text(&o.stderr);
+    if amx {
+        assert!(o.status.success(), "{err}");
+        assert!(err.contains("bf16 products on AMX"), "{err}");
+        let m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(m["bf16"], true);
+    } else {
+        eprintln!("could not run --bf16: this CPU or OS lacks AMX-BF16 (tested the refusal)");
+        assert!(!o.status.success() && err.contains("AMX-BF16"), "{err}");
+        assert!(!out.exists());
+    }
+}
