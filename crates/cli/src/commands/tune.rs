@@ -144,6 +144,12 @@ pub struct TuneArgs {
     #[arg(long, alias = "gradient-checkpointing")]
     pub recompute: bool,
 
+    /// LoRA on a quantized base (QLoRA): keep the frozen projections in GGUF blocks (Q4_0,
+    /// Q4_1, Q8_0 as stored; a safetensors base quantized to Q8_0 at load) for the forward and
+    /// backward passes. Adapters stay f32. Not with --full.
+    #[arg(long)]
+    pub quantized: bool,
+
     /// Anchored tuning: add a KL term to a reference's next-token distribution. `base` (the
     /// tuning base with the adapter off; LoRA only) or a reference model path [default: off].
     #[arg(long, value_name = "REF")]
@@ -241,6 +247,9 @@ impl TuneArgs {
         }
         if self.recompute {
             c.recompute = true;
+        }
+        if self.quantized {
+            c.quantized = true;
         }
         Ok(c)
     }
