@@ -20,7 +20,10 @@ fn main() -> std::io::Result<()> {
         eprintln!("usage: synthetic_llama OUT_DIR [LAYERS]");
         std::process::exit(2)
     }));
-    let layers: usize = args.next().map(|s| s.parse().expect("LAYERS")).unwrap_or(22);
+    let layers: usize = args
+        .next()
+        .map(|s| s.parse().expect("LAYERS"))
+        .unwrap_or(22);
     let m = TinyModel {
         hidden_size: 2048,
         intermediate_size: 5632,

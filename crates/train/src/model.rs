@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor, TensorId, Var, D};
 use serde::{Deserialize, Serialize};
 
 use safetune_model::quant::QMatrix;
-use safetune_model::{Config, Llama, LinearWeight};
+use safetune_model::{Config, LinearWeight, Llama};
 
 use crate::error::{Result, TensorContext, TrainError};
 use crate::kernels;
@@ -400,10 +400,16 @@ impl TrainModel {
          -> Result<TrainLinear> {
             let (weight, blocks) = if quantized {
                 let q = blocks_of(l).ctx(|| l.name.clone())?;
-                (Tensor::zeros((0, l.in_dim), DType::F32, &Device::Cpu)?, Some(q))
+                (
+                    Tensor::zeros((0, l.in_dim), DType::F32, &Device::Cpu)?,
+                    Some(q),
+                )
             } else {
                 let w = l.dense_weight().ctx(|| l.name.clone())?;
-                (maybe_var(w, &format!("{}.weight", l.name), full, params)?, None)
+                (
+                    maybe_var(w, &format!("{}.weight", l.name), full, params)?,
+                    None,
+                )
             };
             let bias = match &l.bias {
                 Some(b) => Some(maybe_var(

@@ -56,7 +56,10 @@ fn gemm_rm(
             (rows - 1) * rs + cols - 1
         }
     };
-    assert!(dst.len() > (m - 1) * dst_rs + n - 1, "gemm_rm: dst too small");
+    assert!(
+        dst.len() > (m - 1) * dst_rs + n - 1,
+        "gemm_rm: dst too small"
+    );
     assert!(a.len() > last(m, k, a_rs, a_t), "gemm_rm: a too small");
     assert!(b.len() > last(k, n, b_rs, b_t), "gemm_rm: b too small");
     // (row stride, column stride) of a matrix stored row-major, or of the transpose of one.
@@ -209,7 +212,11 @@ impl candle_core::CustomOp1 for QLinearOp {
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let n = x.dim(0)?;
         let gx = with_data(g, |g| input_grad(&self.0.w, g))?;
-        Ok(Some(Tensor::from_vec(gx, (n, self.0.w.cols), &Device::Cpu)?))
+        Ok(Some(Tensor::from_vec(
+            gx,
+            (n, self.0.w.cols),
+            &Device::Cpu,
+        )?))
     }
 }
 
@@ -223,14 +230,27 @@ struct QLoraOp {
 
 impl QLoraOp {
     /// The adapter's input `m * x` and `h = (m * x) A^T` (N, r).
-    fn adapter_input(&self, x: &[f32], a: &[f32], (n, inp, r): (usize, usize, usize)) -> (Vec<f32>, Vec<f32>) {
+    fn adapter_input(
+        &self,
+        x: &[f32],
+        a: &[f32],
+        (n, inp, r): (usize, usize, usize),
+    ) -> (Vec<f32>, Vec<f32>) {
         let xd: Vec<f32> = match &self.mask {
             Some(m) => x.iter().zip(m).map(|(a, b)| a * b).collect(),
             None => Vec::new(),
         };
         let xs = if self.mask.is_some() { &xd[..] } else { x };
         let mut h = vec![0f32; n * r];
-        gemm_rm((n, r, inp), &mut h, r, false, (xs, inp, false), (a, inp, true), 1.0);
+        gemm_rm(
+            (n, r, inp),
+            &mut h,
+            r,
+            false,
+            (xs, inp, false),
+            (a, inp, true),
+            1.0,
+        );
         (xd, h)
     }
 }
@@ -255,7 +275,15 @@ impl candle_core::CustomOp3 for QLoraOp {
         let mut y = self.base.forward(x);
         let (_, h) = self.adapter_input(x, a, (n, inp, r));
         // y += scale * h B^T
-        gemm_rm((n, out, r), &mut y, out, true, (&h, r, false), (b, r, true), self.scale);
+        gemm_rm(
+            (n, out, r),
+            &mut y,
+            out,
+            true,
+            (&h, r, false),
+            (b, r, true),
+            self.scale,
+        );
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -272,23 +300,67 @@ impl candle_core::CustomOp3 for QLoraOp {
         let (xv, av, bv, gv) = (values(x)?, values(a)?, values(b)?, values(g)?);
         let s = self.scale;
         let (xd, h) = self.adapter_input(&xv, &av, (n, inp, r));
-        let xs = if self.mask.is_some() { &xd[..] } else { &xv[..] };
+        let xs = if self.mask.is_some() {
+            &xd[..]
+        } else {
+            &xv[..]
+        };
         // grad B = s g^T h (out, r)
         let mut grad_b = vec![0f32; out * r];
-        gemm_rm((out, r, n), &mut grad_b, r, false, (&gv, out, true), (&h, r, false), s);
+        gemm_rm(
+            (out, r, n),
+            &mut grad_b,
+            r,
+            false,
+            (&gv, out, true),
+            (&h, r, false),
+            s,
+        );
         // gh = s g B (N, r)
         let mut gh = vec![0f32; n * r];
-        gemm_rm((n, r, out), &mut gh, r, false, (&gv, out, false), (&bv, r, false), s);
+        gemm_rm(
+            (n, r, out),
+            &mut gh,
+            r,
+            false,
+            (&gv, out, false),
+            (&bv, r, false),
+            s,
+        );
         // grad A = gh^T (m * x) (r, in)
         let mut grad_a = vec![0f32; r * inp];
-        gemm_rm((r, inp, n), &mut grad_a, inp, false, (&gh, r, true), (xs, inp, false), 1.0);
+        gemm_rm(
+            (r, inp, n),
+            &mut grad_a,
+            inp,
+            false,
+            (&gh, r, true),
+            (xs, inp, false),
+            1.0,
+        );
         // grad x = g W (from the blocks) + m * (gh A)
         let mut grad_x = input_grad(&self.base.w, &gv);
         match &self.mask {
-            None => gemm_rm((n, inp, r), &mut grad_x, inp, true, (&gh, r, false), (&av, inp, false), 1.0),
+            None => gemm_rm(
+                (n, inp, r),
+                &mut grad_x,
+                inp,
+                true,
+                (&gh, r, false),
+                (&av, inp, false),
+                1.0,
+            ),
             Some(m) => {
                 let mut t = vec![0f32; n * inp];
-                gemm_rm((n, inp, r), &mut t, inp, false, (&gh, r, false), (&av, inp, false), 1.0);
+                gemm_rm(
+                    (n, inp, r),
+                    &mut t,
+                    inp,
+                    false,
+                    (&gh, r, false),
+                    (&av, inp, false),
+                    1.0,
+                );
                 grad_x
                     .iter_mut()
                     .zip(t.iter().zip(m))

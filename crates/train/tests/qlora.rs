@@ -15,7 +15,9 @@ use safetune_train::{tune, Mode, RunOptions, Target, TrainModel, TuneConfig};
 
 fn randn(shape: (usize, usize), seed: u64) -> Vec<f32> {
     // A small LCG: reproducible without the candle generator's state.
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..shape.0 * shape.1)
         .map(|_| {
             s = s
@@ -170,7 +172,12 @@ fn lora_op_gradients_match_the_f32_layer_over_the_dequantized_weight() {
             .fold(0f32, f32::max);
         assert!(worst < 0.05, "{dt:?}: forward differs by {worst}");
         let go = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (reference * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (reference * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
             let (o, rf) = (
                 vals(go.get(v.as_tensor()).unwrap()),
@@ -197,7 +204,14 @@ fn run_config(dir: &std::path::Path, model: &std::path::Path, out: &str) -> Tune
         output: dir.join(out),
         rank: 4,
         alpha: 8.0,
-        targets: vec![Target::Q, Target::K, Target::V, Target::O, Target::Up, Target::Down],
+        targets: vec![
+            Target::Q,
+            Target::K,
+            Target::V,
+            Target::O,
+            Target::Up,
+            Target::Down,
+        ],
         epochs: 1,
         max_steps: 6,
         lr: 1e-2,
@@ -249,7 +263,10 @@ fn quantized_lora_steps_track_the_f32_run() {
                 "{name} step {i}: loss {a} vs f32 {b} ({q:?} vs {base:?})"
             );
         }
-        assert_ne!(q, base, "{name}: the quantized run gave the f32 losses exactly");
+        assert_ne!(
+            q, base,
+            "{name}: the quantized run gave the f32 losses exactly"
+        );
         let cfg: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(dir.path().join(name).join("adapter_config.json")).unwrap(),
         )
@@ -266,7 +283,10 @@ fn quantized_lora_steps_track_the_f32_run() {
     // A safetensors base quantized to Q8_0 at load.
     let st = losses(&run(&hf, "st-q8", true));
     for (i, (a, b)) in st.iter().zip(&base).enumerate() {
-        assert!((a - b).abs() <= 0.02 * b, "safetensors q8_0 step {i}: {a} vs {b}");
+        assert!(
+            (a - b).abs() <= 0.02 * b,
+            "safetensors q8_0 step {i}: {a} vs {b}"
+        );
     }
 }
 
@@ -316,7 +336,11 @@ fn full_fine_tuning_on_a_quantized_base_is_refused() {
         .to_string();
     assert!(err.contains("quantized"), "{err}");
     assert!(err.contains("LoRA"), "{err}");
-    assert!(!dir.path().join("full").join("adapter_model.safetensors").exists());
+    assert!(!dir
+        .path()
+        .join("full")
+        .join("adapter_model.safetensors")
+        .exists());
     // The library refuses too.
     let engine = safetune_model::LocalEngine::load(
         &safetune_model::ModelSpec::parse(&path.display().to_string()).unwrap(),

@@ -62,7 +62,11 @@ impl QMatrix {
         match &self.packed {
             Some(p) => {
                 // Per (group, block): 8 scales and 8 offsets, and 128 (Q4) or 256 (Q8) bytes.
-                let qb = if self.format == QFormat::Q8_0 { 256 } else { 128 };
+                let qb = if self.format == QFormat::Q8_0 {
+                    256
+                } else {
+                    128
+                };
                 p.groups * p.nb * (2 * 4 * packed::LANES + qb)
             }
             None => 4 * (self.d.len() + self.m.len()) + self.qs.len(),
