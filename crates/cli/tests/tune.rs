@@ -487,4 +487,50 @@ fn bf16_is_refused_without_its_instructions_before_loading() {
         assert!(!o.status.success() && err.contains("AMX-BF16"), "{err}");
         assert!(!out.exists());
     }
+#[test]
+fn quantized_trains_an_adapter_and_refuses_full_fine_tuning() {
+    let f = fixture();
+    let out = f.root.join("q");
+    let args = |out: &Path, extra: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "tune",
+            "--model",
+            &f.model,
+            "--data",
+            &f.data,
+            "-o",
+            out.to_str().unwrap(),
+            "--rank",
+            "4",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "2",
+            "--max-len",
+            "48",
+            "--quantized",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let a = args(&out, &[]);
+    let o = safetune(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(out.join("adapter_model.safetensors").is_file());
+    assert_eq!(losses(&out).len(), 2);
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert!(m.to_string().contains("\"quantized\":true"), "{m}");
+
+    let full = f.root.join("full");
+    let a = args(&full, &["--full"]);
+    let o = safetune(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    let err = text(&o.stderr);
+    assert!(err.contains("`quantized`"), "{err}");
+    assert!(err.contains("LoRA adapters only"), "{err}");
+    assert!(!full.exists(), "a refused run wrote {}", full.display());
 }

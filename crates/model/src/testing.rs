@@ -262,6 +262,17 @@ impl TinyModel {
     /// permuted as llama.cpp's converter does, the tokenizer and template in the metadata), as
     /// a small real file for the GGUF loader's tests. Returns `path`.
     pub fn write_gguf(&self, path: &Path) -> std::io::Result<PathBuf> {
+        self.write_gguf_as(path, candle_core::quantized::GgmlDType::F32)
+    }
+
+    /// As [`TinyModel::write_gguf`], with the seven projections of every layer (q, k, v, o,
+    /// gate, up, down) quantized to `projections` (e.g. Q8_0, Q4_0: hidden and MLP sizes must
+    /// be multiples of 32 for the block formats); embeddings, norms and the head stay f32.
+    pub fn write_gguf_as(
+        &self,
+        path: &Path,
+        projections: candle_core::quantized::GgmlDType,
+    ) -> std::io::Result<PathBuf> {
         use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
         let err = |e: candle_core::Error| std::io::Error::other(e.to_string());
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
@@ -356,10 +367,12 @@ impl TinyModel {
                     .and_then(|t| t.reshape(dims))
                     .map_err(err)?;
             }
-            qtensors.push((
-                gguf_name,
-                QTensor::quantize(&t, GgmlDType::F32).map_err(err)?,
-            ));
+            let dtype = if name.starts_with("model.layers.") && name.ends_with("_proj.weight") {
+                projections
+            } else {
+                GgmlDType::F32
+            };
+            qtensors.push((gguf_name, QTensor::quantize(&t, dtype).map_err(err)?));
         }
         let meta_refs: Vec<(&str, &gguf_file::Value)> =
             metadata.iter().map(|(k, v)| (*k, v)).collect();

@@ -131,6 +131,11 @@ pub struct TuneConfig {
     /// lm_head; weights, gradients and optimizer state stay f32. Needs a CPU with AMX-BF16
     /// (an error before anything loads otherwise); see `ops::bf16`.
     pub bf16: bool,
+    /// LoRA on a quantized base (QLoRA on the CPU): the frozen projections stay in GGUF
+    /// blocks (Q4_0, Q4_1 and Q8_0 as stored in a .gguf; a safetensors base, or other GGUF
+    /// formats, quantized to Q8_0 at load), for the forward pass and the input gradient. The
+    /// adapters, norms, embeddings and head stay f32. Not with `full`.
+    pub quantized: bool,
     /// Anchored tuning: a KL term to a reference model's next-token distribution, added to the
     /// loss as `anchor_beta` times the mean KL(p_ref || p) per anchored token. "" (off),
     /// "base" (the tuning base with the adapter switched off; LoRA only, no second copy of the
@@ -179,6 +184,7 @@ impl Default for TuneConfig {
             loss_chunk: 256,
             recompute: false,
             bf16: false,
+            quantized: false,
             anchor: String::new(),
             anchor_beta: 0.1,
             anchor_data: None,
@@ -222,6 +228,12 @@ impl TuneConfig {
         }
         if self.output.as_os_str().is_empty() {
             return bad("output", "no output directory given");
+        }
+        if self.full && self.quantized {
+            return bad(
+                "quantized",
+                "full fine-tuning needs f32 weights; a quantized base trains LoRA adapters only (drop `full` or `quantized`)",
+            );
         }
         if !self.full {
             if self.rank == 0 {
@@ -402,6 +414,10 @@ impl TuneConfig {
                 }
             } else if self.anchor_data.is_none() {
                 m.remove("anchor_batch_size");
+            }
+            // An f32 base leaves the key out (checkpoints written before it existed resume).
+            if !self.quantized {
+                m.remove("quantized");
             }
         }
         v

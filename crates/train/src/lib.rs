@@ -9,6 +9,7 @@
 //!   passes, and an unfused reference from candle primitives) and [`ops::AdamW`].
 //! - [`recipe`]: the training loop, top to bottom; [`checkpoint`]: exact resume.
 //! - [`rng`]: the checkpointable random generator.
+//! - [`qlinear`]: frozen linears kept in GGUF blocks under LoRA (`tune --quantized`).
 //! - [`project`]: Safe LoRA style projection of a tuned adapter onto the alignment subspace.
 
 pub mod checkpoint;
@@ -20,6 +21,7 @@ pub mod model;
 pub mod ops;
 pub mod peft;
 pub mod project;
+pub mod qlinear;
 pub mod recipe;
 pub mod rng;
 pub mod sft;

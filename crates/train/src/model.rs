@@ -15,11 +15,13 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, TensorId, Var, D};
 use serde::{Deserialize, Serialize};
 
-use safetune_model::{Config, Llama};
+use safetune_model::quant::QMatrix;
+use safetune_model::{Config, LinearWeight, Llama};
 
 use crate::error::{Result, TensorContext, TrainError};
 use crate::kernels;
 use crate::ops;
+use crate::qlinear;
 use crate::rng::TrainRng;
 
 /// A projection LoRA can adapt.
@@ -118,8 +120,12 @@ pub struct LoraVars {
 pub struct TrainLinear {
     /// Checkpoint path, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    /// (out, in); the tensor of a `Var` under full fine-tuning.
+    /// (out, in); the tensor of a `Var` under full fine-tuning. An empty (0, in) placeholder
+    /// when the weight is held in `blocks`.
     pub weight: Tensor,
+    /// The frozen weight in GGUF blocks (`tune --quantized`): the forward pass and the input
+    /// gradient run on them ([`crate::qlinear`]) and `weight` holds nothing.
+    pub blocks: Option<Arc<QMatrix>>,
     /// (out)
     pub bias: Option<Tensor>,
     pub lora: Option<LoraVars>,
@@ -180,6 +186,9 @@ impl SideGrads {
 impl TrainLinear {
     /// x: (N, in) -> (N, out)
     pub fn forward(&self, x: &Tensor, step: &mut Step) -> Result<Tensor> {
+        if let Some(q) = &self.blocks {
+            return self.forward_blocks(q, x, step);
+        }
         if let (Some(l), false) = (&self.lora, self.weight.is_variable()) {
             // Frozen base with an adapter: `ops::lora_linear` (fused on the CPU, primitives
             // elsewhere), which keeps nothing but its inputs.
@@ -201,9 +210,36 @@ impl TrainLinear {
         self.forward_reference(x, step)
     }
 
+    /// The layer over a weight held in blocks: one op for base and adapter.
+    fn forward_blocks(&self, q: &Arc<QMatrix>, x: &Tensor, step: &mut Step) -> Result<Tensor> {
+        let y = match &self.lora {
+            Some(l) => {
+                let mask = match step.rng.as_deref_mut() {
+                    Some(rng) if l.dropout > 0.0 => Some(dropout_mask(x, l.dropout, rng)?),
+                    _ => None,
+                };
+                qlinear::qlora_linear(
+                    x,
+                    q,
+                    self.bias.as_ref(),
+                    l.a.as_tensor(),
+                    l.b.as_tensor(),
+                    l.scale,
+                    mask.as_ref(),
+                )
+            }
+            None => qlinear::qlinear(x, q, self.bias.as_ref()),
+        };
+        y.ctx(|| self.name.clone())
+    }
+
     /// The layer from candle primitives: full fine-tuning, projections without an adapter, and
-    /// the reference the fused adapter op is tested against.
+    /// the reference the fused adapter op is tested against. A weight held in blocks runs as
+    /// in [`TrainLinear::forward`].
     pub fn forward_reference(&self, x: &Tensor, step: &mut Step) -> Result<Tensor> {
+        if let Some(q) = &self.blocks {
+            return self.forward_blocks(q, x, step);
+        }
         // A frozen weight gets no gradient (see `ops::linear`).
         let mut y = ops::linear(x, &self.weight).ctx(|| self.name.clone())?; // (N, out)
         if let Some(b) = &self.bias {
@@ -315,6 +351,24 @@ impl TrainModel {
     /// Builds the trainable decoder from a loaded (dense f32) model. LoRA A matrices are drawn
     /// from `seed` (uniform in +-1/sqrt(in), PEFT's default bound); B matrices start at zero.
     pub fn from_llama(model: &Llama, mode: &Mode, seed: u64) -> Result<TrainModel> {
+        TrainModel::build(model, mode, seed, false)
+    }
+
+    /// As [`TrainModel::from_llama`], with the frozen projections (q, k, v, o, gate, up, down)
+    /// kept in GGUF blocks: Q4_0, Q4_1 and Q8_0 as loaded; any other format (other GGUF
+    /// block types, dense f32) quantized to Q8_0 one layer at a time. Embeddings, norms and the
+    /// head stay f32 (dequantized), the adapters f32. LoRA only: full fine-tuning is refused.
+    pub fn from_llama_quantized(model: &Llama, mode: &Mode, seed: u64) -> Result<TrainModel> {
+        TrainModel::build(model, mode, seed, true)
+    }
+
+    fn build(model: &Llama, mode: &Mode, seed: u64, quantized: bool) -> Result<TrainModel> {
+        if quantized && matches!(mode, Mode::Full) {
+            return Err(TrainError::config(
+                "quantized",
+                "full fine-tuning needs f32 weights to train; a quantized base trains LoRA adapters only (drop `full` or `quantized`)",
+            ));
+        }
         let cfg = model.cfg.clone();
         let full = matches!(mode, Mode::Full);
         let mut params = Vec::new();
@@ -344,8 +398,19 @@ impl TrainModel {
                           target: Target,
                           params: &mut Vec<Param>|
          -> Result<TrainLinear> {
-            let w = l.dense_weight().ctx(|| l.name.clone())?;
-            let weight = maybe_var(w, &format!("{}.weight", l.name), full, params)?;
+            let (weight, blocks) = if quantized {
+                let q = blocks_of(l).ctx(|| l.name.clone())?;
+                (
+                    Tensor::zeros((0, l.in_dim), DType::F32, &Device::Cpu)?,
+                    Some(q),
+                )
+            } else {
+                let w = l.dense_weight().ctx(|| l.name.clone())?;
+                (
+                    maybe_var(w, &format!("{}.weight", l.name), full, params)?,
+                    None,
+                )
+            };
             let bias = match &l.bias {
                 Some(b) => Some(maybe_var(
                     b.clone(),
@@ -384,6 +449,7 @@ impl TrainModel {
             Ok(TrainLinear {
                 name: l.name.clone(),
                 weight,
+                blocks,
                 bias,
                 lora,
             })
@@ -743,6 +809,30 @@ impl candle_core::CustomOp1 for Recomputed {
             }
         }
         Ok(grads.get(xv.as_tensor()).cloned())
+    }
+}
+
+/// A projection's weight as GGUF blocks: shared as loaded (Q4_0, Q4_1, Q8_0), else (dense f32,
+/// other GGUF formats) dequantized and quantized to Q8_0.
+fn blocks_of(l: &safetune_model::Linear) -> candle_core::Result<Arc<QMatrix>> {
+    if let LinearWeight::Blocks(q) = &l.weight {
+        return Ok(q.clone());
+    }
+    if !l.in_dim.is_multiple_of(safetune_model::quant::BLOCK) {
+        candle_core::bail!(
+            "input width {} is not a multiple of {}: the weight cannot be held in blocks",
+            l.in_dim,
+            safetune_model::quant::BLOCK
+        );
+    }
+    let w = l.dense_weight()?;
+    let q = candle_core::quantized::QTensor::quantize(
+        &w.contiguous()?,
+        candle_core::quantized::GgmlDType::Q8_0,
+    )?;
+    match QMatrix::from_qtensor(&q)? {
+        Some(m) => Ok(Arc::new(m)),
+        None => candle_core::bail!("quantizing to Q8_0 failed"),
     }
 }
 

@@ -443,10 +443,14 @@ pub fn prepare_checked(
     check: &mut dyn FnMut(&EncodeStats) -> Result<()>,
 ) -> Result<Prepared> {
     let spec = ModelSpec::parse(&cfg.model)?;
+    // `quantized`: a GGUF base keeps its blocks (taken over as they are by
+    // `TrainModel::from_llama_quantized`); a dense one is quantized to Q8_0 layer by layer at
+    // load, each f32 matrix freed once its blocks exist.
     let engine = LocalEngine::load(
         &spec,
         &LoadOptions {
-            quantized: false,
+            quantized: cfg.quantized,
+            quantize_dense: cfg.quantized,
             batch_size: 1,
             ..LoadOptions::default()
         },
@@ -476,7 +480,11 @@ pub fn prepare_checked(
     // Held-out examples: a seeded draw, the same on every run with this seed.
     let eval = hold_out(cfg, &mut examples);
     let anchor_set = encode_anchor_set(cfg, &encoder)?;
-    let model = TrainModel::from_llama(&model, &cfg.mode(), cfg.seed)?;
+    let model = if cfg.quantized {
+        TrainModel::from_llama_quantized(&model, &cfg.mode(), cfg.seed)?
+    } else {
+        TrainModel::from_llama(&model, &cfg.mode(), cfg.seed)?
+    };
     let reference = load_reference(cfg, &model)?;
     let pad_id = tok.eos.as_ref().map(|(_, id)| *id).unwrap_or(0);
     Ok(Prepared {

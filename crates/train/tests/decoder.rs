@@ -395,6 +395,7 @@ fn fused_lora_projection_matches_primitives_and_finite_differences() {
     let lin = TrainLinear {
         name: "test.q_proj".into(),
         weight: Tensor::randn(0f32, 0.5, (out, inp), &dev).unwrap(),
+        blocks: None,
         bias: Some(Tensor::randn(0f32, 0.5, out, &dev).unwrap()),
         lora: Some(LoraVars {
             a: a.clone(),

@@ -148,6 +148,11 @@ pub struct TuneArgs {
     /// lm_head: needs a CPU with AMX-BF16 (an error otherwise, before anything loads).
     #[arg(long)]
     pub bf16: bool,
+    /// LoRA on a quantized base (QLoRA): keep the frozen projections in GGUF blocks (Q4_0,
+    /// Q4_1, Q8_0 as stored; a safetensors base quantized to Q8_0 at load) for the forward and
+    /// backward passes. Adapters stay f32. Not with --full.
+    #[arg(long)]
+    pub quantized: bool,
 
     /// Anchored tuning: add a KL term to a reference's next-token distribution. `base` (the
     /// tuning base with the adapter off; LoRA only) or a reference model path [default: off].
@@ -249,6 +254,9 @@ impl TuneArgs {
         }
         if self.bf16 {
             c.bf16 = true;
+        }
+        if self.quantized {
+            c.quantized = true;
         }
         Ok(c)
     }

@@ -16,6 +16,7 @@ mod activation;
 mod blocks;
 mod matmul;
 pub mod packed;
+mod panel;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 

@@ -83,7 +83,7 @@ impl Packed {
     }
 
     /// Weight row `r`'s 32 values `u` of block `b` (input order) with its `d` and `m`.
-    fn block(&self, r: usize, b: usize) -> ([u8; BLOCK], f32, f32) {
+    pub(super) fn block(&self, r: usize, b: usize) -> ([u8; BLOCK], f32, f32) {
         let (g, lane) = (r / LANES, r % LANES);
         let gb = g * self.nb + b;
         let o = &self.q[gb * self.qb..(gb + 1) * self.qb];
