@@ -10,7 +10,9 @@ use crate::backend::{
 };
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::generate::{generate_batch_cancellable, SeqRequest};
+use crate::generate::{
+    generate_batch_cancellable, generate_continuous, SeqFeed, SeqOutput, SeqRequest,
+};
 use crate::gguf::GgufFile;
 use crate::llama::Llama;
 use crate::spec::ModelSpec;
@@ -286,29 +288,41 @@ impl Generator for LocalEngine {
                 sampling,
             });
         }
-        // Batch prompts of similar length together: less padding.
+        // Prompts of similar length start together: less padding in a shared prefill.
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| seqs[i].prompt_ids.len());
         let mut out: Vec<Option<GenOutput>> = vec![None; seqs.len()];
-        for chunk in order.chunks(self.batch_size) {
-            let batch: Vec<SeqRequest> = chunk.iter().map(|&i| seqs[i].clone()).collect();
-            let results = generate_batch_cancellable(
-                &self.model,
-                &self.tok,
-                &batch,
-                &mut |k, piece| sink(chunk[k], piece),
-                &|k| chunk.get(k).is_some_and(|&i| cancelled(i)),
-            )
-            .map_err(to_backend)?;
-            for (k, r) in results.into_iter().enumerate() {
-                let i = chunk[k];
-                out[i] = Some(GenOutput {
-                    text: r.text,
-                    prompt_tokens: seqs[i].prompt_ids.len(),
-                    completion_tokens: r.ids.len(),
-                    finish_reason: r.finish_reason,
-                });
+        if !continuous_batching() {
+            for chunk in order.chunks(self.batch_size) {
+                let batch: Vec<SeqRequest> = chunk.iter().map(|&i| seqs[i].clone()).collect();
+                let results = generate_batch_cancellable(
+                    &self.model,
+                    &self.tok,
+                    &batch,
+                    &mut |k, piece| sink(chunk[k], piece),
+                    &|k| chunk.get(k).is_some_and(|&i| cancelled(i)),
+                )
+                .map_err(to_backend)?;
+                for (k, r) in results.into_iter().enumerate() {
+                    let i = chunk[k];
+                    out[i] = Some(GenOutput {
+                        text: r.text,
+                        prompt_tokens: seqs[i].prompt_ids.len(),
+                        completion_tokens: r.ids.len(),
+                        finish_reason: r.finish_reason,
+                    });
+                }
             }
+        } else {
+            let mut feed = VecFeed {
+                order: order.into_iter(),
+                seqs: &seqs,
+                out: &mut out,
+                sink,
+                cancelled,
+            };
+            generate_continuous(&self.model, &self.tok, self.batch_size, &mut feed)
+                .map_err(to_backend)?;
         }
         Ok(out
             .into_iter()
@@ -321,5 +335,41 @@ impl Generator for LocalEngine {
                 })
             })
             .collect())
+    }
+}
+
+/// Whether the local engine batches continuously (a finished row's slot takes the next prompt
+/// at once; the default) or in static batches of `batch_size` prompts, each run until its last
+/// row finishes: `SAFETUNE_BATCHING=static`, for benchmarks of the old path.
+pub fn continuous_batching() -> bool {
+    std::env::var("SAFETUNE_BATCHING").as_deref() != Ok("static")
+}
+
+/// A fixed list of requests fed to [`generate_continuous`] in `order`.
+struct VecFeed<'a, 's> {
+    order: std::vec::IntoIter<usize>,
+    seqs: &'a [SeqRequest],
+    out: &'a mut [Option<GenOutput>],
+    sink: TokenSink<'s>,
+    cancelled: CancelCheck<'s>,
+}
+
+impl SeqFeed for VecFeed<'_, '_> {
+    fn next(&mut self) -> Option<(usize, SeqRequest)> {
+        self.order.next().map(|i| (i, self.seqs[i].clone()))
+    }
+    fn piece(&mut self, key: usize, piece: &str) {
+        (self.sink)(key, piece)
+    }
+    fn done(&mut self, key: usize, r: SeqOutput) {
+        self.out[key] = Some(GenOutput {
+            text: r.text,
+            prompt_tokens: self.seqs[key].prompt_ids.len(),
+            completion_tokens: r.ids.len(),
+            finish_reason: r.finish_reason,
+        });
+    }
+    fn cancelled(&self, key: usize) -> bool {
+        (self.cancelled)(key)
     }
 }

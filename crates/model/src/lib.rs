@@ -43,6 +43,7 @@ pub use backend::{
     TokenSink,
 };
 pub use config::{Config, HfConfig};
+pub use decode::SlotCache;
 pub use engine::{LoadOptions, LocalEngine};
 pub use error::{ModelError, Result};
 pub use llama::{KvCache, Llama};
