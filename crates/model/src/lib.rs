@@ -39,8 +39,8 @@ pub mod vecmath;
 pub mod weights;
 
 pub use backend::{
-    BackendError, CancelCheck, FinishReason, GenOutput, GenRequest, Generator, Prompt, Sampling,
-    TokenSink,
+    BackendError, CancelCheck, FinishReason, GenOutput, GenRequest, Generator, Prompt, RequestFeed,
+    Sampling, TokenSink,
 };
 pub use config::{Config, HfConfig};
 pub use decode::SlotCache;

@@ -366,7 +366,10 @@ mod weights_tests {
         assert!(default.quantized && !default.quantize_dense && !default.merge_adapter);
         assert_eq!(default.batch_size, 4);
         let old = load(&["--quantized"]).unwrap();
-        assert!(old.quantized && !old.quantize_dense, "the old flag is a no-op");
+        assert!(
+            old.quantized && !old.quantize_dense,
+            "the old flag is a no-op"
+        );
         let exact = load(&["--f32"]).unwrap();
         assert!(!exact.quantized && !exact.quantize_dense);
         let q8 = load(&["--quantize", "q8_0", "--adapter", "a"]).unwrap();
