@@ -167,7 +167,10 @@ fn main() -> anyhow::Result<()> {
         study_load_options(None, GenWeights::Quantized).batch_size
     );
     let load = |w: GenWeights| -> anyhow::Result<LocalEngine> {
-        Ok(LocalEngine::load(&spec, &study_load_options(None::<&PathBuf>, w))?)
+        Ok(LocalEngine::load(
+            &spec,
+            &study_load_options(None::<&PathBuf>, w),
+        )?)
     };
     let f32_engine = load(GenWeights::F32)?;
     let mut q8 = load(GenWeights::Quantized)?;
@@ -191,7 +194,10 @@ fn main() -> anyhow::Result<()> {
     println!("median rows/s over {runs} runs (batch 32, the study's settings):");
     println!("  (a) f32-static       {ma:.2}");
     println!("  (b) q8_0-static      {mb:.2}  ({:.2}x a)", mb / ma);
-    println!("  (c) q8_0-continuous  {mc:.2}  ({:.2}x a; target 5x)", mc / ma);
+    println!(
+        "  (c) q8_0-continuous  {mc:.2}  ({:.2}x a; target 5x)",
+        mc / ma
+    );
     println!("  static and continuous answers identical: {same}");
 
     // More prompts than the batch: all rows in one call at batch 8.

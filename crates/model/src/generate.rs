@@ -388,10 +388,11 @@ struct Running {
 
 /// Continuous batching: up to `max_batch` sequences decode together, each in its own slot of a
 /// [`SlotCache`]; when one finishes, its slot takes the next waiting sequence at once (prefilled
-/// on its own, or with the others that join at the same step, then copied into the slot) while
-/// the other rows go on. Every row attends to its own keys only and samples with its own seeded
-/// RNG, so a sequence gets the same tokens as it would alone ([`generate_batch`] with one
-/// request). Returns when no row is running and the feed has nothing waiting.
+/// on its own, or with the others of its prompt length that join at the same step, then copied
+/// into the slot) while the other rows go on. No row ever sees padding or another row's keys,
+/// and each samples with its own seeded RNG, so a sequence gets the same tokens as it would
+/// alone ([`generate_batch`] with one request). Returns when no row is running and the feed has
+/// nothing waiting.
 pub fn generate_continuous(
     model: &Llama,
     tok: &Tok,
@@ -438,39 +439,51 @@ pub fn generate_continuous(
         }
         if !joiners.is_empty() {
             let t = Instant::now();
-            let reqs: Vec<SeqRequest> = joiners.iter().map(|(_, r)| r.clone()).collect();
-            let (pcache, logits) = prefill(model, &reqs)?;
             let cache = cache.get_or_insert_with(|| {
-                let cap = reqs
+                let cap = joiners
                     .iter()
-                    .map(|r| r.prompt_ids.len() + r.sampling.max_new_tokens)
+                    .map(|(_, r)| r.prompt_ids.len() + r.sampling.max_new_tokens)
                     .max()
                     .unwrap_or(1);
                 SlotCache::new(&model.cfg, 0, cap)
             });
-            for (j, ((key, req), logits)) in joiners.into_iter().zip(logits).enumerate() {
-                let slot = match free.pop() {
-                    Some(s) => s,
-                    None => cache.add_slot(),
-                };
-                let n = req.prompt_ids.len();
-                cache
-                    .put(slot, &pcache, j, n)
-                    .ctx(|| "joining a prompt to the batch".into())?;
-                running.push(Running {
-                    row: Row {
-                        req: key,
-                        ids: Vec::new(),
-                        emitted: 0,
-                        rng: Rng::new(req.sampling.seed),
-                        next_pos: n as u32,
-                        done: None,
-                        text: String::new(),
-                    },
-                    sampling: req.sampling,
-                    slot,
-                    logits,
-                });
+            // Prompts of one length are prefilled together, without padding: padding would move
+            // the sums of the attention softmax, and with them near-tied greedy choices.
+            joiners.sort_by_key(|(_, r)| r.prompt_ids.len());
+            let mut rest = joiners.as_slice();
+            while let Some((_, first)) = rest.first() {
+                let n = first.prompt_ids.len();
+                let same = rest
+                    .iter()
+                    .take_while(|(_, r)| r.prompt_ids.len() == n)
+                    .count();
+                let (group, tail) = rest.split_at(same);
+                rest = tail;
+                let reqs: Vec<SeqRequest> = group.iter().map(|(_, r)| r.clone()).collect();
+                let (pcache, logits) = prefill(model, &reqs)?;
+                for (j, ((key, req), logits)) in group.iter().zip(logits).enumerate() {
+                    let slot = match free.pop() {
+                        Some(s) => s,
+                        None => cache.add_slot(),
+                    };
+                    cache
+                        .put(slot, &pcache, j, n)
+                        .ctx(|| "joining a prompt to the batch".into())?;
+                    running.push(Running {
+                        row: Row {
+                            req: *key,
+                            ids: Vec::new(),
+                            emitted: 0,
+                            rng: Rng::new(req.sampling.seed),
+                            next_pos: n as u32,
+                            done: None,
+                            text: String::new(),
+                        },
+                        sampling: req.sampling.clone(),
+                        slot,
+                        logits,
+                    });
+                }
             }
             timing.prefill += t.elapsed();
         }
