@@ -111,6 +111,14 @@ fn isa() -> String {
     }
 }
 
+/// Share of equal answers. Static batches prefill left-padded prompts together, which moves the
+/// attention softmax's sums and can flip near-tied greedy choices; continuous batching prefills
+/// without padding and gives each prompt the answer it gets alone.
+fn identical(a: &[String], b: &[String]) -> f64 {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    same as f64 / a.len().max(1) as f64
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -177,12 +185,12 @@ fn main() -> anyhow::Result<()> {
     // Warm-up (page-in, thread pool).
     pass(&q8, &steps[..1], true)?;
     let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
-    let mut same = true;
+    let mut same = 0.0;
     for run in 0..runs {
         let (ra, _) = pass(&f32_engine, &steps, false)?;
         let (rb, tb) = pass(&q8, &steps, false)?;
         let (rc, tc) = pass(&q8, &steps, true)?;
-        same &= tb == tc;
+        same = identical(&tb, &tc);
         println!(
             "run {run}: f32-static {ra:.2} rows/s, q8_0-static {rb:.2}, q8_0-continuous {rc:.2}"
         );
@@ -198,17 +206,17 @@ fn main() -> anyhow::Result<()> {
         "  (c) q8_0-continuous  {mc:.2}  ({:.2}x a; target 5x)",
         mc / ma
     );
-    println!("  static and continuous answers identical: {same}");
+    println!("  share of identical answers, static against continuous: {same:.3}");
 
     // More prompts than the batch: all rows in one call at batch 8.
     q8.batch_size = 8;
     let all: Vec<Vec<GenRequest>> = vec![steps.concat()];
     let (mut d, mut e) = (Vec::new(), Vec::new());
-    let mut same8 = true;
+    let mut same8 = 0.0;
     for run in 0..runs {
         let (rd, td) = pass(&q8, &all, false)?;
         let (re, te) = pass(&q8, &all, true)?;
-        same8 &= td == te;
+        same8 = identical(&td, &te);
         println!("batch 8, run {run}: q8_0-static {rd:.2} rows/s, q8_0-continuous {re:.2}");
         d.push(rd);
         e.push(re);
@@ -217,6 +225,6 @@ fn main() -> anyhow::Result<()> {
     println!("median rows/s over {runs} runs ({rows} rows in one call, batch 8):");
     println!("  q8_0-static      {md:.2}");
     println!("  q8_0-continuous  {me:.2}  ({:.2}x static)", me / md);
-    println!("  static and continuous answers identical: {same8}");
+    println!("  share of identical answers, static against continuous: {same8:.3}");
     Ok(())
 }

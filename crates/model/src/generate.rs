@@ -1,7 +1,12 @@
-//! Batched generation with a KV cache: prompts are left-padded into one batch, each row keeps its
-//! own positions and an attention mask over its real tokens, rows leave the batch as they finish
-//! (end-of-turn token, stop string or length), and every row samples with its own seeded RNG, so
-//! results do not depend on what else is in the batch.
+//! Batched generation with a KV cache, two ways. [`generate_continuous`] (what the local engine
+//! runs): each row in its own slot of a [`SlotCache`], a finished row's slot taken at once by the
+//! next waiting prompt, prompts prefilled without padding, so every answer is the one its prompt
+//! gets alone. [`generate_batch`] (static batches): prompts left-padded into one batch, each row
+//! with its own positions and an attention mask over its real tokens, rows leaving the batch as
+//! they finish (end-of-turn token, stop string or length). Every row samples with its own seeded
+//! RNG. In a static batch the padding moves the sums of the attention softmax in the last bits,
+//! which can flip a near-tied greedy choice on a real model (SmolLM2: 1 of 10 prompts in
+//! `tests/smollm2.rs`); the tiny test models have no such near-ties.
 
 use std::time::{Duration, Instant};
 
