@@ -71,7 +71,7 @@ pub struct GenOutput {
     pub finish_reason: FinishReason,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     /// The request itself is wrong (too long, bad settings): do not retry.
     #[error("invalid request: {0}")]
@@ -88,6 +88,90 @@ pub type TokenSink<'a> = &'a mut (dyn FnMut(usize, &str) + Send);
 
 /// Asked between decode steps: `true` for request `i` of the batch means stop generating it.
 pub type CancelCheck<'a> = &'a (dyn Fn(usize) -> bool + Sync);
+
+/// A queue that keeps a generator busy ([`Generator::generate_fed`]): requests are taken one at
+/// a time as the generator has room for them, each under a key of the feed's choosing, and each
+/// request's result goes back under its key.
+pub trait RequestFeed: Send {
+    /// The next request to start, if one is waiting now. `None` means none is waiting: the
+    /// generator finishes what it runs (asking again as rows finish) and returns once it runs
+    /// nothing.
+    fn next(&mut self) -> Option<(usize, GenRequest)>;
+    /// Text decoded for request `key`, as soon as it is certain.
+    fn piece(&mut self, key: usize, piece: &str);
+    /// Request `key` finished, or failed on its own (e.g. a prompt too long for the model).
+    fn done(&mut self, key: usize, out: Result<GenOutput, BackendError>);
+    /// Polled between decode steps: `true` stops request `key` ([`FinishReason::Cancelled`]).
+    fn cancelled(&self, key: usize) -> bool;
+}
+
+/// [`Generator::generate_fed`] for backends without continuous batching: batches of up to
+/// `max_batch` waiting requests, each run to its end through `generate_cancellable`. A request
+/// the backend rejects as invalid fails alone (its batch is rerun one request at a time); any
+/// other error fails every request of that batch; the next batch runs either way.
+pub fn generate_fed_in_batches<G: Generator + ?Sized>(
+    g: &G,
+    feed: &mut dyn RequestFeed,
+) -> Result<(), BackendError> {
+    loop {
+        let (mut keys, mut reqs) = (Vec::new(), Vec::new());
+        while reqs.len() < g.max_batch().max(1) {
+            match feed.next() {
+                Some((k, r)) => {
+                    keys.push(k);
+                    reqs.push(r);
+                }
+                None => break,
+            }
+        }
+        if reqs.is_empty() {
+            return Ok(());
+        }
+        run_fed_batch(g, feed, &keys, &reqs);
+    }
+}
+
+fn run_fed_batch<G: Generator + ?Sized>(
+    g: &G,
+    feed: &mut dyn RequestFeed,
+    keys: &[usize],
+    reqs: &[GenRequest],
+) {
+    let result = {
+        let shared = std::sync::Mutex::new(&mut *feed);
+        let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
+        g.generate_cancellable(reqs, &mut |i, piece| lock().piece(keys[i], piece), &|i| {
+            keys.get(i).is_some_and(|&k| lock().cancelled(k))
+        })
+    };
+    match result {
+        Ok(outs) if outs.len() == reqs.len() => {
+            for (&k, o) in keys.iter().zip(outs) {
+                feed.done(k, Ok(o));
+            }
+        }
+        Ok(outs) => {
+            let e = BackendError::Other(format!(
+                "the generator returned {} outputs for {} requests",
+                outs.len(),
+                reqs.len()
+            ));
+            for &k in keys {
+                feed.done(k, Err(e.clone()));
+            }
+        }
+        Err(BackendError::Invalid(_)) if reqs.len() > 1 => {
+            for (k, r) in keys.iter().zip(reqs) {
+                run_fed_batch(g, feed, std::slice::from_ref(k), std::slice::from_ref(r));
+            }
+        }
+        Err(e) => {
+            for &k in keys {
+                feed.done(k, Err(e.clone()));
+            }
+        }
+    }
+}
 
 /// A text generator. Implementations batch the requests they are given as they see fit.
 pub trait Generator: Send + Sync {
@@ -118,6 +202,15 @@ pub trait Generator: Send + Sync {
     ) -> Result<Vec<GenOutput>, BackendError> {
         let _ = cancelled;
         self.generate_streaming(requests, sink)
+    }
+
+    /// Runs requests taken from `feed` until none is waiting and none is running: what
+    /// `safetune serve`'s scheduler calls. The local engine batches continuously (a finished
+    /// row's slot takes the next waiting request at once); the default runs batches of
+    /// [`Generator::max_batch`] ([`generate_fed_in_batches`]). Returns an error only when the
+    /// generator itself failed; the requests it was running then get no result from it.
+    fn generate_fed(&self, feed: &mut dyn RequestFeed) -> Result<(), BackendError> {
+        generate_fed_in_batches(self, feed)
     }
 
     /// The most requests this backend wants in one call (the local engine's batch size).

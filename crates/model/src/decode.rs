@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Module, Tensor};
 
-use crate::llama::{KvCache, Llama, RmsNorm};
+use crate::llama::{KvCache, Llama, RmsNorm, MASK_VALUE};
 use crate::quant::QMatrix;
 use crate::vecmath;
 use crate::weights::{Linear, LinearWeight};
@@ -79,6 +79,131 @@ fn tensor_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// Where one batch row's keys live in a cache buffer, for one decode step.
+struct RowKeys<'a> {
+    /// Index of the row's block in the cache buffers (`(block, K, capacity, D)`).
+    block: usize,
+    /// Column the new key and value are written to; the row attends to columns `0..=write`.
+    write: usize,
+    /// Additive mask over the `write + 1` keys.
+    mask: &'a [f32],
+}
+
+/// A KV cache whose rows are independent slots for continuous batching: each slot holds one
+/// sequence from column 0 with its own length, so a row that finishes frees its slot and the
+/// next prompt, prefilled on its own, is copied in while the other rows go on decoding. A row
+/// attends to exactly its own keys, so its results do not depend on the other slots.
+#[derive(Debug, Clone)]
+pub struct SlotCache {
+    /// Per layer: k and v, each (slots, K, capacity, D) row-major.
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+    /// Positions cached per slot (0: free or empty).
+    lens: Vec<usize>,
+}
+
+impl SlotCache {
+    /// `slots` empty slots of `capacity` positions each (grown on demand).
+    pub fn new(cfg: &crate::config::Config, slots: usize, capacity: usize) -> SlotCache {
+        let capacity = capacity.max(1);
+        let size = slots * cfg.num_key_value_heads * capacity * cfg.head_dim;
+        SlotCache {
+            layers: (0..cfg.num_hidden_layers)
+                .map(|_| (vec![0f32; size], vec![0f32; size]))
+                .collect(),
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            capacity,
+            lens: vec![0; slots],
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Adds an empty slot; returns its index.
+    pub fn add_slot(&mut self) -> usize {
+        let block = self.kv_heads * self.capacity * self.head_dim;
+        for (k, v) in self.layers.iter_mut() {
+            k.resize(k.len() + block, 0.0);
+            v.resize(v.len() + block, 0.0);
+        }
+        self.lens.push(0);
+        self.lens.len() - 1
+    }
+
+    /// Positions cached in `slot`.
+    pub fn len(&self, slot: usize) -> usize {
+        self.lens[slot]
+    }
+
+    /// Frees `slot` (its contents are overwritten by the next sequence put there).
+    pub fn clear(&mut self, slot: usize) {
+        self.lens[slot] = 0;
+    }
+
+    /// Makes every slot hold at least `need` positions: doubles the capacity, or more.
+    fn reserve(&mut self, need: usize) {
+        if need <= self.capacity {
+            return;
+        }
+        let new_cap = (self.capacity * 2).max(need);
+        let (rows, d, old) = (
+            self.lens.len() * self.kv_heads,
+            self.head_dim,
+            self.capacity,
+        );
+        let used = self.lens.iter().copied().max().unwrap_or(0);
+        for (k, v) in self.layers.iter_mut() {
+            for buf in [k, v] {
+                let mut grown = vec![0f32; rows * new_cap * d];
+                for r in 0..rows {
+                    grown[r * new_cap * d..(r * new_cap + used) * d]
+                        .copy_from_slice(&buf[r * old * d..(r * old + used) * d]);
+                }
+                *buf = grown;
+            }
+        }
+        self.capacity = new_cap;
+    }
+
+    /// Puts row `row` of a prefilled batch cache into `slot`: its last `len` positions (the
+    /// real tokens of a left-padded prompt) become the slot's columns `0..len`.
+    pub fn put(
+        &mut self,
+        slot: usize,
+        from: &KvCache,
+        row: usize,
+        len: usize,
+    ) -> candle_core::Result<()> {
+        if slot >= self.lens.len() || row >= from.batch() || len > from.len() {
+            candle_core::bail!(
+                "slot cache: slot {slot} of {}, row {row} of {}, {len} of {} positions",
+                self.lens.len(),
+                from.batch(),
+                from.len()
+            );
+        }
+        self.reserve(len + 1);
+        let (kh, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        let (fcap, skip) = (from.capacity, from.len() - len);
+        for ((dk, dv), (sk, sv)) in self.layers.iter_mut().zip(&from.layers) {
+            for (dst, src) in [(dk, sk), (dv, sv)] {
+                for g in 0..kh {
+                    let to = (slot * kh + g) * cap * d;
+                    let at = ((row * kh + g) * fcap + skip) * d;
+                    dst[to..to + len * d].copy_from_slice(&src[at..at + len * d]);
+                }
+            }
+        }
+        self.lens[slot] = len;
+        Ok(())
+    }
+}
+
 impl Llama {
     /// One new token for each of the cache's B rows: `ids` and `positions` (B), `mask` (B, S)
     /// additive over the S = cached + 1 keys. Appends to the cache and returns the final hidden
@@ -91,13 +216,6 @@ impl Llama {
         cache: &mut KvCache,
     ) -> candle_core::Result<Tensor> {
         let b = ids.len();
-        let cfg = &self.cfg;
-        let (c, h, kh, d) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
         if cache.batch() != b || positions.len() != b {
             candle_core::bail!(
                 "decode_step: {b} ids, {} positions, a cache of {} rows",
@@ -115,8 +233,95 @@ impl Llama {
                 b * s
             );
         }
+        let rows: Vec<RowKeys> = (0..b)
+            .map(|r| RowKeys {
+                block: r,
+                write: len,
+                mask: &mask[r * s..(r + 1) * s],
+            })
+            .collect();
+        let out = self.step_rows(ids, positions, &rows, &mut cache.layers, cap)?;
+        cache.advance(1);
+        Ok(out)
+    }
+
+    /// One new token for each of B sequences held in the slots `slots` (B) of a [`SlotCache`]:
+    /// each row attends to its own cached positions plus the new one (within the sliding
+    /// window, if the model has one). Appends to each slot and returns the final hidden states
+    /// (B, 1, C) after the last norm.
+    pub fn decode_step_slots(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        slots: &[usize],
+        cache: &mut SlotCache,
+    ) -> candle_core::Result<Tensor> {
+        let b = ids.len();
+        if positions.len() != b || slots.len() != b {
+            candle_core::bail!(
+                "decode_step_slots: {b} ids, {} positions, {} slots",
+                positions.len(),
+                slots.len()
+            );
+        }
+        if let Some(&bad) = slots.iter().find(|&&s| s >= cache.slots()) {
+            candle_core::bail!("decode_step_slots: slot {bad} of {}", cache.slots());
+        }
+        let need = slots.iter().map(|&s| cache.lens[s] + 1).max().unwrap_or(0);
+        cache.reserve(need);
+        let window = self.cfg.sliding_window;
+        let masks: Vec<Vec<f32>> = slots
+            .iter()
+            .map(|&slot| {
+                let s = cache.lens[slot] + 1;
+                (0..s)
+                    .map(|j| {
+                        if window.is_some_and(|w| s - 1 - j >= w) {
+                            MASK_VALUE
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let rows: Vec<RowKeys> = slots
+            .iter()
+            .zip(&masks)
+            .map(|(&slot, m)| RowKeys {
+                block: slot,
+                write: cache.lens[slot],
+                mask: m,
+            })
+            .collect();
+        let cap = cache.capacity;
+        let out = self.step_rows(ids, positions, &rows, &mut cache.layers, cap)?;
+        for &slot in slots {
+            cache.lens[slot] += 1;
+        }
+        Ok(out)
+    }
+
+    /// The decoder for one new token per row, each row's keys where `rows` says.
+    fn step_rows(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        rows: &[RowKeys],
+        layers: &mut [(Vec<f32>, Vec<f32>)],
+        cap: usize,
+    ) -> candle_core::Result<Tensor> {
+        let b = ids.len();
+        let cfg = &self.cfg;
+        let (c, h, kh, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let rep = h / kh;
         let scale = 1.0 / (d as f32).sqrt();
+        let max_s = rows.iter().map(|r| r.write + 1).max().unwrap_or(0);
 
         // Embeddings (B, C) and per-row rotary tables (B, D/2).
         let ids_t = Tensor::from_slice(ids, b, &Device::Cpu)?;
@@ -151,26 +356,27 @@ impl Llama {
                 rope_row(&mut q[r * h * d..(r + 1) * h * d], d, cs, sn);
                 rope_row(&mut k[r * kh * d..(r + 1) * kh * d], d, cs, sn);
             }
-            let (ck, cv) = &mut cache.layers[li];
-            for r in 0..b {
+            let (ck, cv) = &mut layers[li];
+            for (r, row) in rows.iter().enumerate() {
                 for g in 0..kh {
-                    let at = ((r * kh + g) * cap + len) * d;
+                    let at = ((row.block * kh + g) * cap + row.write) * d;
                     ck[at..at + d].copy_from_slice(&k[(r * kh + g) * d..(r * kh + g + 1) * d]);
                     cv[at..at + d].copy_from_slice(&v[(r * kh + g) * d..(r * kh + g + 1) * d]);
                 }
             }
             let (ck, cv) = (&*ck, &*cv);
             let out = SendPtr(att.as_mut_ptr());
-            // One item per (row, query head): scores over the S keys, softmax, weighted values.
+            // One item per (row, query head): scores over the row's keys, softmax, weighted values.
             let head = |item: usize| {
                 let out = &out;
                 let (r, hh) = (item / h, item % h);
                 let g = hh / rep;
-                let base = (r * kh + g) * cap * d;
+                let row = &rows[r];
+                let s = row.write + 1;
+                let base = (row.block * kh + g) * cap * d;
                 let qv = &q[(r * h + hh) * d..(r * h + hh + 1) * d];
-                let m = &mask[r * s..(r + 1) * s];
                 let mut scores = vec![0f32; s];
-                vecmath::scores(qv, &ck[base..base + s * d], scale, m, &mut scores);
+                vecmath::scores(qv, &ck[base..base + s * d], scale, row.mask, &mut scores);
                 vecmath::softmax(&mut scores);
                 let mut o = vec![0f32; d];
                 vecmath::weighted_sum(&scores, &cv[base..base + s * d], &mut o);
@@ -179,7 +385,7 @@ impl Llama {
                 dst.copy_from_slice(&o);
             };
             let items = b * h;
-            if items * s * d < PAR_ATTENTION_MIN {
+            if items * max_s * d < PAR_ATTENTION_MIN {
                 (0..items).for_each(head);
             } else {
                 crate::pool::par_chunks(items, |range| {
@@ -204,7 +410,6 @@ impl Llama {
                 *xi += di;
             }
         }
-        cache.advance(1);
         let w = tensor_vec(&self.norm.weight)?;
         rms_norm_rows(&x, &self.norm, &w, &mut normed);
         Tensor::from_vec(normed, (b, 1, c), &Device::Cpu)

@@ -6,11 +6,14 @@ use std::path::{Path, PathBuf};
 use safetune_data::Message;
 
 use crate::backend::{
-    BackendError, CancelCheck, FinishReason, GenOutput, GenRequest, Generator, Prompt, TokenSink,
+    generate_fed_in_batches, BackendError, CancelCheck, FinishReason, GenOutput, GenRequest,
+    Generator, Prompt, RequestFeed, TokenSink,
 };
 use crate::config::Config;
 use crate::error::{ModelError, Result};
-use crate::generate::{generate_batch_cancellable, SeqRequest};
+use crate::generate::{
+    generate_batch_cancellable, generate_continuous, SeqFeed, SeqOutput, SeqRequest,
+};
 use crate::gguf::GgufFile;
 use crate::llama::Llama;
 use crate::spec::ModelSpec;
@@ -214,6 +217,38 @@ impl LocalEngine {
     }
 }
 
+impl LocalEngine {
+    /// The checked token-level request of a request: its prompt tokenized (not empty, shorter
+    /// than the context), `max_new_tokens` cut to the room left, the sampling settings valid.
+    fn seq_request(&self, r: &GenRequest) -> Result<SeqRequest, BackendError> {
+        let max_pos = self.model.cfg.max_position_embeddings;
+        let ids = self.prompt_ids(&r.prompt).map_err(to_backend)?;
+        if ids.is_empty() {
+            return Err(BackendError::Invalid("the prompt is empty".into()));
+        }
+        if ids.len() >= max_pos {
+            return Err(BackendError::Invalid(format!(
+                "the prompt has {} tokens, the model's context is {max_pos}",
+                ids.len()
+            )));
+        }
+        let mut sampling = r.sampling.clone();
+        sampling.max_new_tokens = sampling.max_new_tokens.min(max_pos - ids.len());
+        let temperature_ok = sampling.temperature.is_finite() && sampling.temperature >= 0.0;
+        let top_p_ok = sampling.top_p > 0.0 && sampling.top_p <= 1.0;
+        if !temperature_ok || !top_p_ok {
+            return Err(BackendError::Invalid(format!(
+                "temperature must be >= 0 and top_p in (0, 1], got {} and {}",
+                sampling.temperature, sampling.top_p
+            )));
+        }
+        Ok(SeqRequest {
+            prompt_ids: ids,
+            sampling,
+        })
+    }
+}
+
 fn to_backend(e: ModelError) -> BackendError {
     match e {
         ModelError::Template(_) | ModelError::Tokenizer(_) => BackendError::Invalid(e.to_string()),
@@ -250,65 +285,70 @@ impl Generator for LocalEngine {
         self.generate_cancellable(requests, sink, &|_| false)
     }
 
+    /// Continuous batching over the feed (static batches with `SAFETUNE_BATCHING=static`): a
+    /// request that fails its checks (an empty or too long prompt, bad settings) fails alone.
+    fn generate_fed(&self, feed: &mut dyn RequestFeed) -> Result<(), BackendError> {
+        if !continuous_batching() {
+            return generate_fed_in_batches(self, feed);
+        }
+        let mut fed = Fed {
+            engine: self,
+            feed,
+            prompt_tokens: std::collections::HashMap::new(),
+        };
+        generate_continuous(&self.model, &self.tok, self.batch_size, &mut fed)
+            .map(|_| ())
+            .map_err(to_backend)
+    }
+
     fn generate_cancellable(
         &self,
         requests: &[GenRequest],
         sink: TokenSink<'_>,
         cancelled: CancelCheck<'_>,
     ) -> Result<Vec<GenOutput>, BackendError> {
-        let max_pos = self.model.cfg.max_position_embeddings;
         let mut seqs = Vec::with_capacity(requests.len());
         for (i, r) in requests.iter().enumerate() {
-            let ids = self.prompt_ids(&r.prompt).map_err(to_backend)?;
-            if ids.is_empty() {
-                return Err(BackendError::Invalid(format!(
-                    "request {i}: the prompt is empty"
-                )));
-            }
-            if ids.len() >= max_pos {
-                return Err(BackendError::Invalid(format!(
-                    "request {i}: the prompt has {} tokens, the model's context is {max_pos}",
-                    ids.len()
-                )));
-            }
-            let mut sampling = r.sampling.clone();
-            sampling.max_new_tokens = sampling.max_new_tokens.min(max_pos - ids.len());
-            let temperature_ok = sampling.temperature.is_finite() && sampling.temperature >= 0.0;
-            let top_p_ok = sampling.top_p > 0.0 && sampling.top_p <= 1.0;
-            if !temperature_ok || !top_p_ok {
-                return Err(BackendError::Invalid(format!(
-                    "request {i}: temperature must be >= 0 and top_p in (0, 1], got {} and {}",
-                    sampling.temperature, sampling.top_p
-                )));
-            }
-            seqs.push(SeqRequest {
-                prompt_ids: ids,
-                sampling,
-            });
+            seqs.push(self.seq_request(r).map_err(|e| match e {
+                BackendError::Invalid(m) => BackendError::Invalid(format!("request {i}: {m}")),
+                other => other,
+            })?);
         }
-        // Batch prompts of similar length together: less padding.
+        // Prompts of similar length start together: less padding in a shared prefill.
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| seqs[i].prompt_ids.len());
         let mut out: Vec<Option<GenOutput>> = vec![None; seqs.len()];
-        for chunk in order.chunks(self.batch_size) {
-            let batch: Vec<SeqRequest> = chunk.iter().map(|&i| seqs[i].clone()).collect();
-            let results = generate_batch_cancellable(
-                &self.model,
-                &self.tok,
-                &batch,
-                &mut |k, piece| sink(chunk[k], piece),
-                &|k| chunk.get(k).is_some_and(|&i| cancelled(i)),
-            )
-            .map_err(to_backend)?;
-            for (k, r) in results.into_iter().enumerate() {
-                let i = chunk[k];
-                out[i] = Some(GenOutput {
-                    text: r.text,
-                    prompt_tokens: seqs[i].prompt_ids.len(),
-                    completion_tokens: r.ids.len(),
-                    finish_reason: r.finish_reason,
-                });
+        if !continuous_batching() {
+            for chunk in order.chunks(self.batch_size) {
+                let batch: Vec<SeqRequest> = chunk.iter().map(|&i| seqs[i].clone()).collect();
+                let results = generate_batch_cancellable(
+                    &self.model,
+                    &self.tok,
+                    &batch,
+                    &mut |k, piece| sink(chunk[k], piece),
+                    &|k| chunk.get(k).is_some_and(|&i| cancelled(i)),
+                )
+                .map_err(to_backend)?;
+                for (k, r) in results.into_iter().enumerate() {
+                    let i = chunk[k];
+                    out[i] = Some(GenOutput {
+                        text: r.text,
+                        prompt_tokens: seqs[i].prompt_ids.len(),
+                        completion_tokens: r.ids.len(),
+                        finish_reason: r.finish_reason,
+                    });
+                }
             }
+        } else {
+            let mut feed = VecFeed {
+                order: order.into_iter(),
+                seqs: &seqs,
+                out: &mut out,
+                sink,
+                cancelled,
+            };
+            generate_continuous(&self.model, &self.tok, self.batch_size, &mut feed)
+                .map_err(to_backend)?;
         }
         Ok(out
             .into_iter()
@@ -321,5 +361,83 @@ impl Generator for LocalEngine {
                 })
             })
             .collect())
+    }
+}
+
+/// Whether the local engine batches continuously (a finished row's slot takes the next prompt
+/// at once; the default) or in static batches of `batch_size` prompts, each run until its last
+/// row finishes: `SAFETUNE_BATCHING=static`, for benchmarks of the old path.
+pub fn continuous_batching() -> bool {
+    std::env::var("SAFETUNE_BATCHING").as_deref() != Ok("static")
+}
+
+/// A [`RequestFeed`] seen by [`generate_continuous`]: requests checked and tokenized as they are
+/// taken, results turned back into [`GenOutput`]s.
+struct Fed<'a> {
+    engine: &'a LocalEngine,
+    feed: &'a mut dyn RequestFeed,
+    /// Prompt tokens of every running request, by key.
+    prompt_tokens: std::collections::HashMap<usize, usize>,
+}
+
+impl SeqFeed for Fed<'_> {
+    fn next(&mut self) -> Option<(usize, SeqRequest)> {
+        loop {
+            let (key, r) = self.feed.next()?;
+            match self.engine.seq_request(&r) {
+                Ok(seq) => {
+                    self.prompt_tokens.insert(key, seq.prompt_ids.len());
+                    return Some((key, seq));
+                }
+                Err(e) => self.feed.done(key, Err(e)),
+            }
+        }
+    }
+    fn piece(&mut self, key: usize, piece: &str) {
+        self.feed.piece(key, piece)
+    }
+    fn done(&mut self, key: usize, r: SeqOutput) {
+        let prompt_tokens = self.prompt_tokens.remove(&key).unwrap_or(0);
+        self.feed.done(
+            key,
+            Ok(GenOutput {
+                text: r.text,
+                prompt_tokens,
+                completion_tokens: r.ids.len(),
+                finish_reason: r.finish_reason,
+            }),
+        )
+    }
+    fn cancelled(&self, key: usize) -> bool {
+        self.feed.cancelled(key)
+    }
+}
+
+/// A fixed list of requests fed to [`generate_continuous`] in `order`.
+struct VecFeed<'a, 's> {
+    order: std::vec::IntoIter<usize>,
+    seqs: &'a [SeqRequest],
+    out: &'a mut [Option<GenOutput>],
+    sink: TokenSink<'s>,
+    cancelled: CancelCheck<'s>,
+}
+
+impl SeqFeed for VecFeed<'_, '_> {
+    fn next(&mut self) -> Option<(usize, SeqRequest)> {
+        self.order.next().map(|i| (i, self.seqs[i].clone()))
+    }
+    fn piece(&mut self, key: usize, piece: &str) {
+        (self.sink)(key, piece)
+    }
+    fn done(&mut self, key: usize, r: SeqOutput) {
+        self.out[key] = Some(GenOutput {
+            text: r.text,
+            prompt_tokens: self.seqs[key].prompt_ids.len(),
+            completion_tokens: r.ids.len(),
+            finish_reason: r.finish_reason,
+        });
+    }
+    fn cancelled(&self, key: usize) -> bool {
+        (self.cancelled)(key)
     }
 }

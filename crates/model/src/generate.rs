@@ -1,13 +1,19 @@
-//! Batched generation with a KV cache: prompts are left-padded into one batch, each row keeps its
-//! own positions and an attention mask over its real tokens, rows leave the batch as they finish
-//! (end-of-turn token, stop string or length), and every row samples with its own seeded RNG, so
-//! results do not depend on what else is in the batch.
+//! Batched generation with a KV cache, two ways. [`generate_continuous`] (what the local engine
+//! runs): each row in its own slot of a [`SlotCache`], a finished row's slot taken at once by the
+//! next waiting prompt, prompts prefilled without padding, so every answer is the one its prompt
+//! gets alone. [`generate_batch`] (static batches): prompts left-padded into one batch, each row
+//! with its own positions and an attention mask over its real tokens, rows leaving the batch as
+//! they finish (end-of-turn token, stop string or length). Every row samples with its own seeded
+//! RNG. In a static batch the padding moves the sums of the attention softmax in the last bits,
+//! which can flip a near-tied greedy choice on a real model (SmolLM2: 1 of 10 prompts in
+//! `tests/smollm2.rs`); the tiny test models have no such near-ties.
 
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
 use crate::backend::{FinishReason, Sampling};
+use crate::decode::SlotCache;
 use crate::error::{CandleContext, ModelError, Result};
 use crate::llama::{KvCache, Llama, MASK_VALUE};
 use crate::tokenizer::Tok;
@@ -291,48 +297,7 @@ fn run_batch(
                 row.done = Some(FinishReason::Cancelled);
                 continue;
             }
-            let s = &reqs[row.req].sampling;
-            let next = sample(&logits[k], s, &mut row.rng);
-            row.ids.push(next);
-            let stop_token = tok.stop_ids.contains(&next);
-            let gen_ids: &[u32] = if stop_token {
-                &row.ids[..row.ids.len() - 1]
-            } else {
-                &row.ids
-            };
-            let mut text = tok.decode(gen_ids, true)?;
-            let mut finished = None;
-            if let Some(cut) = s
-                .stop
-                .iter()
-                .filter(|st| !st.is_empty())
-                .filter_map(|st| text.find(st.as_str()))
-                .min()
-            {
-                text.truncate(cut);
-                finished = Some(FinishReason::Stop);
-            } else if stop_token {
-                finished = Some(FinishReason::Stop);
-            } else if row.ids.len() >= s.max_new_tokens {
-                finished = Some(FinishReason::Length);
-            }
-            // Stream what is certain: complete characters, not a possible start of a stop string.
-            let safe = if finished.is_some() {
-                text.len()
-            } else if text.ends_with('\u{FFFD}') {
-                row.emitted
-            } else {
-                text.len() - held_back(&text, &s.stop)
-            };
-            if safe > row.emitted
-                && text.is_char_boundary(row.emitted)
-                && text.is_char_boundary(safe)
-            {
-                sink(row.req, &text[row.emitted..safe]);
-                row.emitted = safe;
-            }
-            row.text = text;
-            row.done = finished;
+            next_token(row, &logits[k], &reqs[row.req].sampling, tok, sink)?;
         }
         // Drop finished rows from the batch.
         let keep: Vec<usize> = (0..active.len())
@@ -397,6 +362,285 @@ fn run_batch(
         .map(|(i, o)| o.ok_or_else(|| ModelError::Other(format!("request {i} produced no output"))))
         .collect::<Result<Vec<_>>>()?;
     Ok((out, timing))
+}
+
+/// A source of sequences for [`generate_continuous`] and the receiver of their results, keyed
+/// by the caller's own numbers.
+pub trait SeqFeed {
+    /// The next sequence to start, if one is waiting now; asked whenever a slot is free.
+    /// `None` means none is waiting: the running rows go on, and the feed is asked again at the
+    /// next free slot or step.
+    fn next(&mut self) -> Option<(usize, SeqRequest)>;
+    /// Text decoded for sequence `key`, as soon as it is certain.
+    fn piece(&mut self, key: usize, piece: &str);
+    /// Sequence `key` finished.
+    fn done(&mut self, key: usize, out: SeqOutput);
+    /// Asked before a sequence's prefill and before each of its tokens: `true` stops it with
+    /// what it has ([`FinishReason::Cancelled`]).
+    fn cancelled(&self, key: usize) -> bool {
+        let _ = key;
+        false
+    }
+}
+
+/// A row of the continuous batch: its state, settings, slot and the logits it samples next.
+struct Running {
+    row: Row,
+    sampling: Sampling,
+    slot: usize,
+    logits: Vec<f32>,
+}
+
+/// Continuous batching: up to `max_batch` sequences decode together, each in its own slot of a
+/// [`SlotCache`]; when one finishes, its slot takes the next waiting sequence at once (prefilled
+/// on its own, or with the others of its prompt length that join at the same step, then copied
+/// into the slot) while the other rows go on. No row ever sees padding or another row's keys,
+/// and each samples with its own seeded RNG, so a sequence gets the same tokens as it would
+/// alone ([`generate_batch`] with one request). Returns when no row is running and the feed has
+/// nothing waiting.
+pub fn generate_continuous(
+    model: &Llama,
+    tok: &Tok,
+    max_batch: usize,
+    feed: &mut dyn SeqFeed,
+) -> Result<BatchTiming> {
+    let max_batch = max_batch.max(1);
+    let mut timing = BatchTiming::default();
+    let mut running: Vec<Running> = Vec::new();
+    let mut cache: Option<SlotCache> = None;
+    let mut free: Vec<usize> = Vec::new();
+    loop {
+        // Fill the free slots with waiting sequences; those with nothing to do finish here.
+        let mut joiners: Vec<(usize, SeqRequest)> = Vec::new();
+        let mut drained = false;
+        while running.len() + joiners.len() < max_batch {
+            let Some((key, req)) = feed.next() else {
+                drained = true;
+                break;
+            };
+            if req.prompt_ids.is_empty() {
+                return Err(ModelError::Other(format!(
+                    "request {key}: the prompt has no tokens"
+                )));
+            }
+            let reason = if req.sampling.max_new_tokens == 0 {
+                Some(FinishReason::Length)
+            } else if feed.cancelled(key) {
+                Some(FinishReason::Cancelled)
+            } else {
+                None
+            };
+            match reason {
+                Some(finish_reason) => feed.done(
+                    key,
+                    SeqOutput {
+                        ids: vec![],
+                        text: String::new(),
+                        finish_reason,
+                    },
+                ),
+                None => joiners.push((key, req)),
+            }
+        }
+        if !joiners.is_empty() {
+            let t = Instant::now();
+            let cache = cache.get_or_insert_with(|| {
+                let cap = joiners
+                    .iter()
+                    .map(|(_, r)| r.prompt_ids.len() + r.sampling.max_new_tokens)
+                    .max()
+                    .unwrap_or(1);
+                SlotCache::new(&model.cfg, 0, cap)
+            });
+            // Prompts of one length are prefilled together, without padding: padding would move
+            // the sums of the attention softmax, and with them near-tied greedy choices.
+            joiners.sort_by_key(|(_, r)| r.prompt_ids.len());
+            let mut rest = joiners.as_slice();
+            while let Some((_, first)) = rest.first() {
+                let n = first.prompt_ids.len();
+                let same = rest
+                    .iter()
+                    .take_while(|(_, r)| r.prompt_ids.len() == n)
+                    .count();
+                let (group, tail) = rest.split_at(same);
+                rest = tail;
+                let reqs: Vec<SeqRequest> = group.iter().map(|(_, r)| r.clone()).collect();
+                let (pcache, logits) = prefill(model, &reqs)?;
+                for (j, ((key, req), logits)) in group.iter().zip(logits).enumerate() {
+                    let slot = match free.pop() {
+                        Some(s) => s,
+                        None => cache.add_slot(),
+                    };
+                    cache
+                        .put(slot, &pcache, j, n)
+                        .ctx(|| "joining a prompt to the batch".into())?;
+                    running.push(Running {
+                        row: Row {
+                            req: *key,
+                            ids: Vec::new(),
+                            emitted: 0,
+                            rng: Rng::new(req.sampling.seed),
+                            next_pos: n as u32,
+                            done: None,
+                            text: String::new(),
+                        },
+                        sampling: req.sampling.clone(),
+                        slot,
+                        logits,
+                    });
+                }
+            }
+            timing.prefill += t.elapsed();
+        }
+        let t = Instant::now();
+        // Sample every running row; finished rows hand back their output and free their slot.
+        let mut k = 0;
+        while k < running.len() {
+            let r = &mut running[k];
+            if feed.cancelled(r.row.req) {
+                r.row.done = Some(FinishReason::Cancelled);
+            } else {
+                let mut pieces: Vec<(usize, String)> = Vec::new();
+                next_token(&mut r.row, &r.logits, &r.sampling, tok, &mut |i, p| {
+                    pieces.push((i, p.to_string()))
+                })?;
+                for (i, p) in pieces {
+                    feed.piece(i, &p);
+                }
+            }
+            if let Some(finish_reason) = running[k].row.done {
+                let r = running.swap_remove(k);
+                timing.new_tokens += r.row.ids.len();
+                if let Some(c) = cache.as_mut() {
+                    c.clear(r.slot);
+                }
+                free.push(r.slot);
+                feed.done(
+                    r.row.req,
+                    SeqOutput {
+                        ids: r.row.ids,
+                        text: r.row.text,
+                        finish_reason,
+                    },
+                );
+            } else {
+                k += 1;
+            }
+        }
+        if running.is_empty() {
+            timing.decode += t.elapsed();
+            if drained {
+                break;
+            }
+            continue;
+        }
+        // One decode step for every running row, each in its own slot.
+        let cache = cache.as_mut().expect("rows run in the slot cache");
+        let ids: Vec<u32> = running
+            .iter()
+            .map(|r| *r.row.ids.last().unwrap_or(&0))
+            .collect();
+        let pos: Vec<u32> = running.iter().map(|r| r.row.next_pos).collect();
+        let slots: Vec<usize> = running.iter().map(|r| r.slot).collect();
+        let hidden = model
+            .decode_step_slots(&ids, &pos, &slots, cache)
+            .ctx(|| "decode step".into())?;
+        let logits = model.logits(&hidden)?.squeeze(1)?.to_vec2::<f32>()?; // (B, V)
+        for (r, l) in running.iter_mut().zip(logits) {
+            r.row.next_pos += 1;
+            r.logits = l;
+        }
+        timing.decode_steps += 1;
+        timing.decode += t.elapsed();
+    }
+    Ok(timing)
+}
+
+/// The prefill of left-padded prompts in one batch: the batch's KV cache (its length the
+/// longest prompt) and each row's logits for its first new token.
+fn prefill(model: &Llama, reqs: &[SeqRequest]) -> Result<(KvCache, Vec<Vec<f32>>)> {
+    let b = reqs.len();
+    let l = reqs.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
+    let mut ids = vec![0u32; b * l];
+    let mut pos = vec![0u32; b * l];
+    let mut mask = vec![0f32; b * l * l];
+    let window = model.cfg.sliding_window;
+    for (r, req) in reqs.iter().enumerate() {
+        let pad = l - req.prompt_ids.len();
+        for (j, &id) in req.prompt_ids.iter().enumerate() {
+            ids[r * l + pad + j] = id;
+            pos[r * l + pad + j] = j as u32;
+        }
+        for i in 0..l {
+            for j in 0..l {
+                let hidden = j < pad || j > i || window.is_some_and(|w| i - j.min(i) >= w);
+                if hidden {
+                    mask[(r * l + i) * l + j] = MASK_VALUE;
+                }
+            }
+        }
+    }
+    let dev = Device::Cpu;
+    let mut cache = KvCache::new(&model.cfg, b, l).ctx(|| "allocating the KV cache".into())?;
+    let ids_t = Tensor::from_vec(ids, (b, l), &dev)?;
+    let pos_t = Tensor::from_vec(pos, (b, l), &dev)?;
+    let mask_t = Tensor::from_vec(mask, (b, 1, l, l), &dev)?;
+    let hidden = model
+        .hidden_states(&ids_t, &pos_t, Some(&mask_t), Some(&mut cache))
+        .ctx(|| "prefill".into())?;
+    let last = hidden.narrow(1, l - 1, 1)?; // (B, 1, C)
+    let logits = model.logits(&last)?.squeeze(1)?.to_vec2::<f32>()?; // (B, V)
+    Ok((cache, logits))
+}
+
+/// Samples row `row`'s next token from `logits`, decodes its text, checks the stop token, stop
+/// strings and length, and streams what is certain to `sink` (keyed by `row.req`).
+fn next_token(
+    row: &mut Row,
+    logits: &[f32],
+    s: &Sampling,
+    tok: &Tok,
+    sink: &mut dyn FnMut(usize, &str),
+) -> Result<()> {
+    let next = sample(logits, s, &mut row.rng);
+    row.ids.push(next);
+    let stop_token = tok.stop_ids.contains(&next);
+    let gen_ids: &[u32] = if stop_token {
+        &row.ids[..row.ids.len() - 1]
+    } else {
+        &row.ids
+    };
+    let mut text = tok.decode(gen_ids, true)?;
+    let mut finished = None;
+    if let Some(cut) = s
+        .stop
+        .iter()
+        .filter(|st| !st.is_empty())
+        .filter_map(|st| text.find(st.as_str()))
+        .min()
+    {
+        text.truncate(cut);
+        finished = Some(FinishReason::Stop);
+    } else if stop_token {
+        finished = Some(FinishReason::Stop);
+    } else if row.ids.len() >= s.max_new_tokens {
+        finished = Some(FinishReason::Length);
+    }
+    // Stream what is certain: complete characters, not a possible start of a stop string.
+    let safe = if finished.is_some() {
+        text.len()
+    } else if text.ends_with('\u{FFFD}') {
+        row.emitted
+    } else {
+        text.len() - held_back(&text, &s.stop)
+    };
+    if safe > row.emitted && text.is_char_boundary(row.emitted) && text.is_char_boundary(safe) {
+        sink(row.req, &text[row.emitted..safe]);
+        row.emitted = safe;
+    }
+    row.text = text;
+    row.done = finished;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -39,10 +39,11 @@ pub mod vecmath;
 pub mod weights;
 
 pub use backend::{
-    BackendError, CancelCheck, FinishReason, GenOutput, GenRequest, Generator, Prompt, Sampling,
-    TokenSink,
+    BackendError, CancelCheck, FinishReason, GenOutput, GenRequest, Generator, Prompt, RequestFeed,
+    Sampling, TokenSink,
 };
 pub use config::{Config, HfConfig};
+pub use decode::SlotCache;
 pub use engine::{LoadOptions, LocalEngine};
 pub use error::{ModelError, Result};
 pub use llama::{KvCache, Llama};

@@ -195,3 +195,40 @@ fn truncated_gguf_is_a_clear_error() {
         );
     }
 }
+
+/// Continuous batching on the real model's quantized blocks: ten chat prompts of very different
+/// lengths and answer lengths through a batch of eight (so two prompts take the slots of rows
+/// that finish), each answer the one its prompt gets alone.
+#[test]
+fn continuous_batch_answers_match_one_at_a_time() {
+    let e = engine(true);
+    let prompts = [
+        "Hi",
+        "What is the capital of France?",
+        "Explain, in a few careful sentences, why the sky looks blue during the day and red at sunset, and what Rayleigh scattering has to do with it.",
+        "2+2?",
+        "Write a haiku about the sea.",
+        "How do I sort a list in Python?",
+        "Name a colour.",
+        "Give me three tips for better sleep, each on its own line, with a short reason for every tip.",
+        "Why?",
+        "Translate 'good morning' into French.",
+    ];
+    let reqs: Vec<GenRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| GenRequest {
+            prompt: Prompt::Chat(vec![Message::user(*p)]),
+            sampling: Sampling {
+                max_new_tokens: [3, 24, 6, 16, 2, 20, 9, 12, 5, 18][i],
+                ..Sampling::default()
+            },
+        })
+        .collect();
+    assert!(reqs.len() > e.batch_size);
+    let together = e.generate(&reqs).unwrap();
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = e.generate(std::slice::from_ref(r)).unwrap();
+        assert_eq!(together[i], alone[0], "prompt {i}");
+    }
+}

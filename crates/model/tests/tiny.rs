@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Tensor};
 use safetune_data::Message;
-use safetune_model::generate::{generate_batch, generate_batch_cancellable, SeqRequest};
+use safetune_model::generate::{self, generate_batch, generate_batch_cancellable, SeqRequest};
 use safetune_model::testing::TinyModel;
 use safetune_model::weights::SafetensorsFiles;
 use safetune_model::*;
@@ -531,5 +531,145 @@ fn decode_step_matches_the_tensor_path_with_padding_and_cache_growth() {
             .model
             .decode_step(&[1, 2], &[9, 9], &[0.0; 3], &mut c_raw)
             .is_err());
+    }
+}
+
+/// A fixed list of requests for `generate_continuous` that records when each one starts and
+/// ends, to check that a waiting prompt takes a freed slot while other rows still run.
+struct RecordingFeed {
+    waiting: std::collections::VecDeque<(usize, generate::SeqRequest)>,
+    out: Vec<Option<generate::SeqOutput>>,
+    streamed: Vec<String>,
+    running: usize,
+    most_running: usize,
+    /// Prompts that started while at least one earlier prompt was still running, after some
+    /// prompt had finished: joins into a running batch.
+    joined_running: usize,
+    finished: usize,
+}
+
+impl generate::SeqFeed for RecordingFeed {
+    fn next(&mut self) -> Option<(usize, SeqRequest)> {
+        let item = self.waiting.pop_front()?;
+        if self.finished > 0 && self.running > 0 {
+            self.joined_running += 1;
+        }
+        self.running += 1;
+        self.most_running = self.most_running.max(self.running);
+        Some(item)
+    }
+    fn piece(&mut self, key: usize, piece: &str) {
+        self.streamed[key].push_str(piece);
+    }
+    fn done(&mut self, key: usize, out: generate::SeqOutput) {
+        assert!(self.out[key].is_none(), "request {key} finished twice");
+        self.out[key] = Some(out);
+        self.running -= 1;
+        self.finished += 1;
+    }
+}
+
+#[test]
+fn continuous_batching_refills_freed_slots_and_matches_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, m) in variants() {
+        let mut e = tiny(&dir.path().join(name), m);
+        // No stop tokens: every row runs to its own length, so the lengths below decide when
+        // slots free up (a mix of short and long answers behind long and short prompts).
+        e.tok.stop_ids.clear();
+        let prompts = [
+            "hi",
+            "the quick brown fox jumps over the lazy dog and keeps on running far away",
+            "ok",
+            "0123456789 abc",
+            "a much longer prompt than the others, with many words in it, to make padding matter",
+            "x",
+            "is this ok?",
+            "seven",
+            "what about a medium one",
+            "z z z z z z z z z z z z z z z z",
+            "last",
+        ];
+        let lens = [1usize, 23, 4, 17, 2, 30, 9, 12, 1, 6, 20];
+        let reqs: Vec<SeqRequest> = prompts
+            .iter()
+            .zip(lens)
+            .enumerate()
+            .map(|(i, (p, n))| SeqRequest {
+                prompt_ids: e.tok.encode(p, false).unwrap(),
+                sampling: Sampling {
+                    max_new_tokens: n,
+                    // Rows 2 and 7 sample; the rest are greedy.
+                    temperature: if i % 5 == 2 { 0.9 } else { 0.0 },
+                    seed: i as u64,
+                    ..Sampling::default()
+                },
+            })
+            .collect();
+        let mut feed = RecordingFeed {
+            waiting: reqs.iter().cloned().enumerate().collect(),
+            out: vec![None; reqs.len()],
+            streamed: vec![String::new(); reqs.len()],
+            running: 0,
+            most_running: 0,
+            joined_running: 0,
+            finished: 0,
+        };
+        let timing = generate::generate_continuous(&e.model, &e.tok, 3, &mut feed).unwrap();
+        assert_eq!(
+            feed.most_running, 3,
+            "[{name}] at most the batch size at once"
+        );
+        assert!(
+            feed.joined_running >= 5,
+            "[{name}] waiting prompts join while other rows run: {}",
+            feed.joined_running
+        );
+        let total: usize = lens.iter().sum();
+        assert_eq!(timing.new_tokens, total, "[{name}]");
+        // Fewer decode steps than static batches of 3 would take (each as long as its longest row).
+        let static_steps: usize = lens.chunks(3).map(|c| c.iter().max().unwrap() - 1).sum();
+        assert!(
+            timing.decode_steps < static_steps,
+            "[{name}] {} decode steps, static batches take {static_steps}",
+            timing.decode_steps
+        );
+        for (i, r) in reqs.iter().enumerate() {
+            let got = feed.out[i].as_ref().unwrap();
+            let alone =
+                generate_batch(&e.model, &e.tok, std::slice::from_ref(r), &mut |_, _| {}).unwrap();
+            assert_eq!(got.ids.len(), lens[i], "[{name}] row {i}");
+            assert_eq!(
+                got, &alone[0],
+                "[{name}] row {i}: continuous batch and one at a time differ"
+            );
+            assert_eq!(
+                feed.streamed[i], got.text,
+                "[{name}] row {i}: streamed text"
+            );
+        }
+    }
+}
+
+/// Through the `Generator` trait: more prompts than the batch, chat prompts of very different
+/// lengths, stop tokens kept; each answer as when its prompt is generated alone.
+#[test]
+fn engine_answers_do_not_depend_on_the_batch_they_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = tiny(dir.path(), TinyModel::default());
+    e.batch_size = 2;
+    let reqs: Vec<GenRequest> = (0..7)
+        .map(|i| GenRequest {
+            prompt: Prompt::Chat(vec![Message::user("word ".repeat(1 + 9 * (i % 3)))]),
+            sampling: Sampling {
+                max_new_tokens: 3 + 5 * (i % 4),
+                ..Sampling::default()
+            },
+        })
+        .collect();
+    let together = e.generate(&reqs).unwrap();
+    for (i, r) in reqs.iter().enumerate() {
+        let alone = e.generate(std::slice::from_ref(r)).unwrap();
+        assert_eq!(together[i], alone[0], "request {i}");
     }
 }

@@ -370,3 +370,137 @@ fn a_request_batched_with_a_cancelled_one_is_answered_in_full() {
     );
     h.shutdown().unwrap();
 }
+
+/// The real engine behind `generate_fed`, every token of every row slowed by `step` (through the
+/// feed's cancel check, which the engine asks before each token), counting the steps.
+struct SlowedFed {
+    engine: LocalEngine,
+    step: Duration,
+    steps: AtomicUsize,
+}
+
+struct SlowFeed<'a> {
+    inner: &'a mut dyn safetune_model::RequestFeed,
+    step: Duration,
+    steps: &'a AtomicUsize,
+}
+
+impl safetune_model::RequestFeed for SlowFeed<'_> {
+    fn next(&mut self) -> Option<(usize, GenRequest)> {
+        self.inner.next()
+    }
+    fn piece(&mut self, key: usize, piece: &str) {
+        self.inner.piece(key, piece)
+    }
+    fn done(&mut self, key: usize, out: Result<GenOutput, BackendError>) {
+        self.inner.done(key, out)
+    }
+    fn cancelled(&self, key: usize) -> bool {
+        self.steps.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.step);
+        self.inner.cancelled(key)
+    }
+}
+
+impl Generator for SlowedFed {
+    fn model_id(&self) -> &str {
+        self.engine.model_id()
+    }
+    fn max_batch(&self) -> usize {
+        self.engine.max_batch()
+    }
+    fn generate_streaming(
+        &self,
+        requests: &[GenRequest],
+        sink: TokenSink<'_>,
+    ) -> Result<Vec<GenOutput>, BackendError> {
+        self.engine.generate_streaming(requests, sink)
+    }
+    fn generate_fed(&self, feed: &mut dyn safetune_model::RequestFeed) -> Result<(), BackendError> {
+        let mut slow = SlowFeed {
+            inner: feed,
+            step: self.step,
+            steps: &self.steps,
+        };
+        self.engine.generate_fed(&mut slow)
+    }
+}
+
+/// A request that arrives while another decodes joins the running batch at once (one generator
+/// run serves both) and is answered before the long one ends, with the text each prompt gets
+/// from the engine alone.
+#[test]
+fn a_request_joins_the_running_batch_and_is_answered_first() {
+    let dir = tempfile::tempdir().unwrap();
+    TinyModel::default().write(dir.path()).unwrap();
+    let spec = ModelSpec::parse(dir.path().to_str().unwrap()).unwrap();
+    let load = LoadOptions {
+        batch_size: 2,
+        ..LoadOptions::default()
+    };
+    let mut engine = LocalEngine::load(&spec, &load).unwrap();
+    engine.tok.stop_ids.clear();
+    let alone = |prompt: &str, n: usize| {
+        engine
+            .generate(&[GenRequest {
+                prompt: Prompt::Text(prompt.into()),
+                sampling: Sampling {
+                    max_new_tokens: n,
+                    ..Default::default()
+                },
+            }])
+            .unwrap()
+            .remove(0)
+            .text
+    };
+    let (long_alone, short_alone) = (alone("a long answer", 300), alone("short", 5));
+    // 3 ms a token: the long request takes at least 0.9 s.
+    let g = Arc::new(SlowedFed {
+        engine,
+        step: Duration::from_millis(3),
+        steps: AtomicUsize::new(0),
+    });
+    let h = start(
+        g.clone(),
+        ServeConfig {
+            port: 0,
+            batch_wait_ms: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let url = format!("{}/completions", h.base_url());
+    let post = move |url: String, prompt: &str, n: usize| {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(60)))
+            .proxy(None)
+            .build()
+            .into();
+        let body = serde_json::json!({"prompt": prompt, "max_tokens": n, "temperature": 0});
+        let v: serde_json::Value = agent
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let long = {
+        let url = url.clone();
+        std::thread::spawn(move || post(url, "a long answer", 300))
+    };
+    wait_for("the long request to decode", 10, || {
+        (g.steps.load(Ordering::SeqCst) > 5).then_some(())
+    });
+    let short = post(url, "short", 5);
+    assert!(
+        !long.is_finished(),
+        "the short request waited for the long one to finish"
+    );
+    assert_eq!(short, short_alone);
+    assert_eq!(long.join().unwrap(), long_alone);
+    assert_eq!(h.stats().batches, 1, "one generator run served both");
+    h.shutdown().unwrap();
+}

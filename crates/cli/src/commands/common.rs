@@ -190,17 +190,28 @@ pub fn report_skipped(skipped: &SkipReport, path: &Path) {
     }
 }
 
-/// How a local model's matrices are held (`generate`, `eval`, `serve`).
+/// How a local model's matrices are held: the one definition of the weight flags, flattened
+/// into `generate`, `eval`, `serve` and `utility` (`#[command(flatten)] weights: WeightsArgs`).
+/// A GGUF model decodes on its own quantized blocks by default; `--f32` is the exact
+/// dequantized path; `--quantize q8_0` holds dense weights (a safetensors model, or a GGUF
+/// dequantized first) as Q8_0. `--f32` with `--quantize` is an error naming both. The old
+/// `--quantized` (now the default) is still accepted and changes nothing. Meant to be adopted
+/// by every command that loads a model for inference, beside `tune`'s own precision flags.
 #[derive(Debug, Clone, Args)]
 pub struct WeightsArgs {
-    /// GGUF only: keep weights in their quantized blocks (faster decoding, slightly less exact).
-    #[arg(long)]
+    /// Exact f32 path: dequantize a GGUF model's blocks to f32 (slower decoding). Without it a
+    /// GGUF model decodes on its quantized blocks.
+    #[arg(long = "f32", conflicts_with_all = ["quantize", "quantized"])]
+    pub f32: bool,
+
+    /// Accepted for old command lines: GGUF blocks are kept by default now.
+    #[arg(long, hide = true)]
     pub quantized: bool,
 
     /// Quantize dense f32 weights when loading, after merging any adapter into them (which
     /// this implies): `q8_0`. A safetensors model (e.g. a study's merged aligned model) then
     /// decodes on the fast kernels; greedy answers stay close to the f32 path's, not always
-    /// identical.
+    /// identical. A GGUF model is dequantized first, then quantized to Q8_0.
     #[arg(long, value_name = "FORMAT")]
     pub quantize: Option<QuantizeFormat>,
 }
@@ -217,7 +228,7 @@ impl WeightsArgs {
     /// The load options for these flags, a batch size and an adapter.
     pub fn load_options(&self, batch_size: usize, adapter: &AdapterArgs) -> LoadOptions {
         LoadOptions {
-            quantized: self.quantized,
+            quantized: !self.f32 && self.quantize.is_none(),
             batch_size,
             adapter: adapter.adapter.clone(),
             merge_adapter: adapter.merge_adapter || self.quantize.is_some(),
@@ -327,4 +338,62 @@ pub struct SplitArgs {
     /// Share of each set that goes to the test split.
     #[arg(long, default_value_t = 0.5)]
     pub test_fraction: f64,
+}
+
+#[cfg(test)]
+mod weights_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        weights: WeightsArgs,
+        #[command(flatten)]
+        adapter: AdapterArgs,
+    }
+
+    fn load(args: &[&str]) -> Result<LoadOptions, String> {
+        let argv = std::iter::once("cmd").chain(args.iter().copied());
+        Cmd::try_parse_from(argv)
+            .map(|c| c.weights.load_options(4, &c.adapter))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn gguf_blocks_are_the_default_and_f32_is_the_exact_path() {
+        let default = load(&[]).unwrap();
+        assert!(default.quantized && !default.quantize_dense && !default.merge_adapter);
+        assert_eq!(default.batch_size, 4);
+        let old = load(&["--quantized"]).unwrap();
+        assert!(
+            old.quantized && !old.quantize_dense,
+            "the old flag is a no-op"
+        );
+        let exact = load(&["--f32"]).unwrap();
+        assert!(!exact.quantized && !exact.quantize_dense);
+        let q8 = load(&["--quantize", "q8_0", "--adapter", "a"]).unwrap();
+        assert!(!q8.quantized && q8.quantize_dense && q8.merge_adapter);
+    }
+
+    #[test]
+    fn conflicting_weight_flags_name_both() {
+        for args in [
+            &["--f32", "--quantize", "q8_0"][..],
+            &["--quantize", "q8_0", "--f32"][..],
+            &["--f32", "--quantized"][..],
+        ] {
+            let err = load(args).unwrap_err();
+            let other = if args.contains(&"--quantized") {
+                "--quantized"
+            } else {
+                "--quantize <FORMAT>"
+            };
+            assert!(
+                err.contains("--f32") && err.contains(other),
+                "{args:?}: {err}"
+            );
+        }
+        assert!(load(&["--quantize", "q4_0"]).unwrap_err().contains("q8_0"));
+    }
 }

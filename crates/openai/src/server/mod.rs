@@ -5,9 +5,11 @@
 //! keeps failing for `accept_failure_limit`), one thread per open connection (at most
 //! [`ServeConfig::max_connections`], and [`ServeConfig::max_connections_per_ip`] from one
 //! address; more are answered 503), each reading its requests under read and write deadlines
-//! (see `http`), and one scheduler thread that takes queued jobs, packs them into batches of at
-//! most `max_batch` generation requests (splitting larger jobs, round-robin; waiting up to
-//! `batch_wait_ms` for a batch to fill) and runs them through the generator. The job queue is
+//! (see `http`), and one scheduler thread that waits up to `batch_wait_ms` for queued jobs to
+//! gather, then lets the generator take their generation requests one at a time, round-robin
+//! over the jobs, at most `max_batch` at once (`Generator::generate_fed`: the local engine
+//! batches continuously, so a request queued while others decode joins them at the next step;
+//! see `scheduler`). The job queue is
 //! bounded: when it holds `max_queue` jobs or `max_queued_requests` generation requests, new ones
 //! get `429` with OpenAI's error JSON and a `Retry-After` header. A request over the
 //! per-request limits (prompts, prompts x `n`, prompt tokens, stop-string length) is refused with
@@ -87,9 +89,10 @@ pub struct ServeConfig {
     pub max_prompt_tokens: Option<usize>,
     /// Longest stop sequence accepted, in characters.
     pub max_stop_chars: usize,
-    /// Most generation requests per generator call; `None` uses `generator.max_batch()`.
+    /// Most generation requests decoded at once; `None` uses `generator.max_batch()`.
     pub max_batch: Option<usize>,
-    /// How long the scheduler waits for more requests to fill a batch.
+    /// How long the scheduler waits for more requests to gather before it starts the generator
+    /// (once running, the local engine takes new requests at its next step).
     pub batch_wait_ms: u64,
     /// `max_tokens` when a request gives none: 256 for chat (OpenAI's own default is "up to the
     /// context"), 16 for `/v1/completions` as in OpenAI's API.
@@ -187,7 +190,7 @@ pub struct ServerStats {
     pub queued: usize,
     /// Connections open now (each serving a request or waiting for its next one).
     pub in_flight: usize,
-    /// Generator calls made so far.
+    /// Generator runs started so far (a run takes requests until none waits and none decodes).
     pub batches: u64,
     /// Requests answered 429 because the queue was full.
     pub rejected_queue_full: u64,

@@ -1,23 +1,29 @@
 //! The job queue and the scheduler thread: handlers queue jobs (one per HTTP generation request,
-//! each of one or more generation requests), the scheduler packs them into batches of at most
-//! `max_batch` generation requests (splitting a larger job into parts, served round-robin with
-//! the other jobs), waiting up to `batch_wait_ms` for a batch to fill, runs each batch through
-//! the generator and sends every job its events. A job whose client has gone is dropped before
-//! its next part, and the generator stops decoding its part in flight within a token (the other
-//! jobs of that batch go on).
+//! each of one or more generation requests); the scheduler waits up to `batch_wait_ms` for
+//! requests to gather, then hands the generator a feed of the queue
+//! ([`Generator::generate_fed`]). The generator takes requests one at a time as it has room:
+//! the local engine batches continuously, so a request that arrives while others decode joins
+//! the running batch at its next step, in the slot a finished row left; other generators take
+//! batches of `max_batch`. Requests are taken round-robin over the queued jobs, one at a time,
+//! so one large job does not hold the model while others wait; each finished request goes to its
+//! job at once. A job whose client has gone is dropped before its next request is taken, and the
+//! generator stops decoding its requests in flight within a token (the other jobs go on).
 //!
 //! Adapters: a job names the adapter it was queued for (`None`: the base) and carries that
-//! adapter's generator. A batch holds jobs of one adapter only: requests for different adapters
-//! (or an adapter and the base) never share a forward pass. The first job in the queue picks
-//! the batch's adapter; jobs for other adapters stay queued, in order, for the next batches.
+//! adapter's generator. A run of the generator serves one adapter only: requests for different
+//! adapters (or an adapter and the base) never share a forward pass. The job at the head of the
+//! queue picks the run's adapter; once the head is a job for another adapter the run takes no
+//! more requests, finishes those it runs, and the next run serves that adapter.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use safetune_model::backend::{BackendError, FinishReason, GenOutput, GenRequest, Generator};
+use safetune_model::backend::{
+    BackendError, FinishReason, GenOutput, GenRequest, Generator, RequestFeed,
+};
 
 use super::Shared;
 
@@ -37,16 +43,14 @@ pub(super) type AdapterRef = (String, Arc<dyn Generator>);
 pub(super) enum Event {
     /// Choice `i` (of the whole job) decoded more text (streamed jobs only).
     Piece(usize, String),
-    /// The choices from `start` on, one output per generation request of that part, or the
-    /// part's failure.
+    /// The choices from `start` on (one each), or the failure of choice `start`.
     Part(usize, Result<Vec<GenOutput>, BackendError>),
 }
 
 /// One HTTP generation request: its generation requests (prompts x `n`), handed to the
-/// generator in parts of at most `max_batch`, round-robin with the other jobs, so one large
-/// job does not hold the model while others wait. Once `cancel` is set (the client went away,
-/// or a part failed) its remaining parts are dropped and the generator stops decoding the part
-/// in flight, if it can.
+/// generator one at a time, round-robin with the other jobs. Once `cancel` is set (the client
+/// went away, or a request failed) its remaining requests are dropped and the generator stops
+/// decoding those in flight, if it can.
 pub(super) struct Job {
     pub(super) requests: VecDeque<GenRequest>,
     /// Index (in the job) of the first request still in `requests`.
@@ -62,16 +66,6 @@ impl Job {
     fn adapter_name(&self) -> Option<&str> {
         self.adapter.as_ref().map(|(n, _)| n.as_str())
     }
-}
-
-/// A part of a job in a batch.
-struct Part {
-    requests: Vec<GenRequest>,
-    start: usize,
-    stream: bool,
-    events: mpsc::Sender<Event>,
-    cancel: Arc<AtomicBool>,
-    adapter: Option<AdapterRef>,
 }
 
 pub(super) enum EnqueueError {
@@ -118,94 +112,84 @@ impl Shared {
     }
 }
 
-/// The scheduler thread: runs batches until the queue is closed and empty.
+/// The scheduler thread: runs the generator over the queue until it is closed and empty.
 pub(super) fn run(shared: &Shared, base: Arc<dyn Generator>) {
-    while let Some(batch) = take_batch(shared) {
-        // Every part of a batch asked for the same adapter.
-        let generator = match batch.first().and_then(|p| p.adapter.as_ref()) {
+    while let Some(adapter) = wait_for_work(shared) {
+        let generator = match &adapter {
             Some((_, g)) => g.clone(),
             None => base.clone(),
         };
-        run_batch(shared, generator.as_ref(), batch);
+        shared.batches.fetch_add(1, Ordering::SeqCst);
+        let mut feed = QueueFeed {
+            shared,
+            adapter: adapter.map(|(name, _)| name),
+            in_flight: HashMap::new(),
+            next_key: 0,
+        };
+        let result =
+            std::panic::catch_unwind(AssertUnwindSafe(|| generator.generate_fed(&mut feed)));
+        let failure = match result {
+            Ok(Ok(())) => BackendError::Other("the generator returned no output".into()),
+            Ok(Err(e)) => e,
+            Err(_) => BackendError::Other("the generator panicked".into()),
+        };
+        // Requests the generator took and never finished get its failure.
+        for (_, t) in feed.in_flight.drain() {
+            let _ = t.events.send(Event::Part(t.index, Err(failure.clone())));
+        }
     }
 }
 
-/// Blocks for the next batch: parts of the queued jobs for one adapter (the first job's) while
-/// they fit, waiting up to `batch_wait_ms` to fill. A job that fits whole goes whole; the first
-/// job of a batch gives at most `max_batch` requests, and if it has more it goes to the back of
-/// the queue. Jobs for other adapters are passed over and keep their place. Cancelled jobs are
-/// dropped. `None` once the queue is closed and empty.
-fn take_batch(shared: &Shared) -> Option<Vec<Part>> {
+/// Drops the cancelled and emptied jobs of the queue, counting their requests as cancelled.
+fn drop_cancelled(shared: &Shared, q: &mut Queue) {
+    let mut i = 0;
+    while i < q.jobs.len() {
+        let job = &q.jobs[i];
+        if job.cancel.load(Ordering::SeqCst) || job.requests.is_empty() {
+            let dropped = q.jobs.remove(i).expect("index in range");
+            q.pending -= dropped.requests.len();
+            shared
+                .cancelled
+                .fetch_add(dropped.requests.len() as u64, Ordering::SeqCst);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// Blocks until there is work: the adapter of the job at the head of the queue, once
+/// `max_batch` requests for it are queued, `batch_wait_ms` has passed since it was seen, or the
+/// queue is closing. `None` once the queue is closed and empty.
+fn wait_for_work(shared: &Shared) -> Option<Option<AdapterRef>> {
     let wait = Duration::from_millis(shared.config.batch_wait_ms);
-    let max = shared.max_batch;
-    let mut batch: Vec<Part> = Vec::new();
-    // The adapter of this batch, once its first part is taken.
-    let mut adapter: Option<Option<String>> = None;
     let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
     let mut deadline: Option<Instant> = None;
-    let mut size = 0usize;
     loop {
-        let mut i = 0;
-        while i < q.jobs.len() {
-            let job = &q.jobs[i];
-            if job.cancel.load(Ordering::SeqCst) || job.requests.is_empty() {
-                let dropped = q.jobs.remove(i).expect("index in range");
-                q.pending -= dropped.requests.len();
-                shared
-                    .cancelled
-                    .fetch_add(dropped.requests.len() as u64, Ordering::SeqCst);
-                continue;
-            }
-            if adapter
-                .as_ref()
-                .is_some_and(|a| a.as_deref() != job.adapter_name())
-            {
-                i += 1;
-                continue;
-            }
-            let left = job.requests.len();
-            if !batch.is_empty() && size + left > max {
-                break;
-            }
-            let take = left.min(max - size);
-            let job = &mut q.jobs[i];
-            let requests: Vec<GenRequest> = job.requests.drain(..take).collect();
-            batch.push(Part {
-                requests,
-                start: job.next,
-                stream: job.stream,
-                events: job.events.clone(),
-                cancel: job.cancel.clone(),
-                adapter: job.adapter.clone(),
-            });
-            adapter = Some(job.adapter_name().map(String::from));
-            job.next += take;
-            size += take;
-            q.pending -= take;
-            let job = q.jobs.remove(i).expect("index in range");
-            if !job.requests.is_empty() {
-                q.jobs.push_back(job);
-                break;
-            }
-            if size >= max {
-                break;
-            }
-        }
-        if batch.is_empty() {
-            if q.closing && q.jobs.is_empty() {
+        drop_cancelled(shared, &mut q);
+        let Some(head) = q.jobs.front() else {
+            if q.closing {
                 return None;
             }
+            deadline = None;
             q = shared
                 .wake
                 .wait_timeout(q, Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
             continue;
-        }
+        };
+        let adapter = head.adapter.clone();
+        let name = head.adapter_name().map(String::from);
+        let ready: usize = q
+            .jobs
+            .iter()
+            .filter(|j| j.adapter_name() == name.as_deref())
+            .map(|j| j.requests.len())
+            .sum();
         let now = Instant::now();
         let deadline = *deadline.get_or_insert(now + wait);
-        if size >= max || !q.jobs.is_empty() || now >= deadline || q.closing {
-            return Some(batch);
+        if ready >= shared.max_batch || now >= deadline || q.closing {
+            return Some(adapter);
         }
         q = shared
             .wake
@@ -215,88 +199,85 @@ fn take_batch(shared: &Shared) -> Option<Vec<Part>> {
     }
 }
 
-fn run_batch(shared: &Shared, generator: &dyn Generator, batch: Vec<Part>) {
-    shared.batches.fetch_add(1, Ordering::SeqCst);
-    match generate(generator, &batch) {
-        Ok(outs) => {
-            let mut outs = outs.into_iter();
-            for part in &batch {
-                let mine: Vec<GenOutput> = outs.by_ref().take(part.requests.len()).collect();
-                // Stopped mid-decode because the client went away: no one waits for these.
-                let stopped = mine
-                    .iter()
-                    .filter(|o| o.finish_reason == FinishReason::Cancelled)
-                    .count();
-                if stopped > 0 {
-                    shared.cancelled.fetch_add(stopped as u64, Ordering::SeqCst);
-                    continue;
-                }
-                let _ = part.events.send(Event::Part(part.start, Ok(mine)));
-            }
-        }
-        // One request's own fault (too long, bad settings) must not fail the others it was
-        // batched with: run each part alone so only the faulty one gets the 400.
-        Err(BackendError::Invalid(_)) if batch.len() > 1 => {
-            for part in batch {
-                run_batch(shared, generator, vec![part]);
-            }
-        }
-        Err(e) => {
-            for part in &batch {
-                let _ = part
-                    .events
-                    .send(Event::Part(part.start, Err(copy_error(&e))));
-            }
-        }
-    }
+/// Where a request taken by the generator sends its text and result.
+struct Taken {
+    /// Its index among its job's choices.
+    index: usize,
+    stream: bool,
+    events: mpsc::Sender<Event>,
+    cancel: Arc<AtomicBool>,
 }
 
-/// One generator call for every request of `batch`, streaming pieces to the jobs that asked for
-/// them; a panic or a wrong number of outputs becomes an error.
-fn generate(generator: &dyn Generator, batch: &[Part]) -> Result<Vec<GenOutput>, BackendError> {
-    // Flatten, remembering which part and choice (in its job) each request belongs to.
-    let mut requests = Vec::new();
-    let mut owner: Vec<(usize, usize)> = Vec::new();
-    for (j, part) in batch.iter().enumerate() {
-        for (i, r) in part.requests.iter().enumerate() {
-            requests.push(r.clone());
-            owner.push((j, part.start + i));
-        }
-    }
-    let mut sink = |idx: usize, piece: &str| {
-        if let Some(&(j, i)) = owner.get(idx) {
-            let job = &batch[j];
-            if job.stream && !piece.is_empty() {
-                let _ = job.events.send(Event::Piece(i, piece.to_string()));
-            }
-        }
-    };
-    // Polled by the generator between decode steps: a job whose client went away stops there.
-    let cancelled = |idx: usize| {
-        owner
-            .get(idx)
-            .is_some_and(|&(j, _)| batch[j].cancel.load(Ordering::SeqCst))
-    };
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        generator.generate_cancellable(&requests, &mut sink, &cancelled)
-    }));
-    match result {
-        Ok(Ok(outs)) if outs.len() == requests.len() => Ok(outs),
-        Ok(Ok(outs)) => Err(BackendError::Other(format!(
-            "the generator returned {} outputs for {} requests",
-            outs.len(),
-            requests.len()
-        ))),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(BackendError::Other("the generator panicked".into())),
-    }
+/// The queue as the generator sees it during one run: requests of the run's adapter, one at a
+/// time, round-robin over the jobs, while the head of the queue is a job for that adapter.
+struct QueueFeed<'a> {
+    shared: &'a Shared,
+    adapter: Option<String>,
+    in_flight: HashMap<usize, Taken>,
+    next_key: usize,
 }
 
-/// `BackendError` is not `Clone`; every job of a failed batch gets its own copy.
-fn copy_error(e: &BackendError) -> BackendError {
-    match e {
-        BackendError::Invalid(m) => BackendError::Invalid(m.clone()),
-        BackendError::Unavailable(m) => BackendError::Unavailable(m.clone()),
-        BackendError::Other(m) => BackendError::Other(m.clone()),
+impl RequestFeed for QueueFeed<'_> {
+    fn next(&mut self) -> Option<(usize, GenRequest)> {
+        // The server's own cap on requests decoded together (`max_batch`).
+        if self.in_flight.len() >= self.shared.max_batch {
+            return None;
+        }
+        let mut q = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+        drop_cancelled(self.shared, &mut q);
+        let job = q.jobs.front_mut()?;
+        if job.adapter_name() != self.adapter.as_deref() {
+            return None;
+        }
+        let request = job.requests.pop_front()?;
+        let taken = Taken {
+            index: job.next,
+            stream: job.stream,
+            events: job.events.clone(),
+            cancel: job.cancel.clone(),
+        };
+        job.next += 1;
+        q.pending -= 1;
+        // Round-robin: a job with more requests goes to the back of the queue.
+        let job = q.jobs.pop_front().expect("the front job");
+        if !job.requests.is_empty() {
+            q.jobs.push_back(job);
+        }
+        let key = self.next_key;
+        self.next_key += 1;
+        self.in_flight.insert(key, taken);
+        Some((key, request))
+    }
+
+    fn piece(&mut self, key: usize, piece: &str) {
+        if let Some(t) = self.in_flight.get(&key) {
+            if t.stream && !piece.is_empty() {
+                let _ = t.events.send(Event::Piece(t.index, piece.to_string()));
+            }
+        }
+    }
+
+    fn done(&mut self, key: usize, out: Result<GenOutput, BackendError>) {
+        let Some(t) = self.in_flight.remove(&key) else {
+            return;
+        };
+        match out {
+            // Stopped mid-decode because the client went away: no one waits for it.
+            Ok(o) if o.finish_reason == FinishReason::Cancelled => {
+                self.shared.cancelled.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(o) => {
+                let _ = t.events.send(Event::Part(t.index, Ok(vec![o])));
+            }
+            Err(e) => {
+                let _ = t.events.send(Event::Part(t.index, Err(e)));
+            }
+        }
+    }
+
+    fn cancelled(&self, key: usize) -> bool {
+        self.in_flight
+            .get(&key)
+            .is_some_and(|t| t.cancel.load(Ordering::SeqCst))
     }
 }

@@ -1,0 +1,230 @@
+//! The study's generation, timed (issue 15, item 4): the quickstart's generate steps (its
+//! benchmarks, their seeded test-split samples, max new tokens and the study's batch of 32) on
+//! one model, loaded as the study loads it, in three ways, alternated run by run:
+//!
+//! - `f32-static`: `[generation] weights = "f32"`, static batches (the path as issue 15 found it);
+//! - `q8_0-static`: `weights = "quantized"` (dense weights to Q8_0 at load), static batches;
+//! - `q8_0-continuous`: the same weights, continuous batching (the engine's default).
+//!
+//! Then the same prompts at batch 8 (more prompts than the batch, where continuous batching can
+//! refill slots), Q8_0 static against continuous. Static batches are selected with
+//! `SAFETUNE_BATCHING=static`. Prints the CPU model, its ISA, every run, the medians, the
+//! ratios, and whether the static and continuous answers are identical (greedy). Not run by CI.
+//!
+//!     cargo run --release -p safetune --example study_generation -- MODEL [RUNS]
+//!
+//! MODEL: e.g. a quickstart study's merged aligned model, `STUDY/steps/align-*/merged`; RUNS
+//! (default 3) alternated runs of each way. `bench/study_generation.sh` builds and runs it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use safetune_data::prompts::PromptSet;
+use safetune_data::Message;
+use safetune_model::backend::{GenRequest, Generator, Prompt, Sampling};
+use safetune_model::{LocalEngine, ModelSpec};
+use safetune_study::config::{GenWeights, StudyConfig};
+use safetune_study::plan::{plan, select_prompts};
+use safetune_study::stages::study_load_options;
+use safetune_study::step::StepSpec;
+
+/// The generate calls of the quickstart's generate steps of one condition: per benchmark, its
+/// prompts in chunks of the generator's batch, as `GenerateStage` sends them.
+fn steps() -> anyhow::Result<Vec<Vec<GenRequest>>> {
+    let cfg = StudyConfig::parse(
+        safetune_study::quickstart::FULL,
+        Path::new("examples/quickstart.toml"),
+    )?;
+    let p = plan(&cfg)?;
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for step in &p.steps {
+        let StepSpec::Generate {
+            benchmark,
+            sampling,
+        } = &step.spec
+        else {
+            continue;
+        };
+        if seen.contains(&benchmark.name) {
+            continue;
+        }
+        seen.push(benchmark.name.clone());
+        let set = PromptSet::load(&benchmark.source, None)?;
+        let prompts = select_prompts(&set, benchmark);
+        let s = Sampling {
+            max_new_tokens: sampling.max_new_tokens,
+            temperature: sampling.temperature,
+            seed: sampling.seed,
+            ..Default::default()
+        };
+        out.push(
+            prompts
+                .items
+                .iter()
+                .map(|i| GenRequest {
+                    prompt: Prompt::Chat(vec![Message::user(i.prompt.clone())]),
+                    sampling: s.clone(),
+                })
+                .collect(),
+        );
+    }
+    Ok(out)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn isa() -> String {
+    let mut f = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            f.push("avx2");
+        }
+        if is_x86_feature_detected!("fma") {
+            f.push("fma");
+        }
+        if is_x86_feature_detected!("avxvnni") {
+            f.push("avxvnni");
+        }
+        if is_x86_feature_detected!("avx512f") {
+            f.push("avx512f");
+        }
+        if is_x86_feature_detected!("avx512vnni") {
+            f.push("avx512vnni");
+        }
+    }
+    if f.is_empty() {
+        "none of avx2/avx512".into()
+    } else {
+        f.join(" ")
+    }
+}
+
+/// Share of equal answers. Static batches prefill left-padded prompts together, which moves the
+/// attention softmax's sums and can flip near-tied greedy choices; continuous batching prefills
+/// without padding and gives each prompt the answer it gets alone.
+fn identical(a: &[String], b: &[String]) -> f64 {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    same as f64 / a.len().max(1) as f64
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One timed pass over every step: rows per second and the answers.
+fn pass(
+    engine: &LocalEngine,
+    steps: &[Vec<GenRequest>],
+    continuous: bool,
+) -> anyhow::Result<(f64, Vec<String>)> {
+    std::env::set_var(
+        "SAFETUNE_BATCHING",
+        if continuous { "continuous" } else { "static" },
+    );
+    let t = Instant::now();
+    let mut texts = Vec::new();
+    let mut rows = 0usize;
+    for reqs in steps {
+        for chunk in reqs.chunks(engine.max_batch().max(1)) {
+            texts.extend(engine.generate(chunk)?.into_iter().map(|o| o.text));
+            rows += chunk.len();
+        }
+    }
+    Ok((rows as f64 / t.elapsed().as_secs_f64(), texts))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let model = args
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("usage: study_generation MODEL [RUNS]"))?;
+    let runs: usize = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(3);
+    let spec = ModelSpec::parse(model)?;
+    let steps = steps()?;
+    let rows: usize = steps.iter().map(Vec::len).sum();
+    let new_tokens = steps
+        .first()
+        .and_then(|s| s.first())
+        .map(|r| r.sampling.max_new_tokens);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("cpu: {} ({threads} threads)", cpu_model());
+    println!("isa: {}", isa());
+    println!("model: {model}");
+    println!(
+        "quickstart generate steps of one condition: {} steps, {rows} rows, max_new_tokens {new_tokens:?}, batch {}",
+        steps.len(),
+        study_load_options(None, GenWeights::Quantized).batch_size
+    );
+    let load = |w: GenWeights| -> anyhow::Result<LocalEngine> {
+        Ok(LocalEngine::load(
+            &spec,
+            &study_load_options(None::<&PathBuf>, w),
+        )?)
+    };
+    let f32_engine = load(GenWeights::F32)?;
+    let mut q8 = load(GenWeights::Quantized)?;
+    // Warm-up (page-in, thread pool).
+    pass(&q8, &steps[..1], true)?;
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    let mut same = 0.0;
+    for run in 0..runs {
+        let (ra, _) = pass(&f32_engine, &steps, false)?;
+        let (rb, tb) = pass(&q8, &steps, false)?;
+        let (rc, tc) = pass(&q8, &steps, true)?;
+        same = identical(&tb, &tc);
+        println!(
+            "run {run}: f32-static {ra:.2} rows/s, q8_0-static {rb:.2}, q8_0-continuous {rc:.2}"
+        );
+        a.push(ra);
+        b.push(rb);
+        c.push(rc);
+    }
+    let (ma, mb, mc) = (median(&a), median(&b), median(&c));
+    println!("median rows/s over {runs} runs (batch 32, the study's settings):");
+    println!("  (a) f32-static       {ma:.2}");
+    println!("  (b) q8_0-static      {mb:.2}  ({:.2}x a)", mb / ma);
+    println!(
+        "  (c) q8_0-continuous  {mc:.2}  ({:.2}x a; target 5x)",
+        mc / ma
+    );
+    println!("  share of identical answers, static against continuous: {same:.3}");
+
+    // More prompts than the batch: all rows in one call at batch 8.
+    q8.batch_size = 8;
+    let all: Vec<Vec<GenRequest>> = vec![steps.concat()];
+    let (mut d, mut e) = (Vec::new(), Vec::new());
+    let mut same8 = 0.0;
+    for run in 0..runs {
+        let (rd, td) = pass(&q8, &all, false)?;
+        let (re, te) = pass(&q8, &all, true)?;
+        same8 = identical(&td, &te);
+        println!("batch 8, run {run}: q8_0-static {rd:.2} rows/s, q8_0-continuous {re:.2}");
+        d.push(rd);
+        e.push(re);
+    }
+    let (md, me) = (median(&d), median(&e));
+    println!("median rows/s over {runs} runs ({rows} rows in one call, batch 8):");
+    println!("  q8_0-static      {md:.2}");
+    println!("  q8_0-continuous  {me:.2}  ({:.2}x static)", me / md);
+    println!("  share of identical answers, static against continuous: {same8:.3}");
+    Ok(())
+}
