@@ -487,6 +487,9 @@ fn bf16_is_refused_without_its_instructions_before_loading() {
         assert!(!o.status.success() && err.contains("AMX-BF16"), "{err}");
         assert!(!out.exists());
     }
+}
+
+/// `tune --quantized` trains an adapter on a quantized base; with `--full` it is refused.
 #[test]
 fn quantized_trains_an_adapter_and_refuses_full_fine_tuning() {
     let f = fixture();
