@@ -158,6 +158,10 @@ const NO_ANCHOR: Map1 =
     Map1::Refused("anchored tuning (a KL term to a reference model) is safetune-train's own");
 const NO_CHUNK: Map1 = Map1::Refused("a setting of safetune-train's fused loss kernel");
 
+const NO_QUANTIZED: Map1 = Map1::Refused(
+    "safetune-train's GGUF-block base; set the trainer's own quantization in backend_settings (LLaMA-Factory `quantization_bit`, Axolotl `load_in_4bit`/`load_in_8bit`, TRL `load_in_4bit`)",
+);
+
 const fn row(setting: &'static str, always: bool, lf: Map1, ax: Map1, trl: Map1) -> MapRow {
     MapRow {
         setting,
@@ -321,6 +325,7 @@ pub const MAPPING: &[MapRow] = &[
         K("gradient_checkpointing"),
     ),
     row("bf16", false, K("bf16"), K("bf16"), K("bf16")),
+    row("quantized", false, NO_QUANTIZED, NO_QUANTIZED, NO_QUANTIZED),
     row("anchor", false, NO_ANCHOR, NO_ANCHOR, NO_ANCHOR),
     row("anchor_beta", false, NO_ANCHOR, NO_ANCHOR, NO_ANCHOR),
     row("anchor_data", false, NO_ANCHOR, NO_ANCHOR, NO_ANCHOR),
