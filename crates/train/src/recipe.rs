@@ -564,6 +564,12 @@ pub fn run(
     started: Instant,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<TuneSummary> {
+    // The products' precision is a process-wide switch: set it from this run's config here too,
+    // for callers that prepare and run without `tune` (the study's train steps).
+    crate::ops::set_bf16(cfg.bf16).map_err(|message| TrainError::Config {
+        origin: "bf16".into(),
+        message,
+    })?;
     let out = cfg.output.clone();
     let vars: Vec<Var> = p.model.params.iter().map(|x| x.var.clone()).collect();
     let mut opt = AdamW::new(

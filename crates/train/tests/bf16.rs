@@ -86,6 +86,26 @@ fn bf16_training_tracks_f32_and_is_refused_without_the_instruction() {
         }
         // The products really ran in bf16: the losses are not the f32 ones.
         assert_ne!(f32_losses, bf16_losses, "{tag}: bf16 changed nothing");
+        // The study's path (`prepare` then `run`, without `tune`) honours `bf16` too, even when
+        // the switch was left off by an f32 run before it.
+        ops::set_bf16(false).unwrap();
+        let mut via_run = b.clone();
+        via_run.output = dir.path().join(format!("{tag}-prepared"));
+        std::fs::create_dir_all(&via_run.output).unwrap();
+        let prepared = safetune_train::recipe::prepare(&via_run).unwrap();
+        let run_losses: Vec<f64> = safetune_train::recipe::run(
+            &via_run,
+            &RunOptions::default(),
+            prepared,
+            std::time::Instant::now(),
+            &mut |_| {},
+        )
+        .unwrap()
+        .losses
+        .into_iter()
+        .map(|x| x.1)
+        .collect();
+        assert_eq!(run_losses, bf16_losses, "{tag}: prepare + run ignored bf16");
         // And training still learns.
         assert!(
             bf16_losses.last().unwrap() < &(bf16_losses[0] * 0.9),
