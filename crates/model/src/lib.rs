@@ -17,6 +17,7 @@
 pub mod adapter;
 pub mod backend;
 pub mod bench;
+pub mod bf16;
 pub mod bert;
 pub mod config;
 mod decode;
@@ -26,6 +27,7 @@ pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod isa;
 pub mod job;
 pub mod llama;
 pub mod pool;
