@@ -392,7 +392,14 @@ fn generate_bf16_writes_rows_on_amx_and_is_refused_before_loading_elsewhere() {
     .unwrap();
     let gen = |isa: &str, extra: &[&str], out: &Path| -> Output {
         let mut args = vec!["generate", "--model", s(&base), "--adapter", s(&random)];
-        args.extend(["--prompts", s(&prompts), "-o", s(out), "--max-new-tokens", "6"]);
+        args.extend([
+            "--prompts",
+            s(&prompts),
+            "-o",
+            s(out),
+            "--max-new-tokens",
+            "6",
+        ]);
         args.extend(extra);
         Command::new(env!("CARGO_BIN_EXE_safetune"))
             .env("SAFETUNE_ISA", isa)
@@ -417,7 +424,11 @@ fn generate_bf16_writes_rows_on_amx_and_is_refused_before_loading_elsewhere() {
     assert!(!out.exists());
 
     // --bf16 with --f32: clap's usage error, naming both.
-    let o = gen("auto", &["--bf16", "--f32"], &root.path().join("both.jsonl"));
+    let o = gen(
+        "auto",
+        &["--bf16", "--f32"],
+        &root.path().join("both.jsonl"),
+    );
     let err = text(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("--bf16") && err.contains("--f32"), "{err}");
@@ -457,9 +468,14 @@ fn generate_bf16_writes_rows_on_amx_and_is_refused_before_loading_elsewhere() {
             "bf16 {rows:?} f32 {want:?}"
         );
     } else {
-        eprintln!("could not run generate --bf16: this CPU or OS lacks AMX-BF16 (tested the refusal)");
+        eprintln!(
+            "could not run generate --bf16: this CPU or OS lacks AMX-BF16 (tested the refusal)"
+        );
         assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(err.contains("AMX-BF16") && err.contains("tdpbf16ps"), "{err}");
+        assert!(
+            err.contains("AMX-BF16") && err.contains("tdpbf16ps"),
+            "{err}"
+        );
         assert!(!out.exists());
     }
 }

@@ -234,7 +234,10 @@ pub unsafe fn pack_a(m: usize, k: usize, a: MatRef) -> PackedA {
         // Decoding: a few rows, not worth waking rayon's threads.
         data.chunks_mut(kp).take(m).enumerate().for_each(pack_row);
     } else {
-        data.par_chunks_mut(kp).take(m).enumerate().for_each(pack_row);
+        data.par_chunks_mut(kp)
+            .take(m)
+            .enumerate()
+            .for_each(pack_row);
     }
     PackedA { data, mp, kp }
 }

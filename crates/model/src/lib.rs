@@ -17,8 +17,8 @@
 pub mod adapter;
 pub mod backend;
 pub mod bench;
-pub mod bf16;
 pub mod bert;
+pub mod bf16;
 pub mod config;
 mod decode;
 pub mod engine;

@@ -498,7 +498,11 @@ impl Module for Linear {
             // The same for bf16: the rounded weight as f32 keeps the graph connected.
             LinearWeight::Bf16(m) if x2.track_op() => x2.matmul(&m.to_tensor()?.t()?)?,
             LinearWeight::Bf16(m) => {
-                let rows = x2.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                let rows = x2
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
                 Tensor::from_vec(m.matmul(&rows, lead)?, (lead, self.out_dim), x2.device())?
             }
         };

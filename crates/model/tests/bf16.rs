@@ -8,7 +8,7 @@ use candle_core::{Device, Module, Tensor, Var};
 use safetune_model::bf16::{self, round_to_bf16, Bf16Kernel, Bf16Matrix};
 use safetune_model::generate::{generate_batch, SeqRequest};
 use safetune_model::testing::TinyModel;
-use safetune_model::weights::{Lora, Linear, LinearWeight};
+use safetune_model::weights::{Linear, LinearWeight, Lora};
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec, Sampling};
 
 /// The kernel the layers run on here: AMX where the CPU has it, else the emulation.
@@ -135,7 +135,10 @@ fn a_bf16_layer_computes_the_rounded_product() {
             let emu = m.matmul_with(Bf16Kernel::Emulated, &x, rows);
             let got = m.matmul(&x, rows).unwrap();
             for (e, g) in emu.iter().zip(&got) {
-                assert!((e - g).abs() as f64 <= tol, "emulated {e} vs {kernel:?} {g}");
+                assert!(
+                    (e - g).abs() as f64 <= tol,
+                    "emulated {e} vs {kernel:?} {g}"
+                );
             }
             if inp >= 64 {
                 assert!(f32_differs, "({rows}, {inp}): indistinguishable from f32");
@@ -222,7 +225,10 @@ fn the_tiny_model_in_bf16_tracks_f32_and_generates() {
             assert!(!batched[i].ids.is_empty(), "{name} row {i}: no tokens");
             let alone =
                 generate_batch(&b.model, &b.tok, std::slice::from_ref(r), &mut |_, _| {}).unwrap();
-            assert_eq!(batched[i].ids, alone[0].ids, "{name} row {i}: batched and alone differ");
+            assert_eq!(
+                batched[i].ids, alone[0].ids,
+                "{name} row {i}: batched and alone differ"
+            );
             println!(
                 "{name} row {i}: bf16 {:?} f32 {:?}",
                 batched[i].ids, exact[i].ids
