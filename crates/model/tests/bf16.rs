@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Module, Tensor, Var};
 use safetune_model::bf16::{self, round_to_bf16, Bf16Kernel, Bf16Matrix};
-use safetune_model::generate::{generate_batch, SeqRequest};
+use safetune_model::generate::{generate_batch, Rng, SeqRequest};
 use safetune_model::testing::TinyModel;
 use safetune_model::weights::{Linear, LinearWeight, Lora};
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec, Sampling};
@@ -22,15 +22,11 @@ fn choose_kernel() -> Bf16Kernel {
     }
 }
 
+/// `n` values uniform in [-1, 1).
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = Rng::new(seed);
     (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
+        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
         .collect()
 }
 
