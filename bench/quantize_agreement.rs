@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use safetune_data::prompts::PromptSet;
 use safetune_model::backend::{GenRequest, Generator, Prompt, Sampling};
+use safetune_model::bench::cpu_model;
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
 use serde_json::json;
 
@@ -51,18 +52,6 @@ fn agreement(exact: &Run, other: &Run) -> (f64, f64) {
         identical += usize::from(exact.1[i] == other.1[i]);
     }
     (prefix_sum as f64 / n as f64, identical as f64 / n as f64)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn main() -> anyhow::Result<()> {
