@@ -22,6 +22,7 @@ use std::time::Instant;
 use safetune_data::prompts::PromptSet;
 use safetune_data::Message;
 use safetune_model::backend::{GenRequest, Generator, Prompt, Sampling};
+use safetune_model::bench::cpu_model;
 use safetune_model::{LocalEngine, ModelSpec};
 use safetune_study::config::{GenWeights, StudyConfig};
 use safetune_study::plan::{plan, select_prompts};
@@ -70,18 +71,6 @@ fn steps() -> anyhow::Result<Vec<Vec<GenRequest>>> {
         );
     }
     Ok(out)
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn isa() -> String {

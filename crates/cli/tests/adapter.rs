@@ -374,3 +374,108 @@ fn serve_lora_answers_each_name_like_generate_with_or_without_the_adapter() {
     assert!(unknown.contains("model_not_found"), "{unknown}");
     assert!(load.contains("unknown_url"), "{load}");
 }
+
+/// `generate --bf16` (here with an adapter, which it merges): where this CPU has AMX-BF16 it
+/// writes every row, and its greedy answers track the f32 merged path's; with
+/// `SAFETUNE_ISA=avx2` (or `scalar`), or on a CPU without AMX-BF16, it stops before loading
+/// with a message naming AMX-BF16 and writes nothing; `--bf16 --f32` is a usage error naming
+/// both flags.
+#[test]
+fn generate_bf16_writes_rows_on_amx_and_is_refused_before_loading_elsewhere() {
+    let root = tempfile::tempdir().unwrap();
+    let (base, _, random) = setup(root.path());
+    let prompts = root.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"id\":\"a\",\"prompt\":\"hello there\"}\n{\"id\":\"b\",\"prompt\":\"is this ok?\"}\n",
+    )
+    .unwrap();
+    let gen = |isa: &str, extra: &[&str], out: &Path| -> Output {
+        let mut args = vec!["generate", "--model", s(&base), "--adapter", s(&random)];
+        args.extend([
+            "--prompts",
+            s(&prompts),
+            "-o",
+            s(out),
+            "--max-new-tokens",
+            "6",
+        ]);
+        args.extend(extra);
+        Command::new(env!("CARGO_BIN_EXE_safetune"))
+            .env("SAFETUNE_ISA", isa)
+            .args(&args)
+            .output()
+            .expect("run safetune")
+    };
+    let text = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // Forced below AVX-512: refused before the model loads, naming AMX-BF16.
+    let narrow = if safetune_model::isa::Isa::Avx2Fma.available() {
+        "avx2"
+    } else {
+        "scalar"
+    };
+    let out = root.path().join("narrow.jsonl");
+    let o = gen(narrow, &["--bf16"], &out);
+    let err = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("--bf16") && err.contains("AMX-BF16"), "{err}");
+    assert!(!err.contains("loading"), "{err}");
+    assert!(!out.exists());
+
+    // --bf16 with --f32: clap's usage error, naming both.
+    let o = gen(
+        "auto",
+        &["--bf16", "--f32"],
+        &root.path().join("both.jsonl"),
+    );
+    let err = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--bf16") && err.contains("--f32"), "{err}");
+
+    let out = root.path().join("bf16.jsonl");
+    let o = gen("auto", &["--bf16"], &out);
+    let err = text(&o);
+    if safetune_model::bf16::amx_available() {
+        assert!(o.status.success(), "{err}");
+        let rows = responses(&out);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(rows.iter().all(|r| r.len() > 2), "{rows:?}");
+        // The f32 path with the adapter merged: bf16 rounding may change a greedy choice on a
+        // random tiny model, but not every row's first characters.
+        let f32_out = root.path().join("f32.jsonl");
+        ok(&[
+            "generate",
+            "--model",
+            s(&base),
+            "--adapter",
+            s(&random),
+            "--merge-adapter",
+            "--f32",
+            "--prompts",
+            s(&prompts),
+            "-o",
+            s(&f32_out),
+            "--max-new-tokens",
+            "6",
+        ]);
+        let want = responses(&f32_out);
+        println!("bf16 {rows:?}\nf32  {want:?}");
+        assert!(
+            rows.iter()
+                .zip(&want)
+                .any(|(a, b)| a.chars().take(3).eq(b.chars().take(3))),
+            "bf16 {rows:?} f32 {want:?}"
+        );
+    } else {
+        eprintln!(
+            "could not run generate --bf16: this CPU or OS lacks AMX-BF16 (tested the refusal)"
+        );
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("AMX-BF16") && err.contains("tdpbf16ps"),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+}

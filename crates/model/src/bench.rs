@@ -128,3 +128,17 @@ pub fn decode_throughput(
         output_ids: out.into_iter().map(|o| o.ids).collect(),
     })
 }
+
+/// The CPU's model name from `/proc/cpuinfo` (`unknown` where there is none), for the figures
+/// the benchmarks print.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,7 +1,7 @@
 //! One decode step (one new token per row) on plain f32 buffers: the same decoder as
 //! [`Llama::hidden_states`], without building a tensor graph for every small operation. Norms,
 //! RoPE, the KV-cache append, attention over the cache and SwiGLU run as loops over slices; the
-//! projections go through [`Linear::forward_rows`] (this crate's quantized kernels, or candle's
+//! projections go through [`Linear::forward_rows`] (this crate's quantized or bf16 kernels, or candle's
 //! matmul for dense and LoRA layers). Generation only: no gradient flows through it.
 
 use candle_core::{Device, Module, Tensor};
@@ -23,6 +23,17 @@ const PAR_ATTENTION_MIN: usize = 32 * 1024;
 impl Linear {
     /// `x W^T (+ b)` for `n` rows of `in_dim` values; returns `n` rows of `out_dim` values.
     pub fn forward_rows(&self, x: &[f32], n: usize) -> candle_core::Result<Vec<f32>> {
+        if let (LinearWeight::Bf16(m), None) = (&self.weight, &self.lora) {
+            // bf16 (AMX) without an adapter: straight on the slices.
+            let mut y = m.matmul(x, n)?;
+            if let Some(b) = &self.bias {
+                let b = b.to_vec1::<f32>()?;
+                for row in y.chunks_exact_mut(self.out_dim) {
+                    row.iter_mut().zip(&b).for_each(|(v, bv)| *v += bv);
+                }
+            }
+            return Ok(y);
+        }
         match self.plain_blocks() {
             Some(q) => Ok(q.matmul(x)),
             None => {

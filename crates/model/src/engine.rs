@@ -39,6 +39,12 @@ pub struct LoadOptions {
     /// the aligned model a study merges. Greedy answers stay close to the f32 path's but are
     /// not always identical (`bench/quantize_agreement.sh` measures how close).
     pub quantize_dense: bool,
+    /// After loading (and merging the adapter when `merge_adapter`), hold every matrix in bf16
+    /// for the AMX kernel ([`crate::bf16`]; a GGUF model is dequantized first, `quantized` is
+    /// ignored). Needs AMX-BF16: where [`crate::bf16::bf16_unavailable`] says why not, loading
+    /// fails before any file is read (unless the emulated kernel is chosen, for tests). Greedy
+    /// answers stay close to the f32 path's but are not always identical.
+    pub bf16: bool,
 }
 
 impl Default for LoadOptions {
@@ -49,7 +55,21 @@ impl Default for LoadOptions {
             adapter: None,
             merge_adapter: false,
             quantize_dense: false,
+            bf16: false,
         }
+    }
+}
+
+/// With [`LoadOptions::bf16`], the reason this process cannot run the bf16 kernel
+/// ([`crate::bf16::bf16_unavailable`]: no AMX-BF16, or `SAFETUNE_ISA` below AVX-512), checked
+/// before anything is read; nothing with the emulated kernel ([`crate::bf16::set_emulated`]).
+fn check_bf16(opts: &LoadOptions) -> Result<()> {
+    if !opts.bf16 || crate::bf16::kernel() == crate::bf16::Bf16Kernel::Emulated {
+        return Ok(());
+    }
+    match crate::bf16::bf16_unavailable() {
+        Some(message) => Err(ModelError::Other(message)),
+        None => Ok(()),
     }
 }
 
@@ -75,6 +95,7 @@ impl LocalEngine {
     /// Loads a model named by a spec; `hf:` repositories are downloaded first (see
     /// [`crate::hub`]). `openai:` models are remote: the OpenAI client crate serves them.
     pub fn load(spec: &ModelSpec, opts: &LoadOptions) -> Result<LocalEngine> {
+        check_bf16(opts)?;
         let mut e = match spec {
             ModelSpec::Gguf(p) => Self::load_gguf(p, opts)?,
             ModelSpec::HfDir(d) => Self::load_hf_dir(d, opts)?,
@@ -133,13 +154,14 @@ impl LocalEngine {
 
     /// A GGUF file: config, tokenizer and template from its metadata.
     pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LocalEngine> {
+        check_bf16(opts)?;
         let g = GgufFile::open(path)?;
         let cfg = g.config()?;
         let tok = Tok::from_gguf(&g)?;
         let w = Weights::from_gguf(
             g,
             (cfg.num_attention_heads, cfg.num_key_value_heads),
-            opts.quantized,
+            opts.quantized && !opts.bf16,
         );
         let model = Llama::load(&w, &cfg)?;
         Self::assemble(model, tok, path, opts)
@@ -147,6 +169,7 @@ impl LocalEngine {
 
     /// A Hugging Face directory.
     pub fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LocalEngine> {
+        check_bf16(opts)?;
         let cfg = Config::from_hf_file(&dir.join("config.json"))?;
         let tok = Tok::from_hf_dir(dir, &cfg.eos_token_ids)?;
         let files = SafetensorsFiles::open(&SafetensorsFiles::find_in_dir(dir)?)?;
@@ -168,6 +191,13 @@ impl LocalEngine {
                 let name = l.name.clone();
                 l.quantize_q8_0()
                     .map_err(|e| ModelError::Other(format!("quantizing `{name}` to Q8_0: {e}")))?;
+            }
+        }
+        if opts.bf16 {
+            for l in crate::adapter::linears_mut(&mut model) {
+                let name = l.name.clone();
+                l.to_bf16()
+                    .map_err(|e| ModelError::Other(format!("holding `{name}` in bf16: {e}")))?;
             }
         }
         for id in &model.cfg.eos_token_ids {

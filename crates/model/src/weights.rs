@@ -14,6 +14,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::bf16::Bf16Matrix;
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::quant::QMatrix;
@@ -378,6 +379,9 @@ pub enum LinearWeight {
     Quantized(QMatMul),
     /// GGUF Q4_0, Q4_1 and Q8_0 blocks as stored, with this crate's kernels ([`crate::quant`]).
     Blocks(Arc<QMatrix>),
+    /// Rounded to bf16 and packed once for the AMX kernel ([`crate::bf16::Bf16Matrix`]):
+    /// `--bf16` generation. Products take f32 activations (rounded per call) and give f32.
+    Bf16(Arc<Bf16Matrix>),
 }
 
 impl LinearWeight {
@@ -438,6 +442,7 @@ impl Linear {
             LinearWeight::Quantized(QMatMul::Tensor(t)) => Ok(t.clone()),
             LinearWeight::Quantized(QMatMul::TensorF16(t)) => t.to_dtype(DType::F32),
             LinearWeight::Blocks(q) => q.dequantize_tensor(),
+            LinearWeight::Bf16(m) => m.to_tensor(),
         }
     }
 }
@@ -463,6 +468,19 @@ impl Linear {
             None => Ok(false),
         }
     }
+
+    /// Holds the weight in bf16 for the AMX kernel ([`LinearWeight::Bf16`]): rounded to nearest
+    /// even and packed once. Quantized weights are dequantized first. Returns whether it
+    /// changed the weight (false when it is already bf16). The bias and an attached (unmerged)
+    /// adapter stay f32.
+    pub fn to_bf16(&mut self) -> candle_core::Result<bool> {
+        if matches!(self.weight, LinearWeight::Bf16(_)) {
+            return Ok(false);
+        }
+        let w = self.dense_weight()?;
+        self.weight = LinearWeight::Bf16(Arc::new(Bf16Matrix::from_tensor(&w)?));
+        Ok(true)
+    }
 }
 
 impl Module for Linear {
@@ -477,6 +495,16 @@ impl Module for Linear {
             // With a gradient to track, the dequantized weight keeps the graph connected.
             LinearWeight::Blocks(q) if x2.track_op() => x2.matmul(&q.dequantize_tensor()?.t()?)?,
             LinearWeight::Blocks(q) => q.forward(&x2)?, // (N, out)
+            // The same for bf16: the rounded weight as f32 keeps the graph connected.
+            LinearWeight::Bf16(m) if x2.track_op() => x2.matmul(&m.to_tensor()?.t()?)?,
+            LinearWeight::Bf16(m) => {
+                let rows = x2
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                Tensor::from_vec(m.matmul(&rows, lead)?, (lead, self.out_dim), x2.device())?
+            }
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

@@ -413,6 +413,10 @@ pub enum GenWeights {
     /// model, or any model with an adapter, merged first) are quantized to Q8_0 at load. Greedy
     /// answers stay close to the f32 path's, not always identical. The study's default.
     Quantized,
+    /// Every matrix in bf16 for the AMX-BF16 kernel (f32 sums), an adapter merged first; a
+    /// GGUF model is dequantized first. Needs a CPU with AMX-BF16: elsewhere the generate
+    /// step fails, naming this key. Greedy answers stay close to the f32 path's.
+    Bf16,
 }
 
 impl GenWeights {

@@ -404,7 +404,8 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
             .generate_tokens_per_s
             .unwrap_or(match cfg.generation.weights {
                 GenWeights::Quantized => QUANTIZED_GENERATE_TOKENS_PER_S,
-                GenWeights::F32 => MEASURED_RATES.generate_tokens_per_s,
+                // bf16 has not been timed in a study: the f32 rate is the conservative estimate.
+                GenWeights::F32 | GenWeights::Bf16 => MEASURED_RATES.generate_tokens_per_s,
             }),
         judge_rows_per_s: a
             .judge_rows_per_s

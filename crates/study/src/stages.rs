@@ -430,7 +430,8 @@ pub type GeneratorFactory =
 /// The load options of a local model in a study: prompts go [`LOCAL_BATCH`] at a time, an
 /// adapter is merged into the weights (identical greedy answers to the unmerged path, about
 /// 20% faster decoding), and with [`GenWeights::Quantized`] a GGUF model without an adapter
-/// keeps its blocks while every other model is quantized to Q8_0 after the merge.
+/// keeps its blocks while every other model is quantized to Q8_0 after the merge; with
+/// [`GenWeights::Bf16`] every model is held in bf16 after the merge (a GGUF dequantized first).
 pub fn study_load_options(adapter: Option<&PathBuf>, weights: GenWeights) -> LoadOptions {
     let quantized = weights == GenWeights::Quantized;
     LoadOptions {
@@ -439,6 +440,22 @@ pub fn study_load_options(adapter: Option<&PathBuf>, weights: GenWeights) -> Loa
         adapter: adapter.cloned(),
         merge_adapter: adapter.is_some(),
         quantize_dense: quantized,
+        bf16: weights == GenWeights::Bf16,
+    }
+}
+
+/// `[generation] weights = "bf16"` for a local model where this process cannot run the bf16
+/// kernel (no AMX-BF16, or `SAFETUNE_ISA` below AVX-512): an error naming the key, before the
+/// model loads. `openai:` models ignore the key.
+pub fn check_bf16_weights(spec: &ModelSpec, weights: GenWeights) -> Result<(), StageError> {
+    if weights != GenWeights::Bf16 || matches!(spec, ModelSpec::OpenAi { .. }) {
+        return Ok(());
+    }
+    match safetune_model::bf16::bf16_unavailable() {
+        Some(e) => Err(StageError::Other(format!(
+            "[generation] weights = \"bf16\" cannot run here: {e}\nhint: set `weights = \"quantized\"` (Q8_0, the default) or `weights = \"f32\"` in the study's [generation] table"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -448,6 +465,7 @@ pub fn default_generator(
     weights: GenWeights,
 ) -> Result<Arc<dyn Generator>, StageError> {
     let spec = ModelSpec::parse(&m.spec)?;
+    check_bf16_weights(&spec, weights)?;
     if let Some(adapter) = &m.adapter {
         if OpenAiSpec::from_model_spec(&spec).is_some() {
             return Err(StageError::Other(format!(

@@ -116,6 +116,56 @@ fn generation_weights_default_to_the_fast_kernels_and_f32_keeps_old_step_keys() 
     assert!(e.contains("weights") || e.contains("int3"), "{e}");
 }
 
+/// `[generation] weights = "bf16"`: parsed, part of the generate steps' keys, loaded as bf16
+/// after the adapter merge, and where this CPU cannot run it (no AMX-BF16) an error naming the
+/// key before a local model loads; `openai:` models ignore it.
+#[test]
+fn bf16_generation_weights_load_as_bf16_and_name_the_key_where_unavailable() {
+    use safetune_model::ModelSpec;
+    use safetune_study::config::GenWeights;
+    use safetune_study::stages::{check_bf16_weights, study_load_options};
+    let file = examples()
+        .into_iter()
+        .find(|f| f.ends_with("quickstart-tiny.toml"))
+        .unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text = text.replace("weights = \"quantized\"", "weights = \"bf16\"");
+    let cfg = StudyConfig::parse(&text, &file).unwrap();
+    assert_eq!(cfg.generation.weights, GenWeights::Bf16);
+    let specs: Vec<String> = plan(&cfg)
+        .unwrap()
+        .steps
+        .iter()
+        .filter(|s| matches!(s.spec, StepSpec::Generate { .. }))
+        .map(|s| serde_json::to_string(&s.spec).unwrap())
+        .collect();
+    assert!(!specs.is_empty());
+    assert!(
+        specs.iter().all(|s| s.contains("\"weights\":\"bf16\"")),
+        "{specs:?}"
+    );
+    let adapter = std::path::PathBuf::from("adapter");
+    let load = study_load_options(Some(&adapter), GenWeights::Bf16);
+    assert!(load.bf16 && load.merge_adapter && !load.quantized && !load.quantize_dense);
+    assert!(!study_load_options(None, GenWeights::Quantized).bf16);
+    let local = ModelSpec::parse("hf:org/model").unwrap();
+    let remote = ModelSpec::parse("openai:http://127.0.0.1:1/v1#m").unwrap();
+    assert!(check_bf16_weights(&remote, GenWeights::Bf16).is_ok());
+    assert!(check_bf16_weights(&local, GenWeights::Quantized).is_ok());
+    match safetune_model::bf16::bf16_unavailable() {
+        None => assert!(check_bf16_weights(&local, GenWeights::Bf16).is_ok()),
+        Some(_) => {
+            let e = check_bf16_weights(&local, GenWeights::Bf16)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("[generation] weights = \"bf16\"") && e.contains("AMX-BF16"),
+                "{e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_paper_factors_dry_run_shows_each_tune_steps_backend_command_and_gpu_hours() {
     let file = examples()

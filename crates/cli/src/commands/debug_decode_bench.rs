@@ -18,6 +18,14 @@ pub struct DebugDecodeBenchArgs {
     #[arg(long)]
     pub quantized: bool,
 
+    /// Quantize dense weights at load (`q8_0`), as `generate --quantize`.
+    #[arg(long, value_name = "FORMAT", conflicts_with_all = ["quantized", "bf16"])]
+    pub quantize: Option<super::common::QuantizeFormat>,
+
+    /// Every matrix in bf16 on the AMX kernel, as `generate --bf16` (needs AMX-BF16).
+    #[arg(long, conflicts_with = "quantized")]
+    pub bf16: bool,
+
     /// Prompts decoded together (ignored with --prompts).
     #[arg(long = "batch-size", alias = "batch", default_value_t = 1)]
     pub batch: usize,
@@ -45,6 +53,8 @@ pub fn run(args: DebugDecodeBenchArgs) -> anyhow::Result<()> {
         &spec,
         &LoadOptions {
             quantized: args.quantized,
+            quantize_dense: args.quantize.is_some(),
+            bf16: args.bf16,
             ..LoadOptions::default()
         },
     )
@@ -80,6 +90,16 @@ pub fn run(args: DebugDecodeBenchArgs) -> anyhow::Result<()> {
     let mut json = serde_json::to_value(&run)?;
     json["model"] = engine.model_id.clone().into();
     json["quantized"] = args.quantized.into();
+    json["weights"] = if args.bf16 {
+        "bf16"
+    } else if args.quantize.is_some() {
+        "q8_0"
+    } else if args.quantized {
+        "gguf-blocks"
+    } else {
+        "f32"
+    }
+    .into();
     json["prompt_ids"] = serde_json::to_value(&prompts)?;
     println!("{}", serde_json::to_string(&json)?);
     Ok(())

@@ -104,7 +104,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create {}", args.output.display()))?;
     let gen_path = args.output.join("generations.jsonl");
-    let load = args.weights.load_options(args.batch_size, &args.adapter);
+    let load = args.weights.load_options(args.batch_size, &args.adapter)?;
     let client = args.client.client_config(args.batch_size);
     eprintln!("loading {spec}");
     let generator =

@@ -85,7 +85,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let spec = ModelSpec::parse(&args.model)?;
     args.adapter.check_spec(&spec)?;
     let prompts = read_prompts(&args.data.path()?)?;
-    let load = args.weights.load_options(args.batch_size, &args.adapter);
+    let load = args.weights.load_options(args.batch_size, &args.adapter)?;
     let client = args.client.client_config(args.batch_size);
     eprintln!("loading {spec}");
     let generator =

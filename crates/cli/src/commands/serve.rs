@@ -185,7 +185,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let load = args.weights.load_options(
         args.max_batch.unwrap_or(LoadOptions::default().batch_size),
         &args.adapter,
-    );
+    )?;
     let client = args
         .client
         .client_config(args.max_batch.unwrap_or(args.concurrency));

@@ -65,7 +65,7 @@ pub fn run(args: UtilityArgs) -> anyhow::Result<()> {
         &spec,
         &args
             .weights
-            .load_options(LoadOptions::default().batch_size, &args.adapter),
+            .load_options(LoadOptions::default().batch_size, &args.adapter)?,
     )
     .with_context(|| format!("cannot load {}", args.model))?;
 
