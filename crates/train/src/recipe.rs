@@ -556,6 +556,22 @@ pub fn tune(
     run(cfg, opts, p, started, on_event)
 }
 
+/// Empties the bf16 frozen-weight cache when made and when dropped.
+struct FrozenPacksScope;
+
+impl FrozenPacksScope {
+    fn new() -> FrozenPacksScope {
+        crate::ops::fused::clear_frozen_packs();
+        FrozenPacksScope
+    }
+}
+
+impl Drop for FrozenPacksScope {
+    fn drop(&mut self) {
+        crate::ops::fused::clear_frozen_packs();
+    }
+}
+
 /// The loop, on prepared inputs.
 pub fn run(
     cfg: &TuneConfig,
@@ -570,6 +586,9 @@ pub fn run(
         origin: "bf16".into(),
         message,
     })?;
+    // bf16 packs each frozen weight once per run: start with an empty cache and empty it
+    // however the run ends.
+    let _packs = FrozenPacksScope::new();
     let out = cfg.output.clone();
     let vars: Vec<Var> = p.model.params.iter().map(|x| x.var.clone()).collect();
     let mut opt = AdamW::new(

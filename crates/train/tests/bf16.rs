@@ -106,6 +106,42 @@ fn bf16_training_tracks_f32_and_is_refused_without_the_instruction() {
         .map(|x| x.1)
         .collect();
         assert_eq!(run_losses, bf16_losses, "{tag}: prepare + run ignored bf16");
+        // LoRA packs each frozen weight once per run (the cache of `ops::fused`); packing per
+        // product instead (a budget of 0) gives bit-identical losses. Full fine-tuning caches
+        // nothing: every weight is tracked.
+        let hits = ops::fused::frozen_pack_stats().2;
+        let mut cached = b.clone();
+        cached.output = dir.path().join(format!("{tag}-cached"));
+        let cached_losses = losses(&cached);
+        let after = ops::fused::frozen_pack_stats();
+        assert_eq!(
+            (after.0, after.1),
+            (0, 0),
+            "{tag}: the run left its cache behind"
+        );
+        std::env::set_var(ops::fused::FROZEN_PACK_BUDGET_ENV, "0");
+        let mut uncached = b.clone();
+        uncached.output = dir.path().join(format!("{tag}-uncached"));
+        let uncached_losses = losses(&uncached);
+        std::env::remove_var(ops::fused::FROZEN_PACK_BUDGET_ENV);
+        let after_uncached = ops::fused::frozen_pack_stats().2;
+        assert_eq!(cached_losses, bf16_losses, "{tag}");
+        assert_eq!(
+            uncached_losses, bf16_losses,
+            "{tag}: the cache changed the losses"
+        );
+        assert_eq!(after_uncached, after.2, "{tag}: a budget of 0 still cached");
+        if full {
+            assert_eq!(
+                after.2, hits,
+                "{tag}: full fine-tuning took a weight from the cache"
+            );
+        } else {
+            assert!(
+                after.2 > hits,
+                "{tag}: LoRA never took a frozen weight from the cache"
+            );
+        }
         // And training still learns.
         assert!(
             bf16_losses.last().unwrap() < &(bf16_losses[0] * 0.9),

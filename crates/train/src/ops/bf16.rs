@@ -6,8 +6,9 @@
 //! The kernels (AMX-BF16 and the portable emulation), the rounding and the packed layout live
 //! in `safetune_model::bf16`, shared with bf16 generation, and are re-exported here. This
 //! module holds the training switch ([`set_bf16`], [`bf16_enabled`]) and the check that takes
-//! the training crate's ISA override into account ([`bf16_unavailable`]). Training packs both
-//! operands per product, so frozen and trained weights take the same path.
+//! the training crate's ISA override into account ([`bf16_unavailable`]). Training packs the
+//! activations and the trained weights per product; frozen weights are packed once per run
+//! (the frozen-weight cache of `fused::util`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

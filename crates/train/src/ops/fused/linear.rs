@@ -7,13 +7,15 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::util::{matmul_big as matmul, slice, with_f32s, Mat};
+use super::util::{matmul_big as matmul, matmul_big_packed, pack_frozen, slice, with_f32s, Mat};
 
 pub(crate) struct Linear {
     /// Whether x is tracked (else no gradient is formed for it).
     pub grad_x: bool,
     /// Whether W is tracked.
     pub grad_w: bool,
+    /// W's key in the bf16 frozen-weight cache when W is frozen ([`super::util::frozen_key`]).
+    pub w_key: Option<candle_core::TensorId>,
 }
 
 impl candle_core::CustomOp2 for Linear {
@@ -39,17 +41,20 @@ impl candle_core::CustomOp2 for Linear {
             );
         }
         let mut y = vec![0f32; n * out];
-        matmul(
+        let wm = Mat::rm_t(w, inp);
+        let packed = pack_frozen(self.w_key, true, inp, out, wm);
+        let xm = Mat::rm(x, inp);
+        matmul_big_packed(
             n,
             out,
             inp,
             &mut y,
             out,
             false,
-            Mat::rm(x, inp),
-            Mat::rm_t(w, inp),
+            xm,
+            wm,
+            packed.as_deref(),
             1.0,
-            true,
         );
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
@@ -68,8 +73,9 @@ impl candle_core::CustomOp2 for Linear {
             // grad x = g W (N, in)
             let gx = self.grad_x.then(|| {
                 let mut gx = vec![0f32; n * inp];
-                let gm = Mat::rm(g, out);
-                matmul(
+                let (gm, wm) = (Mat::rm(g, out), Mat::rm(w, inp));
+                let packed = pack_frozen(self.w_key, false, out, inp, wm);
+                matmul_big_packed(
                     n,
                     inp,
                     out,
@@ -77,9 +83,9 @@ impl candle_core::CustomOp2 for Linear {
                     inp,
                     false,
                     gm,
-                    Mat::rm(w, inp),
+                    wm,
+                    packed.as_deref(),
                     1.0,
-                    true,
                 );
                 gx
             });

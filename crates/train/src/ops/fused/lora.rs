@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::util::{matmul, matmul_big, slice, with_f32s, Mat};
+use super::util::{matmul, matmul_big_packed, pack_frozen, slice, with_f32s, Mat};
 
 pub(crate) struct LoraLinear {
     /// (out, in), frozen.
@@ -18,6 +18,8 @@ pub(crate) struct LoraLinear {
     pub scale: f32,
     /// (N, in): 0 or 1 / (1 - p).
     pub mask: Option<Tensor>,
+    /// w's key in the bf16 frozen-weight cache ([`super::util::frozen_key`]).
+    pub w_key: Option<candle_core::TensorId>,
 }
 
 /// The adapter's input `m * x` (a new buffer when there is a mask, else `x` itself) and its
@@ -75,7 +77,19 @@ impl LoraLinear {
     ) -> Vec<f32> {
         let mut y = vec![0f32; n * out];
         let (xm, wm) = (Mat::rm(x, inp), Mat::rm_t(w, inp));
-        matmul_big(n, out, inp, &mut y, out, false, xm, wm, 1.0, true);
+        let packed = pack_frozen(self.w_key, true, inp, out, wm);
+        matmul_big_packed(
+            n,
+            out,
+            inp,
+            &mut y,
+            out,
+            false,
+            xm,
+            wm,
+            packed.as_deref(),
+            1.0,
+        );
         let mut buf = Vec::new();
         let (_, h) = adapter_input(x, mask, a, (n, inp, r), &mut buf);
         let (hm, bm) = (Mat::rm(&h, r), Mat::rm_t(b, r));
@@ -117,7 +131,9 @@ impl LoraLinear {
         matmul(r, inp, n, &mut grad_a, inp, false, ght, xdm, 1.0, true);
         // grad x = g W + m * (gh A)
         let mut grad_x = vec![0f32; n * inp];
-        matmul_big(
+        let wm = Mat::rm(w, inp);
+        let packed = pack_frozen(self.w_key, false, out, inp, wm);
+        matmul_big_packed(
             n,
             inp,
             out,
@@ -125,9 +141,9 @@ impl LoraLinear {
             inp,
             false,
             gm,
-            Mat::rm(w, inp),
+            wm,
+            packed.as_deref(),
             1.0,
-            true,
         );
         let (ghm, am) = (Mat::rm(&gh, r), Mat::rm(a, inp));
         match mask {

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use safetune_model::vecmath;
 
-use super::util::{matmul_big, matmul_big_packed, pack_big, slice, with_f32, with_f32s, Mat};
+use super::util::{matmul_big, matmul_big_packed, pack_frozen, slice, with_f32, with_f32s, Mat};
 use crate::ops::Targets;
 
 /// Summed cross-entropy over logits (N, V). Saves each row's log-sum-exp for the backward pass.
@@ -85,6 +85,8 @@ pub(crate) struct LmHeadCe {
     pub chunk: usize,
     pub want_h: bool,
     pub want_w: bool,
+    /// The weight's key in the bf16 frozen-weight cache ([`super::util::frozen_key`]).
+    pub w_key: Option<candle_core::TensorId>,
     pub grads: Mutex<HeadGrads>,
 }
 
@@ -116,9 +118,10 @@ impl CustomOp2 for LmHeadCe {
         let mut dhbuf = vec![0f32; chunk.min(rows.len().max(1)) * c];
         let mut total = 0f64;
         // In bf16, the weight is packed once for all chunks (W^T for the logits, W for dh).
-        let w_t = pack_big(c, v, Mat::rm_t(w, c));
+        // A frozen weight (a LoRA run's tied head) comes from the cache after the first step.
+        let w_t = pack_frozen(self.w_key, true, c, v, Mat::rm_t(w, c));
         let w_n = if self.want_h {
-            pack_big(v, c, Mat::rm(w, c))
+            pack_frozen(self.w_key, false, v, c, Mat::rm(w, c))
         } else {
             None
         };
@@ -140,7 +143,7 @@ impl CustomOp2 for LmHeadCe {
                 false,
                 Mat::rm(hb, c),
                 Mat::rm_t(w, c),
-                w_t.as_ref(),
+                w_t.as_deref(),
                 1.0,
             );
             let want_grad = self.want_h || self.want_w;
@@ -176,7 +179,7 @@ impl CustomOp2 for LmHeadCe {
                     false,
                     Mat::rm(lg, v),
                     Mat::rm(w, c),
-                    w_n.as_ref(),
+                    w_n.as_deref(),
                     1.0,
                 );
                 for (j, &i) in part.iter().enumerate() {

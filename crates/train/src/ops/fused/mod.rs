@@ -12,6 +12,8 @@ mod lora;
 mod loss;
 mod util;
 
+pub use util::{clear_frozen_packs, frozen_pack_budget, frozen_pack_stats, FROZEN_PACK_BUDGET_ENV};
+
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -137,6 +139,7 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let op = linear::Linear {
         grad_x: x.track_op(),
         grad_w: w.track_op(),
+        w_key: util::frozen_key(w),
     };
     x.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
@@ -175,6 +178,7 @@ pub fn lora_linear(
         &a.contiguous()?,
         &b.contiguous()?,
         lora::LoraLinear {
+            w_key: util::frozen_key(w),
             w: w.detach().contiguous()?,
             bias: bias.map(|t| t.detach()),
             scale: scale as f32,
@@ -228,6 +232,7 @@ pub fn lm_head_cross_entropy_sum(
         chunk: chunk_rows.max(1),
         want_h: hidden.track_op(),
         want_w: weight.track_op(),
+        w_key: util::frozen_key(weight),
         grads: Mutex::new((None, None)),
     };
     let sum = hidden.contiguous()?.apply_op2(&weight.contiguous()?, op)?;

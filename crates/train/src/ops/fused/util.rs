@@ -199,6 +199,95 @@ pub(crate) fn pack_big(k: usize, n: usize, b: Mat) -> Option<bf16::PackedB> {
     (bf16::bf16_enabled() && k >= 32).then(|| unsafe { bf16::pack_b(k, n, b.into()) })
 }
 
+/// Packed bf16 copies of frozen weights, so that a weight no step changes is rounded and packed
+/// once per training run instead of once per product (twice a step: `W^T` for the forward pass,
+/// `W` for the input gradient). Keyed by the weight tensor's id (candle never reuses one) and the
+/// orientation. Only tensors that nothing tracks and that are contiguous are cached: their
+/// `detach()` and `contiguous()` return the same tensor, so the id is stable from step to step.
+/// The cache holds at most [`frozen_pack_budget`] bytes; beyond that, products pack per call as
+/// before. [`clear_frozen_packs`] empties it (at the start and end of every training run).
+struct FrozenPacks {
+    map: std::collections::HashMap<(candle_core::TensorId, bool), std::sync::Arc<bf16::PackedB>>,
+    bytes: usize,
+}
+
+/// Products that took a frozen weight from the cache, since the process started.
+static FROZEN_PACK_HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+static FROZEN_PACKS: std::sync::Mutex<Option<FrozenPacks>> = std::sync::Mutex::new(None);
+
+/// The environment variable that caps the frozen-weight cache of bf16 training, in MiB.
+pub const FROZEN_PACK_BUDGET_ENV: &str = "SAFETUNE_BF16_WEIGHT_CACHE_MB";
+
+/// The cache's cap in bytes: `SAFETUNE_BF16_WEIGHT_CACHE_MB` (0 turns the cache off), else
+/// 8 GiB. A packed copy takes 2 bytes a weight per orientation, so a model's frozen weights take
+/// as many bytes cached as they take in f32.
+pub fn frozen_pack_budget() -> usize {
+    std::env::var(FROZEN_PACK_BUDGET_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map_or(8 << 30, |mb| mb << 20)
+}
+
+/// Empties the frozen-weight cache of bf16 training.
+pub fn clear_frozen_packs() {
+    *FROZEN_PACKS.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+/// (entries, bytes) of the frozen-weight cache now, and the products that took a weight from it
+/// since the process started; for tests and benchmarks.
+pub fn frozen_pack_stats() -> (usize, usize, u64) {
+    let hits = FROZEN_PACK_HITS.load(std::sync::atomic::Ordering::Relaxed);
+    let g = FROZEN_PACKS.lock().unwrap_or_else(|e| e.into_inner());
+    g.as_ref()
+        .map_or((0, 0, hits), |c| (c.map.len(), c.bytes, hits))
+}
+
+/// The key under which a frozen weight may be cached: its id, when nothing tracks it and it is
+/// contiguous; else `None` (pack per call).
+pub(crate) fn frozen_key(w: &Tensor) -> Option<candle_core::TensorId> {
+    (!w.track_op() && w.is_contiguous()).then(|| w.id())
+}
+
+/// The right operand (k, n) of a bf16 product, packed: from the cache when `key` names a frozen
+/// weight already packed in this orientation (`transposed`), else packed now (and cached when
+/// `key` is given and the budget allows). `None` when bf16 is off.
+pub(crate) fn pack_frozen(
+    key: Option<candle_core::TensorId>,
+    transposed: bool,
+    k: usize,
+    n: usize,
+    b: Mat,
+) -> Option<std::sync::Arc<bf16::PackedB>> {
+    if !bf16::bf16_enabled() || k < 32 {
+        return None;
+    }
+    let Some(id) = key else {
+        return pack_big(k, n, b).map(std::sync::Arc::new);
+    };
+    {
+        let mut g = FROZEN_PACKS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = g.as_mut() {
+            if let Some(p) = c.map.get(&(id, transposed)) {
+                FROZEN_PACK_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Some(p.clone());
+            }
+        }
+    }
+    let packed = std::sync::Arc::new(pack_big(k, n, b)?);
+    let mut g = FROZEN_PACKS.lock().unwrap_or_else(|e| e.into_inner());
+    let c = g.get_or_insert_with(|| FrozenPacks {
+        map: Default::default(),
+        bytes: 0,
+    });
+    let size = packed.bytes();
+    if c.bytes + size <= frozen_pack_budget() {
+        c.bytes += size;
+        c.map.insert((id, transposed), packed.clone());
+    }
+    Some(packed)
+}
+
 /// [`matmul_big`] with the right operand already packed by [`pack_big`] (`packed` from the
 /// same b), else exactly [`matmul_big`].
 #[allow(clippy::too_many_arguments)]
