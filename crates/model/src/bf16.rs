@@ -692,12 +692,7 @@ mod tests {
     use super::*;
 
     /// `n` values uniform in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = crate::generate::Rng::new(seed);
-        (0..n)
-            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
-            .collect()
-    }
+    use crate::testing::uniform_values as values;
 
     #[test]
     fn rounding_is_nearest_even_and_flushes_subnormals() {

@@ -398,3 +398,11 @@ pub fn smollm2_gguf() -> PathBuf {
     }
     p
 }
+
+/// `n` values uniform in [-1, 1), seeded: the operands of the kernels' tests.
+pub fn uniform_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
+        .collect()
+}

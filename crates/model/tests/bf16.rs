@@ -6,7 +6,7 @@
 
 use candle_core::{Device, Module, Tensor, Var};
 use safetune_model::bf16::{self, round_to_bf16, Bf16Kernel, Bf16Matrix};
-use safetune_model::generate::{generate_batch, Rng, SeqRequest};
+use safetune_model::generate::{generate_batch, SeqRequest};
 use safetune_model::testing::TinyModel;
 use safetune_model::weights::{Linear, LinearWeight, Lora};
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec, Sampling};
@@ -23,12 +23,7 @@ fn choose_kernel() -> Bf16Kernel {
 }
 
 /// `n` values uniform in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut rng = Rng::new(seed);
-    (0..n)
-        .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
-        .collect()
-}
+use safetune_model::testing::uniform_values as values;
 
 fn rows_of(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()

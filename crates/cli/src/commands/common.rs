@@ -196,7 +196,8 @@ pub fn report_skipped(skipped: &SkipReport, path: &Path) {
 /// dequantized path; `--quantize q8_0` holds dense weights (a safetensors model, or a GGUF
 /// dequantized first) as Q8_0; `--bf16` holds them in bf16 for the AMX kernel. `--f32`,
 /// `--quantize` and `--bf16` exclude each other (an error naming both flags). The old
-/// `--quantized` (now the default) is still accepted and changes nothing. Meant to be adopted
+/// `--quantized` (now the default) is still accepted and changes nothing; beside `--f32` or
+/// `--bf16`, which replace the GGUF blocks it asks to keep, it is a usage error. Meant to be adopted
 /// by every command that loads a model for inference, beside `tune`'s own precision flags.
 #[derive(Debug, Clone, Args)]
 pub struct WeightsArgs {
@@ -221,7 +222,7 @@ pub struct WeightsArgs {
     /// memory of f32 and faster decoding; greedy answers stay close to the f32 path's, not always
     /// identical. Needs a CPU with AMX-BF16 (Intel Xeon 4th generation or later): refused
     /// before the model loads elsewhere, and with SAFETUNE_ISA=avx2 or scalar.
-    #[arg(long, conflicts_with = "quantize")]
+    #[arg(long, conflicts_with_all = ["quantize", "quantized"])]
     pub bf16: bool,
 }
 
@@ -392,6 +393,9 @@ mod weights_tests {
             (&["--bf16", "--f32"][..], "--f32"),
             (&["--f32", "--bf16"][..], "--f32"),
             (&["--bf16", "--quantize", "q8_0"][..], "--quantize <FORMAT>"),
+            // The old flag asks to keep GGUF blocks, which bf16 replaces: not a silent no-op.
+            (&["--bf16", "--quantized"][..], "--quantized"),
+            (&["--quantized", "--bf16"][..], "--quantized"),
         ] {
             let err = load(args).unwrap_err();
             assert!(

@@ -151,12 +151,7 @@ mod tests {
     use super::*;
 
     /// `n` values uniform in [-1, 1).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut rng = safetune_model::generate::Rng::new(seed);
-        (0..n)
-            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32)
-            .collect()
-    }
+    use safetune_model::testing::uniform_values as values;
 
     /// Every ISA this CPU has against an f64 product, on shapes that hit the microkernels'
     /// edges, the matrix-vector paths and several cache blocks, with a transposed and a strided
