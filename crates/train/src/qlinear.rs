@@ -6,8 +6,10 @@
 //!   `scale * (m * x) A^T B^T` in f32.
 //! - Backward: the input gradient `dX = dY W` is computed from the blocks too, a panel of
 //!   [`PANEL_ROWS`] weight rows dequantized into a small f32 buffer at a time and multiplied
-//!   with gemm, so no f32 copy of W ever exists. The adapter's gradients (A and B, f32) are as in
-//!   the dense fused op; the base weight gets none.
+//!   with the training matmul (`ops::fused::util::matmul`, on the ISA `ops::isa` chooses), so no
+//!   f32 copy of W ever exists. The adapter half (its output, A's and B's gradients and its part
+//!   of x's) is the dense fused op's own (`ops::fused::lora::Adapter`); the base weight gets no
+//!   gradient.
 //! - Both ops keep nothing but their inputs for the backward pass (the small (N, r) `x A^T` is
 //!   recomputed), like the dense fused `lora_linear`.
 //!
@@ -17,92 +19,15 @@
 
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, Device, Layout, Result, Shape, Tensor};
 use safetune_model::quant::QMatrix;
+
+use crate::ops::fused::lora::Adapter;
+use crate::ops::fused::util::{matmul, slice, with_f32, with_f32s, Mat};
 
 /// Weight rows dequantized at a time by the input-gradient product (a (256, in) f32 buffer:
 /// 2 MiB at in = 2048).
 pub const PANEL_ROWS: usize = 256;
-
-/// `dst (m, n) = (accumulate ? dst : 0) + scale * a (m, k) @ b (k, n)`, every matrix given as
-/// (slice, row stride) with unit column stride, dst row-major with row stride `dst_rs`.
-#[allow(clippy::too_many_arguments)]
-fn gemm_rm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    (a, a_rs, a_t): (&[f32], usize, bool),
-    (b, b_rs, b_t): (&[f32], usize, bool),
-    scale: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for row in dst.chunks_mut(dst_rs).take(m) {
-                row[..n].fill(0.0);
-            }
-        }
-        return;
-    }
-    // Bounds: each operand's last element must lie inside its slice.
-    let last = |rows: usize, cols: usize, rs: usize, t: bool| {
-        if t {
-            (cols - 1) * rs + rows - 1
-        } else {
-            (rows - 1) * rs + cols - 1
-        }
-    };
-    assert!(
-        dst.len() > (m - 1) * dst_rs + n - 1,
-        "gemm_rm: dst too small"
-    );
-    assert!(a.len() > last(m, k, a_rs, a_t), "gemm_rm: a too small");
-    assert!(b.len() > last(k, n, b_rs, b_t), "gemm_rm: b too small");
-    // (row stride, column stride) of a matrix stored row-major, or of the transpose of one.
-    let strides = |rs: usize, t: bool| {
-        if t {
-            (1isize, rs as isize)
-        } else {
-            (rs as isize, 1isize)
-        }
-    };
-    let (a_r, a_c) = strides(a_rs, a_t);
-    let (b_r, b_c) = strides(b_rs, b_t);
-    let par = if rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the asserts above keep every (i, j) read or written inside its slice; dst is
-    // borrowed exclusively.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            a.as_ptr(),
-            a_c,
-            a_r,
-            b.as_ptr(),
-            b_c,
-            b_r,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
 
 /// `dX = dY W` for `dy` of `n` rows of `w.rows` values: `n` rows of `w.cols` values, from the
 /// blocks one panel of [`PANEL_ROWS`] rows at a time (accumulated into `dx` when `accumulate`).
@@ -121,15 +46,8 @@ pub fn input_grad_into(w: &QMatrix, dy: &[f32], dx: &mut [f32], accumulate: bool
         let buf = &mut panel[..p * inp];
         w.dequantize_rows_into(r0, buf);
         // dX (n, in) += dY[:, r0..r0+p] (n, p) @ panel (p, in)
-        gemm_rm(
-            (n, inp, p),
-            dx,
-            inp,
-            true,
-            (&dy[r0..], out, false),
-            (buf, inp, false),
-            1.0,
-        );
+        let (dym, pm) = (Mat::rm(&dy[r0..], out), Mat::rm(buf, inp));
+        matmul(n, inp, p, dx, inp, true, dym, pm, 1.0, true);
         r0 += p;
     }
 }
@@ -142,34 +60,12 @@ pub fn input_grad(w: &QMatrix, dy: &[f32]) -> Vec<f32> {
     dx
 }
 
-/// The contiguous f32 data a CPU storage's layout covers.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let data = match s {
-        CpuStorage::F32(v) => v.as_slice(),
-        other => candle_core::bail!("quantized linear: expected f32, got {:?}", other.dtype()),
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("quantized linear: input is not contiguous"),
-    }
-}
-
 /// A CPU f32 tensor's values (a copy).
 fn values(t: &Tensor) -> Result<Vec<f32>> {
     if !matches!(t.device(), Device::Cpu) {
         candle_core::bail!("quantized linear: tensors must be on the CPU");
     }
     t.flatten_all()?.to_vec1::<f32>()
-}
-
-/// Runs `f` on the contiguous f32 data of a CPU tensor.
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (st, l) = t.storage_and_layout();
-    match &*st {
-        Storage::Cpu(cpu) => Ok(f(slice(cpu, l)?)),
-        _ => candle_core::bail!("quantized linear: expected a CPU tensor"),
-    }
 }
 
 /// The frozen part shared by both ops: blocks and bias.
@@ -211,7 +107,7 @@ impl candle_core::CustomOp1 for QLinearOp {
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let n = x.dim(0)?;
-        let gx = with_data(g, |g| input_grad(&self.0.w, g))?;
+        let gx = with_f32(g, |g| input_grad(&self.0.w, g))?;
         Ok(Some(Tensor::from_vec(
             gx,
             (n, self.0.w.cols),
@@ -229,29 +125,20 @@ struct QLoraOp {
 }
 
 impl QLoraOp {
-    /// The adapter's input `m * x` and `h = (m * x) A^T` (N, r).
-    fn adapter_input(
-        &self,
-        x: &[f32],
-        a: &[f32],
-        (n, inp, r): (usize, usize, usize),
-    ) -> (Vec<f32>, Vec<f32>) {
-        let xd: Vec<f32> = match &self.mask {
-            Some(m) => x.iter().zip(m).map(|(a, b)| a * b).collect(),
-            None => Vec::new(),
-        };
-        let xs = if self.mask.is_some() { &xd[..] } else { x };
-        let mut h = vec![0f32; n * r];
-        gemm_rm(
-            (n, r, inp),
-            &mut h,
-            r,
-            false,
-            (xs, inp, false),
-            (a, inp, true),
-            1.0,
-        );
-        (xd, h)
+    /// The adapter half of the layer over raw data (the dense op's own).
+    fn adapter<'a>(
+        &'a self,
+        a: &'a [f32],
+        b: &'a [f32],
+        dims: (usize, usize, usize, usize),
+    ) -> Adapter<'a> {
+        Adapter {
+            a,
+            b,
+            mask: self.mask.as_deref(),
+            scale: self.scale,
+            dims,
+        }
     }
 }
 
@@ -273,17 +160,7 @@ impl candle_core::CustomOp3 for QLoraOp {
         let (n, inp) = l1.shape().dims2()?;
         let (r, out) = (l2.shape().dims2()?.0, l3.shape().dims2()?.0);
         let mut y = self.base.forward(x);
-        let (_, h) = self.adapter_input(x, a, (n, inp, r));
-        // y += scale * h B^T
-        gemm_rm(
-            (n, out, r),
-            &mut y,
-            out,
-            true,
-            (&h, r, false),
-            (b, r, true),
-            self.scale,
-        );
+        self.adapter(a, b, (n, inp, r, out)).add_forward(x, &mut y);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -297,76 +174,14 @@ impl candle_core::CustomOp3 for QLoraOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, inp) = x.dims2()?;
         let (r, out) = (a.dim(0)?, b.dim(0)?);
-        let (xv, av, bv, gv) = (values(x)?, values(a)?, values(b)?, values(g)?);
-        let s = self.scale;
-        let (xd, h) = self.adapter_input(&xv, &av, (n, inp, r));
-        let xs = if self.mask.is_some() {
-            &xd[..]
-        } else {
-            &xv[..]
-        };
-        // grad B = s g^T h (out, r)
-        let mut grad_b = vec![0f32; out * r];
-        gemm_rm(
-            (out, r, n),
-            &mut grad_b,
-            r,
-            false,
-            (&gv, out, true),
-            (&h, r, false),
-            s,
-        );
-        // gh = s g B (N, r)
-        let mut gh = vec![0f32; n * r];
-        gemm_rm(
-            (n, r, out),
-            &mut gh,
-            r,
-            false,
-            (&gv, out, false),
-            (&bv, r, false),
-            s,
-        );
-        // grad A = gh^T (m * x) (r, in)
-        let mut grad_a = vec![0f32; r * inp];
-        gemm_rm(
-            (r, inp, n),
-            &mut grad_a,
-            inp,
-            false,
-            (&gh, r, true),
-            (xs, inp, false),
-            1.0,
-        );
-        // grad x = g W (from the blocks) + m * (gh A)
-        let mut grad_x = input_grad(&self.base.w, &gv);
-        match &self.mask {
-            None => gemm_rm(
-                (n, inp, r),
-                &mut grad_x,
-                inp,
-                true,
-                (&gh, r, false),
-                (&av, inp, false),
-                1.0,
-            ),
-            Some(m) => {
-                let mut t = vec![0f32; n * inp];
-                gemm_rm(
-                    (n, inp, r),
-                    &mut t,
-                    inp,
-                    false,
-                    (&gh, r, false),
-                    (&av, inp, false),
-                    1.0,
-                );
-                grad_x
-                    .iter_mut()
-                    .zip(t.iter().zip(m))
-                    .for_each(|(gx, (t, m))| *gx += t * m);
-            }
-        }
+        let (grad_x, grad_a, grad_b) = with_f32s(&[x, a, b, g], |d| {
+            // grad x = g W (from the blocks) + the adapter's part
+            let mut grad_x = input_grad(&self.base.w, d[3]);
+            let (ga, gb) =
+                self.adapter(d[1], d[2], (n, inp, r, out))
+                    .backward(d[0], d[3], &mut grad_x);
+            (grad_x, ga, gb)
+        })?;
         let dev = &Device::Cpu;
         Ok((
             Some(Tensor::from_vec(grad_x, (n, inp), dev)?),

@@ -22,26 +22,83 @@ pub(crate) struct LoraLinear {
     pub w_key: Option<candle_core::TensorId>,
 }
 
-/// The adapter's input `m * x` (a new buffer when there is a mask, else `x` itself) and its
-/// product `h = (m * x) A^T` (N, r): computed by the forward pass and again by the backward.
-fn adapter_input<'a>(
-    x: &'a [f32],
-    mask: Option<&[f32]>,
-    a: &[f32],
-    (n, inp, r): (usize, usize, usize),
-    buf: &'a mut Vec<f32>,
-) -> (&'a [f32], Vec<f32>) {
-    let xd: &[f32] = match mask {
-        Some(m) => {
-            *buf = x.iter().zip(m).map(|(a, b)| a * b).collect();
-            buf
+/// The adapter half of a LoRA layer, `scale * (m * x) A^T B^T` with m an optional dropout mask,
+/// on raw f32 data: shared by the dense op here and the quantized one (`crate::qlinear`), which
+/// differ only in their base product.
+pub(crate) struct Adapter<'a> {
+    /// (r, in)
+    pub a: &'a [f32],
+    /// (out, r)
+    pub b: &'a [f32],
+    /// (N, in): 0 or 1 / (1 - p).
+    pub mask: Option<&'a [f32]>,
+    pub scale: f32,
+    /// (N, in, r, out)
+    pub dims: (usize, usize, usize, usize),
+}
+
+impl Adapter<'_> {
+    /// The adapter's input `m * x` (a new buffer in `buf` when there is a mask, else `x`
+    /// itself) and its product `h = (m * x) A^T` (N, r): computed by the forward pass and again
+    /// by the backward.
+    fn input<'x>(&self, x: &'x [f32], buf: &'x mut Vec<f32>) -> (&'x [f32], Vec<f32>) {
+        let (n, inp, r, _) = self.dims;
+        let xd: &[f32] = match self.mask {
+            Some(m) => {
+                *buf = x.iter().zip(m).map(|(a, b)| a * b).collect();
+                buf
+            }
+            None => x,
+        };
+        let mut h = vec![0f32; n * r];
+        let (xm, am) = (Mat::rm(xd, inp), Mat::rm_t(self.a, inp));
+        matmul(n, r, inp, &mut h, r, false, xm, am, 1.0, true);
+        (xd, h)
+    }
+
+    /// y (N, out) += scale * (m * x) A^T B^T.
+    pub fn add_forward(&self, x: &[f32], y: &mut [f32]) {
+        let (n, _, r, out) = self.dims;
+        let mut buf = Vec::new();
+        let (_, h) = self.input(x, &mut buf);
+        let (hm, bm) = (Mat::rm(&h, r), Mat::rm_t(self.b, r));
+        matmul(n, out, r, y, out, true, hm, bm, self.scale, true);
+    }
+
+    /// (grad A, grad B) for the output gradient g (N, out), adding the adapter's part of the
+    /// input gradient, `m * (s g B A)`, into `grad_x` (N, in).
+    pub fn backward(&self, x: &[f32], g: &[f32], grad_x: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+        let (n, inp, r, out) = self.dims;
+        let s = self.scale;
+        let mut buf = Vec::new();
+        let (xd, h) = self.input(x, &mut buf);
+        // grad B = s g^T h (out, r)
+        let mut grad_b = vec![0f32; out * r];
+        let (gt, hm) = (Mat::rm_t(g, out), Mat::rm(&h, r));
+        matmul(out, r, n, &mut grad_b, r, false, gt, hm, s, true);
+        // gh = s g B (N, r)
+        let mut gh = vec![0f32; n * r];
+        let (gm, bm) = (Mat::rm(g, out), Mat::rm(self.b, r));
+        matmul(n, r, out, &mut gh, r, false, gm, bm, s, true);
+        // grad A = gh^T xd (r, in)
+        let mut grad_a = vec![0f32; r * inp];
+        let (ght, xdm) = (Mat::rm_t(&gh, r), Mat::rm(xd, inp));
+        matmul(r, inp, n, &mut grad_a, inp, false, ght, xdm, 1.0, true);
+        // grad x += m * (gh A)
+        let (ghm, am) = (Mat::rm(&gh, r), Mat::rm(self.a, inp));
+        match self.mask {
+            None => matmul(n, inp, r, grad_x, inp, true, ghm, am, 1.0, true),
+            Some(m) => {
+                let mut t = vec![0f32; n * inp];
+                matmul(n, inp, r, &mut t, inp, false, ghm, am, 1.0, true);
+                grad_x
+                    .iter_mut()
+                    .zip(t.iter().zip(m))
+                    .for_each(|(gx, (t, m))| *gx += t * m);
+            }
         }
-        None => x,
-    };
-    let mut h = vec![0f32; n * r];
-    let (xm, am) = (Mat::rm(xd, inp), Mat::rm_t(a, inp));
-    matmul(n, r, inp, &mut h, r, false, xm, am, 1.0, true);
-    (xd, h)
+        (grad_a, grad_b)
+    }
 }
 
 impl LoraLinear {
@@ -90,10 +147,14 @@ impl LoraLinear {
             packed.as_deref(),
             1.0,
         );
-        let mut buf = Vec::new();
-        let (_, h) = adapter_input(x, mask, a, (n, inp, r), &mut buf);
-        let (hm, bm) = (Mat::rm(&h, r), Mat::rm_t(b, r));
-        matmul(n, out, r, &mut y, out, true, hm, bm, self.scale, true);
+        let adapter = Adapter {
+            a,
+            b,
+            mask,
+            scale: self.scale,
+            dims: (n, inp, r, out),
+        };
+        adapter.add_forward(x, &mut y);
         if let Some(bias) = bias {
             for row in y.chunks_exact_mut(out) {
                 row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
@@ -114,24 +175,9 @@ impl LoraLinear {
         mask: Option<&[f32]>,
         (n, inp, r, out): (usize, usize, usize, usize),
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let s = self.scale;
-        let mut buf = Vec::new();
-        let (xd, h) = adapter_input(x, mask, a, (n, inp, r), &mut buf);
-        // grad B = s g^T h (out, r)
-        let mut grad_b = vec![0f32; out * r];
-        let (gt, hm) = (Mat::rm_t(g, out), Mat::rm(&h, r));
-        matmul(out, r, n, &mut grad_b, r, false, gt, hm, s, true);
-        // gh = s g B (N, r)
-        let mut gh = vec![0f32; n * r];
-        let (gm, bm) = (Mat::rm(g, out), Mat::rm(b, r));
-        matmul(n, r, out, &mut gh, r, false, gm, bm, s, true);
-        // grad A = gh^T xd (r, in)
-        let mut grad_a = vec![0f32; r * inp];
-        let (ght, xdm) = (Mat::rm_t(&gh, r), Mat::rm(xd, inp));
-        matmul(r, inp, n, &mut grad_a, inp, false, ght, xdm, 1.0, true);
-        // grad x = g W + m * (gh A)
+        // grad x = g W + the adapter's part
         let mut grad_x = vec![0f32; n * inp];
-        let wm = Mat::rm(w, inp);
+        let (gm, wm) = (Mat::rm(g, out), Mat::rm(w, inp));
         let packed = pack_frozen(self.w_key, false, out, inp, wm);
         matmul_big_packed(
             n,
@@ -145,18 +191,14 @@ impl LoraLinear {
             packed.as_deref(),
             1.0,
         );
-        let (ghm, am) = (Mat::rm(&gh, r), Mat::rm(a, inp));
-        match mask {
-            None => matmul(n, inp, r, &mut grad_x, inp, true, ghm, am, 1.0, true),
-            Some(m) => {
-                let mut t = vec![0f32; n * inp];
-                matmul(n, inp, r, &mut t, inp, false, ghm, am, 1.0, true);
-                grad_x
-                    .iter_mut()
-                    .zip(t.iter().zip(m))
-                    .for_each(|(gx, (t, m))| *gx += t * m);
-            }
-        }
+        let adapter = Adapter {
+            a,
+            b,
+            mask,
+            scale: self.scale,
+            dims: (n, inp, r, out),
+        };
+        let (grad_a, grad_b) = adapter.backward(x, g, &mut grad_x);
         (grad_x, grad_a, grad_b)
     }
 }

@@ -8,9 +8,9 @@ mod adamw;
 mod attention;
 mod elementwise;
 mod linear;
-mod lora;
+pub(crate) mod lora;
 mod loss;
-mod util;
+pub(crate) mod util;
 
 pub use util::{clear_frozen_packs, frozen_pack_budget, frozen_pack_stats, FROZEN_PACK_BUDGET_ENV};
 
