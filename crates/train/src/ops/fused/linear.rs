@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::util::{matmul_big as matmul, matmul_big_packed, pack_frozen, slice, with_f32s, Mat};
+use super::util::{matmul_big as matmul, matmul_weight, slice, with_f32s, Mat};
 
 pub(crate) struct Linear {
     /// Whether x is tracked (else no gradient is formed for it).
@@ -42,20 +42,7 @@ impl candle_core::CustomOp2 for Linear {
         }
         let mut y = vec![0f32; n * out];
         let wm = Mat::rm_t(w, inp);
-        let packed = pack_frozen(self.w_key, true, inp, out, wm);
-        let xm = Mat::rm(x, inp);
-        matmul_big_packed(
-            n,
-            out,
-            inp,
-            &mut y,
-            out,
-            false,
-            xm,
-            wm,
-            packed.as_deref(),
-            1.0,
-        );
+        matmul_weight((n, out, inp), &mut y, Mat::rm(x, inp), wm, self.w_key, true);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -74,19 +61,7 @@ impl candle_core::CustomOp2 for Linear {
             let gx = self.grad_x.then(|| {
                 let mut gx = vec![0f32; n * inp];
                 let (gm, wm) = (Mat::rm(g, out), Mat::rm(w, inp));
-                let packed = pack_frozen(self.w_key, false, out, inp, wm);
-                matmul_big_packed(
-                    n,
-                    inp,
-                    out,
-                    &mut gx,
-                    inp,
-                    false,
-                    gm,
-                    wm,
-                    packed.as_deref(),
-                    1.0,
-                );
+                matmul_weight((n, inp, out), &mut gx, gm, wm, self.w_key, false);
                 gx
             });
             // grad W = g^T x (out, in)

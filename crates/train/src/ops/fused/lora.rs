@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::util::{matmul, matmul_big_packed, pack_frozen, slice, with_f32s, Mat};
+use super::util::{matmul, matmul_weight, slice, with_f32s, Mat};
 
 pub(crate) struct LoraLinear {
     /// (out, in), frozen.
@@ -102,6 +102,23 @@ impl Adapter<'_> {
 }
 
 impl LoraLinear {
+    /// The adapter half over raw data.
+    fn adapter<'a>(
+        &self,
+        a: &'a [f32],
+        b: &'a [f32],
+        mask: Option<&'a [f32]>,
+        dims: (usize, usize, usize, usize),
+    ) -> Adapter<'a> {
+        Adapter {
+            a,
+            b,
+            mask,
+            scale: self.scale,
+            dims,
+        }
+    }
+
     /// The frozen tensors this op holds, for [`with_f32s`]: w, then the mask and the bias if
     /// present. Returns (w, mask, bias) from the slices in that order.
     fn frozen(&self) -> Vec<&Tensor> {
@@ -134,26 +151,8 @@ impl LoraLinear {
     ) -> Vec<f32> {
         let mut y = vec![0f32; n * out];
         let (xm, wm) = (Mat::rm(x, inp), Mat::rm_t(w, inp));
-        let packed = pack_frozen(self.w_key, true, inp, out, wm);
-        matmul_big_packed(
-            n,
-            out,
-            inp,
-            &mut y,
-            out,
-            false,
-            xm,
-            wm,
-            packed.as_deref(),
-            1.0,
-        );
-        let adapter = Adapter {
-            a,
-            b,
-            mask,
-            scale: self.scale,
-            dims: (n, inp, r, out),
-        };
+        matmul_weight((n, out, inp), &mut y, xm, wm, self.w_key, true);
+        let adapter = self.adapter(a, b, mask, (n, inp, r, out));
         adapter.add_forward(x, &mut y);
         if let Some(bias) = bias {
             for row in y.chunks_exact_mut(out) {
@@ -178,26 +177,8 @@ impl LoraLinear {
         // grad x = g W + the adapter's part
         let mut grad_x = vec![0f32; n * inp];
         let (gm, wm) = (Mat::rm(g, out), Mat::rm(w, inp));
-        let packed = pack_frozen(self.w_key, false, out, inp, wm);
-        matmul_big_packed(
-            n,
-            inp,
-            out,
-            &mut grad_x,
-            inp,
-            false,
-            gm,
-            wm,
-            packed.as_deref(),
-            1.0,
-        );
-        let adapter = Adapter {
-            a,
-            b,
-            mask,
-            scale: self.scale,
-            dims: (n, inp, r, out),
-        };
+        matmul_weight((n, inp, out), &mut grad_x, gm, wm, self.w_key, false);
+        let adapter = self.adapter(a, b, mask, (n, inp, r, out));
         let (grad_a, grad_b) = adapter.backward(x, g, &mut grad_x);
         (grad_x, grad_a, grad_b)
     }

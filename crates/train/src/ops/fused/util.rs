@@ -288,6 +288,21 @@ pub(crate) fn pack_frozen(
     Some(packed)
 }
 
+/// dst (m, n) = a (m, k) @ b (k, n) where b is a view of a weight that `key` may name in the
+/// frozen-weight cache (`transposed`: b is W^T): [`pack_frozen`] then [`matmul_big_packed`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_weight(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    a: Mat,
+    b: Mat,
+    key: Option<candle_core::TensorId>,
+    transposed: bool,
+) {
+    let packed = pack_frozen(key, transposed, k, n, b);
+    matmul_big_packed(m, n, k, dst, n, false, a, b, packed.as_deref(), 1.0);
+}
+
 /// [`matmul_big`] with the right operand already packed by [`pack_big`] (`packed` from the
 /// same b), else exactly [`matmul_big`].
 #[allow(clippy::too_many_arguments)]
