@@ -78,7 +78,7 @@ pub unsafe fn matmul_with(
     // `alpha` scales the old dst (read only when `accumulate`), `beta` the product. Its
     // microkernels write column-major blocks, so the row-major dst (m, n) = a b is computed as
     // the column-major dst^T (n, m) = b^T a^T, the transpose the crate's own entry point makes
-    // (without it the products ran about 12% slower in a QLoRA step, bench/README.md).
+    // (without it a LoRA step ran about 1.5x slower, bench/README.md).
     if m == 0 || n == 0 {
         return;
     }

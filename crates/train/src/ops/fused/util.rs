@@ -209,6 +209,8 @@ pub(crate) fn pack_big(k: usize, n: usize, b: Mat) -> Option<bf16::PackedB> {
 struct FrozenPacks {
     map: std::collections::HashMap<(candle_core::TensorId, bool), std::sync::Arc<bf16::PackedB>>,
     bytes: usize,
+    /// [`frozen_pack_budget`], read once when the cache is made.
+    budget: usize,
 }
 
 /// Products that took a frozen weight from the cache, since the process started.
@@ -279,9 +281,10 @@ pub(crate) fn pack_frozen(
     let c = g.get_or_insert_with(|| FrozenPacks {
         map: Default::default(),
         bytes: 0,
+        budget: frozen_pack_budget(),
     });
     let size = packed.bytes();
-    if c.bytes + size <= frozen_pack_budget() {
+    if c.bytes + size <= c.budget {
         c.bytes += size;
         c.map.insert((id, transposed), packed.clone());
     }
@@ -290,7 +293,6 @@ pub(crate) fn pack_frozen(
 
 /// dst (m, n) = a (m, k) @ b (k, n) where b is a view of a weight that `key` may name in the
 /// frozen-weight cache (`transposed`: b is W^T): [`pack_frozen`] then [`matmul_big_packed`].
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_weight(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
