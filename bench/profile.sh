@@ -6,7 +6,7 @@
 #
 # Runs, each on THREADS threads (default 2), batch 8 x 256 tokens of bench/gen_train_data.py's
 # conversations, 4 optimizer steps (the first two include start-up and allocation):
-#   lora-f32, full-f32, lora-bf16 (needs AMX-BF16; skipped with a note otherwise),
+#   lora-f32, full-f32, lora-bf16 and full-bf16 (need AMX-BF16; skipped with a note otherwise),
 #   lora-q4_1 (`--quantized` on the asset GGUF), peer-lora and peer-full (PyTorch, if PYTHON
 #   imports torch, transformers and peft), gen-q8 and gen-f32 (`safetune generate` of
 #   demo:overrefusal's 154 probes, 48 new tokens, batch 32, on MODEL with `--quantize q8_0` and
@@ -49,8 +49,9 @@ prof lora-f32 "$B" tune --model "$OUT/model" -o "$OUT/o1" "${lora[@]}" "${steps[
 prof full-f32 "$B" tune --model "$OUT/model" -o "$OUT/o2" --full "${steps[@]}"
 if grep -q -w amx_bf16 /proc/cpuinfo; then
   prof lora-bf16 "$B" tune --model "$OUT/model" -o "$OUT/o3" "${lora[@]}" --bf16 "${steps[@]}"
+  prof full-bf16 "$B" tune --model "$OUT/model" -o "$OUT/o5" --full --bf16 "${steps[@]}"
 else
-  echo "== lora-bf16: skipped, this CPU lacks AMX-BF16"
+  echo "== lora-bf16, full-bf16: skipped, this CPU lacks AMX-BF16"
 fi
 prof lora-q4_1 "$B" tune --model "$GGUF" -o "$OUT/o4" "${lora[@]}" --quantized "${steps[@]}"
 if "$PYTHON" -c "import torch, transformers, peft" 2>/dev/null; then
