@@ -6,12 +6,15 @@
 //! - `q8_0-static`: `weights = "quantized"` (dense weights to Q8_0 at load), static batches;
 //! - `q8_0-continuous`: the same weights, continuous batching (the engine's default).
 //!
-//! Then the same prompts at batch 8 (more prompts than the batch, where continuous batching can
-//! refill slots), Q8_0 static against continuous. Static batches are selected with
-//! `SAFETUNE_BATCHING=static`. Prints the CPU model, its ISA, every run, the medians, the
+//! Each step runs as `GenerateStage` runs it: all its prompts fed to the engine in one call
+//! (`job::run_fed`). Then a step larger than one batch (the first ROWS AdvBench prompts, default
+//! 128, the study's batch of 32 and max new tokens), Q8_0: (d) continuous batching in chunks of
+//! one batch, each chunk waiting for its slowest row (how the study ran it before `run_fed`),
+//! (e) continuous batching fed the whole step (how it runs now), (f) static batches. Static
+//! batches are selected with `SAFETUNE_BATCHING=static`. Prints the CPU model, its ISA, every run, the medians, the
 //! ratios, and whether the static and continuous answers are identical (greedy). Not run by CI.
 //!
-//!     cargo run --release -p safetune --example study_generation -- MODEL [RUNS]
+//!     cargo run --release -p safetune --example study_generation -- MODEL [RUNS] [ROWS]
 //!
 //! MODEL: e.g. a quickstart study's merged aligned model, `STUDY/steps/align-*/merged`; RUNS
 //! (default 3) alternated runs of each way. `bench/study_generation.sh` builds and runs it.
@@ -21,8 +24,9 @@ use std::time::Instant;
 
 use safetune_data::prompts::PromptSet;
 use safetune_data::Message;
-use safetune_model::backend::{GenRequest, Generator, Prompt, Sampling};
+use safetune_model::backend::{GenOutput, GenRequest, Generator, Prompt, Sampling};
 use safetune_model::bench::cpu_model;
+use safetune_model::job::{run_fed, FedError};
 use safetune_model::{LocalEngine, ModelSpec};
 use safetune_study::config::{GenWeights, StudyConfig};
 use safetune_study::plan::{plan, select_prompts};
@@ -119,11 +123,42 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// How a step's prompts reach the engine.
+#[derive(Clone, Copy)]
+enum Feed {
+    /// One `generate` call per chunk of `max_batch` prompts.
+    Chunks,
+    /// One `run_fed` call for the whole step, as `GenerateStage` does.
+    Whole,
+}
+
+/// The answers to `reqs`, in order, fed as `GenerateStage` feeds them.
+fn fed(engine: &LocalEngine, reqs: &[GenRequest]) -> anyhow::Result<Vec<String>> {
+    let mut out: Vec<(usize, String)> = Vec::new();
+    run_fed(
+        engine,
+        reqs.len(),
+        &|i| reqs[i].clone(),
+        0,
+        &mut |rows: Vec<(usize, GenOutput)>| {
+            out.extend(rows.into_iter().map(|(i, o)| (i, o.text)));
+            Ok::<_, std::convert::Infallible>(())
+        },
+    )
+    .map_err(|e| match e {
+        FedError::Generator(e) => anyhow::anyhow!(e),
+        FedError::Commit(e) => match e {},
+    })?;
+    out.sort_by_key(|r| r.0);
+    Ok(out.into_iter().map(|r| r.1).collect())
+}
+
 /// One timed pass over every step: rows per second and the answers.
 fn pass(
     engine: &LocalEngine,
     steps: &[Vec<GenRequest>],
     continuous: bool,
+    feed: Feed,
 ) -> anyhow::Result<(f64, Vec<String>)> {
     std::env::set_var(
         "SAFETUNE_BATCHING",
@@ -133,10 +168,15 @@ fn pass(
     let mut texts = Vec::new();
     let mut rows = 0usize;
     for reqs in steps {
-        for chunk in reqs.chunks(engine.max_batch().max(1)) {
-            texts.extend(engine.generate(chunk)?.into_iter().map(|o| o.text));
-            rows += chunk.len();
+        match feed {
+            Feed::Chunks => {
+                for chunk in reqs.chunks(engine.max_batch().max(1)) {
+                    texts.extend(engine.generate(chunk)?.into_iter().map(|o| o.text));
+                }
+            }
+            Feed::Whole => texts.extend(fed(engine, reqs)?),
         }
+        rows += reqs.len();
     }
     Ok((rows as f64 / t.elapsed().as_secs_f64(), texts))
 }
@@ -145,8 +185,9 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let model = args
         .first()
-        .ok_or_else(|| anyhow::anyhow!("usage: study_generation MODEL [RUNS]"))?;
+        .ok_or_else(|| anyhow::anyhow!("usage: study_generation MODEL [RUNS] [ROWS]"))?;
     let runs: usize = args.get(1).map(|r| r.parse()).transpose()?.unwrap_or(3);
+    let big_rows: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(128);
     let spec = ModelSpec::parse(model)?;
     let steps = steps()?;
     let rows: usize = steps.iter().map(Vec::len).sum();
@@ -172,13 +213,13 @@ fn main() -> anyhow::Result<()> {
     let f32_engine = load(GenWeights::F32)?;
     let mut q8 = load(GenWeights::Quantized)?;
     // Warm-up (page-in, thread pool).
-    pass(&q8, &steps[..1], true)?;
+    pass(&q8, &steps[..1], true, Feed::Whole)?;
     let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
     let mut same = 0.0;
     for run in 0..runs {
-        let (ra, _) = pass(&f32_engine, &steps, false)?;
-        let (rb, tb) = pass(&q8, &steps, false)?;
-        let (rc, tc) = pass(&q8, &steps, true)?;
+        let (ra, _) = pass(&f32_engine, &steps, false, Feed::Chunks)?;
+        let (rb, tb) = pass(&q8, &steps, false, Feed::Whole)?;
+        let (rc, tc) = pass(&q8, &steps, true, Feed::Whole)?;
         same = identical(&tb, &tc);
         println!(
             "run {run}: f32-static {ra:.2} rows/s, q8_0-static {rb:.2}, q8_0-continuous {rc:.2}"
@@ -197,23 +238,53 @@ fn main() -> anyhow::Result<()> {
     );
     println!("  share of identical answers, static against continuous: {same:.3}");
 
-    // More prompts than the batch: all rows in one call at batch 8.
-    q8.batch_size = 8;
-    let all: Vec<Vec<GenRequest>> = vec![steps.concat()];
-    let (mut d, mut e) = (Vec::new(), Vec::new());
-    let mut same8 = 0.0;
+    drop(f32_engine);
+
+    // A step larger than one batch: the first `big_rows` AdvBench prompts at the study's batch.
+    let sampling = steps[0][0].sampling.clone();
+    let big: Vec<GenRequest> = PromptSet::load("advbench", None)?
+        .items
+        .iter()
+        .take(big_rows)
+        .map(|i| GenRequest {
+            prompt: Prompt::Chat(vec![Message::user(i.prompt.clone())]),
+            sampling: sampling.clone(),
+        })
+        .collect();
+    let big = vec![big];
+    println!(
+        "one step of {} AdvBench prompts, batch {}, Q8_0:",
+        big[0].len(),
+        q8.batch_size
+    );
+    let (mut d, mut e, mut f) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut same_de, mut same_ef) = (0.0, 0.0);
     for run in 0..runs {
-        let (rd, td) = pass(&q8, &all, false)?;
-        let (re, te) = pass(&q8, &all, true)?;
-        same8 = identical(&td, &te);
-        println!("batch 8, run {run}: q8_0-static {rd:.2} rows/s, q8_0-continuous {re:.2}");
+        let (rd, td) = pass(&q8, &big, true, Feed::Chunks)?;
+        let (re, te) = pass(&q8, &big, true, Feed::Whole)?;
+        let (rf, tf) = pass(&q8, &big, false, Feed::Whole)?;
+        same_de = identical(&td, &te);
+        same_ef = identical(&te, &tf);
+        println!(
+            "run {run}: continuous-chunks {rd:.2} rows/s, continuous-fed {re:.2}, static {rf:.2}"
+        );
         d.push(rd);
         e.push(re);
+        f.push(rf);
     }
-    let (md, me) = (median(&d), median(&e));
-    println!("median rows/s over {runs} runs ({rows} rows in one call, batch 8):");
-    println!("  q8_0-static      {md:.2}");
-    println!("  q8_0-continuous  {me:.2}  ({:.2}x static)", me / md);
-    println!("  share of identical answers, static against continuous: {same8:.3}");
+    let (md, me, mf) = (median(&d), median(&e), median(&f));
+    println!("median rows/s over {runs} runs:");
+    println!("  (d) continuous, chunks of one batch  {md:.2}");
+    println!(
+        "  (e) continuous, the whole step fed   {me:.2}  ({:.2}x d)",
+        me / md
+    );
+    println!(
+        "  (f) static batches                   {mf:.2}  (e is {:.2}x f)",
+        me / mf
+    );
+    println!(
+        "  share of identical answers: d against e {same_de:.3}, e against static {same_ef:.3}"
+    );
     Ok(())
 }

@@ -9,13 +9,17 @@ use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use safetune_data::{Message, Role};
 use serde::Serialize;
 use serde_json::{json, Map, Value as Json};
 
-use crate::backend::{GenRequest, Generator, Prompt, Sampling};
+use crate::backend::{
+    BackendError, GenOutput, GenRequest, Generator, Prompt, RequestFeed, Sampling,
+};
 use crate::error::{ModelError, Result};
 
 /// One prompt of a prompt file.
@@ -115,7 +119,8 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
 #[derive(Debug, Clone)]
 pub struct JobOptions {
     pub sampling: Sampling,
-    /// Prompts handed to the generator at once.
+    /// Finished rows appended to the output at once. The generator takes prompts as it has room
+    /// for them (its own batch size is set when it is loaded).
     pub batch_size: usize,
     /// Send `prompt` as raw text instead of a chat turn.
     pub raw: bool,
@@ -309,57 +314,202 @@ pub fn run_resumable<T, E>(
     work: &mut ChunkWork<'_, T, E>,
     progress: &mut dyn FnMut(&JobProgress),
 ) -> std::result::Result<JobProgress, ResumeError<E>> {
-    let mut seen = HashSet::new();
-    for r in rows {
-        if !seen.insert(id(r)) {
-            return Err(ResumeError::DuplicateId(id(r).to_string()));
-        }
-    }
-    let done_ids = finished_ids(out).map_err(ResumeError::Output)?;
-    let pending: Vec<&T> = rows.iter().filter(|r| !done_ids.contains(id(r))).collect();
-    let mut prog = JobProgress {
-        total: rows.len(),
-        skipped: rows.len() - pending.len(),
-        ..Default::default()
-    };
-    let io = |p: &Path, e| ResumeError::Output(ModelError::io(p, e));
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    }
-    let mut file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out)
-        .map_err(|e| io(out, e))?;
-    let start = Instant::now();
-    progress(&prog);
+    let (pending, mut output) = ResumableOutput::open(rows, id, out)?;
+    progress(&output.prog);
     for chunk in pending.chunks(chunk_size.max(1)) {
-        let rows = work(chunk, &mut prog).map_err(ResumeError::Work)?;
+        let rows = work(chunk, &mut output.prog).map_err(ResumeError::Work)?;
         if rows.len() != chunk.len() {
             return Err(ResumeError::Output(ModelError::Other(format!(
                 "{}: {} rows came back for a chunk of {}; {} of {} rows are kept and a rerun resumes",
                 out.display(),
                 rows.len(),
                 chunk.len(),
-                prog.finished(),
-                prog.total
+                output.prog.finished(),
+                output.prog.total
             ))));
         }
+        output.append(&rows).map_err(ResumeError::Output)?;
+        progress(&output.prog);
+    }
+    Ok(output.finish())
+}
+
+/// The output of a resumable run, opened for appending after its bad lines were moved aside.
+pub struct ResumableOutput<'a> {
+    path: &'a Path,
+    file: std::fs::File,
+    start: Instant,
+    /// Rows of the run so far (`done` counts the rows appended).
+    pub prog: JobProgress,
+}
+
+impl<'a> ResumableOutput<'a> {
+    /// Checks that ids are unique, repairs `out` and opens it: the rows of `rows` still to do,
+    /// and the output to append them to (see [`run_resumable`] for the rules).
+    pub fn open<T, E>(
+        rows: &'a [T],
+        id: impl Fn(&T) -> &str,
+        out: &'a Path,
+    ) -> std::result::Result<(Vec<&'a T>, ResumableOutput<'a>), ResumeError<E>> {
+        let mut seen = HashSet::new();
+        for r in rows {
+            if !seen.insert(id(r)) {
+                return Err(ResumeError::DuplicateId(id(r).to_string()));
+            }
+        }
+        let done_ids = finished_ids(out).map_err(ResumeError::Output)?;
+        let pending: Vec<&T> = rows.iter().filter(|r| !done_ids.contains(id(r))).collect();
+        let prog = JobProgress {
+            total: rows.len(),
+            skipped: rows.len() - pending.len(),
+            ..Default::default()
+        };
+        let io = |p: &Path, e| ResumeError::Output(ModelError::io(p, e));
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out)
+            .map_err(|e| io(out, e))?;
+        let output = ResumableOutput {
+            path: out,
+            file,
+            start: Instant::now(),
+            prog,
+        };
+        Ok((pending, output))
+    }
+
+    /// Appends `rows` in one write, flushed and synced, and counts them as done.
+    pub fn append(&mut self, rows: &[Json]) -> Result<()> {
         let mut text = String::new();
-        for row in &rows {
+        for row in rows {
             text.push_str(&row.to_string());
             text.push('\n');
         }
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.flush())
-            .and_then(|()| file.sync_data())
-            .map_err(|e| io(out, e))?;
-        prog.done += chunk.len();
-        prog.elapsed_s = start.elapsed().as_secs_f64();
-        progress(&prog);
+        self.file
+            .write_all(text.as_bytes())
+            .and_then(|()| self.file.flush())
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| ModelError::io(self.path, e))?;
+        self.prog.done += rows.len();
+        self.prog.elapsed_s = self.start.elapsed().as_secs_f64();
+        Ok(())
     }
-    prog.elapsed_s = start.elapsed().as_secs_f64();
-    Ok(prog)
+
+    /// The run's progress at its end.
+    pub fn finish(mut self) -> JobProgress {
+        self.prog.elapsed_s = self.start.elapsed().as_secs_f64();
+        self.prog
+    }
+}
+
+/// Why [`run_fed`] stopped.
+#[derive(Debug)]
+pub enum FedError<E> {
+    /// A request or the generator failed; every row finished before it was committed.
+    Generator(BackendError),
+    /// `commit` failed; no request started after it.
+    Commit(E),
+}
+
+/// Runs requests `0..n` (built by `request`) through [`Generator::generate_fed`], so a backend
+/// that can refills a finished row's slot with the next request at once, and hands finished rows
+/// to `commit` on this thread while generation goes on: `(index, output)` pairs, `group` at a
+/// time (0: every row finished since the last call). After the first failed request no new one
+/// starts; the running ones finish and are committed, then the error is returned.
+pub fn run_fed<E>(
+    generator: &dyn Generator,
+    n: usize,
+    request: &(dyn Fn(usize) -> GenRequest + Sync),
+    group: usize,
+    commit: &mut dyn FnMut(Vec<(usize, GenOutput)>) -> std::result::Result<(), E>,
+) -> std::result::Result<(), FedError<E>> {
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel();
+    let mut feed = ChannelFeed {
+        n,
+        request,
+        next: 0,
+        stop: &stop,
+        tx,
+    };
+    let mut failed: Option<FedError<E>> = None;
+    let mut buf = Vec::new();
+    let mut flush = |buf: &mut Vec<(usize, GenOutput)>, failed: &mut Option<FedError<E>>| {
+        if buf.is_empty() || matches!(failed, Some(FedError::Commit(_))) {
+            return;
+        }
+        if let Err(e) = commit(std::mem::take(buf)) {
+            stop.store(true, Ordering::SeqCst);
+            *failed = Some(FedError::Commit(e));
+        }
+    };
+    let ran = std::thread::scope(|scope| {
+        let worker = scope.spawn(move || generator.generate_fed(&mut feed));
+        // Ends when the worker has returned and so dropped the feed's sender.
+        while let Ok(first) = rx.recv() {
+            for (key, out) in std::iter::once(first).chain(rx.try_iter()) {
+                match out {
+                    Ok(o) => buf.push((key, o)),
+                    Err(e) => {
+                        failed.get_or_insert(FedError::Generator(e));
+                    }
+                }
+                if group > 0 && buf.len() >= group {
+                    flush(&mut buf, &mut failed);
+                }
+            }
+            if group == 0 {
+                flush(&mut buf, &mut failed);
+            }
+        }
+        worker.join()
+    });
+    flush(&mut buf, &mut failed);
+    match ran {
+        Err(_) => Err(FedError::Generator(BackendError::Other(
+            "the generator panicked".into(),
+        ))),
+        Ok(Err(e)) => Err(failed.unwrap_or(FedError::Generator(e))),
+        Ok(Ok(())) => failed.map_or(Ok(()), Err),
+    }
+}
+
+/// The feed of [`run_fed`]: requests in index order until they run out or `stop` is set; finished
+/// ones go back to the committing thread over `tx`.
+struct ChannelFeed<'a> {
+    n: usize,
+    request: &'a (dyn Fn(usize) -> GenRequest + Sync),
+    next: usize,
+    stop: &'a AtomicBool,
+    tx: mpsc::Sender<(usize, std::result::Result<GenOutput, BackendError>)>,
+}
+
+impl RequestFeed for ChannelFeed<'_> {
+    fn next(&mut self) -> Option<(usize, GenRequest)> {
+        if self.stop.load(Ordering::SeqCst) || self.next >= self.n {
+            return None;
+        }
+        self.next += 1;
+        Some((self.next - 1, (self.request)(self.next - 1)))
+    }
+
+    fn piece(&mut self, _key: usize, _piece: &str) {}
+
+    fn done(&mut self, key: usize, out: std::result::Result<GenOutput, BackendError>) {
+        if out.is_err() {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        // The receiver lives until the generator's call has returned.
+        let _ = self.tx.send((key, out));
+    }
+
+    fn cancelled(&self, _key: usize) -> bool {
+        false
+    }
 }
 
 /// A seed per row from the run's seed and the row id, so a resumed run samples what an
@@ -369,7 +519,10 @@ fn row_seed(seed: u64, id: &str) -> u64 {
 }
 
 /// Generates for every prompt not yet in `out`, appending rows
-/// `{id, prompt, messages, response, finish_reason, prompt_tokens, completion_tokens, model, meta}`.
+/// `{id, prompt, messages, response, finish_reason, prompt_tokens, completion_tokens, model, meta}`
+/// in the order they finish (in input order within one append). The prompts are fed to the generator ([`run_fed`]), so a local
+/// engine gives a finished row's slot to the next prompt at once; finished rows are appended
+/// `batch_size` at a time (and the rest at the end, or when a request fails).
 pub fn run_generation(
     generator: &dyn Generator,
     prompts: &[PromptRow],
@@ -378,16 +531,22 @@ pub fn run_generation(
     progress: &mut dyn FnMut(&JobProgress),
 ) -> Result<JobProgress> {
     let model = generator.model_id().to_string();
-    let mut work = |chunk: &[&PromptRow], prog: &mut JobProgress| -> Result<Vec<Json>> {
-        let requests: Vec<GenRequest> = chunk.iter().map(|p| gen_request(p, opts)).collect();
-        let outputs = generator
-            .generate(&requests)
-            .map_err(|e| ModelError::Other(format!("generation failed: {e}")))?;
-        Ok(chunk
-            .iter()
-            .zip(outputs)
-            .map(|(p, o)| {
-                prog.completion_tokens += o.completion_tokens;
+    let (pending, mut output) =
+        ResumableOutput::open(prompts, |p| p.id.as_str(), out).map_err(|e| match e {
+            ResumeError::DuplicateId(id) => ModelError::Other(format!(
+                "prompt id {id:?} appears twice; ids must be unique for a run to resume"
+            )),
+            ResumeError::Output(e) | ResumeError::Work(e) => e,
+        })?;
+    progress(&output.prog);
+    let request = |i: usize| gen_request(pending[i], opts);
+    let mut commit = |mut done: Vec<(usize, GenOutput)>| -> Result<()> {
+        done.sort_by_key(|d| d.0);
+        let rows: Vec<Json> = done
+            .into_iter()
+            .map(|(i, o)| {
+                let p = pending[i];
+                output.prog.completion_tokens += o.completion_tokens;
                 json!({
                     "id": p.id,
                     "prompt": p.prompt_text(),
@@ -400,22 +559,22 @@ pub fn run_generation(
                     "meta": p.meta,
                 })
             })
-            .collect())
+            .collect();
+        output.append(&rows)?;
+        progress(&output.prog);
+        Ok(())
     };
-    run_resumable(
-        prompts,
-        |p| p.id.as_str(),
-        out,
-        opts.batch_size,
-        &mut work,
-        progress,
-    )
-    .map_err(|e| match e {
-        ResumeError::DuplicateId(id) => ModelError::Other(format!(
-            "prompt id {id:?} appears twice; ids must be unique for a run to resume"
-        )),
-        ResumeError::Output(e) | ResumeError::Work(e) => e,
-    })
+    match run_fed(
+        generator,
+        pending.len(),
+        &request,
+        opts.batch_size.max(1),
+        &mut commit,
+    ) {
+        Ok(()) => Ok(output.finish()),
+        Err(FedError::Commit(e)) => Err(e),
+        Err(FedError::Generator(e)) => Err(ModelError::Other(format!("generation failed: {e}"))),
+    }
 }
 
 /// The request for one prompt: its chat turns (or, `raw`, their text joined by newlines) with the
@@ -445,8 +604,10 @@ fn gen_request(p: &PromptRow, opts: &JobOptions) -> GenRequest {
 mod tests {
     use super::*;
 
-    use crate::backend::{BackendError, FinishReason, GenOutput, TokenSink};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use crate::backend::{FinishReason, TokenSink};
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     #[test]
     fn row_seed_is_pinned() {
@@ -454,7 +615,8 @@ mod tests {
         assert_eq!(row_seed(42, "advbench:17"), 9511817318546591284);
     }
 
-    /// Echoes the last user turn; fails once after `fail_after` calls to mimic a kill.
+    /// Echoes the last user turn, two requests a call; fails every call after the first
+    /// `fail_after` to mimic a kill.
     struct Echo {
         calls: AtomicUsize,
         fail_after: usize,
@@ -463,6 +625,9 @@ mod tests {
     impl Generator for Echo {
         fn model_id(&self) -> &str {
             "echo"
+        }
+        fn max_batch(&self) -> usize {
+            2
         }
         fn generate_streaming(
             &self,
@@ -750,5 +915,161 @@ mod tests {
         std::fs::write(&p, "{\"prompt\": \"ok\"}\n{\"text\": \"no prompt\"}\n").unwrap();
         let e = read_prompts(&p).unwrap_err().to_string();
         assert!(e.contains("p.jsonl") && e.contains("line 2"), "{e}");
+    }
+
+    /// Runs the feed two requests at a time, refilling a slot as soon as a request finishes; the
+    /// 1-based request `fail_at` fails. With `wait_for_store`, it waits after each finished
+    /// request until the stage has stored it.
+    struct Slots {
+        calls: AtomicUsize,
+        fail_at: Option<usize>,
+        wait_for_store: Option<Arc<AtomicUsize>>,
+        started: Mutex<Vec<usize>>,
+    }
+
+    impl Generator for Slots {
+        fn model_id(&self) -> &str {
+            "slots"
+        }
+        fn max_batch(&self) -> usize {
+            2
+        }
+        fn generate_streaming(
+            &self,
+            _: &[GenRequest],
+            _: TokenSink<'_>,
+        ) -> Result<Vec<GenOutput>, BackendError> {
+            unreachable!("the stage feeds requests")
+        }
+        fn generate_fed(&self, feed: &mut dyn RequestFeed) -> Result<(), BackendError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut running = std::collections::VecDeque::new();
+            let mut finished = 0;
+            loop {
+                while running.len() < 2 {
+                    match feed.next() {
+                        Some(r) => {
+                            self.started.lock().unwrap().push(r.0);
+                            running.push_back(r);
+                        }
+                        None => break,
+                    }
+                }
+                let Some((key, req)) = running.pop_front() else {
+                    return Ok(());
+                };
+                finished += 1;
+                let out = if Some(finished) == self.fail_at {
+                    Err(BackendError::Unavailable("outage".into()))
+                } else {
+                    let Prompt::Chat(m) = &req.prompt else {
+                        unreachable!()
+                    };
+                    Ok(GenOutput {
+                        text: format!("answer to {}", m[0].content),
+                        prompt_tokens: 1,
+                        completion_tokens: 2,
+                        finish_reason: FinishReason::Stop,
+                    })
+                };
+                let ok = out.is_ok();
+                feed.done(key, out);
+                if let (Some(stored), true) = (&self.wait_for_store, ok) {
+                    let t = Instant::now();
+                    while stored.load(Ordering::SeqCst) < finished {
+                        assert!(
+                            t.elapsed() < Duration::from_secs(20),
+                            "row {key} not stored"
+                        );
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+    }
+
+    fn slots(fail_at: Option<usize>, wait: Option<Arc<AtomicUsize>>) -> Slots {
+        Slots {
+            calls: AtomicUsize::new(0),
+            fail_at,
+            wait_for_store: wait,
+            started: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn request(i: usize) -> GenRequest {
+        GenRequest {
+            prompt: Prompt::Chat(vec![Message::user(format!("prompt {i}"))]),
+            sampling: Sampling::default(),
+        }
+    }
+
+    /// Rows by index as `run_fed` commits them, and the size of each commit.
+    type Committed = (Vec<(usize, String)>, Vec<usize>);
+
+    fn commits<'a>(
+        out: &'a mut Committed,
+        stored: Option<&'a AtomicUsize>,
+    ) -> impl FnMut(Vec<(usize, GenOutput)>) -> std::result::Result<(), String> + 'a {
+        move |rows| {
+            out.1.push(rows.len());
+            if let Some(s) = stored {
+                s.fetch_add(rows.len(), Ordering::SeqCst);
+            }
+            out.0.extend(rows.into_iter().map(|(i, o)| (i, o.text)));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn one_call_feeds_every_request_and_rows_are_committed_while_it_runs() {
+        let stored = Arc::new(AtomicUsize::new(0));
+        let g = slots(None, Some(stored.clone()));
+        let mut out = Committed::default();
+        run_fed(&g, 5, &request, 0, &mut commits(&mut out, Some(&stored))).unwrap();
+        // One call for 5 requests on 2 slots: the slots refill across the run.
+        assert_eq!(g.calls.load(Ordering::SeqCst), 1);
+        // The generator waited for each row to be committed, so each was committed alone.
+        assert_eq!(out.1, vec![1; 5]);
+        let want: Vec<(usize, String)> = (0..5)
+            .map(|i| (i, format!("answer to prompt {i}")))
+            .collect();
+        assert_eq!(out.0, want);
+    }
+
+    #[test]
+    fn a_group_size_commits_rows_in_groups() {
+        let g = slots(None, None);
+        let mut out = Committed::default();
+        run_fed(&g, 5, &request, 2, &mut commits(&mut out, None)).unwrap();
+        assert_eq!(out.1, vec![2, 2, 1]);
+    }
+
+    #[test]
+    fn after_a_failed_request_no_new_one_starts_and_finished_rows_are_committed() {
+        let g = slots(Some(3), None);
+        let mut out = Committed::default();
+        let r = run_fed(&g, 6, &request, 0, &mut commits(&mut out, None));
+        assert!(
+            matches!(r, Err(FedError::Generator(BackendError::Unavailable(ref m))) if m == "outage"),
+            "{r:?}"
+        );
+        // 0 and 1 finished; 2 failed; 3 was running beside it and finishes; 4 never starts.
+        let mut done: Vec<usize> = out.0.iter().map(|r| r.0).collect();
+        done.sort();
+        assert_eq!(done, [0, 1, 3]);
+        assert_eq!(*g.started.lock().unwrap(), vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_commit_error_stops_the_run() {
+        let g = slots(None, None);
+        let mut calls = 0;
+        let r = run_fed(&g, 6, &request, 1, &mut |_| {
+            calls += 1;
+            Err("disk full")
+        });
+        assert!(matches!(r, Err(FedError::Commit("disk full"))), "{r:?}");
+        assert_eq!(calls, 1, "nothing is committed after a commit failed");
     }
 }

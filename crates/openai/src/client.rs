@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use safetune_model::backend::{
-    BackendError, FinishReason, GenOutput, GenRequest, Generator, Prompt, TokenSink,
+    BackendError, FinishReason, GenOutput, GenRequest, Generator, Prompt, RequestFeed, TokenSink,
 };
 use safetune_model::{ModelError, ModelSpec};
 
@@ -654,6 +654,45 @@ impl Generator for OpenAiClient {
             return Err(BackendError::Other("a request of the batch failed".into()));
         }
         Ok(outs)
+    }
+
+    /// Keeps `concurrency` requests in flight, taking the next one from the feed as soon as one
+    /// ends (asking again whenever a request ends while the feed had none); each answer reaches
+    /// the feed whole. A request that fails after its retries fails alone.
+    fn generate_fed(&self, feed: &mut dyn RequestFeed) -> Result<(), BackendError> {
+        // The feed and the number of requests in flight.
+        let state = Mutex::new((feed, 0usize));
+        let wake = std::sync::Condvar::new();
+        let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
+        std::thread::scope(|scope| {
+            for _ in 0..self.config.concurrency.max(1) {
+                scope.spawn(|| loop {
+                    let (key, req) = {
+                        let mut s = lock();
+                        loop {
+                            if let Some(r) = s.0.next() {
+                                s.1 += 1;
+                                break r;
+                            }
+                            if s.1 == 0 {
+                                wake.notify_all();
+                                return;
+                            }
+                            s = wake.wait(s).unwrap_or_else(|e| e.into_inner());
+                        }
+                    };
+                    let r = self.generate_one(&req);
+                    let mut s = lock();
+                    if let Ok(o) = &r {
+                        s.0.piece(key, &o.text);
+                    }
+                    s.0.done(key, r);
+                    s.1 -= 1;
+                    wake.notify_all();
+                });
+            }
+        });
+        Ok(())
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use safetune_data::Message;
 use safetune_model::backend::{
-    BackendError, FinishReason, GenOutput, GenRequest, Generator, Prompt, Sampling, TokenSink,
+    BackendError, FinishReason, GenOutput, GenRequest, Generator, Prompt, RequestFeed, Sampling,
+    TokenSink,
 };
 use safetune_openai::protocol::{
     parse_sse, ChatCompletionChunk, CompletionResponse, ErrorResponse,
@@ -1086,4 +1087,109 @@ fn the_client_gives_up_with_a_clear_error_and_keeps_finished_rows() {
         std::fs::read_to_string(&out).unwrap(),
         "{\"id\":\"done\",\"response\":\"kept\"}\n"
     );
+}
+
+/// A server that answers each request on its own thread with the request's last user turn,
+/// after 600 ms when that turn contains "slow".
+fn slow_echo_server() -> (String, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", server.server_addr().to_ip().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !stop2.load(Ordering::SeqCst) {
+            let Ok(Some(mut req)) = server.recv_timeout(Duration::from_millis(20)) else {
+                continue;
+            };
+            std::thread::spawn(move || {
+                let mut body = String::new();
+                let _ = std::io::Read::read_to_string(req.as_reader(), &mut body);
+                let v: Value = serde_json::from_str(&body).unwrap();
+                let text = v["messages"].as_array().unwrap().last().unwrap()["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                if text.contains("slow") {
+                    std::thread::sleep(Duration::from_millis(600));
+                }
+                let _ = req.respond(tiny_http::Response::from_string(
+                    json!({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+                    .to_string(),
+                ));
+            });
+        }
+    });
+    (url, stop, thread)
+}
+
+/// Hands out `prompts` in order and records what happened, in order.
+struct Recorder {
+    prompts: Vec<&'static str>,
+    next: usize,
+    in_flight: usize,
+    most_in_flight: usize,
+    events: Vec<String>,
+}
+
+impl RequestFeed for Recorder {
+    fn next(&mut self) -> Option<(usize, GenRequest)> {
+        let p = self.prompts.get(self.next)?;
+        self.next += 1;
+        self.in_flight += 1;
+        self.most_in_flight = self.most_in_flight.max(self.in_flight);
+        self.events.push(format!("start {}", self.next - 1));
+        Some((self.next - 1, chat(p, 8)))
+    }
+    fn piece(&mut self, _: usize, _: &str) {}
+    fn done(&mut self, key: usize, out: Result<GenOutput, BackendError>) {
+        self.in_flight -= 1;
+        let text = out.map(|o| o.text).unwrap_or_else(|e| e.to_string());
+        self.events.push(format!("done {key} {text}"));
+    }
+    fn cancelled(&self, _: usize) -> bool {
+        false
+    }
+}
+
+#[test]
+fn a_fed_client_refills_a_slot_as_soon_as_its_request_ends() {
+    let (url, stop, thread) = slow_echo_server();
+    // Two slots: in batches of two, "b" could not start before "slow one" ended.
+    let c = OpenAiClient::from_spec(
+        &format!("openai:{url}#m"),
+        ClientConfig {
+            concurrency: 2,
+            ..client_config()
+        },
+    )
+    .unwrap();
+    let mut feed = Recorder {
+        prompts: vec!["slow one", "a", "b", "c", "d"],
+        next: 0,
+        in_flight: 0,
+        most_in_flight: 0,
+        events: Vec::new(),
+    };
+    c.generate_fed(&mut feed).unwrap();
+    stop.store(true, Ordering::SeqCst);
+    thread.join().unwrap();
+    assert_eq!(feed.most_in_flight, 2, "{:?}", feed.events);
+    assert_eq!(feed.in_flight, 0);
+    let done: Vec<&String> = feed
+        .events
+        .iter()
+        .filter(|e| e.starts_with("done"))
+        .collect();
+    assert_eq!(done.len(), 5, "{:?}", feed.events);
+    assert_eq!(done[4], "done 0 slow one", "{:?}", feed.events);
+    for (k, p) in ["a", "b", "c", "d"].iter().enumerate() {
+        assert!(
+            feed.events.contains(&format!("done {} {p}", k + 1)),
+            "{:?}",
+            feed.events
+        );
+    }
 }

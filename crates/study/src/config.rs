@@ -394,7 +394,8 @@ pub struct GenerationSection {
     pub max_new_tokens: usize,
     #[serde(default)]
     pub temperature: f32,
-    /// Rows per store transaction (0: the backend's batch size).
+    /// Rows per store transaction (0: each row as it finishes; rows are generated with slots
+    /// refilled either way).
     #[serde(default)]
     pub chunk_size: usize,
     /// How local models hold their matrices while generating (`openai:` models: ignored).

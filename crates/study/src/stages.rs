@@ -12,11 +12,12 @@ use serde_json::json;
 
 use safetune_data::audit::Auditor;
 use safetune_data::demo::resolve_dataset;
-use safetune_data::prompts::{PromptSet, Split};
+use safetune_data::prompts::{PromptItem, PromptSet, Split};
 use safetune_data::read::{read_all, read_json_lines, write_messages_jsonl, ReadOptions};
 use safetune_data::transform::{apply, Recipe, Rng};
 use safetune_data::{Conversation, Message, Role, Structure};
-use safetune_model::backend::{GenRequest, Generator, Prompt, Sampling};
+use safetune_model::backend::{GenOutput, GenRequest, Generator, Prompt, Sampling};
+use safetune_model::job::{run_fed, FedError};
 use safetune_model::{LoadOptions, ModelSpec};
 use safetune_openai::{
     load_generator, ClientConfig, EndpointPool, LoraLoad, OpenAiClient, OpenAiSpec,
@@ -502,8 +503,10 @@ pub fn default_generator(
 /// 8, 38 s at 32, 32 s at 64; answers are the same at every batch size (greedy).
 pub const LOCAL_BATCH: usize = 32;
 
-/// Generates answers to a benchmark split, committing each chunk of rows to the store as it
-/// finishes and skipping rows already there (a killed step resumes).
+/// Generates answers to a benchmark split: every pending prompt is fed to the generator in one
+/// call ([`run_fed`], so a local engine refills a finished row's slot at once), rows are
+/// committed to the store as they finish, and rows already there are skipped (a killed step
+/// resumes).
 pub struct GenerateStage {
     factory: Arc<GeneratorFactory>,
     opened: Opened<dyn Generator>,
@@ -579,56 +582,59 @@ impl Stage for GenerateStage {
                 _ => None,
             };
             let generator = self.generator(model, sampling.weights)?;
-            let chunk = if sampling.chunk_size > 0 {
-                sampling.chunk_size
-            } else {
-                generator.max_batch().max(1)
-            };
             let s = Sampling {
                 max_new_tokens: sampling.max_new_tokens,
                 temperature: sampling.temperature,
                 seed: sampling.seed,
                 ..Default::default()
             };
-            for part in pending.chunks(chunk) {
-                let requests: Vec<GenRequest> = part
-                    .iter()
-                    .map(|i| GenRequest {
-                        prompt: Prompt::Chat(vec![Message::user(i.prompt.clone())]),
-                        sampling: s.clone(),
-                    })
-                    .collect();
-                let outs = generator.generate(&requests).map_err(|e| {
-                    StageError::Other(format!(
-                        "{}: {e} ({finished} of {total} rows are stored; a rerun resumes)",
-                        step.label
-                    ))
-                })?;
-                let rows: Vec<GenerationRow> = part
-                    .iter()
-                    .zip(outs)
-                    .map(|(i, o)| GenerationRow {
-                        row_id: i.id.clone(),
-                        prompt: i.prompt.clone(),
-                        response: o.text,
-                        completion_tokens: o.completion_tokens as i64,
-                        finish_reason: o.finish_reason.as_str().to_string(),
-                        meta: json!({"category": i.category, "source": i.source}),
-                    })
-                    .collect();
-                ctx.store.insert_generations(ctx.key, &rows)?;
-                finished += rows.len();
-                (ctx.progress)(&StepProgress {
-                    done: finished,
-                    total,
-                });
-            }
+            let request = |i: usize| GenRequest {
+                prompt: Prompt::Chat(vec![Message::user(pending[i].prompt.clone())]),
+                sampling: s.clone(),
+            };
+            let fed = run_fed(
+                generator.as_ref(),
+                pending.len(),
+                &request,
+                sampling.chunk_size,
+                &mut |done: Vec<(usize, GenOutput)>| {
+                    let rows: Vec<GenerationRow> = done
+                        .into_iter()
+                        .map(|(i, o)| generation_row(pending[i], o))
+                        .collect();
+                    ctx.store.insert_generations(ctx.key, &rows)?;
+                    finished += rows.len();
+                    (ctx.progress)(&StepProgress {
+                        done: finished,
+                        total,
+                    });
+                    Ok(())
+                },
+            );
+            fed.map_err(|e| match e {
+                FedError::Generator(e) => StageError::Other(format!(
+                    "{}: {e} ({finished} of {total} rows are stored; a rerun resumes)",
+                    step.label
+                )),
+                FedError::Commit(e) => e,
+            })?;
         }
         Ok(StepOutput::Generations {
             benchmark: benchmark.name.clone(),
             harmful: benchmark.harmful,
             rows: total,
         })
+    }
+}
+
+fn generation_row(item: &PromptItem, o: GenOutput) -> GenerationRow {
+    GenerationRow {
+        row_id: item.id.clone(),
+        prompt: item.prompt.clone(),
+        response: o.text,
+        completion_tokens: o.completion_tokens as i64,
+        finish_reason: o.finish_reason.as_str().to_string(),
+        meta: json!({"category": item.category, "source": item.source}),
     }
 }
 

@@ -34,7 +34,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_new_tokens: usize,
 
-    /// Prompts generated together.
+    /// Prompts generated together (a finished prompt's slot takes the next one at once); also
+    /// the rows appended to the output at once.
     #[arg(long, default_value_t = 8, value_name = "B")]
     pub batch_size: usize,
 
