@@ -211,7 +211,7 @@ fn main() -> anyhow::Result<()> {
         )?)
     };
     let f32_engine = load(GenWeights::F32)?;
-    let mut q8 = load(GenWeights::Quantized)?;
+    let q8 = load(GenWeights::Quantized)?;
     // Warm-up (page-in, thread pool).
     pass(&q8, &steps[..1], true, Feed::Whole)?;
     let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());

@@ -74,6 +74,82 @@ fn round_bits(b: u32) -> u32 {
     }
 }
 
+/// [`round_bits`] without branches, so that loops over it vectorize: the same bits for every
+/// input (tested).
+#[inline(always)]
+fn round_bits_select(b: u32) -> u32 {
+    let exp = b & 0x7f80_0000;
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    let v = if nan {
+        (b | 0x0040_0000) & 0xffff_0000
+    } else {
+        rounded
+    };
+    if exp == 0 {
+        b & 0x8000_0000
+    } else {
+        v
+    }
+}
+
+/// `dst[i] = f32_to_bf16(src[i])`, vectorized where the CPU has AVX-512.
+fn convert_row(dst: &mut [u16], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        return unsafe { convert_row_avx512(dst, src) };
+    }
+    convert_row_portable(dst, src)
+}
+
+#[inline(always)]
+fn convert_row_portable(dst: &mut [u16], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = (round_bits_select(s.to_bits()) >> 16) as u16;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn convert_row_avx512(dst: &mut [u16], src: &[f32]) {
+    convert_row_portable(dst, src)
+}
+
+/// Pair-interleaves two rows: `dst[j] = bf16(lo[j]) | bf16(hi[j]) << 16` (a zero where a row is
+/// shorter than `dst`), vectorized where the CPU has AVX-512.
+fn convert_pairs(dst: &mut [u32], lo: &[f32], hi: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        return unsafe { convert_pairs_avx512(dst, lo, hi) };
+    }
+    convert_pairs_portable(dst, lo, hi)
+}
+
+#[inline(always)]
+fn convert_pairs_portable(dst: &mut [u32], lo: &[f32], hi: &[f32]) {
+    if lo.len() == dst.len() && hi.len() == dst.len() {
+        for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
+            *d = (round_bits_select(l.to_bits()) >> 16) | round_bits_select(h.to_bits());
+        }
+    } else {
+        for (j, d) in dst.iter_mut().enumerate() {
+            let l = lo
+                .get(j)
+                .map_or(0, |v| round_bits_select(v.to_bits()) >> 16);
+            let h = hi.get(j).map_or(0, |v| round_bits_select(v.to_bits()));
+            *d = l | h;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn convert_pairs_avx512(dst: &mut [u32], lo: &[f32], hi: &[f32]) {
+    convert_pairs_portable(dst, lo, hi)
+}
+
 /// Which bf16 kernel runs a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bf16Kernel {
@@ -206,6 +282,11 @@ impl PackedB {
     }
 }
 
+/// Rows of the left operand one packing task converts; a strided view is read in blocks of
+/// `PACK_ROWS` rows by `PACK_COLS` columns, so every cache line read and written is used whole.
+const PACK_ROWS: usize = 16;
+const PACK_COLS: usize = 64;
+
 /// Packs a (m, k) view into bf16 rows.
 ///
 /// # Safety
@@ -214,30 +295,54 @@ pub unsafe fn pack_a(m: usize, k: usize, a: MatRef) -> PackedA {
     let (mp, kp) = (round_up(m.max(1), BLOCK), round_up(k.max(1), KB));
     let mut data = vec![0u16; mp * kp];
     let ptr = a.ptr as usize;
-    let pack_row = |(i, row): (usize, &mut [u16])| {
+    // Rows i0.. of `a` into `rows` (whole packed rows of kp values each).
+    let pack_rows = |(t, rows): (usize, &mut [u16])| {
         let base = ptr as *const f32;
+        let i0 = t * PACK_ROWS;
+        let nr = m.saturating_sub(i0).min(rows.len() / kp);
+        if nr == 0 {
+            return;
+        }
         if a.cs == 1 {
-            // SAFETY: row i of a covers k contiguous values (caller's guarantee).
-            let src = unsafe { std::slice::from_raw_parts(base.offset(i as isize * a.rs), k) };
-            row[..k]
-                .iter_mut()
-                .zip(src)
-                .for_each(|(d, &s)| *d = f32_to_bf16(s));
-        } else {
-            for (p, d) in row[..k].iter_mut().enumerate() {
-                // SAFETY: (i, p) lies inside the (m, k) view.
-                *d = f32_to_bf16(unsafe { *base.offset(i as isize * a.rs + p as isize * a.cs) });
+            for (r, row) in rows.chunks_mut(kp).take(nr).enumerate() {
+                // SAFETY: row i0 + r of a covers k contiguous values (caller's guarantee).
+                let src =
+                    unsafe { std::slice::from_raw_parts(base.offset((i0 + r) as isize * a.rs), k) };
+                convert_row(&mut row[..k], src);
+            }
+            return;
+        }
+        // Strided (a transposed matrix): column by column inside blocks of PACK_COLS columns;
+        // with rows contiguous down a column, a column's nr values convert together.
+        let mut col_bf = [0u16; PACK_ROWS];
+        for p0 in (0..k).step_by(PACK_COLS) {
+            for p in p0..(p0 + PACK_COLS).min(k) {
+                // SAFETY: (i0 + r, p) lies inside the (m, k) view for r < nr.
+                let col = unsafe { base.offset(i0 as isize * a.rs + p as isize * a.cs) };
+                if a.rs == 1 {
+                    // SAFETY: as above, the nr values are contiguous.
+                    let src = unsafe { std::slice::from_raw_parts(col, nr) };
+                    convert_row(&mut col_bf[..nr], src);
+                    for (r, &v) in col_bf[..nr].iter().enumerate() {
+                        rows[r * kp + p] = v;
+                    }
+                } else {
+                    for r in 0..nr {
+                        rows[r * kp + p] = f32_to_bf16(unsafe { *col.offset(r as isize * a.rs) });
+                    }
+                }
             }
         }
     };
     if m <= BLOCK {
         // Decoding: a few rows, not worth waking rayon's threads.
-        data.chunks_mut(kp).take(m).enumerate().for_each(pack_row);
-    } else {
-        data.par_chunks_mut(kp)
-            .take(m)
+        data.chunks_mut(PACK_ROWS * kp)
             .enumerate()
-            .for_each(pack_row);
+            .for_each(pack_rows);
+    } else {
+        data.par_chunks_mut(PACK_ROWS * kp)
+            .enumerate()
+            .for_each(pack_rows);
     }
     PackedA { data, mp, kp }
 }
@@ -267,16 +372,46 @@ pub unsafe fn pack_b(k: usize, n: usize, b: MatRef) -> PackedB {
                 let v = unsafe { *base.offset(r as isize * b.rs + (q * 16 + j) as isize * b.cs) };
                 round_bits(v.to_bits())
             };
+            let pairs = k.div_ceil(2);
             if b.rs == 1 {
-                // Columns contiguous in memory (a transposed row-major matrix): walk each
-                // column down k.
-                for j in 0..cols {
-                    for p in 0..k.div_ceil(2) {
-                        panel[p * 16 + j] = (at(2 * p, j) >> 16) | at(2 * p + 1, j);
+                // Columns contiguous in memory (a transposed row-major matrix): each column's
+                // values convert together, a block of PACK_COLS pair rows at a time (so the
+                // block's part of the panel stays in L1 while its 16 columns are written).
+                let mut pair_bf = [0u32; PACK_COLS];
+                for p0 in (0..pairs).step_by(PACK_COLS) {
+                    let np_ = (p0 + PACK_COLS).min(pairs) - p0;
+                    for j in 0..cols {
+                        for (t, d) in pair_bf[..np_].iter_mut().enumerate() {
+                            let p = p0 + t;
+                            *d = (at(2 * p, j) >> 16) | at(2 * p + 1, j);
+                        }
+                        for (t, &v) in pair_bf[..np_].iter().enumerate() {
+                            panel[(p0 + t) * 16 + j] = v;
+                        }
                     }
                 }
+            } else if b.cs == 1 {
+                for p in 0..pairs {
+                    // SAFETY: rows 2p and 2p + 1 (when below k) cover the panel's cols values.
+                    let row = |r: usize| -> &[f32] {
+                        if r >= k {
+                            return &[];
+                        }
+                        unsafe {
+                            std::slice::from_raw_parts(
+                                base.offset(r as isize * b.rs + (q * 16) as isize),
+                                cols,
+                            )
+                        }
+                    };
+                    convert_pairs(
+                        &mut panel[p * 16..p * 16 + cols],
+                        row(2 * p),
+                        row(2 * p + 1),
+                    );
+                }
             } else {
-                for p in 0..k.div_ceil(2) {
+                for p in 0..pairs {
                     let row = &mut panel[p * 16..p * 16 + cols];
                     for (j, d) in row.iter_mut().enumerate() {
                         *d = (at(2 * p, j) >> 16) | at(2 * p + 1, j);
@@ -712,6 +847,49 @@ mod tests {
         assert_eq!(bf16_to_f32(0x3f81), 1.0078125);
     }
 
+    /// The branch-free rounding and the row converters give the bits of [`f32_to_bf16`] on
+    /// every special class and on random values.
+    #[test]
+    fn vector_rounding_matches_the_scalar_one() {
+        let mut x: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            f32::from_bits(0x3f80_8001),
+            f32::MAX,
+            -f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xff80_8000),
+            f32::from_bits(1),
+            -f32::from_bits(0x0040_0000),
+            f32::MIN_POSITIVE,
+        ];
+        x.extend(values(1000, 11).iter().map(|v| v * 1e3));
+        x.extend((0..1000u32).map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761))));
+        let want: Vec<u16> = x.iter().map(|&v| f32_to_bf16(v)).collect();
+        for &v in &x {
+            assert_eq!(
+                round_bits_select(v.to_bits()),
+                round_bits(v.to_bits()),
+                "{v:e}"
+            );
+        }
+        let mut got = vec![0u16; x.len()];
+        convert_row(&mut got, &x);
+        assert_eq!(got, want);
+        let (lo, hi) = x.split_at(x.len() / 2);
+        let mut pairs = vec![0u32; hi.len()];
+        convert_pairs(&mut pairs, lo, hi);
+        for (j, &p) in pairs.iter().enumerate() {
+            let l = lo.get(j).map_or(0, |&v| f32_to_bf16(v));
+            assert_eq!(p, l as u32 | (f32_to_bf16(hi[j]) as u32) << 16);
+        }
+    }
+
     /// The product with bf16-rounded operands, in f64.
     fn want(a: &[f32], b: &[f32], (n, k): (usize, usize), i: usize, j: usize) -> f64 {
         (0..k)
@@ -865,6 +1043,35 @@ mod tests {
             assert_eq!(got, want, "{kernel:?}");
         }
         assert!(exact.iter().any(|&v| v != 0.0));
+    }
+
+    /// A strided view (a transposed matrix) packs to exactly what its row-major copy packs to,
+    /// for either operand, on shapes that are not multiples of the packing blocks.
+    #[test]
+    fn strided_views_pack_like_their_row_major_copies() {
+        for &(r, c) in &[(1, 1), (5, 3), (17, 70), (33, 129), (100, 15), (40, 300)] {
+            let x = values(r * c, 4 + r as u64);
+            let xt = transpose(&x, r, c); // (c, r) row-major
+            let rows = MatRef {
+                ptr: x.as_ptr(),
+                rs: c as isize,
+                cs: 1,
+            };
+            let strided = MatRef {
+                ptr: xt.as_ptr(),
+                rs: 1,
+                cs: r as isize,
+            };
+            // SAFETY: both views cover (r, c).
+            let (a1, a2) = unsafe { (pack_a(r, c, rows), pack_a(r, c, strided)) };
+            assert_eq!((a1.mp, a1.kp), (a2.mp, a2.kp));
+            assert!(a1.data == a2.data, "pack_a ({r}, {c})");
+            // SAFETY: as above, read as the (k, n) right operand.
+            let (b1, b2) = unsafe { (pack_b(r, c, rows), pack_b(r, c, strided)) };
+            assert_eq!((b1.np, b1.kp), (b2.np, b2.kp));
+            assert!(b1.data == b2.data, "pack_b ({r}, {c})");
+            assert_eq!(b1.get(r - 1, c - 1), round_to_bf16(x[r * c - 1]));
+        }
     }
 
     /// The packed weight of a generation layer gives back exactly its rounded values.
