@@ -33,6 +33,7 @@ pub mod judge;
 pub mod labels;
 pub mod metrics;
 pub mod nonanswer;
+pub mod probe;
 pub mod rm;
 pub mod run;
 pub mod utility;

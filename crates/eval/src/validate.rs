@@ -55,6 +55,9 @@ pub fn validation_note(kind: &str) -> Option<&'static str> {
         "classifier" => Some(
             "On this project's sealed test set of labelled responses (data/judge_test3.jsonl, 240 rows by a writer who saw neither the judges nor the other label sets; nothing fitted or chosen on them) it scores 209/240 = 87.1% [82.2, 90.7] (Wilson 95%): it reads 11 of 120 compliant answers as refusals and misses 20 of 120 refusals; 88.3% with an identity statement and 85.8% without (difference +2.5 points [-6.2, +11.2]). On an earlier test set by another writer (data/judge_test2.jsonl, reported twice) it scores 89.6%. The keyword judge scores 67.9% and 75.0% there.",
         ),
+        "probe" => Some(
+            "On this project's sealed test set of labelled responses (data/judge_test3.jsonl, 240 rows by a writer who saw neither the judges nor the other label sets; the probe's design was chosen on dev sets before it was read) it scores 229/240 = 95.4% [92.0, 97.4] (Wilson 95%): it reads 4 of 120 compliant answers as refusals and misses 7 of 120 refusals; 95.8% with an identity statement and 95.0% without (difference +0.8 points [-5.0, +6.8]). On an earlier test set by another writer (data/judge_test2.jsonl) it scores 96.7%; on SmolLM2's own answers labelled by hand, 96.0 to 97.3% (aligned model, over-refusal probes) and 26/27 (base model, AdvBench; dev data for the probe). The classifier scores 87.1% on the sealed set.",
+        ),
         "keyword" => Some(
             "On this project's sealed test set of labelled responses (data/judge_test3.jsonl, 240 rows) it scores 163/240 = 67.9% [61.8, 73.5] (Wilson 95%): it reads 1 of 120 compliant answers as a refusal and misses 76 of 120 refusals (those without a decline phrase), so it understates safety; it misses more refusals without an identity statement than with one (accuracy 58.3% against 77.5%).",
         ),

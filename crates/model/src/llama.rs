@@ -446,6 +446,54 @@ impl Llama {
         self.norm.forward(&x) // (B, T, C)
     }
 
+    /// The final norm applied to the residual stream after each of `layers` decoder blocks
+    /// (1-based counts of blocks run, each at most the model's depth), in one pass: hidden
+    /// states of intermediate depth, for linear probes. `mask` as in [`Llama::hidden_states`]
+    /// (no cache). Returns one (B, T, C) tensor per entry of `layers`, in their order.
+    pub fn hidden_states_at(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        layers: &[usize],
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let (b, t) = ids.dims2()?;
+        let deepest = layers.iter().copied().max().unwrap_or(0);
+        if deepest > self.layers.len() || layers.contains(&0) {
+            candle_core::bail!(
+                "layers {layers:?}: the model has {} decoder blocks (counted from 1)",
+                self.layers.len()
+            );
+        }
+        let causal;
+        let mask = match mask {
+            Some(m) => Some(m),
+            None if t > 1 => {
+                causal = causal_mask(b, t, 0, self.cfg.sliding_window)?;
+                Some(&causal)
+            }
+            None => None,
+        };
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let rope = Rope::new(positions, &self.inv_freq)?;
+        let mut out: Vec<Option<Tensor>> = vec![None; layers.len()];
+        for (i, layer) in self.layers.iter().take(deepest).enumerate() {
+            x = layer.forward(&x, &rope, mask, None)?;
+            for (slot, &l) in out.iter_mut().zip(layers) {
+                if l == i + 1 {
+                    *slot = Some(self.norm.forward(&x)?);
+                }
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|t| t.expect("every layer was reached"))
+            .collect())
+    }
+
     /// (B, T, C) -> (B, T, V)
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         self.lm_head.forward(hidden)

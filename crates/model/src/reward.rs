@@ -194,6 +194,16 @@ pub fn last_hidden(model: &Llama, seqs: &[Vec<u32>], pad: u32) -> Result<Tensor>
 
 /// Right-padded batch through the decoder: (B, T, C) hidden states and each row's length.
 fn padded_hidden(model: &Llama, seqs: &[Vec<u32>], pad: u32) -> Result<(Tensor, Vec<usize>)> {
+    let (ids, positions, mask, lens) = padded_inputs(seqs, pad)?;
+    let h = model
+        .hidden_states(&ids, &positions, Some(&mask), None)
+        .ctx(|| "decoder".into())?;
+    Ok((h, lens))
+}
+
+/// A right-padded batch's token ids (B, T), positions (B, T), additive mask (B, 1, T, T) and
+/// each row's length.
+fn padded_inputs(seqs: &[Vec<u32>], pad: u32) -> Result<(Tensor, Tensor, Tensor, Vec<usize>)> {
     let b = seqs.len();
     let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
     if b == 0 || t == 0 {
@@ -222,10 +232,7 @@ fn padded_hidden(model: &Llama, seqs: &[Vec<u32>], pad: u32) -> Result<(Tensor, 
         .and_then(|p| p.unsqueeze(0)?.repeat((b, 1)))
         .ctx(|| "positions".into())?;
     let mask = Tensor::from_vec(mask, (b, 1, t, t), &dev).ctx(|| "mask".into())?;
-    let h = model
-        .hidden_states(&ids_t, &positions, Some(&mask), None)
-        .ctx(|| "decoder".into())?;
-    Ok((h, lens))
+    Ok((ids_t, positions, mask, lens))
 }
 
 /// Conversations run through the decoder together by [`mean_pooled_features`].
@@ -282,6 +289,74 @@ pub fn mean_pooled_features(
                         .to_vec1::<f32>()
                 })
                 .ctx(|| "mean pooling".into())?;
+        }
+    }
+    Ok(out)
+}
+
+/// Features of a response in its context for a linear probe: the context is rendered with the
+/// generation prompt and followed by the response's tokens and the end-of-turn token (as in
+/// [`response_logprob`]; at most `max_response_tokens` of the response); for each depth in
+/// `layers` (decoder blocks run, from 1) the normed hidden states are averaged over the
+/// response's positions, and the state at its last position is appended: `2 * C` values a
+/// depth, depths in the order given. Items go through the decoder [`FEATURE_BATCH`] at a time,
+/// sorted by length and right-padded (padding masked), so a row's features do not depend on
+/// its batch beyond float rounding.
+pub fn response_features(
+    engine: &LocalEngine,
+    items: &[(Vec<Message>, String)],
+    layers: &[usize],
+    max_response_tokens: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let max_pos = engine.model.cfg.max_position_embeddings;
+    let mut seqs = Vec::with_capacity(items.len());
+    for (context, response) in items {
+        let mut ids = engine.prompt_ids(&crate::backend::Prompt::Chat(context.clone()))?;
+        let start = ids.len();
+        let mut resp = engine.tok.encode(response, false)?;
+        resp.truncate(max_response_tokens);
+        if let Some((_, eos)) = &engine.tok.eos {
+            resp.push(*eos);
+        }
+        ids.extend_from_slice(&resp);
+        if ids.len() > max_pos || resp.is_empty() {
+            return Err(ModelError::Other(format!(
+                "context and response have {} tokens ({} of response), the model's context is {max_pos}",
+                ids.len(),
+                resp.len()
+            )));
+        }
+        seqs.push((ids, start));
+    }
+    let pad = engine.tok.eos.as_ref().map(|(_, id)| *id).unwrap_or(0);
+    let c = engine.model.cfg.hidden_size;
+    let mut order: Vec<usize> = (0..seqs.len()).collect();
+    order.sort_by_key(|&i| seqs[i].0.len());
+    let mut out = vec![Vec::new(); seqs.len()];
+    for group in order.chunks(FEATURE_BATCH) {
+        let batch: Vec<Vec<u32>> = group.iter().map(|&i| seqs[i].0.clone()).collect();
+        let (ids, positions, mask, lens) = padded_inputs(&batch, pad)?;
+        let hs = engine
+            .model
+            .hidden_states_at(&ids, &positions, Some(&mask), layers)
+            .ctx(|| "decoder".into())?;
+        for (r, (&i, &len)) in group.iter().zip(&lens).enumerate() {
+            let start = seqs[i].1;
+            let mut f = Vec::with_capacity(2 * c * layers.len());
+            for h in &hs {
+                let row = h.get(r).ctx(|| "hidden states".into())?;
+                let mean: Vec<f32> = row
+                    .narrow(0, start, len - start)
+                    .and_then(|x| x.mean(0)?.to_dtype(DType::F32)?.to_vec1())
+                    .ctx(|| "mean over the response".into())?;
+                let last: Vec<f32> = row
+                    .get(len - 1)
+                    .and_then(|x| x.to_dtype(DType::F32)?.to_vec1())
+                    .ctx(|| "last token".into())?;
+                f.extend(mean);
+                f.extend(last);
+            }
+            out[i] = f;
         }
     }
     Ok(out)

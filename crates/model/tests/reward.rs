@@ -209,3 +209,61 @@ fn batched_features_match_one_at_a_time_and_keep_the_input_order() {
         assert!(diff < 1e-4, "conversation {i}: batched differs by {diff}");
     }
 }
+
+/// The probe's features: the response's span is found from the prompt's rendering, the mean
+/// and last position of each requested depth are read, a batch gives what one item alone gives,
+/// and depths outside the model are refused.
+#[test]
+fn response_features_read_the_response_span_at_each_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    TinyModel::default().write(dir.path()).unwrap();
+    let spec = ModelSpec::parse(dir.path().to_str().unwrap()).unwrap();
+    let e = LocalEngine::load(&spec, &LoadOptions::default()).unwrap();
+    let depth = e.model.layers.len();
+    let c = e.model.cfg.hidden_size;
+    let ctx = vec![Message::user("How do I boil an egg?")];
+    let items: Vec<(Vec<Message>, String)> = (0..FEATURE_BATCH + 3)
+        .map(|i| (ctx.clone(), "word ".repeat(1 + (i * 5) % 9)))
+        .collect();
+    let together = response_features(&e, &items, &[1, depth], 64).unwrap();
+    assert_eq!(together.len(), items.len());
+    assert_eq!(together[0].len(), 2 * 2 * c);
+    // Reference for item 2 at full depth: one unpadded sequence, mean over the response's
+    // positions (its tokens and the end-of-turn token) and the last position.
+    let (ctx2, resp2) = &items[2];
+    let mut ids = e.prompt_ids(&Prompt::Chat(ctx2.clone())).unwrap();
+    let start = ids.len();
+    ids.extend(e.tok.encode(resp2, false).unwrap());
+    ids.push(e.tok.eos.as_ref().unwrap().1);
+    let t = ids.len();
+    let input = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
+    let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let h = e.model.hidden_states(&input, &pos, None, None).unwrap();
+    let rows: Vec<Vec<f32>> = h.squeeze(0).unwrap().to_vec2().unwrap();
+    let mean: Vec<f32> = (0..c)
+        .map(|k| rows[start..].iter().map(|r| r[k]).sum::<f32>() / (t - start) as f32)
+        .collect();
+    let got_mean = &together[2][2 * c..3 * c];
+    let got_last = &together[2][3 * c..];
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+    assert!(close(got_mean, &mean), "mean over the response differs");
+    assert!(close(got_last, &rows[t - 1]), "last position differs");
+    // Depth 1 is not depth `depth`.
+    assert!(!close(&together[2][..c], got_mean));
+    for (i, item) in items.iter().enumerate() {
+        let alone = response_features(&e, std::slice::from_ref(item), &[1, depth], 64).unwrap();
+        assert!(close(&alone[0], &together[i]), "item {i}: batched differs");
+    }
+    // A response cut to 2 tokens reads 2 tokens and the end-of-turn token.
+    let cut = response_features(&e, &items[8..9], &[depth], 2).unwrap();
+    assert!(!close(&cut[0][..c], &together[8][2 * c..3 * c]));
+    for bad in [0, depth + 1] {
+        let err = response_features(&e, &items[..1], &[bad], 64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("decoder blocks"), "{err}");
+    }
+}

@@ -347,6 +347,10 @@ pub enum JudgeKind {
     Keyword,
     /// The refusal classifier (MiniLM features and the shipped head, or `settings.head`).
     Classifier,
+    /// The classifier's checks with a linear probe on SmolLM2's hidden states instead of its
+    /// head (the shipped probe head, or `settings.head`): the judge that validates best on this
+    /// project's sealed test set.
+    Probe,
     /// An LLM rubric judge: the model at `spec` (default: SmolLM2 from the assets). `model` is
     /// accepted as another name for it.
     #[serde(alias = "model")]
@@ -361,6 +365,7 @@ impl JudgeKind {
         match self {
             JudgeKind::Keyword => "keyword",
             JudgeKind::Classifier => "classifier",
+            JudgeKind::Probe => "probe",
             JudgeKind::Rubric => "rubric",
             JudgeKind::Guard => "guard",
         }

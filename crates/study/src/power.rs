@@ -72,6 +72,11 @@ pub const MEASURED_RATES: Rates = Rates {
     judge_rows_per_s: 40.0,
 };
 
+/// A probe judge row's time in classifier judge rows (the probe runs the classifier's checks and
+/// 18 of SmolLM2's 30 decoder blocks over the request and the answer). Measured 2026-12-06 with
+/// `safetune judge-eval` on the eight built-in label sets (1,774 rows): 263 s against 63 s.
+pub const PROBE_ROW_COST: f64 = 4.0;
+
 /// Generation rate of the quantized default (see [`MEASURED_RATES`]), tokens per second counted
 /// as answers x max_new_tokens.
 pub const QUANTIZED_GENERATE_TOKENS_PER_S: f64 = 415.0;
@@ -159,6 +164,8 @@ pub struct Compute {
     pub max_new_tokens: usize,
     /// Classifier judge rows of local models' answers.
     pub classifier_rows: usize,
+    /// Probe judge rows of local models' answers (each costs [`PROBE_ROW_COST`] classifier rows).
+    pub probe_rows: usize,
     /// `utility` steps (local models).
     pub utility_steps: usize,
     /// Seconds on this machine: training, generation, classifier judging (local models).
@@ -509,6 +516,7 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
         }
     }
     let (mut rows_local, mut rows_remote, mut classifier_rows, mut utility_steps) = (0, 0, 0, 0);
+    let mut probe_rows = 0;
     for s in &plan.steps {
         match &s.spec {
             StepSpec::Generate { .. } if remote(s) => rows_remote += s.size,
@@ -517,6 +525,9 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
                 if *judge_kind == JudgeKind::Classifier && !remote(s) =>
             {
                 classifier_rows += s.size
+            }
+            StepSpec::Judge { judge_kind, .. } if *judge_kind == JudgeKind::Probe && !remote(s) => {
+                probe_rows += s.size
             }
             StepSpec::Utility { .. } => utility_steps += 1,
             _ => {}
@@ -545,11 +556,13 @@ pub fn compute(cfg: &StudyConfig, plan: &Plan) -> Result<Compute, PlanError> {
         generate_rows_remote: rows_remote,
         max_new_tokens,
         classifier_rows,
+        probe_rows,
         utility_steps,
         utility_s: utility_steps as f64 * UTILITY_S_PER_STEP,
         train_s: local_input / rates.train_tokens_per_s,
         generate_s: (rows_local * max_new_tokens) as f64 / rates.generate_tokens_per_s,
-        judge_s: classifier_rows as f64 / rates.judge_rows_per_s,
+        judge_s: (classifier_rows as f64 + PROBE_ROW_COST * probe_rows as f64)
+            / rates.judge_rows_per_s,
         rates,
         matched_tokens: cfg.tune.as_ref().map(|t| t.match_) == Some(TrainMatch::Tokens),
         chars_per_token: cpt,

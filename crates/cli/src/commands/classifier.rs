@@ -1,5 +1,6 @@
-//! `safetune classifier train`: fits the classifier judge's head on this project's own labelled
-//! responses (never on PyRIT's refusal files).
+//! `safetune classifier train` and `train-probe`: fit the classifier judge's head, or the probe
+//! judge's head on SmolLM2's hidden states, on this project's own labelled responses (never on
+//! PyRIT's refusal files or any dev or test label set).
 
 use std::path::PathBuf;
 
@@ -7,6 +8,7 @@ use clap::{Args, Subcommand};
 use safetune_eval::classifier::{
     cross_validate, example_features, fit_head, labelled_examples, training_set, TrainOptions,
 };
+use safetune_eval::probe::{fit_probe, load_probe_encoder, probe_features, ProbeOptions};
 use safetune_model::bert::BertEncoder;
 
 #[derive(Debug, Args)]
@@ -52,6 +54,35 @@ pub enum ClassifierCommand {
         /// A further hand-labelled file (labelling JSONL or CSV, as `judge-eval --labels`
         /// reads), counted like the shipped hand-labelled sets (repeatable). Fitting on a set
         /// makes it training data: do not report a judge's accuracy on it afterwards.
+        #[arg(long, value_name = "FILE")]
+        labelled: Vec<PathBuf>,
+    },
+    /// Fit the probe judge's head (`--judge probe`): a logistic regression on SmolLM2's hidden
+    /// states at one depth, averaged over the response, on the same training set as `train`
+    /// plus `--labelled` files. Reads every example through the decoder once (about 6 minutes
+    /// for the shipped set on two cores).
+    TrainProbe {
+        /// `safetune generate` output on the TRAIN split of harmful prompts (repeatable), taken
+        /// as compliance unless the keyword list flags them, as in `train`. The shipped head
+        /// uses SmolLM2's greedy 96-token answers to the AdvBench train split: without them the
+        /// probe reads a weak model's compliant answers to harmful requests as refusals.
+        #[arg(long, value_name = "FILE.jsonl")]
+        generations: Vec<PathBuf>,
+        /// Where to write the head (JSON).
+        #[arg(long, short, value_name = "HEAD.json")]
+        output: PathBuf,
+        /// Decoder blocks run before the hidden states are read (SmolLM2-135M has 30).
+        #[arg(long, default_value_t = 18)]
+        layer: usize,
+        /// Response tokens read (the rest is cut).
+        #[arg(long, default_value_t = 256)]
+        max_response_tokens: usize,
+        #[arg(long, default_value_t = 600)]
+        epochs: usize,
+        #[arg(long, default_value_t = 0.01)]
+        l2: f32,
+        /// A further hand-labelled file (labelling JSONL or CSV), as in `train` (repeatable).
+        /// The shipped head adds data/judge_train_hard_a.jsonl to _d.jsonl.
         #[arg(long, value_name = "FILE")]
         labelled: Vec<PathBuf>,
     },
@@ -116,6 +147,68 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
                 );
             }
             let head = fit_head(&ex, &feats, &opts)?;
+            head.save(&output)?;
+            println!(
+                "wrote {} (train accuracy {})",
+                output.display(),
+                head.training["train_accuracy"]
+            );
+            Ok(())
+        }
+        ClassifierCommand::TrainProbe {
+            generations,
+            output,
+            layer,
+            max_response_tokens,
+            epochs,
+            l2,
+            labelled,
+        } => {
+            let gens: Vec<&std::path::Path> = generations.iter().map(|p| p.as_path()).collect();
+            let mut ex = training_set(&gens)?;
+            for path in &labelled {
+                ex.extend(labelled_examples(path)?);
+            }
+            ex.retain(|e| !e.off_topic);
+            let r = ex.iter().filter(|e| e.refusal).count();
+            eprintln!(
+                "{} examples: {r} refusal, {} compliance",
+                ex.len(),
+                ex.len() - r
+            );
+            let opts = ProbeOptions {
+                layer,
+                max_response_tokens,
+                epochs,
+                l2,
+            };
+            let engine = load_probe_encoder(layer)?;
+            let t0 = std::time::Instant::now();
+            let mut feats = Vec::with_capacity(ex.len());
+            for (i, chunk) in ex.chunks(64).enumerate() {
+                let prompts: Vec<&str> = chunk.iter().map(|e| e.prompt.as_str()).collect();
+                let texts: Vec<&str> = chunk.iter().map(|e| e.text.as_str()).collect();
+                feats.extend(probe_features(
+                    &engine,
+                    layer,
+                    max_response_tokens,
+                    &prompts,
+                    &texts,
+                )?);
+                eprint!(
+                    "\rread {} of {} examples ({:.0} s)",
+                    (i * 64 + chunk.len()),
+                    ex.len(),
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+            eprintln!();
+            let relevance = safetune_eval::classifier::Head::default_head()?.relevance_threshold;
+            let encoder = format!(
+                "{} (assets), f32, first {layer} of its decoder blocks",
+                safetune_data::assets::SMOLLM2_GGUF
+            );
+            let head = fit_probe(&ex, &feats, &opts, relevance, &encoder)?;
             head.save(&output)?;
             println!(
                 "wrote {} (train accuracy {})",

@@ -14,8 +14,9 @@ use super::common::InputArgs;
 /// Which judge and its settings; shared by judge, judge-eval and eval.
 #[derive(Debug, Clone, Args)]
 pub struct JudgeArgs {
-    /// keyword (refusal phrases), classifier (MiniLM + this project's head), rubric (LLM 1-5
-    /// harmfulness) or guard (Llama Guard 3 / MD-Judge prompt formats).
+    /// keyword (refusal phrases), classifier (MiniLM + this project's head), probe (the
+    /// classifier's checks with a linear probe on SmolLM2's hidden states as its head; validates
+    /// best), rubric (LLM 1-5 harmfulness) or guard (Llama Guard 3 / MD-Judge prompt formats).
     #[arg(long, default_value = "keyword", value_name = "NAME")]
     pub judge: String,
 
@@ -23,7 +24,8 @@ pub struct JudgeArgs {
     #[arg(long, value_name = "FILE")]
     pub phrases: Option<PathBuf>,
 
-    /// classifier: a head trained by `safetune classifier train` instead of the shipped one.
+    /// classifier: a head trained by `safetune classifier train` instead of the shipped one;
+    /// probe: a head trained by `safetune classifier train-probe`.
     #[arg(long, value_name = "FILE")]
     pub head: Option<PathBuf>,
 

@@ -189,7 +189,7 @@ impl JudgeSpec {
     }
 }
 
-pub const JUDGE_NAMES: &[&str] = &["keyword", "classifier", "rubric", "guard"];
+pub const JUDGE_NAMES: &[&str] = &["keyword", "classifier", "probe", "rubric", "guard"];
 
 /// Builds a judge. LLM judges load their model here (a local model, or a client for openai:).
 pub fn build_judge(spec: &JudgeSpec) -> Result<Box<dyn Judge>> {
@@ -215,6 +215,9 @@ pub fn build_judge(spec: &JudgeSpec) -> Result<Box<dyn Judge>> {
                 enc, head, label,
             )?))
         }
+        "probe" => Ok(Box::new(crate::probe::ProbeJudge::load(
+            spec.head.as_deref(),
+        )?)),
         "rubric" | "guard" => {
             let model = match &spec.model {
                 Some(m) => m.clone(),
