@@ -29,7 +29,10 @@ use safetune_model::reward::response_features;
 use safetune_model::{LoadOptions, LocalEngine, ModelSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::classifier::{decide_with, features, fit_logistic, Example, Features, TrainOptions};
+use crate::classifier::{
+    check_format, decide_with, features, fit_logistic, parse_head_json, save_head_json, Example,
+    Features, TrainOptions,
+};
 use crate::error::{EvalError, Result};
 use crate::judge::{Judge, JudgeInput, Judgment, ParseStatus, Verdict};
 
@@ -77,14 +80,8 @@ impl ProbeHead {
     }
 
     fn from_json(text: &str, path: &Path) -> Result<ProbeHead> {
-        let h: ProbeHead = serde_json::from_str(text)
-            .map_err(|e| EvalError::file(path, format!("not a refusal probe head: {e}")))?;
-        if h.format != PROBE_FORMAT {
-            return Err(EvalError::file(
-                path,
-                format!("format `{}`, expected `{PROBE_FORMAT}`", h.format),
-            ));
-        }
+        let h: ProbeHead = parse_head_json(text, path, "a refusal probe head")?;
+        check_format(&h.format, PROBE_FORMAT, path)?;
         let n = h.weights.len();
         if n == 0 || h.mean.len() != n || h.scale.len() != n || h.layer == 0 {
             return Err(EvalError::file(
@@ -102,12 +99,7 @@ impl ProbeHead {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text =
-            serde_json::to_string_pretty(self).map_err(|e| EvalError::Other(e.to_string()))?;
-        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(d).map_err(|e| EvalError::io(d, e))?;
-        }
-        std::fs::write(path, text + "\n").map_err(|e| EvalError::io(path, e))
+        save_head_json(self, path)
     }
 
     /// The head's logit for raw (unstandardised) features.

@@ -9,6 +9,27 @@ use safetune_model::reward::*;
 use safetune_model::testing::TinyModel;
 use safetune_model::*;
 
+/// The tiny random model written to a temporary folder (kept alive by the returned guard) and
+/// loaded on the dense path.
+fn tiny_engine() -> (tempfile::TempDir, LocalEngine) {
+    let dir = tempfile::tempdir().unwrap();
+    TinyModel::default().write(dir.path()).unwrap();
+    let spec = ModelSpec::parse(dir.path().to_str().unwrap()).unwrap();
+    let e = LocalEngine::load(&spec, &LoadOptions::default()).unwrap();
+    (dir, e)
+}
+
+/// One unpadded sequence through the decoder: its final hidden states, (1, T, C).
+fn unpadded_hidden(model: &Llama, ids: Vec<u32>) -> Tensor {
+    let t = ids.len();
+    let input = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
+    let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model.hidden_states(&input, &pos, None, None).unwrap()
+}
+
 fn convo(q: &str, a: &str) -> Vec<Message> {
     vec![Message::user(q), Message::assistant(a)]
 }
@@ -45,12 +66,7 @@ fn seq_cls_scores_the_last_token_and_batches_like_single_rows() {
         assert!(text.ends_with("<|im_end|>\n"), "{text:?}");
         assert_eq!(ids, rm.tok.encode(&text, false).unwrap());
         let t = ids.len();
-        let input = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
-        let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let h = rm.model.hidden_states(&input, &pos, None, None).unwrap(); // (1, T, C)
+        let h = unpadded_hidden(&rm.model, ids); // (1, T, C)
         let last = h.get(0).unwrap().get(t - 1).unwrap(); // (C)
         let s = (last * rm.score.get(0).unwrap())
             .unwrap()
@@ -177,10 +193,7 @@ fn response_logprob_matches_a_manual_sum_and_policy_equals_reference_gives_zero(
 
 #[test]
 fn mean_pooled_features_have_the_hidden_size() {
-    let dir = tempfile::tempdir().unwrap();
-    TinyModel::default().write(dir.path()).unwrap();
-    let spec = ModelSpec::parse(dir.path().to_str().unwrap()).unwrap();
-    let e = LocalEngine::load(&spec, &LoadOptions::default()).unwrap();
+    let (_dir, e) = tiny_engine();
     let f = mean_pooled_features(&e, &[convo("a", "b"), convo("a", "c d e")]).unwrap();
     assert_eq!(f.len(), 2);
     assert_eq!(f[0].len(), 64);
@@ -189,10 +202,7 @@ fn mean_pooled_features_have_the_hidden_size() {
 
 #[test]
 fn batched_features_match_one_at_a_time_and_keep_the_input_order() {
-    let dir = tempfile::tempdir().unwrap();
-    TinyModel::default().write(dir.path()).unwrap();
-    let spec = ModelSpec::parse(dir.path().to_str().unwrap()).unwrap();
-    let e = LocalEngine::load(&spec, &LoadOptions::default()).unwrap();
+    let (_dir, e) = tiny_engine();
     // Lengths in no order and more conversations than one batch, so rows are padded, sorted
     // into groups and put back.
     let convos: Vec<_> = (0..safetune_model::reward::FEATURE_BATCH + 5)
@@ -215,10 +225,7 @@ fn batched_features_match_one_at_a_time_and_keep_the_input_order() {
 /// and depths outside the model are refused.
 #[test]
 fn response_features_read_the_response_span_at_each_depth() {
-    let dir = tempfile::tempdir().unwrap();
-    TinyModel::default().write(dir.path()).unwrap();
-    let spec = ModelSpec::parse(dir.path().to_str().unwrap()).unwrap();
-    let e = LocalEngine::load(&spec, &LoadOptions::default()).unwrap();
+    let (_dir, e) = tiny_engine();
     let depth = e.model.layers.len();
     let c = e.model.cfg.hidden_size;
     let ctx = vec![Message::user("How do I boil an egg?")];
@@ -236,12 +243,7 @@ fn response_features_read_the_response_span_at_each_depth() {
     ids.extend(e.tok.encode(resp2, false).unwrap());
     ids.push(e.tok.eos.as_ref().unwrap().1);
     let t = ids.len();
-    let input = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
-    let pos = Tensor::arange(0u32, t as u32, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let h = e.model.hidden_states(&input, &pos, None, None).unwrap();
+    let h = unpadded_hidden(&e.model, ids);
     let rows: Vec<Vec<f32>> = h.squeeze(0).unwrap().to_vec2().unwrap();
     let mean: Vec<f32> = (0..c)
         .map(|k| rows[start..].iter().map(|r| r[k]).sum::<f32>() / (t - start) as f32)

@@ -102,17 +102,7 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             threshold,
             labelled,
         } => {
-            let gens: Vec<&std::path::Path> = generations.iter().map(|p| p.as_path()).collect();
-            let mut ex = training_set(&gens)?;
-            for path in &labelled {
-                ex.extend(labelled_examples(path)?);
-            }
-            let r = ex.iter().filter(|e| e.refusal).count();
-            eprintln!(
-                "{} examples: {r} refusal, {} compliance",
-                ex.len(),
-                ex.len() - r
-            );
+            let ex = examples(&generations, &labelled, false)?;
             if let Some(path) = &examples_out {
                 let mut text = String::new();
                 for e in &ex {
@@ -148,11 +138,7 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             }
             let head = fit_head(&ex, &feats, &opts)?;
             head.save(&output)?;
-            println!(
-                "wrote {} (train accuracy {})",
-                output.display(),
-                head.training["train_accuracy"]
-            );
+            wrote(&output, &head.training);
             Ok(())
         }
         ClassifierCommand::TrainProbe {
@@ -164,18 +150,7 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             l2,
             labelled,
         } => {
-            let gens: Vec<&std::path::Path> = generations.iter().map(|p| p.as_path()).collect();
-            let mut ex = training_set(&gens)?;
-            for path in &labelled {
-                ex.extend(labelled_examples(path)?);
-            }
-            ex.retain(|e| !e.off_topic);
-            let r = ex.iter().filter(|e| e.refusal).count();
-            eprintln!(
-                "{} examples: {r} refusal, {} compliance",
-                ex.len(),
-                ex.len() - r
-            );
+            let ex = examples(&generations, &labelled, true)?;
             let opts = ProbeOptions {
                 layer,
                 max_response_tokens,
@@ -210,12 +185,40 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             );
             let head = fit_probe(&ex, &feats, &opts, relevance, &encoder)?;
             head.save(&output)?;
-            println!(
-                "wrote {} (train accuracy {})",
-                output.display(),
-                head.training["train_accuracy"]
-            );
+            wrote(&output, &head.training);
             Ok(())
         }
     }
+}
+
+/// The training set with generations and further hand-labelled files (without off-topic pairs
+/// when `on_topic_only`), its size printed.
+fn examples(
+    generations: &[PathBuf],
+    labelled: &[PathBuf],
+    on_topic_only: bool,
+) -> anyhow::Result<Vec<safetune_eval::classifier::Example>> {
+    let gens: Vec<&std::path::Path> = generations.iter().map(|p| p.as_path()).collect();
+    let mut ex = training_set(&gens)?;
+    for path in labelled {
+        ex.extend(labelled_examples(path)?);
+    }
+    if on_topic_only {
+        ex.retain(|e| !e.off_topic);
+    }
+    let r = ex.iter().filter(|e| e.refusal).count();
+    eprintln!(
+        "{} examples: {r} refusal, {} compliance",
+        ex.len(),
+        ex.len() - r
+    );
+    Ok(ex)
+}
+
+fn wrote(output: &std::path::Path, training: &serde_json::Value) {
+    println!(
+        "wrote {} (train accuracy {})",
+        output.display(),
+        training["train_accuracy"]
+    );
 }

@@ -42,25 +42,13 @@ impl Head {
     }
 
     fn from_json(text: &str, path: &Path) -> Result<Head> {
-        let h: Head = serde_json::from_str(text)
-            .map_err(|e| EvalError::file(path, format!("not a classifier head: {e}")))?;
-        if h.format != HEAD_FORMAT {
-            return Err(EvalError::file(
-                path,
-                format!("format `{}`, expected `{HEAD_FORMAT}`", h.format),
-            ));
-        }
+        let h: Head = parse_head_json(text, path, "a classifier head")?;
+        check_format(&h.format, HEAD_FORMAT, path)?;
         Ok(h)
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text =
-            serde_json::to_string_pretty(self).map_err(|e| EvalError::Other(e.to_string()))?;
-        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(d).map_err(|e| EvalError::io(d, e))?;
-        }
-        safetune_data::util::write_atomic(path, (text + "\n").as_bytes())
-            .map_err(|e| EvalError::io(path, e))
+        save_head_json(self, path)
     }
 
     /// P(refusal) for one normalised embedding.
@@ -68,6 +56,37 @@ impl Head {
         let z: f32 = self.weights.iter().zip(x).map(|(w, v)| w * v).sum::<f32>() + self.bias;
         sigmoid(z)
     }
+}
+
+/// Parses a head file (the classifier's or the probe's), naming the file and what it is not.
+pub(crate) fn parse_head_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    what: &str,
+) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| EvalError::file(path, format!("not {what}: {e}")))
+}
+
+/// A head file's `format` must be the one this build reads.
+pub(crate) fn check_format(found: &str, expected: &str, path: &Path) -> Result<()> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(EvalError::file(
+            path,
+            format!("format `{found}`, expected `{expected}`"),
+        ))
+    }
+}
+
+/// Writes a head as pretty JSON (atomically), creating its folder.
+pub(crate) fn save_head_json<T: Serialize>(head: &T, path: &Path) -> Result<()> {
+    let text = serde_json::to_string_pretty(head).map_err(|e| EvalError::Other(e.to_string()))?;
+    if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).map_err(|e| EvalError::io(d, e))?;
+    }
+    safetune_data::util::write_atomic(path, (text + "\n").as_bytes())
+        .map_err(|e| EvalError::io(path, e))
 }
 
 pub(super) fn sigmoid(z: f32) -> f32 {

@@ -48,6 +48,7 @@ pub use fit::{
     cross_validate, example_features, fit_head, fit_logistic, train_head, TrainOptions,
     EXTRA_LABELLED_PREFIX, LABELLED_PREFIX,
 };
+pub(crate) use head::{check_format, parse_head_json, save_head_json};
 pub use head::{Head, DEFAULT_HEAD, HEAD_FORMAT};
 pub use training::{labelled_examples, training_set, Example, JUDGE_TRAIN, JUDGE_TRAIN_HARD};
 
