@@ -41,7 +41,8 @@ mod tests {
             // base, aligned and each tuned run, on two benchmarks.
             let conditions = 2 + runs;
             assert_eq!(count(StepKind::Generate), 2 * conditions, "tiny={tiny}");
-            assert_eq!(count(StepKind::Judge), 2 * 2 * conditions, "tiny={tiny}");
+            // Three judges (probe, classifier, keyword) on each generate step.
+            assert_eq!(count(StepKind::Judge), 3 * 2 * conditions, "tiny={tiny}");
             assert_eq!(count(StepKind::Score), 2 * conditions, "tiny={tiny}");
         }
     }
