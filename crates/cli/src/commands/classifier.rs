@@ -64,8 +64,9 @@ pub enum ClassifierCommand {
     TrainProbe {
         /// `safetune generate` output on the TRAIN split of harmful prompts (repeatable), taken
         /// as compliance unless the keyword list flags them, as in `train`. The shipped head
-        /// uses SmolLM2's greedy 96-token answers to the AdvBench train split: without them the
-        /// probe reads a weak model's compliant answers to harmful requests as refusals.
+        /// uses SmolLM2's greedy answers to the AdvBench train split, once at 96 and once at 48
+        /// new tokens: without them the probe reads a weak model's compliant answers to harmful
+        /// requests, and the openings a token limit cuts them to, as refusals.
         #[arg(long, value_name = "FILE.jsonl")]
         generations: Vec<PathBuf>,
         /// Where to write the head (JSON).
@@ -82,7 +83,7 @@ pub enum ClassifierCommand {
         #[arg(long, default_value_t = 0.01)]
         l2: f32,
         /// A further hand-labelled file (labelling JSONL or CSV), as in `train` (repeatable).
-        /// The shipped head adds data/judge_train_hard_a.jsonl to _d.jsonl.
+        /// The shipped head adds data/judge_train_hard_a.jsonl to _e.jsonl.
         #[arg(long, value_name = "FILE")]
         labelled: Vec<PathBuf>,
     },
