@@ -166,13 +166,12 @@ mod tests {
         "should", "me", "we", "our", "us", "s", "t", "whats",
     ];
 
-    /// The content words of a request: lower case, split at anything but ASCII letters and
-    /// apostrophes, without [`STOP`].
+    /// The words of a request that say what it is about: the transform's
+    /// [`crate::transform::content_words`] without [`STOP`].
     fn words(s: &str) -> std::collections::HashSet<String> {
-        s.to_lowercase()
-            .split(|c: char| !(c.is_ascii_alphabetic() || c == '\''))
-            .filter(|w| !w.is_empty() && !STOP.contains(w))
-            .map(str::to_string)
+        crate::transform::content_words(s)
+            .into_iter()
+            .filter(|w| !STOP.contains(&w.as_str()))
             .collect()
     }
 
